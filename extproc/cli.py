@@ -1,0 +1,135 @@
+"""`extproc` command line: serve, check-config, keys hash, envoy render."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+from extproc.auth import hash_key
+from extproc.config import ConfigError, load_config
+from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from extproc.logs import configure_logging
+from extproc.secrets import Secret, SecretUnavailable, resolve_secret
+
+__all__ = ["main"]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.server import ServeOptions, serve, serve_as_worker
+
+    configure_logging(args.log_level)
+    options = ServeOptions(
+        config_path=Path(args.config),
+        listen=args.listen,
+        metrics_listen=args.metrics_listen or None,
+        workers=args.workers,
+        drain_seconds=args.drain_seconds,
+    )
+    return serve_as_worker(options) if args.worker else serve(options)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.providers)} providers, "
+        f"{len(config.models)} models)"
+    )
+    return 0
+
+
+def _cmd_keys_hash(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        pepper = resolve_secret(config.pepper)
+    except (ConfigError, SecretUnavailable) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.generate:
+        key = Secret("sk-asc-" + secrets.token_urlsafe(32))
+        print(f"key:  {key.reveal()}")
+        print(f"hash: {hash_key(pepper, key.reveal())}")
+        return 0
+    if sys.stdin.isatty():
+        print("paste the virtual key, then press Enter:", file=sys.stderr)
+    line = sys.stdin.readline().strip()
+    if not line:
+        print("no key on standard input", file=sys.stderr)
+        return 1
+    print(hash_key(pepper, line))
+    return 0
+
+
+def _cmd_envoy_render(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    ports = EnvoyPorts(
+        listen_address=args.listen_address,
+        listen_port=args.listen_port,
+        admin_port=args.admin_port,
+        extproc_address=args.extproc_address,
+        extproc_port=args.extproc_port,
+    )
+    text = render_yaml(config, ports)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the ext_proc gRPC service")
+    serve.add_argument("--config", required=True, help="gateway config (asc.yaml)")
+    serve.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address host:port")
+    serve.add_argument("--metrics-listen", default="127.0.0.1:9464",
+                       help="Prometheus /metrics address host:port ('' to disable)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (SO_REUSEPORT)")
+    serve.add_argument("--drain-seconds", type=float, default=10.0,
+                       help="grace period for in-flight streams on SIGTERM")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(func=_cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate a gateway config file")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_check_config)
+
+    keys = commands.add_parser("keys", help="virtual and provider keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    hash_cmd = key_commands.add_parser(
+        "hash", help="print the stored form of a virtual key read from standard input")
+    hash_cmd.add_argument("--config", required=True, help="config whose auth.pepper to use")
+    hash_cmd.add_argument("--generate", action="store_true",
+                          help="create a new random key and print it with its hash")
+    hash_cmd.set_defaults(func=_cmd_keys_hash)
+
+    envoy = commands.add_parser("envoy", help="Envoy configuration")
+    envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
+    render = envoy_commands.add_parser("render", help="render the Envoy bootstrap YAML")
+    render.add_argument("--config", required=True)
+    render.add_argument("--output", default="-")
+    render.add_argument("--listen-address", default="127.0.0.1")
+    render.add_argument("--listen-port", type=int, default=10000)
+    render.add_argument("--admin-port", type=int, default=9901)
+    render.add_argument("--extproc-address", default="127.0.0.1")
+    render.add_argument("--extproc-port", type=int, default=50051)
+    render.set_defaults(func=_cmd_envoy_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

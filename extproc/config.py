@@ -1,0 +1,537 @@
+"""`asc.yaml` -> one immutable, typed `GatewayConfig`.
+
+The file is validated completely before anything uses it: every problem is reported with
+its path in the file (and its line), a message and a hint, so an operator fixes them all in
+one pass. A running server swaps configs atomically (`runtime.RuntimeHolder`); a reload that
+fails validation keeps the old config (see `server.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+
+__all__ = [
+    "SUPPORTED_PROVIDER_KINDS",
+    "ConfigError",
+    "ConfigIssue",
+    "cost_micro_usd",
+    "CredentialRef",
+    "Deployment",
+    "GatewayConfig",
+    "Limits",
+    "Model",
+    "Price",
+    "Provider",
+    "Tenant",
+    "TenantKey",
+    "load_config",
+    "parse_config",
+]
+
+SUPPORTED_PROVIDER_KINDS: Final = ("openai", "openai_compatible")
+"""Provider kinds this release can route to (OpenAI wire format, no translation)."""
+
+KEY_HASH_RE: Final = re.compile(r"^hmac-sha256:v1:[0-9a-f]{64}$")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_CLUSTER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MICRO: Final = Decimal(1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    path: str
+    message: str
+    hint: str = ""
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path} (line {self.line})" if self.line else self.path
+        text = f"{where}: {self.message}"
+        return f"{text}\n    hint: {self.hint}" if self.hint else text
+
+
+class ConfigError(Exception):
+    """The config is invalid; `issues` lists every problem found."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]) -> None:
+        self.source = source
+        self.issues = issues
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"{source}: {len(issues)} problem(s)\n{lines}")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRef:
+    """Where a secret lives; never the secret itself. Exactly one of env / file is set."""
+
+    id: str
+    env: str | None = None
+    file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    kind: str
+    base_url: str
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str
+    region: str
+    zone: str
+    cluster: str
+    credentials: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Micro-USD per million tokens (1 USD/Mtok == 1 micro-USD per token)."""
+
+    input_micro_per_mtok: int
+    output_micro_per_mtok: int
+    cached_input_micro_per_mtok: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    price: Price
+    deployments: tuple[Deployment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKey:
+    id: str
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    zone: str | None
+    keys: tuple[TenantKey, ...]
+    models: frozenset[str]
+    pins: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    source: str
+    pepper: CredentialRef
+    limits: Limits
+    redis_url: str | None
+    credentials: Mapping[str, CredentialRef]
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+    tenants: Mapping[str, Tenant]
+
+
+class _Checker:
+    """Collects issues while walking the raw YAML; knows the line of every path."""
+
+    def __init__(self, lines: dict[str, int]) -> None:
+        self.issues: list[ConfigIssue] = []
+        self._lines = lines
+
+    def add(self, path: str, message: str, hint: str = "") -> None:
+        self.issues.append(ConfigIssue(path, message, hint, self._lines.get(path)))
+
+    def mapping(self, value: object, path: str, *, required: bool = True) -> dict[str, Any]:
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            self.add(path, f"must be a mapping, got {_kind(value)}")
+            return {}
+        return {str(k): v for k, v in value.items()}
+
+    def unknown(self, raw: dict[str, Any], path: str, known: tuple[str, ...]) -> None:
+        for key in raw:
+            if key not in known:
+                self.add(_join(path, key), "unknown field", f"known fields: {', '.join(known)}")
+
+    def string(self, raw: dict[str, Any], key: str, path: str, *, required: bool = True) -> str:
+        value = raw.get(key)
+        here = _join(path, key)
+        if value is None:
+            if required:
+                self.add(here, "is required")
+            return ""
+        if not isinstance(value, str) or not value:
+            self.add(here, f"must be a non-empty string, got {_kind(value)}")
+            return ""
+        return value
+
+    def name(self, value: str, path: str) -> None:
+        if not _NAME_RE.match(value):
+            self.add(path, f"invalid name {value!r}", "use letters, digits, '_', '.', '-'")
+
+    def money(self, raw: dict[str, Any], key: str, path: str, *, required: bool = True) -> int:
+        value = raw.get(key)
+        here = _join(path, key)
+        if value is None:
+            if required:
+                self.add(here, "is required", "USD per million tokens, e.g. 0.15")
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            self.add(here, f"must be a number, got {_kind(value)}")
+            return 0
+        try:
+            amount = Decimal(str(value))
+        except InvalidOperation:
+            self.add(here, f"must be a number, got {value!r}")
+            return 0
+        if not amount.is_finite() or amount < 0:
+            self.add(here, "must be a finite number >= 0")
+            return 0
+        micro = amount * _MICRO
+        if micro != micro.to_integral_value():
+            self.add(here, "has more than 6 decimal places", "amounts are kept in micro-USD")
+            return 0
+        return int(micro)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: object) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Map every dotted path of the YAML document to its 1-based line number."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, path: str) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = _join(path, str(key_node.value))
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, _join(path, index))
+
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read and validate `path`; raises `ConfigError` listing every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [ConfigIssue("", f"cannot read file: {exc.strerror}")]) from None
+    return parse_config(text, source=source, base_dir=Path(path).resolve().parent)
+
+
+def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> GatewayConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        issue = ConfigIssue("", f"not valid YAML: {getattr(exc, 'problem', exc)}", "", line)
+        raise ConfigError(source, [issue]) from None
+    check = _Checker(_line_map(text))
+    config = _compile(raw, check, source, base_dir or Path.cwd())
+    if check.issues:
+        raise ConfigError(source, check.issues)
+    return config
+
+
+def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> GatewayConfig:
+    doc = check.mapping(raw_doc, "")
+    check.unknown(
+        doc,
+        "",
+        ("version", "auth", "limits", "redis", "secrets", "credentials", "providers", "models",
+         "tenants"),
+    )
+    if doc.get("version") != 1:
+        check.add("version", f"unsupported version {doc.get('version')!r}", "set `version: 1`")
+
+    auth = check.mapping(doc.get("auth"), "auth")
+    check.unknown(auth, "auth", ("pepper",))
+    pepper = _credential_ref("pepper", auth.get("pepper"), "auth.pepper", check, base_dir)
+
+    limits_raw = check.mapping(doc.get("limits"), "limits", required=False)
+    check.unknown(limits_raw, "limits", ("max_body_bytes",))
+    max_body = limits_raw.get("max_body_bytes", Limits.max_body_bytes)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or not 1 <= max_body <= 64 << 20:
+        check.add("limits.max_body_bytes", "must be an integer from 1 to 67108864")
+        max_body = Limits.max_body_bytes
+
+    redis_raw = check.mapping(doc.get("redis"), "redis", required=False)
+    check.unknown(redis_raw, "redis", ("url",))
+    redis_url = check.string(redis_raw, "url", "redis", required=False) or None
+    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        check.add("redis.url", "must start with redis://, rediss:// or unix://")
+
+    check.mapping(doc.get("secrets"), "secrets", required=False)
+
+    credentials: dict[str, CredentialRef] = {}
+    for cred_id, cred_raw in check.mapping(doc.get("credentials"), "credentials",
+                                           required=False).items():
+        check.name(cred_id, _join("credentials", cred_id))
+        credentials[cred_id] = _credential_ref(
+            cred_id, cred_raw, _join("credentials", cred_id), check, base_dir
+        )
+
+    providers: dict[str, Provider] = {}
+    for name, prov_raw in check.mapping(doc.get("providers"), "providers").items():
+        provider = _provider(name, prov_raw, check, credentials)
+        if provider is not None:
+            providers[name] = provider
+    if not providers and not any(i.path.startswith("providers") for i in check.issues):
+        check.add("providers", "must define at least one provider")
+
+    models: dict[str, Model] = {}
+    for name, model_raw in check.mapping(doc.get("models"), "models").items():
+        models[name] = _model(name, model_raw, check, providers)
+
+    tenants: dict[str, Tenant] = {}
+    seen_hashes: dict[str, str] = {}
+    for tenant_id, tenant_raw in check.mapping(doc.get("tenants"), "tenants").items():
+        tenants[tenant_id] = _tenant(tenant_id, tenant_raw, check, models, providers, seen_hashes)
+
+    return GatewayConfig(
+        source=source,
+        pepper=pepper,
+        limits=Limits(max_body_bytes=max_body),
+        redis_url=redis_url,
+        credentials=credentials,
+        providers=providers,
+        models=models,
+        tenants=tenants,
+    )
+
+
+def _credential_ref(
+    ref_id: str, raw_value: object, path: str, check: _Checker, base_dir: Path
+) -> CredentialRef:
+    raw = check.mapping(raw_value, path)
+    check.unknown(raw, path, ("env", "file"))
+    env = raw.get("env")
+    file = raw.get("file")
+    if (env is None) == (file is None):
+        check.add(path, "needs exactly one of `env` or `file`",
+                  "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}")
+        return CredentialRef(ref_id)
+    if env is not None:
+        if not isinstance(env, str) or not _ENV_RE.match(env):
+            check.add(_join(path, "env"), "must be an environment variable name")
+        return CredentialRef(ref_id, env=str(env))
+    if not isinstance(file, str) or not file:
+        check.add(_join(path, "file"), "must be a file path")
+        return CredentialRef(ref_id)
+    file_path = Path(file)
+    return CredentialRef(ref_id, file=file_path if file_path.is_absolute() else base_dir / file_path)
+
+
+def _provider(
+    name: str, raw_value: object, check: _Checker, credentials: Mapping[str, CredentialRef]
+) -> Provider | None:
+    path = _join("providers", name)
+    check.name(name, path)
+    raw = check.mapping(raw_value, path)
+    check.unknown(
+        raw, path, ("kind", "base_url", "region", "zone", "cluster", "credentials", "api_version")
+    )
+    kind = check.string(raw, "kind", path)
+    if kind and kind not in SUPPORTED_PROVIDER_KINDS:
+        check.add(_join(path, "kind"), f"provider kind {kind!r} is not supported yet",
+                  f"supported kinds: {', '.join(SUPPORTED_PROVIDER_KINDS)}")
+    base_url = check.string(raw, "base_url", path)
+    scheme = host = prefix = ""
+    port = 0
+    if base_url:
+        parts = urlsplit(base_url)
+        scheme, host, prefix = parts.scheme, parts.hostname or "", parts.path.rstrip("/")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            port = 0
+        if scheme not in ("http", "https") or not host or not port:
+            check.add(_join(path, "base_url"), f"not an http(s) URL with a host: {base_url!r}",
+                      "e.g. https://api.openai.com")
+        elif parts.query or parts.fragment or parts.username or parts.password:
+            check.add(_join(path, "base_url"), "must not carry a query, fragment or credentials",
+                      "put credentials under `credentials:`")
+        elif prefix.endswith("/v1"):
+            check.add(_join(path, "base_url"), "must not end in /v1",
+                      "the gateway appends the API path (/v1/chat/completions) itself")
+    region = check.string(raw, "region", path)
+    zone = check.string(raw, "zone", path)
+    cluster = check.string(raw, "cluster", path)
+    if cluster and not _CLUSTER_RE.match(cluster):
+        check.add(_join(path, "cluster"), f"invalid Envoy cluster name {cluster!r}")
+    creds_raw = raw.get("credentials", [])
+    cred_ids: list[str] = []
+    if not isinstance(creds_raw, list):
+        check.add(_join(path, "credentials"), "must be a list of credential ids")
+    else:
+        for index, cred_id in enumerate(creds_raw):
+            here = _join(_join(path, "credentials"), index)
+            if not isinstance(cred_id, str) or cred_id not in credentials:
+                check.add(here, f"unknown credential {cred_id!r}",
+                          f"define it under `credentials:` (known: {', '.join(credentials) or '-'})")
+            else:
+                cred_ids.append(cred_id)
+    if kind == "openai" and not creds_raw:
+        check.add(_join(path, "credentials"), "an openai provider needs at least one credential")
+    return Provider(
+        name=name, kind=kind, base_url=base_url, scheme=scheme, host=host, port=port,
+        path_prefix=prefix, region=region, zone=zone, cluster=cluster,
+        credentials=tuple(cred_ids),
+    )
+
+
+def _model(
+    name: str, raw_value: object, check: _Checker, providers: Mapping[str, Provider]
+) -> Model:
+    path = _join("models", name)
+    raw = check.mapping(raw_value, path)
+    check.unknown(raw, path, ("price", "deployments"))
+    price_path = _join(path, "price")
+    price_raw = check.mapping(raw.get("price"), price_path)
+    check.unknown(price_raw, price_path,
+                  ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"))
+    input_price = check.money(price_raw, "input_per_mtok", price_path)
+    cached = (check.money(price_raw, "cached_input_per_mtok", price_path)
+              if "cached_input_per_mtok" in price_raw else input_price)
+    price = Price(
+        input_micro_per_mtok=input_price,
+        output_micro_per_mtok=check.money(price_raw, "output_per_mtok", price_path),
+        cached_input_micro_per_mtok=cached,
+    )
+    deployments: list[Deployment] = []
+    deps_raw = raw.get("deployments")
+    deps_path = _join(path, "deployments")
+    if not isinstance(deps_raw, list) or not deps_raw:
+        check.add(deps_path, "must be a non-empty list",
+                  "e.g. [{provider: openai-us, model: gpt-4o-mini}]")
+        deps_raw = []
+    for index, dep_value in enumerate(deps_raw):
+        dep_path = _join(deps_path, index)
+        dep = check.mapping(dep_value, dep_path)
+        check.unknown(dep, dep_path, ("provider", "model"))
+        provider = check.string(dep, "provider", dep_path)
+        if provider and provider not in providers:
+            check.add(_join(dep_path, "provider"), f"unknown provider {provider!r}",
+                      f"known providers: {', '.join(providers) or '-'}")
+        upstream_model = check.string(dep, "model", dep_path, required=False) or name
+        deployments.append(Deployment(provider=provider, model=upstream_model))
+    return Model(name=name, price=price, deployments=tuple(deployments))
+
+
+def _tenant(
+    tenant_id: str,
+    raw_value: object,
+    check: _Checker,
+    models: Mapping[str, Model],
+    providers: Mapping[str, Provider],
+    seen_hashes: dict[str, str],
+) -> Tenant:
+    path = _join("tenants", tenant_id)
+    check.name(tenant_id, path)
+    raw = check.mapping(raw_value, path)
+    check.unknown(raw, path, ("zone", "keys", "models", "routing"))
+    zone = check.string(raw, "zone", path, required=False) or None
+    keys: list[TenantKey] = []
+    keys_raw = raw.get("keys")
+    keys_path = _join(path, "keys")
+    if not isinstance(keys_raw, list) or not keys_raw:
+        check.add(keys_path, "must be a non-empty list of {id, hash}",
+                  "create a hash with `extproc keys hash --config asc.yaml`")
+        keys_raw = []
+    for index, key_value in enumerate(keys_raw):
+        key_path = _join(keys_path, index)
+        key_raw = check.mapping(key_value, key_path)
+        check.unknown(key_raw, key_path, ("id", "hash"))
+        key_id = check.string(key_raw, "id", key_path)
+        key_hash = check.string(key_raw, "hash", key_path)
+        if key_hash and not KEY_HASH_RE.match(key_hash):
+            check.add(_join(key_path, "hash"), "not a key hash",
+                      "expected hmac-sha256:v1:<64 hex>, from `extproc keys hash`; "
+                      "never put a plaintext key here")
+        elif key_hash in seen_hashes:
+            check.add(_join(key_path, "hash"), f"same key already used by {seen_hashes[key_hash]}",
+                      "every virtual key must be unique")
+        elif key_hash:
+            seen_hashes[key_hash] = f"{key_path}"
+        keys.append(TenantKey(id=key_id, hash=key_hash))
+    models_raw = raw.get("models")
+    allowed: set[str] = set()
+    if not isinstance(models_raw, list) or not models_raw:
+        check.add(_join(path, "models"), "must be a non-empty list of model names")
+        models_raw = []
+    for index, model_name in enumerate(models_raw):
+        if model_name not in models:
+            check.add(_join(_join(path, "models"), index), f"unknown model {model_name!r}",
+                      f"known models: {', '.join(models) or '-'}")
+        else:
+            allowed.add(model_name)
+    pins: dict[str, str] = {}
+    routing_path = _join(path, "routing")
+    for model_name, rule_value in check.mapping(raw.get("routing"), routing_path,
+                                                required=False).items():
+        rule_path = _join(routing_path, model_name)
+        rule = check.mapping(rule_value, rule_path)
+        check.unknown(rule, rule_path, ("pin",))
+        pin = check.string(rule, "pin", rule_path, required=False)
+        model = models.get(model_name)
+        if model is None:
+            check.add(rule_path, f"unknown model {model_name!r}")
+        elif pin and pin not in {d.provider for d in model.deployments}:
+            check.add(_join(rule_path, "pin"), f"{pin!r} is not a deployment of {model_name}",
+                      f"deployments: {', '.join(d.provider for d in model.deployments)}")
+        elif pin and zone and providers[pin].zone != zone:
+            check.add(_join(rule_path, "pin"), f"{pin!r} is outside the tenant's zone {zone!r}",
+                      "residency is a hard rule; pin a provider in the tenant's zone")
+        elif pin:
+            pins[model_name] = pin
+    if zone:
+        for model_name in sorted(allowed):
+            model = models[model_name]
+            if not any(providers.get(d.provider, None) is not None
+                       and providers[d.provider].zone == zone for d in model.deployments):
+                check.add(_join(path, "models"),
+                          f"model {model_name!r} has no deployment in zone {zone!r}",
+                          "add a deployment in that zone or remove the model from the tenant")
+    return Tenant(id=tenant_id, zone=zone, keys=tuple(keys), models=frozenset(allowed), pins=pins)
+
+
+def cost_micro_usd(tokens: int, micro_per_mtok: int) -> int:
+    """Cost of `tokens` at a per-million price, rounded up to the next micro-USD."""
+    return -(-tokens * micro_per_mtok // 1_000_000)

@@ -1,0 +1,623 @@
+"""Shared core of the LLM provider emulator: app factory, recording, faults and keys.
+
+Why this exists: demos, tests and benchmarks of the gateway need an upstream that
+behaves like a real LLM provider (auth, validation, streaming, error shapes) but is
+deterministic, free, offline and able to misbehave on demand.  Everything that is
+*not* specific to one provider's wire format lives here, so each provider shape
+(``openai_shape`` today; Anthropic, Mistral and Azure later) is a small module that
+only knows how to authenticate, validate and answer in its own format.
+
+Shapes plug in through the explicit registration table :data:`SHAPES`: a tuple of
+:class:`ProviderShape` records built from plain functions of the shape module.  No
+base classes, no import-time side effects.  Shape modules only import this module
+for type checking, so there is no runtime import cycle.
+
+Request pipeline for every non-control path (``/_emulator/*`` is the control API)::
+
+    record (before anything else, so even rejected calls are visible)
+    -> fault: delay -> reset -> status/html    (header faults win over queued ones)
+    -> configured latency
+    -> shape authentication (401 in the shape's error format)
+    -> shape handler (validation + reply)
+
+Secrets: presented credentials are never echoed.  Error messages are fixed strings,
+and recorded credential headers / query parameters are replaced with
+``<redacted sha256:XXXXXXXXXXXXXXXX>`` (see :func:`key_fingerprint`) so tests can
+still tell *which* key the gateway sent without the key appearing in any response.
+The emulator writes no access log for the same reason.
+
+Control API (loopback tool, no auth):
+
+* ``GET /_emulator/health`` -> ``{"status": "ok"}``
+* ``GET|DELETE /_emulator/requests`` -> recorded requests / clear them
+* ``GET|POST|DELETE /_emulator/faults`` -> list / queue / clear queued faults
+* ``PUT /_emulator/keys`` ``{"keys": [...]}`` -> replace the accepted key set (204)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import web
+
+from extproc.emulator import openai_shape
+
+__all__ = [
+    "CONFIG_KEY",
+    "CONTROL_PREFIX",
+    "DEFAULT_REPLY",
+    "SHAPES",
+    "STATE_KEY",
+    "CallContext",
+    "EmulatorConfig",
+    "EmulatorState",
+    "Fault",
+    "ProviderShape",
+    "QueuedFault",
+    "key_fingerprint",
+    "make_app",
+]
+
+CONTROL_PREFIX: Final = "/_emulator/"
+DEFAULT_REPLY: Final = "Hello from the emulator."
+# Big enough for multimodal prompts in benchmarks; aiohttp's default is 1 MiB.
+_CLIENT_MAX_SIZE: Final = 32 * 1024 * 1024
+# Header and query-parameter names that carry credentials in any supported or planned
+# provider shape (OpenAI/Mistral bearer, Anthropic x-api-key, Azure api-key, ...).
+_SECRET_HEADERS: Final = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
+)
+_SECRET_QUERY_PARAMS: Final = frozenset({"key", "api-key", "api_key", "apikey"})
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+
+
+def key_fingerprint(secret: str) -> str:
+    """Return the non-reversible stand-in used wherever a credential would be shown.
+
+    Tests compare ``key_fingerprint(expected_key)`` with recorded headers to check
+    which key reached the provider without the key itself ever being echoed.
+    """
+    digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"<redacted sha256:{digest[:16]}>"
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorConfig:
+    """Start-up configuration; runtime-mutable parts live in :class:`EmulatorState`."""
+
+    keys: frozenset[str]
+    latency_ms: int = 0
+    chunk_delay_ms: int = 0
+    record_limit: int = 10000
+    reply: str = DEFAULT_REPLY
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "chunk_delay_ms", "record_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int")
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One injected misbehaviour; fields that are ``None``/``False`` do nothing."""
+
+    status: int | None = None
+    html: bool = False
+    delay_ms: int = 0
+    reset: bool = False
+    reset_after_chunks: int | None = None
+    retry_after: str | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return (
+            self.status is None
+            and not self.html
+            and self.delay_ms == 0
+            and not self.reset
+            and self.reset_after_chunks is None
+        )
+
+    @property
+    def effective_status(self) -> int | None:
+        """HTML faults without an explicit status imitate a proxy's 502 page."""
+        if self.status is None and self.html:
+            return HTTPStatus.BAD_GATEWAY
+        return self.status
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "html": self.html,
+            "delay_ms": self.delay_ms,
+            "reset": self.reset,
+            "reset_after_chunks": self.reset_after_chunks,
+            "retry_after": self.retry_after,
+        }
+
+
+@dataclass(slots=True)
+class QueuedFault:
+    """A control-API fault with the number of provider calls it still applies to."""
+
+    fault: Fault
+    remaining: int
+
+
+@dataclass(slots=True)
+class EmulatorState:
+    """Mutable per-app state: accepted keys, recordings, fault queue, id counter."""
+
+    records: deque[dict[str, Any]]
+    _keys: tuple[bytes, ...] = ()
+    faults: deque[QueuedFault] = field(default_factory=deque)
+    _counter: int = 0
+
+    @classmethod
+    def from_config(cls, config: EmulatorConfig) -> EmulatorState:
+        state = cls(records=deque(maxlen=config.record_limit))
+        state.set_keys(config.keys)
+        return state
+
+    def set_keys(self, keys: Iterable[str]) -> None:
+        self._keys = tuple(sorted({k.encode("utf-8", "surrogateescape") for k in keys}))
+
+    def key_is_valid(self, presented: str) -> bool:
+        """Constant-time check of ``presented`` against every accepted key."""
+        candidate = presented.encode("utf-8", "surrogateescape")
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(key, candidate)
+        return ok
+
+    def next_id(self) -> int:
+        self._counter += 1
+        return self._counter
+
+    def take_queued_fault(self) -> Fault | None:
+        if not self.faults:
+            return None
+        head = self.faults[0]
+        head.remaining -= 1
+        if head.remaining <= 0:
+            self.faults.popleft()
+        return head.fault
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What the core hands a shape handler: config, state and a fault-aware SSE writer."""
+
+    request: web.Request
+    config: EmulatorConfig
+    state: EmulatorState
+    reset_after_chunks: int | None = None
+    events_sent: int = 0
+
+    async def open_stream(self, content_type: str = "text/event-stream") -> web.StreamResponse:
+        """Send streaming headers immediately (like real providers do)."""
+        resp = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": content_type, "Cache-Control": "no-cache"},
+        )
+        await resp.prepare(self.request)
+        await resp.write(b"")  # flush the buffered headers now, not with the first event
+        if self.reset_after_chunks == 0:
+            _abort(self.request)
+        return resp
+
+    async def send_event(self, resp: web.StreamResponse, data: bytes) -> bool:
+        """Write one event; returns ``False`` once the connection is gone.
+
+        ``StreamResponse.write`` hands the bytes to the transport immediately and
+        drains when the buffer is over its limit, so each event leaves right away.
+        """
+        if self.request.transport is None or self.request.transport.is_closing():
+            return False
+        if self.events_sent and self.config.chunk_delay_ms:
+            await asyncio.sleep(self.config.chunk_delay_ms / 1000)
+        try:
+            await resp.write(data)
+        except ConnectionError:
+            return False
+        self.events_sent += 1
+        if self.reset_after_chunks is not None and self.events_sent >= self.reset_after_chunks:
+            _abort(self.request)
+            return False
+        return True
+
+
+ShapeHandler = Callable[[web.Request, CallContext], Awaitable[web.StreamResponse]]
+ErrorBody = Callable[[int, str | None], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderShape:
+    """Registration record for one provider wire format.
+
+    * ``routes``: ``(method, path, handler)`` triples served by this shape.
+    * ``authenticate(request, state) -> bool``: does the request carry a valid key?
+    * ``auth_error() -> body``: the shape's 401 body (must not echo the key).
+    * ``error_body(status, message) -> body``: the shape's error body for injected
+      faults and generic errors (``message=None`` means "pick a realistic one").
+    * ``not_found(method, path) -> body``: the shape's 404 body.
+    """
+
+    name: str
+    routes: tuple[tuple[str, str, ShapeHandler], ...]
+    authenticate: Callable[[web.Request, EmulatorState], bool]
+    auth_error: Callable[[], dict[str, Any]]
+    error_body: ErrorBody
+    not_found: Callable[[str, str], dict[str, Any]]
+
+
+# The registration table.  Adding a provider = one module + one entry here.
+# The first entry also answers for paths that belong to no shape (404s).
+SHAPES: Final[tuple[ProviderShape, ...]] = (
+    ProviderShape(
+        name="openai",
+        routes=openai_shape.ROUTES,
+        authenticate=openai_shape.authenticate,
+        auth_error=openai_shape.auth_error,
+        error_body=openai_shape.error_body,
+        not_found=openai_shape.not_found,
+    ),
+)
+
+STATE_KEY: Final = web.AppKey("emulator_state", EmulatorState)
+CONFIG_KEY: Final = web.AppKey("emulator_config", EmulatorConfig)
+_SHAPES_KEY: Final = web.AppKey("emulator_shapes", tuple[ProviderShape, ...])
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the TCP connection without a response (RST where the OS allows)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _ensure_nodelay(request: web.Request) -> None:
+    """Belt and braces for TCP_NODELAY.
+
+    aiohttp already sets it in ``BaseProtocol.connection_made``; without it small
+    responses wait for delayed ACKs and benchmarks cap out around 358 rps.  This
+    costs one ``getsockopt`` per request and only writes when the option is off.
+    """
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        if not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return
+
+
+def _json_response(
+    body: Mapping[str, Any], status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _redact_query(request: web.Request) -> str:
+    if not request.query_string:
+        return ""
+    if not any(name.lower() in _SECRET_QUERY_PARAMS for name in request.query):
+        return request.query_string
+    parts = []
+    for name, value in request.query.items():
+        shown = key_fingerprint(value) if name.lower() in _SECRET_QUERY_PARAMS else value
+        parts.append(f"{name}={shown}")
+    return "&".join(parts)
+
+
+def _redact_header(name: str, value: str) -> str:
+    if name not in _SECRET_HEADERS:
+        return value
+    scheme, sep, token = value.partition(" ")
+    if sep and scheme.lower() in ("bearer", "basic", "token"):
+        return f"{scheme} {key_fingerprint(token.strip())}"
+    return key_fingerprint(value.strip())
+
+
+async def _record(request: web.Request, state: EmulatorState) -> None:
+    too_large: web.HTTPException | None = None
+    try:
+        raw = await request.read()
+    except web.HTTPException as exc:  # body over client_max_size
+        raw, too_large = b"", exc
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        lname = name.lower()
+        shown = _redact_header(lname, value)
+        headers[lname] = f"{headers[lname]}, {shown}" if lname in headers else shown
+    state.records.append(
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": _redact_query(request),
+            "headers": headers,
+            "body": raw.decode("utf-8", errors="replace"),
+            "ts": time.time(),
+        }
+    )
+    if too_large is not None:
+        raise too_large
+
+
+def _int_header(request: web.Request, name: str, low: int, high: int) -> int | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise _BadFaultHeader(name) from None
+    if not low <= value <= high:
+        raise _BadFaultHeader(name)
+    return value
+
+
+def _bool_header(request: web.Request, name: str) -> bool:
+    raw = request.headers.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise _BadFaultHeader(name)
+
+
+class _BadFaultHeader(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.header = name
+
+
+def _header_fault(request: web.Request) -> Fault:
+    retry_after = request.headers.get("x-emulator-retry-after")
+    return Fault(
+        status=_int_header(request, "x-emulator-status", 400, 599),
+        html=_bool_header(request, "x-emulator-html"),
+        delay_ms=_int_header(request, "x-emulator-delay-ms", 0, 3_600_000) or 0,
+        reset=_bool_header(request, "x-emulator-reset"),
+        reset_after_chunks=_int_header(request, "x-emulator-reset-after-chunks", 0, 1_000_000),
+        retry_after=retry_after.strip() if retry_after is not None else None,
+    )
+
+
+def _fault_response(shape: ProviderShape, fault: Fault, status: int) -> web.Response:
+    headers: dict[str, str] = {}
+    if fault.retry_after is not None:
+        headers["retry-after"] = fault.retry_after
+    elif status == HTTPStatus.TOO_MANY_REQUESTS:
+        headers["retry-after"] = "1"
+    if fault.html:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        page = f"<html><body><h1>{status} {phrase}</h1></body></html>"
+        return web.Response(text=page, status=status, content_type="text/html", headers=headers)
+    return _json_response(shape.error_body(status, None), status=status, headers=headers)
+
+
+def _wrap(
+    shape: ProviderShape, handler: ShapeHandler
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Apply faults, latency and auth in front of a shape handler."""
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        config = request.app[CONFIG_KEY]
+        state = request.app[STATE_KEY]
+        try:
+            fault = _header_fault(request)
+        except _BadFaultHeader as exc:
+            return _json_response(
+                shape.error_body(400, f"Invalid value for emulator header {exc.header}."),
+                status=400,
+            )
+        if fault.is_empty:
+            fault = state.take_queued_fault() or fault
+        if fault.delay_ms:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if fault.reset:
+            _abort(request)
+            # Nothing can be sent any more; aiohttp notices the closed transport.
+            return web.Response(status=499)
+        status = fault.effective_status
+        if status is not None:
+            return _fault_response(shape, fault, status)
+        if config.latency_ms:
+            await asyncio.sleep(config.latency_ms / 1000)
+        if not shape.authenticate(request, state):
+            return _json_response(shape.auth_error(), status=401)
+        ctx = CallContext(
+            request=request,
+            config=config,
+            state=state,
+            reset_after_chunks=fault.reset_after_chunks,
+        )
+        return await handler(request, ctx)
+
+    return endpoint
+
+
+@web.middleware
+async def _core_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    _ensure_nodelay(request)
+    control = request.path.startswith(CONTROL_PREFIX)
+    try:
+        if not control:
+            await _record(request, request.app[STATE_KEY])
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+        if control:
+            return _json_response(
+                {"error": {"message": f"Unknown control endpoint {request.method} {request.path}"}},
+                status=404,
+            )
+        default_shape = request.app[_SHAPES_KEY][0]
+        return _json_response(default_shape.not_found(request.method, request.path), status=404)
+    except web.HTTPRequestEntityTooLarge:
+        if control:
+            raise
+        default_shape = request.app[_SHAPES_KEY][0]
+        return _json_response(default_shape.error_body(413, "Request body too large."), status=413)
+
+
+# --------------------------------------------------------------------------- control API
+
+
+def _control_error(message: str, status: int = 400) -> web.Response:
+    return _json_response({"error": {"message": message}}, status=status)
+
+
+async def _read_json_object(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+async def _health(request: web.Request) -> web.Response:
+    return _json_response({"status": "ok"})
+
+
+async def _get_requests(request: web.Request) -> web.Response:
+    return _json_response({"requests": list(request.app[STATE_KEY].records)})
+
+
+async def _clear_requests(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].records.clear()
+    return web.Response(status=204)
+
+
+def _pending_faults(state: EmulatorState) -> dict[str, Any]:
+    return {"faults": [{**q.fault.to_json(), "remaining": q.remaining} for q in state.faults]}
+
+
+async def _get_faults(request: web.Request) -> web.Response:
+    return _json_response(_pending_faults(request.app[STATE_KEY]))
+
+
+_FAULT_FIELDS: Final = frozenset(
+    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count"}
+)
+
+
+def _opt_int(body: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"'{name}' must be an integer in [{low}, {high}]")
+    return value
+
+
+def _opt_bool(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"'{name}' must be a boolean")
+    return value
+
+
+def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
+    unknown = sorted(set(body) - _FAULT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fault field(s): {', '.join(unknown)}")
+    retry_after = body.get("retry_after")
+    if retry_after is not None:
+        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+            raise ValueError("'retry_after' must be a non-negative integer")
+        retry_after = str(retry_after)
+    fault = Fault(
+        status=_opt_int(body, "status", 400, 599),
+        html=_opt_bool(body, "html"),
+        delay_ms=_opt_int(body, "delay_ms", 0, 3_600_000) or 0,
+        reset=_opt_bool(body, "reset"),
+        reset_after_chunks=_opt_int(body, "reset_after_chunks", 0, 1_000_000),
+        retry_after=retry_after,
+    )
+    if fault.is_empty:
+        raise ValueError(
+            "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks"
+        )
+    count = _opt_int(body, "count", 1, 1_000_000_000)
+    return QueuedFault(fault=fault, remaining=1 if count is None else count)
+
+
+async def _post_faults(request: web.Request) -> web.Response:
+    body = await _read_json_object(request)
+    if body is None:
+        return _control_error("body must be a JSON object")
+    try:
+        queued = _parse_fault(body)
+    except ValueError as exc:
+        return _control_error(str(exc))
+    state = request.app[STATE_KEY]
+    state.faults.append(queued)
+    return _json_response(_pending_faults(state))
+
+
+async def _clear_faults(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].faults.clear()
+    return web.Response(status=204)
+
+
+async def _put_keys(request: web.Request) -> web.Response:
+    body = await _read_json_object(request)
+    keys = body.get("keys") if body is not None else None
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        # Deliberately generic: never describe (or echo) the offending values.
+        return _control_error('body must be {"keys": [non-empty strings]}')
+    request.app[STATE_KEY].set_keys(keys)
+    return web.Response(status=204)
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def make_app(config: EmulatorConfig, shapes: tuple[ProviderShape, ...] = SHAPES) -> web.Application:
+    """Build the emulator application; each call gets fresh, independent state."""
+    if not shapes:
+        raise ValueError("at least one provider shape is required")
+    app = web.Application(middlewares=[_core_middleware], client_max_size=_CLIENT_MAX_SIZE)
+    app[CONFIG_KEY] = config
+    app[STATE_KEY] = EmulatorState.from_config(config)
+    app[_SHAPES_KEY] = shapes
+    router = app.router
+    router.add_get(CONTROL_PREFIX + "health", _health, allow_head=False)
+    router.add_get(CONTROL_PREFIX + "requests", _get_requests, allow_head=False)
+    router.add_delete(CONTROL_PREFIX + "requests", _clear_requests)
+    router.add_get(CONTROL_PREFIX + "faults", _get_faults, allow_head=False)
+    router.add_post(CONTROL_PREFIX + "faults", _post_faults)
+    router.add_delete(CONTROL_PREFIX + "faults", _clear_faults)
+    router.add_put(CONTROL_PREFIX + "keys", _put_keys)
+    for shape in shapes:
+        for method, path, handler in shape.routes:
+            router.add_route(method, path, _wrap(shape, handler))
+    return app

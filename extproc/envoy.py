@@ -1,0 +1,137 @@
+"""The only module that touches ext_proc protobufs.
+
+`decode` turns a `ProcessingRequest` into a plain `Inbound`; `encode` turns the processor's
+`Outbound` into the `ProcessingResponse` Envoy expects for that phase. Facts it relies on
+(measured on Envoy 1.40, see docs/decisions/0001-envoy-facts.md):
+
+* a reply must always set the phase's own field, even when empty, or Envoy answers 500
+  "Spurious response message";
+* header values arrive in `raw_value`; mutations are sent in `raw_value` too;
+* `OVERWRITE_IF_EXISTS_OR_ADD` replaces client headers instead of appending beside them;
+* dynamic metadata is kept only for namespaces Envoy lists in `receiving_namespaces`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+
+from extproc.messages import (
+    Body,
+    BodyMode,
+    Continue,
+    Headers,
+    Inbound,
+    Metadata,
+    Outbound,
+    Phase,
+    Respond,
+    Trailers,
+)
+
+__all__ = ["METADATA_NAMESPACE", "decode", "encode"]
+
+METADATA_NAMESPACE: Final = "asc"
+
+_OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_MODES: Final = {
+    BodyMode.NONE: processing_mode_pb2.ProcessingMode.NONE,
+    BodyMode.BUFFERED: processing_mode_pb2.ProcessingMode.BUFFERED,
+    BodyMode.STREAMED: processing_mode_pb2.ProcessingMode.STREAMED,
+    BodyMode.BUFFERED_PARTIAL: processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL,
+}
+
+
+def _headers(message: pb.HttpHeaders) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for header in message.headers.headers:
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        key = header.key.lower()
+        previous = result.get(key)
+        result[key] = value if previous is None else f"{previous}, {value}"
+    return result
+
+
+def decode(request: pb.ProcessingRequest) -> Inbound:
+    kind = request.WhichOneof("request")
+    if kind == "request_headers":
+        message = request.request_headers
+        return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream)
+    if kind == "request_body":
+        body = request.request_body
+        return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
+    if kind == "response_headers":
+        message = request.response_headers
+        return Headers(Phase.RESPONSE_HEADERS, _headers(message), message.end_of_stream)
+    if kind == "response_body":
+        body = request.response_body
+        return Body(Phase.RESPONSE_BODY, body.body, body.end_of_stream)
+    if kind == "request_trailers":
+        return Trailers(Phase.REQUEST_TRAILERS)
+    if kind == "response_trailers":
+        return Trailers(Phase.RESPONSE_TRAILERS)
+    raise ValueError(f"unknown ext_proc request kind {kind!r}")
+
+
+def _header_mutation(
+    mutation: pb.HeaderMutation, set_headers: list[tuple[str, str]], remove: list[str]
+) -> None:
+    for key, value in set_headers:
+        option = mutation.set_headers.add()
+        option.header.key = key
+        option.header.raw_value = value.encode()
+        option.append_action = _OVERWRITE
+    mutation.remove_headers.extend(remove)
+
+
+def _metadata(response: pb.ProcessingResponse, metadata: Metadata) -> None:
+    namespace = response.dynamic_metadata.fields[METADATA_NAMESPACE].struct_value
+    namespace.update(metadata)
+
+
+def encode(phase: Phase, reply: Outbound) -> pb.ProcessingResponse:
+    response = pb.ProcessingResponse()
+    if isinstance(reply, Respond):
+        immediate = response.immediate_response
+        immediate.status.code = http_status_pb2.StatusCode.Value(_STATUS_NAMES[reply.status])
+        immediate.body = reply.body
+        immediate.details = reply.details
+        _header_mutation(immediate.headers, reply.headers, [])
+        if reply.metadata:
+            _metadata(response, reply.metadata)
+        return response
+
+    if phase is Phase.REQUEST_TRAILERS or phase is Phase.RESPONSE_TRAILERS:
+        getattr(response, phase.value).SetInParent()
+        return response
+    target = getattr(response, phase.value)
+    target.SetInParent()
+    common = target.response
+    if reply.set_headers or reply.remove_headers:
+        _header_mutation(common.header_mutation, reply.set_headers, reply.remove_headers)
+    if reply.body is not None:
+        common.body_mutation.body = reply.body
+    if reply.clear_route_cache:
+        common.clear_route_cache = True
+    if reply.request_body_mode is not None:
+        response.mode_override.request_body_mode = _MODES[reply.request_body_mode]
+    if reply.response_body_mode is not None:
+        response.mode_override.response_body_mode = _MODES[reply.response_body_mode]
+    if reply.metadata:
+        _metadata(response, reply.metadata)
+    return response
+
+
+def _status_names() -> dict[int, str]:
+    names: dict[int, str] = {}
+    for value in http_status_pb2.StatusCode.DESCRIPTOR.values:
+        if value.number:
+            names[value.number] = value.name
+    return names
+
+
+_STATUS_NAMES: Final = _status_names()

@@ -1,0 +1,278 @@
+"""Render the Envoy bootstrap that fronts the gateway, from `asc.yaml`.
+
+One source of truth: provider clusters come from the providers in the config, so the
+Envoy side can never route to a host the gateway config does not name. The settings
+the gateway relies on are fixed here and asserted by tests against a real Envoy:
+
+* `failure_mode_allow: false` - a broken or slow ext_proc fails closed;
+* `message_timeout` explicit; `allow_mode_override: true` (the body is asked for late);
+* `mutation_rules.disallow_is_error: true` - a dropped header mutation is an error;
+* `metadata_options.receiving_namespaces.untyped: [asc]` - else Envoy drops our metadata;
+* `cluster_header: x-asc-cluster` routing, re-evaluated because we clear the route cache;
+* a request buffer limit, so an oversized body is answered 413 instead of hanging;
+* Envoy's own error replies rendered as OpenAI-shaped JSON.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Final
+
+import yaml
+
+from extproc.config import GatewayConfig, Provider
+from extproc.envoy import METADATA_NAMESPACE
+from extproc.phases import CLUSTER_HEADER
+
+__all__ = ["EnvoyPorts", "render_bootstrap", "render_yaml"]
+
+EXTPROC_CLUSTER: Final = "asc_extproc"
+_HCM: Final = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+    ".HttpConnectionManager"
+)
+_EXT_PROC: Final = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_ROUTER: Final = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_HTTP_OPTIONS: Final = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_TLS: Final = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_STDOUT_LOG: Final = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_BUFFER_SLACK: Final = 64 * 1024
+"""Envoy buffers a little more than the body limit, so the service sees an oversized body."""
+_SYSTEM_CA: Final = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyPorts:
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 10000
+    admin_port: int = 9901
+    extproc_address: str = "127.0.0.1"
+    extproc_port: int = 50051
+    message_timeout_ms: int = 2000
+    route_timeout_s: int = 300
+
+
+def _socket(address: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _access_log() -> list[dict[str, Any]]:
+    fields = {
+        "time": "%START_TIME%",
+        "request_id": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:request_id)%",
+        "envoy_request_id": "%REQ(X-REQUEST-ID)%",
+        "tenant": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:tenant)%",
+        "provider": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:provider)%",
+        "region": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:region)%",
+        "model": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:model)%",
+        "credential": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:credential)%",
+        "method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "status": "%RESPONSE_CODE%",
+        "details": "%RESPONSE_CODE_DETAILS%",
+        "flags": "%RESPONSE_FLAGS%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "duration_ms": "%DURATION%",
+        "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    }
+    return [{
+        "name": "envoy.access_loggers.stdout",
+        "typed_config": {"@type": _STDOUT_LOG, "log_format": {"json_format": fields}},
+    }]
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Envoy's own errors (fail-closed ext_proc, 413, no upstream) as OpenAI-shaped JSON.
+
+    Replies the gateway itself sends are already JSON; they carry `asc.error` metadata and
+    are passed through unchanged by the first mapper.
+    """
+    return {
+        "mappers": [{
+            "filter": {"metadata_filter": {
+                "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "error"}],
+                            "value": {"present_match": True}},
+                # The default (true) would match every reply that lacks the key.
+                "match_if_key_not_found": False,
+            }},
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+        }, *(
+            {"filter": {"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": status, "runtime_key": "asc.unused"}}}},
+             "body_format_override": _openai_error_format(message)}
+            for status, message in _ENVOY_ERROR_MESSAGES
+        )],
+        "body_format": _openai_error_format("%LOCAL_REPLY_BODY%"),
+    }
+
+
+def _openai_error_format(message: str) -> dict[str, Any]:
+    return {"json_format": {"error": {
+        "message": message,
+        "type": "gateway_error",
+        "param": None,
+        "code": "%RESPONSE_CODE_DETAILS%",
+    }}}
+
+
+_ENVOY_ERROR_MESSAGES: Final = (
+    # Envoy's own bodies are empty or terse for these; say what happened instead.
+    (500, "The gateway could not process the request."),
+    (503, "The gateway or the provider is unavailable."),
+    (504, "The gateway timed out."),
+)
+
+
+def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
+    return {
+        "name": "asc.ext_proc",
+        "typed_config": {
+            "@type": _EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "failure_mode_allow": False,
+            "message_timeout": f"{ports.message_timeout_ms / 1000:g}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "mutation_rules": {"disallow_is_error": True},
+            "metadata_options": {
+                "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
+            },
+        },
+    }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _provider_cluster(provider: Provider) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": provider.cluster,
+        "type": "STATIC" if _is_ip(provider.host) else "STRICT_DNS",
+        "connect_timeout": "5s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": provider.cluster,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": _socket(provider.host, provider.port),
+                "hostname": provider.host,
+            }}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http_protocol_options": {}},
+            },
+        },
+    }
+    if provider.scheme == "https":
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _TLS,
+                "sni": provider.host,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": _SYSTEM_CA},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"exact": provider.host}},
+                    ],
+                }},
+            },
+        }
+    return cluster
+
+
+def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
+    """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`."""
+    clusters: dict[str, dict[str, Any]] = {}
+    for provider in config.providers.values():
+        cluster = _provider_cluster(provider)
+        existing = clusters.get(provider.cluster)
+        if existing is not None and existing != cluster:
+            raise ValueError(f"providers share cluster {provider.cluster!r} with different "
+                             "base URLs; give each upstream its own cluster")
+        clusters[provider.cluster] = cluster
+    extproc_cluster = {
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": _socket(ports.extproc_address, ports.extproc_port),
+            }}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+    }
+    route = {
+        "match": {"prefix": "/"},
+        "request_headers_to_remove": [CLUSTER_HEADER],
+        "route": {
+            "cluster_header": CLUSTER_HEADER,
+            "auto_host_rewrite": True,
+            "timeout": f"{ports.route_timeout_s}s",
+        },
+    }
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "asc",
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "access_log": _access_log(),
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "asc",
+            "virtual_hosts": [{
+                "name": "asc",
+                "domains": ["*"],
+                "include_request_attempt_count": True,
+                "request_body_buffer_limit": config.limits.max_body_bytes + _BUFFER_SLACK,
+                "routes": [route],
+            }],
+        },
+        "http_filters": [
+            _ext_proc_filter(ports),
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
+        ],
+    }
+    return {
+        "admin": {"address": _socket("127.0.0.1", ports.admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "asc_ingress",
+                "address": _socket(ports.listen_address, ports.listen_port),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm,
+                }]}],
+            }],
+            "clusters": [extproc_cluster, *clusters.values()],
+        },
+    }
+
+
+def render_yaml(config: GatewayConfig, ports: EnvoyPorts) -> str:
+    header = (
+        "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n"
+    )
+    return header + yaml.safe_dump(render_bootstrap(config, ports), sort_keys=False)

@@ -1,0 +1,61 @@
+"""Prometheus metrics, defined once. Names follow the OTel GenAI conventions where one exists.
+
+Labels are bounded by config (tenants, providers, models), never by request content.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import Counter, Histogram
+
+__all__ = [
+    "CONFIG_RELOADS",
+    "PHASE_SECONDS",
+    "POLICY_DENIALS",
+    "REQUESTS",
+    "REQUEST_DURATION",
+    "TIME_TO_FIRST_TOKEN",
+    "TOKEN_USAGE",
+]
+
+_ROUTE_LABELS: Final = ("tenant", "provider", "region", "model")
+
+REQUESTS: Final = Counter(
+    "asc_requests",
+    "Requests finished by the gateway, by outcome status.",
+    [*_ROUTE_LABELS, "status"],
+)
+REQUEST_DURATION: Final = Histogram(
+    "gen_ai_server_request_duration_seconds",
+    "Time from request headers to the end of the response, as seen by the gateway.",
+    _ROUTE_LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TIME_TO_FIRST_TOKEN: Final = Histogram(
+    "gen_ai_server_time_to_first_token_seconds",
+    "Time from request headers to the first response body chunk.",
+    _ROUTE_LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TOKEN_USAGE: Final = Counter(
+    "gen_ai_client_token_usage",
+    "Tokens reported by providers.",
+    [*_ROUTE_LABELS, "token_type"],
+)
+POLICY_DENIALS: Final = Counter(
+    "asc_policy_denials",
+    "Requests the gateway refused, by error code.",
+    ["tenant", "code"],
+)
+PHASE_SECONDS: Final = Histogram(
+    "asc_extproc_phase_seconds",
+    "Processing time spent inside the service per ext_proc phase.",
+    ["phase"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+)
+CONFIG_RELOADS: Final = Counter(
+    "asc_config_reloads",
+    "Config reload attempts; a failed reload keeps the previous config.",
+    ["result"],
+)

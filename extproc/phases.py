@@ -1,0 +1,381 @@
+"""One `RequestProcessor` per ext_proc stream: one method per phase, plain types only.
+
+Request headers authenticate and strip client credentials; the request body picks the
+route and injects the provider key; response headers tag the response and map provider
+failures to gateway errors; response bodies are read for usage. `finish()` runs exactly
+once per stream, whatever happened (client abort, Envoy reset, timeout), and records the
+outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from extproc import metrics
+from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
+from extproc.config import Provider
+from extproc.credentials import ResolvedCredential
+from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
+from extproc.logs import log_event
+from extproc.messages import (
+    Body,
+    BodyMode,
+    Continue,
+    Headers,
+    Inbound,
+    Outbound,
+    Phase,
+    Respond,
+    Trailers,
+)
+from extproc.routing import Route, select_route
+from extproc.runtime import Runtime
+from extproc.secrets import SecretUnavailable
+from extproc.translate.sse import SseDecoder
+
+__all__ = ["CHAT_COMPLETIONS_PATH", "CLUSTER_HEADER", "RequestProcessor", "Usage"]
+
+CHAT_COMPLETIONS_PATH: Final = "/v1/chat/completions"
+CLUSTER_HEADER: Final = "x-asc-cluster"
+_GATEWAY_HEADER_PREFIX: Final = "x-asc-"
+_JSON: Final = ("content-type", "application/json")
+
+log = logging.getLogger("extproc.request")
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RequestProcessor:
+    """The gateway's decisions for one HTTP request."""
+
+    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic) -> None:
+        self._runtime = runtime
+        self._config = runtime.config
+        self._clock = clock
+        self._started = clock()
+        self.request_id = uuid.uuid4().hex
+        self.dialect = Dialect.OPENAI
+        self.principal: Principal | None = None
+        self.model_asked: str | None = None
+        self.route: Route | None = None
+        self.credential: ResolvedCredential | None = None
+        self.streaming = False
+        self.upstream_status: int | None = None
+        self.status: int | None = None
+        self.error: ErrorCode | None = None
+        self.usage: Usage | None = None
+        self._first_byte_at: float | None = None
+        self._sse: SseDecoder | None = None
+        self._response_chunks: list[bytes] = []
+        self._finished = False
+        self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
+            Phase.REQUEST_HEADERS: self.on_request_headers,
+            Phase.REQUEST_BODY: self.on_request_body,
+            Phase.RESPONSE_HEADERS: self.on_response_headers,
+            Phase.RESPONSE_BODY: self.on_response_body,
+        }
+
+    async def handle(self, message: Inbound) -> Outbound:
+        """Run the phase's method; every failure becomes a client error in its dialect."""
+        if isinstance(message, Trailers):
+            return Continue()
+        try:
+            return await self._handlers[message.phase](message)
+        except GatewayError as exc:
+            return self._respond_error(exc)
+        except Exception:
+            log.exception("phase failed", extra={"fields": {"request_id": self.request_id,
+                                                            "phase": message.phase.value}})
+            return self._respond_error(GatewayError(
+                ErrorCode.INTERNAL, f"Internal gateway error (request id {self.request_id})."))
+
+    # -- request headers --------------------------------------------------------------
+
+    async def on_request_headers(self, message: Headers) -> Outbound:
+        headers = message.headers
+        path = headers.get(":path", "").partition("?")[0]
+        method = headers.get(":method", "")
+        if path != CHAT_COMPLETIONS_PATH or method != "POST":
+            raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
+        key = presented_key(headers)
+        if key is None:
+            raise GatewayError(
+                ErrorCode.UNAUTHENTICATED,
+                "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
+            )
+        principal = self._runtime.tenants.authenticate(key)
+        if principal is None:
+            raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
+        self.principal = principal
+        limit = self._config.limits.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise GatewayError(ErrorCode.PAYLOAD_TOO_LARGE,
+                               f"Request body exceeds the limit of {limit} bytes.")
+        if message.end_of_stream:
+            raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
+        # content-length goes too: with BUFFERED_PARTIAL Envoy checks a replaced body against
+        # the original length even when the body reply sets a new one (measured, 1.40).
+        remove = [name for name in headers
+                  if name in CLIENT_CREDENTIAL_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)
+                  or name == "content-length"]
+        return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED_PARTIAL)
+
+    # -- request body -----------------------------------------------------------------
+
+    async def on_request_body(self, message: Body) -> Outbound:
+        principal = self.principal
+        if principal is None:  # Envoy only sends a body after headers we accepted.
+            raise GatewayError(ErrorCode.INTERNAL, "Request body before headers.")
+        if not message.end_of_stream or len(message.body) > self._config.limits.max_body_bytes:
+            # BUFFERED_PARTIAL sends what fits in Envoy's buffer (limit + slack) without
+            # end_of_stream when the body is larger: answer 413 instead of waiting.
+            raise GatewayError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"Request body exceeds the limit of {self._config.limits.max_body_bytes} bytes.",
+            )
+        request = _parse_chat_request(message.body)
+        model_name: str = request["model"]
+        self.model_asked = model_name
+        self.streaming = request.get("stream") is True
+        model = self._config.models.get(model_name)
+        if model is None:
+            raise GatewayError(ErrorCode.MODEL_NOT_FOUND,
+                               f"The model '{model_name}' does not exist.", param="model")
+        if model_name not in principal.tenant.models:
+            raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
+                               f"Your key is not allowed to use the model '{model_name}'.",
+                               param="model")
+        route = select_route(self._config, principal.tenant, model)
+        self.route = route
+        set_headers = [
+            (CLUSTER_HEADER, route.provider.cluster),
+            (":path", route.provider.path_prefix + CHAT_COMPLETIONS_PATH),
+        ]
+        set_headers.extend(self._provider_auth(route.provider))
+        body: bytes | None = None
+        if route.deployment.model != model_name:
+            request["model"] = route.deployment.model
+            body = json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
+            set_headers.append(("content-length", str(len(body))))
+        return Continue(
+            set_headers=set_headers,
+            body=body,
+            clear_route_cache=True,
+            metadata=self._metadata(),
+        )
+
+    def _provider_auth(self, provider: Provider) -> list[tuple[str, str]]:
+        if not provider.credentials:
+            return []
+        try:
+            credential = self._runtime.keys.credential(provider.credentials[0])
+        except SecretUnavailable:
+            log_event(log, logging.ERROR, "provider credential unavailable",
+                      request_id=self.request_id, provider=provider.name)
+            raise GatewayError(ErrorCode.UNAVAILABLE,
+                               "No usable credential for the selected provider.") from None
+        self.credential = credential
+        return [("authorization", "Bearer " + credential.secret.reveal())]
+
+    # -- response headers -------------------------------------------------------------
+
+    async def on_response_headers(self, message: Headers) -> Outbound:
+        headers = message.headers
+        status_text = headers.get(":status", "")
+        status = int(status_text) if status_text.isdigit() else 502
+        self.upstream_status = status
+        self.status = status
+        if self.route is None:  # Envoy's own reply (no route was chosen): tag it only.
+            return Continue(set_headers=[("x-asc-request-id", self.request_id)])
+        content_type = headers.get("content-type", "")
+        is_json = content_type.startswith("application/json")
+        if status in (401, 403):
+            raise GatewayError(ErrorCode.PROVIDER_ERROR,
+                               "The provider rejected the gateway's credential.")
+        if status >= 500 or (status >= 400 and not is_json):
+            raise GatewayError(ErrorCode.PROVIDER_ERROR,
+                               f"The provider failed with status {status}.")
+        reply = Continue(set_headers=self._tag_headers())
+        if message.end_of_stream:
+            return reply
+        if content_type.startswith("text/event-stream"):
+            self._sse = SseDecoder()
+            reply.response_body_mode = BodyMode.STREAMED
+        elif is_json and status < 300:
+            reply.response_body_mode = BodyMode.BUFFERED
+        return reply
+
+    def _tag_headers(self) -> list[tuple[str, str]]:
+        tags = [("x-asc-request-id", self.request_id)]
+        if self.route is not None:
+            tags.append(("x-asc-provider", self.route.provider.name))
+            tags.append(("x-asc-region", self.route.provider.region))
+        if self.credential is not None:
+            tags.append(("x-asc-credential", self.credential.label))
+        return tags
+
+    # -- response body ----------------------------------------------------------------
+
+    async def on_response_body(self, message: Body) -> Outbound:
+        if self._first_byte_at is None and message.body:
+            self._first_byte_at = self._clock()
+        if self._sse is not None:
+            events = self._sse.feed(message.body)
+            if message.end_of_stream:
+                events.extend(self._sse.flush())
+            for event in events:
+                self._read_stream_event(event.data)
+        elif message.end_of_stream:
+            self._response_chunks.append(message.body)
+            self.usage = _usage_of(b"".join(self._response_chunks))
+            self._response_chunks.clear()
+        else:
+            self._response_chunks.append(message.body)
+        return Continue()
+
+    def _read_stream_event(self, data: str) -> None:
+        if data == "[DONE]" or '"usage"' not in data:
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return
+        usage = _usage_from_object(chunk)
+        if usage is not None:
+            self.usage = usage
+
+    # -- end of stream ----------------------------------------------------------------
+
+    def _respond_error(self, error: GatewayError) -> Respond:
+        self.status = error.status
+        self.error = error.code
+        if error.status in (401, 403, 404, 413, 400):
+            tenant = self.principal.tenant.id if self.principal else "-"
+            metrics.POLICY_DENIALS.labels(tenant, error.code.value).inc()
+        return Respond(
+            status=error.status,
+            body=error_body(error, self.dialect),
+            headers=[_JSON, *self._tag_headers(), *error.headers],
+            details=f"asc_{error.code.value}",
+            metadata=self._metadata(),
+        )
+
+    def _metadata(self) -> dict[str, str | int | float | bool]:
+        meta: dict[str, str | int | float | bool] = {"request_id": self.request_id}
+        if self.principal is not None:
+            meta["tenant"] = self.principal.tenant.id
+            meta["key_id"] = self.principal.key_id
+        if self.model_asked is not None:
+            meta["model"] = self.model_asked
+        if self.route is not None:
+            meta["provider"] = self.route.provider.name
+            meta["region"] = self.route.provider.region
+            meta["upstream_model"] = self.route.deployment.model
+        if self.credential is not None:
+            meta["credential"] = self.credential.label
+        if self.error is not None:
+            meta["error"] = self.error.value
+        return meta
+
+    def finish(self, *, aborted: bool) -> None:
+        """Record the outcome; called once per stream, whatever ended it."""
+        if self._finished:
+            return
+        self._finished = True
+        now = self._clock()
+        duration = now - self._started
+        tenant = self.principal.tenant.id if self.principal else "-"
+        route = self.route
+        labels = (
+            tenant,
+            route.provider.name if route else "-",
+            route.provider.region if route else "-",
+            self.model_asked if route else "-",
+        )
+        outcome = "aborted" if aborted and self.error is None else str(self.status or 0)
+        metrics.REQUESTS.labels(*labels, outcome).inc()
+        if route is not None:
+            metrics.REQUEST_DURATION.labels(*labels).observe(duration)
+            if self._first_byte_at is not None:
+                metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(
+                    self._first_byte_at - self._started)
+            if self.usage is not None:
+                metrics.TOKEN_USAGE.labels(*labels, "input").inc(self.usage.prompt_tokens)
+                metrics.TOKEN_USAGE.labels(*labels, "output").inc(self.usage.completion_tokens)
+        log_event(
+            log, logging.INFO, "request finished",
+            request_id=self.request_id,
+            tenant=tenant,
+            key_id=self.principal.key_id if self.principal else None,
+            model=self.model_asked,
+            provider=route.provider.name if route else None,
+            region=route.provider.region if route else None,
+            upstream_model=route.deployment.model if route else None,
+            route_reason=route.reason if route else None,
+            credential=self.credential.label if self.credential else None,
+            status=self.status,
+            upstream_status=self.upstream_status,
+            error=self.error.value if self.error else None,
+            aborted=aborted,
+            stream=self.streaming,
+            prompt_tokens=self.usage.prompt_tokens if self.usage else None,
+            completion_tokens=self.usage.completion_tokens if self.usage else None,
+            duration_ms=round(duration * 1000, 3),
+        )
+
+
+def _parse_chat_request(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(ErrorCode.INVALID_REQUEST,
+                           "The request body is not valid JSON.") from None
+    if not isinstance(request, dict):
+        raise GatewayError(ErrorCode.INVALID_REQUEST, "The request body must be a JSON object.")
+    model = request.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(ErrorCode.INVALID_REQUEST, "'model' must be a non-empty string.",
+                           param="model")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError(ErrorCode.INVALID_REQUEST, "'messages' must be a non-empty array.",
+                           param="messages")
+    stream = request.get("stream", False)
+    if not isinstance(stream, bool):
+        raise GatewayError(ErrorCode.INVALID_REQUEST, "'stream' must be a boolean.",
+                           param="stream")
+    return request
+
+
+def _usage_of(body: bytes) -> Usage | None:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return _usage_from_object(document)
+
+
+def _usage_from_object(document: object) -> Usage | None:
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt_tokens=max(prompt, 0), completion_tokens=max(completion, 0))

@@ -1,0 +1,200 @@
+"""The grpc.aio ext_proc server: stream loop, health, metrics, reload, workers, drain.
+
+The stream loop only decodes, dispatches to the request's `RequestProcessor` and encodes;
+it holds no policy. `finish()` runs in a `finally`, so it also runs when Envoy resets the
+stream (client abort, timeout) and the handler is cancelled.
+
+With `--workers N > 1` a supervisor starts N worker processes that all bind the same port
+(SO_REUSEPORT, the kernel spreads connections), serves the merged Prometheus metrics, and
+forwards SIGTERM / SIGHUP to the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc import envoy, metrics
+from extproc.config import ConfigError, load_config
+from extproc.logs import log_event
+from extproc.messages import Phase
+from extproc.phases import RequestProcessor
+from extproc.runtime import Runtime, RuntimeHolder
+from extproc.secrets import SecretUnavailable
+
+__all__ = ["ExternalProcessorService", "ServeOptions", "serve"]
+
+log = logging.getLogger("extproc.server")
+
+SERVICE_NAME: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
+_PHASE_TIMERS: Final = {phase: metrics.PHASE_SECONDS.labels(phase.value) for phase in Phase}
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    config_path: Path
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str | None = "127.0.0.1:9464"
+    workers: int = 1
+    drain_seconds: float = 10.0
+    watch_interval: float = 1.0
+
+
+class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, holder: RuntimeHolder) -> None:
+        self._holder = holder
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        processor = RequestProcessor(self._holder.current)
+        aborted = True
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    aborted = False
+                    return
+                started = time.perf_counter()
+                inbound = envoy.decode(request)
+                reply = await processor.handle(inbound)
+                response: pb.ProcessingResponse = envoy.encode(inbound.phase, reply)
+                _PHASE_TIMERS[inbound.phase].observe(time.perf_counter() - started)
+                await context.write(response)
+        finally:
+            processor.finish(aborted=aborted)
+
+
+class ConfigReloader:
+    """Loads a new runtime on SIGHUP or file change; a bad file keeps the old runtime."""
+
+    def __init__(self, path: Path, holder: RuntimeHolder) -> None:
+        self._path = path
+        self._holder = holder
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self._path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def reload(self, reason: str) -> bool:
+        self._stamp = self._file_stamp()
+        try:
+            runtime = Runtime.build(load_config(self._path))
+        except (ConfigError, SecretUnavailable) as exc:
+            metrics.CONFIG_RELOADS.labels("failure").inc()
+            log_event(log, logging.ERROR, "config reload failed; keeping the previous config",
+                      reason=reason, error=str(exc))
+            return False
+        self._holder.current = runtime
+        metrics.CONFIG_RELOADS.labels("success").inc()
+        log_event(log, logging.INFO, "config reloaded", reason=reason, source=str(self._path))
+        return True
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self._file_stamp() != self._stamp:
+                self.reload("file changed")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def _serve_worker(options: ServeOptions, runtime: Runtime, *, own_metrics: bool) -> None:
+    holder = RuntimeHolder(runtime)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorService(holder), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(options.listen)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if own_metrics and options.metrics_listen:
+        from prometheus_client import start_http_server
+
+        host, port = _split_listen(options.metrics_listen)
+        start_http_server(port, addr=host)
+    reloader = ConfigReloader(options.config_path, holder)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    watcher = asyncio.create_task(reloader.watch(options.watch_interval))
+    log_event(log, logging.INFO, "extproc serving", listen=options.listen, pid=os.getpid(),
+              metrics=options.metrics_listen if own_metrics else None)
+    await stop.wait()
+    log_event(log, logging.INFO, "draining", grace_seconds=options.drain_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    watcher.cancel()
+    await server.stop(options.drain_seconds)
+    log_event(log, logging.INFO, "stopped")
+
+
+def serve(options: ServeOptions) -> int:
+    """Run the service until SIGTERM/SIGINT; returns the process exit code."""
+    try:
+        runtime = Runtime.build(load_config(options.config_path))
+    except (ConfigError, SecretUnavailable) as exc:
+        log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
+        return 2
+    if options.workers <= 1:
+        asyncio.run(_serve_worker(options, runtime, own_metrics=True))
+        return 0
+    return _supervise(options)
+
+
+def serve_as_worker(options: ServeOptions) -> int:
+    """Entry of one worker process started by the supervisor."""
+    runtime = Runtime.build(load_config(options.config_path))
+    asyncio.run(_serve_worker(options, runtime, own_metrics=False))
+    return 0
+
+
+def _supervise(options: ServeOptions) -> int:
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    with tempfile.TemporaryDirectory(prefix="asc-metrics-") as metrics_dir:
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+        command = [sys.executable, "-m", "extproc", "serve", "--worker",
+                   "--config", str(options.config_path), "--listen", options.listen,
+                   "--drain-seconds", str(options.drain_seconds)]
+        workers = [subprocess.Popen(command, env=env) for _ in range(options.workers)]
+        if options.metrics_listen:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+            host, port = _split_listen(options.metrics_listen)
+            start_http_server(port, addr=host, registry=registry)
+
+        def forward(signum: int, _frame: object) -> None:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, forward)
+        log_event(log, logging.INFO, "supervisor started", workers=options.workers,
+                  listen=options.listen, metrics=options.metrics_listen)
+        codes = [worker.wait() for worker in workers]
+    return max(codes, default=0)
