@@ -22,7 +22,6 @@ __all__ = [
     "SUPPORTED_PROVIDER_KINDS",
     "ConfigError",
     "ConfigIssue",
-    "cost_micro_usd",
     "CredentialRef",
     "Deployment",
     "GatewayConfig",
@@ -32,6 +31,7 @@ __all__ = [
     "Provider",
     "Tenant",
     "TenantKey",
+    "cost_micro_usd",
     "load_config",
     "parse_config",
 ]
@@ -44,6 +44,7 @@ _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _CLUSTER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MICRO: Final = Decimal(1_000_000)
+DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ class Tenant:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_body_bytes: int = 1_048_576
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +256,9 @@ def load_config(path: str | Path) -> GatewayConfig:
     return parse_config(text, source=source, base_dir=Path(path).resolve().parent)
 
 
-def parse_config(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> GatewayConfig:
+def parse_config(
+    text: str, *, source: str = "<string>", base_dir: Path | None = None
+) -> GatewayConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -287,10 +290,10 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
 
     limits_raw = check.mapping(doc.get("limits"), "limits", required=False)
     check.unknown(limits_raw, "limits", ("max_body_bytes",))
-    max_body = limits_raw.get("max_body_bytes", Limits.max_body_bytes)
+    max_body = limits_raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
     if isinstance(max_body, bool) or not isinstance(max_body, int) or not 1 <= max_body <= 64 << 20:
         check.add("limits.max_body_bytes", "must be an integer from 1 to 67108864")
-        max_body = Limits.max_body_bytes
+        max_body = DEFAULT_MAX_BODY_BYTES
 
     redis_raw = check.mapping(doc.get("redis"), "redis", required=False)
     check.unknown(redis_raw, "redis", ("url",))
@@ -356,7 +359,9 @@ def _credential_ref(
         check.add(_join(path, "file"), "must be a file path")
         return CredentialRef(ref_id)
     file_path = Path(file)
-    return CredentialRef(ref_id, file=file_path if file_path.is_absolute() else base_dir / file_path)
+    if not file_path.is_absolute():
+        file_path = base_dir / file_path
+    return CredentialRef(ref_id, file=file_path)
 
 
 def _provider(
@@ -404,12 +409,14 @@ def _provider(
         for index, cred_id in enumerate(creds_raw):
             here = _join(_join(path, "credentials"), index)
             if not isinstance(cred_id, str) or cred_id not in credentials:
+                known = ", ".join(credentials) or "-"
                 check.add(here, f"unknown credential {cred_id!r}",
-                          f"define it under `credentials:` (known: {', '.join(credentials) or '-'})")
+                          f"define it under `credentials:` (known: {known})")
             else:
                 cred_ids.append(cred_id)
     if kind == "openai" and not creds_raw:
-        check.add(_join(path, "credentials"), "an openai provider needs at least one credential")
+        check.add(_join(path, "credentials"),
+                  "an openai provider needs at least one credential")
     return Provider(
         name=name, kind=kind, base_url=base_url, scheme=scheme, host=host, port=port,
         path_prefix=prefix, region=region, zone=zone, cluster=cluster,

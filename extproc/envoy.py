@@ -23,7 +23,6 @@ from envoy.type.v3 import http_status_pb2
 from extproc.messages import (
     Body,
     BodyMode,
-    Continue,
     Headers,
     Inbound,
     Metadata,

@@ -58,7 +58,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
     def __init__(self, holder: RuntimeHolder) -> None:
         self._holder = holder
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         processor = RequestProcessor(self._holder.current)
@@ -183,7 +183,8 @@ def _supervise(options: ServeOptions) -> int:
         workers = [subprocess.Popen(command, env=env) for _ in range(options.workers)]
         if options.metrics_listen:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+            collector = multiprocess.MultiProcessCollector
+            collector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
             host, port = _split_listen(options.metrics_listen)
             start_http_server(port, addr=host, registry=registry)
 

