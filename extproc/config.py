@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 __all__ = [
+    "SCHEMA",
     "SUPPORTED_PROVIDER_KINDS",
     "ConfigError",
     "ConfigIssue",
@@ -45,6 +46,23 @@ _CLUSTER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MICRO: Final = Decimal(1_000_000)
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
+
+SCHEMA: Final[dict[str, tuple[str, ...]]] = {
+    "": ("version", "auth", "limits", "redis", "credentials", "providers", "models", "tenants"),
+    "auth": ("pepper",),
+    "auth.pepper": ("env", "file"),
+    "limits": ("max_body_bytes",),
+    "redis": ("url",),
+    "credentials.<id>": ("env", "file"),
+    "providers.<name>": ("kind", "base_url", "region", "zone", "cluster", "credentials"),
+    "models.<name>": ("price", "deployments"),
+    "models.<name>.price": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"),
+    "models.<name>.deployments[]": ("provider", "model"),
+    "tenants.<id>": ("zone", "keys", "models", "routing"),
+    "tenants.<id>.keys[]": ("id", "hash"),
+    "tenants.<id>.routing.<model>": ("pin",),
+}
+"""Every field the config accepts, by section: the validator and the docs check use it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,33 +293,26 @@ def parse_config(
 
 def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> GatewayConfig:
     doc = check.mapping(raw_doc, "")
-    check.unknown(
-        doc,
-        "",
-        ("version", "auth", "limits", "redis", "secrets", "credentials", "providers", "models",
-         "tenants"),
-    )
+    check.unknown(doc, "", SCHEMA[""])
     if doc.get("version") != 1:
         check.add("version", f"unsupported version {doc.get('version')!r}", "set `version: 1`")
 
     auth = check.mapping(doc.get("auth"), "auth")
-    check.unknown(auth, "auth", ("pepper",))
+    check.unknown(auth, "auth", SCHEMA["auth"])
     pepper = _credential_ref("pepper", auth.get("pepper"), "auth.pepper", check, base_dir)
 
     limits_raw = check.mapping(doc.get("limits"), "limits", required=False)
-    check.unknown(limits_raw, "limits", ("max_body_bytes",))
+    check.unknown(limits_raw, "limits", SCHEMA["limits"])
     max_body = limits_raw.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
     if isinstance(max_body, bool) or not isinstance(max_body, int) or not 1 <= max_body <= 64 << 20:
         check.add("limits.max_body_bytes", "must be an integer from 1 to 67108864")
         max_body = DEFAULT_MAX_BODY_BYTES
 
     redis_raw = check.mapping(doc.get("redis"), "redis", required=False)
-    check.unknown(redis_raw, "redis", ("url",))
+    check.unknown(redis_raw, "redis", SCHEMA["redis"])
     redis_url = check.string(redis_raw, "url", "redis", required=False) or None
     if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
         check.add("redis.url", "must start with redis://, rediss:// or unix://")
-
-    check.mapping(doc.get("secrets"), "secrets", required=False)
 
     credentials: dict[str, CredentialRef] = {}
     for cred_id, cred_raw in check.mapping(doc.get("credentials"), "credentials",
@@ -344,7 +355,7 @@ def _credential_ref(
     ref_id: str, raw_value: object, path: str, check: _Checker, base_dir: Path
 ) -> CredentialRef:
     raw = check.mapping(raw_value, path)
-    check.unknown(raw, path, ("env", "file"))
+    check.unknown(raw, path, SCHEMA["credentials.<id>"])
     env = raw.get("env")
     file = raw.get("file")
     if (env is None) == (file is None):
@@ -370,9 +381,7 @@ def _provider(
     path = _join("providers", name)
     check.name(name, path)
     raw = check.mapping(raw_value, path)
-    check.unknown(
-        raw, path, ("kind", "base_url", "region", "zone", "cluster", "credentials", "api_version")
-    )
+    check.unknown(raw, path, SCHEMA["providers.<name>"])
     kind = check.string(raw, "kind", path)
     if kind and kind not in SUPPORTED_PROVIDER_KINDS:
         check.add(_join(path, "kind"), f"provider kind {kind!r} is not supported yet",
@@ -429,11 +438,10 @@ def _model(
 ) -> Model:
     path = _join("models", name)
     raw = check.mapping(raw_value, path)
-    check.unknown(raw, path, ("price", "deployments"))
+    check.unknown(raw, path, SCHEMA["models.<name>"])
     price_path = _join(path, "price")
     price_raw = check.mapping(raw.get("price"), price_path)
-    check.unknown(price_raw, price_path,
-                  ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"))
+    check.unknown(price_raw, price_path, SCHEMA["models.<name>.price"])
     input_price = check.money(price_raw, "input_per_mtok", price_path)
     cached = (check.money(price_raw, "cached_input_per_mtok", price_path)
               if "cached_input_per_mtok" in price_raw else input_price)
@@ -452,7 +460,7 @@ def _model(
     for index, dep_value in enumerate(deps_raw):
         dep_path = _join(deps_path, index)
         dep = check.mapping(dep_value, dep_path)
-        check.unknown(dep, dep_path, ("provider", "model"))
+        check.unknown(dep, dep_path, SCHEMA["models.<name>.deployments[]"])
         provider = check.string(dep, "provider", dep_path)
         if provider and provider not in providers:
             check.add(_join(dep_path, "provider"), f"unknown provider {provider!r}",
@@ -473,7 +481,7 @@ def _tenant(
     path = _join("tenants", tenant_id)
     check.name(tenant_id, path)
     raw = check.mapping(raw_value, path)
-    check.unknown(raw, path, ("zone", "keys", "models", "routing"))
+    check.unknown(raw, path, SCHEMA["tenants.<id>"])
     zone = check.string(raw, "zone", path, required=False) or None
     keys: list[TenantKey] = []
     keys_raw = raw.get("keys")
@@ -485,7 +493,7 @@ def _tenant(
     for index, key_value in enumerate(keys_raw):
         key_path = _join(keys_path, index)
         key_raw = check.mapping(key_value, key_path)
-        check.unknown(key_raw, key_path, ("id", "hash"))
+        check.unknown(key_raw, key_path, SCHEMA["tenants.<id>.keys[]"])
         key_id = check.string(key_raw, "id", key_path)
         key_hash = check.string(key_raw, "hash", key_path)
         if key_hash and not KEY_HASH_RE.match(key_hash):
@@ -515,7 +523,7 @@ def _tenant(
                                                 required=False).items():
         rule_path = _join(routing_path, model_name)
         rule = check.mapping(rule_value, rule_path)
-        check.unknown(rule, rule_path, ("pin",))
+        check.unknown(rule, rule_path, SCHEMA["tenants.<id>.routing.<model>"])
         pin = check.string(rule, "pin", rule_path, required=False)
         model = models.get(model_name)
         if model is None:
