@@ -1,0 +1,199 @@
+"""Fixtures that start real processes (Envoy, extproc, emulator, redis-server) on free
+loopback ports, plus factories for gateway configs. Every process is stopped after use.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from extproc.auth import hash_key
+from extproc.devstack import ManagedProcess, Stack, free_port
+from extproc.emulator.app import key_fingerprint
+from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from extproc.config import load_config
+from extproc.secrets import Secret
+
+PEPPER = "test-pepper-" + secrets.token_hex(8)
+# Canary secrets: every one of them is grepped for in logs, metrics and error bodies.
+ACME_KEY = "sk-canary-tenant-acme-" + secrets.token_hex(8)
+ACME_KEY_2 = "sk-canary-tenant-acme2-" + secrets.token_hex(8)
+GLOBEX_KEY = "sk-canary-tenant-globex-" + secrets.token_hex(8)
+PROVIDER_KEY_EU = "sk-canary-provider-eu-" + secrets.token_hex(8)
+PROVIDER_KEY_US = "sk-canary-provider-us-" + secrets.token_hex(8)
+CANARIES = (PEPPER, ACME_KEY, ACME_KEY_2, GLOBEX_KEY, PROVIDER_KEY_EU, PROVIDER_KEY_US)
+CHAT = "/v1/chat/completions"
+
+
+def gateway_config(emulator_port: int, *, extra_acme_keys: bool = False) -> dict[str, Any]:
+    """A two-zone gateway config pointing at one emulator; plain data, ready to dump."""
+    pepper = Secret(PEPPER)
+    acme_keys = [{"id": "acme-main", "hash": hash_key(pepper, ACME_KEY)}]
+    if extra_acme_keys:
+        acme_keys.append({"id": "acme-second", "hash": hash_key(pepper, ACME_KEY_2)})
+    base_url = f"http://127.0.0.1:{emulator_port}"
+    return {
+        "version": 1,
+        "auth": {"pepper": {"file": "pepper.txt"}},
+        "limits": {"max_body_bytes": 65536},
+        "credentials": {
+            "emu-eu-1": {"env": "TEST_PROVIDER_KEY_EU"},
+            "emu-us-1": {"env": "TEST_PROVIDER_KEY_US"},
+        },
+        "providers": {
+            "emu-eu": {"kind": "openai", "base_url": base_url, "region": "eu-west-1",
+                       "zone": "eu", "cluster": "emu_eu", "credentials": ["emu-eu-1"]},
+            "emu-us": {"kind": "openai", "base_url": base_url, "region": "us-east-1",
+                       "zone": "us", "cluster": "emu_us", "credentials": ["emu-us-1"]},
+        },
+        "models": {
+            "gpt-4o-mini": {
+                "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6},
+                "deployments": [{"provider": "emu-us", "model": "gpt-4o-mini"},
+                                {"provider": "emu-eu", "model": "gpt-4o-mini-eu"}],
+            },
+            "gpt-4o": {
+                "price": {"input_per_mtok": 2.5, "output_per_mtok": 10},
+                "deployments": [{"provider": "emu-us"}],
+            },
+        },
+        "tenants": {
+            "acme": {"zone": "eu", "keys": acme_keys, "models": ["gpt-4o-mini"]},
+            "globex": {"zone": "us",
+                       "keys": [{"id": "globex-main", "hash": hash_key(pepper, GLOBEX_KEY)}],
+                       "models": ["gpt-4o-mini", "gpt-4o"]},
+        },
+    }
+
+
+def write_config(directory: Path, document: dict[str, Any]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pepper.txt").write_text(PEPPER + "\n", encoding="utf-8")
+    path = directory / "asc.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def provider_env() -> dict[str, str]:
+    return {"TEST_PROVIDER_KEY_EU": PROVIDER_KEY_EU, "TEST_PROVIDER_KEY_US": PROVIDER_KEY_US}
+
+
+@dataclass
+class Emulator:
+    port: int
+    process: ManagedProcess
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+
+    def requests(self) -> list[dict[str, Any]]:
+        recorded: list[dict[str, Any]] = self.client.get("/_emulator/requests").json()["requests"]
+        return recorded
+
+    def clear(self) -> None:
+        self.client.delete("/_emulator/requests")
+        self.client.delete("/_emulator/faults")
+
+    def queue_fault(self, **fault: Any) -> None:
+        response = self.client.post("/_emulator/faults", json=fault)
+        assert response.status_code in (200, 201, 204), response.text
+
+
+@dataclass
+class Gateway:
+    """Envoy + extproc + emulator, as a client sees them."""
+
+    stack: Stack
+    config_path: Path
+    emulator: Emulator
+    extproc: ManagedProcess
+    extproc_port: int
+    metrics_port: int
+    envoy: ManagedProcess
+    listen_port: int
+    admin_port: int
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.base_url, timeout=15)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    def chat(self, body: dict[str, Any] | bytes | None = None, *, key: str | None = ACME_KEY,
+             headers: dict[str, str] | None = None) -> httpx.Response:
+        all_headers = {"content-type": "application/json", **(headers or {})}
+        if key is not None:
+            all_headers["authorization"] = f"Bearer {key}"
+        payload = body if isinstance(body, bytes) else json.dumps(
+            body if body is not None else chat_body()).encode()
+        return self.client.post(CHAT, content=payload, headers=all_headers)
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+
+def chat_body(model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **extra}
+
+
+def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
+                  message_timeout_ms: int = 2000,
+                  document: Callable[[int], dict[str, Any]] = gateway_config) -> Gateway:
+    emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US])
+    config_path = write_config(config_dir, document(emulator_port))
+    env = dict(stack.env, **provider_env())
+    extproc, extproc_port, metrics_port = stack.start_extproc(config_path, workers=workers,
+                                                              env=env)
+    listen_port, admin_port = free_port(), free_port()
+    ports = EnvoyPorts(listen_port=listen_port, admin_port=admin_port, extproc_port=extproc_port,
+                       message_timeout_ms=message_timeout_ms)
+    envoy = stack.start_envoy(render_yaml(load_config(config_path), ports),
+                              listen_port=listen_port, admin_port=admin_port)
+    return Gateway(stack=stack, config_path=config_path,
+                   emulator=Emulator(emulator_port, emulator_process), extproc=extproc,
+                   extproc_port=extproc_port, metrics_port=metrics_port, envoy=envoy,
+                   listen_port=listen_port, admin_port=admin_port)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One shared stack for tests that do not disturb it (no kills, no config edits)."""
+    workdir = tmp_path_factory.mktemp("gateway")
+    with Stack(workdir) as stack:
+        yield start_gateway(stack, workdir / "config")
+
+
+@pytest.fixture
+def emulator_clean(gateway: Gateway) -> Emulator:
+    gateway.emulator.clear()
+    return gateway.emulator
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """A private stack for tests that kill, reload or reconfigure processes."""
+    with Stack(tmp_path / "stack") as private:
+        yield private
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A redis-server of our own on a free port; never a system Redis."""
+    with Stack(tmp_path_factory.mktemp("redis")) as redis_stack:
+        _, port = redis_stack.start_redis()
+        yield port
+
+
+def provider_fingerprint(key: str) -> str:
+    return key_fingerprint(key)

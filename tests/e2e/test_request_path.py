@@ -1,0 +1,362 @@
+"""A tenant's request through real Envoy, the real extproc service and the emulator."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from extproc.emulator.app import key_fingerprint
+from tests.conftest import (
+    ACME_KEY,
+    CHAT,
+    GLOBEX_KEY,
+    PROVIDER_KEY_EU,
+    PROVIDER_KEY_US,
+    Emulator,
+    Gateway,
+    chat_body,
+)
+
+EMULATOR_REPLY = "Hello from the emulator."
+
+
+def openai_error(
+    message: str, type_: str, code: str, param: str | None = None
+) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def test_completion_is_routed_in_zone_with_the_provider_key(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    response = gateway.chat(chat_body())
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "gpt-4o-mini-eu"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": EMULATOR_REPLY}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert response.headers["x-asc-provider"] == "emu-eu"
+    assert response.headers["x-asc-region"] == "eu-west-1"
+    assert response.headers["x-asc-credential"] == "emu-eu-1@1"
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-asc-request-id"])
+
+    [seen] = emulator_clean.requests()
+    assert seen["path"] == CHAT
+    assert seen["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_EU)
+    assert json.loads(seen["body"])["model"] == "gpt-4o-mini-eu"
+    # The rewritten body goes upstream chunked: see docs/decisions/0002-request-body-mode.md.
+    assert seen["headers"]["transfer-encoding"] == "chunked"
+    assert "content-length" not in seen["headers"]
+    assert not [name for name in seen["headers"] if name.startswith("x-asc-")]
+
+
+def test_us_tenant_goes_to_the_us_deployment_unchanged(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    sent = chat_body(temperature=0.2)
+    response = gateway.chat(sent, key=GLOBEX_KEY)
+
+    assert response.status_code == 200
+    assert response.headers["x-asc-provider"] == "emu-us"
+    [seen] = emulator_clean.requests()
+    assert seen["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_US)
+    assert json.loads(seen["body"]) == sent
+
+
+def test_x_api_key_authenticates_and_is_stripped(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    response = gateway.chat(chat_body(), key=None, headers={"x-api-key": ACME_KEY})
+
+    assert response.status_code == 200
+    [seen] = emulator_clean.requests()
+    assert "x-api-key" not in seen["headers"]
+    assert seen["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_EU)
+
+
+def test_client_cannot_steer_the_cluster_or_spoof_gateway_headers(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    response = gateway.chat(chat_body(), headers={
+        "x-asc-cluster": "emu_us", "x-asc-tenant": "globex", "api-key": "client-secret",
+    })
+
+    assert response.status_code == 200
+    assert response.headers["x-asc-provider"] == "emu-eu"
+    [seen] = emulator_clean.requests()
+    assert seen["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_EU)
+    assert "api-key" not in seen["headers"]
+    assert not [name for name in seen["headers"] if name.startswith("x-asc-")]
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (None, "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'."),
+        ("sk-wrong-key", "Invalid API key."),
+        (PROVIDER_KEY_EU, "Invalid API key."),
+    ],
+)
+def test_unauthenticated_requests_never_reach_a_provider(
+    gateway: Gateway, emulator_clean: Emulator, key: str | None, message: str
+) -> None:
+    response = gateway.chat(chat_body(), key=key)
+
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == openai_error(message, "authentication_error", "invalid_api_key")
+    assert emulator_clean.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "expected"),
+    [
+        (chat_body("gpt-4o"), 403, openai_error(
+            "Your key is not allowed to use the model 'gpt-4o'.", "permission_error",
+            "model_not_allowed", "model")),
+        (chat_body("no-such-model"), 404, openai_error(
+            "The model 'no-such-model' does not exist.", "not_found_error", "model_not_found",
+            "model")),
+        (b'{"model": "gpt-4o-mini", "messages": [', 400, openai_error(
+            "The request body is not valid JSON.", "invalid_request_error", "invalid_request")),
+        (b'["not", "an", "object"]', 400, openai_error(
+            "The request body must be a JSON object.", "invalid_request_error",
+            "invalid_request")),
+        (json.dumps({"model": "gpt-4o-mini"}).encode(), 400, openai_error(
+            "'messages' must be a non-empty array.", "invalid_request_error", "invalid_request",
+            "messages")),
+        (json.dumps({"model": 7, "messages": []}).encode(), 400, openai_error(
+            "'model' must be a non-empty string.", "invalid_request_error", "invalid_request",
+            "model")),
+    ],
+    ids=["not-allowed", "unknown-model", "malformed", "not-object", "no-messages", "bad-model"],
+)
+def test_bad_requests_get_exact_errors_and_reach_no_provider(
+    gateway: Gateway, emulator_clean: Emulator, payload: dict[str, object] | bytes,
+    status: int, expected: dict[str, object],
+) -> None:
+    response = gateway.chat(payload)
+
+    assert response.status_code == status
+    assert response.json() == expected
+    assert response.headers["x-asc-request-id"]
+    assert emulator_clean.requests() == []
+
+
+def test_body_over_limit_with_content_length_is_413(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    big = chat_body(padding="x" * 70_000)
+    response = gateway.chat(big)
+
+    assert response.status_code == 413
+    assert response.json() == openai_error(
+        "Request body exceeds the limit of 65536 bytes.", "invalid_request_error",
+        "payload_too_large")
+    assert emulator_clean.requests() == []
+
+
+def test_chunked_body_over_limit_is_413_not_a_hang(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
+        for _ in range(200):
+            yield b"y" * 4096
+        yield b'"}]}'
+
+    response = gateway.client.post(CHAT, content=chunks(), headers={
+        "authorization": f"Bearer {ACME_KEY}", "content-type": "application/json"}, timeout=10)
+
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert emulator_clean.requests() == []
+
+
+def test_unknown_endpoint_is_404(gateway: Gateway, emulator_clean: Emulator) -> None:
+    response = gateway.client.get("/v1/models", headers={"authorization": f"Bearer {ACME_KEY}"})
+
+    assert response.status_code == 404
+    assert response.json() == openai_error(
+        "Unknown endpoint: GET /v1/models", "not_found_error", "not_found")
+    assert emulator_clean.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ({"x-emulator-status": "500"}, "The provider failed with status 500."),
+        ({"x-emulator-status": "503", "x-emulator-html": "1"},
+         "The provider failed with status 503."),
+        ({"x-emulator-status": "404", "x-emulator-html": "1"},
+         "The provider failed with status 404."),
+    ],
+    ids=["json-500", "html-503", "html-404"],
+)
+def test_provider_failures_become_gateway_errors_in_openai_shape(
+    gateway: Gateway, emulator_clean: Emulator, fault: dict[str, str], message: str
+) -> None:
+    response = gateway.chat(chat_body(), headers=fault)
+
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-asc-provider"] == "emu-eu"
+    assert response.json() == openai_error(message, "upstream_error", "provider_error")
+    assert len(emulator_clean.requests()) == 1
+
+
+def test_provider_rejecting_our_key_is_not_blamed_on_the_client(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    response = gateway.chat(chat_body(), headers={"x-emulator-status": "401"})
+
+    assert response.status_code == 502
+    assert response.json() == openai_error(
+        "The provider rejected the gateway's credential.", "upstream_error", "provider_error")
+
+
+def test_provider_rate_limit_passes_through_with_retry_after(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    response = gateway.chat(chat_body(), headers={
+        "x-emulator-status": "429", "x-emulator-retry-after": "7"})
+
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_provider_connection_reset_is_a_json_gateway_error(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    response = gateway.chat(chat_body(), headers={"x-emulator-reset": "1"})
+
+    assert response.status_code == 502
+    assert response.json() == openai_error(
+        "The provider failed with status 503.", "upstream_error", "provider_error")
+
+
+def test_streaming_passes_chunks_and_records_usage(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    with gateway.client.stream("POST", CHAT, json=body,
+                               headers={"authorization": f"Bearer {ACME_KEY}"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-asc-provider"] == "emu-eu"
+        events = [line.removeprefix("data: ") for line in response.iter_lines()
+                  if line.startswith("data: ")]
+
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == EMULATOR_REPLY
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    request_id = response.headers["x-asc-request-id"]
+    line = _extproc_log_line(gateway, request_id)
+    assert (line["prompt_tokens"], line["completion_tokens"], line["stream"]) == (3, 4, True)
+    assert line["status"] == 200
+
+
+def _extproc_log_line(gateway: Gateway, request_id: str) -> dict[str, object]:
+    for _ in range(50):
+        for raw in gateway.extproc.log_text().splitlines():
+            if request_id in raw and '"request finished"' in raw:
+                entry: dict[str, object] = json.loads(raw)
+                return entry
+        time.sleep(0.05)
+    raise AssertionError(f"no log line for {request_id}")
+
+
+def test_request_log_and_envoy_access_log_share_the_request_id(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    response = gateway.chat(chat_body())
+    request_id = response.headers["x-asc-request-id"]
+
+    line = _extproc_log_line(gateway, request_id)
+    assert line["tenant"] == "acme"
+    assert line["key_id"] == "acme-main"
+    assert line["provider"] == "emu-eu"
+    assert line["route_reason"] == "zone eu: first deployment"
+    assert line["credential"] == "emu-eu-1@1"
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 4)
+
+    httpx.post(f"http://127.0.0.1:{gateway.admin_port}/reopen_logs", timeout=5)
+    for _ in range(100):
+        access = [json.loads(raw) for raw in gateway.envoy.log_text().splitlines()
+                  if raw.startswith("{") and request_id in raw]
+        if access:
+            break
+        time.sleep(0.1)
+    assert access, "Envoy access log has no line with the request id"
+    assert access[0]["tenant"] == "acme"
+    assert access[0]["provider"] == "emu-eu"
+    assert access[0]["status"] == 200
+
+
+def test_metrics_count_requests_and_tokens(gateway: Gateway, emulator_clean: Emulator) -> None:
+    def value(text: str, prefix: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    labels = 'tenant="acme",provider="emu-eu",region="eu-west-1",model="gpt-4o-mini"'
+    requests = f'asc_requests_total{{{labels},status="200"}}'
+    tokens = f'gen_ai_client_token_usage_total{{{labels},token_type="output"}}'
+    before = gateway.metrics()
+    for _ in range(3):
+        assert gateway.chat(chat_body()).status_code == 200
+    after = gateway.metrics()
+    # Outcomes are recorded when Envoy closes the stream, just after the client's response.
+    for _ in range(50):
+        if value(after, requests) - value(before, requests) == 3:
+            break
+        time.sleep(0.05)
+        after = gateway.metrics()
+
+    assert value(after, requests) - value(before, requests) == 3
+    assert value(after, tokens) - value(before, tokens) == 12
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_official_openai_sdk_completes_through_envoy(gateway: Gateway, stream: bool) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=ACME_KEY, max_retries=0)
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Hello there"}]
+    if not stream:
+        completion = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        assert completion.choices[0].message.content == EMULATOR_REPLY
+        assert completion.usage is not None
+        assert completion.usage.total_tokens == 7
+        return
+    pieces = []
+    usage = None
+    for chunk in client.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == EMULATOR_REPLY
+    assert usage is not None
+    assert usage.completion_tokens == 4
+
+
+def test_openai_sdk_sees_authentication_errors_as_such(gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="sk-bad", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
