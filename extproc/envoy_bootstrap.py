@@ -261,6 +261,8 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             "listeners": [{
                 "name": "asc_ingress",
                 "address": _socket(ports.listen_address, ports.listen_port),
+                # Fail to start on a busy port instead of sharing it with another process.
+                "enable_reuse_port": False,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": hcm,

@@ -78,6 +78,7 @@ class RequestProcessor:
         self._sse: SseDecoder | None = None
         self._response_chunks: list[bytes] = []
         self._finished = False
+        self._complete = False
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
             Phase.REQUEST_HEADERS: self.on_request_headers,
             Phase.REQUEST_BODY: self.on_request_body,
@@ -197,6 +198,7 @@ class RequestProcessor:
         self.upstream_status = status
         self.status = status
         if self.route is None:  # Envoy's own reply (no route was chosen): tag it only.
+            self._complete = True
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         content_type = headers.get("content-type", "")
         is_json = content_type.startswith("application/json")
@@ -208,12 +210,14 @@ class RequestProcessor:
                                f"The provider failed with status {status}.")
         reply = Continue(set_headers=self._tag_headers())
         if message.end_of_stream:
-            return reply
-        if content_type.startswith("text/event-stream"):
+            self._complete = True
+        elif content_type.startswith("text/event-stream"):
             self._sse = SseDecoder()
             reply.response_body_mode = BodyMode.STREAMED
         elif is_json and status < 300:
             reply.response_body_mode = BodyMode.BUFFERED
+        else:
+            self._complete = True  # the body passes through without us
         return reply
 
     def _tag_headers(self) -> list[tuple[str, str]]:
@@ -230,6 +234,8 @@ class RequestProcessor:
     async def on_response_body(self, message: Body) -> Outbound:
         if self._first_byte_at is None and message.body:
             self._first_byte_at = self._clock()
+        if message.end_of_stream:
+            self._complete = True
         if self._sse is not None:
             events = self._sse.feed(message.body)
             if message.end_of_stream:
@@ -258,6 +264,7 @@ class RequestProcessor:
     # -- end of stream ----------------------------------------------------------------
 
     def _respond_error(self, error: GatewayError) -> Respond:
+        self._complete = True
         self.status = error.status
         self.error = error.code
         if error.status in (401, 403, 404, 413, 400):
@@ -288,11 +295,17 @@ class RequestProcessor:
             meta["error"] = self.error.value
         return meta
 
-    def finish(self, *, aborted: bool) -> None:
-        """Record the outcome; called once per stream, whatever ended it."""
+    def finish(self) -> None:
+        """Record the outcome; called once per stream, whatever ended it.
+
+        Envoy may reset the ext_proc stream instead of closing it once the response is
+        done (measured), so "aborted" is decided from what this request saw - a response
+        that did not reach its end - not from how the gRPC stream ended.
+        """
         if self._finished:
             return
         self._finished = True
+        aborted = not self._complete
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"

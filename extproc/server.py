@@ -62,12 +62,10 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         processor = RequestProcessor(self._holder.current)
-        aborted = True
         try:
             while True:
                 request = await context.read()
                 if request is grpc.aio.EOF:
-                    aborted = False
                     return
                 started = time.perf_counter()
                 inbound = envoy.decode(request)
@@ -76,7 +74,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 _PHASE_TIMERS[inbound.phase].observe(time.perf_counter() - started)
                 await context.write(response)
         finally:
-            processor.finish(aborted=aborted)
+            processor.finish()
 
 
 class ConfigReloader:
@@ -120,9 +118,13 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def _serve_worker(options: ServeOptions, runtime: Runtime, *, own_metrics: bool) -> None:
+async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: bool) -> None:
+    """Serve until SIGTERM. A supervised worker shares its port with its siblings and
+    leaves /metrics to the supervisor."""
     holder = RuntimeHolder(runtime)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    # Port sharing only among our own workers: a single process must fail to start on a
+    # busy port rather than silently split traffic with whoever holds it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if supervised else 0)])
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorService(holder), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,7 +132,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, own_metrics:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if own_metrics and options.metrics_listen:
+    if not supervised and options.metrics_listen:
         from prometheus_client import start_http_server
 
         host, port = _split_listen(options.metrics_listen)
@@ -143,7 +145,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, own_metrics:
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch(options.watch_interval))
     log_event(log, logging.INFO, "extproc serving", listen=options.listen, pid=os.getpid(),
-              metrics=options.metrics_listen if own_metrics else None)
+              metrics=None if supervised else options.metrics_listen)
     await stop.wait()
     log_event(log, logging.INFO, "draining", grace_seconds=options.drain_seconds)
     await health_servicer.enter_graceful_shutdown()
@@ -160,7 +162,7 @@ def serve(options: ServeOptions) -> int:
         log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
         return 2
     if options.workers <= 1:
-        asyncio.run(_serve_worker(options, runtime, own_metrics=True))
+        asyncio.run(_serve_worker(options, runtime, supervised=False))
         return 0
     return _supervise(options)
 
@@ -168,7 +170,7 @@ def serve(options: ServeOptions) -> int:
 def serve_as_worker(options: ServeOptions) -> int:
     """Entry of one worker process started by the supervisor."""
     runtime = Runtime.build(load_config(options.config_path))
-    asyncio.run(_serve_worker(options, runtime, own_metrics=False))
+    asyncio.run(_serve_worker(options, runtime, supervised=True))
     return 0
 
 

@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.emulator.app import key_fingerprint
 from tests.conftest import (
@@ -302,29 +303,38 @@ def test_request_log_and_envoy_access_log_share_the_request_id(
     assert access[0]["status"] == 200
 
 
-def test_metrics_count_requests_and_tokens(gateway: Gateway, emulator_clean: Emulator) -> None:
-    def value(text: str, prefix: str) -> float:
-        for line in text.splitlines():
-            if line.startswith(prefix):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+def metric_value(text: str, sample_name: str, **labels: str) -> float:
+    """Sum of the samples of `sample_name` whose labels include `labels`."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
 
-    labels = 'tenant="acme",provider="emu-eu",region="eu-west-1",model="gpt-4o-mini"'
-    requests = f'asc_requests_total{{{labels},status="200"}}'
-    tokens = f'gen_ai_client_token_usage_total{{{labels},token_type="output"}}'
+
+def test_metrics_count_requests_and_tokens(gateway: Gateway, emulator_clean: Emulator) -> None:
+    labels = {"tenant": "acme", "provider": "emu-eu", "region": "eu-west-1",
+              "model": "gpt-4o-mini"}
     before = gateway.metrics()
     for _ in range(3):
         assert gateway.chat(chat_body()).status_code == 200
-    after = gateway.metrics()
     # Outcomes are recorded when Envoy closes the stream, just after the client's response.
     for _ in range(50):
-        if value(after, requests) - value(before, requests) == 3:
+        after = gateway.metrics()
+        done = (metric_value(after, "asc_requests_total", status="200", **labels)
+                - metric_value(before, "asc_requests_total", status="200", **labels))
+        if done == 3:
             break
         time.sleep(0.05)
-        after = gateway.metrics()
 
-    assert value(after, requests) - value(before, requests) == 3
-    assert value(after, tokens) - value(before, tokens) == 12
+    assert done == 3, [l for l in after.splitlines() if l.startswith("asc_requests_total")]
+    output_tokens = (metric_value(after, "gen_ai_client_token_usage_total", token_type="output",
+                                  **labels)
+                     - metric_value(before, "gen_ai_client_token_usage_total",
+                                    token_type="output", **labels))
+    assert output_tokens == 12
+    assert metric_value(after, "asc_extproc_phase_seconds_count", phase="request_body") >= 3
 
 
 @pytest.mark.parametrize("stream", [False, True])
