@@ -125,12 +125,9 @@ class RequestProcessor:
                                f"Request body exceeds the limit of {limit} bytes.")
         if message.end_of_stream:
             raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
-        # content-length goes too: with BUFFERED_PARTIAL Envoy checks a replaced body against
-        # the original length even when the body reply sets a new one (measured, 1.40).
         remove = [name for name in headers
-                  if name in CLIENT_CREDENTIAL_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)
-                  or name == "content-length"]
-        return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED_PARTIAL)
+                  if name in CLIENT_CREDENTIAL_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)]
+        return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED)
 
     # -- request body -----------------------------------------------------------------
 
@@ -139,8 +136,8 @@ class RequestProcessor:
         if principal is None:  # Envoy only sends a body after headers we accepted.
             raise GatewayError(ErrorCode.INTERNAL, "Request body before headers.")
         if not message.end_of_stream or len(message.body) > self._config.limits.max_body_bytes:
-            # BUFFERED_PARTIAL sends what fits in Envoy's buffer (limit + slack) without
-            # end_of_stream when the body is larger: answer 413 instead of waiting.
+            # Envoy's buffer holds the limit plus some slack; a larger body arrives cut
+            # short, without end_of_stream (measured): answer 413 instead of waiting.
             raise GatewayError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"Request body exceeds the limit of {self._config.limits.max_body_bytes} bytes.",
