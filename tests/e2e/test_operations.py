@@ -1,0 +1,215 @@
+"""Operating the service: fail-closed Envoy, hot reload, workers, drain, health, Envoy YAML."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import yaml
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.config import load_config
+from extproc.devstack import Stack, envoy_binary, free_port
+from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from tests.conftest import (
+    ACME_KEY,
+    ACME_KEY_2,
+    CHAT,
+    Gateway,
+    chat_body,
+    gateway_config,
+    start_gateway,
+    write_config,
+)
+from tests.e2e.test_request_path import metric_value
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _post(base_url: str, key: str = ACME_KEY, timeout: float = 15) -> httpx.Response:
+    return httpx.post(f"{base_url}{CHAT}", json=chat_body(), timeout=timeout,
+                      headers={"authorization": f"Bearer {key}"})
+
+
+def _envoy_with_extproc_at(stack: Stack, emulator_port: int, extproc_port: int,
+                           message_timeout_ms: int = 2000) -> str:
+    config_path = write_config(stack.workdir / "config", gateway_config(emulator_port))
+    listen_port, admin_port = free_port(), free_port()
+    ports = EnvoyPorts(listen_port=listen_port, admin_port=admin_port,
+                       extproc_port=extproc_port, message_timeout_ms=message_timeout_ms)
+    stack.start_envoy(render_yaml(load_config(config_path), ports), listen_port=listen_port,
+                      admin_port=admin_port)
+    return f"http://127.0.0.1:{listen_port}"
+
+
+def test_extproc_down_fails_closed_with_json(stack: Stack) -> None:
+    _, emulator_port = stack.start_emulator(["provider-key"])
+    base_url = _envoy_with_extproc_at(stack, emulator_port, free_port())
+
+    response = _post(base_url)
+
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["message"] == "The gateway could not process the request."
+    assert error["type"] == "gateway_error"
+    assert error["code"].startswith("ext_proc_error_gRPC_error_14")
+    recorded = httpx.get(f"http://127.0.0.1:{emulator_port}/_emulator/requests").json()
+    assert recorded["requests"] == []
+
+
+class _SilentProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """An ext_proc that reads messages and never answers: the 'too slow' service."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Process(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:  # noqa: N802
+        next(request_iterator, None)
+        self.release.wait(10)
+        return iter(())
+
+
+@pytest.fixture
+def silent_extproc() -> Iterator[int]:
+    servicer = _SilentProcessor()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    servicer.release.set()
+    server.stop(0)
+
+
+def test_slow_extproc_times_out_with_json_504(stack: Stack, silent_extproc: int) -> None:
+    _, emulator_port = stack.start_emulator(["provider-key"])
+    base_url = _envoy_with_extproc_at(stack, emulator_port, silent_extproc,
+                                      message_timeout_ms=300)
+
+    started = time.monotonic()
+    response = _post(base_url)
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 504
+    assert response.json()["error"]["message"] == "The gateway timed out."
+    assert elapsed < 5  # message_timeout is 0.3 s; the route timeout (300 s) must not apply
+    recorded = httpx.get(f"http://127.0.0.1:{emulator_port}/_emulator/requests").json()
+    assert recorded["requests"] == []
+
+
+def _reloads(gateway: Gateway, result: str) -> float:
+    return metric_value(gateway.metrics(), "asc_config_reloads_total", result=result)
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_hot_reload_on_file_change_and_bad_config_keeps_the_old(stack: Stack) -> None:
+    gateway = start_gateway(stack, stack.workdir / "config")
+    assert gateway.chat(chat_body(), key=ACME_KEY_2).status_code == 401
+
+    write_config(gateway.config_path.parent,
+                 gateway_config(gateway.emulator.port, extra_acme_keys=True))
+    assert _wait_for(lambda: gateway.chat(chat_body(), key=ACME_KEY_2).status_code == 200)
+    assert _reloads(gateway, "success") == 1
+
+    gateway.config_path.write_text("version: 1\nproviders: [oops\n", encoding="utf-8")
+    assert _wait_for(lambda: _reloads(gateway, "failure") == 1)
+    assert gateway.chat(chat_body(), key=ACME_KEY_2).status_code == 200
+    assert gateway.chat(chat_body(), key=ACME_KEY).status_code == 200
+    log = gateway.extproc.log_text()
+    assert "config reload failed; keeping the previous config" in log
+
+
+def test_sighup_reloads(stack: Stack) -> None:
+    gateway = start_gateway(stack, stack.workdir / "config")
+    gateway.extproc.popen.send_signal(signal.SIGHUP)
+    assert _wait_for(lambda: _reloads(gateway, "success") == 1)
+    assert '"reason":"SIGHUP"' in gateway.extproc.log_text()
+    assert gateway.chat(chat_body()).status_code == 200
+
+
+def test_graceful_drain_finishes_in_flight_requests(stack: Stack) -> None:
+    gateway = start_gateway(stack, stack.workdir / "config")
+    result: dict[str, httpx.Response] = {}
+
+    def slow_call() -> None:
+        result["response"] = gateway.chat(chat_body(), headers={"x-emulator-delay-ms": "1000"})
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    assert _wait_for(lambda: len(gateway.emulator.requests()) == 1, timeout=5)
+    gateway.extproc.popen.send_signal(signal.SIGTERM)
+    caller.join(15)
+
+    assert result["response"].status_code == 200
+    assert gateway.extproc.popen.wait(10) == 0
+    assert '"msg":"draining"' in gateway.extproc.log_text()
+
+
+def test_workers_share_the_port_and_metrics_are_merged(stack: Stack) -> None:
+    gateway = start_gateway(stack, stack.workdir / "config", workers=2)
+    statuses = [gateway.chat(chat_body()).status_code for _ in range(20)]
+    assert statuses == [200] * 20
+    labels = {"tenant": "acme", "provider": "emu-eu", "status": "200"}
+    assert _wait_for(
+        lambda: metric_value(gateway.metrics(), "asc_requests_total", **labels) == 20)
+    log = gateway.extproc.log_text()
+    pids = {json.loads(line)["pid"] for line in log.splitlines()
+            if '"msg":"extproc serving"' in line}
+    assert len(pids) == 2
+
+
+def test_grpc_health_reports_serving(gateway: Gateway) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.extproc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _envoy_yaml_files() -> list[Path]:
+    found = []
+    for root in (REPO / "envoy", REPO / "deploy"):
+        for path in sorted([*root.rglob("*.yaml"), *root.rglob("*.yml")]):
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if isinstance(document, dict) and "static_resources" in document:
+                found.append(path)
+    return found
+
+
+def test_every_envoy_yaml_in_the_repo_is_found() -> None:
+    assert REPO / "envoy" / "envoy.yaml" in _envoy_yaml_files()
+
+
+@pytest.mark.parametrize("path", _envoy_yaml_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_envoy_yaml_validates(path: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    completed = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--base-id", str(free_port())],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert f"configuration '{path}' OK" in completed.stdout + completed.stderr
+
+
+def test_shipped_envoy_yaml_is_the_render_of_the_demo_config() -> None:
+    rendered = render_yaml(load_config(REPO / "deploy" / "demo" / "asc.yaml"), EnvoyPorts())
+    assert (REPO / "envoy" / "envoy.yaml").read_text(encoding="utf-8") == rendered

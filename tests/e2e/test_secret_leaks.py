@@ -1,0 +1,49 @@
+"""Canary secrets (tenant keys, provider keys, pepper) never show up where people look."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import (
+    ACME_KEY,
+    CANARIES,
+    PROVIDER_KEY_EU,
+    Gateway,
+    chat_body,
+)
+
+
+def test_no_canary_secret_in_logs_metrics_or_error_bodies(gateway: Gateway) -> None:
+    bodies: list[str] = []
+    calls = [
+        dict(key=ACME_KEY),
+        dict(key=ACME_KEY, stream=True),
+        dict(key=ACME_KEY + "x"),
+        dict(key=PROVIDER_KEY_EU),
+        dict(key=ACME_KEY, headers={"x-emulator-status": "401"}),
+        dict(key=ACME_KEY, headers={"x-emulator-status": "500", "x-emulator-html": "1"}),
+        dict(key=ACME_KEY, headers={"x-emulator-status": "400"}),
+        dict(key=ACME_KEY, model="gpt-4o"),
+        dict(key=ACME_KEY, body=b"{not json"),
+    ]
+    for call in calls:
+        body = call.get("body") or chat_body(str(call.get("model", "gpt-4o-mini")),
+                                              stream=bool(call.get("stream")))
+        response = gateway.chat(body, key=str(call["key"]),  # type: ignore[arg-type]
+                                headers=call.get("headers"))  # type: ignore[arg-type]
+        bodies.append(response.text)
+        bodies.append(str(response.headers))
+    time.sleep(1.5)  # Envoy flushes its access log about once a second
+
+    places = {
+        "responses": "\n".join(bodies),
+        "metrics": gateway.metrics(),
+        "emulator recordings": gateway.emulator.client.get("/_emulator/requests").text,
+        **{f"log {name}": text for name, text in
+           ((p.name, p.log_text()) for p in gateway.stack.processes)},
+    }
+    leaks = [(where, canary[:16]) for where, text in places.items()
+             for canary in CANARIES if canary in text]
+    assert leaks == []
+    # The logs are not empty: the check above looked at real output.
+    assert "request finished" in places["log extproc"]
