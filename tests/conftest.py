@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from extproc.auth import hash_key
+from extproc.config import load_config
 from extproc.devstack import ManagedProcess, Stack, free_port
 from extproc.emulator.app import key_fingerprint
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
-from extproc.config import load_config
 from extproc.secrets import Secret
 
 PEPPER = "test-pepper-" + secrets.token_hex(8)

@@ -74,7 +74,7 @@ class _SilentProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def Process(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:  # noqa: N802
+    def Process(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
         next(request_iterator, None)
         self.release.wait(10)
         return iter(())
