@@ -294,8 +294,9 @@ def parse_config(
 def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> GatewayConfig:
     doc = check.mapping(raw_doc, "")
     check.unknown(doc, "", SCHEMA[""])
-    if doc.get("version") != 1:
-        check.add("version", f"unsupported version {doc.get('version')!r}", "set `version: 1`")
+    version = doc.get("version")
+    if type(version) is not int or version != 1:
+        check.add("version", f"unsupported version {version!r}", "set `version: 1`")
 
     auth = check.mapping(doc.get("auth"), "auth")
     check.unknown(auth, "auth", SCHEMA["auth"])
@@ -327,6 +328,14 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
         provider = _provider(name, prov_raw, check, credentials)
         if provider is not None:
             providers[name] = provider
+    upstream_of_cluster: dict[str, tuple[str, str, int, str]] = {}
+    for provider in providers.values():
+        upstream = (provider.scheme, provider.host, provider.port, provider.path_prefix)
+        known = upstream_of_cluster.setdefault(provider.cluster, upstream)
+        if provider.cluster and known != upstream:
+            check.add(_join(_join("providers", provider.name), "cluster"),
+                      f"cluster {provider.cluster!r} is used by another provider with a "
+                      "different base_url", "give each upstream its own Envoy cluster")
     if not providers and not any(i.path.startswith("providers") for i in check.issues):
         check.add("providers", "must define at least one provider")
 
@@ -393,9 +402,11 @@ def _provider(
         parts = urlsplit(base_url)
         scheme, host, prefix = parts.scheme, parts.hostname or "", parts.path.rstrip("/")
         try:
-            port = parts.port or (443 if scheme == "https" else 80)
+            explicit_port = parts.port
         except ValueError:
-            port = 0
+            explicit_port = 0
+        default_port = 443 if scheme == "https" else 80
+        port = default_port if explicit_port is None else explicit_port
         if scheme not in ("http", "https") or not host or not port:
             check.add(_join(path, "base_url"), f"not an http(s) URL with a host: {base_url!r}",
                       "e.g. https://api.openai.com")
@@ -495,6 +506,9 @@ def _tenant(
         key_raw = check.mapping(key_value, key_path)
         check.unknown(key_raw, key_path, SCHEMA["tenants.<id>.keys[]"])
         key_id = check.string(key_raw, "id", key_path)
+        if key_id and any(k.id == key_id for k in keys):
+            check.add(_join(key_path, "id"), f"duplicate key id {key_id!r}",
+                      "key ids name a key in logs and budgets; make each unique per tenant")
         key_hash = check.string(key_raw, "hash", key_path)
         if key_hash and not KEY_HASH_RE.match(key_hash):
             check.add(_join(key_path, "hash"), "not a key hash",
@@ -512,7 +526,7 @@ def _tenant(
         check.add(_join(path, "models"), "must be a non-empty list of model names")
         models_raw = []
     for index, model_name in enumerate(models_raw):
-        if model_name not in models:
+        if not isinstance(model_name, str) or model_name not in models:
             check.add(_join(_join(path, "models"), index), f"unknown model {model_name!r}",
                       f"known models: {', '.join(models) or '-'}")
         else:
@@ -531,6 +545,8 @@ def _tenant(
         elif pin and pin not in {d.provider for d in model.deployments}:
             check.add(_join(rule_path, "pin"), f"{pin!r} is not a deployment of {model_name}",
                       f"deployments: {', '.join(d.provider for d in model.deployments)}")
+        elif pin and pin not in providers:
+            pass  # reported at the deployment that names the unknown provider
         elif pin and zone and providers[pin].zone != zone:
             check.add(_join(rule_path, "pin"), f"{pin!r} is outside the tenant's zone {zone!r}",
                       "residency is a hard rule; pin a provider in the tenant's zone")

@@ -199,14 +199,8 @@ def _provider_cluster(provider: Provider) -> dict[str, Any]:
 
 def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
     """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`."""
-    clusters: dict[str, dict[str, Any]] = {}
-    for provider in config.providers.values():
-        cluster = _provider_cluster(provider)
-        existing = clusters.get(provider.cluster)
-        if existing is not None and existing != cluster:
-            raise ValueError(f"providers share cluster {provider.cluster!r} with different "
-                             "base URLs; give each upstream its own cluster")
-        clusters[provider.cluster] = cluster
+    # config validation guarantees that providers sharing a cluster share its upstream.
+    clusters = {p.cluster: _provider_cluster(p) for p in config.providers.values()}
     extproc_cluster = {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",

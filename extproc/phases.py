@@ -349,7 +349,7 @@ def _parse_chat_request(body: bytes) -> dict[str, Any]:
     if not body:
         raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
     try:
-        request = json.loads(body)
+        request = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError):
         raise GatewayError(ErrorCode.INVALID_REQUEST,
                            "The request body is not valid JSON.") from None
@@ -368,6 +368,11 @@ def _parse_chat_request(body: bytes) -> dict[str, Any]:
         raise GatewayError(ErrorCode.INVALID_REQUEST, "'stream' must be a boolean.",
                            param="stream")
     return request
+
+
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON; Python's parser accepts them unless told not to."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _usage_of(body: bytes) -> Usage | None:

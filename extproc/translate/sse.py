@@ -30,6 +30,8 @@ class SseDecoder:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         text = self._text.decode(chunk)
+        if not text:
+            return []
         if self._pending_cr:
             # A CR ended the previous chunk; an LF opening this one belongs to it.
             self._pending_cr = False

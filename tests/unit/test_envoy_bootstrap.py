@@ -1,0 +1,247 @@
+"""The rendered Envoy bootstrap (`extproc.envoy_bootstrap`): the safety-critical settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.config import GatewayConfig, load_config, parse_config
+from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap, render_yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO_ROOT / "deploy" / "demo" / "asc.yaml"
+HASH = "hmac-sha256:v1:" + "c" * 64
+
+
+def providers_config(providers: str, *, max_body_bytes: int = 1024) -> GatewayConfig:
+    """A minimal config around the given `providers:` block (one model on the first)."""
+    first = providers.strip().split(":", 1)[0]
+    return parse_config(f"""\
+version: 1
+auth: {{pepper: {{env: ASC_PEPPER}}}}
+limits: {{max_body_bytes: {max_body_bytes}}}
+providers:
+{providers}
+models:
+  m:
+    price: {{input_per_mtok: 1, output_per_mtok: 1}}
+    deployments: [{{provider: {first}}}]
+tenants:
+  t:
+    keys: [{{id: k, hash: "{HASH}"}}]
+    models: [m]
+""")
+
+
+def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    [listener] = bootstrap["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    [network_filter] = chain["filters"]
+    assert network_filter["name"] == "envoy.filters.network.http_connection_manager"
+    config: dict[str, Any] = network_filter["typed_config"]
+    return config
+
+
+def ext_proc(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    filters = hcm(bootstrap)["http_filters"]
+    assert [f["name"] for f in filters] == ["asc.ext_proc", "envoy.filters.http.router"]
+    config: dict[str, Any] = filters[0]["typed_config"]
+    return config
+
+
+def clusters(bootstrap: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+
+
+@pytest.fixture(scope="module")
+def demo() -> dict[str, Any]:
+    return render_bootstrap(load_config(DEMO_CONFIG), EnvoyPorts())
+
+
+def test_ext_proc_fails_closed(demo: dict[str, Any]) -> None:
+    config = ext_proc(demo)
+    assert config["@type"] == (
+        "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor")
+    assert config["failure_mode_allow"] is False
+    assert config["grpc_service"] == {"envoy_grpc": {"cluster_name": "asc_extproc"}}
+    assert config["message_timeout"] == "2s"
+    assert config["allow_mode_override"] is True
+    assert config["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": "NONE",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+    assert config["mutation_rules"] == {"disallow_is_error": True}
+    assert config["metadata_options"] == {"receiving_namespaces": {"untyped": ["asc"]}}
+
+
+@pytest.mark.parametrize(("millis", "text"), [(2000, "2s"), (1500, "1.5s"), (250, "0.25s")])
+def test_message_timeout_follows_ports(millis: int, text: str) -> None:
+    bootstrap = render_bootstrap(load_config(DEMO_CONFIG), EnvoyPorts(message_timeout_ms=millis))
+    assert ext_proc(bootstrap)["message_timeout"] == text
+
+
+def test_routing_by_cluster_header(demo: dict[str, Any]) -> None:
+    [virtual_host] = hcm(demo)["route_config"]["virtual_hosts"]
+    assert virtual_host["domains"] == ["*"]
+    assert virtual_host["request_body_buffer_limit"] == 1_048_576 + 65_536
+    [route] = virtual_host["routes"]
+    assert route == {
+        "match": {"prefix": "/"},
+        "request_headers_to_remove": ["x-asc-cluster"],
+        "route": {"cluster_header": "x-asc-cluster", "auto_host_rewrite": True,
+                  "timeout": "300s"},
+    }
+
+
+def test_buffer_limit_follows_max_body_bytes() -> None:
+    config = providers_config("""\
+  p:
+    kind: openai_compatible
+    base_url: "http://10.0.0.1:8000"
+    region: r
+    zone: z
+    cluster: p
+""", max_body_bytes=1000)
+    [virtual_host] = hcm(render_bootstrap(config, EnvoyPorts()))["route_config"]["virtual_hosts"]
+    assert virtual_host["request_body_buffer_limit"] == 1000 + 65_536
+
+
+def test_listener_admin_and_extproc_addresses() -> None:
+    ports = EnvoyPorts(listen_address="0.0.0.0", listen_port=8443, admin_port=9000,
+                       extproc_address="10.9.8.7", extproc_port=6000)
+    bootstrap = render_bootstrap(load_config(DEMO_CONFIG), ports)
+    assert bootstrap["admin"] == {
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9000}}}
+    [listener] = bootstrap["static_resources"]["listeners"]
+    assert listener["address"] == {"socket_address": {"address": "0.0.0.0", "port_value": 8443}}
+    extproc_cluster = clusters(bootstrap)["asc_extproc"]
+    assert extproc_cluster["type"] == "STATIC"
+    assert extproc_cluster["load_assignment"]["endpoints"] == [{"lb_endpoints": [{"endpoint": {
+        "address": {"socket_address": {"address": "10.9.8.7", "port_value": 6000}}}}]}]
+    options = extproc_cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+
+
+def test_demo_provider_clusters(demo: dict[str, Any]) -> None:
+    by_name = clusters(demo)
+    assert list(by_name) == ["asc_extproc", "emu_us", "emu_eu"]
+    for name in ("emu_us", "emu_eu"):
+        cluster = by_name[name]
+        assert cluster["type"] == "STATIC"
+        assert cluster["load_assignment"] == {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 18080}},
+                "hostname": "127.0.0.1",
+            }}]}],
+        }
+        assert "transport_socket" not in cluster
+
+
+def test_https_hostname_provider_uses_dns_and_tls_with_sni() -> None:
+    config = providers_config("""\
+  openai:
+    kind: openai_compatible
+    base_url: "https://api.openai.com"
+    region: us
+    zone: us
+    cluster: openai_api
+  local:
+    kind: openai_compatible
+    base_url: "http://[::1]:9000/prefix"
+    region: lab
+    zone: lab
+    cluster: local_v6
+""")
+    by_name = clusters(render_bootstrap(config, EnvoyPorts()))
+    openai = by_name["openai_api"]
+    assert openai["type"] == "STRICT_DNS"
+    assert openai["dns_lookup_family"] == "V4_PREFERRED"
+    assert openai["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"] == {
+        "address": {"socket_address": {"address": "api.openai.com", "port_value": 443}},
+        "hostname": "api.openai.com",
+    }
+    assert openai["transport_socket"] == {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+                     ".UpstreamTlsContext",
+            "sni": "api.openai.com",
+            "common_tls_context": {"validation_context": {
+                "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": "api.openai.com"}},
+                ],
+            }},
+        },
+    }
+    local = by_name["local_v6"]
+    assert local["type"] == "STATIC"
+    assert local["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"] == {"socket_address": {"address": "::1", "port_value": 9000}}
+    assert "transport_socket" not in local
+
+
+def test_https_with_explicit_port() -> None:
+    config = providers_config("""\
+  p:
+    kind: openai_compatible
+    base_url: "https://llm.internal:8443/openai"
+    region: r
+    zone: z
+    cluster: p
+""")
+    cluster = clusters(render_bootstrap(config, EnvoyPorts()))["p"]
+    assert cluster["type"] == "STRICT_DNS"
+    assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"] == {"socket_address": {"address": "llm.internal", "port_value": 8443}}
+    assert cluster["transport_socket"]["typed_config"]["sni"] == "llm.internal"
+
+
+def test_providers_sharing_an_identical_cluster_are_merged() -> None:
+    config = providers_config("""\
+  a:
+    kind: openai_compatible
+    base_url: "http://10.0.0.1:8000"
+    region: r1
+    zone: z
+    cluster: shared
+  b:
+    kind: openai_compatible
+    base_url: "http://10.0.0.1:8000"
+    region: r2
+    zone: z
+    cluster: shared
+""")
+    assert list(clusters(render_bootstrap(config, EnvoyPorts()))) == ["asc_extproc", "shared"]
+
+
+def test_local_replies_are_openai_json(demo: dict[str, Any]) -> None:
+    local_reply = hcm(demo)["local_reply_config"]
+    first = local_reply["mappers"][0]
+    assert first["filter"] == {"metadata_filter": {
+        "matcher": {"filter": "asc", "path": [{"key": "error"}],
+                    "value": {"present_match": True}},
+        "match_if_key_not_found": False,
+    }}
+    assert local_reply["body_format"] == {"json_format": {"error": {
+        "message": "%LOCAL_REPLY_BODY%", "type": "gateway_error", "param": None,
+        "code": "%RESPONSE_CODE_DETAILS%"}}}
+    statuses = [m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
+                for m in local_reply["mappers"][1:]]
+    assert statuses == [500, 503, 504]
+
+
+def test_render_yaml_round_trips(demo: dict[str, Any]) -> None:
+    text = render_yaml(load_config(DEMO_CONFIG), EnvoyPorts())
+    assert text.startswith(
+        "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n")
+    assert yaml.safe_load(text) == demo
