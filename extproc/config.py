@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+
+from extproc.budgets.policy import BudgetRule, RateLimits, Scope, TenantBudget, Window
 
 __all__ = [
     "SCHEMA",
@@ -28,7 +31,9 @@ __all__ = [
     "GatewayConfig",
     "Limits",
     "Model",
+    "BudgetSettings",
     "Price",
+    "RedisSettings",
     "Provider",
     "Tenant",
     "TenantKey",
@@ -48,17 +53,24 @@ _MICRO: Final = Decimal(1_000_000)
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
 
 SCHEMA: Final[dict[str, tuple[str, ...]]] = {
-    "": ("version", "auth", "limits", "redis", "credentials", "providers", "models", "tenants"),
+    "": ("version", "auth", "limits", "redis", "budgets", "credentials", "providers", "models",
+         "orgs", "tenants"),
     "auth": ("pepper",),
     "auth.pepper": ("env", "file"),
     "limits": ("max_body_bytes",),
-    "redis": ("url",),
+    "redis": ("url", "cluster", "timeout_ms"),
+    "budgets": ("timezone", "hold_ttl_s", "default_max_tokens"),
     "credentials.<id>": ("env", "file"),
     "providers.<name>": ("kind", "base_url", "region", "zone", "cluster", "credentials"),
     "models.<name>": ("price", "deployments"),
     "models.<name>.price": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"),
     "models.<name>.deployments[]": ("provider", "model"),
-    "tenants.<id>": ("zone", "keys", "models", "routing"),
+    "orgs.<id>": ("budgets",),
+    "orgs.<id>.budgets[]": ("window", "period_s", "limit_usd"),
+    "tenants.<id>": ("zone", "keys", "models", "routing", "org", "budgets", "rate_limits",
+                     "on_redis_error", "fail_open_ceiling_usd", "max_tokens"),
+    "tenants.<id>.budgets[]": ("scope", "key", "model", "window", "period_s", "limit_usd"),
+    "tenants.<id>.rate_limits": ("rpm", "tpm"),
     "tenants.<id>.keys[]": ("id", "hash"),
     "tenants.<id>.routing.<model>": ("pin",),
 }
@@ -147,6 +159,24 @@ class Tenant:
     keys: tuple[TenantKey, ...]
     models: frozenset[str]
     pins: Mapping[str, str] = field(default_factory=dict)
+    budget: TenantBudget | None = None
+    """None when the tenant has no budgets and no rate limits: no Redis call at all."""
+    max_tokens: int | None = None
+    """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str
+    cluster: bool = False
+    timeout_ms: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    timezone: str = "UTC"
+    hold_ttl_s: int = 600
+    default_max_tokens: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +189,8 @@ class GatewayConfig:
     source: str
     pepper: CredentialRef
     limits: Limits
-    redis_url: str | None
+    redis: RedisSettings | None
+    budgets: BudgetSettings
     credentials: Mapping[str, CredentialRef]
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
@@ -309,11 +340,8 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
         check.add("limits.max_body_bytes", "must be an integer from 1 to 67108864")
         max_body = DEFAULT_MAX_BODY_BYTES
 
-    redis_raw = check.mapping(doc.get("redis"), "redis", required=False)
-    check.unknown(redis_raw, "redis", SCHEMA["redis"])
-    redis_url = check.string(redis_raw, "url", "redis", required=False) or None
-    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        check.add("redis.url", "must start with redis://, rediss:// or unix://")
+    redis = _redis(doc.get("redis"), check)
+    budget_settings = _budget_settings(doc.get("budgets"), check)
 
     credentials: dict[str, CredentialRef] = {}
     for cred_id, cred_raw in check.mapping(doc.get("credentials"), "credentials",
@@ -343,16 +371,30 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     for name, model_raw in check.mapping(doc.get("models"), "models").items():
         models[name] = _model(name, model_raw, check, providers)
 
+    orgs: dict[str, tuple[BudgetRule, ...]] = {}
+    for org_id, org_raw in check.mapping(doc.get("orgs"), "orgs", required=False).items():
+        org_path = _join("orgs", org_id)
+        check.name(org_id, org_path)
+        org = check.mapping(org_raw, org_path)
+        check.unknown(org, org_path, SCHEMA["orgs.<id>"])
+        orgs[org_id] = _budget_rules(org.get("budgets"), _join(org_path, "budgets"), check,
+                                     org_level=True)
+
     tenants: dict[str, Tenant] = {}
     seen_hashes: dict[str, str] = {}
     for tenant_id, tenant_raw in check.mapping(doc.get("tenants"), "tenants").items():
-        tenants[tenant_id] = _tenant(tenant_id, tenant_raw, check, models, providers, seen_hashes)
+        tenant = _tenant(tenant_id, tenant_raw, check, models, providers, seen_hashes)
+        tenants[tenant_id] = _with_budget(tenant, tenant_raw, check, orgs, budget_settings)
+        if tenants[tenant_id].budget is not None and redis is None:
+            check.add(_join("tenants", tenant_id), "budgets and rate limits need Redis",
+                      "set redis.url")
 
     return GatewayConfig(
         source=source,
         pepper=pepper,
         limits=Limits(max_body_bytes=max_body),
-        redis_url=redis_url,
+        redis=redis,
+        budgets=budget_settings,
         credentials=credentials,
         providers=providers,
         models=models,
@@ -566,3 +608,135 @@ def _tenant(
 def cost_micro_usd(tokens: int, micro_per_mtok: int) -> int:
     """Cost of `tokens` at a per-million price, rounded up to the next micro-USD."""
     return -(-tokens * micro_per_mtok // 1_000_000)
+
+
+def _int_field(raw: dict[str, Any], key: str, path: str, check: _Checker, *, low: int,
+               high: int, default: int | None = None) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if type(value) is not int or not low <= value <= high:
+        check.add(_join(path, key), f"must be an integer from {low} to {high}")
+        return default
+    return value
+
+
+def _redis(raw_value: object, check: _Checker) -> RedisSettings | None:
+    raw = check.mapping(raw_value, "redis", required=False)
+    check.unknown(raw, "redis", SCHEMA["redis"])
+    if not raw:
+        return None
+    url = check.string(raw, "url", "redis")
+    if url and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        check.add("redis.url", "must start with redis://, rediss:// or unix://")
+    cluster = raw.get("cluster", False)
+    if not isinstance(cluster, bool):
+        check.add("redis.cluster", "must be true or false")
+        cluster = False
+    timeout = _int_field(raw, "timeout_ms", "redis", check, low=1, high=10_000, default=50)
+    return RedisSettings(url=url, cluster=cluster, timeout_ms=timeout or 50)
+
+
+def _budget_settings(raw_value: object, check: _Checker) -> BudgetSettings:
+    raw = check.mapping(raw_value, "budgets", required=False)
+    check.unknown(raw, "budgets", SCHEMA["budgets"])
+    zone = raw.get("timezone", "UTC")
+    try:
+        ZoneInfo(str(zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        check.add("budgets.timezone", f"unknown time zone {zone!r}", "e.g. UTC, Europe/Paris")
+        zone = "UTC"
+    hold_ttl = _int_field(raw, "hold_ttl_s", "budgets", check, low=1, high=86_400, default=600)
+    default_max = _int_field(raw, "default_max_tokens", "budgets", check, low=1,
+                             high=10_000_000, default=4096)
+    return BudgetSettings(timezone=str(zone), hold_ttl_s=hold_ttl or 600,
+                          default_max_tokens=default_max or 4096)
+
+
+def _budget_rules(raw_value: object, path: str, check: _Checker, *,
+                  org_level: bool) -> tuple[BudgetRule, ...]:
+    if raw_value is None:
+        return ()
+    if not isinstance(raw_value, list):
+        check.add(path, "must be a list of budget rules",
+                  "e.g. [{scope: tenant, window: month, limit_usd: 500}]")
+        return ()
+    section = "orgs.<id>.budgets[]" if org_level else "tenants.<id>.budgets[]"
+    rules: list[BudgetRule] = []
+    for index, item in enumerate(raw_value):
+        rule_path = _join(path, index)
+        raw = check.mapping(item, rule_path)
+        check.unknown(raw, rule_path, SCHEMA[section])
+        scope_name = "org" if org_level else raw.get("scope")
+        scopes = {s.value: s for s in Scope if s is not Scope.ORG}
+        scope = Scope.ORG if org_level else scopes.get(str(scope_name))
+        if scope is None:
+            check.add(_join(rule_path, "scope"), f"unknown scope {scope_name!r}",
+                      "one of: tenant, key, model (org budgets live under orgs:)")
+            continue
+        subject: str | None = None
+        if scope is Scope.KEY:
+            subject = check.string(raw, "key", rule_path)
+        elif scope is Scope.MODEL:
+            subject = check.string(raw, "model", rule_path)
+        windows = {w.value: w for w in Window}
+        window = windows.get(str(raw.get("window")))
+        if window is None:
+            check.add(_join(rule_path, "window"), f"unknown window {raw.get('window')!r}",
+                      "one of: day, month, rolling")
+            continue
+        period = None
+        if window is Window.ROLLING:
+            period = _int_field(raw, "period_s", rule_path, check, low=60, high=90 * 86_400)
+            if period is None:
+                check.add(_join(rule_path, "period_s"), "is required for a rolling window")
+                continue
+        elif "period_s" in raw:
+            check.add(_join(rule_path, "period_s"), "only applies to a rolling window")
+        limit = check.money(raw, "limit_usd", rule_path)
+        rules.append(BudgetRule(scope=scope, window=window, limit_micro_usd=limit,
+                                subject=subject, period_s=period))
+    return tuple(rules)
+
+
+def _with_budget(tenant: Tenant, raw_value: object, check: _Checker,
+                 orgs: Mapping[str, tuple[BudgetRule, ...]],
+                 settings: BudgetSettings) -> Tenant:
+    raw = raw_value if isinstance(raw_value, dict) else {}
+    path = _join("tenants", tenant.id)
+    org = raw.get("org")
+    if org is not None and org not in orgs:
+        check.add(_join(path, "org"), f"unknown org {org!r}", "define it under orgs:")
+        org = None
+    rules = _budget_rules(raw.get("budgets"), _join(path, "budgets"), check, org_level=False)
+    key_ids = {key.id for key in tenant.keys}
+    for index, rule in enumerate(rules):
+        if rule.scope is Scope.KEY and rule.subject and rule.subject not in key_ids:
+            check.add(_join(_join(_join(path, "budgets"), index), "key"),
+                      f"unknown key id {rule.subject!r}", f"key ids: {', '.join(key_ids)}")
+        if rule.scope is Scope.MODEL and rule.subject and rule.subject not in tenant.models:
+            check.add(_join(_join(_join(path, "budgets"), index), "model"),
+                      f"model {rule.subject!r} is not allowed for this tenant")
+    limits_path = _join(path, "rate_limits")
+    limits_raw = check.mapping(raw.get("rate_limits"), limits_path, required=False)
+    check.unknown(limits_raw, limits_path, SCHEMA["tenants.<id>.rate_limits"])
+    rate_limits = RateLimits(
+        rpm=_int_field(limits_raw, "rpm", limits_path, check, low=1, high=10_000_000),
+        tpm=_int_field(limits_raw, "tpm", limits_path, check, low=1, high=10_000_000_000),
+    )
+    mode = raw.get("on_redis_error", "fail_closed")
+    if mode not in ("fail_closed", "fail_open"):
+        check.add(_join(path, "on_redis_error"), f"unknown mode {mode!r}",
+                  "fail_closed (default) or fail_open")
+    ceiling = check.money(raw, "fail_open_ceiling_usd", path, required=False)
+    if mode == "fail_open" and "fail_open_ceiling_usd" not in raw:
+        check.add(_join(path, "fail_open_ceiling_usd"), "is required with fail_open",
+                  "the most one replica may spend for this tenant per day while Redis is down")
+    max_tokens = _int_field(raw, "max_tokens", path, check, low=1, high=10_000_000)
+    all_rules = (orgs.get(org, ()) if org else ()) + rules
+    budget = None
+    if all_rules or rate_limits.rpm is not None or rate_limits.tpm is not None:
+        budget = TenantBudget(tenant=tenant.id, org=org, rules=all_rules,
+                              rate_limits=rate_limits, fail_open=mode == "fail_open",
+                              fail_open_ceiling_micro_usd=ceiling)
+    return replace(tenant, budget=budget, max_tokens=max_tokens)

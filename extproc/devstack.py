@@ -239,8 +239,9 @@ def _run(args: argparse.Namespace) -> int:
     provider_keys = [stack.env[ref.env] for ref in config.credentials.values()
                      if ref.env is not None and ref.env in stack.env]
     try:
-        if config.redis_url and urlsplit(config.redis_url).hostname in (LOOPBACK, "localhost"):
-            stack.start_redis(urlsplit(config.redis_url).port or 6379)
+        redis_url = urlsplit(config.redis.url) if config.redis else None
+        if redis_url is not None and redis_url.hostname in (LOOPBACK, "localhost"):
+            stack.start_redis(redis_url.port or 6379)
         for port in _emulated_ports(config):
             stack.start_emulator(provider_keys, port)
         _, extproc_port, metrics_port = stack.start_extproc(

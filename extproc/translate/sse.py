@@ -1,9 +1,10 @@
-"""Incremental Server-Sent Events decoder (sans-I/O).
+"""Incremental Server-Sent Events decoder and encoder (sans-I/O).
 
 `feed()` takes bytes exactly as they arrive (any split, even inside a UTF-8 sequence or a
 CRLF pair) and returns the events completed so far; `flush()` returns a final event that
 was not terminated by a blank line. Only `event` and `data` fields matter to the gateway;
-comments, `id` and `retry` are ignored.
+comments, `id` and `retry` are ignored. `encode_event()` is the inverse used by the
+translators: it frames one event so that `SseDecoder` reads back exactly that event.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import codecs
 from dataclasses import dataclass
 
-__all__ = ["SseDecoder", "SseEvent"]
+__all__ = ["SseDecoder", "SseEvent", "encode_event"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,3 +79,10 @@ class SseDecoder:
         self._data = []
         self._event = None
         return event
+
+
+def encode_event(data: str, event: str | None = None) -> bytes:
+    """Frame one event: optional `event:` line, one `data:` line per line of `data`."""
+    lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    head = f"event: {event}\n" if event is not None else ""
+    return (head + "".join(f"data: {line}\n" for line in lines) + "\n").encode()

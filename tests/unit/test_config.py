@@ -13,6 +13,7 @@ import pytest
 
 from extproc.cli import main
 from extproc.config import (
+    BudgetSettings,
     ConfigError,
     ConfigIssue,
     CredentialRef,
@@ -22,6 +23,7 @@ from extproc.config import (
     Model,
     Price,
     Provider,
+    RedisSettings,
     Tenant,
     TenantKey,
     cost_micro_usd,
@@ -196,7 +198,8 @@ def test_issue_hints() -> None:
         "the gateway appends the API path (/v1/chat/completions) itself", 10)]
     with pytest.raises(ConfigError) as caught:
         load_config(CASES_DIR / "unknown_field_tenant.yaml")
-    assert caught.value.issues[0].hint == "known fields: zone, keys, models, routing"
+    assert caught.value.issues[0].hint == "known fields: zone, keys, models, routing, org, budgets, rate_limits, "
+        "on_redis_error, fail_open_ceiling_usd, max_tokens"
 
 
 VALID = f"""\
@@ -263,7 +266,8 @@ def test_valid_config_compiles_to_frozen_objects(tmp_path: Path) -> None:
         source=str(config_path),
         pepper=CredentialRef("pepper", file=tmp_path / "secrets" / "pepper.txt"),
         limits=Limits(max_body_bytes=2048),
-        redis_url="rediss://cache.internal:6380/1",
+        redis=RedisSettings(url="rediss://cache.internal:6380/1"),
+        budgets=BudgetSettings(),
         credentials={
             "cred-us": CredentialRef("cred-us", env="ASC_KEY_US"),
             "cred-eu": CredentialRef("cred-eu", file=tmp_path / "keys" / "eu.key"),
@@ -322,7 +326,9 @@ def test_limits_and_redis_are_optional() -> None:
     text = (CASES_DIR / "unknown_field_top.yaml").read_text(encoding="utf-8")
     config = parse_config(text.replace("colour: blue\n", ""))
     assert config.limits == Limits(max_body_bytes=1_048_576)
-    assert config.redis_url is None
+    assert config.redis is None
+    assert config.budgets == BudgetSettings(timezone="UTC", hold_ttl_s=600,
+                                            default_max_tokens=4096)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,118 @@
+"""The budget ledger in Redis: one Lua call to reserve, one to settle.
+
+`RedisLedger` holds a request's worst case on every counter it touches in one atomic
+script (all or nothing), then replaces the holds with the real amounts. Both calls are
+keyed by the gateway's request id, so a replayed reserve holds once and a repeated settle
+charges once. Holds that are never settled (process killed, stream lost) expire and are
+returned by `sweep`. Works on a single Redis and on Redis Cluster: every key of a request
+carries the same hash tag (`policy.hash_tag`).
+
+Redis errors are mapped once, here, to `LedgerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final, Protocol
+
+from redis import exceptions as redis_errors
+
+from extproc.budgets.policy import CounterGroup
+
+__all__ = [
+    "BudgetLedger",
+    "LedgerUnavailable",
+    "RedisLedger",
+    "Reservation",
+    "ReserveResult",
+]
+
+_SCRIPTS: Final = resources.files("extproc.budgets") / "lua"
+
+
+class LedgerUnavailable(Exception):
+    """Redis could not be reached or answered with an error; the message is safe to log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    request_id: str
+    tag: str
+    groups: tuple[CounterGroup, ...]
+
+    @property
+    def record_key(self) -> str:
+        return f"asc:{self.tag}:res:{self.request_id}"
+
+    @property
+    def holds_key(self) -> str:
+        return holds_key(self.tag)
+
+
+def holds_key(tag: str) -> str:
+    return f"asc:{tag}:holds"
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    held: bool
+    replay: bool = False
+    denied: CounterGroup | None = None
+    remaining: tuple[int, ...] = ()
+    """Per group, what is left after this hold (same order as the groups)."""
+
+
+class BudgetLedger(Protocol):
+    async def reserve(self, reservation: Reservation) -> ReserveResult: ...
+
+    async def settle(self, reservation: Reservation, actual: Sequence[int], *,
+                     released: bool = False) -> int: ...
+
+    async def sweep(self, tag: str, limit: int = 100) -> int: ...
+
+
+class RedisLedger:
+    def __init__(self, client: Any, *, hold_ttl_s: float = 600.0) -> None:
+        """`client`: a redis.asyncio Redis or RedisCluster (decode_responses off or on)."""
+        self._client = client
+        self._hold_ttl_ms = int(hold_ttl_s * 1000)
+        self._reserve = client.register_script((_SCRIPTS / "reserve.lua").read_text())
+        self._settle = client.register_script((_SCRIPTS / "settle.lua").read_text())
+        self._sweep = client.register_script((_SCRIPTS / "sweep.lua").read_text())
+
+    async def reserve(self, reservation: Reservation) -> ReserveResult:
+        keys: list[str] = [reservation.record_key, reservation.holds_key]
+        args: list[int] = [self._hold_ttl_ms, int(time.time() * 1000), len(reservation.groups)]
+        for group in reservation.groups:
+            keys.extend(group.keys)
+            args.extend((len(group.keys), group.limit, group.amount, group.ttl_s))
+        reply = await self._call(self._reserve, keys, args)
+        status = int(reply[0])
+        if status == 2:
+            return ReserveResult(held=True, replay=True)
+        if status == 0:
+            return ReserveResult(held=False, denied=reservation.groups[int(reply[1]) - 1])
+        return ReserveResult(held=True, remaining=tuple(int(v) for v in reply[1:]))
+
+    async def settle(self, reservation: Reservation, actual: Sequence[int], *,
+                     released: bool = False) -> int:
+        """Charge `actual` (one amount per group); returns 1 settled, 2 late, 0 no-op."""
+        if len(actual) != len(reservation.groups) or any(a < 0 for a in actual):
+            raise ValueError("one non-negative actual amount per group is required")
+        state = "released" if released else "settled"
+        reply = await self._call(self._settle, [reservation.record_key, reservation.holds_key],
+                                 [state, *actual])
+        return int(reply)
+
+    async def sweep(self, tag: str, limit: int = 100) -> int:
+        reply = await self._call(self._sweep, [holds_key(tag)], [int(time.time() * 1000), limit])
+        return int(reply)
+
+    async def _call(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
+        try:
+            return await script(keys=keys, args=list(args))
+        except (redis_errors.RedisError, OSError) as exc:
+            raise LedgerUnavailable(f"redis: {type(exc).__name__}") from None

@@ -1,0 +1,21 @@
+-- sweep.lua: return the holds of requests that never settled (crash, kill -9, lost stream).
+--
+-- KEYS[1]   open holds index (zset, score = expiry ms)  asc:{tag}:holds
+-- ARGV[1]   now (ms)
+-- ARGV[2]   at most this many records per call
+--
+-- Records and counters named in the index share its hash tag (same cluster slot).
+-- A swept record is marked 'expired': a late settle then charges the real cost once.
+-- Returns the number of records swept.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, record in ipairs(expired) do
+  if redis.call('HGET', record, 'state') == 'held' then
+    local holds = redis.call('HGET', record, 'holds')
+    for key, held in string.gmatch(holds, '(%S+) (%S+)') do
+      redis.call('HINCRBY', key, 'held', -tonumber(held))
+    end
+    redis.call('HSET', record, 'state', 'expired')
+  end
+  redis.call('ZREM', KEYS[1], record)
+end
+return #expired

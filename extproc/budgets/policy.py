@@ -1,0 +1,193 @@
+"""Budget and rate-limit policy: which counters a request touches, and by how much.
+
+Pure and clock-injected: given a tenant's rules, the request (key, model, worst-case
+cost, token estimate) and "now", `plan_reservation` returns the counters the ledger must
+check and hold in one atomic step. Windows:
+
+* `day` / `month`: calendar windows in the configured time zone;
+* `rolling`: the last `period_s` seconds, kept as `ROLLING_BUCKETS` buckets; the check sums
+  every bucket that overlaps the window, so it is conservative (never under-counts);
+* `rpm` / `tpm`: fixed calendar minutes (UTC).
+
+Money is integer micro-USD throughout.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+from zoneinfo import ZoneInfo
+
+__all__ = [
+    "ROLLING_BUCKETS",
+    "BudgetRule",
+    "CounterGroup",
+    "RateLimits",
+    "Scope",
+    "TenantBudget",
+    "Window",
+    "estimate_input_tokens",
+    "hash_tag",
+    "plan_reservation",
+    "worst_case_cost",
+]
+
+ROLLING_BUCKETS: Final = 12
+BYTES_PER_TOKEN_ESTIMATE: Final = 3
+"""Prompt tokens are estimated as body bytes / 3, rounded up: above real tokenizers for
+English and code (about 4 bytes per token), so the hold is on the safe side."""
+
+
+class Scope(enum.Enum):
+    ORG = "org"
+    TENANT = "tenant"
+    KEY = "key"
+    MODEL = "model"
+
+
+class Window(enum.Enum):
+    DAY = "day"
+    MONTH = "month"
+    ROLLING = "rolling"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule:
+    scope: Scope
+    window: Window
+    limit_micro_usd: int
+    subject: str | None = None
+    """The key id (scope key) or model name (scope model); None otherwise."""
+    period_s: int | None = None
+    """Length of a rolling window."""
+
+    def describe(self) -> str:
+        what = {Scope.ORG: "organisation", Scope.TENANT: "tenant",
+                Scope.KEY: f"key '{self.subject}'", Scope.MODEL: f"model '{self.subject}'"}
+        when = {Window.DAY: "daily", Window.MONTH: "monthly",
+                Window.ROLLING: f"{self.period_s}s rolling"}
+        return f"{what[self.scope]} {when[self.window]} budget"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantBudget:
+    tenant: str
+    org: str | None
+    rules: tuple[BudgetRule, ...]
+    rate_limits: RateLimits
+    fail_open: bool = False
+    fail_open_ceiling_micro_usd: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CounterGroup:
+    """One limit: its counter keys (current bucket first), limit, and this request's amount.
+
+    The ledger checks `sum(spent + held over keys) + amount <= limit` and holds `amount`
+    on the first key only.
+    """
+
+    name: str
+    unit: str
+    keys: tuple[str, ...]
+    limit: int
+    amount: int
+    resets_at: datetime
+    ttl_s: int
+
+    def retry_after_s(self, now: datetime) -> int:
+        return max(1, math.ceil((self.resets_at - now).total_seconds()))
+
+
+
+
+def hash_tag(budget: TenantBudget) -> str:
+    """All keys of a request share one Redis Cluster slot: the org's, else the tenant's."""
+    return f"{{o:{budget.org}}}" if budget.org else f"{{t:{budget.tenant}}}"
+
+
+def estimate_input_tokens(body_bytes: int) -> int:
+    return max(1, -(-body_bytes // BYTES_PER_TOKEN_ESTIMATE))
+
+
+def worst_case_cost(input_tokens: int, max_output_tokens: int, input_micro_per_mtok: int,
+                    output_micro_per_mtok: int) -> int:
+    """Micro-USD, rounded up: the most this request can cost."""
+    total = input_tokens * input_micro_per_mtok + max_output_tokens * output_micro_per_mtok
+    return -(-total // 1_000_000)
+
+
+def _subject_key(rule: BudgetRule, budget: TenantBudget) -> str:
+    if rule.scope is Scope.ORG:
+        return f"org:{budget.org}"
+    if rule.scope is Scope.TENANT:
+        return f"tenant:{budget.tenant}"
+    prefix = "key" if rule.scope is Scope.KEY else "model"
+    return f"tenant:{budget.tenant}:{prefix}:{rule.subject}"
+
+
+def _calendar(window: Window, local: datetime) -> tuple[str, datetime]:
+    if window is Window.DAY:
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("d%Y-%m-%d"), start + timedelta(days=1)
+    start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return start.strftime("m%Y-%m"), start.replace(year=year, month=month)
+
+
+def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now: datetime,
+                zone: ZoneInfo) -> CounterGroup:
+    base = f"asc:{tag}:b:{_subject_key(rule, budget)}"
+    if rule.window is Window.ROLLING:
+        period = rule.period_s or 3600
+        bucket_s = max(1, -(-period // ROLLING_BUCKETS))
+        current = int(now.timestamp()) // bucket_s
+        count = -(-period // bucket_s) + 1  # every bucket overlapping [now - period, now]
+        keys = tuple(f"{base}:r{period}:{current - i}" for i in range(count))
+        resets = datetime.fromtimestamp((current + 1) * bucket_s, tz=UTC)
+        return CounterGroup(rule.describe(), "usd", keys, rule.limit_micro_usd, cost, resets,
+                            ttl_s=period + 2 * bucket_s)
+    window_id, resets = _calendar(rule.window, now.astimezone(zone))
+    ttl = int((resets - now).total_seconds()) + 7 * 86400  # kept a week for `budget show`
+    return CounterGroup(rule.describe(), "usd", (f"{base}:{window_id}",),
+                        rule.limit_micro_usd, cost, resets, ttl_s=ttl)
+
+
+def plan_reservation(
+    budget: TenantBudget,
+    *,
+    key_id: str,
+    model: str,
+    cost_micro_usd: int,
+    estimated_tokens: int,
+    now: datetime,
+    zone: ZoneInfo,
+) -> tuple[CounterGroup, ...]:
+    """Every counter this request must fit into, in a stable order."""
+    tag = hash_tag(budget)
+    groups: list[CounterGroup] = []
+    for rule in budget.rules:
+        if rule.scope is Scope.KEY and rule.subject != key_id:
+            continue
+        if rule.scope is Scope.MODEL and rule.subject != model:
+            continue
+        groups.append(_rule_group(rule, budget, tag, cost_micro_usd, now, zone))
+    minute = int(now.timestamp()) // 60
+    resets = datetime.fromtimestamp((minute + 1) * 60, tz=UTC)
+    base = f"asc:{tag}:rl:tenant:{budget.tenant}"
+    if budget.rate_limits.rpm is not None:
+        groups.append(CounterGroup("requests per minute", "requests", (f"{base}:rpm:{minute}",),
+                                   budget.rate_limits.rpm, 1, resets, ttl_s=120))
+    if budget.rate_limits.tpm is not None:
+        groups.append(CounterGroup("tokens per minute", "tokens", (f"{base}:tpm:{minute}",),
+                                   budget.rate_limits.tpm, estimated_tokens, resets, ttl_s=120))
+    return tuple(groups)

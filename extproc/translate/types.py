@@ -1,0 +1,141 @@
+"""The plain values every translator takes and returns, and the two translator protocols.
+
+Kept apart from `base.py` (which holds the selection table and imports every pair module)
+so the pair modules can import these without an import cycle. Import them from
+`extproc.translate.base`, which re-exports everything here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "Backend",
+    "StreamTranslator",
+    "TranslatedResponse",
+    "Translator",
+    "UpstreamRequest",
+    "Usage",
+]
+
+
+class Backend(enum.Enum):
+    """The provider wire format a deployment speaks; values are config provider kinds."""
+
+    OPENAI = "openai"
+    OPENAI_COMPATIBLE = "openai_compatible"
+    MISTRAL = "mistral"
+    AZURE = "azure"
+    ANTHROPIC = "anthropic"
+
+    @property
+    def display_name(self) -> str:
+        """The name used in client-facing messages ("... is not supported by Mistral.")."""
+        return _DISPLAY_NAMES[self]
+
+
+_DISPLAY_NAMES = {
+    Backend.OPENAI: "OpenAI",
+    Backend.OPENAI_COMPATIBLE: "the OpenAI-compatible backend",
+    Backend.MISTRAL: "Mistral",
+    Backend.AZURE: "Azure OpenAI",
+    Backend.ANTHROPIC: "Anthropic",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens a provider billed for one request.
+
+    `input_tokens` counts the whole prompt, cached parts included (OpenAI's
+    `prompt_tokens`; Anthropic's `input_tokens + cache_read_input_tokens +
+    cache_creation_input_tokens`); `cached_input_tokens` is the part of it read from the
+    provider's prompt cache, priced at the cached-input rate.
+    """
+
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """The request to send to the provider.
+
+    `path` is the provider API path (with query string, if any) *without* the provider's
+    base-URL prefix; `headers` are the provider-specific headers the body needs (e.g.
+    `anthropic-version`), never credentials: the caller adds the prefix and the auth header.
+    """
+
+    body: bytes
+    path: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TranslatedResponse:
+    """A successful non-streamed response in the client's dialect, with its usage."""
+
+    body: bytes
+    usage: Usage | None
+
+
+class StreamTranslator(Protocol):
+    """Sans-I/O translation of one SSE response stream, chunk by chunk.
+
+    `feed()` takes the provider's bytes exactly as they arrive (any split) and returns the
+    client-dialect SSE bytes ready to send (b"" while an event is incomplete); `flush()`
+    is called once at the end of the upstream stream.
+    """
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+    @property
+    def usage(self) -> Usage | None:
+        """Usage from the stream's final usage event; None until it arrived."""
+        ...
+
+    @property
+    def output_tokens_so_far(self) -> int:
+        """Content deltas seen so far: the output estimate when a stream is cut short."""
+        ...
+
+    @property
+    def first_token_seen(self) -> bool:
+        """True once the first content (text or tool-call) delta arrived."""
+        ...
+
+
+class Translator(Protocol):
+    """One request's translation between a client dialect and a provider.
+
+    A translator is created per request (`base.translator_for`): `request()` is called
+    first and remembers what the response side needs (e.g. whether the client asked for
+    streamed usage).
+    """
+
+    def request(
+        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None
+    ) -> UpstreamRequest:
+        """Validate the client body and build the provider request.
+
+        Raises `GatewayError(ErrorCode.INVALID_REQUEST, ...)` for bad or unsupported input.
+        """
+        ...
+
+    def response(self, status: int, body: bytes) -> TranslatedResponse:
+        """Translate a successful (2xx) JSON response body."""
+        ...
+
+    def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        """Map a provider error (any body) to the client's status and error body."""
+        ...
+
+    def stream(self) -> StreamTranslator:
+        """A fresh translator for a `text/event-stream` response."""
+        ...
