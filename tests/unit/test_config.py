@@ -198,8 +198,9 @@ def test_issue_hints() -> None:
         "the gateway appends the API path (/v1/chat/completions) itself", 10)]
     with pytest.raises(ConfigError) as caught:
         load_config(CASES_DIR / "unknown_field_tenant.yaml")
-    assert caught.value.issues[0].hint == "known fields: zone, keys, models, routing, org, budgets, rate_limits, "
-        "on_redis_error, fail_open_ceiling_usd, max_tokens"
+    assert caught.value.issues[0].hint == (
+        "known fields: zone, keys, models, routing, org, budgets, rate_limits, "
+        "on_redis_error, fail_open_ceiling_usd, max_tokens")
 
 
 VALID = f"""\
