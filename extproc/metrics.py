@@ -10,6 +10,9 @@ from typing import Final
 from prometheus_client import Counter, Histogram
 
 __all__ = [
+    "BUDGET_RESERVATIONS",
+    "BUDGET_SETTLE_FAILURES",
+    "BUDGET_SPENT",
     "CONFIG_RELOADS",
     "PHASE_SECONDS",
     "POLICY_DENIALS",
@@ -53,6 +56,21 @@ PHASE_SECONDS: Final = Histogram(
     "Processing time spent inside the service per ext_proc phase.",
     ["phase"],
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+)
+BUDGET_RESERVATIONS: Final = Counter(
+    "asc_budget_reservations",
+    "Budget reservations by result: held, replay, denied, unavailable, fail_open.",
+    ["tenant", "result"],
+)
+BUDGET_SPENT: Final = Counter(
+    "asc_budget_spent_micro_usd",
+    "Settled cost in micro-USD (what budgets were charged).",
+    ["tenant", "model"],
+)
+BUDGET_SETTLE_FAILURES: Final = Counter(
+    "asc_budget_settle_failures",
+    "Settles that could not reach the ledger; their holds wait for the sweeper.",
+    ["tag"],
 )
 CONFIG_RELOADS: Final = Counter(
     "asc_config_reloads",

@@ -19,7 +19,9 @@ from typing import Any, Final
 
 from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
-from extproc.config import Provider
+from extproc.budgets.guard import Hold
+from extproc.budgets.policy import estimate_input_tokens, worst_case_cost
+from extproc.config import Provider, cost_micro_usd
 from extproc.credentials import ResolvedCredential
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.logs import log_event
@@ -45,6 +47,9 @@ CHAT_COMPLETIONS_PATH: Final = "/v1/chat/completions"
 CLUSTER_HEADER: Final = "x-asc-cluster"
 _GATEWAY_HEADER_PREFIX: Final = "x-asc-"
 _JSON: Final = ("content-type", "application/json")
+_MAX_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+_IMAGE_TOKEN_ESTIMATE: Final = 1_600
+"""Tokens held per image part: images cost far more tokens than their URL has bytes."""
 
 log = logging.getLogger("extproc.request")
 
@@ -74,6 +79,10 @@ class RequestProcessor:
         self.status: int | None = None
         self.error: ErrorCode | None = None
         self.usage: Usage | None = None
+        self.hold: Hold | None = None
+        self.estimated_input_tokens = 0
+        self.streamed_chunks = 0
+        self.charged_micro_usd: int | None = None
         self._first_byte_at: float | None = None
         self._sse: SseDecoder | None = None
         self._response_chunks: list[bytes] = []
@@ -156,13 +165,31 @@ class RequestProcessor:
                                param="model")
         route = select_route(self._config, principal.tenant, model)
         self.route = route
+        rewrite = route.deployment.model != model_name
+        max_tokens = _max_tokens(request, principal.tenant.max_tokens
+                                 or self._config.budgets.default_max_tokens)
+        budget = principal.tenant.budget
+        if budget is not None:
+            if not any(name in request for name in _MAX_TOKEN_FIELDS):
+                # The provider must not generate more than the hold covers.
+                request["max_tokens"] = max_tokens
+                rewrite = True
+            self.estimated_input_tokens = estimate_input_tokens(len(message.body)) + (
+                _IMAGE_TOKEN_ESTIMATE * message.body.count(b'"image_url"'))
+            price = route.model.price
+            cost = worst_case_cost(self.estimated_input_tokens, max_tokens,
+                                   price.input_micro_per_mtok, price.output_micro_per_mtok)
+            self.hold = await self._runtime.budget_guard().reserve(
+                request_id=self.request_id, budget=budget, key_id=principal.key_id,
+                model=model_name, cost_micro_usd=cost,
+                estimated_tokens=self.estimated_input_tokens + max_tokens)
         set_headers = [
             (CLUSTER_HEADER, route.provider.cluster),
             (":path", route.provider.path_prefix + CHAT_COMPLETIONS_PATH),
         ]
         set_headers.extend(self._provider_auth(route.provider))
         body: bytes | None = None
-        if route.deployment.model != model_name:
+        if rewrite:
             request["model"] = route.deployment.model
             body = json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
             set_headers.append(("content-length", str(len(body))))
@@ -219,6 +246,8 @@ class RequestProcessor:
 
     def _tag_headers(self) -> list[tuple[str, str]]:
         tags = [("x-asc-request-id", self.request_id)]
+        if self.hold is not None:
+            tags.extend(self.hold.response_headers())
         if self.route is not None:
             tags.append(("x-asc-provider", self.route.provider.name))
             tags.append(("x-asc-region", self.route.provider.region))
@@ -248,7 +277,11 @@ class RequestProcessor:
         return Continue()
 
     def _read_stream_event(self, data: str) -> None:
-        if data == "[DONE]" or '"usage"' not in data:
+        if data == "[DONE]":
+            return
+        if '"content"' in data:
+            self.streamed_chunks += 1
+        if '"usage"' not in data:
             return
         try:
             chunk = json.loads(data)
@@ -292,8 +325,8 @@ class RequestProcessor:
             meta["error"] = self.error.value
         return meta
 
-    def finish(self) -> None:
-        """Record the outcome; called once per stream, whatever ended it.
+    async def finish(self) -> None:
+        """Settle, measure and log; called once per stream, whatever ended it.
 
         Envoy may reset the ext_proc stream instead of closing it once the response is
         done (measured), so "aborted" is decided from what this request saw - a response
@@ -303,6 +336,14 @@ class RequestProcessor:
             return
         self._finished = True
         aborted = not self._complete
+        if self.hold is not None and self.principal is not None and self.route is not None:
+            cost, tokens = self._real_cost(aborted)
+            self.charged_micro_usd = cost
+            await self._runtime.budget_guard().settle(
+                self.hold, cost_micro_usd=cost, tokens=tokens,
+                budget=self.principal.tenant.budget)
+            metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
+                                        self.model_asked or "-").inc(cost)
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"
@@ -339,10 +380,53 @@ class RequestProcessor:
             error=self.error.value if self.error else None,
             aborted=aborted,
             stream=self.streaming,
+            charged_micro_usd=self.charged_micro_usd,
             prompt_tokens=self.usage.prompt_tokens if self.usage else None,
             completion_tokens=self.usage.completion_tokens if self.usage else None,
             duration_ms=round(duration * 1000, 3),
         )
+
+
+    def _real_cost(self, aborted: bool) -> tuple[int, int]:
+        """(micro-USD, tokens) to charge: the provider's usage when it reported one.
+
+        Without usage: nothing for a provider error; an estimate for a stream cut short
+        (prompt estimate + content chunks seen); the full hold when the client left before
+        any response, since the provider may still have done - and billed - the work.
+        """
+        assert self.route is not None
+        assert self.hold is not None
+        price = self.route.model.price
+        if self.usage is not None:
+            input_tokens, output_tokens = self.usage.prompt_tokens, self.usage.completion_tokens
+        elif self.upstream_status is not None and self.upstream_status >= 400:
+            return 0, 0
+        elif self.upstream_status is not None:
+            input_tokens, output_tokens = self.estimated_input_tokens, self.streamed_chunks
+        elif aborted and self.hold.reservation is not None:
+            held = {g.unit: g.amount for g in self.hold.reservation.groups}
+            return held.get("usd", 0), held.get("tokens", 0)
+        else:
+            return 0, 0
+        cost = (cost_micro_usd(input_tokens, price.input_micro_per_mtok)
+                + cost_micro_usd(output_tokens, price.output_micro_per_mtok))
+        return cost, input_tokens + output_tokens
+
+
+def _max_tokens(request: dict[str, Any], cap: int) -> int:
+    """The output-token bound of the request (or `cap` when it sets none); 400 if invalid."""
+    for name in _MAX_TOKEN_FIELDS:
+        if name not in request:
+            continue
+        value = request[name]
+        if type(value) is not int or value < 1:
+            raise GatewayError(ErrorCode.INVALID_REQUEST,
+                               f"'{name}' must be a positive integer.", param=name)
+        if value > cap:
+            raise GatewayError(ErrorCode.INVALID_REQUEST,
+                               f"'{name}' must not exceed {cap} for your key.", param=name)
+        return value
+    return cap
 
 
 def _parse_chat_request(body: bytes) -> dict[str, Any]:

@@ -7,8 +7,13 @@ never changes the rules in the middle of a request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
 
 from extproc.auth import TenantDirectory
+from extproc.budgets.guard import BudgetGuard
+from extproc.budgets.ledger import RedisLedger
 from extproc.config import GatewayConfig
 from extproc.credentials import KeyProvider, StaticKeyProvider
 from extproc.secrets import resolve_secret
@@ -21,16 +26,49 @@ class Runtime:
     config: GatewayConfig
     tenants: TenantDirectory
     keys: KeyProvider
+    budgets: BudgetGuard | None = None
 
     @classmethod
-    def build(cls, config: GatewayConfig, environ: dict[str, str] | None = None) -> Runtime:
-        """Resolve the pepper and provider keys; raises `SecretUnavailable` if one is missing."""
+    def build(cls, config: GatewayConfig, environ: dict[str, str] | None = None,
+              previous: Runtime | None = None) -> Runtime:
+        """Resolve the pepper and provider keys; raises `SecretUnavailable` if one is missing.
+
+        The Redis client and breaker carry over from `previous` when the Redis and budget
+        settings did not change, so a reload does not drop connections or breaker state.
+        """
         pepper = resolve_secret(config.pepper, environ)
+        budgets = None
+        if config.redis is not None:
+            same = (previous is not None and previous.budgets is not None
+                    and previous.config.redis == config.redis
+                    and previous.config.budgets == config.budgets)
+            budgets = previous.budgets if same and previous else _budget_guard(config)
         return cls(
             config=config,
             tenants=TenantDirectory(config, pepper),
             keys=StaticKeyProvider.from_config(config, environ),
+            budgets=budgets,
         )
+
+    def budget_guard(self) -> BudgetGuard:
+        if self.budgets is None:  # config validation requires redis for any budget
+            raise RuntimeError("no budget ledger configured")
+        return self.budgets
+
+
+def _budget_guard(config: GatewayConfig) -> BudgetGuard:
+    settings = config.redis
+    assert settings is not None
+    timeout_s = settings.timeout_ms / 1000
+    client: Any
+    if settings.cluster:
+        client = RedisCluster.from_url(settings.url, socket_timeout=timeout_s,
+                                       socket_connect_timeout=timeout_s)
+    else:
+        client = Redis.from_url(settings.url, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s)
+    ledger = RedisLedger(client, hold_ttl_s=config.budgets.hold_ttl_s)
+    return BudgetGuard(ledger, timezone=config.budgets.timezone, timeout_s=timeout_s)
 
 
 class RuntimeHolder:

@@ -29,6 +29,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy, metrics
+from extproc.budgets.ledger import LedgerUnavailable
+from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, load_config
 from extproc.logs import log_event
 from extproc.messages import Phase
@@ -52,11 +54,14 @@ class ServeOptions:
     workers: int = 1
     drain_seconds: float = 10.0
     watch_interval: float = 1.0
+    sweep_interval: float = 5.0
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, holder: RuntimeHolder) -> None:
         self._holder = holder
+        self.finishing: set[asyncio.Task[None]] = set()
+        """finish() runs as its own task: a cancelled stream handler cannot cut it short."""
 
     async def Process(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -74,7 +79,18 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 _PHASE_TIMERS[inbound.phase].observe(time.perf_counter() - started)
                 await context.write(response)
         finally:
-            processor.finish()
+            task = asyncio.get_running_loop().create_task(processor.finish())
+            self.finishing.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.finishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("finish failed", exc_info=task.exception())
+
+    async def drain(self, timeout_s: float) -> None:
+        if self.finishing:
+            await asyncio.wait(set(self.finishing), timeout=timeout_s)
 
 
 class ConfigReloader:
@@ -95,7 +111,7 @@ class ConfigReloader:
     def reload(self, reason: str) -> bool:
         self._stamp = self._file_stamp()
         try:
-            runtime = Runtime.build(load_config(self._path))
+            runtime = Runtime.build(load_config(self._path), previous=self._holder.current)
         except (ConfigError, SecretUnavailable) as exc:
             metrics.CONFIG_RELOADS.labels("failure").inc()
             log_event(log, logging.ERROR, "config reload failed; keeping the previous config",
@@ -113,6 +129,24 @@ class ConfigReloader:
                 self.reload("file changed")
 
 
+async def _sweep_holds(holder: RuntimeHolder, interval: float) -> None:
+    """Return the budget holds of requests that never settled (see budgets/lua/sweep.lua)."""
+    while True:
+        await asyncio.sleep(interval)
+        runtime = holder.current
+        if runtime.budgets is None:
+            continue
+        tags = {hash_tag(t.budget) for t in runtime.config.tenants.values() if t.budget}
+        for tag in sorted(tags):
+            try:
+                swept = await runtime.budgets.sweep(tag)
+            except LedgerUnavailable:
+                break
+            if swept:
+                log_event(log, logging.WARNING, "returned abandoned budget holds",
+                          tag=tag, count=swept)
+
+
 def _split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
@@ -125,7 +159,8 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     # Port sharing only among our own workers: a single process must fail to start on a
     # busy port rather than silently split traffic with whoever holds it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if supervised else 0)])
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessorService(holder), server)
+    service = ExternalProcessorService(holder)
+    pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(options.listen)
@@ -144,13 +179,16 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch(options.watch_interval))
+    sweeper = asyncio.create_task(_sweep_holds(holder, options.sweep_interval))
     log_event(log, logging.INFO, "extproc serving", listen=options.listen, pid=os.getpid(),
               metrics=None if supervised else options.metrics_listen)
     await stop.wait()
     log_event(log, logging.INFO, "draining", grace_seconds=options.drain_seconds)
     await health_servicer.enter_graceful_shutdown()
     watcher.cancel()
+    sweeper.cancel()
     await server.stop(options.drain_seconds)
+    await service.drain(options.drain_seconds)
     log_event(log, logging.INFO, "stopped")
 
 

@@ -685,8 +685,8 @@ async def test_finish_twice_records_once(caplog: pytest.LogCaptureFixture) -> No
     processor = await routed()  # upstream never answered: the request was aborted
     before = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted")
     with caplog.at_level(logging.INFO, logger="extproc.request"):
-        processor.finish()
-        processor.finish()
+        await processor.finish()
+        await processor.finish()
     after = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted")
     assert after - before == 1.0
     assert [r.getMessage() for r in caplog.records] == ["request finished"]
@@ -699,7 +699,7 @@ async def test_response_cut_short_is_aborted(caplog: pytest.LogCaptureFixture) -
     await processor.handle(response_body(b'{"id":', end_of_stream=False))
     before = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted")
     with caplog.at_level(logging.INFO, logger="extproc.request"):
-        processor.finish()
+        await processor.finish()
     assert requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted") - before == 1
     assert fields_of(caplog.records[0])["aborted"] is True
     assert fields_of(caplog.records[0])["status"] == 200
@@ -719,7 +719,7 @@ async def test_response_outcome_without_watched_body(
     await processor.handle(response_headers(status, content_type, end_of_stream=end_of_stream))
     before = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", outcome)
     with caplog.at_level(logging.INFO, logger="extproc.request"):
-        processor.finish()
+        await processor.finish()
     assert requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", outcome) - before == 1
     assert fields_of(caplog.records[0])["aborted"] is False
 
@@ -731,7 +731,7 @@ async def test_refused_request_records_the_error_status(
     await processor.handle(request_headers(None))
     before = requests_total("-", "-", "-", "-", "401")
     with caplog.at_level(logging.INFO, logger="extproc.request"):
-        processor.finish()
+        await processor.finish()
     assert requests_total("-", "-", "-", "-", "401") - before == 1.0
     [record] = caplog.records
     fields = fields_of(record)
@@ -747,7 +747,7 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}', end_of_stream=True))
     clock.now = 101.5
     with caplog.at_level(logging.INFO, logger="extproc.request"):
-        processor.finish()
+        await processor.finish()
     [record] = caplog.records
     assert fields_of(record) == {
         "request_id": processor.request_id,
@@ -764,6 +764,7 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "error": None,
         "aborted": False,
         "stream": False,
+        "charged_micro_usd": None,
         "prompt_tokens": 3,
         "completion_tokens": 4,
         "duration_ms": 1500.0,
@@ -784,14 +785,14 @@ async def test_no_key_ever_reaches_a_log_line_or_a_client(
                 await processor.handle(response_body(
                     b'data: {"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n',
                     end_of_stream=True))
-                processor.finish()
+                await processor.finish()
         refused = make_processor()
         outputs.append(repr(await refused.handle(
             request_headers(None, authorization=f"Bearer {TENANT_KEYS['acme']}x"))).encode())
-        refused.finish()
+        await refused.finish()
         late = await accepted("acme")
         outputs.append(repr(await late.handle(request_body(chat("gpt-4o")))).encode())
-        late.finish()
+        await late.finish()
     formatter = JsonFormatter()
     lines = [formatter.format(record) for record in caplog.records]
     assert sum(1 for r in caplog.records if r.getMessage() == "request finished") == 14

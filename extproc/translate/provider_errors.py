@@ -1,0 +1,131 @@
+"""Provider error responses mapped to the client's dialect.
+
+One table for every pair, applied in this order:
+
+| provider status | client status | message |
+| --- | --- | --- |
+| 401, 403 | 502 | "The provider rejected the gateway's credential." |
+| 529 (Anthropic overloaded) | 503 | "The provider is overloaded; retry later." |
+| body is not a JSON object (HTML proxy pages, empty bodies, ...) | 502 | "The provider failed with status N." |
+| 400, 422 (Mistral validation) | 400 | the provider's message, else "The provider rejected the request." |
+| 404 | 404 | the provider's message, else "The provider could not find the requested resource." |
+| 413 | 413 | the provider's message, else "The request is too large for the provider." |
+| 429 | 429 | the provider's message, else "The provider's rate limit was reached; retry later." |
+| anything else (5xx, other 4xx) | 502 | "The provider failed with status N." |
+
+The provider's message is looked up in the shapes providers use (`error.message` for
+OpenAI, Azure and Anthropic; `message` for Mistral and vLLM; `error` as a string for
+Ollama and TGI; Mistral's 422 `message.detail[].loc/msg`), then scrubbed: anything that
+looks like a credential (`sk-...`-style keys, `Bearer ...`, masked keys with `***`,
+opaque runs of 32+ letters/digits) becomes `[redacted]`, and it is cut to 500 characters.
+The caller keeps a 429's `retry-after` with `retry_after_headers()`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
+
+__all__ = ["map_provider_error", "provider_message", "retry_after_headers", "scrub"]
+
+_MAX_MESSAGE: Final = 500
+_SECRET_PATTERNS: Final = (
+    re.compile(r"(?i)\bbearer\s+\S+"),
+    re.compile(r"(?i)\b(?:sk|pk|rk|ak|key)[-_][A-Za-z0-9_\-]{6,}"),
+    re.compile(r"\S*\*{3,}\S*"),
+    re.compile(r"[A-Za-z0-9+/=_]{32,}"),
+)
+_RETRY_AFTER: Final = re.compile(r"[0-9A-Za-z ,:.\-]{1,64}")
+
+_CLIENT_ERRORS: Final[dict[int, tuple[ErrorCode, str]]] = {
+    400: (ErrorCode.INVALID_REQUEST, "The provider rejected the request."),
+    422: (ErrorCode.INVALID_REQUEST, "The provider rejected the request."),
+    404: (ErrorCode.NOT_FOUND, "The provider could not find the requested resource."),
+    413: (ErrorCode.PAYLOAD_TOO_LARGE, "The request is too large for the provider."),
+    429: (ErrorCode.RATE_LIMITED, "The provider's rate limit was reached; retry later."),
+}
+
+
+def scrub(text: str) -> str:
+    """Remove anything credential-like from provider text and bound its length."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub("[redacted]", text)
+    text = " ".join(text.split())
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 3] + "..."
+    return text
+
+
+def _detail_message(detail: object) -> str | None:
+    """Mistral/FastAPI validation details: "body.user: Extra inputs are not permitted"."""
+    if not isinstance(detail, list):
+        return None
+    parts = []
+    for item in detail:
+        if not isinstance(item, dict) or not isinstance(item.get("msg"), str):
+            continue
+        loc = item.get("loc")
+        where = ".".join(str(p) for p in loc) if isinstance(loc, list) else ""
+        parts.append(f"{where}: {item['msg']}" if where else item["msg"])
+    return "; ".join(parts) or None
+
+
+def provider_message(document: Mapping[str, Any]) -> str | None:
+    """The human-readable message of a provider error body, unscrubbed; None if absent."""
+    error = document.get("error")
+    if isinstance(error, dict):
+        message = error.get("message")
+        if isinstance(message, str) and message:
+            return message
+    if isinstance(error, str) and error:
+        return error
+    message = document.get("message")
+    if isinstance(message, str) and message:
+        return message
+    if isinstance(message, dict):
+        return _detail_message(message.get("detail"))
+    return _detail_message(document.get("detail"))
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def map_provider_error(front: Dialect, status: int, body: bytes) -> tuple[int, bytes]:
+    """The client status and error body for a provider's failed response."""
+    error: GatewayError
+    if status in (401, 403):
+        error = GatewayError(ErrorCode.PROVIDER_ERROR,
+                             "The provider rejected the gateway's credential.")
+    elif status == 529:
+        error = GatewayError(ErrorCode.UNAVAILABLE, "The provider is overloaded; retry later.")
+    else:
+        document = _json_object(body)
+        client = _CLIENT_ERRORS.get(status)
+        if document is None or client is None:
+            error = GatewayError(ErrorCode.PROVIDER_ERROR,
+                                 f"The provider failed with status {status}.")
+        else:
+            code, fallback = client
+            found = provider_message(document)
+            message = scrub(found) if found else ""
+            error = GatewayError(code, message or fallback)
+    return error.status, error_body(error, front)
+
+
+def retry_after_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The provider's `retry-after` (seconds or HTTP date), to keep on a mapped 429/503."""
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            value = value.strip()
+            if _RETRY_AFTER.fullmatch(value):
+                return (("retry-after", value),)
+    return ()
