@@ -163,16 +163,37 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_redis(self, port: int | None = None) -> tuple[ManagedProcess, int]:
+    def start_redis(self, port: int | None = None, *,
+                    cluster: bool = False) -> tuple[ManagedProcess, int]:
         port = port or free_port()
         data_dir = self.workdir / f"redis-{port}"
         data_dir.mkdir(exist_ok=True)
+        extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", "2000"] if cluster else []
         process = self.spawn(f"redis-{port}", [
             redis_server_binary(), "--port", str(port), "--bind", LOOPBACK,
-            "--save", "", "--appendonly", "no", "--dir", str(data_dir),
+            "--save", "", "--appendonly", "no", "--dir", str(data_dir), *extra,
         ])
         wait_for_port(port, process=process)
         return process, port
+
+    def start_redis_cluster(self, masters: int = 3) -> list[int]:
+        """`masters` cluster-enabled redis-servers joined into one cluster (no replicas)."""
+        ports = [self.start_redis(cluster=True)[1] for _ in range(masters)]
+        redis_cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        subprocess.run(
+            [redis_cli, "--cluster", "create", *(f"{LOOPBACK}:{p}" for p in ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = subprocess.run([redis_cli, "-p", str(ports[0]), "cluster", "info"],
+                                  capture_output=True, text=True, timeout=10, check=False)
+            if "cluster_state:ok" in info.stdout:
+                return ports
+            time.sleep(0.1)
+        raise TimeoutError("redis cluster did not reach cluster_state:ok")
 
     def start_emulator(self, keys: Sequence[str], port: int | None = None,
                        extra_args: Sequence[str] = ()) -> tuple[ManagedProcess, int]:

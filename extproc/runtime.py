@@ -7,13 +7,10 @@ never changes the rules in the middle of a request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from redis.asyncio import Redis, RedisCluster
 
 from extproc.auth import TenantDirectory
 from extproc.budgets.guard import BudgetGuard
-from extproc.budgets.ledger import RedisLedger
+from extproc.budgets.ledger import RedisLedger, redis_client
 from extproc.config import GatewayConfig
 from extproc.credentials import KeyProvider, StaticKeyProvider
 from extproc.secrets import resolve_secret
@@ -59,16 +56,9 @@ class Runtime:
 def _budget_guard(config: GatewayConfig) -> BudgetGuard:
     settings = config.redis
     assert settings is not None
-    timeout_s = settings.timeout_ms / 1000
-    client: Any
-    if settings.cluster:
-        client = RedisCluster.from_url(settings.url, socket_timeout=timeout_s,
-                                       socket_connect_timeout=timeout_s)
-    else:
-        client = Redis.from_url(settings.url, socket_timeout=timeout_s,
-                                socket_connect_timeout=timeout_s)
-    ledger = RedisLedger(client, hold_ttl_s=config.budgets.hold_ttl_s)
-    return BudgetGuard(ledger, timezone=config.budgets.timezone, timeout_s=timeout_s)
+    ledger = RedisLedger(redis_client(settings), hold_ttl_s=config.budgets.hold_ttl_s)
+    return BudgetGuard(ledger, timezone=config.budgets.timezone,
+                       timeout_s=settings.timeout_ms / 1000)
 
 
 class RuntimeHolder:

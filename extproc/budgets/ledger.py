@@ -12,6 +12,7 @@ Redis errors are mapped once, here, to `LedgerUnavailable`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from importlib import resources
 from typing import Any, Final, Protocol
 
 from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 
 from extproc.budgets.policy import CounterGroup
+from extproc.config import RedisSettings
 
 __all__ = [
     "BudgetLedger",
@@ -28,9 +31,28 @@ __all__ = [
     "RedisLedger",
     "Reservation",
     "ReserveResult",
+    "redis_client",
 ]
 
 _SCRIPTS: Final = resources.files("extproc.budgets") / "lua"
+
+
+MAX_CONNECTIONS: Final = 64
+"""Redis calls in flight per replica (so connections per node). Requests beyond it wait
+for a free slot within the Redis timeout instead of failing at once."""
+
+
+def redis_client(settings: RedisSettings) -> Any:
+    """An asyncio client for `settings`: Redis, or RedisCluster when `cluster: true`."""
+    timeout_s = settings.timeout_ms / 1000
+    if settings.cluster:
+        return RedisCluster.from_url(settings.url, socket_timeout=timeout_s,
+                                     socket_connect_timeout=timeout_s,
+                                     max_connections=MAX_CONNECTIONS)
+    pool = BlockingConnectionPool.from_url(settings.url, socket_timeout=timeout_s,
+                                           socket_connect_timeout=timeout_s,
+                                           max_connections=MAX_CONNECTIONS, timeout=timeout_s)
+    return Redis(connection_pool=pool)
 
 
 class LedgerUnavailable(Exception):
@@ -78,6 +100,7 @@ class RedisLedger:
     def __init__(self, client: Any, *, hold_ttl_s: float = 600.0) -> None:
         """`client`: a redis.asyncio Redis or RedisCluster (decode_responses off or on)."""
         self._client = client
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._hold_ttl_ms = int(hold_ttl_s * 1000)
         self._reserve = client.register_script((_SCRIPTS / "reserve.lua").read_text())
         self._settle = client.register_script((_SCRIPTS / "settle.lua").read_text())
@@ -113,6 +136,7 @@ class RedisLedger:
 
     async def _call(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
         try:
-            return await script(keys=keys, args=list(args))
+            async with self._slots:
+                return await script(keys=keys, args=list(args))
         except (redis_errors.RedisError, OSError) as exc:
             raise LedgerUnavailable(f"redis: {type(exc).__name__}") from None

@@ -1,0 +1,269 @@
+"""The Lua budget ledger against real redis-servers: one instance, and a 3-master cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from redis.asyncio import Redis
+
+from extproc.budgets.guard import BudgetGuard
+from extproc.budgets.ledger import RedisLedger, Reservation, redis_client
+from extproc.budgets.policy import (
+    BudgetRule,
+    RateLimits,
+    Scope,
+    TenantBudget,
+    Window,
+    hash_tag,
+    plan_reservation,
+)
+from extproc.config import RedisSettings
+from extproc.devstack import Stack
+from extproc.errors import GatewayError
+
+UTC_ZONE = ZoneInfo("UTC")
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    with Stack(tmp_path_factory.mktemp("cluster")) as stack:
+        yield stack.start_redis_cluster(3)
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def client(request: pytest.FixtureRequest, redis_server: int,
+                 cluster_ports: list[int]) -> AsyncIterator[Any]:
+    if request.param == "single":
+        settings = RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0", timeout_ms=2000)
+    else:
+        settings = RedisSettings(url=f"redis://127.0.0.1:{cluster_ports[0]}", cluster=True,
+                                 timeout_ms=2000)
+    redis = redis_client(settings)
+    yield redis
+    await redis.aclose()
+
+
+def make_budget(tenant: str | None = None, *, tenant_usd: float = 1.0,
+                key_usd: float | None = None, rpm: int | None = None,
+                rolling: int | None = None) -> TenantBudget:
+    rules = [BudgetRule(Scope.TENANT, Window.MONTH, int(tenant_usd * 1_000_000))]
+    if key_usd is not None:
+        rules.append(BudgetRule(Scope.KEY, Window.DAY, int(key_usd * 1_000_000), subject="k1"))
+    if rolling is not None:
+        rules.append(BudgetRule(Scope.TENANT, Window.ROLLING, 100_000, period_s=rolling))
+    return TenantBudget(tenant=tenant or f"t-{uuid.uuid4().hex[:8]}", org=None,
+                        rules=tuple(rules), rate_limits=RateLimits(rpm=rpm))
+
+
+def make_reservation(budget: TenantBudget, cost: int, *, key_id: str = "k1",
+                     request_id: str | None = None, now: datetime = NOW) -> Reservation:
+    groups = plan_reservation(budget, key_id=key_id, model="m", cost_micro_usd=cost,
+                              estimated_tokens=100, now=now, zone=UTC_ZONE)
+    return Reservation(request_id=request_id or uuid.uuid4().hex, tag=hash_tag(budget),
+                       groups=groups)
+
+
+async def counter(client: Any, key: str) -> tuple[int, int]:
+    values = await client.hmget(key, "spent", "held")
+    return int(values[0] or 0), int(values[1] or 0)
+
+
+async def test_reserve_then_settle_charges_the_real_cost(client: Any) -> None:
+    ledger = RedisLedger(client)
+    budget = make_budget()
+    reservation = make_reservation(budget, 300_000)
+    key = reservation.groups[0].keys[0]
+
+    result = await ledger.reserve(reservation)
+    assert (result.held, result.remaining) == (True, (700_000,))
+    assert await counter(client, key) == (0, 300_000)
+
+    assert await ledger.settle(reservation, [120_000]) == 1
+    assert await counter(client, key) == (120_000, 0)
+
+
+async def test_settle_five_times_charges_once_and_replayed_reserve_holds_once(
+    client: Any,
+) -> None:
+    ledger = RedisLedger(client)
+    reservation = make_reservation(make_budget(), 250_000)
+    key = reservation.groups[0].keys[0]
+
+    assert (await ledger.reserve(reservation)).held
+    replay = await ledger.reserve(reservation)
+    assert (replay.held, replay.replay) == (True, True)
+    assert await counter(client, key) == (0, 250_000)
+
+    results = [await ledger.settle(reservation, [100_000]) for _ in range(5)]
+    assert results == [1, 0, 0, 0, 0]
+    assert await counter(client, key) == (100_000, 0)
+
+
+async def test_multi_scope_denial_reserves_nothing_anywhere(client: Any) -> None:
+    ledger = RedisLedger(client)
+    budget = make_budget(tenant_usd=10.0, key_usd=0.5, rpm=100)
+    reservation = make_reservation(budget, 600_000)
+
+    result = await ledger.reserve(reservation)
+
+    assert result.held is False
+    assert result.denied is reservation.groups[1]
+    assert result.denied.name == "key 'k1' daily budget"
+    for group in reservation.groups:
+        assert await counter(client, group.keys[0]) == (0, 0)
+    assert await client.exists(reservation.record_key) == 0
+
+
+async def test_two_hundred_concurrent_reservations_never_overspend(client: Any) -> None:
+    ledger = RedisLedger(client)
+    budget = make_budget(tenant_usd=1.0)
+    costs = [10_000 + (i * 37) % 10_001 for i in range(200)]  # 0.01 .. 0.02 USD
+    reservations = [make_reservation(budget, cost) for cost in costs]
+
+    results = await asyncio.gather(*(ledger.reserve(r) for r in reservations))
+    held = [r for r, result in zip(reservations, results, strict=True) if result.held]
+    key = reservations[0].groups[0].keys[0]
+    spent, holding = await counter(client, key)
+    assert spent == 0
+    assert holding == sum(r.groups[0].amount for r in held) <= 1_000_000
+    assert 1_000_000 - holding < 20_001  # only the last, too large, request was refused
+
+    await asyncio.gather(*(ledger.settle(r, [r.groups[0].amount // 2]) for r in held))
+    spent, holding = await counter(client, key)
+    assert holding == 0
+    assert spent == sum(r.groups[0].amount // 2 for r in held) <= 1_000_000
+
+
+async def test_abandoned_hold_is_swept_and_a_late_settle_still_charges_once(
+    client: Any,
+) -> None:
+    ledger = RedisLedger(client, hold_ttl_s=0.2)
+    budget = make_budget()
+    reservation = make_reservation(budget, 400_000)
+    key = reservation.groups[0].keys[0]
+    assert (await ledger.reserve(reservation)).held
+
+    assert await ledger.sweep(reservation.tag) == 0  # not expired yet
+    await asyncio.sleep(0.3)
+    assert await ledger.sweep(reservation.tag) == 1
+    assert await counter(client, key) == (0, 0)
+
+    assert await ledger.settle(reservation, [50_000]) == 2
+    assert await ledger.settle(reservation, [50_000]) == 0
+    assert await counter(client, key) == (50_000, 0)
+
+
+async def test_rolling_window_counts_every_bucket_in_the_window(client: Any) -> None:
+    ledger = RedisLedger(client)
+    budget = make_budget(tenant_usd=100.0, rolling=3600)
+    first = make_reservation(budget, 60_000, now=NOW)
+    assert (await ledger.reserve(first)).held
+    assert await ledger.settle(first, [60_000, 60_000]) == 1
+
+    # 40 minutes later the first spend is still inside the 1 h window: 60k + 50k > 100k.
+    later = make_reservation(budget, 50_000, now=NOW.replace(minute=40))
+    result = await ledger.reserve(later)
+    assert result.held is False
+    assert result.denied is not None
+    assert result.denied.name == "tenant 3600s rolling budget"
+
+    # Past the window (and its conservative bucket), the same request fits.
+    much_later = make_reservation(budget, 50_000, now=NOW.replace(hour=13, minute=10))
+    assert (await ledger.reserve(much_later)).held
+
+
+async def test_rpm_counts_requests_and_tokens_are_settled_to_actuals(client: Any) -> None:
+    ledger = RedisLedger(client)
+    budget = TenantBudget(tenant=f"t-{uuid.uuid4().hex[:8]}", org=None, rules=(),
+                          rate_limits=RateLimits(rpm=2, tpm=1000))
+    first, second, third = (make_reservation(budget, 0) for _ in range(3))
+    assert (await ledger.reserve(first)).held
+    assert (await ledger.reserve(second)).held
+    result = await ledger.reserve(third)
+    assert result.held is False
+    assert result.denied is not None
+    assert result.denied.name == "requests per minute"
+
+    rpm_key, tpm_key = first.groups[0].keys[0], first.groups[1].keys[0]
+    assert await counter(client, tpm_key) == (0, 200)
+    await ledger.settle(first, [1, 42])
+    assert await counter(client, rpm_key) == (1, 1)
+    assert await counter(client, tpm_key) == (42, 100)
+
+
+async def test_org_budget_is_shared_by_its_tenants_in_one_slot(client: Any) -> None:
+    ledger = RedisLedger(client)
+    org = f"o-{uuid.uuid4().hex[:8]}"
+    rule = BudgetRule(Scope.ORG, Window.DAY, 500_000)
+    one = TenantBudget(tenant="one", org=org, rules=(rule,), rate_limits=RateLimits())
+    two = TenantBudget(tenant="two", org=org, rules=(rule,), rate_limits=RateLimits())
+    assert hash_tag(one) == hash_tag(two) == f"{{o:{org}}}"
+
+    assert (await ledger.reserve(make_reservation(one, 300_000))).held
+    result = await ledger.reserve(make_reservation(two, 300_000))
+    assert result.held is False
+
+
+async def test_guard_answers_429_with_retry_after_and_the_limit(client: Any) -> None:
+    guard = BudgetGuard(RedisLedger(client), timezone="UTC", timeout_s=1.0, now=lambda: NOW)
+    budget = make_budget(tenant_usd=0.5)
+    with pytest.raises(GatewayError) as caught:
+        await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
+                            model="m", cost_micro_usd=600_000, estimated_tokens=10)
+    assert caught.value.status == 429
+    assert caught.value.message == (
+        "Request refused: it would exceed the tenant monthly budget (limit USD 0.50).")
+    # 2026-11-25 12:00 UTC -> the month ends 2026-12-01 00:00 UTC: 5.5 days.
+    assert caught.value.headers == (("retry-after", str(5 * 86400 + 12 * 3600)),)
+
+
+async def test_guard_fails_closed_fast_when_redis_is_gone(tmp_path: Path) -> None:
+    with Stack(tmp_path) as stack:
+        process, port = stack.start_redis()
+        client = Redis(host="127.0.0.1", port=port, socket_timeout=0.05,
+                       socket_connect_timeout=0.05)
+        guard = BudgetGuard(RedisLedger(client), timezone="UTC", timeout_s=0.05)
+        budget = make_budget()
+        await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
+                            model="m", cost_micro_usd=1000, estimated_tokens=10)
+        process.stop()
+
+        elapsed = []
+        for _ in range(5):
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(GatewayError) as caught:
+                await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
+                                    model="m", cost_micro_usd=1000, estimated_tokens=10)
+            elapsed.append(asyncio.get_running_loop().time() - started)
+            assert caught.value.status == 503
+        await client.aclose()
+    assert max(elapsed) < 0.5  # generous; the bench measures it precisely
+
+
+async def test_fail_open_admits_up_to_the_local_ceiling(tmp_path: Path) -> None:
+    client = Redis(host="127.0.0.1", port=1, socket_timeout=0.05, socket_connect_timeout=0.05)
+    guard = BudgetGuard(RedisLedger(client), timezone="UTC", timeout_s=0.05)
+    budget = TenantBudget(tenant="open", org=None, rules=make_budget().rules,
+                          rate_limits=RateLimits(), fail_open=True,
+                          fail_open_ceiling_micro_usd=25_000)
+    holds = [await guard.reserve(request_id=str(i), budget=budget, key_id="k1", model="m",
+                                 cost_micro_usd=10_000, estimated_tokens=1) for i in range(2)]
+    assert [h.mode for h in holds] == ["fail_open", "fail_open"]
+    with pytest.raises(GatewayError) as caught:
+        await guard.reserve(request_id="3", budget=budget, key_id="k1", model="m",
+                            cost_micro_usd=10_000, estimated_tokens=1)
+    assert caught.value.status == 503
+    # Settling returns the unused part of a hold to the local ceiling.
+    await guard.settle(holds[0], cost_micro_usd=1_000, tokens=1, budget=budget)
+    hold = await guard.reserve(request_id="4", budget=budget, key_id="k1", model="m",
+                               cost_micro_usd=10_000, estimated_tokens=1)
+    assert hold.mode == "fail_open"
+    await client.aclose()
