@@ -21,7 +21,7 @@ from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.budgets.guard import Hold
 from extproc.budgets.policy import estimate_input_tokens, worst_case_cost
-from extproc.config import Provider, cost_micro_usd
+from extproc.config import Price, Provider, cost_micro_usd
 from extproc.credentials import ResolvedCredential
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.logs import log_event
@@ -272,6 +272,10 @@ class RequestProcessor:
             self._response_chunks.append(message.body)
             self.usage = _usage_of(b"".join(self._response_chunks))
             self._response_chunks.clear()
+            if self.usage is not None and self.route is not None:
+                # Buffered: the headers are still ours to change, so the cost goes on them.
+                cost = _usage_cost(self.route.model.price, self.usage)
+                return Continue(set_headers=[("x-asc-cost-usd", f"{cost / 1_000_000:.6f}")])
         else:
             self._response_chunks.append(message.body)
         return Continue()
@@ -398,19 +402,22 @@ class RequestProcessor:
         assert self.hold is not None
         price = self.route.model.price
         if self.usage is not None:
-            input_tokens, output_tokens = self.usage.prompt_tokens, self.usage.completion_tokens
+            usage = self.usage
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
         elif self.upstream_status is not None:
-            input_tokens, output_tokens = self.estimated_input_tokens, self.streamed_chunks
+            usage = Usage(self.estimated_input_tokens, self.streamed_chunks)
         elif aborted and self.hold.reservation is not None:
             held = {g.unit: g.amount for g in self.hold.reservation.groups}
             return held.get("usd", 0), held.get("tokens", 0)
         else:
             return 0, 0
-        cost = (cost_micro_usd(input_tokens, price.input_micro_per_mtok)
-                + cost_micro_usd(output_tokens, price.output_micro_per_mtok))
-        return cost, input_tokens + output_tokens
+        return _usage_cost(price, usage), usage.prompt_tokens + usage.completion_tokens
+
+
+def _usage_cost(price: Price, usage: Usage) -> int:
+    return (cost_micro_usd(usage.prompt_tokens, price.input_micro_per_mtok)
+            + cost_micro_usd(usage.completion_tokens, price.output_micro_per_mtok))
 
 
 def _max_tokens(request: dict[str, Any], cap: int) -> int:

@@ -2,16 +2,18 @@
 
 One table for every pair, applied in this order:
 
-| provider status | client status | message |
-| --- | --- | --- |
-| 401, 403 | 502 | "The provider rejected the gateway's credential." |
-| 529 (Anthropic overloaded) | 503 | "The provider is overloaded; retry later." |
-| body is not a JSON object (HTML proxy pages, empty bodies, ...) | 502 | "The provider failed with status N." |
-| 400, 422 (Mistral validation) | 400 | the provider's message, else "The provider rejected the request." |
-| 404 | 404 | the provider's message, else "The provider could not find the requested resource." |
-| 413 | 413 | the provider's message, else "The request is too large for the provider." |
-| 429 | 429 | the provider's message, else "The provider's rate limit was reached; retry later." |
-| anything else (5xx, other 4xx) | 502 | "The provider failed with status N." |
+* 401, 403 -> 502 "The provider rejected the gateway's credential."
+* 529 (Anthropic overloaded) -> 503 "The provider is overloaded; retry later."
+* a body that is not a JSON object (HTML proxy pages, empty bodies, ...) -> 502
+  "The provider failed with status N."
+* 400, 422 (Mistral validation) -> 400 with the provider's message, else
+  "The provider rejected the request."
+* 404 -> 404 with the provider's message, else
+  "The provider could not find the requested resource."
+* 413 -> 413 with the provider's message, else "The request is too large for the provider."
+* 429 -> 429 with the provider's message, else
+  "The provider's rate limit was reached; retry later."
+* anything else (5xx, other 4xx) -> 502 "The provider failed with status N."
 
 The provider's message is looked up in the shapes providers use (`error.message` for
 OpenAI, Azure and Anthropic; `message` for Mistral and vLLM; `error` as a string for

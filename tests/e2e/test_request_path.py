@@ -45,6 +45,8 @@ def test_completion_is_routed_in_zone_with_the_provider_key(
     assert response.headers["x-asc-provider"] == "emu-eu"
     assert response.headers["x-asc-region"] == "eu-west-1"
     assert response.headers["x-asc-credential"] == "emu-eu-1@1"
+    # 3 x 0.15 + 4 x 0.60 USD per Mtok, each rounded up to a micro-USD.
+    assert response.headers["x-asc-cost-usd"] == "0.000004"
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-asc-request-id"])
 
     [seen] = emulator_clean.requests()

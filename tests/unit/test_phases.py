@@ -620,7 +620,9 @@ async def test_buffered_usage_is_read() -> None:
                                      "total_tokens": 46}}).encode()
     assert await processor.handle(response_body(document[:20], end_of_stream=False)) == Continue()
     assert usage_of(processor) is None
-    assert await processor.handle(response_body(document[20:], end_of_stream=True)) == Continue()
+    # 12 x 0.15 + 34 x 0.60 USD per Mtok, each rounded up to a micro-USD: 2 + 21.
+    assert await processor.handle(response_body(document[20:], end_of_stream=True)) == Continue(
+        set_headers=[("x-asc-cost-usd", "0.000023")])
     assert processor.usage == Usage(prompt_tokens=12, completion_tokens=34)
 
 
