@@ -385,6 +385,7 @@ class RequestProcessor:
             aborted=aborted,
             stream=self.streaming,
             charged_micro_usd=self.charged_micro_usd,
+            estimated_input_tokens=self.estimated_input_tokens or None,
             prompt_tokens=self.usage.prompt_tokens if self.usage else None,
             completion_tokens=self.usage.completion_tokens if self.usage else None,
             duration_ms=round(duration * 1000, 3),

@@ -149,8 +149,10 @@ def chat_body(model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
 
 def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
                   message_timeout_ms: int = 2000,
-                  document: Callable[[int], dict[str, Any]] = gateway_config) -> Gateway:
-    emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US])
+                  document: Callable[[int], dict[str, Any]] = gateway_config,
+                  emulator_args: tuple[str, ...] = ()) -> Gateway:
+    emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US],
+                                                           extra_args=emulator_args)
     config_path = write_config(config_dir, document(emulator_port))
     env = dict(stack.env, **provider_env())
     extproc, extproc_port, metrics_port = stack.start_extproc(config_path, workers=workers,

@@ -767,6 +767,7 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "aborted": False,
         "stream": False,
         "charged_micro_usd": None,
+        "estimated_input_tokens": None,
         "prompt_tokens": 3,
         "completion_tokens": 4,
         "duration_ms": 1500.0,

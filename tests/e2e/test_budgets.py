@@ -1,0 +1,280 @@
+"""Budgets and rate limits through real Envoy, extproc, emulator and redis-server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from extproc.devstack import Stack
+from tests.conftest import (
+    ACME_KEY,
+    ACME_KEY_2,
+    CHAT,
+    chat_body,
+    gateway_config,
+    provider_env,
+    start_gateway,
+)
+
+# Prices chosen so one emulator call (3 prompt + 4 completion tokens) costs 0.0083 USD
+# and a request asking max_tokens=8 holds about 0.02 USD.
+PRICE = {"input_per_mtok": 100, "output_per_mtok": 2000}
+
+
+def budget_config(redis_port: int, **tenant: Any) -> Any:
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = gateway_config(emulator_port, extra_acme_keys=True)
+        doc["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout_ms": 50}
+        doc["budgets"] = {"hold_ttl_s": 2}
+        doc["models"]["gpt-4o-mini"]["price"] = PRICE
+        doc["tenants"]["acme"].update(tenant)
+        return doc
+    return document
+
+
+def ledger_state(redis_port: int) -> dict[str, tuple[int, int]]:
+    client = redis.Redis(port=redis_port, decode_responses=True)
+    state = {}
+    for key in client.scan_iter("asc:*:b:*"):
+        values = client.hmget(key, "spent", "held")
+        state[key] = (int(values[0] or 0), int(values[1] or 0))
+    client.close()
+    return state
+
+
+def month_counter(redis_port: int) -> tuple[int, int]:
+    [value] = [v for k, v in ledger_state(redis_port).items()
+               if k.startswith("asc:{t:acme}:b:tenant:acme:m")]
+    return value
+
+
+@pytest.fixture
+def budget_stack(stack: Stack) -> tuple[Stack, int]:
+    _, redis_port = stack.start_redis()
+    return stack, redis_port
+
+
+def test_two_hundred_concurrent_requests_never_overspend(
+    budget_stack: tuple[Stack, int],
+) -> None:
+    stack, redis_port = budget_stack
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+
+    def call(_: int) -> httpx.Response:
+        return gateway.chat(chat_body(max_tokens=8))
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(call, range(200)))
+
+    statuses = sorted({r.status_code for r in responses})
+    assert statuses == [200, 429]
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    # Let every finish() settle (they run just after each response).
+    assert _wait_for(lambda: month_counter(redis_port)[1] == 0)
+    spent, held = month_counter(redis_port)
+    charged = sum(int(Decimal(r.headers["x-asc-cost-usd"]) * 1_000_000) for r in ok)
+    assert held == 0
+    assert spent == charged == 8300 * len(ok)
+    assert spent <= 1_000_000
+    assert len(ok) >= 100  # the budget was used, not refused wholesale
+    assert refused[0].json() == {"error": {
+        "message": "Request refused: it would exceed the tenant monthly budget "
+                   "(limit USD 1.00).",
+        "type": "rate_limit_error", "param": None, "code": "rate_limited"}}
+    assert int(refused[0].headers["retry-after"]) > 0
+
+
+def _wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_key_budget_and_rate_limit_headers(budget_stack: tuple[Stack, int]) -> None:
+    stack, redis_port = budget_stack
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port,
+        budgets=[{"scope": "tenant", "window": "month", "limit_usd": 10},
+                 {"scope": "key", "key": "acme-second", "window": "day", "limit_usd": 0.03}],
+        rate_limits={"rpm": 100, "tpm": 100000}))
+
+    first = gateway.chat(chat_body(max_tokens=8), key=ACME_KEY_2)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "100"
+    assert first.headers["x-ratelimit-remaining-requests"] == "99"
+    assert first.headers["x-ratelimit-limit-tokens"] == "100000"
+    # The key's daily budget is the tightest: 0.03 minus this request's hold.
+    remaining = Decimal(first.headers["x-asc-budget-remaining-usd"])
+    assert Decimal("0") < remaining < Decimal("0.03")
+
+    second = gateway.chat(chat_body(max_tokens=8), key=ACME_KEY_2)
+    third = gateway.chat(chat_body(max_tokens=8), key=ACME_KEY_2)
+    assert [second.status_code, third.status_code] == [200, 429]
+    assert third.json()["error"]["message"] == (
+        "Request refused: it would exceed the key 'acme-second' daily budget "
+        "(limit USD 0.03).")
+    # The other key of the tenant is not limited by acme-second's budget.
+    assert gateway.chat(chat_body(max_tokens=8), key=ACME_KEY).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "message", "param"),
+    [
+        ({"max_tokens": -1}, "'max_tokens' must be a positive integer.", "max_tokens"),
+        ({"max_tokens": "8"}, "'max_tokens' must be a positive integer.", "max_tokens"),
+        ({"max_tokens": 10**12}, "'max_tokens' must not exceed 2048 for your key.",
+         "max_tokens"),
+        ({"max_completion_tokens": 0}, "'max_completion_tokens' must be a positive integer.",
+         "max_completion_tokens"),
+    ],
+)
+def test_hostile_max_tokens_is_400_and_reserves_nothing(
+    budget_stack: tuple[Stack, int], extra: dict[str, Any], message: str, param: str,
+) -> None:
+    stack, redis_port = budget_stack
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port, max_tokens=2048,
+        budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+
+    response = gateway.chat(chat_body(**extra))
+
+    assert response.status_code == 400
+    assert response.json() == {"error": {"message": message, "type": "invalid_request_error",
+                                         "param": param, "code": "invalid_request"}}
+    assert ledger_state(redis_port) == {}
+    assert gateway.emulator.requests() == []
+
+
+def test_max_tokens_is_added_so_the_provider_cannot_outspend_the_hold(
+    budget_stack: tuple[Stack, int],
+) -> None:
+    stack, redis_port = budget_stack
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port, max_tokens=64,
+        budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+
+    assert gateway.chat(chat_body()).status_code == 200
+    [seen] = gateway.emulator.requests()
+    assert json.loads(seen["body"])["max_tokens"] == 64
+
+
+def test_redis_down_fails_closed_with_503_fast(budget_stack: tuple[Stack, int]) -> None:
+    stack, redis_port = budget_stack
+    redis_process = stack.processes[0]
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+    assert gateway.chat(chat_body(max_tokens=8)).status_code == 200
+    redis_process.stop()
+
+    timings = []
+    for _ in range(10):
+        started = time.monotonic()
+        response = gateway.chat(chat_body(max_tokens=8))
+        timings.append(time.monotonic() - started)
+        assert response.status_code == 503
+        assert response.json() == {"error": {
+            "message": "The budget service is unavailable; the request was not sent.",
+            "type": "service_unavailable", "param": None, "code": "gateway_unavailable"}}
+    assert max(timings) < 1.0  # generous here; bench/ measures the 100 ms target
+    assert len(gateway.emulator.requests()) == 1
+
+
+def test_fail_open_serves_up_to_the_local_ceiling(budget_stack: tuple[Stack, int]) -> None:
+    stack, redis_port = budget_stack
+    redis_process = stack.processes[0]
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port, on_redis_error="fail_open", fail_open_ceiling_usd=0.05,
+        budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+    redis_process.stop()
+
+    # Each hold is about 0.0163 USD (max_tokens 8 + prompt estimate): three fit in 0.05.
+    statuses = [gateway.chat(chat_body(max_tokens=8)).status_code for _ in range(3)]
+    statuses.append(gateway.chat(chat_body(max_tokens=20)).status_code)
+    assert statuses == [200, 200, 200, 503]
+
+
+def test_killed_extproc_leaves_a_hold_that_the_sweeper_returns(
+    budget_stack: tuple[Stack, int],
+) -> None:
+    stack, redis_port = budget_stack
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+    result: dict[str, int] = {}
+
+    def slow_call() -> None:
+        response = gateway.chat(chat_body(max_tokens=8),
+                                headers={"x-emulator-delay-ms": "3000"})
+        result["status"] = response.status_code
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    assert _wait_for(lambda: bool(ledger_state(redis_port)) and month_counter(redis_port)[1] > 0)
+    gateway.extproc.popen.send_signal(signal.SIGKILL)
+    gateway.extproc.popen.wait(5)
+    caller.join(15)
+    spent, held = month_counter(redis_port)
+    assert spent == 0
+    assert held > 0
+    assert result["status"] == 500  # fail closed: the response phase has no processor
+
+    # A new extproc (same config) sweeps the expired hold (hold_ttl_s is 2 s).
+    stack.start_extproc(gateway.config_path, port=gateway.extproc_port,
+                        env=dict(stack.env, **provider_env()), name="extproc-restarted")
+    assert _wait_for(lambda: month_counter(redis_port) == (0, 0), timeout=15)
+    assert gateway.chat(chat_body(max_tokens=8)).status_code == 200
+
+
+def test_client_abort_mid_stream_settles_what_was_streamed(
+    budget_stack: tuple[Stack, int],
+) -> None:
+    stack, redis_port = budget_stack
+    gateway = start_gateway(
+        stack, stack.workdir / "config", emulator_args=("--chunk-delay-ms", "400"),
+        document=budget_config(
+            redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+
+    body = chat_body(max_tokens=8, stream=True)
+    with httpx.Client(base_url=gateway.base_url, timeout=10) as client, client.stream(
+        "POST", CHAT, json=body, headers={"authorization": f"Bearer {ACME_KEY}"},
+    ) as response:
+        assert response.status_code == 200
+        request_id = response.headers["x-asc-request-id"]
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == (
+            "assistant")
+    # Leaving the block closed the connection mid-stream: Envoy resets the ext_proc stream.
+
+    def finished() -> dict[str, Any] | None:
+        for raw in gateway.extproc.log_text().splitlines():
+            if request_id in raw and '"request finished"' in raw:
+                entry: dict[str, Any] = json.loads(raw)
+                return entry
+        return None
+
+    assert _wait_for(lambda: finished() is not None)
+    entry = finished()
+    assert entry is not None
+    assert entry["aborted"] is True
+    assert entry["completion_tokens"] is None  # no usage: the provider never finished
+    spent, held = month_counter(redis_port)
+    assert held == 0
+    assert spent == entry["charged_micro_usd"]
+    # Prompt estimate (bytes / 3) at 100 USD/Mtok plus the chunks seen at 2000 USD/Mtok:
+    # more than the prompt alone, less than the full hold of 8 output tokens.
+    prompt_only = entry["estimated_input_tokens"] * 100
+    assert prompt_only < spent < prompt_only + 8 * 2000
