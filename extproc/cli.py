@@ -1,14 +1,19 @@
-"""`extproc` command line: serve, check-config, keys hash, envoy render."""
+"""`extproc` command line: serve, check-config, keys hash, budget, envoy render."""
 
 from __future__ import annotations
 
 import argparse
 import secrets
 import sys
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 from extproc.auth import hash_key
-from extproc.config import ConfigError, load_config
+from extproc.budgets.policy import CounterGroup, plan_reservation
+from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, SecretUnavailable, resolve_secret
@@ -86,6 +91,75 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_groups(config: GatewayConfig, tenant_id: str) -> tuple[CounterGroup, ...]:
+    tenant = config.tenants.get(tenant_id)
+    if tenant is None:
+        raise SystemExit(f"unknown tenant {tenant_id!r}")
+    if tenant.budget is None:
+        raise SystemExit(f"tenant {tenant_id!r} has no budgets or rate limits")
+    groups: list[CounterGroup] = []
+    # Every rule of the tenant, whichever key or model it names.
+    for key in {k.id for k in tenant.keys}:
+        for model in sorted(tenant.models) or [""]:
+            for group in plan_reservation(tenant.budget, key_id=key, model=model,
+                                          cost_micro_usd=0, estimated_tokens=0,
+                                          now=datetime.now(UTC),
+                                          zone=ZoneInfo(config.budgets.timezone)):
+                if group not in groups:
+                    groups.append(group)
+    return tuple(groups)
+
+
+def _sync_redis(config: GatewayConfig) -> Any:
+    import redis
+
+    if config.redis is None:
+        raise SystemExit("the config has no redis section")
+    if config.redis.cluster:
+        return redis.RedisCluster.from_url(config.redis.url, decode_responses=True)
+    return redis.Redis.from_url(config.redis.url, decode_responses=True)
+
+
+def _format_amount(unit: str, amount: int) -> str:
+    return f"{amount / 1_000_000:.6f} USD" if unit == "usd" else f"{amount} {unit}"
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    groups = _budget_groups(config, args.tenant)
+    client = _sync_redis(config)
+    if args.budget_command == "show":
+        print(f"{'#':>2}  {'limit':<34} {'spent':>18} {'held':>18} {'remaining':>18}")
+        for index, group in enumerate(groups, 1):
+            values = [client.hmget(key, "spent", "held") for key in group.keys]
+            spent = sum(int(v[0] or 0) for v in values)
+            held = sum(int(v[1] or 0) for v in values)
+            print(f"{index:>2}  {group.name:<34} {_format_amount(group.unit, spent):>18} "
+                  f"{_format_amount(group.unit, held):>18} "
+                  f"{_format_amount(group.unit, group.limit - spent - held):>18}")
+        return 0
+    if not args.yes:
+        print("refusing to change live budgets without --yes", file=sys.stderr)
+        return 1
+    selected = groups if args.limit is None else (groups[args.limit - 1],)
+    for group in selected:
+        if args.budget_command == "reset":
+            for key in group.keys:
+                client.hset(key, "spent", 0)
+        else:
+            amount = int(Decimal(args.spent_usd) * 1_000_000) if group.unit == "usd" else int(
+                args.spent_usd)
+            client.hset(group.keys[0], "spent", amount)
+            for key in group.keys[1:]:
+                client.hset(key, "spent", 0)
+        print(f"{args.budget_command}: {group.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
     hash_cmd.add_argument("--generate", action="store_true",
                           help="create a new random key and print it with its hash")
     hash_cmd.set_defaults(func=_cmd_keys_hash)
+
+    budget = commands.add_parser("budget", help="live budget state in Redis")
+    budget_commands = budget.add_subparsers(dest="budget_command", required=True)
+    for name, text in (("show", "spent, held and remaining for every limit of a tenant"),
+                       ("reset", "set spent to 0 in the current windows (holds stay)"),
+                       ("set", "set spent in the current window, e.g. after reconciling "
+                               "against a provider invoice")):
+        command = budget_commands.add_parser(name, help=text)
+        command.add_argument("tenant")
+        command.add_argument("--config", required=True)
+        if name != "show":
+            command.add_argument("--limit", type=int,
+                                 help="only limit number N of `budget show` (default: all)")
+            command.add_argument("--yes", action="store_true", help="really change Redis")
+        if name == "set":
+            command.add_argument("--spent-usd", required=True,
+                                 help="USD for budgets; a count for rate limits")
+        command.set_defaults(func=_cmd_budget)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)

@@ -278,3 +278,32 @@ def test_client_abort_mid_stream_settles_what_was_streamed(
     # more than the prompt alone, less than the full hold of 8 output tokens.
     prompt_only = entry["estimated_input_tokens"] * 100
     assert prompt_only < spent < prompt_only + 8 * 2000
+
+
+def test_budget_cli_shows_resets_and_sets_live_state(
+    budget_stack: tuple[Stack, int], capsys: pytest.CaptureFixture[str],
+) -> None:
+    from extproc.cli import main
+
+    stack, redis_port = budget_stack
+    gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
+        redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}],
+        rate_limits={"rpm": 50}))
+    assert gateway.chat(chat_body(max_tokens=8)).status_code == 200
+    assert _wait_for(lambda: month_counter(redis_port) == (8300, 0))
+    config = str(gateway.config_path)
+
+    assert main(["budget", "show", "acme", "--config", config]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["1", "tenant", "monthly", "budget", "0.008300", "USD",
+                                "0.000000", "USD", "0.991700", "USD"]
+    assert lines[2].split() == ["2", "requests", "per", "minute", "1", "requests",
+                                "0", "requests", "49", "requests"]
+
+    assert main(["budget", "set", "acme", "--config", config, "--limit", "1",
+                 "--spent-usd", "0.25"]) == 1  # refuses without --yes
+    assert main(["budget", "set", "acme", "--config", config, "--limit", "1",
+                 "--spent-usd", "0.25", "--yes"]) == 0
+    assert month_counter(redis_port) == (250_000, 0)
+    assert main(["budget", "reset", "acme", "--config", config, "--yes"]) == 0
+    assert month_counter(redis_port) == (0, 0)
