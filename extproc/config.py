@@ -490,6 +490,7 @@ def _model(
     name: str, raw_value: object, check: _Checker, providers: Mapping[str, Provider]
 ) -> Model:
     path = _join("models", name)
+    check.name(name, path)
     raw = check.mapping(raw_value, path)
     check.unknown(raw, path, SCHEMA["models.<name>"])
     price_path = _join(path, "price")
@@ -548,6 +549,8 @@ def _tenant(
         key_raw = check.mapping(key_value, key_path)
         check.unknown(key_raw, key_path, SCHEMA["tenants.<id>.keys[]"])
         key_id = check.string(key_raw, "id", key_path)
+        if key_id:
+            check.name(key_id, _join(key_path, "id"))
         if key_id and any(k.id == key_id for k in keys):
             check.add(_join(key_path, "id"), f"duplicate key id {key_id!r}",
                       "key ids name a key in logs and budgets; make each unique per tenant")
@@ -643,7 +646,7 @@ def _budget_settings(raw_value: object, check: _Checker) -> BudgetSettings:
     zone = raw.get("timezone", "UTC")
     try:
         ZoneInfo(str(zone))
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # a directory name is an OSError
         check.add("budgets.timezone", f"unknown time zone {zone!r}", "e.g. UTC, Europe/Paris")
         zone = "UTC"
     hold_ttl = _int_field(raw, "hold_ttl_s", "budgets", check, low=1, high=86_400, default=600)
@@ -689,7 +692,8 @@ def _budget_rules(raw_value: object, path: str, check: _Checker, *,
         if window is Window.ROLLING:
             period = _int_field(raw, "period_s", rule_path, check, low=60, high=90 * 86_400)
             if period is None:
-                check.add(_join(rule_path, "period_s"), "is required for a rolling window")
+                if "period_s" not in raw:
+                    check.add(_join(rule_path, "period_s"), "is required for a rolling window")
                 continue
         elif "period_s" in raw:
             check.add(_join(rule_path, "period_s"), "only applies to a rolling window")

@@ -113,14 +113,20 @@ class ConfigReloader:
         try:
             runtime = Runtime.build(load_config(self._path), previous=self._holder.current)
         except (ConfigError, SecretUnavailable) as exc:
-            metrics.CONFIG_RELOADS.labels("failure").inc()
-            log_event(log, logging.ERROR, "config reload failed; keeping the previous config",
-                      reason=reason, error=str(exc))
-            return False
+            return self._failed(reason, str(exc))
+        except Exception as exc:  # a bug must not kill the watcher: keep serving the old one
+            log.exception("config reload crashed")
+            return self._failed(reason, type(exc).__name__)
         self._holder.current = runtime
         metrics.CONFIG_RELOADS.labels("success").inc()
         log_event(log, logging.INFO, "config reloaded", reason=reason, source=str(self._path))
         return True
+
+    def _failed(self, reason: str, error: str) -> bool:
+        metrics.CONFIG_RELOADS.labels("failure").inc()
+        log_event(log, logging.ERROR, "config reload failed; keeping the previous config",
+                  reason=reason, error=error)
+        return False
 
     async def watch(self, interval: float) -> None:
         while True:
@@ -141,7 +147,7 @@ async def _sweep_holds(holder: RuntimeHolder, interval: float) -> None:
             try:
                 swept = await runtime.budgets.sweep(tag)
             except LedgerUnavailable:
-                break
+                continue  # the breaker makes the remaining tags fail fast while Redis is out
             if swept:
                 log_event(log, logging.WARNING, "returned abandoned budget holds",
                           tag=tag, count=swept)

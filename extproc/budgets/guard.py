@@ -77,6 +77,7 @@ class Hold:
     mode: str
     """'redis', 'fail_open' (held in local memory) or 'none' (tenant has no budget)."""
     local_amount: int = 0
+    local_day: str = ""
     remaining: tuple[tuple[CounterGroup, int], ...] = ()
 
     def response_headers(self) -> list[tuple[str, str]]:
@@ -145,8 +146,10 @@ class BudgetGuard:
                      budget: TenantBudget | None) -> int:
         """Charge what the request really used; 0 when nothing was held or already settled."""
         if hold.mode == "fail_open" and budget is not None:
-            spent = self._local.spent
-            spent[budget.tenant] = spent.get(budget.tenant, 0) - hold.local_amount + cost_micro_usd
+            if hold.local_day == self._local.day:  # a new day's ceiling starts from zero
+                spent = self._local.spent
+                spent[budget.tenant] = (spent.get(budget.tenant, 0) - hold.local_amount
+                                        + cost_micro_usd)
             return 1
         if hold.reservation is None:
             return 0
@@ -173,7 +176,8 @@ class BudgetGuard:
         except TimeoutError:
             self._breaker.failure()
             raise LedgerUnavailable("redis: timeout") from None
-        except LedgerUnavailable:
+        except BaseException:
+            # Also a cancelled call (client gone): a half-open probe must not stay taken.
             self._breaker.failure()
             raise
         self._breaker.success()
@@ -183,14 +187,15 @@ class BudgetGuard:
         log_event(log, logging.WARNING, "budget ledger unavailable", tenant=budget.tenant,
                   reason=reason, policy="fail_open" if budget.fail_open else "fail_closed")
         if budget.fail_open:
-            day = now.strftime("%Y-%m-%d")
+            day = now.astimezone(self._zone).strftime("%Y-%m-%d")
             if self._local.day != day:
                 self._local = _LocalCeiling(day=day)
             spent = self._local.spent.get(budget.tenant, 0)
             if spent + cost <= budget.fail_open_ceiling_micro_usd:
                 self._local.spent[budget.tenant] = spent + cost
                 metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "fail_open").inc()
-                return Hold(reservation=None, mode="fail_open", local_amount=cost)
+                return Hold(reservation=None, mode="fail_open", local_amount=cost,
+                            local_day=day)
         metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "unavailable").inc()
         raise GatewayError(ErrorCode.UNAVAILABLE,
                            "The budget service is unavailable; the request was not sent.")
@@ -213,5 +218,7 @@ def _remaining(groups: tuple[CounterGroup, ...],
 
 def _describe_limit(group: CounterGroup) -> str:
     if group.unit == "usd":
-        return f"limit USD {group.limit / _MICRO:.2f}"
+        usd = f"{group.limit / _MICRO:.6f}".rstrip("0")
+        whole, _, cents = usd.partition(".")
+        return f"limit USD {whole}.{cents.ljust(2, '0')}"
     return f"limit {group.limit} {group.unit}"
