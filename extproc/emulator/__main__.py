@@ -10,6 +10,10 @@ Keys: prefer ``EMULATOR_KEYS=key1,key2`` or ``--keys-file PATH`` (one key per li
 ``#`` comments allowed) over ``--key``, because argv is visible to every local user
 in ``ps``.  All three sources are merged.  No access log is written, so neither
 keys nor query strings end up in logs.
+
+Shapes: ``--shape openai,anthropic,azure`` is the default set; ``--shape mistral`` (alone
+or with ``anthropic`` / ``azure``) serves Mistral on ``/v1/chat/completions`` instead of
+OpenAI.  The first shape answers unknown paths.
 """
 
 from __future__ import annotations
@@ -24,7 +28,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from extproc.emulator.app import DEFAULT_REPLY, EmulatorConfig, make_app
+from extproc.emulator.app import (
+    DEFAULT_REPLY,
+    DEFAULT_SHAPE_NAMES,
+    SHAPE_REGISTRY,
+    SHAPES,
+    EmulatorConfig,
+    ProviderShape,
+    make_app,
+    shapes_named,
+)
 
 __all__ = ["build_parser", "load_keys", "main", "serve"]
 
@@ -34,7 +47,10 @@ KEYS_ENV = "EMULATOR_KEYS"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m extproc.emulator",
-        description="Deterministic LLM provider emulator (OpenAI Chat Completions shape).",
+        description=(
+            "Deterministic LLM provider emulator (OpenAI, Anthropic, Azure OpenAI and "
+            "Mistral shapes)."
+        ),
         epilog=f"Prefer {KEYS_ENV}=k1,k2 or --keys-file over --key: argv is visible in ps.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
@@ -51,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--record-limit", type=int, default=10000, help="max recorded requests kept"
     )
     parser.add_argument("--reply", default=DEFAULT_REPLY, help="reply text (split into words)")
+    parser.add_argument(
+        "--shape",
+        default=",".join(DEFAULT_SHAPE_NAMES),
+        help=(
+            "comma-separated provider shapes to serve, first answers unknown paths "
+            f"(default %(default)s; known: {', '.join(sorted(SHAPE_REGISTRY))}; "
+            "openai and mistral share a path, so pick one)"
+        ),
+    )
     return parser
 
 
@@ -75,14 +100,16 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-async def serve(config: EmulatorConfig, host: str, port: int) -> None:
+async def serve(
+    config: EmulatorConfig, host: str, port: int, shapes: tuple[ProviderShape, ...] = SHAPES
+) -> None:
     """Serve until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     # access_log=None: no per-request log lines (speed, and nothing secret can leak).
-    runner = web.AppRunner(make_app(config), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(config, shapes), access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host=host, port=port)
@@ -111,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record_limit=args.record_limit,
             reply=args.reply,
         )
+        shapes = shapes_named(name.strip() for name in args.shape.split(",") if name.strip())
     except (OSError, ValueError) as exc:
         print(f"emulator: {exc}", file=sys.stderr)
         return 2
@@ -120,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     try:
-        asyncio.run(serve(config, args.host, args.port))
+        asyncio.run(serve(config, args.host, args.port, shapes))
     except OSError as exc:  # e.g. address already in use
         print(f"emulator: {exc}", file=sys.stderr)
         return 1

@@ -4,13 +4,16 @@ Why this exists: demos, tests and benchmarks of the gateway need an upstream tha
 behaves like a real LLM provider (auth, validation, streaming, error shapes) but is
 deterministic, free, offline and able to misbehave on demand.  Everything that is
 *not* specific to one provider's wire format lives here, so each provider shape
-(``openai_shape`` today; Anthropic, Mistral and Azure later) is a small module that
-only knows how to authenticate, validate and answer in its own format.
+(``openai_shape``, ``anthropic_shape``, ``azure_shape``, ``mistral_shape``) is a small
+module that only knows how to authenticate, validate and answer in its own format.
 
-Shapes plug in through the explicit registration table :data:`SHAPES`: a tuple of
-:class:`ProviderShape` records built from plain functions of the shape module.  No
-base classes, no import-time side effects.  Shape modules only import this module
-for type checking, so there is no runtime import cycle.
+Shapes plug in through the explicit registration table :data:`SHAPE_REGISTRY` (name ->
+:class:`ProviderShape` built from plain functions of the shape module).  A process
+serves one set of shapes: :data:`SHAPES` (``openai``, ``anthropic``, ``azure``) by
+default, or the set :func:`shapes_named` builds (``--shape mistral`` on the command
+line: Mistral and OpenAI share ``POST /v1/chat/completions``, so they cannot be served
+together).  No base classes, no import-time side effects.  Shape modules only import
+this module for type checking, so there is no runtime import cycle.
 
 Request pipeline for every non-control path (``/_emulator/*`` is the control API)::
 
@@ -50,13 +53,15 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from extproc.emulator import openai_shape
+from extproc.emulator import anthropic_shape, azure_shape, mistral_shape, openai_shape
 
 __all__ = [
     "CONFIG_KEY",
     "CONTROL_PREFIX",
     "DEFAULT_REPLY",
+    "DEFAULT_SHAPE_NAMES",
     "SHAPES",
+    "SHAPE_REGISTRY",
     "STATE_KEY",
     "CallContext",
     "EmulatorConfig",
@@ -66,6 +71,7 @@ __all__ = [
     "QueuedFault",
     "key_fingerprint",
     "make_app",
+    "shapes_named",
 ]
 
 CONTROL_PREFIX: Final = "/_emulator/"
@@ -264,9 +270,8 @@ class ProviderShape:
 
 
 # The registration table.  Adding a provider = one module + one entry here.
-# The first entry also answers for paths that belong to no shape (404s).
-SHAPES: Final[tuple[ProviderShape, ...]] = (
-    ProviderShape(
+SHAPE_REGISTRY: Final[dict[str, ProviderShape]] = {
+    "openai": ProviderShape(
         name="openai",
         routes=openai_shape.ROUTES,
         authenticate=openai_shape.authenticate,
@@ -274,7 +279,61 @@ SHAPES: Final[tuple[ProviderShape, ...]] = (
         error_body=openai_shape.error_body,
         not_found=openai_shape.not_found,
     ),
-)
+    "anthropic": ProviderShape(
+        name="anthropic",
+        routes=anthropic_shape.ROUTES,
+        authenticate=anthropic_shape.authenticate,
+        auth_error=anthropic_shape.auth_error,
+        error_body=anthropic_shape.error_body,
+        not_found=anthropic_shape.not_found,
+    ),
+    "azure": ProviderShape(
+        name="azure",
+        routes=azure_shape.ROUTES,
+        authenticate=azure_shape.authenticate,
+        auth_error=azure_shape.auth_error,
+        error_body=azure_shape.error_body,
+        not_found=azure_shape.not_found,
+    ),
+    "mistral": ProviderShape(
+        name="mistral",
+        routes=mistral_shape.ROUTES,
+        authenticate=mistral_shape.authenticate,
+        auth_error=mistral_shape.auth_error,
+        error_body=mistral_shape.error_body,
+        not_found=mistral_shape.not_found,
+    ),
+}
+DEFAULT_SHAPE_NAMES: Final = ("openai", "anthropic", "azure")
+
+
+def shapes_named(names: Iterable[str]) -> tuple[ProviderShape, ...]:
+    """The shapes to serve, in order; the first also answers unknown paths (404s).
+
+    Raises ``ValueError`` for an unknown or repeated name, or for two shapes that would
+    serve the same method and path (``openai`` and ``mistral``).
+    """
+    shapes: list[ProviderShape] = []
+    routes: dict[tuple[str, str], str] = {}
+    for name in names:
+        shape = SHAPE_REGISTRY.get(name)
+        if shape is None:
+            known = ", ".join(sorted(SHAPE_REGISTRY))
+            raise ValueError(f"unknown shape {name!r} (known: {known})")
+        if shape in shapes:
+            raise ValueError(f"shape {name!r} is listed twice")
+        for method, path, _handler in shape.routes:
+            other = routes.setdefault((method, path), name)
+            if other != name:
+                raise ValueError(f"shapes {other!r} and {name!r} both serve {method} {path}")
+        shapes.append(shape)
+    if not shapes:
+        raise ValueError("at least one provider shape is required")
+    return tuple(shapes)
+
+
+# The shapes a process serves unless told otherwise.
+SHAPES: Final[tuple[ProviderShape, ...]] = shapes_named(DEFAULT_SHAPE_NAMES)
 
 STATE_KEY: Final = web.AppKey("emulator_state", EmulatorState)
 CONFIG_KEY: Final = web.AppKey("emulator_config", EmulatorConfig)

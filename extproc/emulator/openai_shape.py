@@ -26,6 +26,15 @@ non-streamed text), a chunk with an empty delta and the ``finish_reason``, a
 usage chunk with ``"choices": []`` only when ``stream_options.include_usage`` is
 true, and finally ``data: [DONE]``.
 
+Tool calls: when the request has ``tools``, ``tool_choice`` is not ``"none"`` and the
+*last* message is a user message whose text contains the word "weather"
+(case-insensitive), the reply is one deterministic tool call instead of text:
+``get_weather`` (or the first tool when none has that name) with arguments
+``{"city":"Paris"}``, ``finish_reason: "tool_calls"``, ``content: null`` and
+``completion_tokens = ceil(len(arguments) / 4)`` = 4.  Streamed, it is one chunk with
+the call's index, id, type, name and empty arguments, then the arguments in two
+fragments.  A tool result as the last message gets the normal text reply.
+
 Errors follow OpenAI's ``{"error": {"message", "type", "param", "code"}}`` shape.
 Messages never contain the presented API key (real OpenAI echoes a masked key;
 we deliberately do not, because tests grep responses for canary secrets).
@@ -51,12 +60,19 @@ if TYPE_CHECKING:
 __all__ = [
     "KNOWN_REQUEST_FIELDS",
     "ROUTES",
+    "WEATHER_ARGUMENTS",
+    "WEATHER_TOOL",
+    "ChatRequest",
+    "InvalidRequest",
     "auth_error",
     "authenticate",
     "chat_completions",
     "error_body",
     "not_found",
+    "parse_body",
     "prompt_tokens",
+    "send_reply",
+    "weather_tool_call",
 ]
 
 # Top-level Chat Completions request fields the real API accepts.  Anything else
@@ -94,6 +110,9 @@ KNOWN_REQUEST_FIELDS: Final = frozenset(
     }
 )
 _ROLES: Final = ("system", "developer", "user", "assistant", "tool", "function")
+WEATHER_TOOL: Final = "get_weather"
+WEATHER_ARGUMENTS: Final = '{"city":"Paris"}'
+_WEATHER_WORD: Final = "weather"
 _INVALID_REQUEST: Final = "invalid_request_error"
 _BAD_JSON: Final = (
     "We could not parse the JSON body of your request. (HINT: This likely means you "
@@ -102,7 +121,7 @@ _BAD_JSON: Final = (
 )
 
 
-class _Invalid(Exception):
+class InvalidRequest(Exception):
     """A 400 validation failure, carrying OpenAI's ``message`` and ``param``."""
 
     def __init__(self, message: str, param: str | None) -> None:
@@ -185,8 +204,8 @@ def _type_name(value: object) -> str:
     return "object"
 
 
-def _bad_type(param: str, expected: str, value: object) -> _Invalid:
-    return _Invalid(
+def _bad_type(param: str, expected: str, value: object) -> InvalidRequest:
+    return InvalidRequest(
         f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)} instead.",
         param,
     )
@@ -214,7 +233,7 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
 
 def _validate_content_parts(param: str, parts: list[Any]) -> None:
     if not parts:
-        raise _Invalid(
+        raise InvalidRequest(
             f"Invalid '{param}': empty array. Expected an array with minimum length 1, "
             "but got an empty array instead.",
             param,
@@ -225,7 +244,7 @@ def _validate_content_parts(param: str, parts: list[Any]) -> None:
             raise _bad_type(part_param, "an object", part)
         part_type = part.get("type")
         if not isinstance(part_type, str):
-            raise _Invalid(f"Missing required parameter: '{part_param}.type'.", part_param)
+            raise InvalidRequest(f"Missing required parameter: '{part_param}.type'.", part_param)
         if part_type == "text" and not isinstance(part.get("text"), str):
             raise _bad_type(f"{part_param}.text", "a string", part.get("text"))
 
@@ -236,12 +255,12 @@ def _validate_message(i: int, message: object) -> None:
         raise _bad_type(param, "an object", message)
     role = message.get("role")
     if role is None:
-        raise _Invalid(f"Missing required parameter: '{param}.role'.", f"{param}.role")
+        raise InvalidRequest(f"Missing required parameter: '{param}.role'.", f"{param}.role")
     if not isinstance(role, str):
         raise _bad_type(f"{param}.role", "a string", role)
     if role not in _ROLES:
         supported = ", ".join(f"'{r}'" for r in _ROLES)
-        raise _Invalid(
+        raise InvalidRequest(
             f"Invalid value for '{param}.role'. Supported values are: {supported}.",
             f"{param}.role",
         )
@@ -256,7 +275,9 @@ def _validate_message(i: int, message: object) -> None:
         if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
             return
         if "content" not in message:
-            raise _Invalid(f"Missing required parameter: '{param}.content'.", f"{param}.content")
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}.content'.", f"{param}.content"
+            )
     raise _bad_type(f"{param}.content", "one of a string or array of objects", content)
 
 
@@ -267,7 +288,7 @@ def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad_type(name, "an integer", value)
     if value < 1:
-        raise _Invalid(
+        raise InvalidRequest(
             f"Invalid '{name}': integer below minimum value. Expected a value >= 1, "
             f"but got {value} instead.",
             name,
@@ -275,27 +296,34 @@ def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-class _ChatRequest:
+class ChatRequest:
     """The validated subset of a request that shapes the reply."""
 
-    __slots__ = ("include_usage", "max_words", "messages", "model", "stream")
+    __slots__ = ("include_usage", "max_words", "messages", "model", "stream", "tool_call")
 
-    def __init__(self, body: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        body: Mapping[str, Any],
+        known_fields: frozenset[str] = KNOWN_REQUEST_FIELDS,
+        default_model: str | None = None,
+    ) -> None:
         for name in body:
-            if name not in KNOWN_REQUEST_FIELDS:
-                raise _Invalid(f"Unrecognized request argument supplied: {name}", None)
+            if name not in known_fields:
+                raise InvalidRequest(f"Unrecognized request argument supplied: {name}", None)
         model = body.get("model")
+        if model is None and default_model is not None:
+            model = default_model
         if model is None:
-            raise _Invalid("you must provide a model parameter", "model")
+            raise InvalidRequest("you must provide a model parameter", "model")
         if not isinstance(model, str) or not model:
             raise _bad_type("model", "a non-empty string", model)
         messages = body.get("messages")
         if messages is None:
-            raise _Invalid("Missing required parameter: 'messages'.", "messages")
+            raise InvalidRequest("Missing required parameter: 'messages'.", "messages")
         if not isinstance(messages, list):
             raise _bad_type("messages", "an array", messages)
         if not messages:
-            raise _Invalid(
+            raise InvalidRequest(
                 "Invalid 'messages': empty array. Expected an array with minimum length 1, "
                 "but got an empty array instead.",
                 "messages",
@@ -319,7 +347,7 @@ class _ChatRequest:
             if not isinstance(stream_options, dict):
                 raise _bad_type("stream_options", "an object", stream_options)
             if not stream:
-                raise _Invalid(
+                raise InvalidRequest(
                     "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                     "stream_options",
                 )
@@ -332,6 +360,37 @@ class _ChatRequest:
         self.max_words: int | None = min(limits) if limits else None
         self.stream: bool = bool(stream)
         self.include_usage: bool = include_usage
+        self.tool_call: str | None = weather_tool_call(body, messages)
+
+
+def _tool_names(tools: object) -> list[str]:
+    names = []
+    for tool in tools if isinstance(tools, list) else []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            names.append(name)
+    return names
+
+
+def weather_tool_call(body: Mapping[str, Any], messages: list[dict[str, Any]]) -> str | None:
+    """The tool to call for the deterministic weather trick, or None for a text reply."""
+    names = _tool_names(body.get("tools"))
+    if not names or body.get("tool_choice") == "none" or not messages:
+        return None
+    last = messages[-1]
+    content = last.get("content")
+    if isinstance(content, list):
+        content = " ".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    if last.get("role") != "user" or not isinstance(content, str):
+        return None
+    if _WEATHER_WORD not in content.lower():
+        return None
+    return WEATHER_TOOL if WEATHER_TOOL in names else names[0]
 
 
 # --------------------------------------------------------------------------- handler
@@ -342,79 +401,140 @@ def _sse(payload: Mapping[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def chat_completions(request: web.Request, ctx: CallContext) -> web.StreamResponse:
-    """``POST /v1/chat/completions``; auth and faults were already applied by the core."""
-    raw = await request.read()
+def parse_body(raw: bytes) -> dict[str, Any] | web.Response:
+    """The JSON object body, or the OpenAI-shaped 400 for a body that is not one."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _json(_error(_BAD_JSON, _INVALID_REQUEST), status=400)
     if not isinstance(body, dict):
         return _json(_error("The request body must be a JSON object.", _INVALID_REQUEST), 400)
-    try:
-        chat = _ChatRequest(body)
-    except _Invalid as exc:
-        return _json(_error(exc.message, _INVALID_REQUEST, exc.param), status=400)
+    return body
 
+
+async def chat_completions(request: web.Request, ctx: CallContext) -> web.StreamResponse:
+    """``POST /v1/chat/completions``; auth and faults were already applied by the core."""
+    body = parse_body(await request.read())
+    if isinstance(body, web.Response):
+        return body
+    try:
+        chat = ChatRequest(body)
+    except InvalidRequest as exc:
+        return _json(_error(exc.message, _INVALID_REQUEST, exc.param), status=400)
+    return await send_reply(ctx, chat, model=chat.model)
+
+
+async def send_reply(
+    ctx: CallContext,
+    chat: ChatRequest,
+    *,
+    model: str,
+    id_prefix: str = "chatcmpl-emu-",
+    usage_in_last_chunk: bool = False,
+    prompt_filter_chunk: bool = False,
+) -> web.StreamResponse:
+    """Answer a validated request, as JSON or as an SSE stream.
+
+    ``usage_in_last_chunk`` puts usage on the finish chunk (Mistral) instead of a
+    separate ``choices: []`` chunk; ``prompt_filter_chunk`` opens the stream with
+    Azure's content-filter chunk (``choices: []``, empty id and model).
+    """
     words = ctx.config.reply.split()
     finish_reason = "stop"
-    if chat.max_words is not None and len(words) > chat.max_words:
-        words = words[: chat.max_words]
-        finish_reason = "length"
+    tool_call: dict[str, Any] | None = None
+    if chat.tool_call is not None:
+        words = []
+        finish_reason = "tool_calls"
+        completion = math.ceil(len(WEATHER_ARGUMENTS) / 4)
+    else:
+        if chat.max_words is not None and len(words) > chat.max_words:
+            words = words[: chat.max_words]
+            finish_reason = "length"
+        completion = len(words)
     prompt = prompt_tokens(chat.messages)
     usage = {
         "prompt_tokens": prompt,
-        "completion_tokens": len(words),
-        "total_tokens": prompt + len(words),
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
-    completion_id = f"chatcmpl-emu-{ctx.state.next_id()}"
+    number = ctx.state.next_id()
+    completion_id = f"{id_prefix}{number}"
+    if chat.tool_call is not None:
+        tool_call = {
+            "id": f"call_emu_{number}",
+            "type": "function",
+            "function": {"name": chat.tool_call, "arguments": WEATHER_ARGUMENTS},
+        }
     created = int(time.time())
 
     if not chat.stream:
+        message: dict[str, Any] = {"role": "assistant", "content": " ".join(words)}
+        if tool_call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [tool_call]}
         return _json(
             {
                 "id": completion_id,
                 "object": "chat.completion",
                 "created": created,
-                "model": chat.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": " ".join(words)},
-                        "finish_reason": finish_reason,
-                    }
-                ],
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
                 "usage": usage,
             }
         )
 
-    def chunk(delta: dict[str, str], finish: str | None) -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
         return _sse(
             {
                 "id": completion_id,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": chat.model,
+                "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
             }
         )
 
-    events = [chunk({"role": "assistant", "content": ""}, None)]
-    events.extend(chunk({"content": w if i == 0 else f" {w}"}, None) for i, w in enumerate(words))
-    events.append(chunk({}, finish_reason))
-    if chat.include_usage:
+    events = []
+    if prompt_filter_chunk:
         events.append(
             _sse(
                 {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": chat.model,
                     "choices": [],
-                    "usage": usage,
+                    "created": 0,
+                    "id": "",
+                    "model": "",
+                    "object": "",
+                    "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
                 }
             )
         )
+    events.append(chunk({"role": "assistant", "content": ""}, None))
+    events.extend(chunk({"content": w if i == 0 else f" {w}"}, None) for i, w in enumerate(words))
+    if tool_call is not None:
+        half = len(WEATHER_ARGUMENTS) // 2
+        start = {**tool_call, "function": {"name": chat.tool_call, "arguments": ""}}
+        events.append(chunk({"tool_calls": [{"index": 0, **start}]}, None))
+        for fragment in (WEATHER_ARGUMENTS[:half], WEATHER_ARGUMENTS[half:]):
+            events.append(
+                chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}, None)
+            )
+    if usage_in_last_chunk:
+        events.append(chunk({}, finish_reason, usage=usage))
+    else:
+        events.append(chunk({}, finish_reason))
+        if chat.include_usage:
+            events.append(
+                _sse(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
+            )
     events.append(_sse("[DONE]"))
 
     resp = await ctx.open_stream()

@@ -77,6 +77,8 @@ __all__ = [
     "UNSUPPORTED_FOR_OPENAI",
     "AnthropicToOpenAI",
     "OpenAIChunksToAnthropicEvents",
+    "build_openai_request",
+    "message_from_chat_completion",
     "stop_reason_for",
 ]
 

@@ -80,6 +80,8 @@ __all__ = [
     "UNSUPPORTED_FOR_ANTHROPIC",
     "AnthropicEventsToOpenAIChunks",
     "OpenAIToAnthropic",
+    "build_anthropic_request",
+    "chat_completion_from_message",
     "finish_reason_for",
 ]
 
