@@ -42,8 +42,10 @@ __all__ = [
     "parse_config",
 ]
 
-SUPPORTED_PROVIDER_KINDS: Final = ("openai", "openai_compatible")
-"""Provider kinds this release can route to (OpenAI wire format, no translation)."""
+SUPPORTED_PROVIDER_KINDS: Final = ("openai", "openai_compatible", "mistral", "azure",
+                                   "anthropic")
+"""Provider kinds (`translate.base.Backend` values). Only `openai_compatible` may run
+without a credential (self-hosted servers without auth)."""
 
 KEY_HASH_RE: Final = re.compile(r"^hmac-sha256:v1:[0-9a-f]{64}$")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -61,7 +63,8 @@ SCHEMA: Final[dict[str, tuple[str, ...]]] = {
     "redis": ("url", "cluster", "timeout_ms"),
     "budgets": ("timezone", "hold_ttl_s", "default_max_tokens"),
     "credentials.<id>": ("env", "file"),
-    "providers.<name>": ("kind", "base_url", "region", "zone", "cluster", "credentials"),
+    "providers.<name>": ("kind", "base_url", "region", "zone", "cluster", "credentials",
+                         "api_version"),
     "models.<name>": ("price", "deployments"),
     "models.<name>.price": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"),
     "models.<name>.deployments[]": ("provider", "model"),
@@ -122,6 +125,8 @@ class Provider:
     zone: str
     cluster: str
     credentials: tuple[str, ...]
+    api_version: str | None = None
+    """Azure OpenAI `api-version` query value."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,13 +481,16 @@ def _provider(
                           f"define it under `credentials:` (known: {known})")
             else:
                 cred_ids.append(cred_id)
-    if kind == "openai" and not creds_raw:
+    if kind and kind != "openai_compatible" and not creds_raw:
         check.add(_join(path, "credentials"),
-                  "an openai provider needs at least one credential")
+                  f"a {kind} provider needs at least one credential")
+    api_version = check.string(raw, "api_version", path, required=False) or None
+    if api_version is not None and kind != "azure":
+        check.add(_join(path, "api_version"), "only applies to azure providers")
     return Provider(
         name=name, kind=kind, base_url=base_url, scheme=scheme, host=host, port=port,
         path_prefix=prefix, region=region, zone=zone, cluster=cluster,
-        credentials=tuple(cred_ids),
+        credentials=tuple(cred_ids), api_version=api_version,
     )
 
 

@@ -50,6 +50,25 @@ def free_port() -> int:
         return port
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A port for a Redis Cluster node: at most 55535, with port + 10000 (the cluster bus)
+    free too."""
+    for _ in range(200):
+        port = secrets.randbelow(55535 - 20000) + 20000
+        if _port_is_free(port) and _port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def _bin_dir() -> Path:
     return Path(sys.executable).parent
 
@@ -179,7 +198,7 @@ class Stack:
 
     def start_redis_cluster(self, masters: int = 3) -> list[int]:
         """`masters` cluster-enabled redis-servers joined into one cluster (no replicas)."""
-        ports = [self.start_redis(cluster=True)[1] for _ in range(masters)]
+        ports = [self.start_redis(free_cluster_port(), cluster=True)[1] for _ in range(masters)]
         redis_cli = str(Path(redis_server_binary()).with_name("redis-cli"))
         subprocess.run(
             [redis_cli, "--cluster", "create", *(f"{LOOPBACK}:{p}" for p in ports),

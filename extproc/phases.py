@@ -1,10 +1,12 @@
 """One `RequestProcessor` per ext_proc stream: one method per phase, plain types only.
 
-Request headers authenticate and strip client credentials; the request body picks the
-route and injects the provider key; response headers tag the response and map provider
-failures to gateway errors; response bodies are read for usage. `finish()` runs exactly
-once per stream, whatever happened (client abort, Envoy reset, timeout), and records the
-outcome.
+Request headers pick the front door (OpenAI or Anthropic dialect), authenticate and strip
+client credentials; the request body picks the route, reserves budget, translates the
+body for the provider and injects the provider key; response headers tag the response
+and choose how its body is read; response bodies are translated back to the client's
+dialect (chunk by chunk for SSE) and read for usage. `finish()` runs exactly once per
+stream, whatever happened (client abort, Envoy reset, timeout): it settles the budget,
+measures and logs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import metrics
@@ -39,25 +40,47 @@ from extproc.messages import (
 from extproc.routing import Route, select_route
 from extproc.runtime import Runtime
 from extproc.secrets import SecretUnavailable
-from extproc.translate.sse import SseDecoder
+from extproc.translate.base import (
+    Backend,
+    StreamTranslator,
+    Translator,
+    Usage,
+    front_door_for,
+    retry_after_headers,
+    translator_for,
+)
 
-__all__ = ["CHAT_COMPLETIONS_PATH", "CLUSTER_HEADER", "RequestProcessor", "Usage"]
+__all__ = ["CLUSTER_HEADER", "RequestProcessor"]
 
-CHAT_COMPLETIONS_PATH: Final = "/v1/chat/completions"
 CLUSTER_HEADER: Final = "x-asc-cluster"
 _GATEWAY_HEADER_PREFIX: Final = "x-asc-"
+_CLIENT_ONLY_HEADERS: Final = frozenset({
+    *CLIENT_CREDENTIAL_HEADERS,
+    # These would pick an account or API version of the *gateway's* provider key.
+    "openai-organization", "openai-project", "anthropic-version",
+})
 _JSON: Final = ("content-type", "application/json")
 _MAX_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
 _IMAGE_TOKEN_ESTIMATE: Final = 1_600
 """Tokens held per image part: images cost far more tokens than their URL has bytes."""
+_AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
+    Backend.OPENAI: ("authorization", "Bearer "),
+    Backend.OPENAI_COMPATIBLE: ("authorization", "Bearer "),
+    Backend.MISTRAL: ("authorization", "Bearer "),
+    Backend.AZURE: ("api-key", ""),
+    Backend.ANTHROPIC: ("x-api-key", ""),
+}
+
+_PROVIDER_ERROR_CODES: Final = {
+    400: ErrorCode.INVALID_REQUEST,
+    404: ErrorCode.NOT_FOUND,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    429: ErrorCode.RATE_LIMITED,
+    503: ErrorCode.UNAVAILABLE,
+}
+"""What a provider error (as mapped by the translator) is called in logs and metadata."""
 
 log = logging.getLogger("extproc.request")
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 class RequestProcessor:
@@ -81,10 +104,11 @@ class RequestProcessor:
         self.usage: Usage | None = None
         self.hold: Hold | None = None
         self.estimated_input_tokens = 0
-        self.streamed_chunks = 0
         self.charged_micro_usd: int | None = None
+        self._translator: Translator | None = None
+        self._stream: StreamTranslator | None = None
+        self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
-        self._sse: SseDecoder | None = None
         self._response_chunks: list[bytes] = []
         self._finished = False
         self._complete = False
@@ -115,7 +139,10 @@ class RequestProcessor:
         headers = message.headers
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
-        if path != CHAT_COMPLETIONS_PATH or method != "POST":
+        dialect = front_door_for(path)
+        if dialect is not None:
+            self.dialect = dialect
+        if dialect is None or method != "POST":
             raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
         key = presented_key(headers)
         if key is None:
@@ -135,7 +162,7 @@ class RequestProcessor:
         if message.end_of_stream:
             raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
         remove = [name for name in headers
-                  if name in CLIENT_CREDENTIAL_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)]
+                  if name in _CLIENT_ONLY_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)]
         return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED)
 
     # -- request body -----------------------------------------------------------------
@@ -165,7 +192,6 @@ class RequestProcessor:
                                param="model")
         route = select_route(self._config, principal.tenant, model)
         self.route = route
-        rewrite = route.deployment.model != model_name
         max_tokens = _max_tokens(request, principal.tenant.max_tokens
                                  or self._config.budgets.default_max_tokens)
         budget = principal.tenant.budget
@@ -173,7 +199,6 @@ class RequestProcessor:
             if not any(name in request for name in _MAX_TOKEN_FIELDS):
                 # The provider must not generate more than the hold covers.
                 request["max_tokens"] = max_tokens
-                rewrite = True
             self.estimated_input_tokens = estimate_input_tokens(len(message.body)) + (
                 _IMAGE_TOKEN_ESTIMATE * message.body.count(b'"image_url"'))
             price = route.model.price
@@ -183,19 +208,20 @@ class RequestProcessor:
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + max_tokens)
+        translator = translator_for(self.dialect, Backend(route.provider.kind))
+        self._translator = translator
+        upstream = translator.request(request, upstream_model=route.deployment.model,
+                                      api_version=route.provider.api_version)
         set_headers = [
             (CLUSTER_HEADER, route.provider.cluster),
-            (":path", route.provider.path_prefix + CHAT_COMPLETIONS_PATH),
+            (":path", route.provider.path_prefix + upstream.path),
+            *upstream.headers,
+            *self._provider_auth(route.provider),
+            ("content-length", str(len(upstream.body))),
         ]
-        set_headers.extend(self._provider_auth(route.provider))
-        body: bytes | None = None
-        if rewrite:
-            request["model"] = route.deployment.model
-            body = json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode()
-            set_headers.append(("content-length", str(len(body))))
         return Continue(
             set_headers=set_headers,
-            body=body,
+            body=upstream.body,
             clear_route_cache=True,
             metadata=self._metadata(),
         )
@@ -211,7 +237,8 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.UNAVAILABLE,
                                "No usable credential for the selected provider.") from None
         self.credential = credential
-        return [("authorization", "Bearer " + credential.secret.reveal())]
+        name, prefix = _AUTH_HEADER[Backend(provider.kind)]
+        return [(name, prefix + credential.secret.reveal())]
 
     # -- response headers -------------------------------------------------------------
 
@@ -221,24 +248,23 @@ class RequestProcessor:
         status = int(status_text) if status_text.isdigit() else 502
         self.upstream_status = status
         self.status = status
-        if self.route is None:  # Envoy's own reply (no route was chosen): tag it only.
+        if self._translator is None:  # Envoy's own reply (no route was chosen): tag it only.
             self._complete = True
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
+        self._upstream_headers = headers
         content_type = headers.get("content-type", "")
-        is_json = content_type.startswith("application/json")
-        if status in (401, 403):
-            raise GatewayError(ErrorCode.PROVIDER_ERROR,
-                               "The provider rejected the gateway's credential.")
-        if status >= 500 or (status >= 400 and not is_json):
-            raise GatewayError(ErrorCode.PROVIDER_ERROR,
-                               f"The provider failed with status {status}.")
+        if status >= 400:
+            if message.end_of_stream:
+                return self._provider_error(b"")
+            # The error body decides the client's status and message: read it whole.
+            return Continue(response_body_mode=BodyMode.BUFFERED)
         reply = Continue(set_headers=self._tag_headers())
         if message.end_of_stream:
             self._complete = True
         elif content_type.startswith("text/event-stream"):
-            self._sse = SseDecoder()
+            self._stream = self._translator.stream()
             reply.response_body_mode = BodyMode.STREAMED
-        elif is_json and status < 300:
+        elif content_type.startswith("application/json"):
             reply.response_body_mode = BodyMode.BUFFERED
         else:
             self._complete = True  # the body passes through without us
@@ -262,38 +288,47 @@ class RequestProcessor:
             self._first_byte_at = self._clock()
         if message.end_of_stream:
             self._complete = True
-        if self._sse is not None:
-            events = self._sse.feed(message.body)
+        if self._stream is not None:
+            out = self._stream.feed(message.body)
             if message.end_of_stream:
-                events.extend(self._sse.flush())
-            for event in events:
-                self._read_stream_event(event.data)
-        elif message.end_of_stream:
-            self._response_chunks.append(message.body)
-            self.usage = _usage_of(b"".join(self._response_chunks))
-            self._response_chunks.clear()
-            if self.usage is not None and self.route is not None:
-                # Buffered: the headers are still ours to change, so the cost goes on them.
-                cost = _usage_cost(self.route.model.price, self.usage)
-                return Continue(set_headers=[("x-asc-cost-usd", f"{cost / 1_000_000:.6f}")])
-        else:
-            self._response_chunks.append(message.body)
-        return Continue()
+                out += self._stream.flush()
+                self.usage = self._stream.usage
+            return Continue() if out == message.body else Continue(body=out)
+        self._response_chunks.append(message.body)
+        if not message.end_of_stream:
+            return Continue()
+        body = b"".join(self._response_chunks)
+        self._response_chunks.clear()
+        if self.upstream_status is not None and self.upstream_status >= 400:
+            return self._provider_error(body)
+        assert self._translator is not None
+        translated = self._translator.response(self.upstream_status or 200, body)
+        self.usage = translated.usage
+        # Buffered: the headers are still ours to change (length, cost).
+        set_headers = [] if translated.body == body else [
+            ("content-length", str(len(translated.body)))]
+        if self.usage is not None and self.route is not None:
+            cost = _usage_cost(self.route.model.price, self.usage)
+            set_headers.append(("x-asc-cost-usd", f"{cost / 1_000_000:.6f}"))
+        return Continue(set_headers=set_headers,
+                        body=None if translated.body == body else translated.body)
 
-    def _read_stream_event(self, data: str) -> None:
-        if data == "[DONE]":
-            return
-        if '"content"' in data:
-            self.streamed_chunks += 1
-        if '"usage"' not in data:
-            return
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return
-        usage = _usage_from_object(chunk)
-        if usage is not None:
-            self.usage = usage
+    def _provider_error(self, body: bytes) -> Respond:
+        """The provider's error, in the client's dialect, with the status the client gets."""
+        assert self._translator is not None
+        self._complete = True
+        status, translated = self._translator.error(self.upstream_status or 502, body,
+                                                    self._upstream_headers)
+        self.status = status
+        # Every reply of ours carries an error code: Envoy's local_reply_config keys on it.
+        self.error = _PROVIDER_ERROR_CODES.get(status, ErrorCode.PROVIDER_ERROR)
+        return Respond(
+            status=status,
+            body=translated,
+            headers=[_JSON, *self._tag_headers(), *retry_after_headers(self._upstream_headers)],
+            details=f"asc_provider_status_{self.upstream_status}",
+            metadata=self._metadata(),
+        )
 
     # -- end of stream ----------------------------------------------------------------
 
@@ -366,8 +401,8 @@ class RequestProcessor:
                 metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(
                     self._first_byte_at - self._started)
             if self.usage is not None:
-                metrics.TOKEN_USAGE.labels(*labels, "input").inc(self.usage.prompt_tokens)
-                metrics.TOKEN_USAGE.labels(*labels, "output").inc(self.usage.completion_tokens)
+                metrics.TOKEN_USAGE.labels(*labels, "input").inc(self.usage.input_tokens)
+                metrics.TOKEN_USAGE.labels(*labels, "output").inc(self.usage.output_tokens)
         log_event(
             log, logging.INFO, "request finished",
             request_id=self.request_id,
@@ -386,8 +421,12 @@ class RequestProcessor:
             stream=self.streaming,
             charged_micro_usd=self.charged_micro_usd,
             estimated_input_tokens=self.estimated_input_tokens or None,
-            prompt_tokens=self.usage.prompt_tokens if self.usage else None,
-            completion_tokens=self.usage.completion_tokens if self.usage else None,
+            dialect=self.dialect.value,
+            prompt_tokens=self.usage.input_tokens if self.usage else None,
+            cached_prompt_tokens=self.usage.cached_input_tokens if self.usage else None,
+            completion_tokens=self.usage.output_tokens if self.usage else None,
+            streamed_tokens=(self._stream.output_tokens_so_far
+                             if self._stream is not None else None),
             duration_ms=round(duration * 1000, 3),
         )
 
@@ -407,18 +446,23 @@ class RequestProcessor:
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
         elif self.upstream_status is not None:
-            usage = Usage(self.estimated_input_tokens, self.streamed_chunks)
+            streamed = self._stream.output_tokens_so_far if self._stream is not None else 0
+            usage = Usage(self.estimated_input_tokens, streamed)
         elif aborted and self.hold.reservation is not None:
             held = {g.unit: g.amount for g in self.hold.reservation.groups}
             return held.get("usd", 0), held.get("tokens", 0)
         else:
             return 0, 0
-        return _usage_cost(price, usage), usage.prompt_tokens + usage.completion_tokens
+        return _usage_cost(price, usage), usage.input_tokens + usage.output_tokens
 
 
 def _usage_cost(price: Price, usage: Usage) -> int:
-    return (cost_micro_usd(usage.prompt_tokens, price.input_micro_per_mtok)
-            + cost_micro_usd(usage.completion_tokens, price.output_micro_per_mtok))
+    """Cached prompt tokens at the cached price, the rest of the prompt and the output at
+    theirs; each part rounded up to a micro-USD."""
+    cached = min(usage.cached_input_tokens, usage.input_tokens)
+    return (cost_micro_usd(usage.input_tokens - cached, price.input_micro_per_mtok)
+            + cost_micro_usd(cached, price.cached_input_micro_per_mtok)
+            + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
 
 
 def _max_tokens(request: dict[str, Any], cap: int) -> int:
@@ -465,24 +509,3 @@ def _parse_chat_request(body: bytes) -> dict[str, Any]:
 def _reject_constant(name: str) -> Any:
     """NaN and Infinity are not JSON; Python's parser accepts them unless told not to."""
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _usage_of(body: bytes) -> Usage | None:
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return _usage_from_object(document)
-
-
-def _usage_from_object(document: object) -> Usage | None:
-    if not isinstance(document, dict):
-        return None
-    usage = document.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return Usage(prompt_tokens=max(prompt, 0), completion_tokens=max(completion, 0))

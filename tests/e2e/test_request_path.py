@@ -230,7 +230,9 @@ def test_provider_rate_limit_passes_through_with_retry_after(
 
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
-    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert response.json() == openai_error(
+        "Rate limit reached for requests. Please try again in 1s.", "rate_limit_error",
+        "rate_limited")
 
 
 def test_provider_connection_reset_is_a_json_gateway_error(
