@@ -32,6 +32,8 @@ __all__ = ["Breaker", "BudgetGuard", "Hold"]
 log = logging.getLogger("extproc.budgets")
 _MICRO: Final = 1_000_000
 _T = TypeVar("_T")
+_SETTLE_TIMEOUT_S: Final = 1.0
+_SETTLE_BACKOFF_S: Final = (0.0, 0.1, 0.5)
 
 
 @dataclass
@@ -107,11 +109,13 @@ class BudgetGuard:
         timeout_s: float,
         breaker: Breaker | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        settle_timeout_s: float = _SETTLE_TIMEOUT_S,
     ) -> None:
         self._ledger = ledger
         self._zone = ZoneInfo(timezone)
         self._timeout_s = timeout_s
         self._breaker = breaker or Breaker()
+        self._settle_timeout_s = max(timeout_s, settle_timeout_s)
         self._now = now
         self._local = _LocalCeiling()
 
@@ -154,14 +158,23 @@ class BudgetGuard:
         if hold.reservation is None:
             return 0
         actual = [_actual(group, cost_micro_usd, tokens) for group in hold.reservation.groups]
-        try:
-            return await self._guarded(self._ledger.settle(hold.reservation, actual))
-        except LedgerUnavailable as exc:
-            # The hold stays until the sweeper returns it; the real cost is then lost.
-            metrics.BUDGET_SETTLE_FAILURES.labels(hold.reservation.tag).inc()
-            log_event(log, logging.ERROR, "budget settle failed",
-                      request_id=hold.reservation.request_id, error=str(exc))
-            return 0
+        # Settling runs after the client has its answer: it gets a longer timeout and a few
+        # tries (it is idempotent), and it neither waits for nor trips the request breaker.
+        error = ""
+        for attempt, pause in enumerate(_SETTLE_BACKOFF_S):
+            await asyncio.sleep(pause)
+            try:
+                async with asyncio.timeout(self._settle_timeout_s):
+                    return await self._ledger.settle(hold.reservation, actual)
+            except TimeoutError:
+                error = f"redis: timeout (attempt {attempt + 1})"
+            except LedgerUnavailable as exc:
+                error = f"{exc} (attempt {attempt + 1})"
+        # The hold stays until the sweeper returns it; the real cost is then lost.
+        metrics.BUDGET_SETTLE_FAILURES.labels(hold.reservation.tag).inc()
+        log_event(log, logging.ERROR, "budget settle failed",
+                  request_id=hold.reservation.request_id, error=error)
+        return 0
 
     async def sweep(self, tag: str) -> int:
         return await self._guarded(self._ledger.sweep(tag))

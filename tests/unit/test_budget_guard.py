@@ -472,27 +472,31 @@ async def test_settle_of_a_hold_without_reservation_is_a_no_op(
     assert ledger.settle_calls == []
 
 
-async def test_settle_when_the_ledger_is_down_returns_zero(
+async def test_settle_when_the_ledger_is_down_retries_and_returns_zero(
     guard: BudgetGuard, ledger: FakeLedger, breaker: Breaker,
 ) -> None:
     hold = await reserve(guard)
     ledger.down()
-    for _ in range(3):
-        assert await guard.settle(hold, cost_micro_usd=1, tokens=1, budget=None) == 0
-    assert len(ledger.settle_calls) == 3
-    assert is_open(breaker)  # settle failures count too
-    # Breaker open: no ledger call, still no exception.
     assert await guard.settle(hold, cost_micro_usd=1, tokens=1, budget=None) == 0
-    assert len(ledger.settle_calls) == 3
+    assert len(ledger.settle_calls) == 3  # idempotent, so retried
+    # Settling is off the request path: it neither trips nor waits for the breaker.
+    assert not is_open(breaker)
+    for _ in range(3):
+        breaker.failure()
+    assert await guard.settle(hold, cost_micro_usd=1, tokens=1, budget=None) == 0
+    assert len(ledger.settle_calls) == 6
 
 
-async def test_settle_timeout_returns_zero(ledger: FakeLedger, breaker: Breaker) -> None:
+async def test_settle_timeout_retries_and_returns_zero(
+    ledger: FakeLedger, breaker: Breaker,
+) -> None:
     guard = BudgetGuard(ledger, timezone="UTC", timeout_s=0.01, breaker=breaker,
-                        now=lambda: NOON)
+                        now=lambda: NOON, settle_timeout_s=0.02)
     hold = await reserve(guard)
     ledger.delay_s = 5.0
     assert await guard.settle(hold, cost_micro_usd=1, tokens=1, budget=None) == 0
-    assert len(ledger.settle_calls) == 1
+    assert len(ledger.settle_calls) == 3
+    assert not is_open(breaker)
 
 
 async def test_sweep_goes_through_the_breaker(
