@@ -55,14 +55,17 @@ _MICRO: Final = Decimal(1_000_000)
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
 
 SCHEMA: Final[dict[str, tuple[str, ...]]] = {
-    "": ("version", "auth", "limits", "redis", "budgets", "credentials", "providers", "models",
-         "orgs", "tenants"),
+    "": ("version", "auth", "limits", "redis", "budgets", "secrets", "credentials", "providers",
+         "models", "orgs", "tenants"),
     "auth": ("pepper",),
     "auth.pepper": ("env", "file"),
+    "secrets": ("kek", "cache_ttl_s", "max_age_s", "state_ttl_s", "rollback_after"),
+    "secrets.kek": ("backend", "path", "url", "mount", "key", "token", "role_id",
+                    "secret_id"),
     "limits": ("max_body_bytes",),
     "redis": ("url", "cluster", "timeout_ms"),
     "budgets": ("timezone", "hold_ttl_s", "default_max_tokens"),
-    "credentials.<id>": ("env", "file"),
+    "credentials.<id>": ("env", "file", "keyring", "weight"),
     "providers.<name>": ("kind", "base_url", "region", "zone", "cluster", "credentials",
                          "api_version"),
     "models.<name>": ("price", "deployments"),
@@ -71,7 +74,7 @@ SCHEMA: Final[dict[str, tuple[str, ...]]] = {
     "orgs.<id>": ("budgets",),
     "orgs.<id>.budgets[]": ("window", "period_s", "limit_usd"),
     "tenants.<id>": ("zone", "keys", "models", "routing", "org", "budgets", "rate_limits",
-                     "on_redis_error", "fail_open_ceiling_usd", "max_tokens"),
+                     "on_redis_error", "fail_open_ceiling_usd", "max_tokens", "credentials"),
     "tenants.<id>.budgets[]": ("scope", "key", "model", "window", "period_s", "limit_usd"),
     "tenants.<id>.rate_limits": ("rpm", "tpm"),
     "tenants.<id>.keys[]": ("id", "hash"),
@@ -105,11 +108,36 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CredentialRef:
-    """Where a secret lives; never the secret itself. Exactly one of env / file is set."""
+    """Where a secret lives; never the secret itself. Exactly one of env / file / keyring."""
 
     id: str
     env: str | None = None
     file: Path | None = None
+    keyring: bool = False
+    """Sealed versions in the envelope-encrypted keyring (`extproc keys add`)."""
+    weight: int = 1
+    """Share of a provider's traffic among its healthy credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class KekSettings:
+    backend: str
+    path: Path | None = None
+    url: str | None = None
+    mount: str = "transit"
+    key: str = "asc-kek"
+    token: CredentialRef | None = None
+    role_id: str | None = None
+    secret_id: CredentialRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SecretsSettings:
+    kek: KekSettings | None = None
+    cache_ttl_s: int = 300
+    max_age_s: int = 3600
+    state_ttl_s: float = 1.0
+    rollback_after: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +194,8 @@ class Tenant:
     pins: Mapping[str, str] = field(default_factory=dict)
     budget: TenantBudget | None = None
     """None when the tenant has no budgets and no rate limits: no Redis call at all."""
+    own_credentials: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """BYOK: provider name -> this tenant's own keyring credentials (scope tenant:<id>)."""
     max_tokens: int | None = None
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
 
@@ -196,6 +226,7 @@ class GatewayConfig:
     limits: Limits
     redis: RedisSettings | None
     budgets: BudgetSettings
+    secrets: SecretsSettings
     credentials: Mapping[str, CredentialRef]
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
@@ -336,7 +367,7 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
 
     auth = check.mapping(doc.get("auth"), "auth")
     check.unknown(auth, "auth", SCHEMA["auth"])
-    pepper = _credential_ref("pepper", auth.get("pepper"), "auth.pepper", check, base_dir)
+    pepper = _secret_ref("pepper", auth.get("pepper"), "auth.pepper", check, base_dir)
 
     limits_raw = check.mapping(doc.get("limits"), "limits", required=False)
     check.unknown(limits_raw, "limits", SCHEMA["limits"])
@@ -352,9 +383,17 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     for cred_id, cred_raw in check.mapping(doc.get("credentials"), "credentials",
                                            required=False).items():
         check.name(cred_id, _join("credentials", cred_id))
-        credentials[cred_id] = _credential_ref(
+        credentials[cred_id] = _provider_credential(
             cred_id, cred_raw, _join("credentials", cred_id), check, base_dir
         )
+    secrets_settings = _secrets(doc.get("secrets"), check, base_dir)
+    if any(ref.keyring for ref in credentials.values()):
+        if secrets_settings.kek is None:
+            check.add("secrets.kek", "keyring credentials need a KEK",
+                      "e.g. {backend: file, path: kek.key} (extproc keys init-kek)")
+        if redis is None:
+            check.add("redis", "keyring credentials need Redis (where sealed keys live)",
+                      "set redis.url")
 
     providers: dict[str, Provider] = {}
     for name, prov_raw in check.mapping(doc.get("providers"), "providers").items():
@@ -389,7 +428,9 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     seen_hashes: dict[str, str] = {}
     for tenant_id, tenant_raw in check.mapping(doc.get("tenants"), "tenants").items():
         tenant = _tenant(tenant_id, tenant_raw, check, models, providers, seen_hashes)
-        tenants[tenant_id] = _with_budget(tenant, tenant_raw, check, orgs, budget_settings)
+        tenant = _with_budget(tenant, tenant_raw, check, orgs, budget_settings)
+        tenants[tenant_id] = _with_own_credentials(tenant, tenant_raw, check, providers,
+                                                   credentials)
         if tenants[tenant_id].budget is not None and redis is None:
             check.add(_join("tenants", tenant_id), "budgets and rate limits need Redis",
                       "set redis.url")
@@ -400,6 +441,7 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
         limits=Limits(max_body_bytes=max_body),
         redis=redis,
         budgets=budget_settings,
+        secrets=secrets_settings,
         credentials=credentials,
         providers=providers,
         models=models,
@@ -407,11 +449,13 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     )
 
 
-def _credential_ref(
-    ref_id: str, raw_value: object, path: str, check: _Checker, base_dir: Path
+def _secret_ref(
+    ref_id: str, raw_value: object, path: str, check: _Checker, base_dir: Path,
+    extra_fields: tuple[str, ...] = (),
 ) -> CredentialRef:
+    """An `{env: NAME}` or `{file: PATH}` reference (relative paths: to the config file)."""
     raw = check.mapping(raw_value, path)
-    check.unknown(raw, path, SCHEMA["credentials.<id>"])
+    check.unknown(raw, path, ("env", "file", *extra_fields))
     env = raw.get("env")
     file = raw.get("file")
     if (env is None) == (file is None):
@@ -425,10 +469,76 @@ def _credential_ref(
     if not isinstance(file, str) or not file:
         check.add(_join(path, "file"), "must be a file path")
         return CredentialRef(ref_id)
-    file_path = Path(file)
-    if not file_path.is_absolute():
-        file_path = base_dir / file_path
-    return CredentialRef(ref_id, file=file_path)
+    return CredentialRef(ref_id, file=_relative_to(base_dir, file))
+
+
+def _relative_to(base_dir: Path, file: str) -> Path:
+    path = Path(file)
+    return path if path.is_absolute() else base_dir / path
+
+
+def _provider_credential(
+    ref_id: str, raw_value: object, path: str, check: _Checker, base_dir: Path
+) -> CredentialRef:
+    raw = check.mapping(raw_value, path)
+    weight = _int_field(raw, "weight", path, check, low=0, high=1000, default=1)
+    if "keyring" in raw:
+        check.unknown(raw, path, ("keyring", "weight"))
+        if raw["keyring"] is not True:
+            check.add(_join(path, "keyring"), "must be true",
+                      "or use {env: ...} / {file: ...} for a plain reference")
+        return CredentialRef(ref_id, keyring=True, weight=1 if weight is None else weight)
+    fields = {k: v for k, v in raw.items() if k != "weight"}
+    ref = _secret_ref(ref_id, fields, path, check, base_dir)
+    return replace(ref, weight=1 if weight is None else weight)
+
+
+def _secrets(raw_value: object, check: _Checker, base_dir: Path) -> SecretsSettings:
+    raw = check.mapping(raw_value, "secrets", required=False)
+    check.unknown(raw, "secrets", SCHEMA["secrets"])
+    kek = None
+    if "kek" in raw:
+        kek_raw = check.mapping(raw["kek"], "secrets.kek")
+        check.unknown(kek_raw, "secrets.kek", SCHEMA["secrets.kek"])
+        backend = kek_raw.get("backend")
+        if backend == "file":
+            file = check.string(kek_raw, "path", "secrets.kek")
+            kek = KekSettings(backend="file", path=_relative_to(base_dir, file) if file
+                              else None)
+        elif backend == "transit":
+            url = check.string(kek_raw, "url", "secrets.kek")
+            token = (_secret_ref("token", kek_raw["token"], "secrets.kek.token", check,
+                                 base_dir) if "token" in kek_raw else None)
+            role_id = check.string(kek_raw, "role_id", "secrets.kek", required=False) or None
+            secret_id = (_secret_ref("secret_id", kek_raw["secret_id"],
+                                     "secrets.kek.secret_id", check, base_dir)
+                         if "secret_id" in kek_raw else None)
+            if (token is None) == (role_id is None):
+                check.add("secrets.kek", "transit needs exactly one of `token` or "
+                          "`role_id` + `secret_id`")
+            elif role_id is not None and secret_id is None:
+                check.add("secrets.kek.secret_id", "is required with role_id")
+            kek = KekSettings(
+                backend="transit", url=url,
+                mount=check.string(kek_raw, "mount", "secrets.kek", required=False)
+                or "transit",
+                key=check.string(kek_raw, "key", "secrets.kek", required=False) or "asc-kek",
+                token=token, role_id=role_id, secret_id=secret_id)
+        else:
+            check.add("secrets.kek.backend", f"unknown KEK backend {backend!r}",
+                      "file or transit")
+    defaults = SecretsSettings()
+    return SecretsSettings(
+        kek=kek,
+        cache_ttl_s=_int_field(raw, "cache_ttl_s", "secrets", check, low=1, high=86_400,
+                               default=defaults.cache_ttl_s) or defaults.cache_ttl_s,
+        max_age_s=_int_field(raw, "max_age_s", "secrets", check, low=1, high=30 * 86_400,
+                             default=defaults.max_age_s) or defaults.max_age_s,
+        state_ttl_s=(_int_field(raw, "state_ttl_s", "secrets", check, low=1, high=60,
+                                default=1) or 1) * 1.0,
+        rollback_after=_int_field(raw, "rollback_after", "secrets", check, low=1,
+                                  high=1000, default=3) or 3,
+    )
 
 
 def _provider(
@@ -483,7 +593,7 @@ def _provider(
                 cred_ids.append(cred_id)
     if kind and kind != "openai_compatible" and not creds_raw:
         check.add(_join(path, "credentials"),
-                  f"a {kind} provider needs at least one credential")
+                  f"{kind} providers need at least one credential")
     api_version = check.string(raw, "api_version", path, required=False) or None
     if api_version is not None and kind != "azure":
         check.add(_join(path, "api_version"), "only applies to azure providers")
@@ -752,3 +862,30 @@ def _with_budget(tenant: Tenant, raw_value: object, check: _Checker,
                               rate_limits=rate_limits, fail_open=mode == "fail_open",
                               fail_open_ceiling_micro_usd=ceiling)
     return replace(tenant, budget=budget, max_tokens=max_tokens)
+
+
+def _with_own_credentials(tenant: Tenant, raw_value: object, check: _Checker,
+                          providers: Mapping[str, Provider],
+                          credentials: Mapping[str, CredentialRef]) -> Tenant:
+    """BYOK: `credentials: {<provider>: [<keyring credential>, ...]}` on a tenant."""
+    raw = raw_value if isinstance(raw_value, dict) else {}
+    path = _join(_join("tenants", tenant.id), "credentials")
+    own: dict[str, tuple[str, ...]] = {}
+    for provider, ids in check.mapping(raw.get("credentials"), path, required=False).items():
+        here = _join(path, provider)
+        if provider not in providers:
+            check.add(here, f"unknown provider {provider!r}")
+            continue
+        if not isinstance(ids, list) or not ids:
+            check.add(here, "must be a non-empty list of credential ids")
+            continue
+        for index, cred_id in enumerate(ids):
+            ref = credentials.get(cred_id) if isinstance(cred_id, str) else None
+            if ref is None:
+                check.add(_join(here, index), f"unknown credential {cred_id!r}")
+            elif not ref.keyring:
+                check.add(_join(here, index), f"credential {cred_id!r} is not a keyring "
+                          "credential", "a tenant's own key must be sealed for its scope: "
+                          "{keyring: true} and `extproc keys add --scope tenant:<id>`")
+        own[provider] = tuple(str(c) for c in ids)
+    return replace(tenant, own_credentials=own)

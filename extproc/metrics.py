@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "BUDGET_RESERVATIONS",
     "BUDGET_SETTLE_FAILURES",
     "BUDGET_SPENT",
     "CONFIG_RELOADS",
+    "CREDENTIAL_ROLLBACKS",
+    "CREDENTIAL_STALE_SERVES",
+    "CREDENTIAL_STATE",
     "PHASE_SECONDS",
     "POLICY_DENIALS",
     "REQUESTS",
@@ -71,6 +74,23 @@ BUDGET_SETTLE_FAILURES: Final = Counter(
     "asc_budget_settle_failures",
     "Settles that could not reach the ledger; their holds wait for the sweeper.",
     ["tag"],
+)
+CREDENTIAL_STATE: Final = Gauge(
+    "asc_credential_state",
+    "1 for the current circuit state of each provider credential (closed, degraded, "
+    "open, half_open), else 0.",
+    ["credential", "state"],
+    multiprocess_mode="max",
+)
+CREDENTIAL_ROLLBACKS: Final = Counter(
+    "asc_credential_rollbacks",
+    "Canary key versions rolled back automatically after provider 401/403.",
+    ["credential"],
+)
+CREDENTIAL_STALE_SERVES: Final = Counter(
+    "asc_credential_stale_serves",
+    "Requests served with a cached key while the KMS or key store was unreachable.",
+    ["credential"],
 )
 CONFIG_RELOADS: Final = Counter(
     "asc_config_reloads",

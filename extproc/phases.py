@@ -24,6 +24,7 @@ from extproc.budgets.guard import Hold
 from extproc.budgets.policy import estimate_input_tokens, worst_case_cost
 from extproc.config import Price, Provider, cost_micro_usd
 from extproc.credentials import ResolvedCredential
+from extproc.credentials.selection import Selected
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.logs import log_event
 from extproc.messages import (
@@ -106,6 +107,7 @@ class RequestProcessor:
         self.estimated_input_tokens = 0
         self.charged_micro_usd: int | None = None
         self._translator: Translator | None = None
+        self._selected: Selected | None = None
         self._stream: StreamTranslator | None = None
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
@@ -195,10 +197,17 @@ class RequestProcessor:
         max_tokens = _max_tokens(request, principal.tenant.max_tokens
                                  or self._config.budgets.default_max_tokens)
         budget = principal.tenant.budget
+        if budget is not None and not any(name in request for name in _MAX_TOKEN_FIELDS):
+            # The provider must not generate more than the hold covers.
+            request["max_tokens"] = max_tokens
+        # Everything that can refuse the request without side effects comes first:
+        # translation (400s), then the key (503); the budget hold is the last step.
+        translator = translator_for(self.dialect, Backend(route.provider.kind))
+        self._translator = translator
+        upstream = translator.request(request, upstream_model=route.deployment.model,
+                                      api_version=route.provider.api_version)
+        auth = await self._provider_auth(route.provider, principal)
         if budget is not None:
-            if not any(name in request for name in _MAX_TOKEN_FIELDS):
-                # The provider must not generate more than the hold covers.
-                request["max_tokens"] = max_tokens
             self.estimated_input_tokens = estimate_input_tokens(len(message.body)) + (
                 _IMAGE_TOKEN_ESTIMATE * message.body.count(b'"image_url"'))
             price = route.model.price
@@ -208,15 +217,11 @@ class RequestProcessor:
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + max_tokens)
-        translator = translator_for(self.dialect, Backend(route.provider.kind))
-        self._translator = translator
-        upstream = translator.request(request, upstream_model=route.deployment.model,
-                                      api_version=route.provider.api_version)
         set_headers = [
             (CLUSTER_HEADER, route.provider.cluster),
             (":path", route.provider.path_prefix + upstream.path),
             *upstream.headers,
-            *self._provider_auth(route.provider),
+            *auth,
             ("content-length", str(len(upstream.body))),
         ]
         return Continue(
@@ -226,19 +231,22 @@ class RequestProcessor:
             metadata=self._metadata(),
         )
 
-    def _provider_auth(self, provider: Provider) -> list[tuple[str, str]]:
-        if not provider.credentials:
-            return []
+    async def _provider_auth(self, provider: Provider,
+                             principal: Principal) -> list[tuple[str, str]]:
         try:
-            credential = self._runtime.keys.credential(provider.credentials[0])
-        except SecretUnavailable:
+            selected = await self._runtime.keys.for_request(
+                provider, principal.tenant, bucket=int(self.request_id[:8], 16) % 100)
+        except SecretUnavailable as exc:
             log_event(log, logging.ERROR, "provider credential unavailable",
-                      request_id=self.request_id, provider=provider.name)
+                      request_id=self.request_id, provider=provider.name, reason=str(exc))
             raise GatewayError(ErrorCode.UNAVAILABLE,
                                "No usable credential for the selected provider.") from None
-        self.credential = credential
+        if selected is None:
+            return []
+        self._selected = selected
+        self.credential = selected.credential
         name, prefix = _AUTH_HEADER[Backend(provider.kind)]
-        return [(name, prefix + credential.secret.reveal())]
+        return [(name, prefix + selected.credential.secret.reveal())]
 
     # -- response headers -------------------------------------------------------------
 
@@ -252,6 +260,8 @@ class RequestProcessor:
             self._complete = True
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
+        if self._selected is not None:
+            await self._runtime.keys.report(self._selected, status)
         content_type = headers.get("content-type", "")
         if status >= 400:
             if message.end_of_stream:

@@ -1,51 +1,76 @@
 """Everything a request needs, compiled from one config: immutable and swapped whole.
 
 A stream takes the runtime current at its start and uses it to the end, so a hot reload
-never changes the rules in the middle of a request.
+never changes the rules in the middle of a request. What holds live state - the Redis
+client, the budget breaker, the keyring's decrypted-key cache, key pool health - carries
+over to the new runtime when its settings did not change.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from extproc.auth import TenantDirectory
 from extproc.budgets.guard import BudgetGuard
 from extproc.budgets.ledger import RedisLedger, redis_client
-from extproc.config import GatewayConfig
-from extproc.credentials import KeyProvider, StaticKeyProvider
-from extproc.secrets import resolve_secret
+from extproc.config import GatewayConfig, KekSettings
+from extproc.credentials import StaticKeyProvider
+from extproc.credentials.kek import (
+    AppRoleAuth,
+    FileKek,
+    KekBackend,
+    KekError,
+    TokenAuth,
+    TransitKek,
+)
+from extproc.credentials.keyring import Keyring, KeyStore
+from extproc.credentials.pools import CredentialPool
+from extproc.credentials.selection import ProviderKeys
+from extproc.secrets import SecretUnavailable, resolve_secret
 
-__all__ = ["Runtime", "RuntimeHolder"]
+__all__ = ["Runtime", "RuntimeHolder", "kek_from_settings"]
 
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
     config: GatewayConfig
     tenants: TenantDirectory
-    keys: KeyProvider
+    keys: ProviderKeys
     budgets: BudgetGuard | None = None
+    redis: Any = None
 
     @classmethod
     def build(cls, config: GatewayConfig, environ: dict[str, str] | None = None,
               previous: Runtime | None = None) -> Runtime:
-        """Resolve the pepper and provider keys; raises `SecretUnavailable` if one is missing.
-
-        The Redis client and breaker carry over from `previous` when the Redis and budget
-        settings did not change, so a reload does not drop connections or breaker state.
-        """
+        """Resolve the pepper and provider keys; raises `SecretUnavailable` if one is missing."""
         pepper = resolve_secret(config.pepper, environ)
-        budgets = None
+        same_redis = previous is not None and previous.config.redis == config.redis
+        redis = None
         if config.redis is not None:
-            same = (previous is not None and previous.budgets is not None
-                    and previous.config.redis == config.redis
+            redis = previous.redis if same_redis and previous else redis_client(config.redis)
+        budgets = None
+        if redis is not None and config.redis is not None:
+            keep = (same_redis and previous is not None and previous.budgets is not None
                     and previous.config.budgets == config.budgets)
-            budgets = previous.budgets if same and previous else _budget_guard(config)
-        return cls(
-            config=config,
-            tenants=TenantDirectory(config, pepper),
-            keys=StaticKeyProvider.from_config(config, environ),
-            budgets=budgets,
-        )
+            budgets = previous.budgets if keep and previous else BudgetGuard(
+                RedisLedger(redis, hold_ttl_s=config.budgets.hold_ttl_s),
+                timezone=config.budgets.timezone, timeout_s=config.redis.timeout_ms / 1000)
+        keyring = None
+        if redis is not None and config.secrets.kek is not None:
+            previous_keyring = previous.keys.keyring if previous else None
+            keep = (same_redis and previous is not None and previous_keyring is not None
+                    and previous.config.secrets == config.secrets)
+            keyring = previous_keyring if keep else Keyring(
+                KeyStore(redis), kek_from_settings(config.secrets.kek, environ),
+                cache_ttl_s=config.secrets.cache_ttl_s, max_age_s=config.secrets.max_age_s,
+                state_ttl_s=config.secrets.state_ttl_s,
+                rollback_after=config.secrets.rollback_after)
+        pool = previous.keys.pool if previous else CredentialPool()
+        keys = ProviderKeys(config.credentials, StaticKeyProvider.from_config(config, environ),
+                            keyring, pool)
+        return cls(config=config, tenants=TenantDirectory(config, pepper), keys=keys,
+                   budgets=budgets, redis=redis)
 
     def budget_guard(self) -> BudgetGuard:
         if self.budgets is None:  # config validation requires redis for any budget
@@ -53,12 +78,24 @@ class Runtime:
         return self.budgets
 
 
-def _budget_guard(config: GatewayConfig) -> BudgetGuard:
-    settings = config.redis
-    assert settings is not None
-    ledger = RedisLedger(redis_client(settings), hold_ttl_s=config.budgets.hold_ttl_s)
-    return BudgetGuard(ledger, timezone=config.budgets.timezone,
-                       timeout_s=settings.timeout_ms / 1000)
+def kek_from_settings(settings: KekSettings, environ: dict[str, str] | None = None
+                      ) -> KekBackend:
+    if settings.backend == "file":
+        if settings.path is None:
+            raise SecretUnavailable("secrets.kek.path is not set")
+        try:
+            return FileKek.load(settings.path)
+        except KekError as exc:
+            raise SecretUnavailable(str(exc)) from None
+    if settings.url is None:
+        raise SecretUnavailable("secrets.kek.url is not set")
+    if settings.token is not None:
+        auth: TokenAuth | AppRoleAuth = TokenAuth(resolve_secret(settings.token, environ))
+    elif settings.role_id is not None and settings.secret_id is not None:
+        auth = AppRoleAuth(settings.role_id, resolve_secret(settings.secret_id, environ))
+    else:
+        raise SecretUnavailable("secrets.kek needs a token or an AppRole")
+    return TransitKek(settings.url, settings.key, auth=auth, mount_point=settings.mount)
 
 
 class RuntimeHolder:

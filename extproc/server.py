@@ -27,11 +27,13 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.exceptions import RedisError
 
 from extproc import envoy, metrics
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, load_config
+from extproc.credentials.keyring import listen_for_changes
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
@@ -153,6 +155,34 @@ async def _sweep_holds(holder: RuntimeHolder, interval: float) -> None:
                           tag=tag, count=swept)
 
 
+async def _sync_keys(holder: RuntimeHolder) -> None:
+    """Follow key rotations published by any replica, and share key pool health."""
+    runtime = holder.current
+    listener: asyncio.Task[None] | None = None
+    if runtime.redis is not None and runtime.config.redis and not runtime.config.redis.cluster:
+
+        def invalidate(scope: str, credential: str) -> None:
+            keyring = holder.current.keys.keyring
+            if keyring is not None:
+                keyring.invalidate(scope, credential)
+
+        listener = asyncio.create_task(listen_for_changes(runtime.redis, invalidate))
+    try:
+        while True:
+            await asyncio.sleep(1.0)
+            runtime = holder.current
+            if runtime.redis is None:
+                continue
+            try:
+                await runtime.keys.pool.sync(runtime.redis)
+            except (RedisError, OSError) as exc:
+                log_event(log, logging.WARNING, "key pool health sync failed",
+                          error=type(exc).__name__)
+    finally:
+        if listener is not None:
+            listener.cancel()
+
+
 def _split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
@@ -186,6 +216,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     watcher = asyncio.create_task(reloader.watch(options.watch_interval))
     sweeper = asyncio.create_task(_sweep_holds(holder, options.sweep_interval))
+    key_sync = asyncio.create_task(_sync_keys(holder))
     log_event(log, logging.INFO, "extproc serving", listen=options.listen, pid=os.getpid(),
               metrics=None if supervised else options.metrics_listen)
     await stop.wait()
@@ -193,6 +224,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     await health_servicer.enter_graceful_shutdown()
     watcher.cancel()
     sweeper.cancel()
+    key_sync.cancel()
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
     log_event(log, logging.INFO, "stopped")

@@ -42,7 +42,8 @@ class StaticKeyProvider:
         cls, config: GatewayConfig, environ: dict[str, str] | None = None
     ) -> StaticKeyProvider:
         """Resolve every referenced credential; raise `SecretUnavailable` naming the first gap."""
-        used = {cred for provider in config.providers.values() for cred in provider.credentials}
+        used = {cred for provider in config.providers.values() for cred in provider.credentials
+                if not config.credentials[cred].keyring}
         resolved = {
             cred_id: ResolvedCredential(cred_id, 1, resolve_secret(config.credentials[cred_id],
                                                                    environ))

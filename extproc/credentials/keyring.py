@@ -1,0 +1,284 @@
+"""Envelope-encrypted provider keys: the Redis store, and the in-process keyring cache.
+
+`KeyStore` keeps, per credential (scope + id), its sealed versions and its lifecycle
+`KeyState` in Redis, and publishes every change on one pub/sub channel. `Keyring` answers
+"which key goes on this request" from memory:
+
+* the state (which version is active / canary) is cached for `state_ttl_s` and dropped at
+  once when a change is published, so every replica follows a rotation within about a
+  second, and within `state_ttl_s` even if a pub/sub message is lost;
+* a decrypted key is cached for `cache_ttl_s`; after that it is unwrapped again. When the
+  KMS (or Redis) is down the cached key keeps serving until `max_age_s` after its last
+  successful unwrap, then requests fail closed (503);
+* a revoked version is dropped from the cache and never returned again;
+* provider 401/403 answers to a canary version count towards an automatic rollback.
+
+The plaintext exists only here, in memory, inside `Secret`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+from redis import exceptions as redis_errors
+
+from extproc import metrics
+from extproc.credentials.envelope import EnvelopeError, SealedSecret, open_sealed, seal
+from extproc.credentials.kek import KekBackend, KekError
+from extproc.credentials.rotation import KeyState, RotationError, choose_version, rollback
+from extproc.credentials.static import ResolvedCredential
+from extproc.logs import log_event
+from extproc.secrets import Secret, SecretUnavailable
+
+__all__ = ["CHANGES_CHANNEL", "KeyStore", "Keyring", "StoreUnavailable", "listen_for_changes"]
+
+CHANGES_CHANNEL: Final = "asc:cred:changes"
+log = logging.getLogger("extproc.credentials")
+
+
+async def listen_for_changes(client: Any, on_change: Callable[[str, str], None]) -> None:
+    """Call `on_change(scope, credential)` for every published key change (runs forever).
+
+    Reconnects after a second on Redis errors; the keyring's `state_ttl_s` bounds how stale
+    a replica can be meanwhile. (Redis Cluster's asyncio client has no pub/sub: there the
+    state TTL alone bounds propagation.)
+    """
+    while True:
+        try:
+            pubsub = client.pubsub()
+            await pubsub.subscribe(CHANGES_CHANNEL)
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                data = message["data"]
+                text = data.decode() if isinstance(data, bytes) else str(data)
+                scope, _, credential = text.rpartition("/")
+                on_change(scope, credential)
+        except (redis_errors.RedisError, OSError):
+            await asyncio.sleep(1.0)
+
+
+class StoreUnavailable(Exception):
+    """Redis could not be reached for the key store; the message is safe to log."""
+
+
+def _base(scope: str, credential: str) -> str:
+    # One hash tag per credential: its versions and state live in one cluster slot.
+    return f"asc:cred:{{{scope}/{credential}}}"
+
+
+class KeyStore:
+    """Sealed versions and lifecycle state of keyring credentials, in Redis."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def state(self, scope: str, credential: str) -> KeyState:
+        raw = await self._call(self._client.hget(f"{_base(scope, credential)}:state", "state"))
+        return _state_from_json(raw)
+
+    async def record(self, scope: str, credential: str, version: int) -> SealedSecret | None:
+        raw = await self._call(
+            self._client.hget(f"{_base(scope, credential)}:versions", str(version)))
+        return None if raw is None else SealedSecret.from_json(raw)
+
+    async def records(self, scope: str, credential: str) -> list[SealedSecret]:
+        raw = await self._call(self._client.hgetall(f"{_base(scope, credential)}:versions"))
+        return sorted((SealedSecret.from_json(v) for v in raw.values()), key=lambda r: r.version)
+
+    async def next_version(self, scope: str, credential: str) -> int:
+        return int(await self._call(
+            self._client.hincrby(f"{_base(scope, credential)}:meta", "next_version", 1)))
+
+    async def put_record(self, record: SealedSecret) -> None:
+        key = f"{_base(record.scope, record.key_id)}:versions"
+        await self._call(self._client.hset(key, str(record.version), record.to_json()))
+
+    async def transition(self, scope: str, credential: str,
+                         change: Callable[[KeyState], KeyState]) -> KeyState:
+        """Apply `change` atomically (optimistic: retried when another writer raced us)."""
+        key = f"{_base(scope, credential)}:state"
+        for _ in range(20):
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    current = _state_from_json(await pipe.hget(key, "state"))
+                    new = change(current)
+                    pipe.multi()
+                    pipe.hset(key, "state", json.dumps(asdict(new), sort_keys=True))
+                    await pipe.execute()
+            except redis_errors.WatchError:
+                continue
+            except (redis_errors.RedisError, OSError) as exc:
+                raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            await self.publish(scope, credential)
+            return new
+        raise StoreUnavailable("redis: too much contention on the key state")
+
+    async def publish(self, scope: str, credential: str) -> None:
+        await self._call(self._client.publish(CHANGES_CHANNEL, f"{scope}/{credential}"))
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (redis_errors.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+
+
+def _state_from_json(raw: str | bytes | None) -> KeyState:
+    if raw is None:
+        return KeyState()
+    data = json.loads(raw)
+    for name in ("staged", "retiring", "revoked", "failed"):
+        data[name] = tuple(data.get(name, ()))
+    return KeyState(**data)
+
+
+@dataclass(slots=True)
+class _CachedState:
+    state: KeyState
+    fetched_at: float
+
+
+@dataclass(slots=True)
+class _CachedSecret:
+    secret: Secret
+    unwrapped_at: float
+    """Last successful unwrap; serving stops `max_age_s` after it."""
+    checked_at: float
+
+
+class Keyring:
+    def __init__(
+        self,
+        store: KeyStore,
+        kek: KekBackend,
+        *,
+        cache_ttl_s: float = 300.0,
+        max_age_s: float = 3600.0,
+        state_ttl_s: float = 1.0,
+        rollback_after: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._kek = kek
+        self._cache_ttl_s = cache_ttl_s
+        self._max_age_s = max_age_s
+        self._state_ttl_s = state_ttl_s
+        self._rollback_after = rollback_after
+        self._clock = clock
+        self._states: dict[tuple[str, str], _CachedState] = {}
+        self._secrets: dict[tuple[str, str, int], _CachedSecret] = {}
+        self._canary_failures: dict[tuple[str, str, int], int] = {}
+
+    @property
+    def store(self) -> KeyStore:
+        return self._store
+
+    async def credential(self, credential_id: str, *, scope: str = "global",
+                         bucket: int = 0) -> ResolvedCredential:
+        """The key for a new request; `bucket` (0..99, from the request id) picks canaries."""
+        state = await self._state(scope, credential_id)
+        version = choose_version(state, bucket)
+        if version is None:
+            raise SecretUnavailable(f"credential {scope}/{credential_id} has no active version")
+        secret = await self._secret(scope, credential_id, version)
+        return ResolvedCredential(credential_id, version, secret)
+
+    async def _state(self, scope: str, credential: str) -> KeyState:
+        key = (scope, credential)
+        cached = self._states.get(key)
+        now = self._clock()
+        if cached is not None and now - cached.fetched_at < self._state_ttl_s:
+            return cached.state
+        try:
+            state = await self._store.state(scope, credential)
+        except StoreUnavailable:
+            if cached is not None:  # Redis blip: the last known state is the best we have
+                return cached.state
+            raise SecretUnavailable(f"credential {scope}/{credential}: key store "
+                                    "unavailable") from None
+        self._states[key] = _CachedState(state, now)
+        for (s, c, version) in list(self._secrets):
+            if (s, c) == key and not state.servable(version):
+                del self._secrets[(s, c, version)]  # revoked or out of rotation: forget it
+        return state
+
+    async def _secret(self, scope: str, credential: str, version: int) -> Secret:
+        key = (scope, credential, version)
+        cached = self._secrets.get(key)
+        now = self._clock()
+        if cached is not None and now - cached.checked_at < self._cache_ttl_s:
+            return cached.secret
+        try:
+            record = await self._store.record(scope, credential, version)
+            if record is None:
+                raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
+                                        "no sealed record")
+            secret = await open_sealed(self._kek, record)
+        except (StoreUnavailable, KekError) as exc:
+            if cached is not None and now - cached.unwrapped_at < self._max_age_s:
+                cached.checked_at = now  # try the KMS again after another TTL, not per request
+                metrics.CREDENTIAL_STALE_SERVES.labels(credential).inc()
+                log_event(log, logging.WARNING, "serving a cached key: KMS or store down",
+                          credential=f"{credential}@{version}", error=str(exc))
+                return cached.secret
+            raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
+                                    f"cannot unwrap ({type(exc).__name__})") from None
+        except EnvelopeError as exc:
+            raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
+                                    f"{exc}") from None
+        self._secrets[key] = _CachedSecret(secret, now, now)
+        return secret
+
+    def invalidate(self, scope: str, credential: str) -> None:
+        self._states.pop((scope, credential), None)
+
+    async def report(self, credential: ResolvedCredential, scope: str, status: int) -> None:
+        """Count provider auth failures of a canary version; roll it back past the bound."""
+        state = self._states.get((scope, credential.id))
+        if state is None or state.state.canary != credential.version:
+            return
+        key = (scope, credential.id, credential.version)
+        if status not in (401, 403):
+            return
+        self._canary_failures[key] = failures = self._canary_failures.get(key, 0) + 1
+        if failures < self._rollback_after:
+            return
+        self._canary_failures.pop(key, None)
+
+        def undo_canary(current: KeyState) -> KeyState:
+            if current.canary != credential.version:
+                raise RotationError("canary already changed")
+            return rollback(current)
+
+        try:
+            await self._store.transition(scope, credential.id, undo_canary)
+        except (RotationError, StoreUnavailable) as exc:
+            log_event(log, logging.WARNING, "canary rollback skipped",
+                      credential=credential.label, reason=str(exc))
+            return
+        self.invalidate(scope, credential.id)
+        metrics.CREDENTIAL_ROLLBACKS.labels(credential.id).inc()
+        log_event(log, logging.WARNING, "canary rolled back after provider auth failures",
+                  credential=credential.label, failures=failures)
+
+    async def add(self, scope: str, credential: str, provider: str, secret: Secret) -> int:
+        """Seal `secret` as the next version of `credential` and stage it."""
+        from extproc.credentials.rotation import stage
+
+        version = await self._store.next_version(scope, credential)
+        record = await seal(self._kek, scope=scope, provider=provider, key_id=credential,
+                            version=version, secret=secret)
+        await self._store.put_record(record)
+        await self._store.transition(scope, credential, lambda s: stage(s, version))
+        return version
+
+    def __repr__(self) -> str:
+        return f"Keyring({len(self._secrets)} cached keys)"
