@@ -15,6 +15,7 @@ from extproc.auth import hash_key
 from extproc.budgets.policy import CounterGroup, plan_reservation
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, SecretUnavailable, resolve_secret
 
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_cmd.add_argument("--generate", action="store_true",
                           help="create a new random key and print it with its hash")
     hash_cmd.set_defaults(func=_cmd_keys_hash)
+    add_keys_commands(key_commands)
 
     budget = commands.add_parser("budget", help="live budget state in Redis")
     budget_commands = budget.add_subparsers(dest="budget_command", required=True)

@@ -181,6 +181,10 @@ class Keyring:
     def store(self) -> KeyStore:
         return self._store
 
+    @property
+    def kek(self) -> KekBackend:
+        return self._kek
+
     async def credential(self, credential_id: str, *, scope: str = "global",
                          bucket: int = 0) -> ResolvedCredential:
         """The key for a new request; `bucket` (0..99, from the request id) picks canaries."""

@@ -1,0 +1,233 @@
+"""`extproc keys ...`: the operator side of the envelope-encrypted keyring.
+
+Separation of duties: `init-kek` and `rewrap` are KEK operations; `add` and `rotate`
+are provider-key operations. With Vault/OpenBao Transit each runs with the operator's
+own token (`--token-env`), so a KEK admin (policy deploy/vault/kek-admin.hcl) cannot
+seal or read provider keys, and a key operator (key-operator.hcl) cannot rotate or
+reconfigure the KEK. Secrets are read from standard input or a file, never argv, and
+nothing here ever prints one: `list` shows ids, versions, states and fingerprints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from extproc.budgets.ledger import redis_client
+from extproc.config import ConfigError, GatewayConfig, load_config
+from extproc.credentials.envelope import EnvelopeError, rewrap_sealed
+from extproc.credentials.kek import KekError, init_kek_file
+from extproc.credentials.keyring import Keyring, KeyStore, StoreUnavailable
+from extproc.credentials.rotation import (
+    KeyState,
+    RotationError,
+    canary,
+    promote,
+    revoke,
+    rollback,
+)
+from extproc.runtime import kek_from_settings
+from extproc.secrets import Secret, SecretUnavailable
+
+__all__ = ["add_keys_commands"]
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig:
+    config = load_config(args.config)
+    token_env = getattr(args, "token_env", None)
+    if token_env and config.secrets.kek is not None and config.secrets.kek.backend == "transit":
+        # The operator's own token, not the gateway's.
+        from extproc.config import CredentialRef
+
+        kek = replace(config.secrets.kek, token=CredentialRef("token", env=token_env),
+                      role_id=None, secret_id=None)
+        config = replace(config, secrets=replace(config.secrets, kek=kek))
+    return config
+
+
+def _keyring_credentials(config: GatewayConfig) -> list[tuple[str, str, str]]:
+    """(scope, credential, provider) for every keyring credential the config uses."""
+    found: list[tuple[str, str, str]] = []
+    for provider in config.providers.values():
+        for cred in provider.credentials:
+            if config.credentials[cred].keyring and ("global", cred) not in [
+                    (s, c) for s, c, _ in found]:
+                found.append(("global", cred, provider.name))
+    for tenant in config.tenants.values():
+        for provider_name, creds in tenant.own_credentials.items():
+            for cred in creds:
+                found.append((f"tenant:{tenant.id}", cred, provider_name))
+    return found
+
+
+def _provider_of(config: GatewayConfig, scope: str, credential: str) -> str:
+    for s, c, provider in _keyring_credentials(config):
+        if (s, c) == (scope, credential):
+            return provider
+    raise SystemExit(f"{credential!r} is not a keyring credential used in scope {scope!r} "
+                     "by this config")
+
+
+async def _open_keyring(config: GatewayConfig) -> tuple[Keyring, object]:
+    if config.redis is None or config.secrets.kek is None:
+        raise SystemExit("the config needs redis and secrets.kek for keyring operations")
+    client = redis_client(config.redis)
+    return Keyring(KeyStore(client), kek_from_settings(config.secrets.kek)), client
+
+
+def _read_secret(args: argparse.Namespace) -> Secret:
+    if args.from_file:
+        text = Path(args.from_file).read_text(encoding="utf-8")
+    else:
+        if sys.stdin.isatty():
+            print("paste the provider key, then press Enter:", file=sys.stderr)
+        text = sys.stdin.readline()
+    value = text.strip()
+    if not value:
+        raise SystemExit("no key given (standard input or --from-file)")
+    return Secret(value)
+
+
+def _cmd_init_kek(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    kek = config.secrets.kek
+    if kek is None or kek.backend != "file" or kek.path is None:
+        print("secrets.kek is not a file KEK; with Transit the KEK lives in Vault/OpenBao: "
+              "bao write -f transit/keys/asc-kek derived=true", file=sys.stderr)
+        return 1
+    path = init_kek_file(kek.path)
+    print(f"created KEK file {path} (mode 0600)")
+    return 0
+
+
+async def _add(args: argparse.Namespace) -> int:
+    config = _config(args)
+    provider = _provider_of(config, args.scope, args.credential)
+    secret = _read_secret(args)
+    keyring, client = await _open_keyring(config)
+    version = await keyring.add(args.scope, args.credential, provider, secret)
+    state = await keyring.store.state(args.scope, args.credential)
+    print(f"{args.scope}/{args.credential}@{version}: {state.state_of(version)}, "
+          f"fingerprint {secret.fingerprint()}")
+    await client.aclose()  # type: ignore[attr-defined]
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    store = KeyStore(redis_client(config.redis)) if config.redis else None
+    print(f"{'credential':<40} {'version':>7}  {'state':<24} {'fingerprint':<20} kek")
+    for cred_id, ref in config.credentials.items():
+        if not ref.keyring:
+            source = f"env {ref.env}" if ref.env else f"file {ref.file}"
+            print(f"{cred_id:<40} {'-':>7}  {'static (' + source + ')':<24}")
+    if store is None:
+        return 0
+    for scope, credential, _ in _keyring_credentials(config):
+        state = await store.state(scope, credential)
+        for record in await store.records(scope, credential):
+            print(f"{scope + '/' + credential:<40} {record.version:>7}  "
+                  f"{state.state_of(record.version):<24} {record.fingerprint:<20} "
+                  f"{record.kek_id}")
+    return 0
+
+
+async def _rotate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _provider_of(config, args.scope, args.credential)
+    if config.redis is None:
+        raise SystemExit("the config has no redis section")
+    store = KeyStore(redis_client(config.redis))
+    changes: dict[str, Callable[[KeyState], KeyState]] = {
+        "canary": lambda s: canary(s, _version(args), args.percent),
+        "promote": promote,
+        "rollback": rollback,
+        "revoke": lambda s: revoke(s, _version(args)),
+    }
+    state = await store.transition(args.scope, args.credential, changes[args.action])
+    summary = ", ".join(f"v{v}={state.state_of(v)}" for v in sorted(_versions(state)))
+    print(f"{args.scope}/{args.credential}: {args.action} done ({summary})")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    if args.version is None:
+        raise RotationError(f"{args.action} needs --version")
+    version: int = args.version
+    return version
+
+
+def _versions(state: KeyState) -> set[int]:
+    named = {state.active, state.canary, state.previous}
+    return {v for v in named if v is not None} | set(state.staged) | set(
+        state.retiring) | set(state.revoked) | set(state.failed)
+
+
+async def _rewrap(args: argparse.Namespace) -> int:
+    config = _config(args)
+    keyring, client = await _open_keyring(config)
+    count = 0
+    for scope, credential, _ in _keyring_credentials(config):
+        for record in await keyring.store.records(scope, credential):
+            await keyring.store.put_record(await rewrap_sealed(keyring.kek, record))
+            count += 1
+    print(f"rewrapped {count} record(s) under the newest KEK version")
+    await client.aclose()  # type: ignore[attr-defined]
+    return 0
+
+
+def _run(coroutine_factory: Callable[[argparse.Namespace], object]) -> Callable[
+        [argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code: int = asyncio.run(coroutine_factory(args))  # type: ignore[arg-type]
+        except (ConfigError, SecretUnavailable, KekError, EnvelopeError, StoreUnavailable,
+                RotationError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return code
+    return run
+
+
+def add_keys_commands(key_commands: argparse._SubParsersAction[argparse.ArgumentParser]
+                      ) -> None:
+    def common(parser: argparse.ArgumentParser, *, credential: bool = True) -> None:
+        parser.add_argument("--config", required=True)
+        parser.add_argument("--token-env", default=os.environ.get("ASC_OPERATOR_TOKEN_ENV"),
+                            help="environment variable holding *your* Vault/OpenBao token "
+                                 "(Transit KEK only; default: the config's token)")
+        if credential:
+            parser.add_argument("credential", help="credential id from the config")
+            parser.add_argument("--scope", default="global",
+                                help="'global' or 'tenant:<id>' for a tenant's own key")
+
+    init = key_commands.add_parser("init-kek", help="create the file KEK (mode 0600)")
+    init.add_argument("--config", required=True)
+    init.set_defaults(func=_cmd_init_kek)
+
+    add = key_commands.add_parser("add", help="seal a new provider key version (staged; the "
+                                              "first version becomes active)")
+    common(add)
+    add.add_argument("--from-file", help="read the key from this file instead of stdin")
+    add.set_defaults(func=_run(_add))
+
+    listing = key_commands.add_parser("list", help="ids, versions, states, fingerprints")
+    common(listing, credential=False)
+    listing.set_defaults(func=_run(_list))
+
+    rotate = key_commands.add_parser("rotate", help="move a key version through its lifecycle")
+    rotate.add_argument("action", choices=("canary", "promote", "rollback", "revoke"))
+    common(rotate)
+    rotate.add_argument("--version", type=int)
+    rotate.add_argument("--percent", type=int, default=10)
+    rotate.set_defaults(func=_run(_rotate))
+
+    rewrap = key_commands.add_parser("rewrap", help="rewrap every sealed key under the "
+                                                    "newest KEK version (after a KEK rotation)")
+    common(rewrap, credential=False)
+    rewrap.set_defaults(func=_run(_rewrap))
