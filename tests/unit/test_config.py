@@ -24,6 +24,7 @@ from extproc.config import (
     Price,
     Provider,
     RedisSettings,
+    SecretsSettings,
     Tenant,
     TenantKey,
     cost_micro_usd,
@@ -115,13 +116,13 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "base_url_v1": [(BASE_URL, "must not end in /v1")],
     # providers
     "unsupported_provider_kind": [
-        ("providers.prov-us.kind", "provider kind 'anthropic' is not supported yet"),
+        ("providers.prov-us.kind", "provider kind 'bedrock' is not supported yet"),
     ],
     "unknown_credential": [
         ("providers.prov-us.credentials[0]", "unknown credential 'cred-missing'"),
     ],
     "openai_without_credentials": [
-        ("providers.prov-us.credentials", "an openai provider needs at least one credential"),
+        ("providers.prov-us.credentials", "openai providers need at least one credential"),
     ],
     "bad_cluster_name": [("providers.prov-us.cluster", "invalid Envoy cluster name 'prov us'")],
     # money
@@ -200,7 +201,7 @@ def test_issue_hints() -> None:
         load_config(CASES_DIR / "unknown_field_tenant.yaml")
     assert caught.value.issues[0].hint == (
         "known fields: zone, keys, models, routing, org, budgets, rate_limits, "
-        "on_redis_error, fail_open_ceiling_usd, max_tokens")
+        "on_redis_error, fail_open_ceiling_usd, max_tokens, credentials")
 
 
 VALID = f"""\
@@ -269,6 +270,7 @@ def test_valid_config_compiles_to_frozen_objects(tmp_path: Path) -> None:
         limits=Limits(max_body_bytes=2048),
         redis=RedisSettings(url="rediss://cache.internal:6380/1"),
         budgets=BudgetSettings(),
+        secrets=SecretsSettings(),
         credentials={
             "cred-us": CredentialRef("cred-us", env="ASC_KEY_US"),
             "cred-eu": CredentialRef("cred-eu", file=tmp_path / "keys" / "eu.key"),
