@@ -59,7 +59,12 @@ _CLIENT_ONLY_HEADERS: Final = frozenset({
     *CLIENT_CREDENTIAL_HEADERS,
     # These would pick an account or API version of the *gateway's* provider key.
     "openai-organization", "openai-project", "anthropic-version",
+    # The gateway reads and translates bodies: providers must answer uncompressed.
+    "accept-encoding",
 })
+_PROVIDER_ACCOUNT_HEADERS: Final = (
+    "openai-organization", "openai-project", "anthropic-organization-id")
+"""Response headers that name the gateway's provider account: not the client's business."""
 _JSON: Final = ("content-type", "application/json")
 _MAX_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
 _IMAGE_TOKEN_ESTIMATE: Final = 1_600
@@ -268,7 +273,8 @@ class RequestProcessor:
                 return self._provider_error(b"")
             # The error body decides the client's status and message: read it whole.
             return Continue(response_body_mode=BodyMode.BUFFERED)
-        reply = Continue(set_headers=self._tag_headers())
+        reply = Continue(set_headers=self._tag_headers(),
+                         remove_headers=[h for h in _PROVIDER_ACCOUNT_HEADERS if h in headers])
         if message.end_of_stream:
             self._complete = True
         elif content_type.startswith("text/event-stream"):
@@ -476,7 +482,12 @@ def _usage_cost(price: Price, usage: Usage) -> int:
 
 
 def _max_tokens(request: dict[str, Any], cap: int) -> int:
-    """The output-token bound of the request (or `cap` when it sets none); 400 if invalid."""
+    """The output-token bound of the request (or `cap` when it sets none); 400 if invalid.
+
+    Every field present is checked: providers differ in which one wins when both are sent,
+    so the hold covers the larger and each must respect the cap.
+    """
+    bounds = []
     for name in _MAX_TOKEN_FIELDS:
         if name not in request:
             continue
@@ -487,8 +498,8 @@ def _max_tokens(request: dict[str, Any], cap: int) -> int:
         if value > cap:
             raise GatewayError(ErrorCode.INVALID_REQUEST,
                                f"'{name}' must not exceed {cap} for your key.", param=name)
-        return value
-    return cap
+        bounds.append(value)
+    return max(bounds, default=cap)
 
 
 def _parse_chat_request(body: bytes) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from a small inline config and asserts the exact `Continue` / `Respond` it retur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -14,8 +15,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from extproc.auth import hash_key
-from extproc.config import parse_config
-from extproc.credentials import ResolvedCredential, StaticKeyProvider
+from extproc.budgets.guard import Hold
+from extproc.config import Provider, Tenant, parse_config
+from extproc.credentials import StaticKeyProvider
+from extproc.credentials.pools import CredentialPool
+from extproc.credentials.selection import ProviderKeys, Selected
+from extproc.errors import Dialect, ErrorCode
 from extproc.logs import JsonFormatter
 from extproc.messages import (
     Body,
@@ -26,19 +31,23 @@ from extproc.messages import (
     Respond,
     Trailers,
 )
-from extproc.phases import RequestProcessor, Usage
+from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime
 from extproc.secrets import Secret
+from extproc.translate.base import Usage
 
 PEPPER = "pepper-phases-tests"
 PROVIDER_KEY_US = "sk-canary-provider-XYZ"
 PROVIDER_KEY_EU = "sk-canary-provider-EU-XYZ"
+PROVIDER_KEY_AZ = "canary-azure-provider-key-XYZ"
 TENANT_KEYS = {
     "acme": "sk-canary-tenant-acme-XYZ",
     "euco": "sk-canary-tenant-euco-XYZ",
     "pinned": "sk-canary-tenant-pinned-XYZ",
+    "azco": "sk-canary-tenant-azco-XYZ",
 }
-ENVIRON = {"ASC_PEPPER": PEPPER, "KEY_US": PROVIDER_KEY_US, "KEY_EU": PROVIDER_KEY_EU}
+ENVIRON = {"ASC_PEPPER": PEPPER, "KEY_US": PROVIDER_KEY_US, "KEY_EU": PROVIDER_KEY_EU,
+           "KEY_AZ": PROVIDER_KEY_AZ}
 LIMIT = 4096
 JSON_CT = ("content-type", "application/json")
 
@@ -54,6 +63,7 @@ limits: {{max_body_bytes: {LIMIT}}}
 credentials:
   cred-us: {{env: KEY_US}}
   cred-eu: {{env: KEY_EU}}
+  cred-az: {{env: KEY_AZ}}
 providers:
   prov-us:
     kind: openai
@@ -69,6 +79,21 @@ providers:
     zone: eu
     cluster: prov_eu
     credentials: [cred-eu]
+  prov-az:
+    kind: azure
+    base_url: "https://acme-res.openai.azure.com"
+    region: eastus
+    zone: us
+    cluster: prov_az
+    credentials: [cred-az]
+    api_version: "2024-06-01"
+  prov-az-default:
+    kind: azure
+    base_url: "https://acme-res2.openai.azure.com/proxy"
+    region: westus
+    zone: us
+    cluster: prov_az_default
+    credentials: [cred-az]
 models:
   gpt-4o-mini:
     price: {{input_per_mtok: 0.15, output_per_mtok: 0.60}}
@@ -76,8 +101,14 @@ models:
       - {{provider: prov-us}}
       - {{provider: prov-eu, model: gpt-4o-mini-eu}}
   gpt-4o:
-    price: {{input_per_mtok: 2.5, output_per_mtok: 10}}
+    price: {{input_per_mtok: 2.5, output_per_mtok: 10, cached_input_per_mtok: 1.25}}
     deployments: [{{provider: prov-us}}]
+  gpt-4o-az:
+    price: {{input_per_mtok: 2.5, output_per_mtok: 10}}
+    deployments: [{{provider: prov-az, model: gpt4o-prod}}]
+  gpt-4o-az-default:
+    price: {{input_per_mtok: 2.5, output_per_mtok: 10}}
+    deployments: [{{provider: prov-az-default, model: gpt4o-dev}}]
 tenants:
   acme:
     keys: [{{id: acme-1, hash: "{_hash("acme")}"}}]
@@ -91,9 +122,21 @@ tenants:
     models: [gpt-4o-mini, gpt-4o]
     routing:
       gpt-4o-mini: {{pin: prov-eu}}
+  azco:
+    keys: [{{id: azco-1, hash: "{_hash("azco")}"}}]
+    models: [gpt-4o-az, gpt-4o-az-default]
 """
 
-RUNTIME = Runtime.build(parse_config(CONFIG), environ=ENVIRON)
+PARSED = parse_config(CONFIG)
+
+
+def fresh_runtime() -> Runtime:
+    """A runtime of its own: the key pools learn from provider answers (three 401s open a
+    key), so processors that do not share a runtime do not share that health either."""
+    return Runtime.build(PARSED, environ=ENVIRON)
+
+
+RUNTIME = fresh_runtime()
 
 
 class FakeClock:
@@ -104,8 +147,9 @@ class FakeClock:
         return self.now
 
 
-def make_processor(runtime: Runtime = RUNTIME, clock: FakeClock | None = None) -> RequestProcessor:
-    return RequestProcessor(runtime, clock=clock or FakeClock())
+def make_processor(runtime: Runtime | None = None,
+                   clock: FakeClock | None = None) -> RequestProcessor:
+    return RequestProcessor(runtime or fresh_runtime(), clock=clock or FakeClock())
 
 
 def request_headers(
@@ -310,22 +354,36 @@ async def test_good_headers_strip_credentials_and_gateway_headers() -> None:
         "x-asc-request-id": "forged",
         "user-agent": "openai-python/1.0",
         "x-request-id": "envoy-id",
+        "openai-organization": "org-client",
+        "openai-project": "proj_client",
+        "anthropic-version": "2023-06-01",
+        "openai-beta": "assistants=v2",
     }, False)
     processor = make_processor()
     reply = await processor.handle(headers)
     assert reply == Continue(
         remove_headers=["authorization", "x-api-key", "api-key", "proxy-authorization",
-                        "x-asc-cluster", "x-asc-tenant", "x-asc-request-id"],
+                        "x-asc-cluster", "x-asc-tenant", "x-asc-request-id",
+                        "openai-organization", "openai-project", "anthropic-version"],
         request_body_mode=BodyMode.BUFFERED,
     )
     assert processor.status is None
     assert processor.error is None
+    assert processor.dialect is Dialect.OPENAI
+
+
+async def test_openai_organization_header_alone_is_stripped() -> None:
+    """The client's organization would bill the gateway's key to another OpenAI org."""
+    processor = make_processor()
+    reply = await processor.handle(request_headers(extra={"openai-organization": "org-evil"}))
+    assert reply == Continue(remove_headers=["authorization", "openai-organization"],
+                             request_body_mode=BodyMode.BUFFERED)
 
 
 # -- request body -----------------------------------------------------------------------
 
 
-async def accepted(tenant: str = "acme", runtime: Runtime = RUNTIME) -> RequestProcessor:
+async def accepted(tenant: str = "acme", runtime: Runtime | None = None) -> RequestProcessor:
     processor = make_processor(runtime)
     assert isinstance(await processor.handle(request_headers(tenant)), Continue)
     return processor
@@ -399,17 +457,22 @@ async def test_model_not_allowed_is_403() -> None:
 async def test_good_body_routes_and_injects_the_provider_key() -> None:
     processor = await accepted()
     reply = await processor.handle(request_body(chat(stream=True)))
+    # A stream always asks for usage so the gateway can bill it.
+    body = ('{"model":"gpt-4o-mini","messages":[{"role":"user","content":"h\u00e9llo"}],'
+            '"stream":true,"stream_options":{"include_usage":true}}').encode()
     assert reply == Continue(
         set_headers=[
             ("x-asc-cluster", "prov_us"),
             (":path", "/v1/chat/completions"),
             ("authorization", f"Bearer {PROVIDER_KEY_US}"),
+            ("content-length", str(len(body))),
         ],
-        body=None,
+        body=body,
         clear_route_cache=True,
         metadata=us_metadata(processor),
     )
     assert processor.streaming is True
+    assert processor.dialect is Dialect.OPENAI
     assert processor.route is not None
     assert processor.route.reason == "first deployment"
 
@@ -446,11 +509,76 @@ async def test_pin_is_honoured() -> None:
     assert processor.route is not None
     assert (processor.route.provider.name, processor.route.reason) == ("prov-eu",
                                                                        "pinned to prov-eu")
+    assert reply.body == ('{"model":"gpt-4o-mini-eu","messages":[{"role":"user",'
+                          '"content":"h\u00e9llo"}]}').encode()
     other = await accepted("pinned")
     reply = await other.handle(request_body(chat("gpt-4o")))
     assert isinstance(reply, Continue)
-    assert reply.set_headers[0] == ("x-asc-cluster", "prov_us")
-    assert reply.body is None
+    assert reply.set_headers[:2] == [("x-asc-cluster", "prov_us"),
+                                     (":path", "/v1/chat/completions")]
+    # The body is always the translator's output, even when nothing had to change.
+    assert reply.body == ('{"model":"gpt-4o","messages":[{"role":"user",'
+                          '"content":"h\u00e9llo"}]}').encode()
+
+
+def azco_metadata(processor: RequestProcessor, model: str, provider: str, region: str,
+                  upstream_model: str) -> dict[str, Any]:
+    return {"request_id": processor.request_id, "tenant": "azco", "key_id": "azco-1",
+            "model": model, "provider": provider, "region": region,
+            "upstream_model": upstream_model, "credential": "cred-az@1"}
+
+
+async def test_azure_gets_the_deployment_path_and_an_api_key_header() -> None:
+    processor = await accepted("azco")
+    reply = await processor.handle(request_body(chat("gpt-4o-az", stream=True)))
+    # Azure names the deployment in the path, so the body carries no model.
+    body = ('{"messages":[{"role":"user","content":"h\u00e9llo"}],"stream":true,'
+            '"stream_options":{"include_usage":true}}').encode()
+    assert reply == Continue(
+        set_headers=[
+            ("x-asc-cluster", "prov_az"),
+            (":path", "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-06-01"),
+            ("api-key", PROVIDER_KEY_AZ),
+            ("content-length", str(len(body))),
+        ],
+        body=body,
+        clear_route_cache=True,
+        metadata=azco_metadata(processor, "gpt-4o-az", "prov-az", "eastus", "gpt4o-prod"),
+    )
+
+
+async def test_azure_without_api_version_uses_the_default_behind_the_path_prefix() -> None:
+    processor = await accepted("azco")
+    reply = await processor.handle(request_body(chat("gpt-4o-az-default", temperature=0)))
+    body = '{"messages":[{"role":"user","content":"h\u00e9llo"}],"temperature":0}'.encode()
+    assert reply == Continue(
+        set_headers=[
+            ("x-asc-cluster", "prov_az_default"),
+            (":path",
+             "/proxy/openai/deployments/gpt4o-dev/chat/completions?api-version=2024-10-21"),
+            ("api-key", PROVIDER_KEY_AZ),
+            ("content-length", str(len(body))),
+        ],
+        body=body,
+        clear_route_cache=True,
+        metadata=azco_metadata(processor, "gpt-4o-az-default", "prov-az-default", "westus",
+                               "gpt4o-dev"),
+    )
+
+
+async def test_azure_response_is_tagged_and_its_usage_billed() -> None:
+    processor = await accepted("azco")
+    await processor.handle(request_body(chat("gpt-4o-az")))
+    reply = await processor.handle(response_headers("200"))
+    assert reply == Continue(
+        set_headers=[("x-asc-request-id", processor.request_id), ("x-asc-provider", "prov-az"),
+                     ("x-asc-region", "eastus"), ("x-asc-credential", "cred-az@1")],
+        response_body_mode=BodyMode.BUFFERED)
+    reply = await processor.handle(response_body(
+        b'{"usage":{"prompt_tokens":100,"completion_tokens":10}}', end_of_stream=True))
+    # 100 x 2.5 + 10 x 10 micro-USD.
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000350")])
+    assert processor.usage == Usage(100, 10)
 
 
 async def test_body_before_headers_is_500() -> None:
@@ -466,8 +594,8 @@ async def test_body_before_headers_is_500() -> None:
 
 
 async def test_missing_provider_credential_is_503(caplog: pytest.LogCaptureFixture) -> None:
-    config = RUNTIME.config
-    runtime = Runtime(config=config, tenants=RUNTIME.tenants, keys=StaticKeyProvider({}))
+    keys = ProviderKeys(PARSED.credentials, StaticKeyProvider({}), None, CredentialPool())
+    runtime = Runtime(config=PARSED, tenants=RUNTIME.tenants, keys=keys)
     processor = await accepted(runtime=runtime)
     with caplog.at_level(logging.ERROR, logger="extproc.request"):
         reply = await processor.handle(request_body(chat()))
@@ -484,20 +612,26 @@ async def test_missing_provider_credential_is_503(caplog: pytest.LogCaptureFixtu
     )
     [record] = caplog.records
     assert record.getMessage() == "provider credential unavailable"
-    assert fields_of(record) == {"request_id": processor.request_id, "provider": "prov-us"}
+    assert fields_of(record) == {"request_id": processor.request_id, "provider": "prov-us",
+                                 "reason": "credential 'cred-us' is not loaded"}
 
 
 class ExplodingKeys:
     """A key source failing in a way the processor does not expect."""
 
-    def credential(self, credential_id: str) -> ResolvedCredential:
-        raise RuntimeError(f"vault said no for {credential_id}: {PROVIDER_KEY_US}")
+    async def for_request(self, provider: Provider, tenant: Tenant,
+                          bucket: int) -> Selected | None:
+        raise RuntimeError(f"vault said no for {provider.name}: {PROVIDER_KEY_US}")
+
+    async def report(self, selected: Selected, status: int) -> None:
+        raise AssertionError("no key was selected")
 
 
 async def test_unexpected_exception_is_500_without_details(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runtime = Runtime(config=RUNTIME.config, tenants=RUNTIME.tenants, keys=ExplodingKeys())
+    runtime = Runtime(config=PARSED, tenants=RUNTIME.tenants,
+                      keys=ExplodingKeys())  # type: ignore[arg-type]
     processor = await accepted(runtime=runtime)
     with caplog.at_level(logging.ERROR, logger="extproc.request"):
         reply = await processor.handle(request_body(chat()))
@@ -543,62 +677,152 @@ async def test_headers_only_response_is_tagged_only() -> None:
     assert reply == Continue(set_headers=us_tags(processor))
 
 
+async def test_other_content_type_passes_through_unwatched() -> None:
+    processor = await routed()
+    reply = await processor.handle(response_headers("200", "text/plain"))
+    assert reply == Continue(set_headers=us_tags(processor))
+
+
+def provider_error(processor: RequestProcessor, upstream: int, status: int, message: str,
+                   type_: str, code: str,
+                   extra_headers: tuple[tuple[str, str], ...] = ()) -> Respond:
+    """The reply replacing a provider error from prov-us, in the OpenAI dialect."""
+    return Respond(
+        status=status,
+        body=error_json(message, type_, code),
+        headers=[JSON_CT, *us_tags(processor), *extra_headers],
+        details=f"asc_provider_status_{upstream}",
+        metadata=us_metadata(processor, error=code),
+    )
+
+
+async def provider_answers(processor: RequestProcessor, status: str, body: bytes,
+                           content_type: str = "application/json",
+                           **extra: str) -> Continue | Respond:
+    """Feed an upstream error: its headers must ask for the whole body, which is answered."""
+    headers = {":status": status, "content-type": content_type,
+               **{k.replace("_", "-"): v for k, v in extra.items()}}
+    reply = await processor.handle(Headers(Phase.RESPONSE_HEADERS, headers, False))
+    assert reply == Continue(response_body_mode=BodyMode.BUFFERED)
+    return await processor.handle(response_body(body, end_of_stream=True))
+
+
 async def test_provider_5xx_is_502() -> None:
     processor = await routed()
-    reply = await processor.handle(response_headers("500"))
-    assert reply == Respond(
-        status=502,
-        body=error_json("The provider failed with status 500.", "upstream_error",
-                        "provider_error"),
-        headers=[JSON_CT, *us_tags(processor)],
-        details="asc_provider_error",
-        metadata=us_metadata(processor, error="provider_error"),
-    )
+    reply = await provider_answers(processor, "500",
+                                   error_json("boom at shard 7", "server_error", "internal"))
+    assert reply == provider_error(processor, 500, 502, "The provider failed with status 500.",
+                                   "upstream_error", "provider_error")
     assert (processor.status, processor.upstream_status) == (502, 500)
+    assert processor.error is ErrorCode.PROVIDER_ERROR
+
+
+async def test_provider_error_body_in_pieces_is_read_whole() -> None:
+    processor = await routed()
+    await processor.handle(response_headers("400"))
+    document = error_json("Invalid 'messages[0].role'.", "invalid_request_error", "bad")
+    assert await processor.handle(response_body(document[:15], end_of_stream=False)) == Continue()
+    reply = await processor.handle(response_body(document[15:], end_of_stream=True))
+    assert reply == provider_error(processor, 400, 400, "Invalid 'messages[0].role'.",
+                                   "invalid_request_error", "invalid_request")
+
+
+async def test_headers_only_provider_error_is_answered_at_once() -> None:
+    processor = await routed()
+    reply = await processor.handle(response_headers("503", end_of_stream=True))
+    assert reply == provider_error(processor, 503, 502, "The provider failed with status 503.",
+                                   "upstream_error", "provider_error")
+    assert (processor.status, processor.upstream_status) == (502, 503)
 
 
 @pytest.mark.parametrize("status", ["401", "403"])
 async def test_provider_auth_failure_is_502(status: str) -> None:
     processor = await routed()
-    reply = await processor.handle(response_headers(status))
-    assert reply == Respond(
-        status=502,
-        body=error_json("The provider rejected the gateway's credential.", "upstream_error",
-                        "provider_error"),
-        headers=[JSON_CT, *us_tags(processor)],
-        details="asc_provider_error",
-        metadata=us_metadata(processor, error="provider_error"),
-    )
+    # The provider's message names (part of) the gateway's key: it never reaches the client.
+    reply = await provider_answers(processor, status, error_json(
+        "Incorrect API key provided: sk-canar*************-XYZ.", "invalid_request_error",
+        "invalid_api_key"))
+    assert reply == provider_error(processor, int(status), 502,
+                                   "The provider rejected the gateway's credential.",
+                                   "upstream_error", "provider_error")
     assert processor.upstream_status == int(status)
 
 
-@pytest.mark.parametrize("status", ["400", "422", "429"])
-async def test_provider_json_4xx_passes_through(status: str) -> None:
+@pytest.mark.parametrize("status", ["400", "422"])
+async def test_provider_invalid_request_keeps_the_provider_message(status: str) -> None:
     processor = await routed()
-    reply = await processor.handle(response_headers(status))
-    assert reply == Continue(set_headers=us_tags(processor))
-    assert processor.status == int(status)
+    reply = await provider_answers(processor, status, error_json(
+        "Unrecognized request argument supplied: foo", "invalid_request_error", None))
+    assert reply == provider_error(processor, int(status), 400,
+                                   "Unrecognized request argument supplied: foo",
+                                   "invalid_request_error", "invalid_request")
+    assert (processor.status, processor.error) == (400, ErrorCode.INVALID_REQUEST)
+
+
+async def test_mistral_style_422_detail_becomes_the_message() -> None:
+    processor = await routed()
+    reply = await provider_answers(processor, "422", json.dumps({"object": "error", "message": {
+        "detail": [{"loc": ["body", "user"], "msg": "Extra inputs are not permitted"}]}}
+    ).encode())
+    assert reply == provider_error(processor, 422, 400,
+                                   "body.user: Extra inputs are not permitted",
+                                   "invalid_request_error", "invalid_request")
+
+
+async def test_provider_json_error_without_message_gets_the_fallback() -> None:
+    processor = await routed()
+    reply = await provider_answers(processor, "400", b"{}")
+    assert reply == provider_error(processor, 400, 400, "The provider rejected the request.",
+                                   "invalid_request_error", "invalid_request")
+
+
+async def test_provider_429_keeps_a_scrubbed_message_and_retry_after() -> None:
+    processor = await routed()
+    reply = await provider_answers(processor, "429", error_json(
+        "Rate limit reached for key sk-proj-abcdefgh1234 in organization org-xyz.",
+        "requests", "rate_limit_exceeded"), retry_after="7")
+    assert reply == provider_error(
+        processor, 429, 429, "Rate limit reached for key [redacted] in organization org-xyz.",
+        "rate_limit_error", "rate_limited", extra_headers=(("retry-after", "7"),))
+    assert processor.error is ErrorCode.RATE_LIMITED
+
+
+@pytest.mark.parametrize(("upstream", "said", "status", "message", "type_", "code"), [
+    ("404", "The model 'gpt-4o-mini' does not exist", 404,
+     "The model 'gpt-4o-mini' does not exist", "not_found_error", "not_found"),
+    ("413", "Request too large for gpt-4o-mini", 413, "Request too large for gpt-4o-mini",
+     "invalid_request_error", "payload_too_large"),
+    ("529", "Overloaded", 503, "The provider is overloaded; retry later.",
+     "service_unavailable", "gateway_unavailable"),
+    ("409", "Conflict", 502, "The provider failed with status 409.", "upstream_error",
+     "provider_error"),
+])
+async def test_provider_json_errors_are_mapped(upstream: str, said: str, status: int,
+                                               message: str, type_: str, code: str) -> None:
+    processor = await routed()
+    reply = await provider_answers(processor, upstream,
+                                   error_json(said, "invalid_request_error", "whatever"))
+    assert reply == provider_error(processor, int(upstream), status, message, type_, code)
+    assert processor.error is not None
+    assert (processor.status, processor.error.value) == (status, code)
 
 
 async def test_provider_non_json_404_is_502() -> None:
     processor = await routed()
-    reply = await processor.handle(response_headers("404", "text/html"))
-    assert reply == Respond(
-        status=502,
-        body=error_json("The provider failed with status 404.", "upstream_error",
-                        "provider_error"),
-        headers=[JSON_CT, *us_tags(processor)],
-        details="asc_provider_error",
-        metadata=us_metadata(processor, error="provider_error"),
-    )
+    reply = await provider_answers(processor, "404", b"<html><body>Not Found</body></html>",
+                                   "text/html")
+    assert reply == provider_error(processor, 404, 502, "The provider failed with status 404.",
+                                   "upstream_error", "provider_error")
 
 
 async def test_missing_status_counts_as_502() -> None:
     processor = await routed()
     reply = await processor.handle(Headers(Phase.RESPONSE_HEADERS, {}, False))
-    assert isinstance(reply, Respond)
-    assert reply.body == error_json("The provider failed with status 502.", "upstream_error",
-                                    "provider_error")
+    assert reply == Continue(response_body_mode=BodyMode.BUFFERED)
+    assert processor.upstream_status == 502
+    reply = await processor.handle(response_body(b"upstream reset", end_of_stream=True))
+    assert reply == provider_error(processor, 502, 502, "The provider failed with status 502.",
+                                   "upstream_error", "provider_error")
 
 
 async def test_envoy_local_reply_is_only_tagged() -> None:
@@ -621,9 +845,10 @@ async def test_buffered_usage_is_read() -> None:
     assert await processor.handle(response_body(document[:20], end_of_stream=False)) == Continue()
     assert usage_of(processor) is None
     # 12 x 0.15 + 34 x 0.60 USD per Mtok, each rounded up to a micro-USD: 2 + 21.
+    # The body passes through unchanged, so only the cost header is set.
     assert await processor.handle(response_body(document[20:], end_of_stream=True)) == Continue(
         set_headers=[("x-asc-cost-usd", "0.000023")])
-    assert processor.usage == Usage(prompt_tokens=12, completion_tokens=34)
+    assert processor.usage == Usage(input_tokens=12, output_tokens=34)
 
 
 @pytest.mark.parametrize("document", [
@@ -635,42 +860,152 @@ async def test_buffered_usage_is_read() -> None:
 async def test_buffered_body_without_usage(document: bytes) -> None:
     processor = await routed()
     await processor.handle(response_headers("200"))
-    await processor.handle(response_body(document, end_of_stream=True))
+    reply = await processor.handle(response_body(document, end_of_stream=True))
+    assert reply == Continue()
     assert processor.usage is None
 
 
 async def test_negative_usage_is_clamped() -> None:
     processor = await routed()
     await processor.handle(response_headers("200"))
-    await processor.handle(response_body(
+    reply = await processor.handle(response_body(
         b'{"usage": {"prompt_tokens": -5, "completion_tokens": 7}}', end_of_stream=True))
-    assert processor.usage == Usage(prompt_tokens=0, completion_tokens=7)
+    # 7 x 0.60 micro-USD, rounded up.
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000005")])
+    assert processor.usage == Usage(input_tokens=0, output_tokens=7)
+
+
+async def test_cached_prompt_tokens_are_billed_at_the_cached_price() -> None:
+    processor = await routed("pinned", "gpt-4o")
+    await processor.handle(response_headers("200"))
+    reply = await processor.handle(response_body(json.dumps({"usage": {
+        "prompt_tokens": 1000, "completion_tokens": 200,
+        "prompt_tokens_details": {"cached_tokens": 600}}}).encode(), end_of_stream=True))
+    # 400 uncached x 2.5 + 600 cached x 1.25 + 200 x 10 = 1000 + 750 + 2000 micro-USD
+    # (4500 if the cached part were billed at the full input price).
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.003750")])
+    assert processor.usage == Usage(input_tokens=1000, output_tokens=200,
+                                    cached_input_tokens=600)
+
+
+async def test_each_cost_part_is_rounded_up_separately() -> None:
+    processor = await routed("pinned", "gpt-4o")
+    await processor.handle(response_headers("200"))
+    reply = await processor.handle(response_body(
+        b'{"usage":{"prompt_tokens":3,"completion_tokens":1,'
+        b'"prompt_tokens_details":{"cached_tokens":1}}}', end_of_stream=True))
+    # 2 x 2.5 = 5, 1 x 1.25 -> 2, 1 x 10 = 10.
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000017")])
+
+
+async def test_cached_tokens_above_the_prompt_are_capped() -> None:
+    processor = await routed("pinned", "gpt-4o")
+    await processor.handle(response_headers("200"))
+    reply = await processor.handle(response_body(
+        b'{"usage":{"prompt_tokens":100,"completion_tokens":0,'
+        b'"prompt_tokens_details":{"cached_tokens":500}}}', end_of_stream=True))
+    # All 100 prompt tokens at the cached price: 125 micro-USD.
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000125")])
+    assert processor.usage == Usage(100, 0, 100)
+
+
+class RecordingGuard:
+    """A budget guard that holds everything and records what is settled."""
+
+    def __init__(self) -> None:
+        self.reserved: list[dict[str, Any]] = []
+        self.settled: list[tuple[int, int]] = []
+
+    async def reserve(self, **request: Any) -> Hold:
+        self.reserved.append(request)
+        return Hold(reservation=None, mode="redis")
+
+    async def settle(self, hold: Hold, *, cost_micro_usd: int, tokens: int,
+                     budget: object) -> int:
+        self.settled.append((cost_micro_usd, tokens))
+        return 1
+
+
+def budget_runtime(guard: RecordingGuard) -> Runtime:
+    """The test config with a daily budget on `pinned` (Redis is never contacted)."""
+    text = CONFIG.replace("credentials:\n", 'redis: {url: "redis://127.0.0.1:6379"}\n'
+                          "credentials:\n", 1).replace(
+        "      gpt-4o-mini: {pin: prov-eu}\n",
+        "      gpt-4o-mini: {pin: prov-eu}\n"
+        "    budgets: [{scope: tenant, window: day, limit_usd: 10}]\n")
+    runtime = Runtime.build(parse_config(text), environ=ENVIRON)
+    return dataclasses.replace(runtime, budgets=guard)  # type: ignore[arg-type]
+
+
+async def test_budget_is_settled_with_cached_tokens_at_the_cached_price(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    guard = RecordingGuard()
+    processor = make_processor(budget_runtime(guard))
+    await processor.handle(request_headers("pinned"))
+    reply = await processor.handle(request_body(chat("gpt-4o")))
+    assert isinstance(reply, Continue)
+    # The provider must not generate more than the hold covers.
+    assert reply.body == ('{"model":"gpt-4o","messages":[{"role":"user","content":"h\u00e9llo"}],'
+                          '"max_tokens":4096}').encode()
+    [reserved] = guard.reserved
+    assert (reserved["key_id"], reserved["model"]) == ("pinned-1", "gpt-4o")
+    await processor.handle(response_headers("200"))
+    reply = await processor.handle(response_body(json.dumps({"usage": {
+        "prompt_tokens": 1000, "completion_tokens": 200,
+        "prompt_tokens_details": {"cached_tokens": 600}}}).encode(), end_of_stream=True))
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.003750")])
+    with caplog.at_level(logging.INFO, logger="extproc.request"):
+        await processor.finish()
+    assert guard.settled == [(3750, 1200)]
+    fields = fields_of(caplog.records[-1])
+    assert (fields["charged_micro_usd"], fields["prompt_tokens"],
+            fields["cached_prompt_tokens"], fields["completion_tokens"]) == (3750, 1000, 600, 200)
+
+
+STREAM_CHUNK = b'data: {"id":"c1","choices":[{"delta":{"content":"hi"}}]}\n\n'
+STREAM_USAGE = (b'data: {"id":"c1","choices":[],'
+                b'"usage":{"prompt_tokens":9,"completion_tokens":21}}\n\n')
+STREAM_DONE = b"data: [DONE]\n\n"
 
 
 async def test_streamed_usage_split_across_two_messages() -> None:
     processor = await routed()
     await processor.handle(response_headers("200", "text/event-stream"))
-    stream = (
-        b'data: {"id":"c1","choices":[{"delta":{"content":"hi"}}]}\n\n'
-        b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":21}}\n\n'
-        b"data: [DONE]\n\n"
-    )
+    stream = STREAM_CHUNK + STREAM_USAGE + STREAM_DONE
     cut = stream.index(b'"completion_tokens"')
-    assert await processor.handle(response_body(stream[:cut], end_of_stream=False)) == Continue()
-    assert usage_of(processor) is None
-    assert await processor.handle(response_body(stream[cut:], end_of_stream=False)) == Continue()
-    assert usage_of(processor) == Usage(prompt_tokens=9, completion_tokens=21)
+    # The client did not ask for usage: the usage-only chunk the gateway asked for is
+    # removed, so complete events are re-framed and a partial one is held back.
+    assert await processor.handle(response_body(stream[:cut], end_of_stream=False)) == Continue(
+        body=STREAM_CHUNK)
+    assert await processor.handle(response_body(stream[cut:], end_of_stream=False)) == Continue(
+        body=STREAM_DONE)
     assert await processor.handle(response_body(b"", end_of_stream=True)) == Continue()
-    assert processor.usage == Usage(prompt_tokens=9, completion_tokens=21)
+    assert processor.usage == Usage(input_tokens=9, output_tokens=21)
+
+
+async def test_stream_of_a_client_asking_for_usage_passes_untouched() -> None:
+    processor = make_processor()
+    await processor.handle(request_headers())
+    await processor.handle(request_body(chat(stream=True,
+                                             stream_options={"include_usage": True})))
+    await processor.handle(response_headers("200", "text/event-stream"))
+    stream = STREAM_CHUNK + STREAM_USAGE + STREAM_DONE
+    for piece in (stream[:7], stream[7:90], stream[90:]):
+        assert await processor.handle(response_body(piece, end_of_stream=False)) == Continue()
+    assert await processor.handle(response_body(b"", end_of_stream=True)) == Continue()
+    assert processor.usage == Usage(input_tokens=9, output_tokens=21)
 
 
 async def test_streamed_usage_in_unterminated_last_event() -> None:
     processor = await routed()
     await processor.handle(response_headers("200", "text/event-stream"))
-    await processor.handle(response_body(
+    reply = await processor.handle(response_body(
         b'data: {"usage":{"prompt_tokens":1,', end_of_stream=False))
-    await processor.handle(response_body(b'"completion_tokens":2}}', end_of_stream=True))
-    assert processor.usage == Usage(prompt_tokens=1, completion_tokens=2)
+    assert reply == Continue(body=b"")  # nothing complete to send yet
+    reply = await processor.handle(response_body(b'"completion_tokens":2}}', end_of_stream=True))
+    assert reply == Continue(body=b'data: {"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n')
+    assert processor.usage == Usage(input_tokens=1, output_tokens=2)
 
 
 # -- finish and the request log line ----------------------------------------------------
@@ -709,9 +1044,9 @@ async def test_response_cut_short_is_aborted(caplog: pytest.LogCaptureFixture) -
 
 @pytest.mark.parametrize(("status", "content_type", "end_of_stream", "outcome"), [
     ("200", "application/json", True, "200"),      # headers-only response
-    ("400", "application/json", False, "400"),     # passed through, body not watched
     ("200", "text/plain", False, "200"),           # body not watched
-    ("500", "application/json", False, "502"),     # replaced by our error
+    ("400", "application/json", True, "502"),      # headers-only error: no message to keep
+    ("500", "application/json", True, "502"),      # replaced by our error
 ])
 async def test_response_outcome_without_watched_body(
     status: str, content_type: str, end_of_stream: bool, outcome: str,
@@ -724,6 +1059,36 @@ async def test_response_outcome_without_watched_body(
         await processor.finish()
     assert requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", outcome) - before == 1
     assert fields_of(caplog.records[0])["aborted"] is False
+
+
+@pytest.mark.parametrize(("status", "outcome"), [("400", "400"), ("429", "429"),
+                                                ("401", "502"), ("500", "502")])
+async def test_provider_error_outcome_is_the_status_the_client_got(
+    status: str, outcome: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    processor = await routed()
+    await provider_answers(processor, status, error_json("nope", "x", "y"))
+    before = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", outcome)
+    with caplog.at_level(logging.INFO, logger="extproc.request"):
+        await processor.finish()
+    assert requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", outcome) - before == 1
+    fields = fields_of(caplog.records[0])
+    assert (fields["status"], fields["upstream_status"], fields["aborted"]) == (
+        int(outcome), int(status), False)
+
+
+async def test_provider_error_body_cut_short_is_aborted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    processor = await routed()
+    await processor.handle(response_headers("500"))
+    await processor.handle(response_body(b'{"error":', end_of_stream=False))
+    before = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted")
+    with caplog.at_level(logging.INFO, logger="extproc.request"):
+        await processor.finish()
+    assert requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted") - before == 1
+    fields = fields_of(caplog.records[0])
+    assert (fields["status"], fields["error"], fields["aborted"]) == (500, None, True)
 
 
 async def test_refused_request_records_the_error_status(
@@ -768,10 +1133,37 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "stream": False,
         "charged_micro_usd": None,
         "estimated_input_tokens": None,
+        "dialect": "openai",
         "prompt_tokens": 3,
+        "cached_prompt_tokens": 0,
         "completion_tokens": 4,
+        "streamed_tokens": None,
         "duration_ms": 1500.0,
     }
+
+
+async def test_streamed_request_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    processor = make_processor()
+    await processor.handle(request_headers("pinned"))
+    await processor.handle(request_body(chat("gpt-4o", stream=True)))
+    await processor.handle(response_headers("200", "text/event-stream"))
+    await processor.handle(response_body(
+        b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+        b'data: {"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}\n\n'
+        b'data: {"choices":[{"delta":{"content":""}}]}\n\n', end_of_stream=False))
+    await processor.handle(response_body(
+        b'data: {"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":2,'
+        b'"prompt_tokens_details":{"cached_tokens":4}}}\n\ndata: [DONE]\n\n',
+        end_of_stream=True))
+    with caplog.at_level(logging.INFO, logger="extproc.request"):
+        await processor.finish()
+    [record] = caplog.records
+    fields = fields_of(record)
+    assert {name: fields[name] for name in (
+        "stream", "dialect", "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+        "streamed_tokens", "status", "aborted")} == {
+        "stream": True, "dialect": "openai", "prompt_tokens": 10, "cached_prompt_tokens": 4,
+        "completion_tokens": 2, "streamed_tokens": 2, "status": 200, "aborted": False}
 
 
 async def test_no_key_ever_reaches_a_log_line_or_a_client(
