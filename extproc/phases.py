@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -67,6 +68,8 @@ _PROVIDER_ACCOUNT_HEADERS: Final = (
 """Response headers that name the gateway's provider account: not the client's business."""
 _JSON: Final = ("content-type", "application/json")
 _MAX_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+_IMAGE_PART: Final = re.compile(rb'"type"\s*:\s*"image(?:_url)?"')
+"""An image content part in either dialect (OpenAI `image_url`, Anthropic `image`)."""
 _IMAGE_TOKEN_ESTIMATE: Final = 1_600
 """Tokens held per image part: images cost far more tokens than their URL has bytes."""
 _AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
@@ -213,8 +216,9 @@ class RequestProcessor:
                                       api_version=route.provider.api_version)
         auth = await self._provider_auth(route.provider, principal)
         if budget is not None:
-            self.estimated_input_tokens = estimate_input_tokens(len(message.body)) + (
-                _IMAGE_TOKEN_ESTIMATE * message.body.count(b'"image_url"'))
+            images = len(_IMAGE_PART.findall(message.body))
+            self.estimated_input_tokens = (estimate_input_tokens(len(message.body))
+                                           + _IMAGE_TOKEN_ESTIMATE * images)
             price = route.model.price
             cost = worst_case_cost(self.estimated_input_tokens, max_tokens,
                                    price.input_micro_per_mtok, price.output_micro_per_mtok)
