@@ -68,6 +68,8 @@ _PROVIDER_ACCOUNT_HEADERS: Final = (
 """Response headers that name the gateway's provider account: not the client's business."""
 _JSON: Final = ("content-type", "application/json")
 _MAX_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+_MAX_TOKENS_SANITY_BOUND: Final = 1_000_000
+"""No model produces more; larger values are hostile or broken input."""
 _IMAGE_PART: Final = re.compile(rb'"type"\s*:\s*"image(?:_url)?"')
 """An image content part in either dialect (OpenAI `image_url`, Anthropic `image`)."""
 _IMAGE_TOKEN_ESTIMATE: Final = 1_600
@@ -202,8 +204,10 @@ class RequestProcessor:
                                param="model")
         route = select_route(self._config, principal.tenant, model)
         self.route = route
-        max_tokens = _max_tokens(request, principal.tenant.max_tokens
-                                 or self._config.budgets.default_max_tokens)
+        tenant_cap = principal.tenant.max_tokens
+        max_tokens = _max_tokens(
+            request, cap=tenant_cap or _MAX_TOKENS_SANITY_BOUND,
+            default=tenant_cap or self._config.budgets.default_max_tokens)
         budget = principal.tenant.budget
         if budget is not None and not any(name in request for name in _MAX_TOKEN_FIELDS):
             # The provider must not generate more than the hold covers.
@@ -485,8 +489,9 @@ def _usage_cost(price: Price, usage: Usage) -> int:
             + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
 
 
-def _max_tokens(request: dict[str, Any], cap: int) -> int:
-    """The output-token bound of the request (or `cap` when it sets none); 400 if invalid.
+def _max_tokens(request: dict[str, Any], *, cap: int, default: int) -> int:
+    """The output-token bound of the request (`default` when it sets none); 400 if invalid
+    or above `cap` (the tenant's `max_tokens`, else a sanity bound).
 
     Every field present is checked: providers differ in which one wins when both are sent,
     so the hold covers the larger and each must respect the cap.
@@ -503,7 +508,7 @@ def _max_tokens(request: dict[str, Any], cap: int) -> int:
             raise GatewayError(ErrorCode.INVALID_REQUEST,
                                f"'{name}' must not exceed {cap} for your key.", param=name)
         bounds.append(value)
-    return max(bounds, default=cap)
+    return max(bounds, default=default)
 
 
 def _parse_chat_request(body: bytes) -> dict[str, Any]:

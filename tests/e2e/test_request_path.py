@@ -372,3 +372,20 @@ def test_openai_sdk_sees_authentication_errors_as_such(gateway: Gateway) -> None
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 401
     assert caught.value.code == "invalid_api_key"
+
+
+@pytest.mark.parametrize(("max_tokens", "status"), [(8000, 200), (10**12, 400)])
+def test_max_tokens_without_a_tenant_cap(
+    gateway: Gateway, emulator_clean: Emulator, max_tokens: int, status: int,
+) -> None:
+    response = gateway.chat(chat_body(max_tokens=max_tokens))
+
+    assert response.status_code == status
+    if status == 400:
+        assert response.json() == openai_error(
+            "'max_tokens' must not exceed 1000000 for your key.", "invalid_request_error",
+            "invalid_request", "max_tokens")
+        assert emulator_clean.requests() == []
+    else:
+        [seen] = emulator_clean.requests()
+        assert json.loads(seen["body"])["max_tokens"] == 8000
