@@ -1367,11 +1367,20 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
     return "\n".join(out)
 
 
+EXTRA_MARKER: Final = "<!-- bench-extra:"
+
+
 def write_results(path: Path, run_text: str, keep: int) -> None:
     """Newest run on top; keep up to `keep` previous runs below it."""
     previous: list[str] = []
+    extras = ""
     if path.exists():
-        chunks = path.read_text(encoding="utf-8").split(RUN_MARKER)[1:]
+        text = path.read_text(encoding="utf-8")
+        # Sections other scripts (streaming.py, keys.py) keep at the end are theirs.
+        cut = text.find(EXTRA_MARKER)
+        if cut >= 0:
+            text, extras = text[:cut], "\n" + text[cut:]
+        chunks = text.split(RUN_MARKER)[1:]
         previous = [RUN_MARKER + chunk.rstrip() + "\n" for chunk in chunks][:keep]
     header = (
         "# Benchmark results\n\n"
@@ -1379,7 +1388,7 @@ def write_results(path: Path, run_text: str, keep: int) -> None:
         "edit by hand.\n\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + "\n".join([run_text, *previous]), encoding="utf-8")
+    path.write_text(header + "\n".join([run_text, *previous]) + extras, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- CLI
