@@ -52,6 +52,8 @@ test: lint typecheck unit integration
 
 bench: install redis-server wrk
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/streaming.py
+	$(BIN)/python bench/keys.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
