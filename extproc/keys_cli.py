@@ -21,7 +21,7 @@ from pathlib import Path
 from extproc.budgets.ledger import redis_client
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.credentials.envelope import EnvelopeError, rewrap_sealed
-from extproc.credentials.kek import KekError, init_kek_file
+from extproc.credentials.kek import KekError, TransitKek, init_kek_file
 from extproc.credentials.keyring import Keyring, KeyStore, StoreUnavailable
 from extproc.credentials.rotation import (
     KeyState,
@@ -110,6 +110,9 @@ async def _add(args: argparse.Namespace) -> int:
     provider = _provider_of(config, args.scope, args.credential)
     secret = _read_secret(args)
     keyring, client = await _open_keyring(config)
+    if isinstance(keyring.kek, TransitKek):
+        # A Transit key created without derived=true ignores the context: refuse it.
+        await keyring.kek.verify_context_binding()
     version = await keyring.add(args.scope, args.credential, provider, secret)
     state = await keyring.store.state(args.scope, args.credential)
     print(f"{args.scope}/{args.credential}@{version}: {state.state_of(version)}, "
@@ -126,7 +129,7 @@ async def _list(args: argparse.Namespace) -> int:
         if not ref.keyring:
             source = f"env {ref.env}" if ref.env else f"file {ref.file}"
             print(f"{cred_id:<40} {'-':>7}  {'static (' + source + ')':<24}")
-    if store is None:
+    if store is None or config.redis is None:
         return 0
     for scope, credential, _ in _keyring_credentials(config):
         state = await store.state(scope, credential)
@@ -134,10 +137,13 @@ async def _list(args: argparse.Namespace) -> int:
             print(f"{scope + '/' + credential:<40} {record.version:>7}  "
                   f"{state.state_of(record.version):<24} {record.fingerprint:<20} "
                   f"{record.kek_id}")
+    await store.close()
     return 0
 
 
 async def _rotate(args: argparse.Namespace) -> int:
+    if args.action == "stage":  # staging a version is sealing a new one
+        return await _add(args)
     config = _config(args)
     _provider_of(config, args.scope, args.credential)
     if config.redis is None:
@@ -149,7 +155,10 @@ async def _rotate(args: argparse.Namespace) -> int:
         "rollback": rollback,
         "revoke": lambda s: revoke(s, _version(args)),
     }
-    state = await store.transition(args.scope, args.credential, changes[args.action])
+    try:
+        state = await store.transition(args.scope, args.credential, changes[args.action])
+    finally:
+        await store.close()
     summary = ", ".join(f"v{v}={state.state_of(v)}" for v in sorted(_versions(state)))
     print(f"{args.scope}/{args.credential}: {args.action} done ({summary})")
     return 0
@@ -221,8 +230,9 @@ def add_keys_commands(key_commands: argparse._SubParsersAction[argparse.Argument
     listing.set_defaults(func=_run(_list))
 
     rotate = key_commands.add_parser("rotate", help="move a key version through its lifecycle")
-    rotate.add_argument("action", choices=("canary", "promote", "rollback", "revoke"))
+    rotate.add_argument("action", choices=("stage", "canary", "promote", "rollback", "revoke"))
     common(rotate)
+    rotate.add_argument("--from-file", help="stage: read the new key from this file, not stdin")
     rotate.add_argument("--version", type=int)
     rotate.add_argument("--percent", type=int, default=10)
     rotate.set_defaults(func=_run(_rotate))

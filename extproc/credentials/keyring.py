@@ -79,6 +79,9 @@ class KeyStore:
     def __init__(self, client: Any) -> None:
         self._client = client
 
+    async def close(self) -> None:
+        await self._client.aclose()
+
     async def state(self, scope: str, credential: str) -> KeyState:
         raw = await self._call(self._client.hget(f"{_base(scope, credential)}:state", "state"))
         return _state_from_json(raw)
@@ -129,6 +132,18 @@ class KeyStore:
             return await awaitable
         except (redis_errors.RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+
+
+def _outage(exc: Exception) -> bool:
+    """A KMS or store that cannot be reached, as opposed to a record that is wrong.
+
+    Only an outage may be bridged with a cached key; a tampered record, a wrong KEK or a
+    refused unwrap must stop the key at once.
+    """
+    if isinstance(exc, StoreUnavailable):
+        return True
+    kek_error = exc if isinstance(exc, KekError) else exc.__cause__
+    return isinstance(kek_error, KekError) and kek_error.transient
 
 
 def _state_from_json(raw: str | bytes | None) -> KeyState:
@@ -226,23 +241,26 @@ class Keyring:
                 raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
                                         "no sealed record")
             secret = await open_sealed(self._kek, record)
-        except (StoreUnavailable, KekError) as exc:
-            if cached is not None and now - cached.unwrapped_at < self._max_age_s:
+        except (StoreUnavailable, KekError, EnvelopeError) as exc:
+            if _outage(exc) and cached is not None and now - cached.unwrapped_at < self._max_age_s:
                 cached.checked_at = now  # try the KMS again after another TTL, not per request
                 metrics.CREDENTIAL_STALE_SERVES.labels(credential).inc()
                 log_event(log, logging.WARNING, "serving a cached key: KMS or store down",
                           credential=f"{credential}@{version}", error=str(exc))
                 return cached.secret
+            detail = (str(exc) if isinstance(exc, EnvelopeError)
+                      else f"cannot unwrap ({type(exc).__name__})")
             raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
-                                    f"cannot unwrap ({type(exc).__name__})") from None
-        except EnvelopeError as exc:
-            raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
-                                    f"{exc}") from None
+                                    f"{detail}") from None
         self._secrets[key] = _CachedSecret(secret, now, now)
         return secret
 
     def invalidate(self, scope: str, credential: str) -> None:
         self._states.pop((scope, credential), None)
+
+    def is_canary(self, credential: ResolvedCredential, scope: str) -> bool:
+        cached = self._states.get((scope, credential.id))
+        return cached is not None and cached.state.canary == credential.version
 
     async def report(self, credential: ResolvedCredential, scope: str, status: int) -> None:
         """Count provider auth failures of a canary version; roll it back past the bound."""

@@ -49,9 +49,12 @@ class ProviderKeys:
             return None
         scope = f"tenant:{tenant.id}" if own else "global"
         try:
-            chosen = self._pool.choose(ids, [self._refs[i].weight for i in ids])
+            # Health is per scoped credential: one tenant's bad key never closes another's.
+            qualified = self._pool.choose([f"{scope}/{i}" for i in ids],
+                                          [self._refs[i].weight for i in ids])
         except NoUsableCredential as exc:
             raise SecretUnavailable(f"provider {provider.name}: {exc}") from None
+        chosen = qualified.partition("/")[2]
         ref = self._refs[chosen]
         if ref.keyring:
             if self._keyring is None:
@@ -63,6 +66,11 @@ class ProviderKeys:
 
     async def report(self, selected: Selected, status: int) -> None:
         """What the provider answered with this key: feeds pool health and canary rollback."""
-        self._pool.record(selected.credential.id, status, time.monotonic() - selected.chosen_at)
-        if self._keyring is not None and self._refs[selected.credential.id].keyring:
-            await self._keyring.report(selected.credential, selected.scope, status)
+        keyring = self._keyring if self._refs[selected.credential.id].keyring else None
+        if keyring is not None and keyring.is_canary(selected.credential, selected.scope):
+            # A failing canary is the rollback's business; it must not close the whole
+            # credential (and with it the healthy active version) for every replica.
+            await keyring.report(selected.credential, selected.scope, status)
+            return
+        self._pool.record(f"{selected.scope}/{selected.credential.id}", status,
+                          time.monotonic() - selected.chosen_at)
