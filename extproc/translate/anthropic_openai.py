@@ -59,7 +59,13 @@ from extproc.translate.openai_passthrough import (
 )
 from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
-from extproc.translate.types import Backend, TranslatedResponse, UpstreamRequest, Usage
+from extproc.translate.types import (
+    Backend,
+    StreamProgress,
+    TranslatedResponse,
+    UpstreamRequest,
+    Usage,
+)
 from extproc.translate.usage import anthropic_usage_body, usage_from_openai
 from extproc.translate.validation import (
     compact_json,
@@ -410,7 +416,7 @@ def _event(kind: str, payload: dict[str, Any]) -> bytes:
     return encode_event(compact_json({"type": kind, **payload}).decode(), kind)
 
 
-class OpenAIChunksToAnthropicEvents:
+class OpenAIChunksToAnthropicEvents(StreamProgress):
     """OpenAI `chat.completion.chunk` SSE in, Anthropic Messages SSE events out."""
 
     def __init__(self) -> None:
@@ -423,20 +429,7 @@ class OpenAIChunksToAnthropicEvents:
         self._tools: dict[int, int] = {}
         self._finish: object = None
         self._finished = False
-        self._usage: Usage | None = None
-        self._deltas = 0
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def output_tokens_so_far(self) -> int:
-        return self._deltas
-
-    @property
-    def first_token_seen(self) -> bool:
-        return self._deltas > 0
+        StreamProgress.__init__(self)
 
     def feed(self, chunk: bytes) -> bytes:
         return self._handle(self._decoder.feed(chunk))

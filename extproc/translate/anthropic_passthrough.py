@@ -18,33 +18,20 @@ from extproc.errors import Dialect
 from extproc.translate.openai_anthropic import ANTHROPIC_VERSION, MESSAGES_PATH
 from extproc.translate.provider_errors import map_provider_error
 from extproc.translate.sse import SseDecoder, SseEvent
-from extproc.translate.types import TranslatedResponse, UpstreamRequest, Usage
+from extproc.translate.types import StreamProgress, TranslatedResponse, UpstreamRequest
 from extproc.translate.usage import usage_from_anthropic
 from extproc.translate.validation import compact_json, validate_anthropic_door
 
 __all__ = ["AnthropicPassthrough", "AnthropicPassthroughStream"]
 
 
-class AnthropicPassthroughStream:
+class AnthropicPassthroughStream(StreamProgress):
     """Forwards an Anthropic stream untouched while reading its usage and deltas."""
 
     def __init__(self) -> None:
         self._decoder = SseDecoder()
         self._usage_fields: dict[str, Any] = {}
-        self._usage: Usage | None = None
-        self._deltas = 0
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def output_tokens_so_far(self) -> int:
-        return self._deltas
-
-    @property
-    def first_token_seen(self) -> bool:
-        return self._deltas > 0
+        StreamProgress.__init__(self)
 
     def feed(self, chunk: bytes) -> bytes:
         self._read(self._decoder.feed(chunk))

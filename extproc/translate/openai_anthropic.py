@@ -58,7 +58,12 @@ from typing import Any, Final
 from extproc.errors import Dialect, ErrorCode, GatewayError
 from extproc.translate.provider_errors import map_provider_error, scrub
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
-from extproc.translate.types import Backend, TranslatedResponse, UpstreamRequest, Usage
+from extproc.translate.types import (
+    Backend,
+    StreamProgress,
+    TranslatedResponse,
+    UpstreamRequest,
+)
 from extproc.translate.usage import openai_usage_body, usage_from_anthropic
 from extproc.translate.validation import (
     compact_json,
@@ -466,7 +471,7 @@ def chat_completion_from_message(message: Mapping[str, Any], created: int) -> di
 # --------------------------------------------------------------------------- stream
 
 
-class AnthropicEventsToOpenAIChunks:
+class AnthropicEventsToOpenAIChunks(StreamProgress):
     """Anthropic Messages SSE events in, OpenAI `chat.completion.chunk` SSE out."""
 
     def __init__(self, *, include_usage: bool, clock: Callable[[], float] = time.time) -> None:
@@ -478,21 +483,8 @@ class AnthropicEventsToOpenAIChunks:
         self._created = 0
         self._start_usage: dict[str, Any] = {}
         self._tools: dict[int, int] = {}
-        self._usage: Usage | None = None
-        self._deltas = 0
+        StreamProgress.__init__(self)
         self._ended = False
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def output_tokens_so_far(self) -> int:
-        return self._deltas
-
-    @property
-    def first_token_seen(self) -> bool:
-        return self._deltas > 0
 
     def feed(self, chunk: bytes) -> bytes:
         return self._handle(self._decoder.feed(chunk))

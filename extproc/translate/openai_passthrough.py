@@ -30,7 +30,12 @@ from urllib.parse import quote
 from extproc.errors import Dialect
 from extproc.translate.provider_errors import map_provider_error
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
-from extproc.translate.types import Backend, TranslatedResponse, UpstreamRequest, Usage
+from extproc.translate.types import (
+    Backend,
+    StreamProgress,
+    TranslatedResponse,
+    UpstreamRequest,
+)
 from extproc.translate.usage import usage_from_openai
 from extproc.translate.validation import (
     compact_json,
@@ -92,7 +97,7 @@ def count_openai_deltas(chunk: Mapping[str, Any]) -> int:
     return seen
 
 
-class OpenAIPassthroughStream:
+class OpenAIPassthroughStream(StreamProgress):
     """Reads usage and deltas off an OpenAI-shaped stream while forwarding it.
 
     When nothing has to be removed the provider's bytes are forwarded untouched, chunk
@@ -102,20 +107,7 @@ class OpenAIPassthroughStream:
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         self._decoder = SseDecoder()
         self._strip = strip_usage_chunk
-        self._usage: Usage | None = None
-        self._deltas = 0
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def output_tokens_so_far(self) -> int:
-        return self._deltas
-
-    @property
-    def first_token_seen(self) -> bool:
-        return self._deltas > 0
+        StreamProgress.__init__(self)
 
     def feed(self, chunk: bytes) -> bytes:
         out = self._handle(self._decoder.feed(chunk))

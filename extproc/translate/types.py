@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "Backend",
+    "StreamProgress",
     "StreamTranslator",
     "TranslatedResponse",
     "Translator",
@@ -81,6 +82,27 @@ class TranslatedResponse:
 
     body: bytes
     usage: Usage | None
+
+
+class StreamProgress:
+    """What every stream translator reports besides its bytes (see `StreamTranslator`):
+    the usage from the final event, and how many content deltas passed so far."""
+
+    def __init__(self) -> None:
+        self._usage: Usage | None = None
+        self._deltas = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    @property
+    def output_tokens_so_far(self) -> int:
+        return self._deltas
+
+    @property
+    def first_token_seen(self) -> bool:
+        return self._deltas > 0
 
 
 class StreamTranslator(Protocol):
