@@ -36,12 +36,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve_as_worker(options) if args.worker else serve(options)
 
 
-def _cmd_check_config(args: argparse.Namespace) -> int:
+def _load_or_exit(path: str) -> GatewayConfig:
+    """The config, or exit 1 with every problem listed (path, line, message, hint)."""
     try:
-        config = load_config(args.file)
+        return load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        raise SystemExit(1) from None
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.file)
     print(
         f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.providers)} providers, "
         f"{len(config.models)} models)"
@@ -72,11 +77,7 @@ def _cmd_keys_hash(args: argparse.Namespace) -> int:
 
 
 def _cmd_envoy_render(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    config = _load_or_exit(args.config)
     ports = EnvoyPorts(
         listen_address=args.listen_address,
         listen_port=args.listen_port,
@@ -126,11 +127,7 @@ def _format_amount(unit: str, amount: int) -> str:
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    config = _load_or_exit(args.config)
     groups = _budget_groups(config, args.tenant)
     client = _sync_redis(config)
     if args.budget_command == "show":
@@ -225,5 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except SystemExit as exit_:  # commands exit early with a code; callers get it back
+        return exit_.code if isinstance(exit_.code, int) else 1
     return code
