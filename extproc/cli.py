@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except SystemExit as exit_:  # commands exit early with a code; callers get it back
-        return exit_.code if isinstance(exit_.code, int) else 1
+    except SystemExit as exit_:  # commands exit early with a code or a message
+        if isinstance(exit_.code, int):
+            return exit_.code
+        print(f"error: {exit_.code}", file=sys.stderr)
+        return 1
     return code
