@@ -32,6 +32,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen or None,
         workers=args.workers,
         drain_seconds=args.drain_seconds,
+        log_level=args.log_level,
     )
     return serve_as_worker(options) if args.worker else serve(options)
 

@@ -51,6 +51,7 @@ KEY_HASH_RE: Final = re.compile(r"^hmac-sha256:v1:[0-9a-f]{64}$")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _CLUSTER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KV_PATH_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
 _MICRO: Final = Decimal(1_000_000)
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
 
@@ -59,9 +60,10 @@ SCHEMA: Final[dict[str, tuple[str, ...]]] = {
          "models", "orgs", "tenants"),
     "auth": ("pepper",),
     "auth.pepper": ("env", "file"),
-    "secrets": ("kek", "cache_ttl_s", "max_age_s", "state_ttl_s", "rollback_after"),
+    "secrets": ("kek", "store", "cache_ttl_s", "max_age_s", "state_ttl_s", "rollback_after"),
     "secrets.kek": ("backend", "path", "url", "mount", "key", "token", "role_id",
                     "secret_id"),
+    "secrets.store": ("backend", "url", "mount", "prefix", "token"),
     "limits": ("max_body_bytes",),
     "redis": ("url", "cluster", "timeout_ms"),
     "budgets": ("timezone", "hold_ttl_s", "default_max_tokens"),
@@ -91,7 +93,8 @@ class ConfigIssue:
     line: int | None = None
 
     def __str__(self) -> str:
-        where = f"{self.path} (line {self.line})" if self.line else self.path
+        path = self.path or "<document>"
+        where = f"{path} (line {self.line})" if self.line else path
         text = f"{where}: {self.message}"
         return f"{text}\n    hint: {self.hint}" if self.hint else text
 
@@ -132,8 +135,20 @@ class KekSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordStoreSettings:
+    """Where sealed records live: `redis` (next to their state) or `vault_kv` (KV v2)."""
+
+    backend: str = "redis"
+    url: str | None = None
+    mount: str = "secret"
+    prefix: str = "asc"
+    token: CredentialRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SecretsSettings:
     kek: KekSettings | None = None
+    store: RecordStoreSettings = field(default_factory=RecordStoreSettings)
     cache_ttl_s: int = 300
     max_age_s: int = 3600
     state_ttl_s: float = 1.0
@@ -272,12 +287,13 @@ class _Checker:
         if not _NAME_RE.match(value):
             self.add(path, f"invalid name {value!r}", "use letters, digits, '_', '.', '-'")
 
-    def money(self, raw: dict[str, Any], key: str, path: str, *, required: bool = True) -> int:
+    def money(self, raw: dict[str, Any], key: str, path: str, *, required: bool = True,
+              example: str = "USD per million tokens, e.g. 0.15") -> int:
         value = raw.get(key)
         here = _join(path, key)
         if value is None:
             if required:
-                self.add(here, "is required", "USD per million tokens, e.g. 0.15")
+                self.add(here, "is required", example)
             return 0
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             self.add(here, f"must be a number, got {_kind(value)}")
@@ -527,9 +543,12 @@ def _secrets(raw_value: object, check: _Checker, base_dir: Path) -> SecretsSetti
         else:
             check.add("secrets.kek.backend", f"unknown KEK backend {backend!r}",
                       "file or transit")
+    store = (_record_store(raw["store"], check, base_dir) if "store" in raw
+             else RecordStoreSettings())
     defaults = SecretsSettings()
     return SecretsSettings(
         kek=kek,
+        store=store,
         cache_ttl_s=_int_field(raw, "cache_ttl_s", "secrets", check, low=1, high=86_400,
                                default=defaults.cache_ttl_s) or defaults.cache_ttl_s,
         max_age_s=_int_field(raw, "max_age_s", "secrets", check, low=1, high=30 * 86_400,
@@ -539,6 +558,67 @@ def _secrets(raw_value: object, check: _Checker, base_dir: Path) -> SecretsSetti
         rollback_after=_int_field(raw, "rollback_after", "secrets", check, low=1,
                                   high=1000, default=3) or 3,
     )
+
+
+def _record_store(raw_value: object, check: _Checker, base_dir: Path) -> RecordStoreSettings:
+    path = "secrets.store"
+    raw = check.mapping(raw_value, path)
+    check.unknown(raw, path, SCHEMA[path])
+    backend = raw.get("backend")
+    vault_fields = [name for name in ("url", "mount", "prefix", "token") if name in raw]
+    if backend is None:
+        if isinstance(raw_value, dict):  # (not a mapping at all is reported already)
+            check.add(_join(path, "backend"), "is required", "redis or vault_kv")
+        return RecordStoreSettings()
+    if backend == "redis":
+        for name in vault_fields:
+            check.add(_join(path, name), "only applies to backend vault_kv",
+                      "remove it, or set backend: vault_kv")
+        return RecordStoreSettings()
+    if backend != "vault_kv":
+        check.add(_join(path, "backend"), f"unknown record store backend {backend!r}",
+                  "redis or vault_kv")
+        return RecordStoreSettings()
+    url = None
+    if "url" not in raw:
+        check.add(_join(path, "url"), "is required with backend vault_kv",
+                  "e.g. https://openbao.internal:8200")
+    else:
+        url = check.string(raw, "url", path) or None
+        parts = urlsplit(url or "")
+        # The URL is never echoed back: it could carry credentials.
+        if url is not None and (parts.scheme not in ("http", "https") or not parts.hostname
+                                or not _valid_port(url)):
+            check.add(_join(path, "url"), "must be an http(s) URL with a host",
+                      "e.g. https://openbao.internal:8200")
+        elif url is not None and (parts.query or parts.fragment or parts.username
+                                  or parts.password):
+            check.add(_join(path, "url"), "must not carry a query, fragment or credentials",
+                      "put the token under secrets.store.token")
+    locations: dict[str, str] = {}
+    for name, default, example in (("mount", "secret", "secret"), ("prefix", "asc", "asc")):
+        value = check.string(raw, name, path, required=False) if name in raw else default
+        if value and not _KV_PATH_RE.match(value):
+            check.add(_join(path, name), "must be names separated by '/', without a leading "
+                      "or trailing '/'", f"e.g. {example}")
+        locations[name] = value or default
+    token = None
+    if "token" not in raw:
+        check.add(_join(path, "token"), "is required with backend vault_kv",
+                  "e.g. {env: BAO_TOKEN} or {file: /run/secrets/bao-token}")
+    else:
+        token = _secret_ref("token", raw["token"], _join(path, "token"), check, base_dir)
+    return RecordStoreSettings(backend="vault_kv", url=url, mount=locations["mount"],
+                               prefix=locations["prefix"], token=token)
+
+
+def _valid_port(url: str) -> bool:
+    """False when the URL's port is not a number from 0 to 65535 (urlsplit raises)."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        return False
+    return port != 0
 
 
 def _provider(
@@ -774,8 +854,11 @@ def _budget_settings(raw_value: object, check: _Checker) -> BudgetSettings:
                           default_max_tokens=default_max or 4096)
 
 
-def _budget_rules(raw_value: object, path: str, check: _Checker, *,
-                  org_level: bool) -> tuple[BudgetRule, ...]:
+def _budget_rules(raw_value: object, path: str, check: _Checker, *, org_level: bool,
+                  key_ids: frozenset[str] = frozenset(),
+                  models: frozenset[str] = frozenset()) -> tuple[BudgetRule, ...]:
+    """Budget rules of an org or a tenant; a tenant's key/model rules must name one of its
+    `key_ids` / `models`."""
     if raw_value is None:
         return ()
     if not isinstance(raw_value, list):
@@ -798,8 +881,14 @@ def _budget_rules(raw_value: object, path: str, check: _Checker, *,
         subject: str | None = None
         if scope is Scope.KEY:
             subject = check.string(raw, "key", rule_path)
+            if subject and subject not in key_ids:
+                check.add(_join(rule_path, "key"), f"unknown key id {subject!r}",
+                          f"key ids: {', '.join(sorted(key_ids))}")
         elif scope is Scope.MODEL:
             subject = check.string(raw, "model", rule_path)
+            if subject and subject not in models:
+                check.add(_join(rule_path, "model"),
+                          f"model {subject!r} is not allowed for this tenant")
         windows = {w.value: w for w in Window}
         window = windows.get(str(raw.get("window")))
         if window is None:
@@ -815,7 +904,7 @@ def _budget_rules(raw_value: object, path: str, check: _Checker, *,
                 continue
         elif "period_s" in raw:
             check.add(_join(rule_path, "period_s"), "only applies to a rolling window")
-        limit = check.money(raw, "limit_usd", rule_path)
+        limit = check.money(raw, "limit_usd", rule_path, example="USD, e.g. 500")
         rules.append(BudgetRule(scope=scope, window=window, limit_micro_usd=limit,
                                 subject=subject, period_s=period))
     return tuple(rules)
@@ -830,15 +919,9 @@ def _with_budget(tenant: Tenant, raw_value: object, check: _Checker,
     if org is not None and org not in orgs:
         check.add(_join(path, "org"), f"unknown org {org!r}", "define it under orgs:")
         org = None
-    rules = _budget_rules(raw.get("budgets"), _join(path, "budgets"), check, org_level=False)
-    key_ids = {key.id for key in tenant.keys}
-    for index, rule in enumerate(rules):
-        if rule.scope is Scope.KEY and rule.subject and rule.subject not in key_ids:
-            check.add(_join(_join(_join(path, "budgets"), index), "key"),
-                      f"unknown key id {rule.subject!r}", f"key ids: {', '.join(key_ids)}")
-        if rule.scope is Scope.MODEL and rule.subject and rule.subject not in tenant.models:
-            check.add(_join(_join(_join(path, "budgets"), index), "model"),
-                      f"model {rule.subject!r} is not allowed for this tenant")
+    rules = _budget_rules(raw.get("budgets"), _join(path, "budgets"), check, org_level=False,
+                          key_ids=frozenset(key.id for key in tenant.keys),
+                          models=tenant.models)
     limits_path = _join(path, "rate_limits")
     limits_raw = check.mapping(raw.get("rate_limits"), limits_path, required=False)
     check.unknown(limits_raw, limits_path, SCHEMA["tenants.<id>.rate_limits"])
@@ -850,7 +933,8 @@ def _with_budget(tenant: Tenant, raw_value: object, check: _Checker,
     if mode not in ("fail_closed", "fail_open"):
         check.add(_join(path, "on_redis_error"), f"unknown mode {mode!r}",
                   "fail_closed (default) or fail_open")
-    ceiling = check.money(raw, "fail_open_ceiling_usd", path, required=False)
+    ceiling = check.money(raw, "fail_open_ceiling_usd", path, required=False,
+                          example="USD per replica and day, e.g. 5")
     if mode == "fail_open" and "fail_open_ceiling_usd" not in raw:
         check.add(_join(path, "fail_open_ceiling_usd"), "is required with fail_open",
                   "the most one replica may spend for this tenant per day while Redis is down")

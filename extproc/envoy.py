@@ -2,7 +2,7 @@
 
 `decode` turns a `ProcessingRequest` into a plain `Inbound`; `encode` turns the processor's
 `Outbound` into the `ProcessingResponse` Envoy expects for that phase. Facts it relies on
-(measured on Envoy 1.40, see docs/decisions/0001-envoy-facts.md):
+(measured on Envoy 1.40, see docs/decisions/0001-envoy-behaviour-measured.md):
 
 * a reply must always set the phase's own field, even when empty, or Envoy answers 500
   "Spurious response message";

@@ -160,6 +160,12 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _host_header(provider: Provider) -> str:
+    default_port = 443 if provider.scheme == "https" else 80
+    host = f"[{provider.host}]" if ":" in provider.host else provider.host
+    return host if provider.port == default_port else f"{host}:{provider.port}"
+
+
 def _provider_cluster(provider: Provider) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": provider.cluster,
@@ -170,7 +176,8 @@ def _provider_cluster(provider: Provider) -> dict[str, Any]:
             "cluster_name": provider.cluster,
             "endpoints": [{"lb_endpoints": [{"endpoint": {
                 "address": _socket(provider.host, provider.port),
-                "hostname": provider.host,
+                # auto_host_rewrite sends this as Host: it must carry a non-default port.
+                "hostname": _host_header(provider),
             }}]}],
         },
         "typed_extension_protocol_options": {

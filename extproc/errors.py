@@ -40,7 +40,6 @@ class ErrorCode(enum.Enum):
     RATE_LIMITED = "rate_limited"
     PROVIDER_ERROR = "provider_error"
     UNAVAILABLE = "gateway_unavailable"
-    TIMEOUT = "gateway_timeout"
     INTERNAL = "internal_error"
 
     @property
@@ -62,7 +61,6 @@ _SPECS: dict[ErrorCode, _ErrorSpec] = {
     ErrorCode.RATE_LIMITED: _ErrorSpec(429, "rate_limit_error", "rate_limit_error"),
     ErrorCode.PROVIDER_ERROR: _ErrorSpec(502, "upstream_error", "api_error"),
     ErrorCode.UNAVAILABLE: _ErrorSpec(503, "service_unavailable", "overloaded_error"),
-    ErrorCode.TIMEOUT: _ErrorSpec(504, "timeout_error", "api_error"),
     ErrorCode.INTERNAL: _ErrorSpec(500, "server_error", "api_error"),
 }
 

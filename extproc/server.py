@@ -45,6 +45,7 @@ __all__ = ["ExternalProcessorService", "ServeOptions", "serve"]
 log = logging.getLogger("extproc.server")
 
 SERVICE_NAME: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
+_MAX_MESSAGE_BYTES: Final = 80 << 20
 _PHASE_TIMERS: Final = {phase: metrics.PHASE_SECONDS.labels(phase.value) for phase in Phase}
 
 
@@ -55,6 +56,7 @@ class ServeOptions:
     metrics_listen: str | None = "127.0.0.1:9464"
     workers: int = 1
     drain_seconds: float = 10.0
+    log_level: str = "info"
     watch_interval: float = 1.0
     sweep_interval: float = 5.0
 
@@ -194,7 +196,13 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     holder = RuntimeHolder(runtime)
     # Port sharing only among our own workers: a single process must fail to start on a
     # busy port rather than silently split traffic with whoever holds it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if supervised else 0)])
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 1 if supervised else 0),
+        # Bodies arrive whole (BUFFERED) and leave translated: up to the largest
+        # `limits.max_body_bytes` the config accepts, plus Envoy's buffer slack.
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ])
     service = ExternalProcessorService(holder)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -251,13 +259,15 @@ def serve_as_worker(options: ServeOptions) -> int:
 
 
 def _supervise(options: ServeOptions) -> int:
+    """Run `options.workers` worker processes; restart one that dies until told to stop."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     with tempfile.TemporaryDirectory(prefix="asc-metrics-") as metrics_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
         command = [sys.executable, "-m", "extproc", "serve", "--worker",
                    "--config", str(options.config_path), "--listen", options.listen,
-                   "--drain-seconds", str(options.drain_seconds)]
+                   "--drain-seconds", str(options.drain_seconds),
+                   "--log-level", options.log_level]
         workers = [subprocess.Popen(command, env=env) for _ in range(options.workers)]
         if options.metrics_listen:
             registry = CollectorRegistry()
@@ -265,8 +275,11 @@ def _supervise(options: ServeOptions) -> int:
             collector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
             host, port = _split_listen(options.metrics_listen)
             start_http_server(port, addr=host, registry=registry)
+        stopping = False
 
         def forward(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            stopping = stopping or signum != signal.SIGHUP
             for worker in workers:
                 if worker.poll() is None:
                     worker.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -275,5 +288,13 @@ def _supervise(options: ServeOptions) -> int:
             signal.signal(signum, forward)
         log_event(log, logging.INFO, "supervisor started", workers=options.workers,
                   listen=options.listen, metrics=options.metrics_listen)
+        while not stopping:
+            for index, worker in enumerate(workers):
+                code = worker.poll()
+                if code is not None and not stopping:
+                    log_event(log, logging.ERROR, "worker exited; restarting it",
+                              pid=worker.pid, code=code)
+                    workers[index] = subprocess.Popen(command, env=env)
+            time.sleep(0.5)
         codes = [worker.wait() for worker in workers]
     return max(codes, default=0)

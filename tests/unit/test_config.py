@@ -13,6 +13,7 @@ import pytest
 
 from extproc.cli import main
 from extproc.config import (
+    SCHEMA,
     BudgetSettings,
     ConfigError,
     ConfigIssue,
@@ -23,6 +24,7 @@ from extproc.config import (
     Model,
     Price,
     Provider,
+    RecordStoreSettings,
     RedisSettings,
     SecretsSettings,
     Tenant,
@@ -362,7 +364,7 @@ def test_config_error_str_lists_every_issue() -> None:
         "  version (line 3): unsupported version 2\n"
         "    hint: set `version: 1`\n"
         "  redis.url: must start with redis://, rediss:// or unix://\n"
-        "   (line 1): must be a mapping, got list"
+        "   <document> (line 1): must be a mapping, got list"
     )
 
 
@@ -405,3 +407,145 @@ def test_check_config_lists_problems(capsys: pytest.CaptureFixture[str]) -> None
         "    hint: create a hash with `extproc keys hash --config asc.yaml`\n"
         "  tenants.acme.models: must be a non-empty list of model names\n"
     )
+
+
+# --- secrets.store: where sealed records live ---------------------------------------------
+
+STORE_BASE = (CASES_DIR / "unknown_field_top.yaml").read_text(encoding="utf-8").replace(
+    "colour: blue\n", "")
+VAULT_ONLY = ("only applies to backend vault_kv", "remove it, or set backend: vault_kv")
+KV_PATH = "must be names separated by '/', without a leading or trailing '/'"
+NOT_HTTP_STORE = ("must be an http(s) URL with a host", "e.g. https://openbao.internal:8200")
+TOKEN_HINT = "e.g. {env: BAO_TOKEN} or {file: /run/secrets/bao-token}"
+KV = 'backend: vault_kv, url: "https://bao.internal:8200", token: {env: BAO_TOKEN}'
+
+
+def store_config(store: str, base_dir: Path | None = None) -> GatewayConfig:
+    return parse_config(f"{STORE_BASE}secrets:\n  store: {store}\n", base_dir=base_dir)
+
+
+def test_record_store_defaults_to_redis() -> None:
+    assert parse_config(STORE_BASE).secrets.store == RecordStoreSettings()
+    assert store_config("{backend: redis}").secrets.store == RecordStoreSettings()
+    assert RecordStoreSettings() == RecordStoreSettings(
+        backend="redis", url=None, mount="secret", prefix="asc", token=None)
+
+
+def test_record_store_vault_kv(tmp_path: Path) -> None:
+    store = store_config(f"{{{KV}}}").secrets.store
+    assert store == RecordStoreSettings(
+        backend="vault_kv", url="https://bao.internal:8200", mount="secret", prefix="asc",
+        token=CredentialRef("token", env="BAO_TOKEN"))
+
+    custom = store_config('{backend: vault_kv, url: "http://127.0.0.1:8200", mount: kv/asc, '
+                          "prefix: gateway/prod, token: {file: bao-token}}",
+                          base_dir=tmp_path).secrets.store
+    assert custom == RecordStoreSettings(
+        backend="vault_kv", url="http://127.0.0.1:8200", mount="kv/asc",
+        prefix="gateway/prod", token=CredentialRef("token", file=tmp_path / "bao-token"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        custom.backend = "redis"  # type: ignore[misc]
+
+
+STORE_CASES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "not_a_mapping": ("vault_kv", [("secrets.store", "must be a mapping, got str", "")]),
+    "unknown_field": ("{backend: redis, region: eu}", [
+        ("secrets.store.region", UNKNOWN, "known fields: backend, url, mount, prefix, token"),
+    ]),
+    "missing_backend": ('{url: "https://bao.internal:8200"}', [
+        ("secrets.store.backend", "is required", "redis or vault_kv"),
+    ]),
+    "empty": ("{}", [("secrets.store.backend", "is required", "redis or vault_kv")]),
+    "unknown_backend": ("{backend: consul}", [
+        ("secrets.store.backend", "unknown record store backend 'consul'", "redis or vault_kv"),
+    ]),
+    "redis_with_vault_fields": (
+        '{backend: redis, url: "https://bao.internal:8200", mount: secret, prefix: asc, '
+        "token: {env: BAO_TOKEN}}", [
+            ("secrets.store.url", *VAULT_ONLY),
+            ("secrets.store.mount", *VAULT_ONLY),
+            ("secrets.store.prefix", *VAULT_ONLY),
+            ("secrets.store.token", *VAULT_ONLY),
+        ]),
+    "vault_kv_missing_url_and_token": ("{backend: vault_kv}", [
+        ("secrets.store.url", "is required with backend vault_kv",
+         "e.g. https://openbao.internal:8200"),
+        ("secrets.store.token", "is required with backend vault_kv", TOKEN_HINT),
+    ]),
+    "url_not_a_string": ("{backend: vault_kv, url: 8200, token: {env: BAO_TOKEN}}", [
+        ("secrets.store.url", "must be a non-empty string, got int", ""),
+    ]),
+    "url_not_http": ('{backend: vault_kv, url: "ftp://bao.internal", token: {env: T}}', [
+        ("secrets.store.url", *NOT_HTTP_STORE),
+    ]),
+    "url_without_host": ('{backend: vault_kv, url: "https://", token: {env: T}}', [
+        ("secrets.store.url", *NOT_HTTP_STORE),
+    ]),
+    "url_bad_port": ('{backend: vault_kv, url: "https://bao:99999", token: {env: T}}', [
+        ("secrets.store.url", *NOT_HTTP_STORE),
+    ]),
+    "url_with_credentials": (
+        '{backend: vault_kv, url: "https://user:s3cret@bao.internal", token: {env: T}}', [
+            ("secrets.store.url", "must not carry a query, fragment or credentials",
+             "put the token under secrets.store.token"),
+        ]),
+    "url_with_query": ('{backend: vault_kv, url: "https://bao?token=x", token: {env: T}}', [
+        ("secrets.store.url", "must not carry a query, fragment or credentials",
+         "put the token under secrets.store.token"),
+    ]),
+    "mount_slashes": (f"{{{KV}, mount: /secret/}}", [
+        ("secrets.store.mount", KV_PATH, "e.g. secret"),
+    ]),
+    "mount_dot_dot": (f"{{{KV}, mount: secret/../sys}}", [
+        ("secrets.store.mount", KV_PATH, "e.g. secret"),
+    ]),
+    "mount_empty": (f'{{{KV}, mount: ""}}', [
+        ("secrets.store.mount", "must be a non-empty string, got str", ""),
+    ]),
+    "prefix_slashes": (f"{{{KV}, prefix: asc/}}", [
+        ("secrets.store.prefix", KV_PATH, "e.g. asc"),
+    ]),
+    "prefix_not_a_string": (f"{{{KV}, prefix: [asc]}}", [
+        ("secrets.store.prefix", "must be a non-empty string, got list", ""),
+    ]),
+    "token_both": ('{backend: vault_kv, url: "https://bao", token: {env: T, file: t}}', [
+        ("secrets.store.token", EXACTLY_ONE,
+         "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"),
+    ]),
+    "token_bad_env": ('{backend: vault_kv, url: "https://bao", token: {env: 1BAD}}', [
+        ("secrets.store.token.env", "must be an environment variable name", ""),
+    ]),
+    "token_unknown_field": ('{backend: vault_kv, url: "https://bao", token: {env: T, '
+                            "role: x}}", [
+        ("secrets.store.token.role", UNKNOWN, "known fields: env, file"),
+    ]),
+    "token_not_a_mapping": ('{backend: vault_kv, url: "https://bao", token: s.abc}', [
+        ("secrets.store.token", "must be a mapping, got str", ""),
+        ("secrets.store.token", EXACTLY_ONE,
+         "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"),
+    ]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STORE_CASES))
+def test_invalid_record_store_reports_exact_issues(case: str) -> None:
+    store, expected = STORE_CASES[case]
+    with pytest.raises(ConfigError) as caught:
+        store_config(store)
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == expected
+    store_line = STORE_BASE.count("\n") + 2
+    assert {i.line for i in caught.value.issues} <= {store_line, None}  # None: a missing key
+    assert "s3cret" not in str(caught.value)
+
+
+def test_record_store_issues_point_at_their_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"{STORE_BASE}secrets:\n  store:\n    backend: vault_kv\n"
+                     "    url: ftp://x\n    token: {env: T}\n")
+    assert [(i.path, i.line) for i in caught.value.issues] == [
+        ("secrets.store.url", STORE_BASE.count("\n") + 4)]
+
+
+def test_record_store_is_a_schema_section() -> None:
+    assert "store" in SCHEMA["secrets"]
+    assert SCHEMA["secrets.store"] == ("backend", "url", "mount", "prefix", "token")

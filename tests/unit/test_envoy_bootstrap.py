@@ -140,7 +140,7 @@ def test_demo_provider_clusters(demo: dict[str, Any]) -> None:
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": 18080}},
-                "hostname": "127.0.0.1",
+                "hostname": "127.0.0.1:18080",  # non-default port: kept in Host
             }}]}],
         }
         assert "transport_socket" not in cluster

@@ -37,7 +37,6 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_error"),
     ErrorCode.PROVIDER_ERROR: (502, "upstream_error", "api_error"),
     ErrorCode.UNAVAILABLE: (503, "service_unavailable", "overloaded_error"),
-    ErrorCode.TIMEOUT: (504, "timeout_error", "api_error"),
     ErrorCode.INTERNAL: (500, "server_error", "api_error"),
 }
 
@@ -51,7 +50,6 @@ CODE_VALUES = {
     ErrorCode.RATE_LIMITED: "rate_limited",
     ErrorCode.PROVIDER_ERROR: "provider_error",
     ErrorCode.UNAVAILABLE: "gateway_unavailable",
-    ErrorCode.TIMEOUT: "gateway_timeout",
     ErrorCode.INTERNAL: "internal_error",
 }
 
