@@ -364,7 +364,7 @@ def test_config_error_str_lists_every_issue() -> None:
         "  version (line 3): unsupported version 2\n"
         "    hint: set `version: 1`\n"
         "  redis.url: must start with redis://, rediss:// or unix://\n"
-        "   <document> (line 1): must be a mapping, got list"
+        "  <document> (line 1): must be a mapping, got list"
     )
 
 
