@@ -408,7 +408,7 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
             check.add("secrets.kek", "keyring credentials need a KEK",
                       "e.g. {backend: file, path: kek.key} (extproc keys init-kek)")
         if redis is None:
-            check.add("redis", "keyring credentials need Redis (where sealed keys live)",
+            check.add("redis", "keyring credentials need Redis (key versions and their state)",
                       "set redis.url")
 
     providers: dict[str, Provider] = {}

@@ -31,7 +31,7 @@ from extproc.credentials.rotation import (
     revoke,
     rollback,
 )
-from extproc.runtime import kek_from_settings
+from extproc.runtime import kek_from_settings, records_from_settings
 from extproc.secrets import Secret, SecretUnavailable
 
 __all__ = ["add_keys_commands"]
@@ -47,6 +47,12 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
         kek = replace(config.secrets.kek, token=CredentialRef("token", env=token_env),
                       role_id=None, secret_id=None)
         config = replace(config, secrets=replace(config.secrets, kek=kek))
+    if token_env and config.secrets.store.backend == "vault_kv":
+        # Records in KV are written with the operator's token too (key-operator policy).
+        from extproc.config import CredentialRef
+
+        store = replace(config.secrets.store, token=CredentialRef("token", env=token_env))
+        config = replace(config, secrets=replace(config.secrets, store=store))
     return config
 
 
@@ -73,11 +79,19 @@ def _provider_of(config: GatewayConfig, scope: str, credential: str) -> str:
                      "by this config")
 
 
+def _open_store(config: GatewayConfig) -> KeyStore:
+    """State in Redis, sealed records where `secrets.store` says (as the gateway does)."""
+    if config.redis is None:
+        raise SystemExit("the config has no redis section")
+    client = redis_client(config.redis)
+    return KeyStore(client, records_from_settings(config.secrets.store, client))
+
+
 async def _open_keyring(config: GatewayConfig) -> tuple[Keyring, object]:
     if config.redis is None or config.secrets.kek is None:
         raise SystemExit("the config needs redis and secrets.kek for keyring operations")
-    client = redis_client(config.redis)
-    return Keyring(KeyStore(client), kek_from_settings(config.secrets.kek)), client
+    store = _open_store(config)
+    return Keyring(store, kek_from_settings(config.secrets.kek)), store
 
 
 def _read_secret(args: argparse.Namespace) -> Secret:
@@ -123,7 +137,7 @@ async def _add(args: argparse.Namespace) -> int:
 
 async def _list(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = KeyStore(redis_client(config.redis)) if config.redis else None
+    store = _open_store(config) if config.redis else None
     print(f"{'credential':<40} {'version':>7}  {'state':<24} {'fingerprint':<20} kek")
     for cred_id, ref in config.credentials.items():
         if not ref.keyring:
@@ -148,7 +162,7 @@ async def _rotate(args: argparse.Namespace) -> int:
     _provider_of(config, args.scope, args.credential)
     if config.redis is None:
         raise SystemExit("the config has no redis section")
-    store = KeyStore(redis_client(config.redis))
+    store = _open_store(config)
     changes: dict[str, Callable[[KeyState], KeyState]] = {
         "canary": lambda s: canary(s, _version(args), args.percent),
         "promote": promote,
@@ -209,7 +223,7 @@ def add_keys_commands(key_commands: argparse._SubParsersAction[argparse.Argument
         parser.add_argument("--config", required=True)
         parser.add_argument("--token-env", default=os.environ.get("ASC_OPERATOR_TOKEN_ENV"),
                             help="environment variable holding *your* Vault/OpenBao token "
-                                 "(Transit KEK only; default: the config's token)")
+                                 "(Transit KEK and KV record store; default: the config's)")
         if credential:
             parser.add_argument("credential", help="credential id from the config")
             parser.add_argument("--scope", default="global",

@@ -14,7 +14,7 @@ from typing import Any
 from extproc.auth import TenantDirectory
 from extproc.budgets.guard import BudgetGuard
 from extproc.budgets.ledger import RedisLedger, redis_client
-from extproc.config import GatewayConfig, KekSettings
+from extproc.config import GatewayConfig, KekSettings, RecordStoreSettings
 from extproc.credentials import StaticKeyProvider
 from extproc.credentials.kek import (
     AppRoleAuth,
@@ -24,12 +24,18 @@ from extproc.credentials.kek import (
     TokenAuth,
     TransitKek,
 )
-from extproc.credentials.keyring import Keyring, KeyStore
+from extproc.credentials.keyring import (
+    Keyring,
+    KeyStore,
+    RecordStore,
+    RedisRecords,
+    VaultKvRecords,
+)
 from extproc.credentials.pools import CredentialPool
 from extproc.credentials.selection import ProviderKeys
 from extproc.secrets import SecretUnavailable, resolve_secret
 
-__all__ = ["Runtime", "RuntimeHolder", "kek_from_settings"]
+__all__ = ["Runtime", "RuntimeHolder", "kek_from_settings", "records_from_settings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +68,8 @@ class Runtime:
             keep = (same_redis and previous is not None and previous_keyring is not None
                     and previous.config.secrets == config.secrets)
             keyring = previous_keyring if keep else Keyring(
-                KeyStore(redis), kek_from_settings(config.secrets.kek, environ),
+                KeyStore(redis, records_from_settings(config.secrets.store, redis, environ)),
+                kek_from_settings(config.secrets.kek, environ),
                 cache_ttl_s=config.secrets.cache_ttl_s, max_age_s=config.secrets.max_age_s,
                 state_ttl_s=config.secrets.state_ttl_s,
                 rollback_after=config.secrets.rollback_after)
@@ -96,6 +103,17 @@ def kek_from_settings(settings: KekSettings, environ: dict[str, str] | None = No
     else:
         raise SecretUnavailable("secrets.kek needs a token or an AppRole")
     return TransitKek(settings.url, settings.key, auth=auth, mount_point=settings.mount)
+
+
+def records_from_settings(settings: RecordStoreSettings, redis: Any,
+                          environ: dict[str, str] | None = None) -> RecordStore:
+    """Where sealed records live: next to their state in `redis`, or in Vault/OpenBao KV."""
+    if settings.backend == "redis":
+        return RedisRecords(redis)
+    if settings.url is None or settings.token is None:
+        raise SecretUnavailable("secrets.store needs url and token for backend vault_kv")
+    return VaultKvRecords(settings.url, auth=TokenAuth(resolve_secret(settings.token, environ)),
+                          mount=settings.mount, prefix=settings.prefix)
 
 
 class RuntimeHolder:

@@ -1,8 +1,10 @@
-"""Envelope-encrypted provider keys: the Redis store, and the in-process keyring cache.
+"""Envelope-encrypted provider keys: the key store, and the in-process keyring cache.
 
-`KeyStore` keeps, per credential (scope + id), its sealed versions and its lifecycle
-`KeyState` in Redis, and publishes every change on one pub/sub channel. `Keyring` answers
-"which key goes on this request" from memory:
+`KeyStore` keeps, per credential (scope + id), its lifecycle `KeyState` and version
+counter in Redis, and publishes every change on one pub/sub channel. The sealed versions
+themselves sit behind a small `RecordStore`: `RedisRecords` (the default, next to the
+state) or `VaultKvRecords` (Vault/OpenBao KV v2). `Keyring` answers "which key goes on
+this request" from memory:
 
 * the state (which version is active / canary) is cached for `state_ttl_s` and dropped at
   once when a change is published, so every replica follows a rotation within about a
@@ -21,22 +23,34 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+import hvac
+import hvac.exceptions
 from redis import exceptions as redis_errors
 
 from extproc import metrics
 from extproc.credentials.envelope import EnvelopeError, SealedSecret, open_sealed, seal
-from extproc.credentials.kek import KekBackend, KekError
+from extproc.credentials.kek import KekBackend, KekError, TokenAuth
 from extproc.credentials.rotation import KeyState, RotationError, choose_version, rollback
 from extproc.credentials.static import ResolvedCredential
 from extproc.logs import log_event
 from extproc.secrets import Secret, SecretUnavailable
 
-__all__ = ["CHANGES_CHANNEL", "KeyStore", "Keyring", "StoreUnavailable", "listen_for_changes"]
+__all__ = [
+    "CHANGES_CHANNEL",
+    "KeyStore",
+    "Keyring",
+    "RecordStore",
+    "RedisRecords",
+    "StoreUnavailable",
+    "VaultKvRecords",
+    "listen_for_changes",
+]
 
 CHANGES_CHANNEL: Final = "asc:cred:changes"
 log = logging.getLogger("extproc.credentials")
@@ -65,7 +79,11 @@ async def listen_for_changes(client: Any, on_change: Callable[[str, str], None])
 
 
 class StoreUnavailable(Exception):
-    """Redis could not be reached for the key store; the message is safe to log."""
+    """Redis or the record store could not be reached (or refused us); safe to log.
+
+    Messages name the operation and an HTTP status or exception type, never a URL, a
+    token or record contents.
+    """
 
 
 def _base(scope: str, credential: str) -> str:
@@ -73,35 +91,225 @@ def _base(scope: str, credential: str) -> str:
     return f"asc:cred:{{{scope}/{credential}}}"
 
 
-class KeyStore:
-    """Sealed versions and lifecycle state of keyring credentials, in Redis."""
+async def _redis_call(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except (redis_errors.RedisError, OSError) as exc:
+        raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+
+
+class RecordStore(Protocol):
+    """Where sealed records (`SealedSecret`) live. They hold no plaintext and no DEK."""
+
+    async def get(self, scope: str, credential: str, version: int) -> SealedSecret | None:
+        """The record of one version, or None when there is none."""
+        ...
+
+    async def put(self, record: SealedSecret) -> None:
+        """Create or replace the record at its own (scope, key_id, version)."""
+        ...
+
+    async def all(self, scope: str, credential: str) -> list[SealedSecret]:
+        """Every stored version of a credential, oldest version first."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class RedisRecords:
+    """Sealed records in a Redis hash per credential: `asc:cred:{<scope>/<cred>}:versions`."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
 
+    async def get(self, scope: str, credential: str, version: int) -> SealedSecret | None:
+        raw = await _redis_call(
+            self._client.hget(f"{_base(scope, credential)}:versions", str(version)))
+        return None if raw is None else SealedSecret.from_json(raw)
+
+    async def put(self, record: SealedSecret) -> None:
+        key = f"{_base(record.scope, record.key_id)}:versions"
+        await _redis_call(self._client.hset(key, str(record.version), record.to_json()))
+
+    async def all(self, scope: str, credential: str) -> list[SealedSecret]:
+        raw = await _redis_call(self._client.hgetall(f"{_base(scope, credential)}:versions"))
+        return sorted((SealedSecret.from_json(v) for v in raw.values()), key=lambda r: r.version)
+
     async def close(self) -> None:
-        await self._client.aclose()
+        """Nothing to do: the Redis client belongs to the `KeyStore`."""
+
+    def __repr__(self) -> str:
+        return "RedisRecords()"
+
+
+_KV_SEGMENT: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_KV_VERSION: Final = re.compile(r"^v([1-9][0-9]{0,17})$")
+
+
+class VaultKvRecords:
+    """Sealed records in Vault/OpenBao KV v2, one secret per version.
+
+    A record lives at `<mount>/data/<prefix>/<scope>/<credential>/v<version>` as
+    `{"record": <SealedSecret JSON>}`; versions are listed through KV metadata. KV's own
+    secret versioning keeps the history of each record (rewraps replace the value).
+
+    hvac is synchronous (requests): every call runs in a worker thread, so the event loop
+    never blocks on it. Every failure is mapped once, here, to `StoreUnavailable` naming
+    the operation and the HTTP status or exception type.
+    """
+
+    def __init__(self, url: str, *, auth: TokenAuth, mount: str = "secret",
+                 prefix: str = "asc", timeout: float = 5.0, verify: bool | str = True,
+                 namespace: str | None = None) -> None:
+        self._mount = mount
+        self._prefix = prefix.strip("/")
+        self._client: Any = hvac.Client(url=url, token=auth.token.reveal(), timeout=timeout,
+                                        verify=verify, namespace=namespace)
+
+    async def get(self, scope: str, credential: str, version: int) -> SealedSecret | None:
+        path = f"{self._folder(scope, credential)}/v{int(version)}"
+        response = await self._call("read", lambda client: client.secrets.kv.v2
+                                    .read_secret_version(path=path, mount_point=self._mount,
+                                                         raise_on_deleted_version=True))
+        return None if response is None else _kv_record(response, scope, credential)
+
+    async def put(self, record: SealedSecret) -> None:
+        path = f"{self._folder(record.scope, record.key_id)}/v{record.version}"
+        document = {"record": record.to_json()}
+        await self._call("write", lambda client: client.secrets.kv.v2.create_or_update_secret(
+            path=path, secret=document, mount_point=self._mount), missing_ok=False)
+
+    async def all(self, scope: str, credential: str) -> list[SealedSecret]:
+        folder = self._folder(scope, credential)
+        response = await self._call("list", lambda client: client.secrets.kv.v2.list_secrets(
+            path=folder, mount_point=self._mount))
+        versions: list[int] = []
+        for key in _kv_keys(response):
+            match = _KV_VERSION.match(key)
+            if match is not None:  # anything else (a sub-folder, a stray key) is not ours
+                versions.append(int(match.group(1)))
+        records = []
+        for version in sorted(versions):
+            record = await self.get(scope, credential, version)
+            if record is not None:  # deleted between list and read
+                records.append(record)
+        return records
+
+    async def close(self) -> None:
+        """Close the HTTP session (its pooled connections)."""
+        await asyncio.to_thread(self._client.adapter.close)
+
+    def __repr__(self) -> str:
+        return f"VaultKvRecords({self._mount}/{self._prefix})"
+
+    def _folder(self, scope: str, credential: str) -> str:
+        # Scope and credential come from validated config, but a path is built from them:
+        # refuse anything that could climb out of or past the credential's folder.
+        if not (_KV_SEGMENT.match(scope) and _KV_SEGMENT.match(credential)):
+            raise StoreUnavailable("vault kv: invalid scope or credential name")
+        return f"{self._prefix}/{scope}/{credential}" if self._prefix else f"{scope}/{credential}"
+
+    async def _call(self, operation: str, request: Callable[[Any], Any], *,
+                    missing_ok: bool = True) -> Any:
+        return await asyncio.to_thread(self._call_blocking, operation, request, missing_ok)
+
+    def _call_blocking(self, operation: str, request: Callable[[Any], Any],
+                       missing_ok: bool) -> Any:
+        """Runs in a worker thread. A 404 without error text is "no such secret": None."""
+        try:
+            return request(self._client)
+        except hvac.exceptions.InvalidPath as exc:
+            if missing_ok and not exc.errors:
+                return None
+            raise StoreUnavailable(f"vault kv {operation} failed: HTTP 404 (no such mount "
+                                   "or path)") from None
+        except hvac.exceptions.VaultError as exc:
+            status = next((code for kind, code in _KV_STATUS if isinstance(exc, kind)), None)
+            described = f"HTTP {status}" if status is not None else type(exc).__name__
+            hint = {401: " (token refused)", 403: " (permission denied)"}.get(status or 0, "")
+            raise StoreUnavailable(f"vault kv {operation} failed: {described}{hint}") from None
+        except OSError as exc:  # every requests exception is an OSError
+            raise StoreUnavailable(f"vault kv {operation} failed: "
+                                   f"{type(exc).__name__}") from None
+
+
+_KV_STATUS: Final[tuple[tuple[type[Exception], int], ...]] = (
+    (hvac.exceptions.InvalidRequest, 400),
+    (hvac.exceptions.Unauthorized, 401),
+    (hvac.exceptions.Forbidden, 403),
+    (hvac.exceptions.PreconditionFailed, 412),
+    (hvac.exceptions.RateLimitExceeded, 429),
+    (hvac.exceptions.InternalServerError, 500),
+    (hvac.exceptions.VaultNotInitialized, 501),
+    (hvac.exceptions.BadGateway, 502),
+    (hvac.exceptions.VaultDown, 503),
+)
+
+
+def _kv_keys(response: Any) -> list[str]:
+    """The key names of a KV metadata LIST answer (None: nothing stored there)."""
+    try:
+        keys = response["data"]["keys"]
+    except (KeyError, TypeError):
+        return []
+    return [key for key in keys if isinstance(key, str)] if isinstance(keys, list) else []
+
+
+def _kv_record(response: Any, scope: str, credential: str) -> SealedSecret:
+    try:
+        text = response["data"]["data"]["record"]
+    except (KeyError, TypeError):
+        text = None
+    if not isinstance(text, str):
+        raise EnvelopeError(f"malformed record in KV for {scope}/{credential}: no "
+                            "'record' string")
+    return SealedSecret.from_json(text)
+
+
+class KeyStore:
+    """Lifecycle state, version counter and change feed in Redis; records in a `RecordStore`."""
+
+    def __init__(self, client: Any, records: RecordStore | None = None) -> None:
+        self._client = client
+        self._records: RecordStore = RedisRecords(client) if records is None else records
+
+    @property
+    def record_store(self) -> RecordStore:
+        return self._records
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        finally:
+            await self._records.close()
+
+    async def aclose(self) -> None:
+        """`close` under the name Redis clients use (so callers can close either)."""
+        await self.close()
 
     async def state(self, scope: str, credential: str) -> KeyState:
         raw = await self._call(self._client.hget(f"{_base(scope, credential)}:state", "state"))
         return _state_from_json(raw)
 
     async def record(self, scope: str, credential: str, version: int) -> SealedSecret | None:
-        raw = await self._call(
-            self._client.hget(f"{_base(scope, credential)}:versions", str(version)))
-        return None if raw is None else SealedSecret.from_json(raw)
+        record = await self._records.get(scope, credential, version)
+        if record is not None and (record.scope, record.key_id, record.version) != (
+                scope, credential, version):
+            # The AAD binds a record to its own names, not to where it is stored: a record
+            # copied to another version's slot would open, as that other version.
+            raise EnvelopeError(f"record stored as {scope}/{credential}@{version} is "
+                                f"{record.label}")
+        return record
 
     async def records(self, scope: str, credential: str) -> list[SealedSecret]:
-        raw = await self._call(self._client.hgetall(f"{_base(scope, credential)}:versions"))
-        return sorted((SealedSecret.from_json(v) for v in raw.values()), key=lambda r: r.version)
+        return await self._records.all(scope, credential)
 
     async def next_version(self, scope: str, credential: str) -> int:
         return int(await self._call(
             self._client.hincrby(f"{_base(scope, credential)}:meta", "next_version", 1)))
 
     async def put_record(self, record: SealedSecret) -> None:
-        key = f"{_base(record.scope, record.key_id)}:versions"
-        await self._call(self._client.hset(key, str(record.version), record.to_json()))
+        await self._records.put(record)
 
     async def transition(self, scope: str, credential: str,
                          change: Callable[[KeyState], KeyState]) -> KeyState:
@@ -128,10 +336,7 @@ class KeyStore:
         await self._call(self._client.publish(CHANGES_CHANNEL, f"{scope}/{credential}"))
 
     async def _call(self, awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except (redis_errors.RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+        return await _redis_call(awaitable)
 
 
 def _outage(exc: Exception) -> bool:
@@ -233,7 +438,10 @@ class Keyring:
         key = (scope, credential, version)
         cached = self._secrets.get(key)
         now = self._clock()
-        if cached is not None and now - cached.checked_at < self._cache_ttl_s:
+        if (cached is not None and now - cached.checked_at < self._cache_ttl_s
+                and now - cached.unwrapped_at < self._max_age_s):
+            # (The max-age bound matters after a stale serve, which moves `checked_at` but
+            # not `unwrapped_at`: without it a key could outlive max_age_s by a cache TTL.)
             return cached.secret
         try:
             record = await self._store.record(scope, credential, version)
