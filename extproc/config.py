@@ -916,7 +916,7 @@ def _with_budget(tenant: Tenant, raw_value: object, check: _Checker,
     raw = raw_value if isinstance(raw_value, dict) else {}
     path = _join("tenants", tenant.id)
     org = raw.get("org")
-    if org is not None and org not in orgs:
+    if org is not None and (not isinstance(org, str) or org not in orgs):
         check.add(_join(path, "org"), f"unknown org {org!r}", "define it under orgs:")
         org = None
     rules = _budget_rules(raw.get("budgets"), _join(path, "budgets"), check, org_level=False,

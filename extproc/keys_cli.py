@@ -1,8 +1,10 @@
 """`extproc keys ...`: the operator side of the envelope-encrypted keyring.
 
-Separation of duties: `init-kek` and `rewrap` are KEK operations; `add` and `rotate`
-are provider-key operations. With Vault/OpenBao Transit each runs with the operator's
-own token (`--token-env`), so a KEK admin (policy deploy/vault/kek-admin.hcl) cannot
+Separation of duties: `init-kek` is a KEK operation; `add` and `rotate` are provider-key
+operations; `rewrap` follows a KEK rotation and needs whichever token may both rewrap with
+Transit and read/write the records (kek-admin for Redis records, key-operator for KV).
+With Vault/OpenBao Transit each runs with the operator's own token (`--token-env`), so a
+KEK admin (policy deploy/vault/kek-admin.hcl) cannot
 seal or read provider keys, and a key operator (key-operator.hcl) cannot rotate or
 reconfigure the KEK. Secrets are read from standard input or a file, never argv, and
 nothing here ever prints one: `list` shows ids, versions, states and fingerprints.
@@ -108,7 +110,11 @@ def _read_secret(args: argparse.Namespace) -> Secret:
 
 
 def _cmd_init_kek(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     kek = config.secrets.kek
     if kek is None or kek.backend != "file" or kek.path is None:
         print("secrets.kek is not a file KEK; with Transit the KEK lives in Vault/OpenBao: "

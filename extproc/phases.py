@@ -402,11 +402,12 @@ class RequestProcessor:
         if self.hold is not None and self.principal is not None and self.route is not None:
             cost, tokens = self._real_cost(aborted)
             self.charged_micro_usd = cost
-            await self._runtime.budget_guard().settle(
+            settled = await self._runtime.budget_guard().settle(
                 self.hold, cost_micro_usd=cost, tokens=tokens,
                 budget=self.principal.tenant.budget)
-            metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
-                                        self.model_asked or "-").inc(cost)
+            if settled:  # the metric follows the ledger: a lost settle is not spend
+                metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
+                                            self.model_asked or "-").inc(cost)
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"

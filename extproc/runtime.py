@@ -37,6 +37,10 @@ from extproc.secrets import SecretUnavailable, resolve_secret
 
 __all__ = ["Runtime", "RuntimeHolder", "kek_from_settings", "records_from_settings"]
 
+_KMS_TIMEOUT_S = 1.5
+"""Transit and KV calls: below Envoy's message_timeout (2 s), so a slow KMS is the
+gateway's 503, not Envoy's 504."""
+
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
@@ -102,7 +106,8 @@ def kek_from_settings(settings: KekSettings, environ: dict[str, str] | None = No
         auth = AppRoleAuth(settings.role_id, resolve_secret(settings.secret_id, environ))
     else:
         raise SecretUnavailable("secrets.kek needs a token or an AppRole")
-    return TransitKek(settings.url, settings.key, auth=auth, mount_point=settings.mount)
+    return TransitKek(settings.url, settings.key, auth=auth, mount_point=settings.mount,
+                      timeout=_KMS_TIMEOUT_S)
 
 
 def records_from_settings(settings: RecordStoreSettings, redis: Any,
@@ -113,7 +118,7 @@ def records_from_settings(settings: RecordStoreSettings, redis: Any,
     if settings.url is None or settings.token is None:
         raise SecretUnavailable("secrets.store needs url and token for backend vault_kv")
     return VaultKvRecords(settings.url, auth=TokenAuth(resolve_secret(settings.token, environ)),
-                          mount=settings.mount, prefix=settings.prefix)
+                          mount=settings.mount, prefix=settings.prefix, timeout=_KMS_TIMEOUT_S)
 
 
 class RuntimeHolder:
