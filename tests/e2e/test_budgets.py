@@ -76,8 +76,14 @@ def test_two_hundred_concurrent_requests_never_overspend(
     gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
         redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
 
+    local = threading.local()  # one HTTP client per thread: httpcore's pool is not
+    #                           safe to share across 50 threads (seen: EBADF reads)
+
     def call(_: int) -> httpx.Response:
-        return gateway.chat(chat_body(max_tokens=8))
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=gateway.base_url, timeout=30)
+        return local.client.post(CHAT, json=chat_body(max_tokens=8),
+                                 headers={"authorization": f"Bearer {ACME_KEY}"})
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         responses = list(pool.map(call, range(200)))
