@@ -266,6 +266,14 @@ class _Checker:
             return {}
         return {str(k): v for k, v in value.items()}
 
+    def nonempty_list(self, value: object, path: str, message: str,
+                      hint: str = "") -> list[Any]:
+        """`value` if it is a non-empty list; else report `message` and return []."""
+        if isinstance(value, list) and value:
+            return value
+        self.add(path, message, hint)
+        return []
+
     def unknown(self, raw: dict[str, Any], path: str, known: tuple[str, ...]) -> None:
         for key in raw:
             if key not in known:
@@ -703,12 +711,9 @@ def _model(
         cached_input_micro_per_mtok=cached,
     )
     deployments: list[Deployment] = []
-    deps_raw = raw.get("deployments")
     deps_path = _join(path, "deployments")
-    if not isinstance(deps_raw, list) or not deps_raw:
-        check.add(deps_path, "must be a non-empty list",
-                  "e.g. [{provider: openai-us, model: gpt-4o-mini}]")
-        deps_raw = []
+    deps_raw = check.nonempty_list(raw.get("deployments"), deps_path, "must be a non-empty list",
+                                   "e.g. [{provider: openai-us, model: gpt-4o-mini}]")
     for index, dep_value in enumerate(deps_raw):
         dep_path = _join(deps_path, index)
         dep = check.mapping(dep_value, dep_path)
@@ -736,12 +741,10 @@ def _tenant(
     check.unknown(raw, path, SCHEMA["tenants.<id>"])
     zone = check.string(raw, "zone", path, required=False) or None
     keys: list[TenantKey] = []
-    keys_raw = raw.get("keys")
     keys_path = _join(path, "keys")
-    if not isinstance(keys_raw, list) or not keys_raw:
-        check.add(keys_path, "must be a non-empty list of {id, hash}",
-                  "create a hash with `extproc keys hash --config asc.yaml`")
-        keys_raw = []
+    keys_raw = check.nonempty_list(raw.get("keys"), keys_path,
+                                   "must be a non-empty list of {id, hash}",
+                                   "create a hash with `extproc keys hash --config asc.yaml`")
     for index, key_value in enumerate(keys_raw):
         key_path = _join(keys_path, index)
         key_raw = check.mapping(key_value, key_path)
@@ -763,11 +766,9 @@ def _tenant(
         elif key_hash:
             seen_hashes[key_hash] = f"{key_path}"
         keys.append(TenantKey(id=key_id, hash=key_hash))
-    models_raw = raw.get("models")
+    models_raw = check.nonempty_list(raw.get("models"), _join(path, "models"),
+                                     "must be a non-empty list of model names")
     allowed: set[str] = set()
-    if not isinstance(models_raw, list) or not models_raw:
-        check.add(_join(path, "models"), "must be a non-empty list of model names")
-        models_raw = []
     for index, model_name in enumerate(models_raw):
         if not isinstance(model_name, str) or model_name not in models:
             check.add(_join(_join(path, "models"), index), f"unknown model {model_name!r}",
@@ -960,8 +961,8 @@ def _with_own_credentials(tenant: Tenant, raw_value: object, check: _Checker,
         if provider not in providers:
             check.add(here, f"unknown provider {provider!r}")
             continue
-        if not isinstance(ids, list) or not ids:
-            check.add(here, "must be a non-empty list of credential ids")
+        ids = check.nonempty_list(ids, here, "must be a non-empty list of credential ids")
+        if not ids:
             continue
         for index, cred_id in enumerate(ids):
             ref = credentials.get(cred_id) if isinstance(cred_id, str) else None
