@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -321,3 +322,35 @@ def test_budget_cli_shows_resets_and_sets_live_state(
     assert month_counter(redis_port) == (250_000, 0)
     assert main(["budget", "reset", "acme", "--config", config, "--yes"]) == 0
     assert month_counter(redis_port) == (0, 0)
+
+
+def test_budgets_through_envoy_on_a_redis_cluster(stack: Stack) -> None:
+    ports = stack.start_redis_cluster(3)
+
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = budget_config(ports[0], budgets=[
+            {"scope": "tenant", "window": "month", "limit_usd": 0.05},
+            {"scope": "key", "key": "acme-main", "window": "day", "limit_usd": 1}],
+            rate_limits={"rpm": 100})(emulator_port)
+        doc["redis"]["cluster"] = True
+        return doc
+
+    gateway = start_gateway(stack, stack.workdir / "config", document=document)
+    statuses = [gateway.chat(chat_body(max_tokens=8)).status_code for _ in range(8)]
+
+    # Each call costs 0.0083 USD and holds about 0.0194 (prompt estimate + 8 output
+    # tokens): after four, 0.0332 spent + 0.0194 held > 0.05, so the rest are refused.
+    assert statuses == [200] * 4 + [429] * 4
+    cluster = redis.RedisCluster(host="127.0.0.1", port=ports[0], decode_responses=True)
+    try:
+        counters = {key: cluster.hmget(key, "spent", "held") for key in cluster.scan_iter(
+            match="asc:{t:acme}:b:*", target_nodes=redis.RedisCluster.ALL_NODES)}
+    finally:
+        cluster.close()
+    # One tenant-month and one key-day counter, both in the tenant's slot, same amounts.
+    assert sorted(re.sub(r":[dm]\d{4}-\d{2}(-\d{2})?$", ":<window>", k) for k in counters) == [
+        "asc:{t:acme}:b:tenant:acme:<window>",
+        "asc:{t:acme}:b:tenant:acme:key:acme-main:<window>",
+    ]
+    assert [(int(spent), int(held)) for spent, held in counters.values()] == [
+        (4 * 8300, 0), (4 * 8300, 0)]
