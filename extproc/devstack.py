@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -340,11 +340,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--demo-key", default="", help="virtual key to show in the curl")
     parser.add_argument("--demo-model", default="gpt-4o-mini")
     return parser
-
-
-def iter_logs(stack: Stack) -> Iterator[tuple[str, str]]:
-    for process in stack.processes:
-        yield process.name, process.log_text()
 
 
 if __name__ == "__main__":

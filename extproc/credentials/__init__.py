@@ -1,5 +1,5 @@
 """Provider credentials: where the key injected on the provider hop comes from."""
 
-from extproc.credentials.static import KeyProvider, ResolvedCredential, StaticKeyProvider
+from extproc.credentials.static import ResolvedCredential, StaticKeyProvider
 
-__all__ = ["KeyProvider", "ResolvedCredential", "StaticKeyProvider"]
+__all__ = ["ResolvedCredential", "StaticKeyProvider"]

@@ -36,7 +36,13 @@ from redis import exceptions as redis_errors
 from extproc import metrics
 from extproc.credentials.envelope import EnvelopeError, SealedSecret, open_sealed, seal
 from extproc.credentials.kek import KekBackend, KekError, TokenAuth
-from extproc.credentials.rotation import KeyState, RotationError, choose_version, rollback
+from extproc.credentials.rotation import (
+    KeyState,
+    RotationError,
+    choose_version,
+    rollback,
+    stage,
+)
 from extproc.credentials.static import ResolvedCredential
 from extproc.logs import log_event
 from extproc.secrets import Secret, SecretUnavailable
@@ -501,8 +507,6 @@ class Keyring:
 
     async def add(self, scope: str, credential: str, provider: str, secret: Secret) -> int:
         """Seal `secret` as the next version of `credential` and stage it."""
-        from extproc.credentials.rotation import stage
-
         version = await self._store.next_version(scope, credential)
         record = await seal(self._kek, scope=scope, provider=provider, key_id=credential,
                             version=version, secret=secret)

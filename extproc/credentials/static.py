@@ -1,20 +1,19 @@
 """Provider keys from environment variables or files (the pre-envelope-encryption source).
 
 Secrets are resolved once per config load, so a missing key stops startup or a reload
-instead of failing requests later. Envelope-encrypted keyrings replace this adapter
-behind the same `KeyProvider` protocol.
+instead of failing requests later. `{keyring: true}` credentials come from the
+envelope-encrypted keyring instead; `selection.ProviderKeys` picks between the two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from extproc.config import GatewayConfig
 from extproc.secrets import Secret, SecretUnavailable, resolve_secret
 
-__all__ = ["KeyProvider", "ResolvedCredential", "StaticKeyProvider"]
+__all__ = ["ResolvedCredential", "StaticKeyProvider"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +26,6 @@ class ResolvedCredential:
     def label(self) -> str:
         """`id@version`: what headers, logs and audit may show about a key."""
         return f"{self.id}@{self.version}"
-
-
-class KeyProvider(Protocol):
-    def credential(self, credential_id: str) -> ResolvedCredential: ...
 
 
 class StaticKeyProvider:

@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from types import ModuleType
 from typing import Any, Final
 
 from aiohttp import web
@@ -270,39 +271,22 @@ class ProviderShape:
 
 
 # The registration table.  Adding a provider = one module + one entry here.
+def _shape_of(name: str, module: ModuleType) -> ProviderShape:
+    """A shape module's plain functions, under the names the core calls them by."""
+    return ProviderShape(
+        name=name,
+        routes=module.ROUTES,
+        authenticate=module.authenticate,
+        auth_error=module.auth_error,
+        error_body=module.error_body,
+        not_found=module.not_found,
+    )
+
+
 SHAPE_REGISTRY: Final[dict[str, ProviderShape]] = {
-    "openai": ProviderShape(
-        name="openai",
-        routes=openai_shape.ROUTES,
-        authenticate=openai_shape.authenticate,
-        auth_error=openai_shape.auth_error,
-        error_body=openai_shape.error_body,
-        not_found=openai_shape.not_found,
-    ),
-    "anthropic": ProviderShape(
-        name="anthropic",
-        routes=anthropic_shape.ROUTES,
-        authenticate=anthropic_shape.authenticate,
-        auth_error=anthropic_shape.auth_error,
-        error_body=anthropic_shape.error_body,
-        not_found=anthropic_shape.not_found,
-    ),
-    "azure": ProviderShape(
-        name="azure",
-        routes=azure_shape.ROUTES,
-        authenticate=azure_shape.authenticate,
-        auth_error=azure_shape.auth_error,
-        error_body=azure_shape.error_body,
-        not_found=azure_shape.not_found,
-    ),
-    "mistral": ProviderShape(
-        name="mistral",
-        routes=mistral_shape.ROUTES,
-        authenticate=mistral_shape.authenticate,
-        auth_error=mistral_shape.auth_error,
-        error_body=mistral_shape.error_body,
-        not_found=mistral_shape.not_found,
-    ),
+    name: _shape_of(name, module)
+    for name, module in (("openai", openai_shape), ("anthropic", anthropic_shape),
+                         ("azure", azure_shape), ("mistral", mistral_shape))
 }
 DEFAULT_SHAPE_NAMES: Final = ("openai", "anthropic", "azure")
 
