@@ -6,7 +6,6 @@ import argparse
 import secrets
 import sys
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,6 +16,7 @@ from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
+from extproc.money import format_usd, micro_from_usd
 from extproc.secrets import Secret, SecretUnavailable, resolve_secret
 
 __all__ = ["main"]
@@ -124,7 +124,7 @@ def _sync_redis(config: GatewayConfig) -> Any:
 
 
 def _format_amount(unit: str, amount: int) -> str:
-    return f"{amount / 1_000_000:.6f} USD" if unit == "usd" else f"{amount} {unit}"
+    return f"{format_usd(amount)} USD" if unit == "usd" else f"{amount} {unit}"
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
@@ -150,7 +150,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             for key in group.keys:
                 client.hset(key, "spent", 0)
         else:
-            amount = int(Decimal(args.spent_usd) * 1_000_000) if group.unit == "usd" else int(
+            amount = micro_from_usd(args.spent_usd) if group.unit == "usd" else int(
                 args.spent_usd)
             client.hset(group.keys[0], "spent", amount)
             for key in group.keys[1:]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -20,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 
 from extproc.budgets.policy import BudgetRule, RateLimits, Scope, TenantBudget, Window
+from extproc.money import MoneyError, micro_from_usd
 
 __all__ = [
     "SCHEMA",
@@ -37,7 +37,6 @@ __all__ = [
     "RedisSettings",
     "Tenant",
     "TenantKey",
-    "cost_micro_usd",
     "load_config",
     "parse_config",
 ]
@@ -52,7 +51,6 @@ _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _CLUSTER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KV_PATH_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
-_MICRO: Final = Decimal(1_000_000)
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
 
 SCHEMA: Final[dict[str, tuple[str, ...]]] = {
@@ -307,18 +305,10 @@ class _Checker:
             self.add(here, f"must be a number, got {_kind(value)}")
             return 0
         try:
-            amount = Decimal(str(value))
-        except InvalidOperation:
-            self.add(here, f"must be a number, got {value!r}")
+            return micro_from_usd(value)
+        except MoneyError as exc:
+            self.add(here, str(exc), exc.hint)
             return 0
-        if not amount.is_finite() or amount < 0:
-            self.add(here, "must be a finite number >= 0")
-            return 0
-        micro = amount * _MICRO
-        if micro != micro.to_integral_value():
-            self.add(here, "has more than 6 decimal places", "amounts are kept in micro-USD")
-            return 0
-        return int(micro)
 
 
 def _join(path: str, key: str | int) -> str:
@@ -805,11 +795,6 @@ def _tenant(
                           f"model {model_name!r} has no deployment in zone {zone!r}",
                           "add a deployment in that zone or remove the model from the tenant")
     return Tenant(id=tenant_id, zone=zone, keys=tuple(keys), models=frozenset(allowed), pins=pins)
-
-
-def cost_micro_usd(tokens: int, micro_per_mtok: int) -> int:
-    """Cost of `tokens` at a per-million price, rounded up to the next micro-USD."""
-    return -(-tokens * micro_per_mtok // 1_000_000)
 
 
 def _int_field(raw: dict[str, Any], key: str, path: str, check: _Checker, *, low: int,

@@ -22,8 +22,8 @@ from typing import Any, Final
 from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.budgets.guard import Hold
-from extproc.budgets.policy import estimate_input_tokens, worst_case_cost
-from extproc.config import Price, Provider, cost_micro_usd
+from extproc.budgets.policy import estimate_input_tokens
+from extproc.config import Price, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
@@ -39,6 +39,7 @@ from extproc.messages import (
     Respond,
     Trailers,
 )
+from extproc.money import cost_micro_usd, format_usd, worst_case_cost
 from extproc.routing import Route, select_route
 from extproc.runtime import Runtime
 from extproc.secrets import SecretUnavailable
@@ -333,7 +334,7 @@ class RequestProcessor:
             ("content-length", str(len(translated.body)))]
         if self.usage is not None and self.route is not None:
             cost = _usage_cost(self.route.model.price, self.usage)
-            set_headers.append(("x-asc-cost-usd", f"{cost / 1_000_000:.6f}"))
+            set_headers.append(("x-asc-cost-usd", format_usd(cost)))
         return Continue(set_headers=set_headers,
                         body=None if translated.body == body else translated.body)
 

@@ -26,11 +26,11 @@ from extproc.budgets.ledger import BudgetLedger, LedgerUnavailable, Reservation,
 from extproc.budgets.policy import CounterGroup, TenantBudget, hash_tag, plan_reservation
 from extproc.errors import ErrorCode, GatewayError
 from extproc.logs import log_event
+from extproc.money import format_usd
 
 __all__ = ["Breaker", "BudgetGuard", "Hold"]
 
 log = logging.getLogger("extproc.budgets")
-_MICRO: Final = 1_000_000
 _T = TypeVar("_T")
 _SETTLE_TIMEOUT_S: Final = 1.0
 _SETTLE_BACKOFF_S: Final = (0.0, 0.1, 0.5)
@@ -86,7 +86,7 @@ class Hold:
         headers: list[tuple[str, str]] = []
         usd = [left for group, left in self.remaining if group.unit == "usd"]
         if usd:
-            headers.append(("x-asc-budget-remaining-usd", f"{min(usd) / _MICRO:.6f}"))
+            headers.append(("x-asc-budget-remaining-usd", format_usd(min(usd))))
         for group, left in self.remaining:
             if group.unit in ("requests", "tokens"):
                 headers.append((f"x-ratelimit-limit-{group.unit}", str(group.limit)))
@@ -231,7 +231,7 @@ def _remaining(groups: tuple[CounterGroup, ...],
 
 def _describe_limit(group: CounterGroup) -> str:
     if group.unit == "usd":
-        usd = f"{group.limit / _MICRO:.6f}".rstrip("0")
+        usd = format_usd(group.limit).rstrip("0")
         whole, _, cents = usd.partition(".")
         return f"limit USD {whole}.{cents.ljust(2, '0')}"
     return f"limit {group.limit} {group.unit}"

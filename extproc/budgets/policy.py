@@ -32,7 +32,6 @@ __all__ = [
     "estimate_input_tokens",
     "hash_tag",
     "plan_reservation",
-    "worst_case_cost",
 ]
 
 ROLLING_BUCKETS: Final = 12
@@ -117,13 +116,6 @@ def hash_tag(budget: TenantBudget) -> str:
 
 def estimate_input_tokens(body_bytes: int) -> int:
     return max(1, -(-body_bytes // BYTES_PER_TOKEN_ESTIMATE))
-
-
-def worst_case_cost(input_tokens: int, max_output_tokens: int, input_micro_per_mtok: int,
-                    output_micro_per_mtok: int) -> int:
-    """Micro-USD, rounded up: the most this request can cost."""
-    total = input_tokens * input_micro_per_mtok + max_output_tokens * output_micro_per_mtok
-    return -(-total // 1_000_000)
 
 
 def _subject_key(rule: BudgetRule, budget: TenantBudget) -> str:

@@ -24,9 +24,9 @@ from extproc.budgets.policy import (
     estimate_input_tokens,
     hash_tag,
     plan_reservation,
-    worst_case_cost,
 )
 from extproc.config import BudgetSettings, ConfigError, parse_config
+from extproc.money import worst_case_cost
 
 UTC_ZONE = ZoneInfo("UTC")
 PARIS = ZoneInfo("Europe/Paris")

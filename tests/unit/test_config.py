@@ -29,10 +29,10 @@ from extproc.config import (
     SecretsSettings,
     Tenant,
     TenantKey,
-    cost_micro_usd,
     load_config,
     parse_config,
 )
+from extproc.money import cost_micro_usd
 
 CASES_DIR = Path(__file__).resolve().parent / "config_cases"
 REPO_ROOT = Path(__file__).resolve().parents[2]
