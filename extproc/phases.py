@@ -275,7 +275,10 @@ class RequestProcessor:
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
         if self._selected is not None:
-            await self._runtime.keys.report(self._selected, status)
+            # key_evidence: nothing client-controlled beyond the built-in header allow-list
+            # reached the provider (False once extension headers are forwarded).
+            await self._runtime.keys.report(self._selected, status, key_evidence=True,
+                                            retry_after=headers.get("retry-after"))
         content_type = headers.get("content-type", "")
         if status >= 400:
             if message.end_of_stream:
@@ -399,6 +402,8 @@ class RequestProcessor:
         if self._finished:
             return
         self._finished = True
+        if self._selected is not None:  # no verdict reported: give a breaker probe back
+            self._runtime.keys.release(self._selected)
         aborted = not self._complete
         if self.hold is not None and self.principal is not None and self.route is not None:
             cost, tokens = self._real_cost(aborted)
