@@ -21,6 +21,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -43,10 +44,16 @@ __all__ = [
     "TransitKek",
     "aes_gcm_decrypt",
     "aes_gcm_encrypt",
+    "hvac_executor",
     "init_kek_file",
+    "run_blocking",
 ]
 
 KEK_BYTES: Final = 32
+HVAC_THREADS: Final = 4
+"""Worker threads per hvac client. Bounded and dedicated: a slow KMS ties up these, not
+asyncio's default pool (which DNS lookups and other libraries share); with one in-flight
+unwrap per key version (the keyring) a handful is plenty."""
 NONCE_BYTES: Final = 12
 _FILE_WRAP_FORMAT: Final = 1
 _GCM_TAG_BYTES: Final = 16
@@ -268,6 +275,17 @@ class FileKek:
 # --- Vault / OpenBao Transit ------------------------------------------------------------------
 
 
+def hvac_executor(name: str, workers: int = HVAC_THREADS) -> ThreadPoolExecutor:
+    """A bounded thread pool of its own for one blocking hvac client."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"asc-{name}")
+
+
+async def run_blocking(executor: ThreadPoolExecutor, call: Callable[..., Any],
+                       *args: Any) -> Any:
+    """`call(*args)` on `executor`, awaited without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor, call, *args)
+
+
 @dataclass(frozen=True, eq=False)
 class TokenAuth:
     """A Vault/OpenBao token (periodic or long-lived), e.g. from a Vault Agent sink."""
@@ -293,13 +311,15 @@ class TransitKek:
     version server-side, without the DEK being sent to us; once every record is rewrapped
     an operator raises `min_decryption_version` and older wrapped DEKs stop working.
 
-    hvac is synchronous (requests), so every call runs in a worker thread via
-    `asyncio.to_thread`; the event loop that serves ext_proc streams never blocks on it.
+    hvac is synchronous (requests), so every call runs on a small thread pool of this
+    object's own (`hvac_executor`); the event loop that serves ext_proc streams never
+    blocks on it, and a slow KMS cannot starve asyncio's shared default pool.
     """
 
     def __init__(self, url: str, key_name: str, *, auth: TokenAuth | AppRoleAuth,
                  mount_point: str = "transit", timeout: float = 5.0,
-                 verify: bool | str = True, namespace: str | None = None) -> None:
+                 verify: bool | str = True, namespace: str | None = None,
+                 threads: int = HVAC_THREADS) -> None:
         self._key_name = key_name
         self._mount_point = mount_point
         self._auth = auth
@@ -310,6 +330,7 @@ class TransitKek:
                                         namespace=namespace)
         self._login_lock = threading.Lock()
         self._token_generation = 0  # bumped by each AppRole login
+        self._executor = hvac_executor("transit", threads)
 
     async def wrap(self, dek: bytes, context: bytes) -> bytes:
         response = await self._call("encrypt", lambda client: client.secrets.transit.encrypt_data(
@@ -357,15 +378,19 @@ class TransitKek:
                        operation="transit verify")
 
     async def close(self) -> None:
-        """Close the HTTP session (its pooled connections)."""
-        await asyncio.to_thread(self._client.adapter.close)
+        """Close the HTTP session (its pooled connections) and the worker threads."""
+        try:
+            await run_blocking(self._executor, self._client.adapter.close)
+        finally:
+            self._executor.shutdown(wait=False)
 
     def __repr__(self) -> str:
         return f"TransitKek({self.kek_id} at {self._url})"
 
     async def _call(self, operation: str, request: Callable[[Any], Any], *,
                     key_version: int | None = None) -> Any:
-        return await asyncio.to_thread(self._call_blocking, operation, request, key_version)
+        return await run_blocking(self._executor, self._call_blocking, operation, request,
+                                  key_version)
 
     def _call_blocking(self, operation: str, request: Callable[[Any], Any],
                        key_version: int | None) -> Any:

@@ -9,7 +9,8 @@ this request" from memory:
 * the state (which version is active / canary) is cached for `state_ttl_s` and dropped at
   once when a change is published, so every replica follows a rotation within about a
   second, and within `state_ttl_s` even if a pub/sub message is lost;
-* a decrypted key is cached for `cache_ttl_s`; after that it is unwrapped again. When the
+* a decrypted key is cached for `cache_ttl_s`; after that it is unwrapped again, once per
+  key version however many requests miss at the same moment (single flight). When the
   KMS (or Redis) is down the cached key keeps serving until `max_age_s` after its last
   successful unwrap, then requests fail closed (503);
 * a revoked version is dropped from the cache and never returned again;
@@ -35,7 +36,14 @@ from redis import exceptions as redis_errors
 
 from extproc import metrics
 from extproc.credentials.envelope import EnvelopeError, SealedSecret, open_sealed, seal
-from extproc.credentials.kek import KekBackend, KekError, TokenAuth
+from extproc.credentials.kek import (
+    HVAC_THREADS,
+    KekBackend,
+    KekError,
+    TokenAuth,
+    hvac_executor,
+    run_blocking,
+)
 from extproc.credentials.rotation import (
     KeyState,
     RotationError,
@@ -159,18 +167,20 @@ class VaultKvRecords:
     `{"record": <SealedSecret JSON>}`; versions are listed through KV metadata. KV's own
     secret versioning keeps the history of each record (rewraps replace the value).
 
-    hvac is synchronous (requests): every call runs in a worker thread, so the event loop
-    never blocks on it. Every failure is mapped once, here, to `StoreUnavailable` naming
-    the operation and the HTTP status or exception type.
+    hvac is synchronous (requests): every call runs on a small thread pool of this object's
+    own, so the event loop never blocks on it and asyncio's default pool stays free.
+    Every failure is mapped once, here, to `StoreUnavailable` naming the operation and the
+    HTTP status or exception type.
     """
 
     def __init__(self, url: str, *, auth: TokenAuth, mount: str = "secret",
                  prefix: str = "asc", timeout: float = 5.0, verify: bool | str = True,
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, threads: int = HVAC_THREADS) -> None:
         self._mount = mount
         self._prefix = prefix.strip("/")
         self._client: Any = hvac.Client(url=url, token=auth.token.reveal(), timeout=timeout,
                                         verify=verify, namespace=namespace)
+        self._executor = hvac_executor("vault-kv", threads)
 
     async def get(self, scope: str, credential: str, version: int) -> SealedSecret | None:
         path = f"{self._folder(scope, credential)}/v{int(version)}"
@@ -202,8 +212,11 @@ class VaultKvRecords:
         return records
 
     async def close(self) -> None:
-        """Close the HTTP session (its pooled connections)."""
-        await asyncio.to_thread(self._client.adapter.close)
+        """Close the HTTP session (its pooled connections) and the worker threads."""
+        try:
+            await run_blocking(self._executor, self._client.adapter.close)
+        finally:
+            self._executor.shutdown(wait=False)
 
     def __repr__(self) -> str:
         return f"VaultKvRecords({self._mount}/{self._prefix})"
@@ -217,7 +230,8 @@ class VaultKvRecords:
 
     async def _call(self, operation: str, request: Callable[[Any], Any], *,
                     missing_ok: bool = True) -> Any:
-        return await asyncio.to_thread(self._call_blocking, operation, request, missing_ok)
+        return await run_blocking(self._executor, self._call_blocking, operation, request,
+                                  missing_ok)
 
     def _call_blocking(self, operation: str, request: Callable[[Any], Any],
                        missing_ok: bool) -> Any:
@@ -402,6 +416,8 @@ class Keyring:
         self._states: dict[tuple[str, str], _CachedState] = {}
         self._secrets: dict[tuple[str, str, int], _CachedSecret] = {}
         self._canary_failures: dict[tuple[str, str, int], int] = {}
+        self._unwraps: dict[tuple[str, str, int], asyncio.Future[Secret]] = {}
+        """In-flight unwraps, one per (scope, credential, version)."""
 
     @property
     def store(self) -> KeyStore:
@@ -449,6 +465,27 @@ class Keyring:
             # (The max-age bound matters after a stale serve, which moves `checked_at` but
             # not `unwrapped_at`: without it a key could outlive max_age_s by a cache TTL.)
             return cached.secret
+        # Single flight: one unwrap per key version, however many requests miss at once
+        # (a cache expiry under load would otherwise send each of them to the KMS).
+        flight = self._unwraps.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._unwrap(key))
+            self._unwraps[key] = flight
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        # shield: a waiter that is cancelled (its client left) leaves the unwrap running
+        # for the others, and its result still fills the cache.
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: tuple[str, str, int], flight: asyncio.Future[Secret]) -> None:
+        if self._unwraps.get(key) is flight:
+            del self._unwraps[key]  # a failure is not cached: the next miss tries again
+        if not flight.cancelled():
+            flight.exception()  # seen by every waiter; mark it retrieved for asyncio
+
+    async def _unwrap(self, key: tuple[str, str, int]) -> Secret:
+        scope, credential, version = key
+        cached = self._secrets.get(key)
+        now = self._clock()
         try:
             record = await self._store.record(scope, credential, version)
             if record is None:
