@@ -98,7 +98,7 @@ def test_probe_taken_by_a_budget_refused_request_is_given_back(
 
     # Before the fix: 503 "No usable credential for the selected provider." until restart.
     recovered = gateway.chat()
-    assert (recovered.status_code, recovered.headers["x-asc-credential"]) == (200, "emu-eu-1@1")
+    assert (recovered.status_code, recovered.headers.get("x-asc-credential")) == (200, "emu-eu-1@1")
     assert state_is(gateway, "closed")
     assert len(gateway.emulator.requests()) == 1  # globex's request never reached it
 
@@ -115,7 +115,7 @@ def test_probe_taken_by_a_request_whose_client_left_is_given_back(
     poll(lambda: any(e["aborted"] for e in log_events(gateway, "request finished")))
 
     recovered = gateway.chat()
-    assert (recovered.status_code, recovered.headers["x-asc-credential"]) == (200, "emu-eu-1@1")
+    assert (recovered.status_code, recovered.headers.get("x-asc-credential")) == (200, "emu-eu-1@1")
     assert state_is(gateway, "closed")
 
 
@@ -138,5 +138,5 @@ def test_three_429s_with_retry_after_do_not_open_the_credential_anywhere(
     poll(lambda: time.monotonic() > last_429 + 2.0)
     assert client.hgetall(HEALTH_KEY) == {}
     after = gateway.chat()
-    assert (after.status_code, after.headers["x-asc-credential"]) == (200, "emu-eu-1@1")
+    assert (after.status_code, after.headers.get("x-asc-credential")) == (200, "emu-eu-1@1")
     assert len(gateway.emulator.requests()) == 1 + 3 + 1
