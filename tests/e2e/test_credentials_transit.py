@@ -112,21 +112,24 @@ def test_transit_kek_rotation_and_rewrap_under_load_fail_no_request(
     accept_keys(gateway, provider_key)
     assert gateway.chat().status_code == 200
 
-    start = time.monotonic()
-
-    def at(offset: float) -> None:
-        time.sleep(max(0.0, start + offset - time.monotonic()))
-
     admin = t.bao.client(t.tokens["kek-admin"])
+
+    def served_for(seconds: float) -> None:
+        """Wait until the load has been answered for `seconds` more (more than one cache
+        TTL: the gateway re-unwrapped the key since): paced by answers, not the clock."""
+        mark = time.time()
+        load.wait_for(lambda samples: bool(samples) and samples[-1].done - mark > seconds)
+
     with Load(gateway.base_url, threads=4, rate=25.0, duration=8.0) as load:
-        at(1.5)
+        served_for(1.2)
         admin.secrets.transit.rotate_key(KEK_NAME, mount_point=TRANSIT_MOUNT)
-        at(3.0)
+        served_for(1.2)
         assert keys.ok(*as_admin("rewrap")) == (
             "rewrapped 1 record(s) under the newest KEK version\n")
-        at(4.0)
+        served_for(1.2)
         admin.secrets.transit.update_key_configuration(
             KEK_NAME, min_decryption_version=2, mount_point=TRANSIT_MOUNT)
+        served_for(2.2)
 
     assert len(load.samples) == 4 * 25 * 8
     assert Counter(s.status for s in load.samples) == {200: len(load.samples)}
