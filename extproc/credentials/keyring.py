@@ -494,7 +494,9 @@ class Keyring:
             secret = await open_sealed(self._kek, record)
         except (StoreUnavailable, KekError, EnvelopeError) as exc:
             if _outage(exc) and cached is not None and now - cached.unwrapped_at < self._max_age_s:
-                cached.checked_at = now  # try the KMS again after another TTL, not per request
+                # Try the KMS again after another TTL (from now: the failure may have
+                # taken a KMS timeout), not per request.
+                cached.checked_at = self._clock()
                 metrics.CREDENTIAL_STALE_SERVES.labels(credential).inc()
                 log_event(log, logging.WARNING, "serving a cached key: KMS or store down",
                           credential=f"{credential}@{version}", error=str(exc))
@@ -503,7 +505,11 @@ class Keyring:
                       else f"cannot unwrap ({type(exc).__name__})")
             raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
                                     f"{detail}") from None
-        self._secrets[key] = _CachedSecret(secret, now, now)
+        # The TTL counts from when the key arrived, not from when it was asked for: with
+        # a KMS as slow as the TTL, a start-time stamp would be stale on arrival and the
+        # requests queued behind it would each unwrap again.
+        done = self._clock()
+        self._secrets[key] = _CachedSecret(secret, done, done)
         return secret
 
     def invalidate(self, scope: str, credential: str) -> None:

@@ -36,7 +36,7 @@ from extproc.credentials.kek import KekError, TransitKek
 from extproc.credentials.keyring import Keyring, KeyStore
 from extproc.devstack import Stack, free_port
 from extproc.secrets import Secret, SecretUnavailable
-from tests.openbao import KEK_NAME, TRANSIT_MOUNT, OpenBao, start_openbao
+from tests.openbao import KEK_NAME, TRANSIT_MOUNT, CountingProxy, OpenBao, start_openbao
 
 CANARY = "sk-canary-transit-" + secrets.token_hex(12)
 NOW = 1_795_600_000.0
@@ -449,63 +449,6 @@ async def test_unreachable_server_is_a_transient_kek_error(openbao: OpenBao) -> 
 # --- issue 8 item 11: one unwrap per key version, on hvac's own threads ------------------------
 
 
-class CountingProxy:
-    """A loopback relay in front of OpenBao that counts Transit decrypt requests and holds
-    every client->server chunk `delay` seconds (a KMS that answers in `delay`). With
-    `refuse` set it answers each new request itself, after `delay`, with `503` (a KMS
-    that is down)."""
-
-    def __init__(self, upstream_port: int, delay: float) -> None:
-        self._upstream_port = upstream_port
-        self.delay = delay
-        self.refuse = False
-        self.refused = 0
-        self._lock = threading.Lock()
-        self._decrypts = 0
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._server.getsockname()[1]
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    @property
-    def decrypts(self) -> int:
-        with self._lock:
-            return self._decrypts
-
-    def close(self) -> None:
-        self._server.close()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            target = self._refuse if self.refuse else self._relay
-            threading.Thread(target=target, args=(client,), daemon=True).start()
-
-    def _refuse(self, client: socket.socket) -> None:
-        with client:
-            if client.recv(65536):
-                with self._lock:
-                    self.refused += 1
-                time.sleep(self.delay)
-                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
-                               b"connection: close\r\n\r\n")
-
-    def _relay(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        try:
-            while data := client.recv(65536):
-                with self._lock:
-                    self._decrypts += data.count(f"/v1/{TRANSIT_MOUNT}/decrypt/".encode())
-                time.sleep(self.delay)
-                upstream.sendall(data)
-            upstream.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
 class StepClock:
     def __init__(self) -> None:
         self.now = 5_000.0
@@ -610,6 +553,22 @@ async def test_a_failed_unwrap_is_shared_but_not_cached(
     proxy.refuse = False
     assert (await keyring.credential(credential)).secret.reveal() == CANARY
     assert (proxy.refused, proxy.decrypts) == (1, 1)
+
+
+async def test_the_cache_ttl_counts_from_when_the_key_arrived(
+        openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
+    # Found by the e2e stampede test: the cached key was stamped with the time the unwrap
+    # *started*, so with a KMS as slow as the TTL it was stale on arrival and requests
+    # queued behind the unwrap each unwrapped again.
+    clock = StepClock()
+    keyring, credential = await slow_keyring(openbao, redis, proxy, clock)
+    unwrap = asyncio.create_task(keyring.credential(credential))
+    await wait_until(lambda: proxy.decrypts == 1)
+    clock.now += 301  # the unwrap took longer than cache_ttl_s (300)
+    assert (await unwrap).secret.reveal() == CANARY
+
+    assert (await keyring.credential(credential)).secret.reveal() == CANARY
+    assert proxy.decrypts == 1
 
 
 async def test_transit_calls_run_on_the_kek_own_bounded_threads(openbao: OpenBao) -> None:
