@@ -402,7 +402,7 @@ class RequestProcessor:
         if self._finished:
             return
         self._finished = True
-        if self._selected is not None:  # no verdict reported: give a breaker probe back
+        if self._selected is not None:  # no verdict was reported: a breaker probe goes back
             self._runtime.keys.release(self._selected)
         aborted = not self._complete
         if self.hold is not None and self.principal is not None and self.route is not None:
