@@ -57,8 +57,8 @@ def pool_gateway(stack: Stack) -> tuple[Gateway, redis.Redis]:
     return gateway, client
 
 
-def state_is(gateway: Gateway, state: str) -> bool:
-    return metric_value(gateway.metrics(), "asc_credential_state", credential=CREDENTIAL,
+def state_is(gateway: Gateway, state: str, credential: str = CREDENTIAL) -> bool:
+    return metric_value(gateway.metrics(), "asc_credential_state", credential=credential,
                         state=state) == 1
 
 
@@ -140,3 +140,30 @@ def test_three_429s_with_retry_after_do_not_open_the_credential_anywhere(
     after = gateway.chat()
     assert (after.status_code, after.headers.get("x-asc-credential")) == (200, "emu-eu-1@1")
     assert len(gateway.emulator.requests()) == 1 + 3 + 1
+
+
+def test_a_429_moves_traffic_to_the_other_credential_until_retry_after(
+        stack: Stack) -> None:
+    _, redis_port = stack.start_redis()
+    base = pool_document(redis_port)
+
+    def two_keys(emulator_port: int) -> dict[str, Any]:
+        doc = base(emulator_port)
+        doc["credentials"]["emu-eu-2"] = {"env": "TEST_PROVIDER_KEY_US"}  # also accepted
+        doc["providers"]["emu-eu"]["credentials"] = ["emu-eu-1", "emu-eu-2"]
+        return doc
+
+    gateway = start_gateway(stack, stack.workdir / "config", document=two_keys)
+    gateway.emulator.queue_fault(status=429, retry_after=30)
+    limited = gateway.chat()
+    assert limited.status_code == 429
+    other = {"emu-eu-1@1": "emu-eu-2@1", "emu-eu-2@1": "emu-eu-1@1"}[
+        limited.headers["x-asc-credential"]]
+
+    # While the rate-limited credential cools down, every request goes to the other one
+    # (with two healthy credentials of weight 1, 20 requests all on one would be chance
+    # 1 in a million), and neither is open.
+    after = [gateway.chat() for _ in range(20)]
+    assert {(r.status_code, r.headers.get("x-asc-credential")) for r in after} == {
+        (200, other)}
+    assert not any(state_is(gateway, "open", f"global/{c}") for c in ("emu-eu-1", "emu-eu-2"))
