@@ -12,7 +12,6 @@ an HTTP status or exception type, never key material, tokens, ciphertext or serv
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -21,7 +20,6 @@ import re
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -31,6 +29,13 @@ import hvac.exceptions
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from extproc.backends import (
+    HVAC_THREADS,
+    describe_vault_failure,
+    hvac_executor,
+    run_blocking,
+    vault_status,
+)
 from extproc.secrets import Secret
 
 __all__ = [
@@ -44,13 +49,10 @@ __all__ = [
     "TransitKek",
     "aes_gcm_decrypt",
     "aes_gcm_encrypt",
-    "hvac_executor",
     "init_kek_file",
-    "run_blocking",
 ]
 
 KEK_BYTES: Final = 32
-HVAC_THREADS: Final = 4
 """Worker threads per hvac client. Bounded and dedicated: a slow KMS ties up these, not
 asyncio's default pool (which DNS lookups and other libraries share); with one in-flight
 unwrap per key version (the keyring) a handful is plenty."""
@@ -60,18 +62,6 @@ _GCM_TAG_BYTES: Final = 16
 _FILE_WRAP_HEADER: Final = bytes([_FILE_WRAP_FORMAT])
 # Transit ciphertexts look like `vault:v3:<base64>`; OpenBao keeps the `vault:` prefix.
 _TRANSIT_CIPHERTEXT_RE: Final = re.compile(r"^[a-z]+:v([0-9]{1,9}):[A-Za-z0-9+/]+={0,2}$")
-_VAULT_STATUS: Final[dict[type[Exception], int]] = {
-    hvac.exceptions.InvalidRequest: 400,
-    hvac.exceptions.Unauthorized: 401,
-    hvac.exceptions.Forbidden: 403,
-    hvac.exceptions.InvalidPath: 404,
-    hvac.exceptions.PreconditionFailed: 412,
-    hvac.exceptions.RateLimitExceeded: 429,
-    hvac.exceptions.InternalServerError: 500,
-    hvac.exceptions.VaultNotInitialized: 501,
-    hvac.exceptions.BadGateway: 502,
-    hvac.exceptions.VaultDown: 503,
-}
 
 
 class KekError(Exception):
@@ -275,17 +265,6 @@ class FileKek:
 # --- Vault / OpenBao Transit ------------------------------------------------------------------
 
 
-def hvac_executor(name: str, workers: int = HVAC_THREADS) -> ThreadPoolExecutor:
-    """A bounded thread pool of its own for one blocking hvac client."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"asc-{name}")
-
-
-async def run_blocking(executor: ThreadPoolExecutor, call: Callable[..., Any],
-                       *args: Any) -> Any:
-    """`call(*args)` on `executor`, awaited without blocking the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(executor, call, *args)
-
-
 @dataclass(frozen=True, eq=False)
 class TokenAuth:
     """A Vault/OpenBao token (periodic or long-lived), e.g. from a Vault Agent sink."""
@@ -467,7 +446,7 @@ def _vault_error(operation: str, exc: Exception, key_version: int | None) -> Kek
     old)", "cipher: message authentication failed"); if a server words them differently
     the message degrades to the bare status, which is still correct.
     """
-    status = next((code for kind, code in _VAULT_STATUS.items() if isinstance(exc, kind)), None)
+    status = vault_status(exc)
     errors = " ".join(str(e) for e in (getattr(exc, "errors", None) or []))
     hint = ""
     if status == 400 and "too old" in errors:
@@ -480,6 +459,5 @@ def _vault_error(operation: str, exc: Exception, key_version: int | None) -> Kek
         hint = " (permission denied)"
     elif status == 404:
         hint = " (no such key or mount)"
-    described = f"HTTP {status}" if status is not None else type(exc).__name__
-    return KekError(f"{operation} failed: {described}{hint}", operation=operation,
+    return KekError(f"{operation} failed: {describe_vault_failure(exc)}{hint}", operation=operation,
                     status=status, transient=status is None or status == 429 or status >= 500)

@@ -35,15 +35,17 @@ import hvac.exceptions
 from redis import exceptions as redis_errors
 
 from extproc import metrics
-from extproc.credentials.envelope import EnvelopeError, SealedSecret, open_sealed, seal
-from extproc.credentials.kek import (
+from extproc.backends import (
     HVAC_THREADS,
-    KekBackend,
-    KekError,
-    TokenAuth,
+    REDIS_FAILURES,
+    describe_redis_failure,
+    describe_vault_failure,
     hvac_executor,
     run_blocking,
+    vault_status,
 )
+from extproc.credentials.envelope import EnvelopeError, SealedSecret, open_sealed, seal
+from extproc.credentials.kek import KekBackend, KekError, TokenAuth
 from extproc.credentials.rotation import (
     KeyState,
     RotationError,
@@ -88,7 +90,7 @@ async def listen_for_changes(client: Any, on_change: Callable[[str, str], None])
                 text = data.decode() if isinstance(data, bytes) else str(data)
                 scope, _, credential = text.rpartition("/")
                 on_change(scope, credential)
-        except (redis_errors.RedisError, OSError):
+        except REDIS_FAILURES:
             await asyncio.sleep(1.0)
 
 
@@ -108,8 +110,8 @@ def _base(scope: str, credential: str) -> str:
 async def _redis_call(awaitable: Any) -> Any:
     try:
         return await awaitable
-    except (redis_errors.RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+    except REDIS_FAILURES as exc:
+        raise StoreUnavailable(describe_redis_failure(exc)) from None
 
 
 class RecordStore(Protocol):
@@ -244,26 +246,13 @@ class VaultKvRecords:
             raise StoreUnavailable(f"vault kv {operation} failed: HTTP 404 (no such mount "
                                    "or path)") from None
         except hvac.exceptions.VaultError as exc:
-            status = next((code for kind, code in _KV_STATUS if isinstance(exc, kind)), None)
-            described = f"HTTP {status}" if status is not None else type(exc).__name__
-            hint = {401: " (token refused)", 403: " (permission denied)"}.get(status or 0, "")
-            raise StoreUnavailable(f"vault kv {operation} failed: {described}{hint}") from None
+            hint = {401: " (token refused)", 403: " (permission denied)"}.get(
+                vault_status(exc) or 0, "")
+            raise StoreUnavailable(f"vault kv {operation} failed: "
+                                   f"{describe_vault_failure(exc)}{hint}") from None
         except OSError as exc:  # every requests exception is an OSError
             raise StoreUnavailable(f"vault kv {operation} failed: "
                                    f"{type(exc).__name__}") from None
-
-
-_KV_STATUS: Final[tuple[tuple[type[Exception], int], ...]] = (
-    (hvac.exceptions.InvalidRequest, 400),
-    (hvac.exceptions.Unauthorized, 401),
-    (hvac.exceptions.Forbidden, 403),
-    (hvac.exceptions.PreconditionFailed, 412),
-    (hvac.exceptions.RateLimitExceeded, 429),
-    (hvac.exceptions.InternalServerError, 500),
-    (hvac.exceptions.VaultNotInitialized, 501),
-    (hvac.exceptions.BadGateway, 502),
-    (hvac.exceptions.VaultDown, 503),
-)
 
 
 def _kv_keys(response: Any) -> list[str]:
@@ -346,8 +335,8 @@ class KeyStore:
                     await pipe.execute()
             except redis_errors.WatchError:
                 continue
-            except (redis_errors.RedisError, OSError) as exc:
-                raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            except REDIS_FAILURES as exc:
+                raise StoreUnavailable(describe_redis_failure(exc)) from None
             await self.publish(scope, credential)
             return new
         raise StoreUnavailable("redis: too much contention on the key state")
