@@ -10,7 +10,11 @@ the gateway relies on are fixed here and asserted by tests against a real Envoy:
 * `metadata_options.receiving_namespaces.untyped: [asc]` - else Envoy drops our metadata;
 * `cluster_header: x-asc-cluster` routing, re-evaluated because we clear the route cache;
 * a request buffer limit, so an oversized body is answered 413 instead of hanging;
-* Envoy's own error replies rendered as OpenAI-shaped JSON.
+* Envoy's own error replies rendered as OpenAI-shaped JSON;
+* `x-asc-cluster` internal-only, request trailers sent to the service (a client cannot
+  pick a cluster, see docs/decisions/0050-route-decided-by-the-service-only.md);
+* the admin interface on a Unix socket with mode 0600, or none at all: admin has no
+  authentication and can raise the log level until provider keys are printed.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from extproc.config import GatewayConfig, Provider
 from extproc.envoy import METADATA_NAMESPACE
 from extproc.phases import CLUSTER_HEADER
 
-__all__ = ["EnvoyPorts", "render_bootstrap", "render_yaml"]
+__all__ = ["ADMIN_SOCKET_MODE", "EnvoyPorts", "admin_address", "render_bootstrap", "render_yaml"]
 
 EXTPROC_CLUSTER: Final = "asc_extproc"
+ADMIN_SOCKET_MODE: Final = 0o600
 _HCM: Final = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
     ".HttpConnectionManager"
@@ -46,7 +51,8 @@ _SYSTEM_CA: Final = "/etc/ssl/certs/ca-certificates.crt"
 class EnvoyPorts:
     listen_address: str = "127.0.0.1"
     listen_port: int = 10000
-    admin_port: int = 9901
+    admin_socket: str | None = None
+    """Path of Envoy's admin Unix socket (mode 0600); None renders no admin at all."""
     extproc_address: str = "127.0.0.1"
     extproc_port: int = 50051
     message_timeout_ms: int = 2000
@@ -141,7 +147,7 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
                 "response_header_mode": "SEND",
                 "request_body_mode": "NONE",
                 "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
+                "request_trailer_mode": "SEND",
                 "response_trailer_mode": "SKIP",
             },
             "mutation_rules": {"disallow_is_error": True},
@@ -243,6 +249,7 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "asc",
+            "internal_only_headers": [CLUSTER_HEADER],
             "virtual_hosts": [{
                 "name": "asc",
                 "domains": ["*"],
@@ -256,22 +263,29 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }
-    return {
-        "admin": {"address": _socket("127.0.0.1", ports.admin_port)},
-        "static_resources": {
-            "listeners": [{
-                "name": "asc_ingress",
-                "address": _socket(ports.listen_address, ports.listen_port),
-                # Fail to start on a busy port instead of sharing it with another process.
-                "enable_reuse_port": False,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
-            "clusters": [extproc_cluster, *clusters.values()],
-        },
+    bootstrap: dict[str, Any] = {}
+    if ports.admin_socket is not None:
+        bootstrap["admin"] = {"address": admin_address(ports.admin_socket)}
+    bootstrap["static_resources"] = {
+        "listeners": [{
+            "name": "asc_ingress",
+            "address": _socket(ports.listen_address, ports.listen_port),
+            # Fail to start on a busy port instead of sharing it with another process.
+            "enable_reuse_port": False,
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": hcm,
+            }]}],
+        }],
+        "clusters": [extproc_cluster, *clusters.values()],
     }
+    return bootstrap
+
+
+def admin_address(path: str) -> dict[str, Any]:
+    """A Unix socket only its owner may open: TCP admin has no authentication, and any
+    local process could turn on debug logging (which prints provider keys) or quit Envoy."""
+    return {"pipe": {"path": path, "mode": ADMIN_SOCKET_MODE}}
 
 
 def render_yaml(config: GatewayConfig, ports: EnvoyPorts) -> str:

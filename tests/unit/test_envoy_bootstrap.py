@@ -74,7 +74,7 @@ def test_ext_proc_fails_closed(demo: dict[str, Any]) -> None:
         "response_header_mode": "SEND",
         "request_body_mode": "NONE",
         "response_body_mode": "NONE",
-        "request_trailer_mode": "SKIP",
+        "request_trailer_mode": "SEND",
         "response_trailer_mode": "SKIP",
     }
     assert config["mutation_rules"] == {"disallow_is_error": True}
@@ -88,6 +88,8 @@ def test_message_timeout_follows_ports(millis: int, text: str) -> None:
 
 
 def test_routing_by_cluster_header(demo: dict[str, Any]) -> None:
+    # Internal-only: Envoy removes a client's x-asc-cluster before any filter or route.
+    assert hcm(demo)["route_config"]["internal_only_headers"] == ["x-asc-cluster"]
     [virtual_host] = hcm(demo)["route_config"]["virtual_hosts"]
     assert virtual_host["domains"] == ["*"]
     assert virtual_host["request_body_buffer_limit"] == 1_048_576 + 65_536
@@ -113,12 +115,21 @@ def test_buffer_limit_follows_max_body_bytes() -> None:
     assert virtual_host["request_body_buffer_limit"] == 1000 + 65_536
 
 
-def test_listener_admin_and_extproc_addresses() -> None:
-    ports = EnvoyPorts(listen_address="0.0.0.0", listen_port=8443, admin_port=9000,
+def test_admin_is_off_unless_given_a_unix_socket(demo: dict[str, Any]) -> None:
+    # Envoy admin has no authentication: never on TCP, where any local process reaches it.
+    assert "admin" not in demo
+    bootstrap = render_bootstrap(load_config(DEMO_CONFIG),
+                                 EnvoyPorts(admin_socket="/run/asc/envoy-admin.sock"))
+    assert bootstrap["admin"] == {
+        "address": {"pipe": {"path": "/run/asc/envoy-admin.sock", "mode": 0o600}}}
+    assert "socket_address" not in render_yaml(load_config(DEMO_CONFIG), EnvoyPorts(
+        admin_socket="/run/asc/envoy-admin.sock")).split("static_resources:")[0]
+
+
+def test_listener_and_extproc_addresses() -> None:
+    ports = EnvoyPorts(listen_address="0.0.0.0", listen_port=8443,
                        extproc_address="10.9.8.7", extproc_port=6000)
     bootstrap = render_bootstrap(load_config(DEMO_CONFIG), ports)
-    assert bootstrap["admin"] == {
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9000}}}
     [listener] = bootstrap["static_resources"]["listeners"]
     assert listener["address"] == {"socket_address": {"address": "0.0.0.0", "port_value": 8443}}
     extproc_cluster = clusters(bootstrap)["asc_extproc"]
