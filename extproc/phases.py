@@ -482,7 +482,9 @@ class RequestProcessor:
 
         Without usage: nothing for a provider error; an estimate for a stream cut short
         (prompt estimate + content chunks seen); the full hold when the client left before
-        any response, since the provider may still have done - and billed - the work.
+        any response, or when a non-streamed answer never reached the service whole (e.g.
+        Envoy's 500 `response_payload_too_large`): the provider did - and billed - work
+        whose size is unknown.
         """
         assert self.route is not None
         assert self.hold is not None
@@ -491,6 +493,10 @@ class RequestProcessor:
             usage = self.usage
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
+        elif (self.upstream_status is not None and self._stream is None and aborted
+              and self.hold.reservation is not None):
+            held = {g.unit: g.amount for g in self.hold.reservation.groups}
+            return held.get("usd", 0), held.get("tokens", 0)
         elif self.upstream_status is not None:
             streamed = self._stream.output_tokens_so_far if self._stream is not None else 0
             usage = Usage(self.estimated_input_tokens, streamed)

@@ -49,7 +49,9 @@ __all__ = ["ExternalProcessorService", "RestartBackoff", "ServeOptions", "build_
 log = logging.getLogger("extproc.server")
 
 SERVICE_NAME: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
-_MAX_MESSAGE_BYTES: Final = 80 << 20
+_MAX_MESSAGE_BYTES: Final = (1 << 30) + (1 << 20)
+"""A whole buffered body in one message: up to `limits.max_response_bytes` (1 GiB at most)
+or `limits.max_body_bytes` plus Envoy's slack; a limit, not an allocation."""
 _PHASE_TIMERS: Final = {phase: metrics.PHASE_SECONDS.labels(phase.value) for phase in Phase}
 
 
@@ -217,8 +219,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     # busy port rather than silently split traffic with whoever holds it.
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1 if supervised else 0),
-        # Bodies arrive whole (BUFFERED) and leave translated: up to the largest
-        # `limits.max_body_bytes` the config accepts, plus Envoy's buffer slack.
+        # Bodies arrive whole (BUFFERED) and leave translated (see _MAX_MESSAGE_BYTES).
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from extproc.devstack import Stack
 from tests.conftest import ACME_KEY, CHAT, Gateway, chat_body, start_gateway
+from tests.e2e.test_budgets import budget_config, month_counter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -163,3 +165,55 @@ def test_admin_is_a_unix_socket_only_its_owner_can_open(gateway: Gateway) -> Non
                    if c["@type"].endswith(".BootstrapConfigDump")]
     assert bootstrap["admin"]["address"] == {
         "pipe": {"path": str(gateway.admin_socket), "mode": 384}}
+
+
+# -- item 17: non-streamed answers larger than Envoy's buffer --------------------------
+
+
+def test_a_3_mb_answer_passes_with_the_default_buffer(
+        gateway: Gateway, emulator_clean: object) -> None:
+    # Envoy's 1 MiB default made this request stall until the client gave up (measured).
+    gateway.emulator.queue_fault(pad_bytes=3_000_000)
+    response = gateway.chat(chat_body())
+
+    assert response.status_code == 200
+    assert response.json()["emulator_padding"] == "x" * 3_000_000
+    assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def _ledger_settled(redis_port: int) -> tuple[int, int]:
+    def settled() -> bool:
+        return month_counter(redis_port)[1] == 0
+    deadline = time.monotonic() + 10
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return month_counter(redis_port)
+
+
+def test_an_answer_over_max_response_bytes_is_500_and_charges_the_hold(stack: Stack) -> None:
+    _, redis_port = stack.start_redis()
+    budget = budget_config(redis_port,
+                           budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}])
+
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc: dict[str, Any] = budget(emulator_port)
+        doc["limits"]["max_response_bytes"] = 1_048_576
+        return doc
+
+    gateway = start_gateway(stack, stack.workdir / "config", document=document)
+    gateway.emulator.queue_fault(pad_bytes=1_000_000)
+    fits = gateway.chat(chat_body(max_tokens=8))
+    assert (fits.status_code, fits.headers["x-asc-cost-usd"]) == (200, "0.008300")
+    assert _ledger_settled(redis_port) == (8_300, 0)
+
+    # Envoy answers 500 above the buffer plus the provider connection's 256 KiB.
+    gateway.emulator.queue_fault(pad_bytes=1_500_000)
+    too_large = gateway.chat(chat_body(max_tokens=8))
+
+    assert too_large.status_code == 500
+    assert too_large.json() == {"error": {
+        "message": "The gateway could not process the request.", "type": "gateway_error",
+        "param": None, "code": "response_payload_too_large"}}
+    # The provider answered (and billed) in full; the gateway never saw the usage: the
+    # whole hold is charged - 33 prompt tokens estimated + 8 output tokens = 19,300.
+    assert _ledger_settled(redis_port) == (8_300 + 19_300, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,13 @@ import pytest
 import yaml
 
 from extproc.config import GatewayConfig, load_config, parse_config
-from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap, render_yaml
+from extproc.envoy_bootstrap import (
+    BootstrapError,
+    EnvoyPorts,
+    check_typed,
+    render_bootstrap,
+    render_yaml,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "deploy" / "demo" / "asc.yaml"
@@ -113,6 +120,21 @@ def test_buffer_limit_follows_max_body_bytes() -> None:
 """, max_body_bytes=1000)
     [virtual_host] = hcm(render_bootstrap(config, EnvoyPorts()))["route_config"]["virtual_hosts"]
     assert virtual_host["request_body_buffer_limit"] == 1000 + 65_536
+
+
+@pytest.mark.parametrize(("max_response_bytes", "upstream"), [
+    (65_536, 16_384), (1_048_576, 262_144), (4_194_304, 1_048_576), (8_388_608, 1_048_576),
+    (1_073_741_824, 1_048_576)])
+def test_response_buffer_follows_max_response_bytes(max_response_bytes: int,
+                                                     upstream: int) -> None:
+    config = parse_config(DEMO_CONFIG.read_text(encoding="utf-8").replace(
+        "limits:", f"limits:\n  max_response_bytes: {max_response_bytes}", 1))
+    assert config.limits.max_response_bytes == max_response_bytes
+    bootstrap = render_bootstrap(config, EnvoyPorts())
+    [listener] = bootstrap["static_resources"]["listeners"]
+    assert listener["per_connection_buffer_limit_bytes"] == max_response_bytes
+    providers = [c for name, c in clusters(bootstrap).items() if name != "asc_extproc"]
+    assert [c["per_connection_buffer_limit_bytes"] for c in providers] == [upstream] * 2
 
 
 def test_admin_is_off_unless_given_a_unix_socket(demo: dict[str, Any]) -> None:
@@ -256,3 +278,26 @@ def test_render_yaml_round_trips(demo: dict[str, Any]) -> None:
     assert text.startswith(
         "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n")
     assert yaml.safe_load(text) == demo
+
+
+@pytest.mark.parametrize(("path", "value", "complaint"), [
+    (("static_resources", "listeners", 0, "enable_reuse_portx"), False,
+     'no field named "enable_reuse_portx"'),
+    (("static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config",
+      "route_config", "internal_only_headerz"), ["x-asc-cluster"],
+     'no field named "internal_only_headerz"'),
+    (("static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config",
+      "http_filters", 0, "typed_config", "processing_mode", "request_trailer_mode"), "SENDX",
+     "Invalid enum value SENDX"),
+])
+def test_a_wrong_field_fails_at_render_time(demo: dict[str, Any], path: tuple[Any, ...],
+                                            value: Any, complaint: str) -> None:
+    bootstrap = copy.deepcopy(demo)
+    node: Any = bootstrap
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    with pytest.raises(BootstrapError, match="rendered Envoy bootstrap is invalid") as error:
+        check_typed(bootstrap)
+    assert complaint in str(error.value)
+    check_typed(demo)  # the real render parses
