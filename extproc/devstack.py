@@ -196,7 +196,7 @@ class Stack:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: list[ManagedProcess] = field(default_factory=list)
 
-    _socket_dir: Path | None = None
+    _socket_dir: Path | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
