@@ -301,3 +301,16 @@ def test_a_wrong_field_fails_at_render_time(demo: dict[str, Any], path: tuple[An
         check_typed(bootstrap)
     assert complaint in str(error.value)
     check_typed(demo)  # the real render parses
+
+
+def test_render_cli_admin_socket_or_none(tmp_path: Path) -> None:
+    from extproc.cli import main
+
+    without = tmp_path / "without.yaml"
+    assert main(["envoy", "render", "--config", str(DEMO_CONFIG), "--output", str(without)]) == 0
+    assert "admin" not in yaml.safe_load(without.read_text(encoding="utf-8"))
+    with_socket = tmp_path / "with.yaml"
+    assert main(["envoy", "render", "--config", str(DEMO_CONFIG), "--output", str(with_socket),
+                 "--admin-socket", "/run/asc/admin.sock"]) == 0
+    assert yaml.safe_load(with_socket.read_text(encoding="utf-8"))["admin"] == {
+        "address": {"pipe": {"path": "/run/asc/admin.sock", "mode": 0o600}}}
