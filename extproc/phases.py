@@ -182,7 +182,7 @@ class RequestProcessor:
                         clear_route_cache=True)
 
     def on_trailers(self, message: Trailers) -> Outbound:
-        """Request trailers end a request whose body this service did not decide on.
+        """Request trailers before the body decision are refused.
 
         A body followed by trailers is refused in `on_request_body`, so request trailers
         reach here only after headers alone (h2 HEADERS, then a trailers-only HEADERS

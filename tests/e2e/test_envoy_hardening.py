@@ -9,7 +9,6 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import h2.config
@@ -20,8 +19,6 @@ import pytest
 from extproc.devstack import Stack
 from tests.conftest import ACME_KEY, CHAT, Gateway, chat_body, start_gateway
 from tests.e2e.test_budgets import budget_config, month_counter
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
