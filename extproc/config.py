@@ -52,6 +52,8 @@ _CLUSTER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KV_PATH_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
+DEFAULT_MAX_RESPONSE_BYTES: Final = 8_388_608
+_MAX_RESPONSE_BYTES_RANGE: Final = (65_536, 1_073_741_824)
 
 SCHEMA: Final[dict[str, tuple[str, ...]]] = {
     "": ("version", "auth", "limits", "redis", "budgets", "secrets", "credentials", "providers",
@@ -62,7 +64,7 @@ SCHEMA: Final[dict[str, tuple[str, ...]]] = {
     "secrets.kek": ("backend", "path", "url", "mount", "key", "token", "role_id",
                     "secret_id"),
     "secrets.store": ("backend", "url", "mount", "prefix", "token"),
-    "limits": ("max_body_bytes",),
+    "limits": ("max_body_bytes", "max_response_bytes"),
     "redis": ("url", "cluster", "timeout_ms"),
     "budgets": ("timezone", "hold_ttl_s", "default_max_tokens"),
     "credentials.<id>": ("env", "file", "keyring", "weight"),
@@ -230,6 +232,9 @@ class BudgetSettings:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    """Largest non-streamed provider answer Envoy buffers for the service (its listener's
+    per-connection buffer limit); a larger one is Envoy's 500 `response_payload_too_large`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,6 +394,12 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     if isinstance(max_body, bool) or not isinstance(max_body, int) or not 1 <= max_body <= 64 << 20:
         check.add("limits.max_body_bytes", "must be an integer from 1 to 67108864")
         max_body = DEFAULT_MAX_BODY_BYTES
+    max_response = limits_raw.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+    low, high = _MAX_RESPONSE_BYTES_RANGE
+    if (isinstance(max_response, bool) or not isinstance(max_response, int)
+            or not low <= max_response <= high):
+        check.add("limits.max_response_bytes", f"must be an integer from {low} to {high}")
+        max_response = DEFAULT_MAX_RESPONSE_BYTES
 
     redis = _redis(doc.get("redis"), check)
     budget_settings = _budget_settings(doc.get("budgets"), check)
@@ -452,7 +463,7 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     return GatewayConfig(
         source=source,
         pepper=pepper,
-        limits=Limits(max_body_bytes=max_body),
+        limits=Limits(max_body_bytes=max_body, max_response_bytes=max_response),
         redis=redis,
         budgets=budget_settings,
         secrets=secrets_settings,

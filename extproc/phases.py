@@ -134,9 +134,9 @@ class RequestProcessor:
 
     async def handle(self, message: Inbound) -> Outbound:
         """Run the phase's method; every failure becomes a client error in its dialect."""
-        if isinstance(message, Trailers):
-            return Continue()
         try:
+            if isinstance(message, Trailers):
+                return self.on_trailers(message)
             return await self._handlers[message.phase](message)
         except GatewayError as exc:
             return self._respond_error(exc)
@@ -176,7 +176,22 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
         remove = [name for name in headers
                   if name in _CLIENT_ONLY_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)]
-        return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED)
+        # Envoy chose a route before this reply, from the headers as the client sent them:
+        # clearing the cache makes it choose again without the headers removed here.
+        return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED,
+                        clear_route_cache=True)
+
+    def on_trailers(self, message: Trailers) -> Outbound:
+        """Request trailers before the body decision are refused.
+
+        A body followed by trailers is refused in `on_request_body`, so request trailers
+        reach here only after headers alone (h2 HEADERS, then a trailers-only HEADERS
+        frame): no route, no key, no hold was chosen. Letting it go on would send it to
+        whatever route Envoy holds, so it is refused like a request without a body.
+        """
+        if message.phase is Phase.REQUEST_TRAILERS and self.route is None:
+            raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
+        return Continue()
 
     # -- request body -----------------------------------------------------------------
 
@@ -184,7 +199,12 @@ class RequestProcessor:
         principal = self.principal
         if principal is None:  # Envoy only sends a body after headers we accepted.
             raise GatewayError(ErrorCode.INTERNAL, "Request body before headers.")
-        if not message.end_of_stream or len(message.body) > self._config.limits.max_body_bytes:
+        limit = self._config.limits.max_body_bytes
+        if not message.end_of_stream and len(message.body) <= limit:
+            # BUFFERED mode hands over a complete body without end_of_stream only when
+            # request trailers follow (measured); chat APIs have no use for them.
+            raise GatewayError(ErrorCode.INVALID_REQUEST, "Request trailers are not supported.")
+        if not message.end_of_stream or len(message.body) > limit:
             # Envoy's buffer holds the limit plus some slack; a larger body arrives cut
             # short, without end_of_stream (measured): answer 413 instead of waiting.
             raise GatewayError(
@@ -467,7 +487,9 @@ class RequestProcessor:
 
         Without usage: nothing for a provider error; an estimate for a stream cut short
         (prompt estimate + content chunks seen); the full hold when the client left before
-        any response, since the provider may still have done - and billed - the work.
+        any response, or when a non-streamed answer never reached the service whole (e.g.
+        Envoy's 500 `response_payload_too_large`): the provider did - and billed - work
+        whose size is unknown.
         """
         assert self.route is not None
         assert self.hold is not None
@@ -476,6 +498,10 @@ class RequestProcessor:
             usage = self.usage
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
+        elif (self.upstream_status is not None and self._stream is None and aborted
+              and self.hold.reservation is not None):
+            held = {g.unit: g.amount for g in self.hold.reservation.groups}
+            return held.get("usd", 0), held.get("tokens", 0)
         elif self.upstream_status is not None:
             streamed = self._stream.output_tokens_so_far if self._stream is not None else 0
             usage = Usage(self.estimated_input_tokens, streamed)

@@ -126,6 +126,8 @@ class Fault:
     reset: bool = False
     reset_after_chunks: int | None = None
     retry_after: str | None = None
+    pad_bytes: int = 0
+    """Grow a non-streamed JSON answer by this many bytes (an `emulator_padding` field)."""
 
     @property
     def is_empty(self) -> bool:
@@ -135,6 +137,7 @@ class Fault:
             and self.delay_ms == 0
             and not self.reset
             and self.reset_after_chunks is None
+            and self.pad_bytes == 0
         )
 
     @property
@@ -152,6 +155,7 @@ class Fault:
             "reset": self.reset,
             "reset_after_chunks": self.reset_after_chunks,
             "retry_after": self.retry_after,
+            "pad_bytes": self.pad_bytes,
         }
 
 
@@ -501,9 +505,20 @@ def _wrap(
             state=state,
             reset_after_chunks=fault.reset_after_chunks,
         )
-        return await handler(request, ctx)
+        response = await handler(request, ctx)
+        if fault.pad_bytes and isinstance(response, web.Response) and response.body:
+            return _padded(response, fault.pad_bytes)
+        return response
 
     return endpoint
+
+
+def _padded(response: web.Response, pad_bytes: int) -> web.Response:
+    """A provider answer larger than a proxy's buffer, still valid JSON with its usage."""
+    assert isinstance(response.body, bytes)
+    document = json.loads(response.body)
+    document["emulator_padding"] = "x" * pad_bytes
+    return _json_response(document, status=response.status)
 
 
 @web.middleware
@@ -568,7 +583,8 @@ async def _get_faults(request: web.Request) -> web.Response:
 
 
 _FAULT_FIELDS: Final = frozenset(
-    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count"}
+    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count",
+     "pad_bytes"}
 )
 
 
@@ -604,10 +620,12 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         reset=_opt_bool(body, "reset"),
         reset_after_chunks=_opt_int(body, "reset_after_chunks", 0, 1_000_000),
         retry_after=retry_after,
+        pad_bytes=_opt_int(body, "pad_bytes", 0, 1 << 30) or 0,
     )
     if fault.is_empty:
         raise ValueError(
-            "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks"
+            "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks,"
+            " pad_bytes"
         )
     count = _opt_int(body, "count", 1, 1_000_000_000)
     return QueuedFault(fault=fault, remaining=1 if count is None else count)

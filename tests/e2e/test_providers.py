@@ -92,11 +92,11 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         env = dict(stack.env, **{f"PROVIDERS_KEY_{k.upper()}": v
                                  for k, v in PROVIDER_KEYS.items()})
         _, extproc_port, _ = stack.start_extproc(Path(config_path), env=env)
-        listen_port, admin_port = free_port(), free_port()
-        ports = EnvoyPorts(listen_port=listen_port, admin_port=admin_port,
+        listen_port, admin_socket = free_port(), stack.admin_socket()
+        ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
                            extproc_port=extproc_port)
         stack.start_envoy(render_yaml(load_config(config_path), ports),
-                          listen_port=listen_port, admin_port=admin_port)
+                          listen_port=listen_port, admin_socket=admin_socket)
         yield Matrix(f"http://127.0.0.1:{listen_port}",
                      {"main": main_port, "mistral": mistral_port})
 

@@ -6,7 +6,6 @@ import json
 import re
 import time
 
-import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -292,7 +291,7 @@ def test_request_log_and_envoy_access_log_share_the_request_id(
     assert line["credential"] == "emu-eu-1@1"
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 4)
 
-    httpx.post(f"http://127.0.0.1:{gateway.admin_port}/reopen_logs", timeout=5)
+    gateway.admin("POST", "/reopen_logs")
     for _ in range(100):
         access = [json.loads(raw) for raw in gateway.envoy.log_text().splitlines()
                   if raw.startswith("{") and request_id in raw]

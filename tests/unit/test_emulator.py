@@ -609,6 +609,7 @@ async def test_control_fault_count(client: TestClient[web.Request, web.Applicati
             "reset": False,
             "reset_after_chunks": None,
             "retry_after": None,
+            "pad_bytes": 0,
             "remaining": 2,
         }
     ]
@@ -881,3 +882,15 @@ def test_load_keys_merges_sources(tmp_path: Path) -> None:
         {"cli", "file-key", "spaced", "env-a", "env-b"}
     )
     assert load_keys([], None, None) == frozenset()
+
+
+async def test_control_fault_pads_a_json_answer(
+        client: TestClient[web.Request, web.Application]) -> None:
+    resp = await client.post("/_emulator/faults", json={"pad_bytes": 100_000})
+    assert resp.status == 200
+    padded = await post_chat(client)
+    body = await padded.json()
+    assert padded.status == 200
+    assert body["emulator_padding"] == "x" * 100_000
+    assert body["usage"]["completion_tokens"] == 4
+    assert "emulator_padding" not in await (await post_chat(client)).json()

@@ -366,6 +366,7 @@ async def test_good_headers_strip_credentials_and_gateway_headers() -> None:
                         "x-asc-cluster", "x-asc-tenant", "x-asc-request-id",
                         "openai-organization", "openai-project", "anthropic-version"],
         request_body_mode=BodyMode.BUFFERED,
+        clear_route_cache=True,
     )
     assert processor.status is None
     assert processor.error is None
@@ -377,7 +378,7 @@ async def test_openai_organization_header_alone_is_stripped() -> None:
     processor = make_processor()
     reply = await processor.handle(request_headers(extra={"openai-organization": "org-evil"}))
     assert reply == Continue(remove_headers=["authorization", "openai-organization"],
-                             request_body_mode=BodyMode.BUFFERED)
+                             request_body_mode=BodyMode.BUFFERED, clear_route_cache=True)
 
 
 # -- request body -----------------------------------------------------------------------
@@ -401,11 +402,19 @@ def acme_error(processor: RequestProcessor, status: int, message: str, type_: st
     )
 
 
-async def test_body_without_end_of_stream_is_413() -> None:
+async def test_body_cut_short_without_end_of_stream_is_413() -> None:
     processor = await accepted()
-    reply = await processor.handle(request_body(chat(), end_of_stream=False))
+    reply = await processor.handle(request_body(b"x" * (LIMIT + 1), end_of_stream=False))
     assert reply == acme_error(processor, 413, f"Request body exceeds the limit of {LIMIT} bytes.",
                                "invalid_request_error", "payload_too_large")
+
+
+async def test_whole_body_without_end_of_stream_means_trailers_and_is_400() -> None:
+    processor = await accepted()
+    reply = await processor.handle(request_body(chat(), end_of_stream=False))
+    assert reply == acme_error(processor, 400, "Request trailers are not supported.",
+                               "invalid_request_error", "invalid_request")
+    assert processor.route is None
 
 
 async def test_body_over_limit_with_end_of_stream_is_413() -> None:
@@ -647,8 +656,16 @@ async def test_unexpected_exception_is_500_without_details(
     assert "vault said no" not in line
 
 
-async def test_trailers_continue_unchanged() -> None:
-    processor = make_processor()
+async def test_request_trailers_without_a_body_decision_are_400() -> None:
+    """h2: HEADERS, then a trailers-only HEADERS frame; no body ever reached the service."""
+    processor = await accepted()
+    reply = await processor.handle(Trailers(Phase.REQUEST_TRAILERS))
+    assert reply == acme_error(processor, 400, "A JSON request body is required.",
+                               "invalid_request_error", "invalid_request")
+
+
+async def test_trailers_after_the_decision_continue_unchanged() -> None:
+    processor = await routed()
     assert await processor.handle(Trailers(Phase.REQUEST_TRAILERS)) == Continue()
     assert await processor.handle(Trailers(Phase.RESPONSE_TRAILERS)) == Continue()
 
