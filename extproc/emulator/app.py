@@ -126,6 +126,9 @@ class Fault:
     reset: bool = False
     reset_after_chunks: int | None = None
     retry_after: str | None = None
+    message: str | None = None
+    """The error message of a status fault (default: a realistic one of the shape), e.g.
+    a provider echoing a huge unknown field back."""
 
     @property
     def is_empty(self) -> bool:
@@ -152,6 +155,7 @@ class Fault:
             "reset": self.reset,
             "reset_after_chunks": self.reset_after_chunks,
             "retry_after": self.retry_after,
+            "message": self.message,
         }
 
 
@@ -462,7 +466,7 @@ def _fault_response(shape: ProviderShape, fault: Fault, status: int) -> web.Resp
             phrase = "Error"
         page = f"<html><body><h1>{status} {phrase}</h1></body></html>"
         return web.Response(text=page, status=status, content_type="text/html", headers=headers)
-    return _json_response(shape.error_body(status, None), status=status, headers=headers)
+    return _json_response(shape.error_body(status, fault.message), status=status, headers=headers)
 
 
 def _wrap(
@@ -568,8 +572,10 @@ async def _get_faults(request: web.Request) -> web.Response:
 
 
 _FAULT_FIELDS: Final = frozenset(
-    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count"}
+    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count",
+     "message"}
 )
+_MAX_FAULT_MESSAGE: Final = 16 * 1024 * 1024
 
 
 def _opt_int(body: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
@@ -597,6 +603,10 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ValueError("'retry_after' must be a non-negative integer")
         retry_after = str(retry_after)
+    message = body.get("message")
+    if message is not None and (not isinstance(message, str)
+                                or not 0 < len(message) <= _MAX_FAULT_MESSAGE):
+        raise ValueError(f"'message' must be a string of 1 to {_MAX_FAULT_MESSAGE} characters")
     fault = Fault(
         status=_opt_int(body, "status", 400, 599),
         html=_opt_bool(body, "html"),
@@ -604,6 +614,7 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         reset=_opt_bool(body, "reset"),
         reset_after_chunks=_opt_int(body, "reset_after_chunks", 0, 1_000_000),
         retry_after=retry_after,
+        message=message,
     )
     if fault.is_empty:
         raise ValueError(

@@ -776,13 +776,14 @@ async def test_provider_json_error_without_message_gets_the_fallback() -> None:
                                    "invalid_request_error", "invalid_request")
 
 
-async def test_provider_429_keeps_a_scrubbed_message_and_retry_after() -> None:
+async def test_provider_429_hides_the_shared_account_and_keeps_retry_after() -> None:
     processor = await routed()
     reply = await provider_answers(processor, "429", error_json(
-        "Rate limit reached for key sk-proj-abcdefgh1234 in organization org-xyz.",
+        "Rate limit reached for key sk-proj-abcdefgh1234 in organization org-xyz: "
+        "Limit 3, Used 3, Requested 1.",
         "requests", "rate_limit_exceeded"), retry_after="7")
     assert reply == provider_error(
-        processor, 429, 429, "Rate limit reached for key [redacted] in organization org-xyz.",
+        processor, 429, 429, "The provider's rate limit was reached; retry later.",
         "rate_limit_error", "rate_limited", extra_headers=(("retry-after", "7"),))
     assert processor.error is ErrorCode.RATE_LIMITED
 

@@ -358,7 +358,8 @@ async def test_provider_429_is_an_anthropic_rate_limit_error_with_retry_after() 
         "Rate limit reached for requests", "requests", "rate_limit_exceeded")))
     assert reply == Respond(
         status=429,
-        body=anthropic_error("rate_limit_error", "Rate limit reached for requests"),
+        body=anthropic_error("rate_limit_error",
+                             "The provider's rate limit was reached; retry later."),
         headers=[JSON_CT, *oai_tags(processor), ("retry-after", "20")],
         details="asc_provider_status_429",
         metadata=oai_metadata(processor, error="rate_limited"),
