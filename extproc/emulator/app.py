@@ -207,6 +207,11 @@ class EmulatorState:
         return head.fault
 
 
+chunk_pause: Callable[[float], Awaitable[None]] = asyncio.sleep
+"""The wait between streamed events (`chunk_delay_ms`); tests swap it for a gate so they
+can check pacing without reading clocks."""
+
+
 @dataclass(slots=True)
 class CallContext:
     """What the core hands a shape handler: config, state and a fault-aware SSE writer."""
@@ -238,7 +243,7 @@ class CallContext:
         if self.request.transport is None or self.request.transport.is_closing():
             return False
         if self.events_sent and self.config.chunk_delay_ms:
-            await asyncio.sleep(self.config.chunk_delay_ms / 1000)
+            await chunk_pause(self.config.chunk_delay_ms / 1000)
         try:
             await resp.write(data)
         except ConnectionError:
