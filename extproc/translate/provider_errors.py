@@ -20,7 +20,8 @@ OpenAI, Azure and Anthropic; `message` for Mistral and vLLM; `error` as a string
 Ollama and TGI; Mistral's 422 `message.detail[].loc/msg`), then scrubbed: anything that
 looks like a credential (`sk-...`-style keys, `Bearer ...`, masked keys with `***`,
 opaque runs of 32+ letters/digits) becomes `[redacted]`, and so do the ids of the
-gateway's provider account (`org-...`, `proj_...`, UUIDs); it is cut to 500 characters.
+gateway's provider account (`org-...`, `proj_...`, UUIDs) and its quota figures
+("Limit 10000, Used 9990"); it is cut to 500 characters.
 A 429 never shows the provider's text: it describes the limits of the shared account
 (organization, limit, used), which are not the client's business.
 The caller keeps a 429's `retry-after` with `retry_after_headers()`.
@@ -38,7 +39,13 @@ from typing import Any, Final
 
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 
-__all__ = ["map_provider_error", "provider_message", "retry_after_headers", "scrub"]
+__all__ = [
+    "map_provider_error",
+    "provider_message",
+    "retry_after_headers",
+    "scrub",
+    "scrubbed_stream_error",
+]
 
 _MAX_MESSAGE: Final = 500
 _MAX_SCANNED: Final = 4 * _MAX_MESSAGE
@@ -52,6 +59,9 @@ _SECRET_PATTERNS: Final = (
     re.compile(r"[A-Za-z0-9+/=_]{32,}"),
 )
 _TOKEN: Final = re.compile(r"\S+")
+_ACCOUNT_FIGURE: Final = re.compile(
+    r"(?i)\b(limit|used|requested|remaining)(\s*[:=]?\s*)[0-9](?:[0-9,._]*[0-9])?")
+"""The shared account's quota figures ("Limit 10000, Used 9990, Requested 20")."""
 _RETRY_AFTER: Final = re.compile(r"[0-9A-Za-z ,:.\-]{1,64}")
 
 _CLIENT_ERRORS: Final[dict[int, tuple[ErrorCode, str]]] = {
@@ -82,6 +92,7 @@ def scrub(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(_REDACTED, text)
     text = _TOKEN.sub(_masked, text)
+    text = _ACCOUNT_FIGURE.sub(r"\1\2[redacted]", text)
     text = " ".join(text.split())
     if cut:
         text = f"{text} ..." if text else "..."
@@ -149,6 +160,24 @@ def map_provider_error(front: Dialect, status: int, body: bytes) -> tuple[int, b
             message = scrub(found) if found else ""
             error = GatewayError(code, message or fallback)
     return error.status, error_body(error, front)
+
+
+_STREAM_ERROR_FALLBACK: Final = "The provider failed while streaming."
+_ERROR_WORD: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def scrubbed_stream_error(error: object) -> dict[str, Any]:
+    """An in-stream `error` object of a passthrough stream, as the client may see it: the
+    message scrubbed like an error body's, `type`/`code` kept only when they are short
+    words, anything else dropped."""
+    found = provider_message({"error": error})
+    out: dict[str, Any] = {"message": (scrub(found) if found else "") or _STREAM_ERROR_FALLBACK}
+    if isinstance(error, dict):
+        for name in ("type", "code"):
+            value = error.get(name)
+            if isinstance(value, str) and _ERROR_WORD.fullmatch(value):
+                out[name] = value
+    return out
 
 
 def retry_after_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

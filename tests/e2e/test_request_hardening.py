@@ -4,7 +4,6 @@ provider text that used to stall the event loop, request bodies that used to giv
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 
 from tests.conftest import ACME_KEY, GLOBEX_KEY, Emulator, Gateway, chat_body

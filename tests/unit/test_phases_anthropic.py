@@ -534,10 +534,14 @@ async def test_anthropic_stream_passes_through_untouched() -> None:
                                 "usage": {"output_tokens": 7}})
         + sse("message_stop", {})
     )
+    sent = []
     for start in range(0, len(stream), 50):
         piece = stream[start:start + 50]
-        assert await processor.handle(response_body(piece, end_of_stream=False)) == Continue()
+        reply = await processor.handle(response_body(piece, end_of_stream=False))
+        assert isinstance(reply, Continue)
+        sent.append(piece if reply.body is None else reply.body)
     assert await processor.handle(response_body(b"", end_of_stream=True)) == Continue()
+    assert b"".join(sent) == stream  # re-framed event by event: the same bytes
     assert processor.usage == Usage(input_tokens=30, output_tokens=7, cached_input_tokens=5)
 
 
