@@ -16,12 +16,13 @@ from extproc.translate.limits import OutputLimit, family_output_field
 from extproc.translate.openai_anthropic import OpenAIToAnthropic
 from extproc.translate.openai_passthrough import OpenAIPassthrough
 from extproc.translate.sse import SseDecoder
+from extproc.translate.types import NO_OUTPUT_LIMIT
 
 USER = [{"role": "user", "content": "Hi"}]
 
 
 def upstream_body(translator: Any, body: dict[str, Any], model: str,
-                  limit: OutputLimit = OutputLimit()) -> dict[str, Any]:
+                  limit: OutputLimit = NO_OUTPUT_LIMIT) -> dict[str, Any]:
     request = translator.request(body, upstream_model=model, api_version=None,
                                  output_limit=limit)
     result: dict[str, Any] = json.loads(request.body)
@@ -166,7 +167,8 @@ def test_openai_passthrough_scrubs_in_stream_errors() -> None:
                                      "[redacted]: Limit [redacted], Used [redacted]",
                           "type": "rate_limit_error"}}),
         (None, "[DONE]")]
-    assert b"org-AbC123xyz" not in out and b"sk-live" not in out
+    assert b"org-AbC123xyz" not in out
+    assert b"sk-live" not in out
 
 
 def test_anthropic_passthrough_scrubs_error_events() -> None:
