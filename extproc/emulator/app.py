@@ -29,6 +29,12 @@ and recorded credential headers / query parameters are replaced with
 still tell *which* key the gateway sent without the key appearing in any response.
 The emulator writes no access log for the same reason.
 
+Account headers: like the real providers, every provider answer (errors too) names the
+account and its rate limits - OpenAI-style paths send ``openai-organization``,
+``openai-project`` and ``x-ratelimit-*`` (:data:`OPENAI_ACCOUNT_HEADERS`), the Anthropic
+path ``anthropic-organization-id`` and ``anthropic-ratelimit-*``
+(:data:`ANTHROPIC_ACCOUNT_HEADERS`), so tests can check that they stop at the gateway.
+
 Control API (loopback tool, no auth):
 
 * ``GET /_emulator/health`` -> ``{"status": "ok"}``
@@ -57,10 +63,12 @@ from aiohttp import web
 from extproc.emulator import anthropic_shape, azure_shape, mistral_shape, openai_shape
 
 __all__ = [
+    "ANTHROPIC_ACCOUNT_HEADERS",
     "CONFIG_KEY",
     "CONTROL_PREFIX",
     "DEFAULT_REPLY",
     "DEFAULT_SHAPE_NAMES",
+    "OPENAI_ACCOUNT_HEADERS",
     "SHAPES",
     "SHAPE_REGISTRY",
     "STATE_KEY",
@@ -85,6 +93,23 @@ _SECRET_HEADERS: Final = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
 )
 _SECRET_QUERY_PARAMS: Final = frozenset({"key", "api-key", "api_key", "apikey"})
+OPENAI_ACCOUNT_HEADERS: Final[Mapping[str, str]] = {
+    "openai-organization": openai_shape.EMULATED_ORGANIZATION,
+    "openai-project": "proj_emulat0rpr0ject",
+    "x-ratelimit-limit-requests": "5000",
+    "x-ratelimit-remaining-requests": "4999",
+    "x-ratelimit-limit-tokens": "2000000",
+    "x-ratelimit-remaining-tokens": "1999990",
+    "x-ratelimit-reset-requests": "12ms",
+}
+ANTHROPIC_ACCOUNT_HEADERS: Final[Mapping[str, str]] = {
+    "anthropic-organization-id": "5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f",
+    "anthropic-ratelimit-requests-limit": "50",
+    "anthropic-ratelimit-requests-remaining": "49",
+    "anthropic-ratelimit-tokens-limit": "40000",
+    "anthropic-ratelimit-tokens-remaining": "39990",
+}
+_ANTHROPIC_PATH: Final = "/v1/messages"
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 
@@ -540,6 +565,16 @@ async def _core_middleware(
         return _json_response(default_shape.error_body(413, "Request body too large."), status=413)
 
 
+async def _account_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Name the (emulated) provider account on every provider answer, as providers do."""
+    if request.path.startswith(CONTROL_PREFIX):
+        return
+    account = (ANTHROPIC_ACCOUNT_HEADERS if request.path == _ANTHROPIC_PATH
+               else OPENAI_ACCOUNT_HEADERS)
+    for name, value in account.items():
+        response.headers.setdefault(name, value)
+
+
 # --------------------------------------------------------------------------- control API
 
 
@@ -668,6 +703,7 @@ def make_app(config: EmulatorConfig, shapes: tuple[ProviderShape, ...] = SHAPES)
     app[CONFIG_KEY] = config
     app[STATE_KEY] = EmulatorState.from_config(config)
     app[_SHAPES_KEY] = shapes
+    app.on_response_prepare.append(_account_headers)
     router = app.router
     router.add_get(CONTROL_PREFIX + "health", _health, allow_head=False)
     router.add_get(CONTROL_PREFIX + "requests", _get_requests, allow_head=False)

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from extproc.emulator.app import CallContext, EmulatorState
 
 __all__ = [
+    "EMULATED_ORGANIZATION",
     "KNOWN_REQUEST_FIELDS",
     "ROUTES",
     "WEATHER_ARGUMENTS",
@@ -115,6 +116,8 @@ KNOWN_REQUEST_FIELDS: Final = frozenset(
         "audio",
     }
 )
+EMULATED_ORGANIZATION: Final = "org-emulat0r5hared4cc0unt"
+"""The account id the emulator names in 429 texts and `openai-organization` headers."""
 _REASONING_MODEL: Final = re.compile(r"(?i)^(?:o[1-9]|gpt-5)")
 _ROLES: Final = ("system", "developer", "user", "assistant", "tool", "function")
 WEATHER_TOOL: Final = "get_weather"
@@ -158,7 +161,9 @@ def error_body(status: int, message: str | None) -> dict[str, Any]:
         return auth_error() if message is None else _error(message, _INVALID_REQUEST)
     if status == 429:
         return _error(
-            message or "Rate limit reached for requests. Please try again in 1s.",
+            message or ("Rate limit reached for gpt-4o-mini in organization "
+                        f"{EMULATED_ORGANIZATION} on requests per min (RPM): Limit 3, Used 3, "
+                        "Requested 1. Please try again in 1s."),
             "requests",
             None,
             "rate_limit_exceeded",

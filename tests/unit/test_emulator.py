@@ -926,3 +926,33 @@ async def test_control_fault_message_replaces_the_shape_message(
     assert refused.status == 400
     assert (await refused.json())["error"]["message"] == (
         "'message' must be a string of 1 to 16777216 characters")
+
+
+@pytest.mark.parametrize("model", ["o1", "o3-mini", "o4-mini", "gpt-5", "gpt-5-mini"])
+async def test_reasoning_models_refuse_max_tokens_like_openai(
+    client: TestClient[web.Request, web.Application], model: str
+) -> None:
+    resp = await post_chat(client, chat_body(model=model, max_tokens=5))
+    assert resp.status == 400
+    assert await resp.json() == {"error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                   "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error", "param": "max_tokens",
+        "code": "unsupported_parameter"}}
+    accepted = await post_chat(client, chat_body(model=model, max_completion_tokens=5))
+    assert accepted.status == 200
+
+
+async def test_every_provider_answer_names_the_account(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    ok = await post_chat(client)
+    assert {name: ok.headers.get(name) for name in emulator_app.OPENAI_ACCOUNT_HEADERS} == \
+        dict(emulator_app.OPENAI_ACCOUNT_HEADERS)
+    await client.post("/_emulator/faults", json={"status": 429})
+    limited = await post_chat(client)
+    assert limited.status == 429
+    assert limited.headers["openai-organization"] == "org-emulat0r5hared4cc0unt"
+    assert "org-emulat0r5hared4cc0unt" in (await limited.json())["error"]["message"]
+    control = await client.get("/_emulator/health")
+    assert "openai-organization" not in control.headers
