@@ -8,7 +8,10 @@ switches (`anthropic-beta`) that enable features the gateway cannot price, clien
 fingerprints (`user-agent`, `x-stainless-*`) and the client's address
 (`x-forwarded-for`). The gateway's own upstream headers (auth, `anthropic-version`,
 `content-length`) are set by the translator and `phases.py`. Pseudo-headers, `host`,
-`transfer-encoding` and Envoy's `x-envoy-*` are Envoy's to manage and never touched.
+`transfer-encoding`, `x-forwarded-proto` and `x-request-id` (both set by Envoy at the
+edge) are Envoy's to manage and never touched. Client-sent `x-envoy-*` headers are
+removed too (the ext_proc filter has `mutation_rules.allow_envoy: true` for that); the
+router adds its own (`x-envoy-attempt-count`, ...) after the gateway's decision.
 
 Response: the provider account's identity and limits stay with the gateway: `openai-
 organization`, `openai-project`, `anthropic-organization-id`, and every
@@ -38,7 +41,13 @@ FORWARDED_REQUEST_HEADERS: Final[Mapping[Backend, frozenset[str]]] = {
     Backend.ANTHROPIC: _COMMON,
 }
 """Client headers every provider of a kind receives (lower case)."""
-_ENVOY_OWNED: Final = frozenset({"host", "content-length", "transfer-encoding"})
+_ENVOY_OWNED: Final = frozenset({
+    "host", "content-length", "transfer-encoding",
+    # Envoy sets both at the edge (use_remote_address). Without x-forwarded-proto the
+    # router finds no route after the route cache is cleared (404 NR, measured):
+    # docs/decisions/0040-request-header-allow-list.md.
+    "x-forwarded-proto", "x-request-id",
+})
 _ACCOUNT_HEADERS: Final = frozenset({
     "openai-organization", "openai-project", "anthropic-organization-id"})
 _ACCOUNT_PREFIXES: Final = ("x-ratelimit-", "anthropic-ratelimit-")
@@ -50,7 +59,7 @@ def unforwarded_request_headers(names: Iterable[str], backend: Backend,
     allowed = FORWARDED_REQUEST_HEADERS[backend].union(extra)
     return [name for name in names
             if name not in allowed and name not in _ENVOY_OWNED
-            and not name.startswith((":", "x-envoy-"))]
+            and not name.startswith(":")]
 
 
 def provider_account_headers(names: Iterable[str]) -> list[str]:
