@@ -4,9 +4,13 @@ provider text that used to stall the event loop, request bodies that used to giv
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 
-from tests.conftest import ACME_KEY, GLOBEX_KEY, Emulator, Gateway, chat_body
+import httpx
+import pytest
+
+from tests.conftest import ACME_KEY, CHAT, GLOBEX_KEY, Emulator, Gateway, chat_body
 
 
 def openai_error(
@@ -46,3 +50,79 @@ def test_provider_echoing_a_huge_field_is_answered_quickly_and_blocks_no_one(
     assert other_response.status_code == 200
     assert other_response.headers["x-asc-provider"] == "emu-us"
     assert elapsed < 5.0  # one generous bound: the unfixed scrub ran for hours
+
+
+MESSAGES = "/v1/messages"
+_ANTHROPIC_TYPES = {"invalid_request": "invalid_request_error",
+                    "model_not_found": "not_found_error"}
+
+
+def _post(gateway: Gateway, path: str, payload: bytes) -> httpx.Response:
+    headers = {"content-type": "application/json", "authorization": f"Bearer {ACME_KEY}"}
+    return gateway.client.post(path, content=payload, headers=headers)
+
+
+def _expected(path: str, message: str, code: str, param: str | None) -> dict[str, object]:
+    if path == MESSAGES:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES[code], "message": message}}
+    type_ = "invalid_request_error" if code == "invalid_request" else "not_found_error"
+    return openai_error(message, type_, code, param)
+
+
+def _body(path: str, model: str = '"gpt-4o-mini"', content: str = '"Hello"',
+          extra: str = "") -> bytes:
+    limit = ',"max_tokens":16' if path == MESSAGES else ""
+    return (f'{{"model":{model},"messages":[{{"role":"user","content":{content}}}]'
+            f"{limit}{extra}}}").encode()
+
+
+DEEP = 30_000  # fits the test config's 64 KiB body limit; far beyond the parser's stack
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+@pytest.mark.parametrize(("case", "message", "code", "param"), [
+    ("nested", "The request body is nested too deeply.", "invalid_request", None),
+    ("surrogate-content",
+     "The request body contains a lone surrogate escape, which is not valid Unicode.",
+     "invalid_request", None),
+    ("surrogate-model",
+     "The request body contains a lone surrogate escape, which is not valid Unicode.",
+     "invalid_request", None),
+])
+def test_odd_json_is_a_400_in_the_door_dialect(
+    gateway: Gateway, emulator_clean: Emulator, path: str, case: str, message: str,
+    code: str, param: str | None,
+) -> None:
+    payload = {
+        "nested": _body(path, extra=',"metadata":' + "[" * DEEP + "]" * DEEP),
+        "surrogate-content": _body(path, content='"broken \\ud800 half"'),
+        "surrogate-model": _body(path, model='"gpt-4o-mini\\udfff"'),
+    }[case]
+    response = _post(gateway, path, payload)
+
+    assert response.status_code == 400
+    assert response.json() == _expected(path, message, code, param)
+    assert emulator_clean.requests() == []
+
+
+def test_paired_surrogate_escapes_are_fine(gateway: Gateway, emulator_clean: Emulator) -> None:
+    response = _post(gateway, CHAT, _body(CHAT, content='"smile \\ud83d\\ude00"'))
+    assert response.status_code == 200
+    [seen] = emulator_clean.requests()
+    assert json.loads(seen["body"])["messages"][0]["content"] == "smile \U0001f600"
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_unknown_long_model_name_is_a_404_capped_in_answer_and_log(
+    gateway: Gateway, emulator_clean: Emulator, path: str
+) -> None:
+    name = "no-such-model-" + "z" * 60_000
+    response = _post(gateway, path, _body(path, model=json.dumps(name)))
+
+    assert response.status_code == 404
+    assert response.json() == _expected(
+        path, f"The model '{name[:64]}...' does not exist.", "model_not_found", "model")
+    assert emulator_clean.requests() == []
+    log = gateway.extproc.log_text()
+    assert name[:64] + "..." in log
+    assert name[:65] not in log
