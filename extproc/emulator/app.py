@@ -154,6 +154,9 @@ class Fault:
     message: str | None = None
     """The error message of a status fault (default: a realistic one of the shape), e.g.
     a provider echoing a huge unknown field back."""
+    stream_error: str | None = None
+    """A streamed answer sends its first event, then an in-stream error event with this
+    message (OpenAI `data: {"error": ...}`, Anthropic `event: error`), and ends."""
 
     @property
     def is_empty(self) -> bool:
@@ -163,6 +166,7 @@ class Fault:
             and self.delay_ms == 0
             and not self.reset
             and self.reset_after_chunks is None
+            and self.stream_error is None
         )
 
     @property
@@ -181,6 +185,7 @@ class Fault:
             "reset_after_chunks": self.reset_after_chunks,
             "retry_after": self.retry_after,
             "message": self.message,
+            "stream_error": self.stream_error,
         }
 
 
@@ -245,6 +250,7 @@ class CallContext:
     config: EmulatorConfig
     state: EmulatorState
     reset_after_chunks: int | None = None
+    stream_error: str | None = None
     events_sent: int = 0
 
     async def open_stream(self, content_type: str = "text/event-stream") -> web.StreamResponse:
@@ -276,6 +282,9 @@ class CallContext:
         self.events_sent += 1
         if self.reset_after_chunks is not None and self.events_sent >= self.reset_after_chunks:
             _abort(self.request)
+            return False
+        if self.stream_error is not None:
+            await resp.write(_stream_error_event(self.request.path, self.stream_error))
             return False
         return True
 
@@ -356,6 +365,16 @@ SHAPES: Final[tuple[ProviderShape, ...]] = shapes_named(DEFAULT_SHAPE_NAMES)
 STATE_KEY: Final = web.AppKey("emulator_state", EmulatorState)
 CONFIG_KEY: Final = web.AppKey("emulator_config", EmulatorConfig)
 _SHAPES_KEY: Final = web.AppKey("emulator_shapes", tuple[ProviderShape, ...])
+
+
+def _stream_error_event(path: str, message: str) -> bytes:
+    """An in-stream error event in the format of the path's provider."""
+    if path == _ANTHROPIC_PATH:
+        data = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
+    error = {"error": {"message": message, "type": "server_error", "param": None,
+                       "code": None}}
+    return b"data: " + json.dumps(error).encode() + b"\n\n"
 
 
 def _abort(request: web.Request) -> None:
@@ -534,6 +553,7 @@ def _wrap(
             config=config,
             state=state,
             reset_after_chunks=fault.reset_after_chunks,
+            stream_error=fault.stream_error,
         )
         return await handler(request, ctx)
 
@@ -613,7 +633,7 @@ async def _get_faults(request: web.Request) -> web.Response:
 
 _FAULT_FIELDS: Final = frozenset(
     {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count",
-     "message"}
+     "message", "stream_error"}
 )
 _MAX_FAULT_MESSAGE: Final = 16 * 1024 * 1024
 
@@ -647,6 +667,11 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
     if message is not None and (not isinstance(message, str)
                                 or not 0 < len(message) <= _MAX_FAULT_MESSAGE):
         raise ValueError(f"'message' must be a string of 1 to {_MAX_FAULT_MESSAGE} characters")
+    stream_error = body.get("stream_error")
+    if stream_error is not None and (not isinstance(stream_error, str)
+                                     or not 0 < len(stream_error) <= _MAX_FAULT_MESSAGE):
+        raise ValueError(
+            f"'stream_error' must be a string of 1 to {_MAX_FAULT_MESSAGE} characters")
     fault = Fault(
         status=_opt_int(body, "status", 400, 599),
         html=_opt_bool(body, "html"),
@@ -655,10 +680,12 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         reset_after_chunks=_opt_int(body, "reset_after_chunks", 0, 1_000_000),
         retry_after=retry_after,
         message=message,
+        stream_error=stream_error,
     )
     if fault.is_empty:
         raise ValueError(
-            "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks"
+            "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks,"
+            " stream_error"
         )
     count = _opt_int(body, "count", 1, 1_000_000_000)
     return QueuedFault(fault=fault, remaining=1 if count is None else count)

@@ -262,3 +262,19 @@ def test_provider_rate_limit_reaches_an_anthropic_client_as_429(
     assert caught.value.response.headers["retry-after"] == "3"
     assert caught.value.body["type"] == "error"  # type: ignore[index]
     assert caught.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+def test_anthropic_in_stream_error_is_scrubbed(matrix: Matrix) -> None:
+    matrix.queue_fault("main", stream_error="Overloaded for org proj_AbCd1234xyz: Used 9990")
+    body = {"model": "m-anthropic", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": PROMPT}]}
+    with httpx.stream("POST", f"{matrix.base_url}/v1/messages", json=body, timeout=15,
+                      headers={"x-api-key": TENANT_KEY}) as response:
+        assert response.status_code == 200
+        text = response.read().decode()
+
+    blocks = [block.splitlines() for block in text.strip().split("\n\n")]
+    assert [lines[0] for lines in blocks] == ["event: message_start", "event: error"]
+    assert json.loads(blocks[1][1].removeprefix("data: ")) == {"type": "error", "error": {
+        "message": "Overloaded for org [redacted]: Used [redacted]", "type": "overloaded_error"}}
+    assert "proj_AbCd1234xyz" not in text

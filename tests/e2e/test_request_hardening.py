@@ -126,3 +126,28 @@ def test_unknown_long_model_name_is_a_404_capped_in_answer_and_log(
     log = gateway.extproc.log_text()
     assert name[:64] + "..." in log
     assert name[:65] not in log
+
+
+LEAKY_STREAM_ERROR = ("Overloaded for organization org-AbCd1234xyz, key sk-live-abcdefgh1234: "
+                      "Limit 10000, Used 9990")
+SCRUBBED_STREAM_ERROR = ("Overloaded for organization [redacted], key [redacted]: "
+                         "Limit [redacted], Used [redacted]")
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_in_stream_provider_error_is_scrubbed(
+    gateway: Gateway, emulator_clean: Emulator, include_usage: bool
+) -> None:
+    emulator_clean.queue_fault(stream_error=LEAKY_STREAM_ERROR)
+    body = chat_body(stream=True, stream_options={"include_usage": include_usage})
+    with gateway.client.stream("POST", CHAT, json=body,
+                               headers={"authorization": f"Bearer {ACME_KEY}"}) as response:
+        assert response.status_code == 200
+        text = response.read().decode()
+
+    events = [json.loads(line.removeprefix("data: ")) for line in text.splitlines()
+              if line.startswith("data: ")]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[1:] == [{"error": {"message": SCRUBBED_STREAM_ERROR,
+                                     "type": "server_error"}}]
+    assert "org-AbCd1234xyz" not in text

@@ -639,6 +639,7 @@ async def test_control_fault_count(client: TestClient[web.Request, web.Applicati
             "reset_after_chunks": None,
             "retry_after": None,
             "message": None,
+            "stream_error": None,
             "remaining": 2,
         }
     ]
@@ -956,3 +957,17 @@ async def test_every_provider_answer_names_the_account(
     assert "org-emulat0r5hared4cc0unt" in (await limited.json())["error"]["message"]
     control = await client.get("/_emulator/health")
     assert "openai-organization" not in control.headers
+
+
+async def test_control_fault_stream_error_ends_the_stream_with_an_error_event(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    queued = await client.post("/_emulator/faults", json={"stream_error": "Overloaded now"})
+    assert queued.status == 200
+    resp = await post_chat(client, chat_body(stream=True))
+    assert resp.status == 200
+    payloads = parse_sse(await resp.text())
+    assert len(payloads) == 2
+    assert json.loads(payloads[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert json.loads(payloads[1]) == {"error": {
+        "message": "Overloaded now", "type": "server_error", "param": None, "code": None}}
