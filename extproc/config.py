@@ -61,7 +61,7 @@ _HEADER_NAME_RE: Final = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,100}$")
 _UNFORWARDABLE_HEADERS: Final = frozenset({
     "authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
     "cookie", "host", "content-length", "transfer-encoding", "connection",
-    "accept-encoding", "openai-organization", "openai-project",
+    "accept-encoding", "openai-organization", "openai-project", "anthropic-version",
 })
 """Headers `forward_headers` may not name: credentials (the provider key is the gateway's
 to set), framing headers Envoy and the gateway own, and headers that pick an account."""
