@@ -301,8 +301,9 @@ class RequestProcessor:
         if self._selected is not None:
             # key_evidence: nothing client-controlled beyond the built-in header allow-list
             # reached the provider (False once extension headers are forwarded).
-            await self._runtime.keys.report(self._selected, status, key_evidence=True,
-                                            retry_after=headers.get("retry-after"))
+            await self._runtime.keys.report(
+                self._selected, status, key_evidence=not self.forwarded_extension_headers,
+                retry_after=headers.get("retry-after"))
         content_type = headers.get("content-type", "")
         if status >= 400:
             if message.end_of_stream:

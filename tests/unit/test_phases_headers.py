@@ -16,6 +16,7 @@ from tests.unit.test_phases import (
     chat,
     request_body,
     request_headers,
+    response_headers,
 )
 
 
@@ -72,3 +73,20 @@ async def test_headers_the_gateway_sets_are_never_removed() -> None:
     reply = await _body_reply(processor, {"content-length": "5", "x-custom": "1"})
     assert reply.remove_headers == ["x-custom"]
     assert ("content-length", str(len(reply.body or b""))) in reply.set_headers
+
+
+@pytest.mark.parametrize(("sent", "evidence"), [(CLIENT, False), ({"accept": "*/*"}, True)])
+async def test_a_forwarded_extension_header_is_no_key_evidence(
+    monkeypatch: pytest.MonkeyPatch, sent: dict[str, str], evidence: bool
+) -> None:
+    processor = _processor("x-trace-id")
+    reports: list[tuple[int, bool]] = []
+
+    async def report(selected: object, status: int, *, key_evidence: bool,
+                     retry_after: str | None = None) -> None:
+        reports.append((status, key_evidence))
+
+    monkeypatch.setattr(processor._runtime.keys, "report", report)
+    await _body_reply(processor, sent)
+    await processor.handle(response_headers("401"))
+    assert reports == [(401, evidence)]
