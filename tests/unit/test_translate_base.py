@@ -467,3 +467,10 @@ def test_retry_after_headers() -> None:
         ("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),)
     assert retry_after_headers({"retry-after": "1\r\nset-cookie: x"}) == ()
     assert retry_after_headers({}) == ()
+
+
+def test_deeply_nested_provider_error_is_a_plain_provider_failure() -> None:
+    body = b'{"error":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, mapped = map_provider_error(Dialect.OPENAI, 400, body)
+    assert (status, json.loads(mapped)) == (502, openai_error(
+        "The provider failed with status 400.", None, "upstream_error", "provider_error"))
