@@ -132,7 +132,7 @@ class OpenAIPassthroughStream(StreamProgress):
             chunk = self._read(event.data)
             if chunk is None:
                 kept.append(encode_event(event.data, event.event))
-            elif "error" in chunk:
+            elif chunk.get("error") is not None:
                 scrubbed = {"error": scrubbed_stream_error(chunk["error"])}
                 kept.append(encode_event(compact_json(scrubbed).decode(), event.event))
             elif not (self._strip and self._usage_only(chunk)):

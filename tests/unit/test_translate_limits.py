@@ -183,3 +183,13 @@ def test_anthropic_passthrough_scrubs_error_events() -> None:
         ("error", {"type": "error", "error": {
             "message": "The provider failed while streaming."}}),
     ]
+
+
+def test_a_chunk_with_a_null_error_is_not_an_error() -> None:
+    translator = OpenAIPassthrough(Backend.OPENAI)
+    translator.request({"model": "m", "messages": USER, "stream": True,
+                        "stream_options": {"include_usage": True}},
+                       upstream_model="gpt-4o", api_version=None)
+    stream = translator.stream()
+    raw = b'data: {"error":null,"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    assert stream.feed(raw) == raw
