@@ -485,7 +485,7 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
             self._open = None
 
     def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
-        if "error" in chunk:
+        if chunk.get("error") is not None:
             error = chunk["error"]
             found = provider_message(chunk) if isinstance(error, dict | str) else None
             message = scrub(found) if found else ""
