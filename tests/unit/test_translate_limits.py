@@ -193,3 +193,12 @@ def test_a_chunk_with_a_null_error_is_not_an_error() -> None:
     stream = translator.stream()
     raw = b'data: {"error":null,"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
     assert stream.feed(raw) == raw
+
+
+def test_anthropic_door_stream_ignores_a_null_error() -> None:
+    stream = AnthropicToOpenAI(Backend.OPENAI).stream()
+    raw = (b'data: {"id":"c","model":"m","error":null,'
+           b'"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
+    kinds = [kind for kind, _ in _events(stream.feed(raw))]
+    assert "error" not in kinds
+    assert "content_block_delta" in kinds
