@@ -172,7 +172,8 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
                 "request_trailer_mode": "SEND",
                 "response_trailer_mode": "SKIP",
             },
-            "mutation_rules": {"disallow_is_error": True},
+            # allow_envoy: the body reply removes client-sent x-envoy-* headers (0040).
+            "mutation_rules": {"disallow_is_error": True, "allow_envoy": True},
             "metadata_options": {
                 "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
             },

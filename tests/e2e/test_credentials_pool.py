@@ -27,7 +27,8 @@ CREDENTIAL = "global/emu-eu-1"
 """acme's (and, here, globex's) provider emu-eu has one credential, in the global scope."""
 HEALTH_KEY = "asc:cred:health"
 """Where replicas share opens: credential -> open until (epoch seconds)."""
-RATE_LIMITED = {"error": {"message": "Rate limit reached for requests. Please try again in 1s.",
+# A provider 429's text names the shared account: the gateway answers a fixed one.
+RATE_LIMITED = {"error": {"message": "The provider's rate limit was reached; retry later.",
                           "type": "rate_limit_error", "param": None, "code": "rate_limited"}}
 
 

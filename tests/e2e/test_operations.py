@@ -151,7 +151,9 @@ def test_graceful_drain_finishes_in_flight_requests(stack: Stack) -> None:
     result: dict[str, httpx.Response] = {}
 
     def slow_call() -> None:
-        result["response"] = gateway.chat(chat_body(), headers={"x-emulator-delay-ms": "1000"})
+        result["response"] = gateway.chat(chat_body())
+
+    gateway.emulator.queue_fault(delay_ms=1000)  # client x-emulator-* headers are stripped
 
     caller = threading.Thread(target=slow_call)
     caller.start()

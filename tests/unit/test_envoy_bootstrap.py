@@ -84,7 +84,7 @@ def test_ext_proc_fails_closed(demo: dict[str, Any]) -> None:
         "request_trailer_mode": "SEND",
         "response_trailer_mode": "SKIP",
     }
-    assert config["mutation_rules"] == {"disallow_is_error": True}
+    assert config["mutation_rules"] == {"disallow_is_error": True, "allow_envoy": True}
     assert config["metadata_options"] == {"receiving_namespaces": {"untyped": ["asc"]}}
 
 

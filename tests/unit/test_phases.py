@@ -793,13 +793,14 @@ async def test_provider_json_error_without_message_gets_the_fallback() -> None:
                                    "invalid_request_error", "invalid_request")
 
 
-async def test_provider_429_keeps_a_scrubbed_message_and_retry_after() -> None:
+async def test_provider_429_hides_the_shared_account_and_keeps_retry_after() -> None:
     processor = await routed()
     reply = await provider_answers(processor, "429", error_json(
-        "Rate limit reached for key sk-proj-abcdefgh1234 in organization org-xyz.",
+        "Rate limit reached for key sk-proj-abcdefgh1234 in organization org-xyz: "
+        "Limit 3, Used 3, Requested 1.",
         "requests", "rate_limit_exceeded"), retry_after="7")
     assert reply == provider_error(
-        processor, 429, 429, "Rate limit reached for key [redacted] in organization org-xyz.",
+        processor, 429, 429, "The provider's rate limit was reached; retry later.",
         "rate_limit_error", "rate_limited", extra_headers=(("retry-after", "7"),))
     assert processor.error is ErrorCode.RATE_LIMITED
 
@@ -1001,16 +1002,21 @@ async def test_streamed_usage_split_across_two_messages() -> None:
     assert processor.usage == Usage(input_tokens=9, output_tokens=21)
 
 
-async def test_stream_of_a_client_asking_for_usage_passes_untouched() -> None:
+async def test_stream_of_a_client_asking_for_usage_passes_unchanged() -> None:
     processor = make_processor()
     await processor.handle(request_headers())
     await processor.handle(request_body(chat(stream=True,
                                              stream_options={"include_usage": True})))
     await processor.handle(response_headers("200", "text/event-stream"))
     stream = STREAM_CHUNK + STREAM_USAGE + STREAM_DONE
-    for piece in (stream[:7], stream[7:90], stream[90:]):
-        assert await processor.handle(response_body(piece, end_of_stream=False)) == Continue()
-    assert await processor.handle(response_body(b"", end_of_stream=True)) == Continue()
+    sent = []
+    for piece in (stream[:7], stream[7:90], stream[90:], b""):
+        reply = await processor.handle(response_body(piece, end_of_stream=not piece))
+        assert isinstance(reply, Continue)
+        sent.append(piece if reply.body is None else reply.body)
+    # Each event leaves whole, with its last piece; the bytes are the provider's.
+    assert b"".join(sent) == stream
+    assert sent[0] == b""  # nothing of an unfinished event leaves
     assert processor.usage == Usage(input_tokens=9, output_tokens=21)
 
 
