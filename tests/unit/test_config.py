@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from extproc.cli import main
 from extproc.config import (
@@ -65,12 +66,8 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "unknown_field_key": [("tenants.acme.keys[0].secret", UNKNOWN)],
     "unknown_field_routing": [("tenants.acme.routing.gpt-4o-mini.weight", UNKNOWN)],
     # missing required fields
-    "missing_version": [("version", "unsupported version None")],
-    "missing_auth": [
-        ("auth", NOT_MAPPING),
-        ("auth.pepper", NOT_MAPPING),
-        ("auth.pepper", EXACTLY_ONE),
-    ],
+    "missing_version": [("version", "is required")],
+    "missing_auth": [("auth", "is required")],
     "missing_provider_fields": [
         ("providers.prov-us.kind", "is required"),
         ("providers.prov-us.base_url", "is required"),
@@ -78,11 +75,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("providers.prov-us.zone", "is required"),
         ("providers.prov-us.cluster", "is required"),
     ],
-    "missing_price": [
-        (PRICE, NOT_MAPPING),
-        (f"{PRICE}.input_per_mtok", "is required"),
-        (f"{PRICE}.output_per_mtok", "is required"),
-    ],
+    "missing_price": [(PRICE, "is required")],
     "missing_tenant_keys_and_models": [
         ("tenants.acme.keys", "must be a non-empty list of {id, hash}"),
         ("tenants.acme.models", "must be a non-empty list of model names"),
@@ -92,16 +85,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("providers", "must define at least one provider"),
         ("models.gpt-4o-mini.deployments[0].provider", "unknown provider 'prov-us'"),
     ],
-    "not_a_mapping": [
-        ("", "must be a mapping, got list"),
-        ("version", "unsupported version None"),
-        ("auth", NOT_MAPPING),
-        ("auth.pepper", NOT_MAPPING),
-        ("auth.pepper", EXACTLY_ONE),
-        ("providers", NOT_MAPPING),
-        ("models", NOT_MAPPING),
-        ("tenants", NOT_MAPPING),
-    ],
+    "not_a_mapping": [("", "must be a mapping, got list")],
     # version
     "bad_version": [("version", "unsupported version 2")],
     # secret references
@@ -167,7 +151,7 @@ LINES: dict[str, list[int | None]] = {
     "duplicate_key_hash": [24],
     "pin_outside_zone": [36],
     "money_too_precise": [17],
-    "missing_auth": [None, None, None],  # an absent section has no line to point at
+    "missing_auth": [None],  # an absent section has no line to point at
 }
 
 
@@ -313,11 +297,15 @@ def test_valid_config_compiles_to_frozen_objects(tmp_path: Path) -> None:
                              models=frozenset({"gpt-4o-mini", "gpt-4o"}), pins={}),
         },
     )
-    for frozen in (config, config.limits, config.pepper, config.providers["prov-us"],
+    for frozen in (config, config.pepper, config.providers["prov-us"],
                    config.models["gpt-4o"].price, config.tenants["acme"]):
         first_field = dataclasses.fields(frozen)[0].name
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(frozen, first_field, "changed")
+    # Settings sections are their (frozen) pydantic models.
+    for settings in (config.limits, config.redis, config.budgets):
+        with pytest.raises(ValidationError, match="frozen"):
+            settings.__setattr__(next(iter(type(settings).model_fields)), "changed")
     assert isinstance(config.models["gpt-4o"].price.input_micro_per_mtok, int)
 
 
@@ -373,12 +361,8 @@ def test_config_error_from_a_file_names_every_problem() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value) == (
-        f"{path}: 3 problem(s)\n"
-        "  models.gpt-4o-mini.price: must be a mapping, got nothing\n"
-        "  models.gpt-4o-mini.price.input_per_mtok: is required\n"
-        "    hint: USD per million tokens, e.g. 0.15\n"
-        "  models.gpt-4o-mini.price.output_per_mtok: is required\n"
-        "    hint: USD per million tokens, e.g. 0.15"
+        f"{path}: 1 problem(s)\n"
+        "  models.gpt-4o-mini.price: is required"
     )
 
 
@@ -521,8 +505,6 @@ STORE_CASES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     ]),
     "token_not_a_mapping": ('{backend: vault_kv, url: "https://bao", token: s.abc}', [
         ("secrets.store.token", "must be a mapping, got str", ""),
-        ("secrets.store.token", EXACTLY_ONE,
-         "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"),
     ]),
 }
 
