@@ -21,6 +21,7 @@ name sub-fields and several issues at once.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
@@ -35,7 +36,8 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
 from extproc.money import MoneyError, micro_from_usd
 
@@ -68,6 +70,7 @@ __all__ = [
     "TenantSpec",
     "field_paths",
     "json_schema",
+    "json_schema_text",
     "kind_of",
     "problem",
 ]
@@ -207,8 +210,8 @@ class CredentialSpec(_Spec):
 
 # --- sections whose runtime object is the model itself -----------------------------------
 
-class Limits(_Spec):
-    """Size limits of the gateway (runtime object too)."""
+class Limits(_Spec):  # also the runtime object
+    """Size limits of the gateway."""
 
     max_body_bytes: Annotated[int, Field(ge=1, le=64 << 20)] = Field(
         default=1_048_576, description="Largest request body accepted (413 above); Envoy's "
@@ -223,9 +226,8 @@ def _redis_url(url: str) -> str:
     return url
 
 
-class RedisSettings(_Spec):
-    """The Redis (or Redis Cluster) holding budgets, rate limits and keyring state
-    (runtime object too)."""
+class RedisSettings(_Spec):  # also the runtime object
+    """The Redis (or Redis Cluster) that holds budgets, rate limits and keyring state."""
 
     url: Annotated[Text, AfterValidator(_redis_url)] = Field(
         description="redis://, rediss:// or unix:// URL of Redis or of one cluster node.")
@@ -246,8 +248,8 @@ def _timezone(name: str) -> str:
     return name
 
 
-class BudgetSettings(_Spec):
-    """Gateway-wide settings of the budget ledger (runtime object too)."""
+class BudgetSettings(_Spec):  # also the runtime object
+    """Gateway-wide settings of the budget ledger."""
 
     timezone: Annotated[str, AfterValidator(_timezone)] = Field(
         default="UTC", description="IANA time zone where day and month windows start.")
@@ -653,9 +655,29 @@ class Document(_Spec):
         description="Tenants by id.", json_schema_extra={"x-key": "<id>"})
 
 
+class _AscJsonSchema(GenerateJsonSchema):
+    """Names a mapping's keys must match become `propertyNames` (pydantic writes
+    `patternProperties`, which lets keys that do not match through unchecked)."""
+
+    def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
+        result = super().dict_schema(schema)
+        patterns = result.get("patternProperties", {})
+        if len(patterns) == 1:
+            (pattern, values), = patterns.items()
+            del result["patternProperties"]
+            result["propertyNames"] = {"pattern": pattern}
+            result["additionalProperties"] = values
+        return result
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of `asc.yaml` (what `extproc config schema` prints)."""
-    return Document.model_json_schema()
+    return Document.model_json_schema(schema_generator=_AscJsonSchema)
+
+def json_schema_text() -> str:
+    """The JSON Schema as shipped in `deploy/schema/asc.schema.json`."""
+    return json.dumps(json_schema(), indent=2) + "\n"
+
 
 def field_paths(schema: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     """Every field of a JSON Schema of `asc.yaml`, by section, in the reference's naming:

@@ -7,9 +7,12 @@ exact list of (path, message) problems each must produce, in the order they are 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from extproc.cli import main
@@ -143,6 +146,12 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "bad_redis_url": [("redis.url", "must start with redis://, rediss:// or unix://")],
     # syntax
     "invalid_yaml": [("", "not valid YAML: expected ',' or ']', but got '<scalar>'")],
+    # duplicate keys, at any depth (YAML itself keeps the last one silently)
+    "duplicate_tenant_block": [("tenants.acme", "duplicate key 'acme'")],
+    "duplicate_field": [
+        ("providers.prov-us.zone", "duplicate key 'zone'"),
+        ("models.gpt-4o-mini.price.input_per_mtok", "duplicate key 'input_per_mtok'"),
+    ],
 }
 
 LINES: dict[str, list[int | None]] = {
@@ -152,6 +161,8 @@ LINES: dict[str, list[int | None]] = {
     "pin_outside_zone": [36],
     "money_too_precise": [17],
     "missing_auth": [None],  # an absent section has no line to point at
+    "duplicate_tenant_block": [23],  # the second block
+    "duplicate_field": [13, 18],
 }
 
 
@@ -531,3 +542,215 @@ def test_record_store_issues_point_at_their_line() -> None:
 def test_record_store_is_a_schema_section() -> None:
     assert "store" in SCHEMA["secrets"]
     assert SCHEMA["secrets.store"] == ("backend", "url", "mount", "prefix", "token")
+
+
+# --- duplicate keys and every problem at once ---------------------------------------------
+
+def test_duplicate_key_hint_names_the_first_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(CASES_DIR / "duplicate_tenant_block.yaml")
+    assert caught.value.issues == [ConfigIssue(
+        "tenants.acme", "duplicate key 'acme'",
+        "first defined at line 20; YAML would keep only the last one: merge them or remove "
+        "one", 23)]
+
+
+EVERYTHING_AT_ONCE = f"""\
+version: 1
+auth: {{pepper: {{env: ASC_PEPPER}}}}
+credentials:
+  cred-us: {{env: ASC_KEY_US}}
+providers:
+  prov-us: {{kind: openai, base_url: "http://10.0.0.1", region: r, zone: us,
+            cluster: prov_us, credentials: [cred-us]}}
+  prov-bad: {{kind: bedrock, base_url: "http://10.0.0.2", region: r, zone: us,
+             cluster: prov_bad, credentials: [cred-us]}}
+models:
+  m:
+    price: {{input_per_mtok: 1, output_per_mtok: 2}}
+    deployments: [{{provider: prov-us}}, {{provider: prov-bad}}, {{provider: prov-none}}]
+tenants:
+  acme:
+    keys: [{{id: a-1, hash: "{HASH_A}"}}]
+    models: [m]
+  acme:
+    keys: [{{id: a-1, hash: "not-a-hash"}}]
+    models: [m]
+  beta:
+    keys: [{{id: b-1, hash: "{HASH_B}"}}]
+    models: [m, gpt-9]
+    zone: us
+    routing: {{m: {{pin: prov-bad}}}}
+"""
+
+
+def test_every_problem_is_reported_in_one_pass() -> None:
+    """YAML duplicates, shape problems and cross-references together; an entry with a
+    shape problem (prov-bad) is not reported again where it is named (a deployment, a
+    pin)."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(EVERYTHING_AT_ONCE)
+    assert [(i.path, i.message, i.line) for i in caught.value.issues] == [
+        ("tenants.acme", "duplicate key 'acme'", 18),
+        ("providers.prov-bad.kind", "provider kind 'bedrock' is not supported yet", 8),
+        ("tenants.acme.keys[0].hash", "not a key hash", 19),
+        ("models.m.deployments[2].provider", "unknown provider 'prov-none'", 13),
+        ("tenants.beta.models[1]", "unknown model 'gpt-9'", 23),
+    ]
+
+
+# --- fields added with the pydantic schema -------------------------------------------------
+
+def with_lines(*replacements: tuple[str, str]) -> str:
+    text = STORE_BASE
+    for old, new in replacements:
+        assert old in text
+        text = text.replace(old, new)
+    return text
+
+
+def test_new_fields_default_to_their_documented_values() -> None:
+    config = parse_config(STORE_BASE + 'redis: {url: "redis://127.0.0.1:6379"}\n')
+    assert config.redis == RedisSettings(url="redis://127.0.0.1:6379", cluster=False,
+                                         timeout_ms=50, queue_timeout_ms=1000)
+    assert config.budgets.multiple_choices == "hold_all"
+    assert config.limits == Limits(max_body_bytes=1_048_576, max_response_bytes=8_388_608)
+    assert config.providers["prov-us"].forward_headers == ()
+    assert config.models["gpt-4o-mini"].output_limit_field is None
+
+
+def test_new_fields_reach_the_runtime_objects() -> None:
+    config = parse_config(with_lines(
+        ("    credentials: [cred-us]\n",
+         "    credentials: [cred-us]\n    forward_headers: [openai-beta, x-request-tag]\n"),
+        ("    deployments: [{provider: prov-us}]\n",
+         "    deployments: [{provider: prov-us}]\n"
+         "    output_limit_field: max_completion_tokens\n"),
+    ) + 'redis: {url: "redis://r:6379", queue_timeout_ms: 60000}\n'
+        "budgets: {multiple_choices: refuse}\n"
+        "limits: {max_response_bytes: 65536}\n")
+    assert config.redis is not None
+    assert config.redis.queue_timeout_ms == 60_000
+    assert config.budgets.multiple_choices == "refuse"
+    assert config.limits.max_response_bytes == 65_536
+    assert config.providers["prov-us"].forward_headers == ("openai-beta", "x-request-tag")
+    assert config.models["gpt-4o-mini"].output_limit_field == "max_completion_tokens"
+
+
+NEVER_FORWARDED = ("credential headers (authorization, x-api-key, api-key, "
+                   "proxy-authorization, cookie) and x-asc-* are the gateway's own")
+HEADERS = "providers.prov-us.forward_headers"
+
+
+@pytest.mark.parametrize(
+    ("addition", "expected"),
+    [
+        pytest.param('redis: {url: "redis://r", queue_timeout_ms: 0}\n',
+                     [("redis.queue_timeout_ms", "must be an integer from 1 to 60000", "")],
+                     id="queue-timeout-zero"),
+        pytest.param('redis: {url: "redis://r", queue_timeout_ms: 60001}\n',
+                     [("redis.queue_timeout_ms", "must be an integer from 1 to 60000", "")],
+                     id="queue-timeout-too-long"),
+        pytest.param("budgets: {multiple_choices: split}\n",
+                     [("budgets.multiple_choices", "unknown policy 'split'",
+                       "hold_all (default) or refuse")], id="multiple-choices"),
+        pytest.param("limits: {max_response_bytes: 65535}\n",
+                     [("limits.max_response_bytes",
+                       "must be an integer from 65536 to 1073741824", "")],
+                     id="max-response-too-small"),
+        pytest.param("limits: {max_response_bytes: 1073741825}\n",
+                     [("limits.max_response_bytes",
+                       "must be an integer from 65536 to 1073741824", "")],
+                     id="max-response-too-large"),
+    ],
+)
+def test_new_settings_are_checked(addition: str, expected: list[tuple[str, str, str]]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE + addition)
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param("[authorization]", [(f"{HEADERS}[0]", "'authorization' is never forwarded",
+                                          NEVER_FORWARDED)], id="authorization"),
+        pytest.param("[openai-beta, x-api-key, api-key, proxy-authorization, cookie]", [
+            (f"{HEADERS}[{index}]", f"{name!r} is never forwarded", NEVER_FORWARDED)
+            for index, name in enumerate(
+                ["x-api-key", "api-key", "proxy-authorization", "cookie"], start=1)
+        ], id="every-credential-header"),
+        pytest.param("[x-asc-tenant]", [(f"{HEADERS}[0]", "'x-asc-tenant' is never forwarded",
+                                         NEVER_FORWARDED)], id="gateway-header"),
+        pytest.param("[OpenAI-Beta]", [(f"{HEADERS}[0]", "invalid header name 'OpenAI-Beta'",
+                                        "lower-case HTTP header names, e.g. openai-beta")],
+                     id="upper-case"),
+        pytest.param("['x y']", [(f"{HEADERS}[0]", "invalid header name 'x y'",
+                                  "lower-case HTTP header names, e.g. openai-beta")],
+                     id="not-a-token"),
+        pytest.param("openai-beta", [(HEADERS, "must be a list, got str", "")], id="not-a-list"),
+    ],
+)
+def test_forward_headers_refuse_credentials_and_bad_names(
+    headers: str, expected: list[tuple[str, str, str]]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_lines(("    credentials: [cred-us]\n",
+                                 f"    credentials: [cred-us]\n    forward_headers: {headers}\n")))
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == expected
+
+
+def test_output_limit_field_is_one_of_two_names() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_lines(("    deployments: [{provider: prov-us}]\n",
+                                 "    deployments: [{provider: prov-us}]\n"
+                                 "    output_limit_field: max_output_tokens\n")))
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == [
+        ("models.gpt-4o-mini.output_limit_field", "unknown field name 'max_output_tokens'",
+         "max_tokens or max_completion_tokens (or null)")]
+
+
+# --- the published JSON Schema -------------------------------------------------------------
+
+SCHEMA_FILE = REPO_ROOT / "deploy" / "schema" / "asc.schema.json"
+
+
+def schema_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_shipped_schema_is_what_the_command_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "schema"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == SCHEMA_FILE.read_text(encoding="utf-8"), (
+        "regenerate it: extproc config schema > deploy/schema/asc.schema.json")
+
+
+@pytest.mark.parametrize("demo", sorted((REPO_ROOT / "deploy" / "demo").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_demo_configs_validate_against_the_schema(demo: Path) -> None:
+    document = yaml.safe_load(demo.read_text(encoding="utf-8"))
+    assert [error.message for error in schema_validator().iter_errors(document)] == []
+    load_config(demo)
+
+
+def test_schema_accepts_the_full_example_and_refuses_what_the_gateway_refuses() -> None:
+    validator = schema_validator()
+    assert list(validator.iter_errors(yaml.safe_load(VALID))) == []
+    for old, new in [
+        ("version: 1\n", "version: 2\n"),
+        ("limits: {max_body_bytes: 2048}", "limits: {max_body_bytes: 0}"),
+        ("limits: {max_body_bytes: 2048}", "limits: {max_bytes: 2048}"),
+        ("kind: openai\n", "kind: bedrock\n"),
+        (HASH_A, "sk-plaintext"),
+        ("output_per_mtok: 10}", "output_per_mtok: ten}"),
+        ("  globex:", "  'globex co':"),
+    ]:
+        text = VALID.replace(old, new, 1)
+        assert text != VALID
+        with pytest.raises(ConfigError):
+            parse_config(text)
+        assert list(validator.iter_errors(yaml.safe_load(text))) != [], (old, new)
