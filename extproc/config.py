@@ -398,15 +398,19 @@ def _locate(loc: tuple[int | str, ...]) -> tuple[Any, list[Any], type[BaseModel]
 
 
 def _prune_point(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
-    """What to leave out for a problem at `loc`: the innermost mapping entry around it
-    (a provider, a tenant, a routing rule, ...), else its whole top-level section."""
+    """What to leave out for a problem at `loc`: the innermost thing around it that can go
+    without changing what else means (an unknown key, an optional field, a mapping entry
+    such as a provider or a tenant), else its whole top-level section. List items never
+    go: the items after them would change index."""
     point = loc[:1]
     annotation: Any = Document
     for depth, part in enumerate(loc):
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             info = annotation.model_fields.get(str(part))
-            if info is None:
-                break
+            if info is None:  # an unknown field
+                return loc[:depth + 1]
+            if not info.is_required():
+                point = loc[:depth + 1]
             annotation = _annotation_parts(info.annotation)[0]
         elif get_origin(annotation) is dict and part != "[key]":
             point = loc[:depth + 1]

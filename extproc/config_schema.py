@@ -502,8 +502,10 @@ class OrgBudgetSpec(_Spec):
 
 
 class OrgSpec(_Spec):
-    budgets: list[OrgBudgetSpec] | None = Field(default=None, description="Budgets shared by the "
-                                                "org's tenants.")
+    budgets: Annotated[list[OrgBudgetSpec], Rule(
+        invalid="must be a list of budget rules",
+        hint="e.g. [{window: month, limit_usd: 5000}]")] | None = Field(
+        default=None, description="Budgets shared by the org's tenants.")
 
 
 class TenantBudgetSpec(_Spec):
