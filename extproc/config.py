@@ -20,6 +20,7 @@ are left out (and references to them are not reported as unknown).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 import typing
 from collections.abc import Mapping
@@ -89,6 +90,16 @@ SCHEMA: Final[dict[str, tuple[str, ...]]] = field_paths(json_schema())
 def _default(spec: type[BaseModel], name: str) -> Any:
     """A field's default, as declared once in `config_schema`."""
     return spec.model_fields[name].default
+
+
+def _shared(spec: BaseModel, runtime: type[Any], *computed: str) -> dict[str, Any]:
+    """The fields a runtime dataclass takes from its spec by name (lists become tuples),
+    less the `computed` ones: a new field needs its spec field and its runtime attribute,
+    nothing in between."""
+    names = {f.name for f in dataclasses.fields(runtime)} & set(type(spec).model_fields)
+    values = {name: getattr(spec, name) for name in names - set(computed)}
+    return {name: tuple(value) if isinstance(value, list) else value
+            for name, value in values.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -622,12 +633,8 @@ class _Compiler:
                          f"define it under `credentials:` (known: {', '.join(known) or '-'})")
         parts = urlsplit(spec.base_url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return Provider(
-            name=name, kind=spec.kind, base_url=spec.base_url, scheme=parts.scheme,
-            host=parts.hostname or "", port=port, path_prefix=parts.path.rstrip("/"),
-            region=spec.region, zone=spec.zone, cluster=spec.cluster,
-            credentials=tuple(spec.credentials), api_version=spec.api_version,
-            forward_headers=tuple(spec.forward_headers))
+        return Provider(name=name, scheme=parts.scheme, host=parts.hostname or "", port=port,
+                        path_prefix=parts.path.rstrip("/"), **_shared(spec, Provider))
 
     def check_clusters(self, providers: Mapping[str, Provider]) -> None:
         upstream_of_cluster: dict[str, tuple[str, str, int, str]] = {}
@@ -657,7 +664,7 @@ class _Compiler:
                             price.input_per_mtok if price.cached_input_per_mtok is None
                             else price.cached_input_per_mtok)),
             deployments=tuple(deployments),
-            output_limit_field=spec.output_limit_field)
+            **_shared(spec, Model, "price", "deployments"))
 
     def rules(self, specs: typing.Iterable[OrgBudgetSpec | TenantBudgetSpec]
               ) -> tuple[BudgetRule, ...]:
@@ -715,10 +722,10 @@ class _Compiler:
                 tenant=tenant_id, org=spec.org, rules=rules, rate_limits=rate_limits,
                 fail_open=spec.on_redis_error == "fail_open",
                 fail_open_ceiling_micro_usd=spec.fail_open_ceiling_usd or 0)
-        return Tenant(id=tenant_id, zone=spec.zone,
+        return Tenant(id=tenant_id,
                       keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in spec.keys),
                       models=frozenset(allowed & set(models)), pins=pins, budget=budget,
-                      own_credentials=own, max_tokens=spec.max_tokens)
+                      own_credentials=own, **_shared(spec, Tenant, "keys", "models"))
 
     def pins(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
              providers: Mapping[str, Provider]) -> dict[str, str]:
