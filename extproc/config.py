@@ -267,14 +267,17 @@ def load_config(path: str | Path) -> GatewayConfig:
 def parse_config(
     text: str, *, source: str = "<string>", base_dir: Path | None = None
 ) -> GatewayConfig:
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    loader = yaml.SafeLoader(text)
+    try:  # one parse: the node tree gives lines and duplicates, and then the data
+        root = loader.get_single_node()
+        raw = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         issue = ConfigIssue("", f"not valid YAML: {getattr(exc, 'problem', exc)}", "", line)
         raise ConfigError(source, [issue]) from None
+    finally:
+        loader.dispose()
     lines: dict[str, int] = {}
     issues = _walk_nodes(root, lines) if root is not None else []
     document, shape_issues = _validate(raw, lines)

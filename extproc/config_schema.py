@@ -404,7 +404,9 @@ def _forwardable(name: str) -> str:
 
 
 HeaderName = Annotated[
-    str, Field(pattern=_HEADER_PATTERN), AfterValidator(_forwardable),
+    str, Field(pattern=_HEADER_PATTERN, json_schema_extra={"not": {"anyOf": [
+        {"enum": sorted(CREDENTIAL_HEADERS)}, {"pattern": "^x-asc-"}]}}),
+    AfterValidator(_forwardable),
     Rule(invalid="invalid header name {value!r}", hint="lower-case HTTP header names, "
          "e.g. openai-beta"),
 ]

@@ -6,9 +6,12 @@ exact list of (path, message) problems each must produce, in the order they are 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import random
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -740,6 +743,10 @@ def test_demo_configs_validate_against_the_schema(demo: Path) -> None:
 def test_schema_accepts_the_full_example_and_refuses_what_the_gateway_refuses() -> None:
     validator = schema_validator()
     assert list(validator.iter_errors(yaml.safe_load(VALID))) == []
+    allowed = VALID.replace("    credentials: [cred-us]\n", "    credentials: [cred-us]\n"
+                            "    forward_headers: [openai-beta]\n")
+    assert list(validator.iter_errors(yaml.safe_load(allowed))) == []
+    parse_config(allowed)
     for old, new in [
         ("version: 1\n", "version: 2\n"),
         ("limits: {max_body_bytes: 2048}", "limits: {max_body_bytes: 0}"),
@@ -748,9 +755,58 @@ def test_schema_accepts_the_full_example_and_refuses_what_the_gateway_refuses() 
         (HASH_A, "sk-plaintext"),
         ("output_per_mtok: 10}", "output_per_mtok: ten}"),
         ("  globex:", "  'globex co':"),
+        ("    credentials: [cred-us]\n", "    credentials: [cred-us]\n"
+                                        "    forward_headers: [authorization]\n"),
+        ("    credentials: [cred-us]\n", "    credentials: [cred-us]\n"
+                                        "    forward_headers: [x-asc-tenant]\n"),
     ]:
         text = VALID.replace(old, new, 1)
         assert text != VALID
         with pytest.raises(ConfigError):
             parse_config(text)
         assert list(validator.iter_errors(yaml.safe_load(text))) != [], (old, new)
+
+
+ODD_VALUES: list[object] = [None, 0, -1, True, 1.5, "", "x", "bad name!", [], {}, [1],
+                            {"a": 1}, "http://h", "eu", "prov-us", "gpt-4o", 10**12]
+
+
+def test_any_mangled_document_gives_config_error_never_a_crash() -> None:
+    """Seeded mutations of the full example (values replaced, keys dropped or added): the
+    three passes and the partial compile after a shape problem never crash, and a refusal
+    always names at least one problem."""
+    base = yaml.safe_load(VALID)
+
+    def locations(node: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        found = [path] if path else []
+        items = (node.items() if isinstance(node, dict)
+                 else enumerate(node) if isinstance(node, list) else [])
+        for key, child in items:
+            found += locations(child, (*path, key))
+        return found
+
+    targets = locations(base)
+    rng = random.Random(8)
+    refused = 0
+    for _ in range(300):
+        document = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            *parents, last = rng.choice(targets)
+            parent: Any = document
+            try:
+                for part in parents:
+                    parent = parent[part]
+                choice = rng.random()
+                if choice < 0.7:
+                    parent[last] = copy.deepcopy(rng.choice(ODD_VALUES))
+                elif isinstance(parent, dict):
+                    parent.pop(last) if choice < 0.85 else parent.update(extra=1)
+            except (KeyError, IndexError, TypeError):
+                continue  # an earlier mutation removed this place
+        try:
+            parse_config(yaml.safe_dump(document))
+        except ConfigError as exc:
+            issues = exc.issues
+            refused += 1
+            assert issues
+    assert refused > 250
