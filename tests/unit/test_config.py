@@ -810,3 +810,56 @@ def test_any_mangled_document_gives_config_error_never_a_crash() -> None:
             refused += 1
             assert issues
     assert refused > 250
+
+
+@pytest.mark.parametrize(
+    ("credential", "expected"),
+    [
+        pytest.param("{env: ASC_KEY_US, keyring: true}", [(
+            "credentials.cred-us", "needs exactly one of `env`, `file` or `keyring`",
+            "e.g. {env: OPENAI_API_KEY}, {file: /run/secrets/openai} or {keyring: true}")],
+            id="keyring-and-env"),
+        pytest.param("{weight: 2}", [(
+            "credentials.cred-us", "needs exactly one of `env`, `file` or `keyring`",
+            "e.g. {env: OPENAI_API_KEY}, {file: /run/secrets/openai} or {keyring: true}")],
+            id="no-source"),
+        pytest.param("{keyring: false}", [(
+            "credentials.cred-us.keyring", "must be true",
+            "or use {env: ...} / {file: ...} for a plain reference")], id="keyring-false"),
+        pytest.param("{env: ASC_KEY_US, rotate: daily}", [(
+            "credentials.cred-us.rotate", "unknown field",
+            "known fields: env, file, keyring, weight")], id="unknown-field"),
+        pytest.param("{file: ''}", [(
+            "credentials.cred-us.file", "must be a non-empty string, got str", "")],
+            id="empty-file"),
+        pytest.param("{env: ASC_KEY_US, weight: 1001}", [(
+            "credentials.cred-us.weight", "must be an integer from 0 to 1000", "")],
+            id="weight-too-large"),
+    ],
+)
+def test_credential_reference_rules(credential: str,
+                                    expected: list[tuple[str, str, str]]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE.replace("cred-us: {env: ASC_KEY_US}", f"cred-us: {credential}"))
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == expected
+
+
+def test_an_empty_redis_section_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE + "redis: {}\n")
+    assert [(i.path, i.message) for i in caught.value.issues] == [("redis.url", "is required")]
+
+
+def test_check_config_reports_a_duplicate_with_line_and_hint(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = CASES_DIR / "duplicate_tenant_block.yaml"
+    assert main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"{path}: 1 problem(s)\n"
+        "  tenants.acme (line 23): duplicate key 'acme'\n"
+        "    hint: first defined at line 20; YAML would keep only the last one: merge them "
+        "or remove one\n"
+    )
