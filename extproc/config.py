@@ -267,6 +267,16 @@ def load_config(path: str | Path) -> GatewayConfig:
 def parse_config(
     text: str, *, source: str = "<string>", base_dir: Path | None = None
 ) -> GatewayConfig:
+    """Validate `text` (relative file references resolve against `base_dir`)."""
+    try:
+        return _parse(text, source, base_dir or Path.cwd())
+    except RecursionError:  # PyYAML and the walks recurse once per nesting level
+        raise ConfigError(source, [ConfigIssue(
+            "", "nested too deeply", "asc.yaml needs a few levels; look for an unclosed "
+            "[ or { or a runaway indentation")]) from None
+
+
+def _parse(text: str, source: str, base_dir: Path) -> GatewayConfig:
     loader = yaml.SafeLoader(text)
     try:  # one parse: the node tree gives lines and duplicates, and then the data
         root = loader.get_single_node()
@@ -284,7 +294,7 @@ def parse_config(
     issues += shape_issues
     config = None
     if document is not None:
-        compiler = _Compiler(document, raw, lines, source, base_dir or Path.cwd())
+        compiler = _Compiler(document, raw, lines, source, base_dir)
         config = compiler.compile()
         issues += compiler.issues
     if issues or config is None:

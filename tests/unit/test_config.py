@@ -863,3 +863,11 @@ def test_check_config_reports_a_duplicate_with_line_and_hint(
         "    hint: first defined at line 20; YAML would keep only the last one: merge them "
         "or remove one\n"
     )
+
+
+def test_deep_nesting_is_a_config_error_not_a_crash() -> None:
+    """PyYAML recurses once per level: 3,000 nested lists raised RecursionError, which
+    `extproc check-config` printed as a traceback and a reload did not catch."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE + "limits: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert [(i.path, i.message) for i in caught.value.issues] == [("", "nested too deeply")]
