@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from urllib.parse import urlsplit
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, TypeAdapter, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from extproc.budgets.policy import BudgetRule, RateLimits, Scope, TenantBudget, Window
@@ -46,6 +47,7 @@ from extproc.config_schema import (
     Limits,
     ModelSpec,
     OrgBudgetSpec,
+    PriceSpec,
     ProviderSpec,
     RecordStoreSpec,
     RedisSettings,
@@ -290,11 +292,11 @@ def _parse(text: str, source: str, base_dir: Path) -> GatewayConfig:
         loader.dispose()
     lines: dict[str, int] = {}
     issues = _walk_nodes(root, lines) if root is not None else []
-    document, shape_issues = _validate(raw, lines)
+    document, shape_issues, partial = _validate(raw, lines)
     issues += shape_issues
     config = None
     if document is not None:
-        compiler = _Compiler(document, raw, lines, source, base_dir)
+        compiler = _Compiler(document, raw, lines, source, base_dir, partial)
         config = compiler.compile()
         issues += compiler.issues
     if issues or config is None:
@@ -355,28 +357,90 @@ section had to be left out."""
 
 def _validate(
     raw: object, lines: Mapping[str, int]
-) -> tuple[Document | None, list[ConfigIssue]]:
-    """The validated document (with the entries that have problems left out) and every
-    problem found."""
+) -> tuple[Document | None, list[ConfigIssue], set[tuple[str, Any]]]:
+    """The validated document and every problem found. With problems, the document is
+    what pass 3 can still check: the parts with problems left out, and the top-level
+    entries (providers, models, tenants, ...) that had to go put back with only their
+    valid fields (`_partial`), named in the third value."""
     try:
-        return Document.model_validate(raw), []
+        return Document.model_validate(raw), [], set()
     except ValidationError as exc:
         errors = exc.errors()
     issues = [issue for error in errors for issue in _issues(error, lines)]
     if not isinstance(raw, dict):
-        return None, issues
+        return None, issues, set()
     data: Any = copy.deepcopy(raw)
+    removed: set[tuple[int | str, ...]] = set()
     for _ in range(8):  # each round removes at least one entry; a handful suffice
         for loc in sorted({_prune_point(error["loc"]) for error in errors}, key=len,
                           reverse=True):
             _remove(data, loc)
+            removed.add(loc)
         try:
-            document = _TolerantDocument.model_validate(data)
+            tolerated = typing.cast(Document, _TolerantDocument.model_validate(data))
         except ValidationError as exc:
             errors = exc.errors()
             continue
-        return typing.cast(Document, document), issues
-    return None, issues
+        partial: set[tuple[str, Any]] = set()
+        return _with_partial_entries(tolerated, raw, removed, partial), issues, partial
+    return None, issues, set()
+
+
+def _with_partial_entries(document: Document, raw: dict[Any, Any],
+                          removed: set[tuple[int | str, ...]],
+                          partial: set[tuple[str, Any]]) -> Document:
+    """Put back each removed top-level entry (`tenants.acme`) with the fields that are
+    valid on their own, so its cross-references are still checked."""
+    sections: dict[str, dict[Any, Any]] = {}
+    for loc in sorted(removed, key=str):
+        if len(loc) != 2 or not isinstance(loc[0], str):
+            continue
+        section, name = str(loc[0]), loc[1]
+        annotation = _annotation_parts(Document.model_fields[section].annotation)[0]
+        entry = _value_at(raw, loc)
+        if get_origin(annotation) is not dict or not isinstance(entry, dict):
+            continue
+        spec = _annotation_parts(get_args(annotation)[1])[0]
+        key_type = get_args(annotation)[0]
+        if not _valid(key_type, name):
+            continue
+        sections.setdefault(section, {})[name] = _partial(spec, entry)
+        partial.add((section, name))
+    for section, partials in sections.items():  # in the file's order
+        valid = getattr(document, section) or {}
+        sections[section] = {name: partials[name] if name in partials else valid[name]
+                             for name in raw[section] if name in partials or name in valid}
+    return document.model_copy(update=sections) if sections else document
+
+
+def _partial(spec: type[BaseModel], raw: dict[Any, Any]) -> BaseModel:
+    """`spec` with the fields of `raw` that validate on their own; the others are their
+    default, or None for a required field. Only pass 3 sees it (never a runtime object)."""
+    values: dict[str, Any] = {}
+    for name, info in spec.model_fields.items():
+        adapter = _field_adapter(spec, name)
+        if name in raw and _valid(adapter, raw[name]):
+            values[name] = adapter.validate_python(raw[name], strict=True)
+        elif info.is_required():
+            values[name] = None
+    return spec.model_construct(**values)
+
+
+@functools.cache
+def _field_adapter(spec: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    info = spec.model_fields[name]
+    annotated: Any = (typing.Annotated[info.annotation, *info.metadata] if info.metadata
+                      else info.annotation)
+    return TypeAdapter(annotated)
+
+
+def _valid(kind: Any, value: object) -> bool:
+    adapter = kind if isinstance(kind, TypeAdapter) else TypeAdapter(kind)
+    try:
+        adapter.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 
 def _annotation_parts(annotation: Any) -> tuple[Any, list[Any]]:
@@ -531,6 +595,14 @@ def _issues(error: Any, lines: Mapping[str, int]) -> list[ConfigIssue]:
 
 # --- pass 3: cross-references, compiled into runtime objects ------------------------------
 
+_T = typing.TypeVar("_T")
+
+
+def _absent_or(value: _T) -> _T | None:
+    """A required field of a spec that may be a partial entry (`_partial`): None there."""
+    return value
+
+
 class _Compiler:
     """Checks across sections and builds the runtime objects from a validated document.
 
@@ -539,13 +611,17 @@ class _Compiler:
     """
 
     def __init__(self, document: Document, raw: object, lines: Mapping[str, int],
-                 source: str, base_dir: Path) -> None:
+                 source: str, base_dir: Path, partial: set[tuple[str, Any]]) -> None:
         self.doc = document
         self.raw = raw if isinstance(raw, dict) else {}
         self.lines = lines
         self.source = source
         self.base_dir = base_dir
         self.issues: list[ConfigIssue] = []
+        self.partial = partial
+        """Entries put back with only their valid fields: what they imply is not checked."""
+        self.unknown_deployments: set[str] = set()
+        """Models whose deployments had a problem: nothing can be said about them."""
 
     def add(self, path: str, message: str, hint: str = "") -> None:
         self.issues.append(ConfigIssue(path, message, hint, self.lines.get(path)))
@@ -563,7 +639,8 @@ class _Compiler:
         credentials = {cred_id: self.credential(cred_id, spec)
                        for cred_id, spec in (doc.credentials or {}).items()}
         secrets = self.secrets(doc.secrets)
-        if any(ref.keyring for ref in credentials.values()):
+        if any(ref.keyring for cred_id, ref in credentials.items()
+               if ("credentials", cred_id) not in self.partial):
             if not self.present("secrets", "kek"):
                 self.add("secrets.kek", "keyring credentials need a KEK",
                          "e.g. {backend: file, path: kek.key} (extproc keys init-kek)")
@@ -644,7 +721,7 @@ class _Compiler:
                 self.add(_join(_join(path, "credentials"), index),
                          f"unknown credential {cred_id!r}",
                          f"define it under `credentials:` (known: {', '.join(known) or '-'})")
-        parts = urlsplit(spec.base_url)
+        parts = urlsplit(_absent_or(spec.base_url) or "")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return Provider(name=name, scheme=parts.scheme, host=parts.hostname or "", port=port,
                         path_prefix=parts.path.rstrip("/"), **_shared(spec, Provider))
@@ -652,6 +729,8 @@ class _Compiler:
     def check_clusters(self, providers: Mapping[str, Provider]) -> None:
         upstream_of_cluster: dict[str, tuple[str, str, int, str]] = {}
         for provider in providers.values():
+            if not _absent_or(provider.cluster) or not provider.host:
+                continue  # a partial entry
             upstream = (provider.scheme, provider.host, provider.port, provider.path_prefix)
             if upstream_of_cluster.setdefault(provider.cluster, upstream) != upstream:
                 self.add(_join(_join("providers", provider.name), "cluster"),
@@ -662,13 +741,15 @@ class _Compiler:
         path = _join("models", name)
         known = self.names("providers")
         deployments = []
-        for index, dep in enumerate(spec.deployments):
+        if _absent_or(spec.deployments) is None:
+            self.unknown_deployments.add(name)
+        for index, dep in enumerate(_absent_or(spec.deployments) or ()):
             if dep.provider not in known:
                 self.add(_join(_join(_join(path, "deployments"), index), "provider"),
                          f"unknown provider {dep.provider!r}",
                          f"known providers: {', '.join(known) or '-'}")
             deployments.append(Deployment(provider=dep.provider, model=dep.model or name))
-        price = spec.price
+        price = _absent_or(spec.price) or PriceSpec(input_per_mtok=0, output_per_mtok=0)
         return Model(
             name=name,
             price=Price(input_micro_per_mtok=price.input_per_mtok,
@@ -697,7 +778,8 @@ class _Compiler:
                orgs: Mapping[str, tuple[BudgetRule, ...]],
                seen_hashes: dict[str, str]) -> Tenant:
         path = _join("tenants", tenant_id)
-        for index, key in enumerate(spec.keys):
+        keys = _absent_or(spec.keys) or []
+        for index, key in enumerate(keys):
             key_path = _join(_join(path, "keys"), index)
             if key.hash in seen_hashes:
                 self.add(_join(key_path, "hash"),
@@ -707,14 +789,14 @@ class _Compiler:
                 seen_hashes[key.hash] = key_path
         known_models = self.names("models")
         allowed: set[str] = set()
-        for index, name in enumerate(spec.models):
+        for index, name in enumerate(_absent_or(spec.models) or ()):
             if name not in known_models:
                 self.add(_join(_join(path, "models"), index), f"unknown model {name!r}",
                          f"known models: {', '.join(known_models) or '-'}")
             allowed.add(name)
         pins = self.pins(path, spec, models, providers)
         if spec.zone:
-            for name in sorted(allowed & set(models)):
+            for name in sorted(allowed & set(models) - self.unknown_deployments):
                 zones = [providers[d.provider].zone if d.provider in providers else None
                          for d in models[name].deployments]
                 if spec.zone not in zones and None not in zones:
@@ -736,7 +818,7 @@ class _Compiler:
                 fail_open=spec.on_redis_error == "fail_open",
                 fail_open_ceiling_micro_usd=spec.fail_open_ceiling_usd or 0)
         return Tenant(id=tenant_id,
-                      keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in spec.keys),
+                      keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in keys),
                       models=frozenset(allowed & set(models)), pins=pins, budget=budget,
                       own_credentials=own, **_shared(spec, Tenant, "keys", "models"))
 
@@ -748,7 +830,7 @@ class _Compiler:
             pin = route.pin
             if name not in self.names("models"):
                 self.add(rule_path, f"unknown model {name!r}")
-            elif pin is None or name not in models:
+            elif pin is None or name not in models or name in self.unknown_deployments:
                 continue
             elif pin not in {d.provider for d in models[name].deployments}:
                 deployments = ", ".join(d.provider for d in models[name].deployments)

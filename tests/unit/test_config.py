@@ -155,6 +155,14 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("providers.prov-us.zone", "duplicate key 'zone'"),
         ("models.gpt-4o-mini.price.input_per_mtok", "duplicate key 'input_per_mtok'"),
     ],
+    # an entry with a shape problem still has its cross-references checked (acme's zone)
+    "five_mistakes": [
+        ("providers.openai-us.base_url", "must not end in /v1"),
+        ("models.gpt-4o-mini.price.output_per_mtok", "has more than 6 decimal places"),
+        ("tenants.acme.keys[0].hash", "not a key hash"),
+        ("tenants.acme.budget", UNKNOWN),
+        ("tenants.acme.models", "model 'gpt-4o-mini' has no deployment in zone 'eu'"),
+    ],
 }
 
 LINES: dict[str, list[int | None]] = {
@@ -166,6 +174,7 @@ LINES: dict[str, list[int | None]] = {
     "missing_auth": [None],  # an absent section has no line to point at
     "duplicate_tenant_block": [23],  # the second block
     "duplicate_field": [13, 18],
+    "five_mistakes": [9, 16, 22, 24, 23],
 }
 
 
@@ -810,6 +819,14 @@ def test_any_mangled_document_gives_config_error_never_a_crash() -> None:
             refused += 1
             assert issues
     assert refused > 250
+
+
+def test_a_model_with_a_broken_deployment_list_is_not_reported_again() -> None:
+    """Its deployments are unknown, so no pin or zone problem is made up from them."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(VALID.replace("      - {provider: prov-us}\n", "      - prov-us\n"))
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("models.gpt-4o-mini.deployments[0]", "must be a mapping, got str")]
 
 
 @pytest.mark.parametrize(
