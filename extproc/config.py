@@ -38,6 +38,8 @@ from pydantic.fields import FieldInfo
 from extproc.budgets.policy import BudgetRule, RateLimits, Scope, TenantBudget, Window
 from extproc.config_schema import (
     KEY_HASH_PATTERN,
+    MULTIPLE_CHOICES_MODES,
+    OUTPUT_LIMIT_FIELDS,
     SUPPORTED_PROVIDER_KINDS,
     AuthSpec,
     BudgetSettings,
@@ -63,6 +65,8 @@ from extproc.config_schema import (
 
 __all__ = [
     "KEY_HASH_PATTERN",
+    "MULTIPLE_CHOICES_MODES",
+    "OUTPUT_LIMIT_FIELDS",
     "SCHEMA",
     "SUPPORTED_PROVIDER_KINDS",
     "BudgetSettings",
@@ -577,7 +581,7 @@ def _issues(error: Any, lines: Mapping[str, int]) -> list[ConfigIssue]:
     elif kind in _MAPPING_ERRORS:
         message = f"must be a mapping, got {kind_of(value)}"
     elif rule.invalid:
-        message, hint = rule.invalid.format(value=value), rule.hint
+        message, hint = rule.invalid.format(value=value, kind=kind_of(value)), rule.hint
     elif kind == "list_type":
         message = f"must be a list, got {kind_of(value)}"
     elif kind == "too_short":
@@ -724,7 +728,9 @@ class _Compiler:
         parts = urlsplit(_absent_or(spec.base_url) or "")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return Provider(name=name, scheme=parts.scheme, host=parts.hostname or "", port=port,
-                        path_prefix=parts.path.rstrip("/"), **_shared(spec, Provider))
+                        path_prefix=parts.path.rstrip("/"),
+                        forward_headers=tuple(dict.fromkeys(spec.forward_headers)),
+                        **_shared(spec, Provider, "forward_headers"))
 
     def check_clusters(self, providers: Mapping[str, Provider]) -> None:
         upstream_of_cluster: dict[str, tuple[str, str, int, str]] = {}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -42,10 +42,12 @@ from pydantic_core import PydanticCustomError, core_schema
 from extproc.money import MoneyError, micro_from_usd
 
 __all__ = [
-    "CREDENTIAL_HEADERS",
     "KEY_HASH_PATTERN",
+    "MULTIPLE_CHOICES_MODES",
     "NAME_PATTERN",
+    "OUTPUT_LIMIT_FIELDS",
     "SUPPORTED_PROVIDER_KINDS",
+    "UNFORWARDABLE_HEADERS",
     "AuthSpec",
     "BudgetSettings",
     "CredentialSpec",
@@ -85,10 +87,18 @@ KEY_HASH_PATTERN: Final = r"^hmac-sha256:v1:[0-9a-f]{64}$"
 _CLUSTER_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,128}$"
 _ENV_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _KV_PATH_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$"
-_HEADER_PATTERN: Final = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
-CREDENTIAL_HEADERS: Final = frozenset({"authorization", "x-api-key", "api-key",
-                                       "proxy-authorization", "cookie"})
-"""Client headers that carry credentials: never forwarded, whatever the config says."""
+_HEADER_PATTERN: Final = r"^[a-z0-9!#$%&'*+.^_`|~-]{1,100}$"
+UNFORWARDABLE_HEADERS: Final = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+    "cookie", "host", "content-length", "transfer-encoding", "connection",
+    "accept-encoding", "openai-organization", "openai-project", "anthropic-version",
+})
+"""Headers `forward_headers` may not name: credentials (the provider key is the gateway's
+to set), framing headers Envoy and the gateway own, and headers that pick an account."""
+OutputLimitField = Literal["max_tokens", "max_completion_tokens"]
+OUTPUT_LIMIT_FIELDS: Final = get_args(OutputLimitField)
+MultipleChoices = Literal["hold_all", "refuse"]
+MULTIPLE_CHOICES_MODES: Final = get_args(MultipleChoices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +227,8 @@ class Limits(_Spec):  # also the runtime object
         default=1_048_576, description="Largest request body accepted (413 above); Envoy's "
         "request buffer is rendered from it.")
     max_response_bytes: Annotated[int, Field(ge=65_536, le=1 << 30)] = Field(
-        default=8_388_608, description="Largest non-streamed provider response read whole.")
+        default=8_388_608, description="Largest non-streamed provider answer Envoy buffers "
+        "for the service; a larger one is Envoy's 500 response_payload_too_large.")
 
 
 def _redis_url(url: str) -> str:
@@ -258,8 +269,9 @@ class BudgetSettings(_Spec):  # also the runtime object
         description="Lifetime of an unsettled reservation before the sweep releases it.")
     default_max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
         default=4096, description="Output tokens held for a request that sets no max_tokens.")
-    multiple_choices: Annotated[Literal["hold_all", "refuse"], Rule(
-        invalid="unknown policy {value!r}", hint="hold_all (default) or refuse")] = Field(
+    multiple_choices: Annotated[MultipleChoices, Rule(
+        invalid=f"must be one of {', '.join(MULTIPLE_CHOICES_MODES)}, got {{value!r}}",
+        hint="hold_all holds budget for every choice of a request with n > 1")] = Field(
         default="hold_all", description="Requests with n > 1 for budget tenants: hold every "
         "choice's output tokens, or refuse them.")
 
@@ -396,19 +408,18 @@ def _base_url(url: str) -> str:
 
 
 def _forwardable(name: str) -> str:
-    if name in CREDENTIAL_HEADERS or name.startswith("x-asc-"):
-        raise problem(((), f"{name!r} is never forwarded",
-                       "credential headers (authorization, x-api-key, api-key, "
-                       "proxy-authorization, cookie) and x-asc-* are the gateway's own"))
+    if name in UNFORWARDABLE_HEADERS or name.startswith("x-asc-"):
+        raise problem(((), f"the header {name!r} cannot be forwarded",
+                       "credentials and account headers are the gateway's to set, x-asc-* "
+                       "headers are the gateway's own, framing headers are Envoy's"))
     return name
 
 
 HeaderName = Annotated[
     str, Field(pattern=_HEADER_PATTERN, json_schema_extra={"not": {"anyOf": [
-        {"enum": sorted(CREDENTIAL_HEADERS)}, {"pattern": "^x-asc-"}]}}),
+        {"enum": sorted(UNFORWARDABLE_HEADERS)}, {"pattern": "^x-asc-"}]}}),
     AfterValidator(_forwardable),
-    Rule(invalid="invalid header name {value!r}", hint="lower-case HTTP header names, "
-         "e.g. openai-beta"),
+    Rule(invalid="not a lower-case header name: {value!r}", hint="e.g. anthropic-beta"),
 ]
 
 
@@ -433,9 +444,11 @@ class ProviderSpec(_Spec):
         "provider's key pool.")
     api_version: Text | None = Field(default=None, description="Azure OpenAI `api-version` query "
                                      "value (azure only).")
-    forward_headers: list[HeaderName] = Field(
-        default_factory=list, description="Client headers forwarded to this provider on top "
-        "of the built-in allow-list of its kind (lower case).")
+    forward_headers: Annotated[list[HeaderName], Rule(
+        invalid="must be a list of header names, got {kind}",
+        hint="e.g. [anthropic-beta]")] = Field(
+        default_factory=list, description="Client request headers forwarded to this provider "
+        "on top of the allow-list of its kind (lower case; repeats are ignored).")
 
     @model_validator(mode="after")
     def _kind_rules(self) -> ProviderSpec:
@@ -473,10 +486,10 @@ class ModelSpec(_Spec):
         required="must be a non-empty list",
         hint="e.g. [{provider: openai-us, model: gpt-4o-mini}]")] = Field(
         description="Providers (and upstream model names) that serve it.")
-    output_limit_field: Annotated[
-        Literal["max_tokens", "max_completion_tokens"],
-        Rule(invalid="unknown field name {value!r}",
-             hint="max_tokens or max_completion_tokens (or null)")] | None = Field(
+    output_limit_field: Annotated[OutputLimitField, Rule(
+        invalid=f"must be one of {', '.join(OUTPUT_LIMIT_FIELDS)} or null, got {{value!r}}",
+        hint="o-series and gpt-5 models take max_completion_tokens; leave it out to let "
+        "the gateway pick by model family")] | None = Field(
         default=None, description="Field that carries the output-token limit on the wire for this "
         "model; null: the translator decides by model family.")
 

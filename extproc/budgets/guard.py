@@ -4,7 +4,8 @@
   a breaker opens after consecutive failures so later requests fail at once instead of
   each waiting for the timeout, and lets one probe through after a cool-down.
 * `fail_open`: the request is admitted against a local, per-replica daily ceiling kept in
-  memory; past the ceiling it is refused like `fail_closed`.
+  memory (each of a replica's N worker processes keeps 1/N of it); past the ceiling it is
+  refused like `fail_closed`.
 
 Every outcome is counted (`asc_budget_reservations_total`) and returned to the caller for
 the request log.
@@ -118,6 +119,8 @@ class BudgetGuard:
         self._settle_timeout_s = max(timeout_s, settle_timeout_s)
         self._now = now
         self._local = _LocalCeiling()
+        self.fail_open_share = 1
+        """Processes of this replica that split each fail_open ceiling (set by server.py)."""
 
     async def reserve(self, *, request_id: str, budget: TenantBudget, key_id: str, model: str,
                       cost_micro_usd: int, estimated_tokens: int) -> Hold:
@@ -204,7 +207,7 @@ class BudgetGuard:
             if self._local.day != day:
                 self._local = _LocalCeiling(day=day)
             spent = self._local.spent.get(budget.tenant, 0)
-            if spent + cost <= budget.fail_open_ceiling_micro_usd:
+            if spent + cost <= budget.fail_open_ceiling_micro_usd // self.fail_open_share:
                 self._local.spent[budget.tenant] = spent + cost
                 metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "fail_open").inc()
                 return Hold(reservation=None, mode="fail_open", local_amount=cost,

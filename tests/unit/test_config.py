@@ -49,6 +49,7 @@ HASH_B = "hmac-sha256:v1:" + "b" * 64
 
 UNKNOWN = "unknown field"
 RANGE = "must be an integer from 1 to 67108864"
+RESPONSE_RANGE = "must be an integer from 65536 to 1073741824"
 EXACTLY_ONE = "needs exactly one of `env` or `file`"
 NOT_MAPPING = "must be a mapping, got nothing"
 PRICE = "models.gpt-4o-mini.price"
@@ -146,6 +147,8 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     # limits, redis
     "max_body_bytes_zero": [("limits.max_body_bytes", RANGE)],
     "max_body_bytes_too_large": [("limits.max_body_bytes", RANGE)],
+    "max_response_bytes_too_small": [("limits.max_response_bytes", RESPONSE_RANGE)],
+    "max_response_bytes_too_large": [("limits.max_response_bytes", RESPONSE_RANGE)],
     "bad_redis_url": [("redis.url", "must start with redis://, rediss:// or unix://")],
     # syntax
     "invalid_yaml": [("", "not valid YAML: expected ',' or ']', but got '<scalar>'")],
@@ -341,7 +344,7 @@ def test_parse_config_resolves_relative_files_against_base_dir(tmp_path: Path) -
 def test_limits_and_redis_are_optional() -> None:
     text = (CASES_DIR / "unknown_field_top.yaml").read_text(encoding="utf-8")
     config = parse_config(text.replace("colour: blue\n", ""))
-    assert config.limits == Limits(max_body_bytes=1_048_576)
+    assert config.limits == Limits(max_body_bytes=1_048_576, max_response_bytes=8_388_608)
     assert config.redis is None
     assert config.budgets == BudgetSettings(timezone="UTC", hold_ttl_s=600,
                                             default_max_tokens=4096)
@@ -634,7 +637,8 @@ def test_new_fields_default_to_their_documented_values() -> None:
 def test_new_fields_reach_the_runtime_objects() -> None:
     config = parse_config(with_lines(
         ("    credentials: [cred-us]\n",
-         "    credentials: [cred-us]\n    forward_headers: [openai-beta, x-request-tag]\n"),
+         "    credentials: [cred-us]\n"
+         "    forward_headers: [openai-beta, x-request-tag, openai-beta]\n"),
         ("    deployments: [{provider: prov-us}]\n",
          "    deployments: [{provider: prov-us}]\n"
          "    output_limit_field: max_completion_tokens\n"),
@@ -649,8 +653,8 @@ def test_new_fields_reach_the_runtime_objects() -> None:
     assert config.models["gpt-4o-mini"].output_limit_field == "max_completion_tokens"
 
 
-NEVER_FORWARDED = ("credential headers (authorization, x-api-key, api-key, "
-                   "proxy-authorization, cookie) and x-asc-* are the gateway's own")
+REFUSED = ("credentials and account headers are the gateway's to set, x-asc-* headers "
+           "are the gateway's own, framing headers are Envoy's")
 HEADERS = "providers.prov-us.forward_headers"
 
 
@@ -664,8 +668,9 @@ HEADERS = "providers.prov-us.forward_headers"
                      [("redis.queue_timeout_ms", "must be an integer from 1 to 60000", "")],
                      id="queue-timeout-too-long"),
         pytest.param("budgets: {multiple_choices: split}\n",
-                     [("budgets.multiple_choices", "unknown policy 'split'",
-                       "hold_all (default) or refuse")], id="multiple-choices"),
+                     [("budgets.multiple_choices", "must be one of hold_all, refuse, got 'split'",
+                       "hold_all holds budget for every choice of a request with n > 1")],
+                     id="multiple-choices"),
         pytest.param("limits: {max_response_bytes: 65535}\n",
                      [("limits.max_response_bytes",
                        "must be an integer from 65536 to 1073741824", "")],
@@ -685,22 +690,32 @@ def test_new_settings_are_checked(addition: str, expected: list[tuple[str, str, 
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
-        pytest.param("[authorization]", [(f"{HEADERS}[0]", "'authorization' is never forwarded",
-                                          NEVER_FORWARDED)], id="authorization"),
-        pytest.param("[openai-beta, x-api-key, api-key, proxy-authorization, cookie]", [
-            (f"{HEADERS}[{index}]", f"{name!r} is never forwarded", NEVER_FORWARDED)
-            for index, name in enumerate(
-                ["x-api-key", "api-key", "proxy-authorization", "cookie"], start=1)
-        ], id="every-credential-header"),
-        pytest.param("[x-asc-tenant]", [(f"{HEADERS}[0]", "'x-asc-tenant' is never forwarded",
-                                         NEVER_FORWARDED)], id="gateway-header"),
-        pytest.param("[OpenAI-Beta]", [(f"{HEADERS}[0]", "invalid header name 'OpenAI-Beta'",
-                                        "lower-case HTTP header names, e.g. openai-beta")],
-                     id="upper-case"),
-        pytest.param("['x y']", [(f"{HEADERS}[0]", "invalid header name 'x y'",
-                                  "lower-case HTTP header names, e.g. openai-beta")],
-                     id="not-a-token"),
-        pytest.param("openai-beta", [(HEADERS, "must be a list, got str", "")], id="not-a-list"),
+        pytest.param("[authorization]", [(f"{HEADERS}[0]",
+                                          "the header 'authorization' cannot be forwarded",
+                                          REFUSED)], id="authorization"),
+        pytest.param("[openai-beta, x-api-key, api-key, proxy-authorization, cookie, "
+                     "x-goog-api-key, host, content-length, transfer-encoding, connection, "
+                     "accept-encoding, openai-organization, openai-project, anthropic-version]",
+                     [(f"{HEADERS}[{index}]", f"the header {name!r} cannot be forwarded",
+                       REFUSED) for index, name in enumerate(
+                          ["x-api-key", "api-key", "proxy-authorization", "cookie",
+                           "x-goog-api-key", "host", "content-length", "transfer-encoding",
+                           "connection", "accept-encoding", "openai-organization",
+                           "openai-project", "anthropic-version"], start=1)],
+                     id="every-refused-header"),
+        pytest.param("[x-asc-tenant]", [(f"{HEADERS}[0]",
+                                         "the header 'x-asc-tenant' cannot be forwarded",
+                                         REFUSED)], id="gateway-header"),
+        pytest.param("[OpenAI-Beta]", [(f"{HEADERS}[0]",
+                                        "not a lower-case header name: 'OpenAI-Beta'",
+                                        "e.g. anthropic-beta")], id="upper-case"),
+        pytest.param("['x y']", [(f"{HEADERS}[0]", "not a lower-case header name: 'x y'",
+                                  "e.g. anthropic-beta")], id="not-a-token"),
+        pytest.param(f"[{'x' * 101}]", [(f"{HEADERS}[0]",
+                                         f"not a lower-case header name: {'x' * 101!r}",
+                                         "e.g. anthropic-beta")], id="too-long"),
+        pytest.param("openai-beta", [(HEADERS, "must be a list of header names, got str",
+                                      "e.g. [anthropic-beta]")], id="not-a-list"),
     ],
 )
 def test_forward_headers_refuse_credentials_and_bad_names(
@@ -717,9 +732,11 @@ def test_output_limit_field_is_one_of_two_names() -> None:
         parse_config(with_lines(("    deployments: [{provider: prov-us}]\n",
                                  "    deployments: [{provider: prov-us}]\n"
                                  "    output_limit_field: max_output_tokens\n")))
-    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == [
-        ("models.gpt-4o-mini.output_limit_field", "unknown field name 'max_output_tokens'",
-         "max_tokens or max_completion_tokens (or null)")]
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == [(
+        "models.gpt-4o-mini.output_limit_field",
+        "must be one of max_tokens, max_completion_tokens or null, got 'max_output_tokens'",
+        "o-series and gpt-5 models take max_completion_tokens; leave it out to let the "
+        "gateway pick by model family")]
 
 
 # --- the published JSON Schema -------------------------------------------------------------
