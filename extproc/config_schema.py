@@ -9,9 +9,10 @@ unique) are validators here; checks across sections (a tenant's model exists, a 
 in the tenant's zone) are in `extproc.config`, which compiles these models into the
 runtime objects.
 
-Adding a field is one change here: a typed, described attribute with its default. Fields
-whose runtime object *is* the model (`Limits`, `RedisSettings`, `BudgetSettings`) need no
-other change; the others are copied by name onto their runtime dataclass.
+Adding a field starts here: a typed, described attribute with its default. In the sections
+whose runtime object *is* the model (`Limits`, `RedisSettings`, `BudgetSettings`) that is
+the whole change; elsewhere the runtime dataclass (`extproc.config`) gets an attribute of
+the same name, and the value is copied over by name.
 
 Error wording: pydantic's own messages are generic, so fields carry a `Rule` (message when
 the value is refused, message when it is missing or empty, hint) that `extproc.config`
@@ -77,8 +78,8 @@ __all__ = [
     "problem",
 ]
 
-SUPPORTED_PROVIDER_KINDS: Final = ("openai", "openai_compatible", "mistral", "azure",
-                                   "anthropic")
+ProviderKind = Literal["openai", "openai_compatible", "mistral", "azure", "anthropic"]
+SUPPORTED_PROVIDER_KINDS: Final = get_args(ProviderKind)
 """Provider kinds (`translate.base.Backend` values). Only `openai_compatible` may run
 without a credential (self-hosted servers without auth)."""
 
@@ -103,9 +104,10 @@ MULTIPLE_CHOICES_MODES: Final = get_args(MultipleChoices)
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """How a field's problems read. `invalid` (with `{value!r}`) replaces the message for a
-    value of the wrong type or outside the allowed set; `required` replaces `is required`
-    and the message for an empty list/mapping; `hint` goes with either."""
+    """How a field's problems read. `invalid` (may use `{value!r}` and `{kind}`) replaces
+    the message for a value outside the allowed set or of the wrong type (except the
+    plain "must be a non-empty string / a mapping" cases); `required` replaces
+    `is required` and the message for an empty list/mapping; `hint` goes with either."""
 
     invalid: str = ""
     required: str = ""
@@ -176,7 +178,7 @@ PeriodS = Annotated[int, Field(ge=60, le=90 * 86_400)]
 _SECRET_HINT: Final = "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"  # noqa: S105
 EnvName = Annotated[str, Field(pattern=_ENV_PATTERN),
                     Rule(invalid="must be an environment variable name")]
-FilePath = Annotated[str, Field(min_length=1), Rule(invalid="must be a file path")]
+FilePath = Annotated[str, Field(min_length=1)]
 
 
 class SecretRefSpec(_Spec):
@@ -426,7 +428,7 @@ HeaderName = Annotated[
 class ProviderSpec(_Spec):
     """One upstream: a provider account in one region, reached through one Envoy cluster."""
 
-    kind: Annotated[Literal["openai", "openai_compatible", "mistral", "azure", "anthropic"],
+    kind: Annotated[ProviderKind,
                     Rule(invalid="provider kind {value!r} is not supported yet",
                          hint=f"supported kinds: {', '.join(SUPPORTED_PROVIDER_KINDS)}")] = (
         Field(description="API dialect of the upstream."))
