@@ -644,8 +644,7 @@ class Document(_Spec):
     """`asc.yaml`, version 1."""
 
     model_config = ConfigDict(title="asc.yaml", json_schema_extra={
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://asc-extproc.dev/schema/asc.schema.json"})
+        "$schema": "https://json-schema.org/draft/2020-12/schema"})
 
     version: Annotated[int, AfterValidator(_version_one),
                        Rule(invalid="unsupported version {value!r}", hint="set `version: 1`"),
