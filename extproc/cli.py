@@ -1,4 +1,5 @@
-"""`extproc` command line: serve, check-config, keys hash, budget, envoy render."""
+"""`extproc` command line: serve, check-config, config schema, keys hash, budget, envoy
+render."""
 
 from __future__ import annotations
 
@@ -52,6 +53,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.providers)} providers, "
         f"{len(config.models)} models)"
     )
+    return 0
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from extproc.config_schema import json_schema_text
+
+    sys.stdout.write(json_schema_text())
     return 0
 
 
@@ -178,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a gateway config file")
     check.add_argument("file")
     check.set_defaults(func=_cmd_check_config)
+
+    config = commands.add_parser("config", help="the gateway config format")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser(
+        "schema", help="print the JSON Schema of asc.yaml (deploy/schema/asc.schema.json)"
+    ).set_defaults(func=_cmd_config_schema)
 
     keys = commands.add_parser("keys", help="virtual and provider keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)

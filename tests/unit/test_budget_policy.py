@@ -532,7 +532,7 @@ RULE = "tenants.acme.budgets[0]"
         pytest.param("budgets: [{scope: org, window: day, limit_usd: 1}]", REDIS,
                      [(f"{RULE}.scope", "unknown scope 'org'")], id="org-scope-on-tenant"),
         pytest.param("budgets: [{window: day, limit_usd: 1}]", REDIS,
-                     [(f"{RULE}.scope", "unknown scope None")], id="missing-scope"),
+                     [(f"{RULE}.scope", "is required")], id="missing-scope"),
         pytest.param("budgets: [{scope: tenant, window: week, limit_usd: 1}]", REDIS,
                      [(f"{RULE}.window", "unknown window 'week'")], id="unknown-window"),
         pytest.param("budgets: [{scope: tenant, window: rolling, limit_usd: 1}]", REDIS,

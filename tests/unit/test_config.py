@@ -6,10 +6,17 @@ exact list of (path, message) problems each must produce, in the order they are 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import random
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from extproc.cli import main
 from extproc.config import (
@@ -66,12 +73,8 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "unknown_field_key": [("tenants.acme.keys[0].secret", UNKNOWN)],
     "unknown_field_routing": [("tenants.acme.routing.gpt-4o-mini.weight", UNKNOWN)],
     # missing required fields
-    "missing_version": [("version", "unsupported version None")],
-    "missing_auth": [
-        ("auth", NOT_MAPPING),
-        ("auth.pepper", NOT_MAPPING),
-        ("auth.pepper", EXACTLY_ONE),
-    ],
+    "missing_version": [("version", "is required")],
+    "missing_auth": [("auth", "is required")],
     "missing_provider_fields": [
         ("providers.prov-us.kind", "is required"),
         ("providers.prov-us.base_url", "is required"),
@@ -79,11 +82,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("providers.prov-us.zone", "is required"),
         ("providers.prov-us.cluster", "is required"),
     ],
-    "missing_price": [
-        (PRICE, NOT_MAPPING),
-        (f"{PRICE}.input_per_mtok", "is required"),
-        (f"{PRICE}.output_per_mtok", "is required"),
-    ],
+    "missing_price": [(PRICE, "is required")],
     "missing_tenant_keys_and_models": [
         ("tenants.acme.keys", "must be a non-empty list of {id, hash}"),
         ("tenants.acme.models", "must be a non-empty list of model names"),
@@ -93,16 +92,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
         ("providers", "must define at least one provider"),
         ("models.gpt-4o-mini.deployments[0].provider", "unknown provider 'prov-us'"),
     ],
-    "not_a_mapping": [
-        ("", "must be a mapping, got list"),
-        ("version", "unsupported version None"),
-        ("auth", NOT_MAPPING),
-        ("auth.pepper", NOT_MAPPING),
-        ("auth.pepper", EXACTLY_ONE),
-        ("providers", NOT_MAPPING),
-        ("models", NOT_MAPPING),
-        ("tenants", NOT_MAPPING),
-    ],
+    "not_a_mapping": [("", "must be a mapping, got list")],
     # version
     "bad_version": [("version", "unsupported version 2")],
     # secret references
@@ -162,6 +152,20 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "bad_redis_url": [("redis.url", "must start with redis://, rediss:// or unix://")],
     # syntax
     "invalid_yaml": [("", "not valid YAML: expected ',' or ']', but got '<scalar>'")],
+    # duplicate keys, at any depth (YAML itself keeps the last one silently)
+    "duplicate_tenant_block": [("tenants.acme", "duplicate key 'acme'")],
+    "duplicate_field": [
+        ("providers.prov-us.zone", "duplicate key 'zone'"),
+        ("models.gpt-4o-mini.price.input_per_mtok", "duplicate key 'input_per_mtok'"),
+    ],
+    # an entry with a shape problem still has its cross-references checked (acme's zone)
+    "five_mistakes": [
+        ("providers.openai-us.base_url", "must not end in /v1"),
+        ("models.gpt-4o-mini.price.output_per_mtok", "has more than 6 decimal places"),
+        ("tenants.acme.keys[0].hash", "not a key hash"),
+        ("tenants.acme.budget", UNKNOWN),
+        ("tenants.acme.models", "model 'gpt-4o-mini' has no deployment in zone 'eu'"),
+    ],
 }
 
 LINES: dict[str, list[int | None]] = {
@@ -170,7 +174,10 @@ LINES: dict[str, list[int | None]] = {
     "duplicate_key_hash": [24],
     "pin_outside_zone": [36],
     "money_too_precise": [17],
-    "missing_auth": [None, None, None],  # an absent section has no line to point at
+    "missing_auth": [None],  # an absent section has no line to point at
+    "duplicate_tenant_block": [23],  # the second block
+    "duplicate_field": [13, 18],
+    "five_mistakes": [9, 16, 22, 24, 23],
 }
 
 
@@ -316,11 +323,15 @@ def test_valid_config_compiles_to_frozen_objects(tmp_path: Path) -> None:
                              models=frozenset({"gpt-4o-mini", "gpt-4o"}), pins={}),
         },
     )
-    for frozen in (config, config.limits, config.pepper, config.providers["prov-us"],
+    for frozen in (config, config.pepper, config.providers["prov-us"],
                    config.models["gpt-4o"].price, config.tenants["acme"]):
         first_field = dataclasses.fields(frozen)[0].name
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(frozen, first_field, "changed")
+    # Settings sections are their (frozen) pydantic models.
+    for settings in (config.limits, config.redis, config.budgets):
+        with pytest.raises(ValidationError, match="frozen"):
+            settings.__setattr__(next(iter(type(settings).model_fields)), "changed")
     assert isinstance(config.models["gpt-4o"].price.input_micro_per_mtok, int)
 
 
@@ -376,12 +387,8 @@ def test_config_error_from_a_file_names_every_problem() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value) == (
-        f"{path}: 3 problem(s)\n"
-        "  models.gpt-4o-mini.price: must be a mapping, got nothing\n"
-        "  models.gpt-4o-mini.price.input_per_mtok: is required\n"
-        "    hint: USD per million tokens, e.g. 0.15\n"
-        "  models.gpt-4o-mini.price.output_per_mtok: is required\n"
-        "    hint: USD per million tokens, e.g. 0.15"
+        f"{path}: 1 problem(s)\n"
+        "  models.gpt-4o-mini.price: is required"
     )
 
 
@@ -524,8 +531,6 @@ STORE_CASES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     ]),
     "token_not_a_mapping": ('{backend: vault_kv, url: "https://bao", token: s.abc}', [
         ("secrets.store.token", "must be a mapping, got str", ""),
-        ("secrets.store.token", EXACTLY_ONE,
-         "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"),
     ]),
 }
 
@@ -552,3 +557,351 @@ def test_record_store_issues_point_at_their_line() -> None:
 def test_record_store_is_a_schema_section() -> None:
     assert "store" in SCHEMA["secrets"]
     assert SCHEMA["secrets.store"] == ("backend", "url", "mount", "prefix", "token")
+
+
+# --- duplicate keys and every problem at once ---------------------------------------------
+
+def test_duplicate_key_hint_names_the_first_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(CASES_DIR / "duplicate_tenant_block.yaml")
+    assert caught.value.issues == [ConfigIssue(
+        "tenants.acme", "duplicate key 'acme'",
+        "first defined at line 20; YAML would keep only the last one: merge them or remove "
+        "one", 23)]
+
+
+EVERYTHING_AT_ONCE = f"""\
+version: 1
+auth: {{pepper: {{env: ASC_PEPPER}}}}
+credentials:
+  cred-us: {{env: ASC_KEY_US}}
+providers:
+  prov-us: {{kind: openai, base_url: "http://10.0.0.1", region: r, zone: us,
+            cluster: prov_us, credentials: [cred-us]}}
+  prov-bad: {{kind: bedrock, base_url: "http://10.0.0.2", region: r, zone: us,
+             cluster: prov_bad, credentials: [cred-us]}}
+models:
+  m:
+    price: {{input_per_mtok: 1, output_per_mtok: 2}}
+    deployments: [{{provider: prov-us}}, {{provider: prov-bad}}, {{provider: prov-none}}]
+tenants:
+  acme:
+    keys: [{{id: a-1, hash: "{HASH_A}"}}]
+    models: [m]
+  acme:
+    keys: [{{id: a-1, hash: "not-a-hash"}}]
+    models: [m]
+  beta:
+    keys: [{{id: b-1, hash: "{HASH_B}"}}]
+    models: [m, gpt-9]
+    zone: us
+    routing: {{m: {{pin: prov-bad}}}}
+"""
+
+
+def test_every_problem_is_reported_in_one_pass() -> None:
+    """YAML duplicates, shape problems and cross-references together; an entry with a
+    shape problem (prov-bad) is not reported again where it is named (a deployment, a
+    pin)."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(EVERYTHING_AT_ONCE)
+    assert [(i.path, i.message, i.line) for i in caught.value.issues] == [
+        ("tenants.acme", "duplicate key 'acme'", 18),
+        ("providers.prov-bad.kind", "provider kind 'bedrock' is not supported yet", 8),
+        ("tenants.acme.keys[0].hash", "not a key hash", 19),
+        ("models.m.deployments[2].provider", "unknown provider 'prov-none'", 13),
+        ("tenants.beta.models[1]", "unknown model 'gpt-9'", 23),
+    ]
+
+
+# --- fields added with the pydantic schema -------------------------------------------------
+
+def with_lines(*replacements: tuple[str, str]) -> str:
+    text = STORE_BASE
+    for old, new in replacements:
+        assert old in text
+        text = text.replace(old, new)
+    return text
+
+
+def test_new_fields_default_to_their_documented_values() -> None:
+    config = parse_config(STORE_BASE + 'redis: {url: "redis://127.0.0.1:6379"}\n')
+    assert config.redis == RedisSettings(url="redis://127.0.0.1:6379", cluster=False,
+                                         timeout_ms=50, queue_timeout_ms=1000)
+    assert config.budgets.multiple_choices == "hold_all"
+    assert config.limits == Limits(max_body_bytes=1_048_576, max_response_bytes=8_388_608)
+    assert config.providers["prov-us"].forward_headers == ()
+    assert config.models["gpt-4o-mini"].output_limit_field is None
+
+
+def test_new_fields_reach_the_runtime_objects() -> None:
+    config = parse_config(with_lines(
+        ("    credentials: [cred-us]\n",
+         "    credentials: [cred-us]\n"
+         "    forward_headers: [openai-beta, x-request-tag, openai-beta]\n"),
+        ("    deployments: [{provider: prov-us}]\n",
+         "    deployments: [{provider: prov-us}]\n"
+         "    output_limit_field: max_completion_tokens\n"),
+    ) + 'redis: {url: "redis://r:6379", queue_timeout_ms: 60000}\n'
+        "budgets: {multiple_choices: refuse}\n"
+        "limits: {max_response_bytes: 65536}\n")
+    assert config.redis is not None
+    assert config.redis.queue_timeout_ms == 60_000
+    assert config.budgets.multiple_choices == "refuse"
+    assert config.limits.max_response_bytes == 65_536
+    assert config.providers["prov-us"].forward_headers == ("openai-beta", "x-request-tag")
+    assert config.models["gpt-4o-mini"].output_limit_field == "max_completion_tokens"
+
+
+REFUSED = ("credentials and account headers are the gateway's to set, x-asc-* headers "
+           "are the gateway's own, framing headers are Envoy's")
+HEADERS = "providers.prov-us.forward_headers"
+
+
+@pytest.mark.parametrize(
+    ("addition", "expected"),
+    [
+        pytest.param('redis: {url: "redis://r", queue_timeout_ms: 0}\n',
+                     [("redis.queue_timeout_ms", "must be an integer from 1 to 60000", "")],
+                     id="queue-timeout-zero"),
+        pytest.param('redis: {url: "redis://r", queue_timeout_ms: 60001}\n',
+                     [("redis.queue_timeout_ms", "must be an integer from 1 to 60000", "")],
+                     id="queue-timeout-too-long"),
+        pytest.param("budgets: {multiple_choices: split}\n",
+                     [("budgets.multiple_choices", "must be one of hold_all, refuse, got 'split'",
+                       "hold_all holds budget for every choice of a request with n > 1")],
+                     id="multiple-choices"),
+        pytest.param("limits: {max_response_bytes: 65535}\n",
+                     [("limits.max_response_bytes",
+                       "must be an integer from 65536 to 1073741824", "")],
+                     id="max-response-too-small"),
+        pytest.param("limits: {max_response_bytes: 1073741825}\n",
+                     [("limits.max_response_bytes",
+                       "must be an integer from 65536 to 1073741824", "")],
+                     id="max-response-too-large"),
+    ],
+)
+def test_new_settings_are_checked(addition: str, expected: list[tuple[str, str, str]]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE + addition)
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        pytest.param("[authorization]", [(f"{HEADERS}[0]",
+                                          "the header 'authorization' cannot be forwarded",
+                                          REFUSED)], id="authorization"),
+        pytest.param("[openai-beta, x-api-key, api-key, proxy-authorization, cookie, "
+                     "x-goog-api-key, host, content-length, transfer-encoding, connection, "
+                     "accept-encoding, openai-organization, openai-project, anthropic-version]",
+                     [(f"{HEADERS}[{index}]", f"the header {name!r} cannot be forwarded",
+                       REFUSED) for index, name in enumerate(
+                          ["x-api-key", "api-key", "proxy-authorization", "cookie",
+                           "x-goog-api-key", "host", "content-length", "transfer-encoding",
+                           "connection", "accept-encoding", "openai-organization",
+                           "openai-project", "anthropic-version"], start=1)],
+                     id="every-refused-header"),
+        pytest.param("[x-asc-tenant]", [(f"{HEADERS}[0]",
+                                         "the header 'x-asc-tenant' cannot be forwarded",
+                                         REFUSED)], id="gateway-header"),
+        pytest.param("[OpenAI-Beta]", [(f"{HEADERS}[0]",
+                                        "not a lower-case header name: 'OpenAI-Beta'",
+                                        "e.g. anthropic-beta")], id="upper-case"),
+        pytest.param("['x y']", [(f"{HEADERS}[0]", "not a lower-case header name: 'x y'",
+                                  "e.g. anthropic-beta")], id="not-a-token"),
+        pytest.param(f"[{'x' * 101}]", [(f"{HEADERS}[0]",
+                                         f"not a lower-case header name: {'x' * 101!r}",
+                                         "e.g. anthropic-beta")], id="too-long"),
+        pytest.param("openai-beta", [(HEADERS, "must be a list of header names, got str",
+                                      "e.g. [anthropic-beta]")], id="not-a-list"),
+    ],
+)
+def test_forward_headers_refuse_credentials_and_bad_names(
+    headers: str, expected: list[tuple[str, str, str]]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_lines(("    credentials: [cred-us]\n",
+                                 f"    credentials: [cred-us]\n    forward_headers: {headers}\n")))
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == expected
+
+
+def test_output_limit_field_is_one_of_two_names() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_lines(("    deployments: [{provider: prov-us}]\n",
+                                 "    deployments: [{provider: prov-us}]\n"
+                                 "    output_limit_field: max_output_tokens\n")))
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == [(
+        "models.gpt-4o-mini.output_limit_field",
+        "must be one of max_tokens, max_completion_tokens or null, got 'max_output_tokens'",
+        "o-series and gpt-5 models take max_completion_tokens; leave it out to let the "
+        "gateway pick by model family")]
+
+
+# --- the published JSON Schema -------------------------------------------------------------
+
+SCHEMA_FILE = REPO_ROOT / "deploy" / "schema" / "asc.schema.json"
+
+
+def schema_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_shipped_schema_is_what_the_command_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "schema"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out == SCHEMA_FILE.read_text(encoding="utf-8"), (
+        "regenerate it: extproc config schema > deploy/schema/asc.schema.json")
+
+
+@pytest.mark.parametrize("demo", sorted((REPO_ROOT / "deploy" / "demo").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_demo_configs_validate_against_the_schema(demo: Path) -> None:
+    document = yaml.safe_load(demo.read_text(encoding="utf-8"))
+    assert [error.message for error in schema_validator().iter_errors(document)] == []
+    load_config(demo)
+
+
+def test_schema_accepts_the_full_example_and_refuses_what_the_gateway_refuses() -> None:
+    validator = schema_validator()
+    assert list(validator.iter_errors(yaml.safe_load(VALID))) == []
+    allowed = VALID.replace("    credentials: [cred-us]\n", "    credentials: [cred-us]\n"
+                            "    forward_headers: [openai-beta]\n")
+    assert list(validator.iter_errors(yaml.safe_load(allowed))) == []
+    parse_config(allowed)
+    for old, new in [
+        ("version: 1\n", "version: 2\n"),
+        ("limits: {max_body_bytes: 2048}", "limits: {max_body_bytes: 0}"),
+        ("limits: {max_body_bytes: 2048}", "limits: {max_bytes: 2048}"),
+        ("kind: openai\n", "kind: bedrock\n"),
+        (HASH_A, "sk-plaintext"),
+        ("output_per_mtok: 10}", "output_per_mtok: ten}"),
+        ("  globex:", "  'globex co':"),
+        ("    credentials: [cred-us]\n", "    credentials: [cred-us]\n"
+                                        "    forward_headers: [authorization]\n"),
+        ("    credentials: [cred-us]\n", "    credentials: [cred-us]\n"
+                                        "    forward_headers: [x-asc-tenant]\n"),
+    ]:
+        text = VALID.replace(old, new, 1)
+        assert text != VALID
+        with pytest.raises(ConfigError):
+            parse_config(text)
+        assert list(validator.iter_errors(yaml.safe_load(text))) != [], (old, new)
+
+
+ODD_VALUES: list[object] = [None, 0, -1, True, 1.5, "", "x", "bad name!", [], {}, [1],
+                            {"a": 1}, "http://h", "eu", "prov-us", "gpt-4o", 10**12]
+
+
+def test_any_mangled_document_gives_config_error_never_a_crash() -> None:
+    """Seeded mutations of the full example (values replaced, keys dropped or added): the
+    three passes and the partial compile after a shape problem never crash, and a refusal
+    always names at least one problem."""
+    base = yaml.safe_load(VALID)
+
+    def locations(node: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        found = [path] if path else []
+        items = (node.items() if isinstance(node, dict)
+                 else enumerate(node) if isinstance(node, list) else [])
+        for key, child in items:
+            found += locations(child, (*path, key))
+        return found
+
+    targets = locations(base)
+    rng = random.Random(8)
+    refused = 0
+    for _ in range(300):
+        document = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            *parents, last = rng.choice(targets)
+            parent: Any = document
+            try:
+                for part in parents:
+                    parent = parent[part]
+                choice = rng.random()
+                if choice < 0.7:
+                    parent[last] = copy.deepcopy(rng.choice(ODD_VALUES))
+                elif isinstance(parent, dict):
+                    parent.pop(last) if choice < 0.85 else parent.update(extra=1)
+            except (KeyError, IndexError, TypeError):
+                continue  # an earlier mutation removed this place
+        try:
+            parse_config(yaml.safe_dump(document))
+        except ConfigError as exc:
+            issues = exc.issues
+            refused += 1
+            assert issues
+    assert refused > 250
+
+
+def test_a_model_with_a_broken_deployment_list_is_not_reported_again() -> None:
+    """Its deployments are unknown, so no pin or zone problem is made up from them."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(VALID.replace("      - {provider: prov-us}\n", "      - prov-us\n"))
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("models.gpt-4o-mini.deployments[0]", "must be a mapping, got str")]
+
+
+@pytest.mark.parametrize(
+    ("credential", "expected"),
+    [
+        pytest.param("{env: ASC_KEY_US, keyring: true}", [(
+            "credentials.cred-us", "needs exactly one of `env`, `file` or `keyring`",
+            "e.g. {env: OPENAI_API_KEY}, {file: /run/secrets/openai} or {keyring: true}")],
+            id="keyring-and-env"),
+        pytest.param("{weight: 2}", [(
+            "credentials.cred-us", "needs exactly one of `env`, `file` or `keyring`",
+            "e.g. {env: OPENAI_API_KEY}, {file: /run/secrets/openai} or {keyring: true}")],
+            id="no-source"),
+        pytest.param("{keyring: false}", [(
+            "credentials.cred-us.keyring", "must be true",
+            "or use {env: ...} / {file: ...} for a plain reference")], id="keyring-false"),
+        pytest.param("{env: ASC_KEY_US, rotate: daily}", [(
+            "credentials.cred-us.rotate", "unknown field",
+            "known fields: env, file, keyring, weight")], id="unknown-field"),
+        pytest.param("{file: ''}", [(
+            "credentials.cred-us.file", "must be a non-empty string, got str", "")],
+            id="empty-file"),
+        pytest.param("{env: ASC_KEY_US, weight: 1001}", [(
+            "credentials.cred-us.weight", "must be an integer from 0 to 1000", "")],
+            id="weight-too-large"),
+    ],
+)
+def test_credential_reference_rules(credential: str,
+                                    expected: list[tuple[str, str, str]]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE.replace("cred-us: {env: ASC_KEY_US}", f"cred-us: {credential}"))
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == expected
+
+
+def test_an_empty_redis_section_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE + "redis: {}\n")
+    assert [(i.path, i.message) for i in caught.value.issues] == [("redis.url", "is required")]
+
+
+def test_check_config_reports_a_duplicate_with_line_and_hint(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = CASES_DIR / "duplicate_tenant_block.yaml"
+    assert main(["check-config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"{path}: 1 problem(s)\n"
+        "  tenants.acme (line 23): duplicate key 'acme'\n"
+        "    hint: first defined at line 20; YAML would keep only the last one: merge them "
+        "or remove one\n"
+    )
+
+
+def test_deep_nesting_is_a_config_error_not_a_crash() -> None:
+    """PyYAML recurses once per level: 3,000 nested lists raised RecursionError, which
+    `extproc check-config` printed as a traceback and a reload did not catch."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(STORE_BASE + "limits: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert [(i.path, i.message) for i in caught.value.issues] == [("", "nested too deeply")]

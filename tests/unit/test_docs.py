@@ -1,12 +1,14 @@
 """The operator docs keep up with the code.
 
-A config field added to `extproc.config.SCHEMA` or a metric added to `extproc.metrics`
-without a line in the docs fails here, and so does a relative link to a file or heading
-that does not exist.
+A config field of the published JSON Schema (`deploy/schema/asc.schema.json`, generated
+from `extproc.config_schema`) or a metric of `extproc.metrics` without a line in the docs
+fails here; so does a field documented in the config reference that the schema does not
+have, and a relative link to a file or heading that does not exist.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter as Tally
 from pathlib import Path
@@ -15,11 +17,12 @@ import pytest
 from prometheus_client import Counter, Gauge, Histogram, Summary
 
 from extproc import metrics
-from extproc.config import SCHEMA
+from extproc.config_schema import field_paths
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 CONFIG_REFERENCE = DOCS / "config-reference.md"
+CONFIG_SCHEMA = REPO / "deploy" / "schema" / "asc.schema.json"
 OPERATOR_GUIDE = DOCS / "operator-guide.md"
 
 # A CommonMark code span: a run of N backticks, then anything, then a run of exactly N.
@@ -60,12 +63,20 @@ def _anchors(markdown: Path) -> set[str]:
 
 
 def config_field_names() -> list[str]:
-    """Every accepted field as the reference writes it: `section.field`, or `field` at top."""
+    """Every field of the published schema as the reference writes it: `section.field`,
+    or `field` at the top."""
+    schema = json.loads(CONFIG_SCHEMA.read_text(encoding="utf-8"))
     return sorted(
         field if section == "" else f"{section}.{field}"
-        for section, fields in SCHEMA.items()
+        for section, fields in field_paths(schema).items()
         for field in fields
     )
+
+
+def documented_config_fields() -> list[str]:
+    """The fields the config reference has a section for (`### `path``)."""
+    text = CONFIG_REFERENCE.read_text(encoding="utf-8")
+    return sorted(re.findall(r"^### `([^`]+)`$", text, flags=re.MULTILINE))
 
 
 def exposed_metric_names() -> list[str]:
@@ -86,6 +97,8 @@ def markdown_files() -> list[Path]:
 def test_the_checks_see_real_input() -> None:
     assert "tenants.<id>.keys[].hash" in config_field_names()
     assert "version" in config_field_names()
+    assert "providers.<name>.forward_headers" in documented_config_fields()
+    assert len(documented_config_fields()) > 80
     assert "asc_requests_total" in exposed_metric_names()
     assert "gen_ai_server_request_duration_seconds" in exposed_metric_names()
     # Double backticks hold single ones; a fenced block is one span, not several.
@@ -97,6 +110,11 @@ def test_every_config_field_is_documented() -> None:
     documented = _code_spans(CONFIG_REFERENCE.read_text(encoding="utf-8"))
     missing = [name for name in config_field_names() if name not in documented]
     assert missing == [], f"add these config fields to {CONFIG_REFERENCE.name}: {missing}"
+
+
+def test_every_documented_config_field_exists() -> None:
+    unknown = sorted(set(documented_config_fields()) - set(config_field_names()))
+    assert unknown == [], f"{CONFIG_REFERENCE.name} documents fields the schema lacks"
 
 
 def test_every_metric_is_documented() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.auth import TenantDirectory, hash_key
+from extproc.auth import hash_key
 from extproc.cli import main
-from extproc.config import ConfigError, parse_config
+from extproc.config import ConfigError, ConfigIssue, parse_config
 from extproc.messages import Body, Continue, Headers, Phase
 from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime
@@ -70,12 +70,11 @@ def test_non_string_tenant_model_is_reported_not_a_crash() -> None:
     assert [i.path for i in caught.value.issues] == ["tenants.t.models[0]"]
 
 
-# BUG 3 (config.py + auth.py): two keys of one tenant may share an `id`; the config is
+# BUG 3 (config.py + auth.py): two keys of one tenant may share an `id`; the config was
 # accepted, but TenantDirectory.authenticate() confirms a match against the hash of the
-# *first* key with that id, so the second key can never authenticate (silently 401).
-# Either the config must reject duplicate key ids, or authenticate must confirm against
-# the matched key itself.
-def test_second_key_with_a_duplicate_id_authenticates_or_is_rejected() -> None:
+# *first* key with that id, so the second key could never authenticate (silently 401).
+# Fixed in the config: duplicate key ids are rejected, at the second key, with a hint.
+def test_second_key_with_a_duplicate_id_is_rejected() -> None:
     pepper = Secret("pepper")
     text = config_text(tenant=f"""\
     keys:
@@ -83,13 +82,11 @@ def test_second_key_with_a_duplicate_id_authenticates_or_is_rejected() -> None:
       - {{id: k, hash: "{hash_key(pepper, 'key-two')}"}}
     models: [m]
 """)
-    try:
-        config = parse_config(text)
-    except ConfigError:
-        return  # rejecting duplicate key ids is an acceptable fix
-    directory = TenantDirectory(config, pepper)
-    assert directory.authenticate("key-one") is not None
-    assert directory.authenticate("key-two") is not None
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert caught.value.issues == [ConfigIssue(
+        "tenants.t.keys[1].id", "duplicate key id 'k'",
+        "key ids name a key in logs and budgets; make each unique per tenant", 13)]
 
 
 # BUG 4 (translate/sse.py, feed): the pending-CR flag is cleared by any feed(), even an

@@ -1,0 +1,732 @@
+"""The shape of `asc.yaml`: every field, its type, range, default and description.
+
+This module is the one source of truth for what the file accepts. Pydantic models describe
+the raw document and do the first validation pass; the JSON Schema that editors use
+(`extproc config schema`, `deploy/schema/asc.schema.json`) and the field list the docs are
+checked against are generated from them. Checks that only need one object (a secret
+reference names exactly one source, a rolling window has a period, a tenant's key ids are
+unique) are validators here; checks across sections (a tenant's model exists, a pin stays
+in the tenant's zone) are in `extproc.config`, which compiles these models into the
+runtime objects.
+
+Adding a field starts here: a typed, described attribute with its default. In the sections
+whose runtime object *is* the model (`Limits`, `RedisSettings`, `BudgetSettings`) that is
+the whole change; elsewhere the runtime dataclass (`extproc.config`) gets an attribute of
+the same name, and the value is copied over by name.
+
+Error wording: pydantic's own messages are generic, so fields carry a `Rule` (message when
+the value is refused, message when it is missing or empty, hint) that `extproc.config`
+turns into `path (line N): message` + `hint`. Validators raise `problem(...)`, which can
+name sub-fields and several issues at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, get_args
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+
+from extproc.money import MoneyError, micro_from_usd
+
+__all__ = [
+    "KEY_HASH_PATTERN",
+    "MULTIPLE_CHOICES_MODES",
+    "NAME_PATTERN",
+    "OUTPUT_LIMIT_FIELDS",
+    "SUPPORTED_PROVIDER_KINDS",
+    "UNFORWARDABLE_HEADERS",
+    "AuthSpec",
+    "BudgetSettings",
+    "CredentialSpec",
+    "DeploymentSpec",
+    "Document",
+    "KekSpec",
+    "KeySpec",
+    "Limits",
+    "ModelSpec",
+    "OrgBudgetSpec",
+    "OrgSpec",
+    "PriceSpec",
+    "ProviderSpec",
+    "RateLimitsSpec",
+    "RecordStoreSpec",
+    "RedisSettings",
+    "RouteSpec",
+    "Rule",
+    "SecretRefSpec",
+    "SecretsSpec",
+    "TenantBudgetSpec",
+    "TenantSpec",
+    "field_paths",
+    "json_schema",
+    "json_schema_text",
+    "kind_of",
+    "problem",
+]
+
+ProviderKind = Literal["openai", "openai_compatible", "mistral", "azure", "anthropic"]
+SUPPORTED_PROVIDER_KINDS: Final = get_args(ProviderKind)
+"""Provider kinds (`translate.base.Backend` values). Only `openai_compatible` may run
+without a credential (self-hosted servers without auth)."""
+
+NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+KEY_HASH_PATTERN: Final = r"^hmac-sha256:v1:[0-9a-f]{64}$"
+_CLUSTER_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,128}$"
+_ENV_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_KV_PATH_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$"
+_HEADER_PATTERN: Final = r"^[a-z0-9!#$%&'*+.^_`|~-]{1,100}$"
+UNFORWARDABLE_HEADERS: Final = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+    "cookie", "host", "content-length", "transfer-encoding", "connection",
+    "accept-encoding", "openai-organization", "openai-project", "anthropic-version",
+})
+"""Headers `forward_headers` may not name: credentials (the provider key is the gateway's
+to set), framing headers Envoy and the gateway own, and headers that pick an account."""
+OutputLimitField = Literal["max_tokens", "max_completion_tokens"]
+OUTPUT_LIMIT_FIELDS: Final = get_args(OutputLimitField)
+MultipleChoices = Literal["hold_all", "refuse"]
+MULTIPLE_CHOICES_MODES: Final = get_args(MultipleChoices)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """How a field's problems read. `invalid` (may use `{value!r}` and `{kind}`) replaces
+    the message for a value outside the allowed set or of the wrong type (except the
+    plain "must be a non-empty string / a mapping" cases); `required` replaces
+    `is required` and the message for an empty list/mapping; `hint` goes with either."""
+
+    invalid: str = ""
+    required: str = ""
+    hint: str = ""
+
+
+Issue = tuple[tuple[str | int, ...], str, str]
+"""(location below the object that raised it, message, hint)."""
+
+
+def problem(*issues: Issue) -> PydanticCustomError:
+    """One validation error that carries one or more issues, each at its own sub-path."""
+    return PydanticCustomError("asc", "{summary}",
+                               {"summary": issues[0][1], "issues": list(issues)})
+
+
+def kind_of(value: object) -> str:
+    """The YAML-side name of a value's type, for `must be ..., got <kind>` messages."""
+    return "nothing" if value is None else type(value).__name__
+
+
+class _Spec(BaseModel):
+    """Raw document objects: unknown fields are errors, `"5"` is not an integer."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+# --- field types shared by several sections ----------------------------------------------
+
+Name = Annotated[
+    str, Field(pattern=NAME_PATTERN),
+    Rule(invalid="invalid name {value!r}", hint="use letters, digits, '_', '.', '-'"),
+]
+"""Ids that appear in logs, metrics and Redis keys (tenants, keys, providers, ...)."""
+
+Text = Annotated[str, Field(min_length=1)]
+
+
+def _usd(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise problem(((), f"must be a number, got {kind_of(value)}", ""))
+    try:
+        return micro_from_usd(value)
+    except MoneyError as exc:
+        raise problem(((), str(exc), exc.hint)) from None
+
+
+Usd = Annotated[
+    int, PlainValidator(_usd),
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0},
+                              {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,6})?$"}],
+                    "description": "USD, at most 6 decimals (kept as integer micro-USD)"}),
+]
+"""A USD amount in the file (`0.15` or `"0.15"`); integer micro-USD once validated."""
+
+
+PerMtok = Annotated[Usd, Rule(hint="USD per million tokens, e.g. 0.15")]
+BudgetUsd = Annotated[Usd, Rule(hint="USD, e.g. 500")]
+WindowName = Annotated[
+    Literal["day", "month", "rolling"],
+    Rule(invalid="unknown window {value!r}", hint="one of: day, month, rolling"),
+]
+PeriodS = Annotated[int, Field(ge=60, le=90 * 86_400)]
+
+
+# --- secret references -------------------------------------------------------------------
+
+_SECRET_HINT: Final = "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"  # noqa: S105
+EnvName = Annotated[str, Field(pattern=_ENV_PATTERN),
+                    Rule(invalid="must be an environment variable name")]
+FilePath = Annotated[str, Field(min_length=1)]
+
+
+class SecretRefSpec(_Spec):
+    """Where a secret is read from, never the secret itself."""
+
+    env: EnvName | None = Field(default=None, description="Environment variable of the "
+                                "`extproc serve` process that holds the secret.")
+    file: FilePath | None = Field(default=None, description="File that holds the secret; relative "
+                                  "paths are resolved against the config file's directory.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRefSpec:
+        if (self.env is None) == (self.file is None):
+            raise problem(((), "needs exactly one of `env` or `file`", _SECRET_HINT))
+        return self
+
+
+class CredentialSpec(_Spec):
+    """A provider key: a plain `{env}` / `{file}` reference, or `{keyring: true}`."""
+
+    env: EnvName | None = Field(default=None, description="Environment variable holding the key.")
+    file: FilePath | None = Field(default=None, description="File holding the key (relative to "
+                                  "the config file).")
+    keyring: Annotated[Literal[True], Rule(
+        invalid="must be true",
+        hint="or use {env: ...} / {file: ...} for a plain reference")] | None = Field(
+        default=None, description="The key's sealed versions live in the envelope-encrypted "
+        "keyring (`extproc keys add`).")
+    weight: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=1, description="Share of the provider's traffic among its healthy credentials; "
+        "0 takes it out of rotation.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CredentialSpec:
+        if [self.env, self.file, self.keyring].count(None) != 2:
+            raise problem(((), "needs exactly one of `env`, `file` or `keyring`",
+                           "e.g. {env: OPENAI_API_KEY}, {file: /run/secrets/openai} or "
+                           "{keyring: true}"))
+        return self
+
+
+# --- sections whose runtime object is the model itself -----------------------------------
+
+class Limits(_Spec):  # also the runtime object
+    """Size limits of the gateway."""
+
+    max_body_bytes: Annotated[int, Field(ge=1, le=64 << 20)] = Field(
+        default=1_048_576, description="Largest request body accepted (413 above); Envoy's "
+        "request buffer is rendered from it.")
+    max_response_bytes: Annotated[int, Field(ge=65_536, le=1 << 30)] = Field(
+        default=8_388_608, description="Largest non-streamed provider answer Envoy buffers "
+        "for the service; a larger one is Envoy's 500 response_payload_too_large.")
+
+
+def _redis_url(url: str) -> str:
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise problem(((), "must start with redis://, rediss:// or unix://", ""))
+    return url
+
+
+class RedisSettings(_Spec):  # also the runtime object
+    """The Redis (or Redis Cluster) that holds budgets, rate limits and keyring state."""
+
+    url: Annotated[Text, AfterValidator(_redis_url)] = Field(
+        description="redis://, rediss:// or unix:// URL of Redis or of one cluster node.")
+    cluster: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Use the Redis Cluster client.")
+    timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=50, description="Bound on one Redis call's I/O on the request path.")
+    queue_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
+        default=1000, description="How long a request may wait for a free Redis connection before "
+        "the budget service counts as overloaded.")
+
+
+def _timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # a directory name is an OSError
+        raise problem(((), f"unknown time zone {name!r}", "e.g. UTC, Europe/Paris")) from None
+    return name
+
+
+class BudgetSettings(_Spec):  # also the runtime object
+    """Gateway-wide settings of the budget ledger."""
+
+    timezone: Annotated[str, AfterValidator(_timezone)] = Field(
+        default="UTC", description="IANA time zone where day and month windows start.")
+    hold_ttl_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=600,
+        description="Lifetime of an unsettled reservation before the sweep releases it.")
+    default_max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        default=4096, description="Output tokens held for a request that sets no max_tokens.")
+    multiple_choices: Annotated[MultipleChoices, Rule(
+        invalid=f"must be one of {', '.join(MULTIPLE_CHOICES_MODES)}, got {{value!r}}",
+        hint="hold_all holds budget for every choice of a request with n > 1")] = Field(
+        default="hold_all", description="Requests with n > 1 for budget tenants: hold every "
+        "choice's output tokens, or refuse them.")
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+class KekSpec(_Spec):
+    """The key-encryption key: a local file, or Vault/OpenBao Transit."""
+
+    backend: Annotated[Literal["file", "transit"], Rule(
+        invalid="unknown KEK backend {value!r}", hint="file or transit")] = Field(
+        description="file (a local 0600 key file) or transit (Vault/OpenBao Transit).")
+    path: FilePath | None = Field(default=None, description="backend file: the KEK file "
+                                  "(relative to the config file).")
+    url: Text | None = Field(default=None, description="backend transit: Vault/OpenBao address.")
+    mount: Text = Field(default="transit", description="backend transit: Transit mount path.")
+    key: Text = Field(default="asc-kek", description="backend transit: Transit key name.")
+    token: SecretRefSpec | None = Field(default=None, description="backend transit: token "
+                                        "reference (or role_id + secret_id).")
+    role_id: Text | None = Field(default=None, description="backend transit: AppRole role id.")
+    secret_id: SecretRefSpec | None = Field(default=None, description="backend transit: AppRole "
+                                            "secret id reference.")
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> KekSpec:
+        if self.backend == "file":
+            if self.path is None:
+                raise problem((("path",), "is required", ""))
+            return self
+        if self.url is None:
+            raise problem((("url",), "is required", ""))
+        if (self.token is None) == (self.role_id is None):
+            raise problem(((), "transit needs exactly one of `token` or "
+                           "`role_id` + `secret_id`", ""))
+        if self.role_id is not None and self.secret_id is None:
+            raise problem((("secret_id",), "is required with role_id", ""))
+        return self
+
+
+def _http_url(url: str) -> str:
+    """An http(s) URL with a host; never echoed back (it could carry credentials)."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port != 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise problem(((), "must be an http(s) URL with a host",
+                       "e.g. https://openbao.internal:8200"))
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise problem(((), "must not carry a query, fragment or credentials",
+                       "put the token under secrets.store.token"))
+    return url
+
+
+KvPath = Annotated[
+    str, Field(min_length=1, pattern=_KV_PATH_PATTERN),
+    Rule(invalid="must be names separated by '/', without a leading or trailing '/'"),
+]
+_VAULT_ONLY: Final = ("url", "mount", "prefix", "token")
+
+
+class RecordStoreSpec(_Spec):
+    """Where sealed key records live: `redis` (next to their state) or `vault_kv`."""
+
+    backend: Annotated[Literal["redis", "vault_kv"], Rule(
+        invalid="unknown record store backend {value!r}", hint="redis or vault_kv")] = Field(
+        description="redis or vault_kv (Vault/OpenBao KV v2).")
+    url: Annotated[Text, AfterValidator(_http_url)] | None = Field(
+        default=None, description="backend vault_kv: Vault/OpenBao address.")
+    mount: Annotated[KvPath, Rule(hint="e.g. secret")] = Field(
+        default="secret", description="backend vault_kv: KV v2 mount path.")
+    prefix: Annotated[KvPath, Rule(hint="e.g. asc")] = Field(
+        default="asc", description="backend vault_kv: path prefix of the records.")
+    token: SecretRefSpec | None = Field(default=None,
+                                        description="backend vault_kv: token reference.")
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> RecordStoreSpec:
+        if self.backend == "redis":
+            extra = [name for name in _VAULT_ONLY if name in self.model_fields_set]
+            if extra:
+                raise problem(*[((name,), "only applies to backend vault_kv",
+                                 "remove it, or set backend: vault_kv") for name in extra])
+            return self
+        missing: list[Issue] = []
+        if self.url is None:
+            missing.append((("url",), "is required with backend vault_kv",
+                            "e.g. https://openbao.internal:8200"))
+        if self.token is None:
+            missing.append((("token",), "is required with backend vault_kv",
+                            "e.g. {env: BAO_TOKEN} or {file: /run/secrets/bao-token}"))
+        if missing:
+            raise problem(*missing)
+        return self
+
+
+class SecretsSpec(_Spec):
+    """The KEK, the record store and the keyring's cache settings."""
+
+    kek: KekSpec | None = Field(default=None, description="Key-encryption key; needed by keyring "
+                                "credentials.")
+    store: RecordStoreSpec | None = Field(default=None, description="Where sealed records live "
+                                          "(default: redis).")
+    cache_ttl_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=300, description="How long an unwrapped key stays cached in memory.")
+    max_age_s: Annotated[int, Field(ge=1, le=30 * 86_400)] = Field(
+        default=3600, description="Longest a cached key is used without re-reading its record.")
+    state_ttl_s: Annotated[int, Field(ge=1, le=60)] = Field(
+        default=1, description="How often a replica re-reads credential lifecycle state.")
+    rollback_after: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=3, description="Provider 401/403 answers on a canary version before it rolls back.")
+
+
+# --- providers, models -------------------------------------------------------------------
+
+def _base_url(url: str) -> str:
+    parts = urlsplit(url)
+    try:
+        explicit_port = parts.port
+    except ValueError:
+        explicit_port = 0
+    port = (443 if parts.scheme == "https" else 80) if explicit_port is None else explicit_port
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port:
+        raise problem(((), f"not an http(s) URL with a host: {url!r}",
+                       "e.g. https://api.openai.com"))
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise problem(((), "must not carry a query, fragment or credentials",
+                       "put credentials under `credentials:`"))
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise problem(((), "must not end in /v1",
+                       "the gateway appends the API path (/v1/chat/completions) itself"))
+    return url
+
+
+def _forwardable(name: str) -> str:
+    if name in UNFORWARDABLE_HEADERS or name.startswith("x-asc-"):
+        raise problem(((), f"the header {name!r} cannot be forwarded",
+                       "credentials and account headers are the gateway's to set, x-asc-* "
+                       "headers are the gateway's own, framing headers are Envoy's"))
+    return name
+
+
+HeaderName = Annotated[
+    str, Field(pattern=_HEADER_PATTERN, json_schema_extra={"not": {"anyOf": [
+        {"enum": sorted(UNFORWARDABLE_HEADERS)}, {"pattern": "^x-asc-"}]}}),
+    AfterValidator(_forwardable),
+    Rule(invalid="not a lower-case header name: {value!r}", hint="e.g. anthropic-beta"),
+]
+
+
+class ProviderSpec(_Spec):
+    """One upstream: a provider account in one region, reached through one Envoy cluster."""
+
+    kind: Annotated[ProviderKind,
+                    Rule(invalid="provider kind {value!r} is not supported yet",
+                         hint=f"supported kinds: {', '.join(SUPPORTED_PROVIDER_KINDS)}")] = (
+        Field(description="API dialect of the upstream."))
+    base_url: Annotated[Text, AfterValidator(_base_url)] = Field(
+        description="http(s)://host[:port][/prefix], without /v1 (the gateway appends the "
+        "API path).")
+    region: Text = Field(description="Region label (metrics, audit, x-asc-region).")
+    zone: Text = Field(description="Residency zone; a tenant with a zone is never routed "
+                       "outside it.")
+    cluster: Annotated[str, Field(pattern=_CLUSTER_PATTERN), Rule(
+        invalid="invalid Envoy cluster name {value!r}")] = Field(
+        description="Envoy cluster name the router sends this provider's requests to.")
+    credentials: list[Text] = Field(
+        default_factory=list, description="Credential ids (from `credentials:`) of this "
+        "provider's key pool.")
+    api_version: Text | None = Field(default=None, description="Azure OpenAI `api-version` query "
+                                     "value (azure only).")
+    forward_headers: Annotated[list[HeaderName], Rule(
+        invalid="must be a list of header names, got {kind}",
+        hint="e.g. [anthropic-beta]")] = Field(
+        default_factory=list, description="Client request headers forwarded to this provider "
+        "on top of the allow-list of its kind (lower case; repeats are ignored).")
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> ProviderSpec:
+        issues: list[Issue] = []
+        if self.kind != "openai_compatible" and not self.credentials:
+            issues.append((("credentials",),
+                           f"{self.kind} providers need at least one credential", ""))
+        if self.api_version is not None and self.kind != "azure":
+            issues.append((("api_version",), "only applies to azure providers", ""))
+        if issues:
+            raise problem(*issues)
+        return self
+
+
+class PriceSpec(_Spec):
+    """USD per million tokens."""
+
+    input_per_mtok: PerMtok = Field(description="Input (prompt) tokens.")
+    output_per_mtok: PerMtok = Field(description="Output (completion) tokens.")
+    cached_input_per_mtok: PerMtok | None = Field(
+        default=None, description="Cached input tokens (default: the input price).")
+
+
+class DeploymentSpec(_Spec):
+    provider: Text = Field(description="Provider name (from `providers:`).")
+    model: Text | None = Field(default=None, description="Model name upstream (default: the "
+                               "model's own name).")
+
+
+class ModelSpec(_Spec):
+    """A model clients ask for by name, its price and where it runs."""
+
+    price: PriceSpec = Field(description="Price of the model.")
+    deployments: Annotated[list[DeploymentSpec], Field(min_length=1), Rule(
+        required="must be a non-empty list",
+        hint="e.g. [{provider: openai-us, model: gpt-4o-mini}]")] = Field(
+        description="Providers (and upstream model names) that serve it.")
+    output_limit_field: Annotated[OutputLimitField, Rule(
+        invalid=f"must be one of {', '.join(OUTPUT_LIMIT_FIELDS)} or null, got {{value!r}}",
+        hint="o-series and gpt-5 models take max_completion_tokens; leave it out to let "
+        "the gateway pick by model family")] | None = Field(
+        default=None, description="Field that carries the output-token limit on the wire for this "
+        "model; null: the translator decides by model family.")
+
+
+# --- orgs, tenants -----------------------------------------------------------------------
+
+def _rolling_period(window: str, period_s: int | None, fields_set: set[str]) -> None:
+    if window == "rolling" and period_s is None:
+        raise problem((("period_s",), "is required for a rolling window", ""))
+    if window != "rolling" and "period_s" in fields_set:
+        raise problem((("period_s",), "only applies to a rolling window", ""))
+
+
+class OrgBudgetSpec(_Spec):
+    window: WindowName = Field(description="day, month (calendar, in budgets.timezone) "
+                               "or rolling.")
+    period_s: PeriodS | None = Field(default=None, description="Length of a rolling window, "
+                                     "60 s to 90 days.")
+    limit_usd: BudgetUsd = Field(description="Limit in USD.")
+
+    @model_validator(mode="after")
+    def _period(self) -> OrgBudgetSpec:
+        _rolling_period(self.window, self.period_s, self.model_fields_set)
+        return self
+
+
+class OrgSpec(_Spec):
+    budgets: Annotated[list[OrgBudgetSpec], Rule(
+        invalid="must be a list of budget rules",
+        hint="e.g. [{window: month, limit_usd: 5000}]")] | None = Field(
+        default=None, description="Budgets shared by the org's tenants.")
+
+
+class TenantBudgetSpec(_Spec):
+    scope: Annotated[Literal["tenant", "key", "model"], Rule(
+        invalid="unknown scope {value!r}",
+        hint="one of: tenant, key, model (org budgets live under orgs:)")] = Field(
+        description="What the limit applies to: the whole tenant, one key, one model.")
+    key: Text | None = Field(default=None, description="scope key: the key id.")
+    model: Text | None = Field(default=None, description="scope model: the model name.")
+    window: WindowName = Field(description="day, month (calendar, in budgets.timezone) "
+                               "or rolling.")
+    period_s: PeriodS | None = Field(default=None, description="Length of a rolling window, "
+                                     "60 s to 90 days.")
+    limit_usd: BudgetUsd = Field(description="Limit in USD.")
+
+    @model_validator(mode="after")
+    def _subject(self) -> TenantBudgetSpec:
+        for scope in ("key", "model"):
+            if self.scope == scope and getattr(self, scope) is None:
+                raise problem(((scope,), "is required", ""))
+        _rolling_period(self.window, self.period_s, self.model_fields_set)
+        return self
+
+
+class KeySpec(_Spec):
+    id: Name = Field(description="Key id: names the key in logs, metrics and budgets.")
+    hash: Annotated[str, Field(pattern=KEY_HASH_PATTERN), Rule(
+        invalid="not a key hash", hint="expected hmac-sha256:v1:<64 hex>, from `extproc "
+        "keys hash`; never put a plaintext key here")] = Field(
+        description="HMAC-SHA256(pepper, key) from `extproc keys hash`.")
+
+
+class RouteSpec(_Spec):
+    pin: Text | None = Field(default=None, description="Provider that always serves this model "
+                             "for the tenant (one of the model's deployments).")
+
+
+class RateLimitsSpec(_Spec):
+    rpm: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="Requests per minute.")
+    tpm: Annotated[int, Field(ge=1, le=10_000_000_000)] | None = Field(
+        default=None, description="Tokens per minute (estimate held, real usage settled).")
+
+
+class TenantSpec(_Spec):
+    """A tenant: who may call, which models, where (residency) and for how much."""
+
+    zone: Text | None = Field(default=None, description="Residency zone: never routed outside it.")
+    keys: Annotated[list[KeySpec], Field(min_length=1), Rule(
+        required="must be a non-empty list of {id, hash}",
+        hint="create a hash with `extproc keys hash --config asc.yaml`")] = Field(
+        description="Virtual keys, stored as hashes.")
+    models: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of model names")] = Field(
+        description="Models the tenant may use.")
+    routing: dict[str, RouteSpec] | None = Field(
+        default=None, description="Per-model routing rules.",
+        json_schema_extra={"x-key": "<model>"})
+    org: Name | None = Field(default=None,
+                             description="Org (from `orgs:`) whose budgets also apply.")
+    budgets: Annotated[list[TenantBudgetSpec], Rule(
+        invalid="must be a list of budget rules",
+        hint="e.g. [{scope: tenant, window: month, limit_usd: 500}]")] | None = Field(
+        default=None, description="USD budgets of the tenant, its keys and models.")
+    rate_limits: RateLimitsSpec | None = Field(default=None, description="RPM / TPM limits.")
+    on_redis_error: Annotated[Literal["fail_closed", "fail_open"], Rule(
+        invalid="unknown mode {value!r}", hint="fail_closed (default) or fail_open")] = Field(
+        default="fail_closed", description="What budget requests get while Redis is unavailable.")
+    fail_open_ceiling_usd: Annotated[Usd, Rule(
+        hint="USD per replica and day, e.g. 5")] | None = Field(
+        default=None, description="With fail_open: the most one replica may spend for this tenant "
+        "per day while Redis is down.")
+    max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="Largest max_tokens a request may ask for (also the default).")
+    credentials: dict[str, Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of credential ids")]] | None = Field(
+        default=None, description="BYOK: provider name -> this tenant's own keyring credentials.",
+        json_schema_extra={"x-key": "<provider>"})
+
+    @model_validator(mode="after")
+    def _local_rules(self) -> TenantSpec:
+        issues: list[Issue] = []
+        seen: set[str] = set()
+        for index, key in enumerate(self.keys):
+            if key.id in seen:
+                issues.append((("keys", index, "id"), f"duplicate key id {key.id!r}",
+                               "key ids name a key in logs and budgets; make each unique "
+                               "per tenant"))
+            seen.add(key.id)
+        for index, rule in enumerate(self.budgets or ()):
+            if rule.scope == "key" and rule.key not in seen:
+                issues.append((("budgets", index, "key"), f"unknown key id {rule.key!r}",
+                               f"key ids: {', '.join(sorted(seen))}"))
+            if rule.scope == "model" and rule.model not in self.models:
+                issues.append((("budgets", index, "model"),
+                               f"model {rule.model!r} is not allowed for this tenant", ""))
+        if self.on_redis_error == "fail_open" and self.fail_open_ceiling_usd is None:
+            issues.append((("fail_open_ceiling_usd",), "is required with fail_open",
+                           "the most one replica may spend for this tenant per day while "
+                           "Redis is down"))
+        if issues:
+            raise problem(*issues)
+        return self
+
+
+# --- the document ------------------------------------------------------------------------
+
+class AuthSpec(_Spec):
+    pepper: SecretRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
+
+
+def _version_one(version: int) -> int:
+    if version != 1:
+        raise problem(((), f"unsupported version {version!r}", "set `version: 1`"))
+    return version
+
+
+class Document(_Spec):
+    """`asc.yaml`, version 1."""
+
+    model_config = ConfigDict(title="asc.yaml", json_schema_extra={
+        "$schema": "https://json-schema.org/draft/2020-12/schema"})
+
+    version: Annotated[int, AfterValidator(_version_one),
+                       Rule(invalid="unsupported version {value!r}", hint="set `version: 1`"),
+                       WithJsonSchema({"const": 1, "type": "integer"})] = Field(
+        description="Format version; only 1 exists.")
+    auth: AuthSpec = Field(description="How virtual keys are checked.")
+    limits: Limits | None = Field(default=None, description="Size limits.")
+    redis: RedisSettings | None = Field(default=None, description="Redis; needed by budgets, rate "
+                                        "limits and keyring credentials.")
+    budgets: BudgetSettings | None = Field(default=None,
+                                           description="Gateway-wide budget settings.")
+    secrets: SecretsSpec | None = Field(default=None, description="KEK, record store and keyring "
+                                        "cache; needed by keyring credentials.")
+    credentials: dict[Name, CredentialSpec] | None = Field(
+        default=None, description="Provider keys by id: references, never values.",
+        json_schema_extra={"x-key": "<id>"})
+    providers: Annotated[dict[Name, ProviderSpec], Field(min_length=1), Rule(
+        required="must define at least one provider")] = Field(
+        description="Upstreams by name.", json_schema_extra={"x-key": "<name>"})
+    models: dict[Name, ModelSpec] = Field(
+        description="Models by the name clients send.", json_schema_extra={"x-key": "<name>"})
+    orgs: dict[Name, OrgSpec] | None = Field(
+        default=None, description="Orgs: budgets shared by several tenants.",
+        json_schema_extra={"x-key": "<id>"})
+    tenants: dict[Name, TenantSpec] = Field(
+        description="Tenants by id.", json_schema_extra={"x-key": "<id>"})
+
+
+class _AscJsonSchema(GenerateJsonSchema):
+    """Names a mapping's keys must match become `propertyNames` (pydantic writes
+    `patternProperties`, which lets keys that do not match through unchecked)."""
+
+    def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
+        result = super().dict_schema(schema)
+        patterns = result.get("patternProperties", {})
+        if len(patterns) == 1:
+            (pattern, values), = patterns.items()
+            del result["patternProperties"]
+            result["propertyNames"] = {"pattern": pattern}
+            result["additionalProperties"] = values
+        return result
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of `asc.yaml` (what `extproc config schema` prints)."""
+    return Document.model_json_schema(schema_generator=_AscJsonSchema)
+
+def json_schema_text() -> str:
+    """The JSON Schema as shipped in `deploy/schema/asc.schema.json`."""
+    return json.dumps(json_schema(), indent=2) + "\n"
+
+
+def field_paths(schema: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Every field of a JSON Schema of `asc.yaml`, by section, in the reference's naming:
+    `""` (top), `redis`, `providers.<name>`, `tenants.<id>.keys[]`, ...
+
+    Mapping keys chosen by the operator appear as the schema's `x-key` placeholder.
+    """
+    definitions = schema.get("$defs", {})
+    sections: dict[str, tuple[str, ...]] = {}
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = definitions[node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    def walk(node: dict[str, Any], path: str, key: str = "<key>") -> None:
+        node = resolve(node)
+        for option in node.get("anyOf", ()):
+            if option.get("type") != "null":
+                walk(option, path, node.get("x-key", key))
+        key = node.get("x-key", key)
+        if "properties" in node:
+            sections[path] = tuple(node["properties"])
+            for name, child in node["properties"].items():
+                walk(child, f"{path}.{name}" if path else name)
+        for child in (*node.get("patternProperties", {}).values(),
+                      *([node["additionalProperties"]]
+                        if isinstance(node.get("additionalProperties"), dict) else [])):
+            walk(child, f"{path}.{key}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+
+    walk(schema, "")
+    return sections
