@@ -63,7 +63,7 @@ SCHEMA: Final[dict[str, tuple[str, ...]]] = {
                     "secret_id"),
     "secrets.store": ("backend", "url", "mount", "prefix", "token"),
     "limits": ("max_body_bytes",),
-    "redis": ("url", "cluster", "timeout_ms"),
+    "redis": ("url", "cluster", "timeout_ms", "queue_timeout_ms"),
     "budgets": ("timezone", "hold_ttl_s", "default_max_tokens"),
     "credentials.<id>": ("env", "file", "keyring", "weight"),
     "providers.<name>": ("kind", "base_url", "region", "zone", "cluster", "credentials",
@@ -218,6 +218,10 @@ class RedisSettings:
     url: str
     cluster: bool = False
     timeout_ms: int = 50
+    """Bound on Redis I/O: connect and socket read/write timeouts."""
+    queue_timeout_ms: int = 1000
+    """Bound on the wait for a free Redis connection; past it the request is shed (503)
+    without counting against Redis in the breaker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -821,7 +825,10 @@ def _redis(raw_value: object, check: _Checker) -> RedisSettings | None:
         check.add("redis.cluster", "must be true or false")
         cluster = False
     timeout = _int_field(raw, "timeout_ms", "redis", check, low=1, high=10_000, default=50)
-    return RedisSettings(url=url, cluster=cluster, timeout_ms=timeout or 50)
+    queue_timeout = _int_field(raw, "queue_timeout_ms", "redis", check, low=1, high=60_000,
+                               default=1000)
+    return RedisSettings(url=url, cluster=cluster, timeout_ms=timeout or 50,
+                         queue_timeout_ms=queue_timeout or 1000)
 
 
 def _budget_settings(raw_value: object, check: _Checker) -> BudgetSettings:

@@ -86,7 +86,7 @@ async def test_reserve_then_settle_charges_the_real_cost(client: Any) -> None:
     assert (result.held, result.remaining) == (True, (700_000,))
     assert await counter(client, key) == (0, 300_000)
 
-    assert await ledger.settle(reservation, [120_000]) == 1
+    assert (await ledger.settle(reservation, [120_000])).status == 1
     assert await counter(client, key) == (120_000, 0)
 
 
@@ -102,7 +102,7 @@ async def test_settle_five_times_charges_once_and_replayed_reserve_holds_once(
     assert (replay.held, replay.replay) == (True, True)
     assert await counter(client, key) == (0, 250_000)
 
-    results = [await ledger.settle(reservation, [100_000]) for _ in range(5)]
+    results = [(await ledger.settle(reservation, [100_000])).status for _ in range(5)]
     assert results == [1, 0, 0, 0, 0]
     assert await counter(client, key) == (100_000, 0)
 
@@ -156,8 +156,8 @@ async def test_abandoned_hold_is_swept_and_a_late_settle_still_charges_once(
     assert await ledger.sweep(reservation.tag) == 1
     assert await counter(client, key) == (0, 0)
 
-    assert await ledger.settle(reservation, [50_000]) == 2
-    assert await ledger.settle(reservation, [50_000]) == 0
+    assert (await ledger.settle(reservation, [50_000])).status == 2
+    assert (await ledger.settle(reservation, [50_000])).status == 0
     assert await counter(client, key) == (50_000, 0)
 
 
@@ -166,7 +166,7 @@ async def test_rolling_window_counts_every_bucket_in_the_window(client: Any) -> 
     budget = make_budget(tenant_usd=100.0, rolling=3600)
     first = make_reservation(budget, 60_000, now=NOW)
     assert (await ledger.reserve(first)).held
-    assert await ledger.settle(first, [60_000, 60_000]) == 1
+    assert (await ledger.settle(first, [60_000, 60_000])).status == 1
 
     # 40 minutes later the first spend is still inside the 1 h window: 60k + 50k > 100k.
     later = make_reservation(budget, 50_000, now=NOW.replace(minute=40))
@@ -213,7 +213,7 @@ async def test_org_budget_is_shared_by_its_tenants_in_one_slot(client: Any) -> N
 
 
 async def test_guard_answers_429_with_retry_after_and_the_limit(client: Any) -> None:
-    guard = BudgetGuard(RedisLedger(client), timezone="UTC", timeout_s=1.0, now=lambda: NOW)
+    guard = BudgetGuard(RedisLedger(client), timezone="UTC", now=lambda: NOW)
     budget = make_budget(tenant_usd=0.5)
     with pytest.raises(GatewayError) as caught:
         await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
@@ -228,16 +228,15 @@ async def test_guard_answers_429_with_retry_after_and_the_limit(client: Any) -> 
 async def test_guard_fails_closed_fast_when_redis_is_gone(tmp_path: Path) -> None:
     with Stack(tmp_path) as stack:
         process, port = stack.start_redis()
-        client = Redis(host="127.0.0.1", port=port, socket_timeout=0.05,
-                       socket_connect_timeout=0.05)
-        guard = BudgetGuard(RedisLedger(client), timezone="UTC", timeout_s=0.05)
+        client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{port}/0"))  # defaults
+        guard = BudgetGuard(RedisLedger(client), timezone="UTC")
         budget = make_budget()
         await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
                             model="m", cost_micro_usd=1000, estimated_tokens=10)
         process.stop()
 
         elapsed = []
-        for _ in range(5):
+        for _ in range(50):
             started = asyncio.get_running_loop().time()
             with pytest.raises(GatewayError) as caught:
                 await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
@@ -245,12 +244,15 @@ async def test_guard_fails_closed_fast_when_redis_is_gone(tmp_path: Path) -> Non
             elapsed.append(asyncio.get_running_loop().time() - started)
             assert caught.value.status == 503
         await client.aclose()
-    assert max(elapsed) < 0.5  # generous; the bench measures it precisely
+    elapsed.sort()
+    print(f"\nfail_closed with Redis down: p50 {elapsed[24] * 1000:.2f} ms,"
+          f" p99 {elapsed[48] * 1000:.2f} ms, max {elapsed[-1] * 1000:.2f} ms")
+    assert elapsed[-1] < 0.5  # generous; the target is 100 ms p99
 
 
 async def test_fail_open_admits_up_to_the_local_ceiling(tmp_path: Path) -> None:
     client = Redis(host="127.0.0.1", port=1, socket_timeout=0.05, socket_connect_timeout=0.05)
-    guard = BudgetGuard(RedisLedger(client), timezone="UTC", timeout_s=0.05)
+    guard = BudgetGuard(RedisLedger(client), timezone="UTC")
     budget = TenantBudget(tenant="open", org=None, rules=make_budget().rules,
                           rate_limits=RateLimits(), fail_open=True,
                           fail_open_ceiling_micro_usd=25_000)
