@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -28,6 +29,7 @@ from extproc.config import RedisSettings
 from extproc.devstack import Stack
 from extproc.errors import GatewayError
 
+_T = TypeVar("_T")
 UTC_ZONE = ZoneInfo("UTC")
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -74,6 +76,17 @@ def make_reservation(budget: TenantBudget, cost: int, *, key_id: str = "k1",
 async def counter(client: Any, key: str) -> tuple[int, int]:
     values = await client.hmget(key, "spent", "held")
     return int(values[0] or 0), int(values[1] or 0)
+
+
+async def poll(call: Callable[[], Awaitable[_T]], *, until: Callable[[_T], bool],
+               timeout_s: float = 10.0) -> bool:
+    """Call until the answer satisfies `until` (bounded): time passes in Redis, not here."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if until(await call()):
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 async def test_reserve_then_settle_charges_the_real_cost(client: Any) -> None:
@@ -152,8 +165,7 @@ async def test_abandoned_hold_is_swept_and_a_late_settle_still_charges_once(
     assert (await ledger.reserve(reservation)).held
 
     assert await ledger.sweep(reservation.tag) == 0  # not expired yet
-    await asyncio.sleep(1.2)
-    assert await ledger.sweep(reservation.tag) == 1
+    assert await poll(lambda: ledger.sweep(reservation.tag), until=lambda swept: swept == 1)
     assert await counter(client, key) == (0, 0)
 
     assert (await ledger.settle(reservation, [50_000])).status == 2
@@ -269,3 +281,130 @@ async def test_fail_open_admits_up_to_the_local_ceiling(tmp_path: Path) -> None:
                                cost_micro_usd=10_000, estimated_tokens=1)
     assert hold.mode == "fail_open"
     await client.aclose()
+
+
+# --- issue 8 item 9: no key without a TTL, no negative held ----------------------------
+
+def short_lived(reservation: Reservation, ttl_s: int = 1) -> Reservation:
+    """The same reservation with counters that expire after `ttl_s`: a request that
+    outlives its counters (a long stream over an RPM minute or a rolling bucket)."""
+    groups = tuple(replace(group, ttl_s=ttl_s) for group in reservation.groups)
+    return replace(reservation, groups=groups)
+
+
+async def tag_keys(client: Any, tag: str) -> dict[str, int]:
+    """Every key of a hash tag with its TTL in ms (-1: none)."""
+    keys = [k if isinstance(k, str) else k.decode()
+            async for k in client.scan_iter(match=f"asc:{tag}:*", count=1000)]
+    return {key: await client.pttl(key) for key in keys}
+
+
+async def test_settle_and_sweep_after_the_counters_expired_recreate_nothing(
+    client: Any,
+) -> None:
+    ledger = RedisLedger(client, hold_ttl_s=0.05)
+    budget = make_budget(rpm=10)
+    settled = short_lived(make_reservation(budget, 300_000))
+    swept = short_lived(make_reservation(budget, 200_000))
+    late = short_lived(make_reservation(budget, 100_000))
+    counters = {key for group in settled.groups for key in group.keys}
+    for reservation in (settled, swept, late):
+        assert (await ledger.reserve(reservation)).held
+
+    async def live_counters() -> int:
+        return int(sum([await client.exists(key) for key in counters]))
+
+    assert await poll(live_counters, until=lambda live: live == 0)
+    # The requests outlived their counters; now they end: settle, sweep, late settle.
+    assert (await ledger.settle(settled, [120_000, 1])).status == 1
+    assert await poll(lambda: ledger.sweep(swept.tag), until=lambda n: n == 0)
+    assert (await ledger.settle(late, [90_000, 1])).status == 2  # after the sweep
+    assert (await ledger.settle(swept, [80_000, 1])).status == 2
+
+    keys = await tag_keys(client, settled.tag)
+    assert sorted(keys) == sorted(r.record_key for r in (settled, swept, late))
+    assert all(ttl > 0 for ttl in keys.values())
+
+
+async def test_load_and_sweeps_leave_every_key_with_a_ttl_and_no_negative_held(
+    client: Any,
+) -> None:
+    ledger = RedisLedger(client, hold_ttl_s=0.2)
+    budget = make_budget(tenant_usd=1000.0, key_usd=1000.0, rpm=100_000, rolling=3600)
+    reservations = [make_reservation(budget, 1_000 + i) for i in range(60)]
+    assert all(r.held for r in await asyncio.gather(*(ledger.reserve(r) for r in reservations)))
+    # A third settle normally, a third is released, a third is abandoned and swept.
+    await asyncio.gather(*(ledger.settle(r, [500, 500, 500, 1]) for r in reservations[:20]))
+    await asyncio.gather(*(ledger.settle(r, [0, 0, 0, 0], released=True)
+                           for r in reservations[20:40]))
+    holds = reservations[0].holds_key
+
+    async def open_holds() -> int:
+        await ledger.sweep(reservations[0].tag)
+        return int(await client.zcard(holds))
+
+    assert await poll(open_holds, until=lambda n: n == 0)
+    # Settles of swept holds, twice (idempotent), and a release of a never-seen request.
+    for r in reservations[40:]:
+        assert (await ledger.settle(r, [700, 700, 700, 1])).status == 2
+        assert (await ledger.settle(r, [700, 700, 700, 1])).status == 0
+    ghost = make_reservation(budget, 5)
+    assert (await ledger.settle(ghost, [0, 0, 0, 0], released=True)).status == 0
+    # ... which leaves a tombstone: a reserve arriving after its release holds nothing.
+    assert (await ledger.reserve(ghost)).replay
+
+    keys = await tag_keys(client, reservations[0].tag)
+    counters = {key for group in reservations[0].groups for key in group.keys[:1]}
+    records = {r.record_key for r in [*reservations, ghost]}
+    assert set(keys) == counters | records  # the empty holds index is gone
+    assert [key for key, ttl in keys.items() if ttl <= 0] == []
+    spent_held = {key: await counter(client, key) for key in counters}
+    usd = [key for key in counters if ":rl:" not in key]
+    assert {spent_held[key] for key in usd} == {(20 * 500 + 20 * 700, 0)}
+    rpm = next(key for key in counters if ":rpm:" in key)
+    assert spent_held[rpm] == (40, 0)
+
+
+# --- issue 8 item 10: a reserve cancelled in flight releases its hold --------------------
+
+async def test_reserve_cancelled_in_flight_releases_its_hold_by_request_id(
+    redis_server: int,
+) -> None:
+    # A long I/O timeout: the reserve stays in flight until the client leaves.
+    client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0",
+                                        timeout_ms=10_000))
+    admin = Redis(port=redis_server)
+    try:
+        guard = BudgetGuard(RedisLedger(client, hold_ttl_s=600), timezone="UTC",
+                            now=lambda: NOW)
+        budget = make_budget()
+        warm = await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
+                                   model="m", cost_micro_usd=1, estimated_tokens=1)
+        await guard.settle(warm, cost_micro_usd=0, tokens=0, budget=budget)
+
+        await admin.client_pause(10_000, all=False)  # Redis holds every write back
+        request_id = uuid.uuid4().hex
+        reserve = asyncio.create_task(guard.reserve(
+            request_id=request_id, budget=budget, key_id="k1", model="m",
+            cost_micro_usd=400_000, estimated_tokens=10))
+
+        async def blocked() -> int:
+            return int((await admin.info("clients"))["blocked_clients"])
+
+        assert await poll(blocked, until=lambda n: n == 1)  # the reserve is in Redis
+        reserve.cancel()  # the client left
+        with pytest.raises(asyncio.CancelledError):
+            await reserve
+        await admin.client_unpause()
+        await guard.drain()
+
+        record = Reservation(request_id=request_id, tag=hash_tag(budget), groups=()).record_key
+        assert await admin.hget(record, "state") == b"released"
+        key = plan_reservation(budget, key_id="k1", model="m", cost_micro_usd=1,
+                               estimated_tokens=1, now=NOW, zone=UTC_ZONE)[0].keys[0]
+        assert await counter(admin, key) == (0, 0)
+        assert guard.breaker.state == "closed"
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+        await client.aclose()
