@@ -400,15 +400,28 @@ class RequestProcessor:
             return
         self._finished = True
         aborted = not self._complete
-        if self.hold is not None and self.principal is not None and self.route is not None:
-            cost, tokens = self._real_cost(aborted)
-            self.charged_micro_usd = cost
-            settled = await self._runtime.budget_guard().settle(
-                self.hold, cost_micro_usd=cost, tokens=tokens,
-                budget=self.principal.tenant.budget)
-            if settled:  # the metric follows the ledger: a lost settle is not spend
-                metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
-                                            self.model_asked or "-").inc(cost)
+        try:
+            if self.hold is not None and self.principal is not None and self.route is not None:
+                cost, tokens = self._real_cost(aborted)
+                self.charged_micro_usd = cost
+                settled = await self._runtime.budget_guard().settle(
+                    self.hold, cost_micro_usd=cost, tokens=tokens,
+                    budget=self.principal.tenant.budget)
+                if settled:  # the metric follows the ledger: a lost settle is not spend
+                    metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
+                                                self.model_asked or "-").inc(cost)
+        except Exception:
+            # The hold stays until the sweeper returns it; the request is still measured
+            # and logged.
+            log.exception("budget settle raised", extra={"fields": {
+                "request_id": self.request_id}})
+        finally:
+            # Also when settling was cancelled (shutdown): every request is measured
+            # and logged exactly once.
+            self._measure_and_log(aborted)
+
+    def _measure_and_log(self, aborted: bool) -> None:
+        """The request's metrics and its one log line (see finish)."""
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"
