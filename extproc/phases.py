@@ -473,6 +473,8 @@ class RequestProcessor:
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.
 
+        Usage with parts the gateway has no price for (server tools, audio, a premium
+        service tier) is charged at least the full hold, never just its priced part.
         Without usage: nothing for a provider error; an estimate for a stream cut short
         (prompt estimate + content chunks seen); the full hold when the client left before
         any response, since the provider may still have done - and billed - the work.
@@ -482,17 +484,32 @@ class RequestProcessor:
         price = self.route.model.price
         if self.usage is not None:
             usage = self.usage
+            if usage.unpriced:
+                cost = _usage_cost(price, usage)
+                tokens = usage.input_tokens + usage.output_tokens
+                held_cost, held_tokens = self._held()
+                log_event(log, logging.WARNING, "unpriced usage charged at the hold",
+                          request_id=self.request_id, unpriced=list(usage.unpriced),
+                          priced_micro_usd=cost, held_micro_usd=held_cost)
+                return max(cost, held_cost), max(tokens, held_tokens)
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
         elif self.upstream_status is not None:
             streamed = self._stream.output_tokens_so_far if self._stream is not None else 0
             usage = Usage(self.estimated_input_tokens, streamed)
         elif aborted and self.hold.reservation is not None:
-            held = {g.unit: g.amount for g in self.hold.reservation.groups}
-            return held.get("usd", 0), held.get("tokens", 0)
+            return self._held()
         else:
             return 0, 0
         return _usage_cost(price, usage), usage.input_tokens + usage.output_tokens
+
+    def _held(self) -> tuple[int, int]:
+        """(micro-USD, tokens) this request holds."""
+        assert self.hold is not None
+        if self.hold.reservation is None:
+            return self.hold.local_amount, 0
+        held = {g.unit: g.amount for g in self.hold.reservation.groups}
+        return held.get("usd", 0), held.get("tokens", 0)
 
 
 def _usage_cost(price: Price, usage: Usage) -> int:

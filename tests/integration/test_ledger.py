@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from extproc.budgets.guard import BudgetGuard
@@ -408,3 +410,40 @@ async def test_reserve_cancelled_in_flight_releases_its_hold_by_request_id(
         await admin.client_unpause()
         await admin.aclose()
         await client.aclose()
+
+
+# --- issue 8 item 5: an overrun is recorded and the next request refused ----------------
+
+async def test_settle_past_the_limit_records_the_overrun_and_the_next_reserve_is_refused(
+    client: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    guard = BudgetGuard(RedisLedger(client), timezone="UTC", now=lambda: NOW)
+    budget = make_budget(tenant_usd=1.0, rpm=1000)
+    tenant = budget.tenant
+    first = await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
+                                model="m", cost_micro_usd=900_000, estimated_tokens=10)
+    assert await guard.settle(first, cost_micro_usd=900_000, tokens=10, budget=budget) == 1
+    request_id = uuid.uuid4().hex
+    second = await guard.reserve(request_id=request_id, budget=budget, key_id="k1",
+                                 model="m", cost_micro_usd=80_000, estimated_tokens=10)
+    assert second.reservation is not None
+    key = second.reservation.groups[0].keys[0]
+
+    # The provider billed more than the hold (usage the hold did not cover).
+    with caplog.at_level(logging.WARNING, logger="extproc.budgets"):
+        assert await guard.settle(second, cost_micro_usd=230_000, tokens=10,
+                                  budget=budget) == 1
+
+    assert await counter(client, key) == (1_130_000, 0)
+    assert int(await client.hget(key, "overrun")) == 130_000
+    assert int(await client.hget(second.reservation.record_key, "overrun")) == 130_000
+    [record] = [r for r in caplog.records if r.getMessage() == "budget overrun"]
+    fields = record.__dict__["fields"]
+    assert (fields["request_id"], fields["over"], fields["held"], fields["charged"],
+            fields["unit"]) == (request_id, 130_000, 80_000, 230_000, "usd")
+    assert REGISTRY.get_sample_value("asc_budget_overrun_total",
+                                     {"tenant": tenant, "unit": "usd"}) == 130_000
+    with pytest.raises(GatewayError) as caught:
+        await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
+                            model="m", cost_micro_usd=1, estimated_tokens=1)
+    assert caught.value.status == 429
