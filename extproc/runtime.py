@@ -65,6 +65,7 @@ class Runtime:
                     and previous.config.budgets == config.budgets)
             budgets = previous.budgets if keep and previous else BudgetGuard(
                 RedisLedger(redis, hold_ttl_s=config.budgets.hold_ttl_s,
+                            io_timeout_s=config.redis.timeout_ms / 1000,
                             queue_timeout_s=config.redis.queue_timeout_ms / 1000),
                 timezone=config.budgets.timezone)
         keyring = None

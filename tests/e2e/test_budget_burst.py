@@ -41,7 +41,7 @@ def burst_config(redis_port: int) -> Any:
     return document
 
 
-async def burst(base_url: str, key: str) -> list[int]:
+async def burst(base_url: str, key: str, errors: list[str]) -> list[int]:
     """200 requests in flight at once, each on its own connection."""
     limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
@@ -51,6 +51,8 @@ async def burst(base_url: str, key: str) -> list[int]:
             await start.wait()
             response = await client.post(CHAT, json=chat_body(max_tokens=8),
                                          headers={"authorization": f"Bearer {key}"})
+            if response.status_code == 503:
+                errors.append(response.text[:200])
             return response.status_code
 
         tasks = [asyncio.create_task(one()) for _ in range(IN_FLIGHT)]
@@ -75,12 +77,20 @@ def test_bursts_with_a_healthy_redis_never_answer_503(stack: Stack) -> None:
 
     small: collections.Counter[int] = collections.Counter()
     large: collections.Counter[int] = collections.Counter()
+    errors: list[str] = []
     for _ in range(BURSTS):
-        small.update(asyncio.run(burst(gateway.base_url, ACME_KEY)))
-        large.update(asyncio.run(burst(gateway.base_url, GLOBEX_KEY)))
+        small.update(asyncio.run(burst(gateway.base_url, ACME_KEY, errors)))
+        large.update(asyncio.run(burst(gateway.base_url, GLOBEX_KEY, errors)))
 
     print(f"\n503s over {BURSTS} bursts of {IN_FLIGHT}: small budget {small[503]},"
-          f" large budget {large[503]}; small {dict(small)}, large {dict(large)}")
+          f" large budget {large[503]}; small {dict(small)}, large {dict(large)};"
+          f" 503 bodies: {collections.Counter(errors).most_common(3)}")
+    if small[503] + large[503]:
+        reasons = collections.Counter(
+            line.split('"reason":')[1][:60] for line in gateway.extproc.log_text().splitlines()
+            if '"reason":' in line)
+        print(f"extproc reasons: {reasons.most_common(5)}")
+        print("\n".join(collections.Counter(line[:400] for line in gateway.extproc.log_text().splitlines() if "DEADLINE" in line or "REDISERR" in line or "MARKS" in line).keys()))
     assert small[503] + large[503] == 0
     assert set(small) == {200, 429}
     assert dict(large) == {200: BURSTS * IN_FLIGHT}

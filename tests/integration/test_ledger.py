@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -17,7 +18,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from extproc.budgets.guard import BudgetGuard
-from extproc.budgets.ledger import RedisLedger, Reservation, redis_client
+from extproc.budgets.ledger import LedgerUnavailable, RedisLedger, Reservation, redis_client
 from extproc.budgets.policy import (
     BudgetRule,
     RateLimits,
@@ -447,3 +448,53 @@ async def test_settle_past_the_limit_records_the_overrun_and_the_next_reserve_is
         await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
                             model="m", cost_micro_usd=1, estimated_tokens=1)
     assert caught.value.status == 429
+
+
+# --- issue 8 item 1: the I/O timeout measures Redis, not the event loop ------------------
+
+@pytest.fixture
+async def ledger_50ms(redis_server: int) -> AsyncIterator[tuple[RedisLedger, Any]]:
+    """A ledger with the default I/O timeout (50 ms), its connection and scripts warm."""
+    client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0"))
+    ledger = RedisLedger(client, io_timeout_s=0.05)
+    warm = make_reservation(make_budget(), 1)
+    assert (await ledger.reserve(warm)).held
+    admin = Redis(port=redis_server)
+    try:
+        yield ledger, admin
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+        await client.aclose()
+
+
+def spin(seconds: float) -> None:
+    """Keep the event loop's thread busy on the CPU, as a few hundred streams do."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+async def test_a_busy_event_loop_is_not_a_redis_timeout(
+    ledger_50ms: tuple[RedisLedger, Any],
+) -> None:
+    ledger, admin = ledger_50ms
+    # Redis answers after 30 ms (within the 50 ms timeout); meanwhile this process's event
+    # loop is busy for 200 ms, so it reads the answer only after the timeout has passed.
+    await admin.client_pause(30, all=False)
+    asyncio.get_running_loop().call_later(0.005, spin, 0.2)
+    result = await ledger.reserve(make_reservation(make_budget(), 1_000))
+    assert (result.held, result.replay) == (True, False)
+
+
+async def test_a_redis_that_does_not_answer_times_out_after_the_io_timeout(
+    ledger_50ms: tuple[RedisLedger, Any],
+) -> None:
+    ledger, admin = ledger_50ms
+    await admin.client_pause(2_000, all=False)
+    started = time.monotonic()
+    with pytest.raises(LedgerUnavailable, match=r"^redis: TimeoutError$"):
+        await ledger.reserve(make_reservation(make_budget(), 1_000))
+    elapsed = time.monotonic() - started
+    print(f"\nreserve on a paused Redis failed after {elapsed * 1000:.1f} ms")
+    assert elapsed < 0.5  # generous: 50 to 100 ms on an idle process
