@@ -237,7 +237,7 @@ def render(*, args: argparse.Namespace, command: str, machine: str, started: Any
         "In-process `await Keyring.credential(id)` (no gateway, no gRPC), one call at a time "
         "on one event loop, timed with `time.perf_counter_ns`; the bench redis-server and "
         "the OpenBao dev server (Transit, derived aes256-gcm96 key, root token, HTTP on "
-        "loopback; hvac runs in `asyncio.to_thread`) on the same 2 cores. Keyring settings "
+        "loopback; hvac runs on the KEK's own 4-thread pool) on the same 2 cores. Keyring settings "
         f"are the product defaults (key TTL {DEFAULTS.cache_ttl_s} s, state TTL "
         f"{DEFAULTS.state_ttl_s:g} s) except where a case sets a TTL to 0 to force its miss; "
         "*cold keyring* builds a new `Keyring` (untimed) before each call.",

@@ -66,7 +66,7 @@ from extproc.devstack import (  # noqa: E402
     envoy_binary,
     free_port,
 )
-from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap  # noqa: E402
+from extproc.envoy_bootstrap import EnvoyPorts, admin_address, render_bootstrap  # noqa: E402
 from extproc.secrets import Secret  # noqa: E402
 
 LUA_SCRIPT: Final = Path(__file__).resolve().with_name("post.lua")
@@ -485,7 +485,7 @@ def _find_access_log(bootstrap: Mapping[str, Any]) -> list[Any] | None:
     return access_log if isinstance(access_log, list) else None
 
 
-def direct_bootstrap(*, listen_port: int, admin_port: int, emulator_port: int,
+def direct_bootstrap(*, listen_port: int, admin_socket: Path, emulator_port: int,
                      provider_key: str, access_log: list[Any] | None) -> dict[str, Any]:
     """Envoy straight to the emulator, provider key injected by Envoy, no ext_proc."""
     hcm: dict[str, Any] = {
@@ -524,7 +524,7 @@ def direct_bootstrap(*, listen_port: int, admin_port: int, emulator_port: int,
         return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
     return {
-        "admin": {"address": address(admin_port)},
+        "admin": {"address": admin_address(str(admin_socket))},
         "static_resources": {
             "listeners": [{
                 "name": "direct_ingress",
@@ -587,20 +587,20 @@ def start_bench_stack(stack: Stack, *, workers: int, budgets: bool = True,
     extproc, extproc_port, metrics_port = stack.start_extproc(config_path, workers=workers)
     _wait_for_workers(extproc.popen.pid, workers)
 
-    gateway_port, gateway_admin = free_port(), free_port()
+    gateway_port, gateway_admin = free_port(), stack.admin_socket("envoy-gateway")
     gateway_bootstrap = render_bootstrap(config, EnvoyPorts(
-        listen_port=gateway_port, admin_port=gateway_admin, extproc_port=extproc_port))
+        listen_port=gateway_port, admin_socket=str(gateway_admin), extproc_port=extproc_port))
     envoy_gateway = stack.start_envoy(
         "# bench gateway Envoy\n" + yaml.safe_dump(gateway_bootstrap, sort_keys=False),
-        listen_port=gateway_port, admin_port=gateway_admin, name="envoy-gateway")
+        listen_port=gateway_port, admin_socket=gateway_admin, name="envoy-gateway")
 
-    direct_port, direct_admin = free_port(), free_port()
-    direct = direct_bootstrap(listen_port=direct_port, admin_port=direct_admin,
+    direct_port, direct_admin = free_port(), stack.admin_socket("envoy-direct")
+    direct = direct_bootstrap(listen_port=direct_port, admin_socket=direct_admin,
                               emulator_port=emulator_port, provider_key=provider_key,
                               access_log=_find_access_log(gateway_bootstrap))
     envoy_direct = stack.start_envoy(
         "# bench direct Envoy (no ext_proc)\n" + yaml.safe_dump(direct, sort_keys=False),
-        listen_port=direct_port, admin_port=direct_admin, name="envoy-direct")
+        listen_port=direct_port, admin_socket=direct_admin, name="envoy-direct")
 
     bench = BenchStack(stack, tenant_key, provider_key, gateway_port, direct_port,
                        len(process_tree(extproc.popen.pid)), budget_key=budget_key,

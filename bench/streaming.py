@@ -173,22 +173,22 @@ def start_stack(stack: Stack, *, chunk_delay_ms: int, words: int) -> StreamStack
         extra_args=("--chunk-delay-ms", str(chunk_delay_ms), "--reply", reply_text(words)))
     extproc, extproc_port, _ = stack.start_extproc(config_path)
 
-    gateway_port, gateway_admin = free_port(), free_port()
+    gateway_port, gateway_admin = free_port(), stack.admin_socket("envoy-gateway")
     gateway_bootstrap = render_bootstrap(config, EnvoyPorts(
-        listen_port=gateway_port, admin_port=gateway_admin, extproc_port=extproc_port))
+        listen_port=gateway_port, admin_socket=str(gateway_admin), extproc_port=extproc_port))
     envoy_gateway = stack.start_envoy(
         "# bench/streaming.py gateway Envoy\n"
         + yaml.safe_dump(gateway_bootstrap, sort_keys=False),
-        listen_port=gateway_port, admin_port=gateway_admin, name="envoy-gateway")
+        listen_port=gateway_port, admin_socket=gateway_admin, name="envoy-gateway")
 
-    direct_port, direct_admin = free_port(), free_port()
+    direct_port, direct_admin = free_port(), stack.admin_socket("envoy-direct")
     direct = bench_run.direct_bootstrap(
-        listen_port=direct_port, admin_port=direct_admin, emulator_port=emulator_port,
+        listen_port=direct_port, admin_socket=direct_admin, emulator_port=emulator_port,
         provider_key=openai_key, access_log=bench_run._find_access_log(gateway_bootstrap))
     envoy_direct = stack.start_envoy(
         "# bench/streaming.py direct Envoy (no ext_proc)\n"
         + yaml.safe_dump(direct, sort_keys=False),
-        listen_port=direct_port, admin_port=direct_admin, name="envoy-direct")
+        listen_port=direct_port, admin_socket=direct_admin, name="envoy-direct")
     return StreamStack(stack, tenant_key, gateway_port, direct_port, {
         "extproc": extproc.popen.pid, "envoy-gateway": envoy_gateway.popen.pid,
         "envoy-direct": envoy_direct.popen.pid, "emulator": emulator.popen.pid})

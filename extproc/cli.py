@@ -82,7 +82,7 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     ports = EnvoyPorts(
         listen_address=args.listen_address,
         listen_port=args.listen_port,
-        admin_port=args.admin_port,
+        admin_socket=args.admin_socket,
         extproc_address=args.extproc_address,
         extproc_port=args.extproc_port,
     )
@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--output", default="-")
     render.add_argument("--listen-address", default="127.0.0.1")
     render.add_argument("--listen-port", type=int, default=10000)
-    render.add_argument("--admin-port", type=int, default=9901)
+    render.add_argument("--admin-socket", default=None,
+                        help="Unix socket for Envoy admin (mode 0600); default: no admin")
     render.add_argument("--extproc-address", default="127.0.0.1")
     render.add_argument("--extproc-port", type=int, default=50051)
     render.set_defaults(func=_cmd_envoy_render)

@@ -22,6 +22,8 @@ from extproc.budgets.policy import BudgetRule, RateLimits, Scope, TenantBudget, 
 from extproc.money import MoneyError, micro_from_usd
 
 __all__ = [
+    "MULTIPLE_CHOICES_MODES",
+    "OUTPUT_LIMIT_FIELDS",
     "SCHEMA",
     "SUPPORTED_PROVIDER_KINDS",
     "BudgetSettings",
@@ -52,6 +54,19 @@ _CLUSTER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _ENV_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KV_PATH_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
 DEFAULT_MAX_BODY_BYTES: Final = 1_048_576
+DEFAULT_MAX_RESPONSE_BYTES: Final = 8_388_608
+_MAX_RESPONSE_BYTES_RANGE: Final = (65_536, 1_073_741_824)
+
+OUTPUT_LIMIT_FIELDS: Final = ("max_tokens", "max_completion_tokens")
+MULTIPLE_CHOICES_MODES: Final = ("hold_all", "refuse")
+_HEADER_NAME_RE: Final = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+_UNFORWARDABLE_HEADERS: Final = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+    "cookie", "host", "content-length", "transfer-encoding", "connection",
+    "accept-encoding", "openai-organization", "openai-project", "anthropic-version",
+})
+"""Headers `forward_headers` may not name: credentials (the provider key is the gateway's
+to set), framing headers Envoy and the gateway own, and headers that pick an account."""
 
 SCHEMA: Final[dict[str, tuple[str, ...]]] = {
     "": ("version", "auth", "limits", "redis", "budgets", "secrets", "credentials", "providers",
@@ -62,13 +77,13 @@ SCHEMA: Final[dict[str, tuple[str, ...]]] = {
     "secrets.kek": ("backend", "path", "url", "mount", "key", "token", "role_id",
                     "secret_id"),
     "secrets.store": ("backend", "url", "mount", "prefix", "token"),
-    "limits": ("max_body_bytes",),
+    "limits": ("max_body_bytes", "max_response_bytes"),
     "redis": ("url", "cluster", "timeout_ms", "queue_timeout_ms"),
-    "budgets": ("timezone", "hold_ttl_s", "default_max_tokens"),
+    "budgets": ("timezone", "hold_ttl_s", "default_max_tokens", "multiple_choices"),
     "credentials.<id>": ("env", "file", "keyring", "weight"),
     "providers.<name>": ("kind", "base_url", "region", "zone", "cluster", "credentials",
-                         "api_version"),
-    "models.<name>": ("price", "deployments"),
+                         "api_version", "forward_headers"),
+    "models.<name>": ("price", "deployments", "output_limit_field"),
     "models.<name>.price": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok"),
     "models.<name>.deployments[]": ("provider", "model"),
     "orgs.<id>": ("budgets",),
@@ -168,6 +183,9 @@ class Provider:
     credentials: tuple[str, ...]
     api_version: str | None = None
     """Azure OpenAI `api-version` query value."""
+    forward_headers: tuple[str, ...] = ()
+    """Client request headers forwarded to this provider on top of its kind's allow-list
+    (lower case); a provider answer to a request that carried one may be the client's fault."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +208,9 @@ class Model:
     name: str
     price: Price
     deployments: tuple[Deployment, ...]
+    output_limit_field: str | None = None
+    """The body field that bounds output tokens upstream ("max_tokens" or
+    "max_completion_tokens"); None: the translator's rule for the model family."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,11 +250,17 @@ class BudgetSettings:
     timezone: str = "UTC"
     hold_ttl_s: int = 600
     default_max_tokens: int = 4096
+    multiple_choices: str = "hold_all"
+    """Requests with `n` > 1 for budget tenants: "hold_all" holds every choice, "refuse"
+    answers 400."""
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    """Largest non-streamed provider answer Envoy buffers for the service (its listener's
+    per-connection buffer limit); a larger one is Envoy's 500 `response_payload_too_large`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +420,12 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     if isinstance(max_body, bool) or not isinstance(max_body, int) or not 1 <= max_body <= 64 << 20:
         check.add("limits.max_body_bytes", "must be an integer from 1 to 67108864")
         max_body = DEFAULT_MAX_BODY_BYTES
+    max_response = limits_raw.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+    low, high = _MAX_RESPONSE_BYTES_RANGE
+    if (isinstance(max_response, bool) or not isinstance(max_response, int)
+            or not low <= max_response <= high):
+        check.add("limits.max_response_bytes", f"must be an integer from {low} to {high}")
+        max_response = DEFAULT_MAX_RESPONSE_BYTES
 
     redis = _redis(doc.get("redis"), check)
     budget_settings = _budget_settings(doc.get("budgets"), check)
@@ -456,7 +489,7 @@ def _compile(raw_doc: object, check: _Checker, source: str, base_dir: Path) -> G
     return GatewayConfig(
         source=source,
         pepper=pepper,
-        limits=Limits(max_body_bytes=max_body),
+        limits=Limits(max_body_bytes=max_body, max_response_bytes=max_response),
         redis=redis,
         budgets=budget_settings,
         secrets=secrets_settings,
@@ -683,7 +716,30 @@ def _provider(
         name=name, kind=kind, base_url=base_url, scheme=scheme, host=host, port=port,
         path_prefix=prefix, region=region, zone=zone, cluster=cluster,
         credentials=tuple(cred_ids), api_version=api_version,
+        forward_headers=_forward_headers(raw.get("forward_headers"),
+                                         _join(path, "forward_headers"), check),
     )
+
+
+def _forward_headers(raw: object, path: str, check: _Checker) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        check.add(path, f"must be a list of header names, got {_kind(raw)}",
+                  "e.g. [anthropic-beta]")
+        return ()
+    names: list[str] = []
+    for index, name in enumerate(raw):
+        here = _join(path, index)
+        if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
+            check.add(here, f"not a lower-case header name: {name!r}", "e.g. anthropic-beta")
+        elif name in _UNFORWARDABLE_HEADERS or name.startswith("x-asc-"):
+            check.add(here, f"the header {name!r} cannot be forwarded",
+                      "credentials and account headers are the gateway's to set, x-asc-* "
+                      "headers are the gateway's own, framing headers are Envoy's")
+        elif name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def _model(
@@ -718,7 +774,15 @@ def _model(
                       f"known providers: {', '.join(providers) or '-'}")
         upstream_model = check.string(dep, "model", dep_path, required=False) or name
         deployments.append(Deployment(provider=provider, model=upstream_model))
-    return Model(name=name, price=price, deployments=tuple(deployments))
+    limit_field = raw.get("output_limit_field")
+    if limit_field is not None and limit_field not in OUTPUT_LIMIT_FIELDS:
+        check.add(_join(path, "output_limit_field"),
+                  f"must be one of {', '.join(OUTPUT_LIMIT_FIELDS)} or null, got {limit_field!r}",
+                  "o-series and gpt-5 models take max_completion_tokens; leave it out to "
+                  "let the gateway pick by model family")
+        limit_field = None
+    return Model(name=name, price=price, deployments=tuple(deployments),
+                 output_limit_field=limit_field)
 
 
 def _tenant(
@@ -843,8 +907,15 @@ def _budget_settings(raw_value: object, check: _Checker) -> BudgetSettings:
     hold_ttl = _int_field(raw, "hold_ttl_s", "budgets", check, low=1, high=86_400, default=600)
     default_max = _int_field(raw, "default_max_tokens", "budgets", check, low=1,
                              high=10_000_000, default=4096)
+    choices = raw.get("multiple_choices", "hold_all")
+    if choices not in MULTIPLE_CHOICES_MODES:
+        check.add("budgets.multiple_choices",
+                  f"must be one of {', '.join(MULTIPLE_CHOICES_MODES)}, got {choices!r}",
+                  "hold_all holds budget for every choice of a request with n > 1")
+        choices = "hold_all"
     return BudgetSettings(timezone=str(zone), hold_ttl_s=hold_ttl or 600,
-                          default_max_tokens=default_max or 4096)
+                          default_max_tokens=default_max or 4096,
+                          multiple_choices=str(choices))
 
 
 def _budget_rules(raw_value: object, path: str, check: _Checker, *, org_level: bool,

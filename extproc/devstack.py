@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -32,9 +33,11 @@ from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 __all__ = [
     "ManagedProcess",
     "Stack",
+    "admin_get",
     "envoy_binary",
     "free_port",
     "redis_server_binary",
+    "wait_for_admin",
     "wait_for_http",
     "wait_for_port",
 ]
@@ -135,6 +138,40 @@ def wait_for_port(port: int, *, process: ManagedProcess | None = None,
     raise TimeoutError(f"port {port} did not open within {timeout}s\n{detail}")
 
 
+def admin_get(socket_path: Path | str, path: str, *, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET `path` from Envoy's admin over its Unix socket: (status, body).
+
+    Plain HTTP/1.1 with `Connection: close` (Envoy admin answers HTTP/1.0 with 426), so
+    `make run` needs no HTTP client with Unix socket support. The body is returned as sent
+    (chunked encoding is not undone): enough for /ready and status checks.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: envoy-admin\r\nConnection: close\r\n\r\n"
+                     .encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    return int(status_line[1]), body
+
+
+def wait_for_admin(socket_path: Path, *, timeout: float = 20.0,
+                   process: ManagedProcess | None = None) -> None:
+    """Until Envoy's admin answers /ready with 200 on its socket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited early:\n{process.log_text()[-3000:]}")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if admin_get(socket_path, "/ready", timeout=1)[0] == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"Envoy admin at {socket_path} not ready within {timeout}s")
+
+
 def wait_for_http(
     url: str, *, timeout: float = 20.0, process: ManagedProcess | None = None
 ) -> None:
@@ -159,8 +196,17 @@ class Stack:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: list[ManagedProcess] = field(default_factory=list)
 
+    _socket_dir: Path | None = field(default=None, init=False, repr=False)
+
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def admin_socket(self, name: str = "envoy") -> Path:
+        """Where Envoy `name` puts its admin socket: a private (0700) short directory, since
+        a Unix socket path must stay under 108 bytes and test work dirs can be longer."""
+        if self._socket_dir is None:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="asc-"))
+        return self._socket_dir / f"{name}-admin.sock"
 
     def __enter__(self) -> Stack:
         return self
@@ -240,22 +286,27 @@ class Stack:
         wait_for_http(f"http://{LOOPBACK}:{metrics_port}/metrics", process=process)
         return process, port, metrics_port
 
-    def start_envoy(self, bootstrap_yaml: str, *, listen_port: int, admin_port: int,
+    def start_envoy(self, bootstrap_yaml: str, *, listen_port: int, admin_socket: Path,
                     name: str = "envoy") -> ManagedProcess:
+        """Start Envoy with a bootstrap whose admin is on `admin_socket` (see
+        `Stack.admin_socket`); ready once admin answers /ready and the listener accepts."""
         path = self.workdir / f"{name}.yaml"
         path.write_text(bootstrap_yaml, encoding="utf-8")
         process = self.spawn(name, [
             envoy_binary(), "-c", str(path), "--log-level", "warn",
-            "--base-id", str(admin_port),  # distinct shared-memory ids for parallel Envoys
+            "--base-id", str(listen_port),  # distinct shared-memory ids for parallel Envoys
             "--concurrency", "2",
         ])
-        wait_for_http(f"http://{LOOPBACK}:{admin_port}/ready", process=process)
+        wait_for_admin(admin_socket, process=process)
         wait_for_port(listen_port, process=process)
         return process
 
     def stop(self) -> None:
         while self.processes:
             self.processes.pop().stop()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
 
 def _credential_env(config: GatewayConfig, environ: Mapping[str, str]) -> dict[str, str]:
@@ -286,10 +337,11 @@ def _run(args: argparse.Namespace) -> int:
             stack.start_emulator(provider_keys, port)
         _, extproc_port, metrics_port = stack.start_extproc(
             config_path, port=args.extproc_port, metrics_port=args.metrics_port)
-        ports = EnvoyPorts(listen_port=args.listen_port, admin_port=args.admin_port,
+        admin_socket = stack.admin_socket()
+        ports = EnvoyPorts(listen_port=args.listen_port, admin_socket=str(admin_socket),
                            extproc_port=extproc_port)
         stack.start_envoy(render_yaml(config, ports), listen_port=args.listen_port,
-                          admin_port=args.admin_port)
+                          admin_socket=admin_socket)
     except BaseException:
         stack.stop()
         raise
@@ -297,7 +349,8 @@ def _run(args: argparse.Namespace) -> int:
     body = f'{{"model": "{args.demo_model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
     print(f"""
 asc-extproc stack is up (logs in {stack.workdir}):
-  Envoy        http://{LOOPBACK}:{args.listen_port}  (admin :{args.admin_port})
+  Envoy        http://{LOOPBACK}:{args.listen_port}
+               admin: curl --unix-socket {admin_socket} http://admin/ready
   extproc      {LOOPBACK}:{extproc_port}  metrics http://{LOOPBACK}:{metrics_port}/metrics
   emulator(s)  {', '.join(f'http://{LOOPBACK}:{p}' for p in _emulated_ports(config)) or '-'}
 
@@ -334,7 +387,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="deploy/demo/asc.yaml")
     parser.add_argument("--workdir", default="var/run")
     parser.add_argument("--listen-port", type=int, default=10000)
-    parser.add_argument("--admin-port", type=int, default=9901)
     parser.add_argument("--extproc-port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, default=9464)
     parser.add_argument("--demo-key", default="", help="virtual key to show in the curl")

@@ -9,8 +9,14 @@ the gateway relies on are fixed here and asserted by tests against a real Envoy:
 * `mutation_rules.disallow_is_error: true` - a dropped header mutation is an error;
 * `metadata_options.receiving_namespaces.untyped: [asc]` - else Envoy drops our metadata;
 * `cluster_header: x-asc-cluster` routing, re-evaluated because we clear the route cache;
-* a request buffer limit, so an oversized body is answered 413 instead of hanging;
-* Envoy's own error replies rendered as OpenAI-shaped JSON.
+* a request buffer limit, so an oversized body is answered 413 instead of hanging, and a
+  response buffer limit (`limits.max_response_bytes`), so an oversized non-streamed answer
+  is a prompt 500 instead of a stall;
+* Envoy's own error replies rendered as OpenAI-shaped JSON;
+* `x-asc-cluster` internal-only, request trailers sent to the service (a client cannot
+  pick a cluster, see docs/decisions/0050-route-decided-by-the-service-only.md);
+* the admin interface on a Unix socket with mode 0600, or none at all: admin has no
+  authentication and can raise the log level until provider keys are printed.
 """
 
 from __future__ import annotations
@@ -20,14 +26,33 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401 - @type
+    http_connection_manager_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401 - @type
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 - @type
+from google.protobuf import json_format  # type: ignore[import-untyped]
 
 from extproc.config import GatewayConfig, Provider
 from extproc.envoy import METADATA_NAMESPACE
 from extproc.phases import CLUSTER_HEADER
 
-__all__ = ["EnvoyPorts", "render_bootstrap", "render_yaml"]
+__all__ = [
+    "ADMIN_SOCKET_MODE",
+    "BootstrapError",
+    "EnvoyPorts",
+    "admin_address",
+    "check_typed",
+    "render_bootstrap",
+    "render_yaml",
+]
 
 EXTPROC_CLUSTER: Final = "asc_extproc"
+ADMIN_SOCKET_MODE: Final = 0o600
 _HCM: Final = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
     ".HttpConnectionManager"
@@ -40,13 +65,16 @@ _STDOUT_LOG: Final = "type.googleapis.com/envoy.extensions.access_loggers.stream
 _BUFFER_SLACK: Final = 64 * 1024
 """Envoy buffers a little more than the body limit, so the service sees an oversized body."""
 _SYSTEM_CA: Final = "/etc/ssl/certs/ca-certificates.crt"
+_UPSTREAM_BUFFER_CAP: Final = 1 << 20
+"""Envoy's default per-connection buffer."""
 
 
 @dataclass(frozen=True, slots=True)
 class EnvoyPorts:
     listen_address: str = "127.0.0.1"
     listen_port: int = 10000
-    admin_port: int = 9901
+    admin_socket: str | None = None
+    """Path of Envoy's admin Unix socket (mode 0600); None renders no admin at all."""
     extproc_address: str = "127.0.0.1"
     extproc_port: int = 50051
     message_timeout_ms: int = 2000
@@ -141,10 +169,11 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
                 "response_header_mode": "SEND",
                 "request_body_mode": "NONE",
                 "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
+                "request_trailer_mode": "SEND",
                 "response_trailer_mode": "SKIP",
             },
-            "mutation_rules": {"disallow_is_error": True},
+            # allow_envoy: the body reply removes client-sent x-envoy-* headers (0040).
+            "mutation_rules": {"disallow_is_error": True, "allow_envoy": True},
             "metadata_options": {
                 "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
             },
@@ -166,11 +195,22 @@ def _host_header(provider: Provider) -> str:
     return host if provider.port == default_port else f"{host}:{provider.port}"
 
 
-def _provider_cluster(provider: Provider) -> dict[str, Any]:
+def _upstream_buffer_limit(max_response_bytes: int) -> int:
+    """A provider connection's buffer: a quarter of the response buffer, at most 1 MiB.
+
+    Measured on Envoy 1.40: with a connection buffer as large as half the response buffer
+    or more, an answer above the response buffer stalls (read-disabled upstream) until the
+    client gives up; at a quarter or less it is a prompt 500 `response_payload_too_large`.
+    """
+    return min(_UPSTREAM_BUFFER_CAP, max_response_bytes // 4)
+
+
+def _provider_cluster(provider: Provider, max_response_bytes: int) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": provider.cluster,
         "type": "STATIC" if _is_ip(provider.host) else "STRICT_DNS",
         "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": _upstream_buffer_limit(max_response_bytes),
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
             "cluster_name": provider.cluster,
@@ -207,7 +247,8 @@ def _provider_cluster(provider: Provider) -> dict[str, Any]:
 def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
     """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`."""
     # config validation guarantees that providers sharing a cluster share its upstream.
-    clusters = {p.cluster: _provider_cluster(p) for p in config.providers.values()}
+    clusters = {p.cluster: _provider_cluster(p, config.limits.max_response_bytes)
+                for p in config.providers.values()}
     extproc_cluster = {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
@@ -243,6 +284,7 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "asc",
+            "internal_only_headers": [CLUSTER_HEADER],
             "virtual_hosts": [{
                 "name": "asc",
                 "domains": ["*"],
@@ -256,22 +298,52 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }
-    return {
-        "admin": {"address": _socket("127.0.0.1", ports.admin_port)},
-        "static_resources": {
-            "listeners": [{
-                "name": "asc_ingress",
-                "address": _socket(ports.listen_address, ports.listen_port),
-                # Fail to start on a busy port instead of sharing it with another process.
-                "enable_reuse_port": False,
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm,
-                }]}],
-            }],
-            "clusters": [extproc_cluster, *clusters.values()],
-        },
+    bootstrap: dict[str, Any] = {}
+    if ports.admin_socket is not None:
+        bootstrap["admin"] = {"address": admin_address(ports.admin_socket)}
+    bootstrap["static_resources"] = {
+        "listeners": [{
+            "name": "asc_ingress",
+            "address": _socket(ports.listen_address, ports.listen_port),
+            # Fail to start on a busy port instead of sharing it with another process.
+            "enable_reuse_port": False,
+            # The response buffer for BUFFERED bodies: with the provider clusters' smaller
+            # buffers, a larger answer is Envoy's prompt 500 `response_payload_too_large`
+            # (measured; Envoy's defaults stall above ~2 MB instead, see
+            # docs/decisions/0052-response-buffer-limit.md).
+            "per_connection_buffer_limit_bytes": config.limits.max_response_bytes,
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": hcm,
+            }]}],
+        }],
+        "clusters": [extproc_cluster, *clusters.values()],
     }
+    check_typed(bootstrap)
+    return bootstrap
+
+
+class BootstrapError(ValueError):
+    """The rendered bootstrap does not parse as Envoy's own config types: a bug here."""
+
+
+def check_typed(bootstrap: dict[str, Any]) -> None:
+    """Parse the bootstrap into Envoy's protobuf types (xds-protos, already on the hot
+    path), so a misspelt field, a wrong enum value or an unknown `@type` fails at render
+    time instead of when Envoy starts. Range and required-field rules (PGV) are Envoy's
+    own: tests run `envoy --mode validate` on every rendered file. Decision 0054 says why
+    this replaced envoy-data-plane.
+    """
+    try:
+        json_format.ParseDict(bootstrap, bootstrap_pb2.Bootstrap())
+    except json_format.ParseError as exc:
+        raise BootstrapError(f"rendered Envoy bootstrap is invalid: {exc}") from None
+
+
+def admin_address(path: str) -> dict[str, Any]:
+    """A Unix socket only its owner may open: TCP admin has no authentication, and any
+    local process could turn on debug logging (which prints provider keys) or quit Envoy."""
+    return {"pipe": {"path": path, "mode": ADMIN_SOCKET_MODE}}
 
 
 def render_yaml(config: GatewayConfig, ports: EnvoyPorts) -> str:

@@ -137,7 +137,7 @@ async def _add(args: argparse.Namespace) -> int:
     state = await keyring.store.state(args.scope, args.credential)
     print(f"{args.scope}/{args.credential}@{version}: {state.state_of(version)}, "
           f"fingerprint {secret.fingerprint()}")
-    await client.aclose()  # type: ignore[attr-defined]
+    await _close(keyring, client)
     return 0
 
 
@@ -206,8 +206,15 @@ async def _rewrap(args: argparse.Namespace) -> int:
             await keyring.store.put_record(await rewrap_sealed(keyring.kek, record))
             count += 1
     print(f"rewrapped {count} record(s) under the newest KEK version")
-    await client.aclose()  # type: ignore[attr-defined]
+    await _close(keyring, client)
     return 0
+
+
+async def _close(keyring: Keyring, client: object) -> None:
+    """The store's connections, and a Transit KEK's HTTP session and worker threads."""
+    await client.aclose()  # type: ignore[attr-defined]
+    if isinstance(keyring.kek, TransitKek):
+        await keyring.kek.close()
 
 
 def _run(coroutine_factory: Callable[[argparse.Namespace], object]) -> Callable[

@@ -87,7 +87,8 @@ CREDENTIAL_STATE: Final = Gauge(
     "1 for the current circuit state of each provider credential (closed, degraded, "
     "open, half_open), else 0.",
     ["credential", "state"],
-    multiprocess_mode="max",
+    # livemax: the supervisor drops a dead worker's file, so its states go with it.
+    multiprocess_mode="livemax",
 )
 CREDENTIAL_ROLLBACKS: Final = Counter(
     "asc_credential_rollbacks",

@@ -22,7 +22,6 @@ from typing import Any, Final
 from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.budgets.guard import Hold
-from extproc.budgets.policy import estimate_input_tokens
 from extproc.config import Price, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
@@ -52,6 +51,8 @@ from extproc.translate.base import (
     retry_after_headers,
     translator_for,
 )
+from extproc.translate.headers import provider_account_headers, unforwarded_request_headers
+from extproc.translate.limits import OutputLimit
 
 __all__ = ["CLUSTER_HEADER", "RequestProcessor"]
 
@@ -64,17 +65,15 @@ _CLIENT_ONLY_HEADERS: Final = frozenset({
     # The gateway reads and translates bodies: providers must answer uncompressed.
     "accept-encoding",
 })
-_PROVIDER_ACCOUNT_HEADERS: Final = (
-    "openai-organization", "openai-project", "anthropic-organization-id")
-"""Response headers that name the gateway's provider account: not the client's business."""
 _JSON: Final = ("content-type", "application/json")
-_MAX_TOKEN_FIELDS: Final = ("max_tokens", "max_completion_tokens")
 _MAX_TOKENS_SANITY_BOUND: Final = 1_000_000
 """No model produces more; larger values are hostile or broken input."""
-_IMAGE_PART: Final = re.compile(rb'"type"\s*:\s*"image(?:_url)?"')
-"""An image content part in either dialect (OpenAI `image_url`, Anthropic `image`)."""
-_IMAGE_TOKEN_ESTIMATE: Final = 1_600
-"""Tokens held per image part: images cost far more tokens than their URL has bytes."""
+_SHOWN_MODEL_CHARS: Final = 64
+"""An unknown model name is cut to this in answers, metadata and logs: it is client input
+of any length."""
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: fine in pairs, unencodable when alone."""
+_TOO_DEEP: Final = "The request body is nested too deeply."
 _AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
     Backend.OPENAI: ("authorization", "Bearer "),
     Backend.OPENAI_COMPATIBLE: ("authorization", "Bearer "),
@@ -117,6 +116,10 @@ class RequestProcessor:
         self.hold: Hold | None = None
         self.estimated_input_tokens = 0
         self.charged_micro_usd: int | None = None
+        self.forwarded_extension_headers = False
+        """True when the provider got a client header only its `forward_headers` allows:
+        a 401/403 may then be the client's doing, not the key's."""
+        self._client_headers: tuple[str, ...] = ()
         self._translator: Translator | None = None
         self._selected: Selected | None = None
         self._stream: StreamTranslator | None = None
@@ -134,9 +137,9 @@ class RequestProcessor:
 
     async def handle(self, message: Inbound) -> Outbound:
         """Run the phase's method; every failure becomes a client error in its dialect."""
-        if isinstance(message, Trailers):
-            return Continue()
         try:
+            if isinstance(message, Trailers):
+                return self.on_trailers(message)
             return await self._handlers[message.phase](message)
         except GatewayError as exc:
             return self._respond_error(exc)
@@ -176,7 +179,24 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
         remove = [name for name in headers
                   if name in _CLIENT_ONLY_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)]
-        return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED)
+        # The provider (and so its allow-list) is known with the body: the rest goes there.
+        self._client_headers = tuple(name for name in headers if name not in remove)
+        # Envoy chose a route before this reply, from the headers as the client sent them:
+        # clearing the cache makes it choose again without the headers removed here.
+        return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED,
+                        clear_route_cache=True)
+
+    def on_trailers(self, message: Trailers) -> Outbound:
+        """Request trailers before the body decision are refused.
+
+        A body followed by trailers is refused in `on_request_body`, so request trailers
+        reach here only after headers alone (h2 HEADERS, then a trailers-only HEADERS
+        frame): no route, no key, no hold was chosen. Letting it go on would send it to
+        whatever route Envoy holds, so it is refused like a request without a body.
+        """
+        if message.phase is Phase.REQUEST_TRAILERS and self.route is None:
+            raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
+        return Continue()
 
     # -- request body -----------------------------------------------------------------
 
@@ -184,7 +204,12 @@ class RequestProcessor:
         principal = self.principal
         if principal is None:  # Envoy only sends a body after headers we accepted.
             raise GatewayError(ErrorCode.INTERNAL, "Request body before headers.")
-        if not message.end_of_stream or len(message.body) > self._config.limits.max_body_bytes:
+        limit = self._config.limits.max_body_bytes
+        if not message.end_of_stream and len(message.body) <= limit:
+            # BUFFERED mode hands over a complete body without end_of_stream only when
+            # request trailers follow (measured); chat APIs have no use for them.
+            raise GatewayError(ErrorCode.INVALID_REQUEST, "Request trailers are not supported.")
+        if not message.end_of_stream or len(message.body) > limit:
             # Envoy's buffer holds the limit plus some slack; a larger body arrives cut
             # short, without end_of_stream (measured): answer 413 instead of waiting.
             raise GatewayError(
@@ -193,44 +218,57 @@ class RequestProcessor:
             )
         request = _parse_chat_request(message.body)
         model_name: str = request["model"]
-        self.model_asked = model_name
-        self.streaming = request.get("stream") is True
         model = self._config.models.get(model_name)
         if model is None:
+            shown = _shown_model(model_name)
+            self.model_asked = shown
             raise GatewayError(ErrorCode.MODEL_NOT_FOUND,
-                               f"The model '{model_name}' does not exist.", param="model")
+                               f"The model '{shown}' does not exist.", param="model")
+        self.model_asked = model_name
+        self.streaming = request.get("stream") is True
         if model_name not in principal.tenant.models:
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
         route = select_route(self._config, principal.tenant, model)
         self.route = route
-        tenant_cap = principal.tenant.max_tokens
-        max_tokens = _max_tokens(
-            request, cap=tenant_cap or _MAX_TOKENS_SANITY_BOUND,
-            default=tenant_cap or self._config.budgets.default_max_tokens)
-        budget = principal.tenant.budget
-        if budget is not None and not any(name in request for name in _MAX_TOKEN_FIELDS):
-            # The provider must not generate more than the hold covers.
-            request["max_tokens"] = max_tokens
+        backend = Backend(route.provider.kind)
         # Everything that can refuse the request without side effects comes first:
         # translation (400s), then the key (503); the budget hold is the last step.
-        translator = translator_for(self.dialect, Backend(route.provider.kind))
+        translator = translator_for(self.dialect, backend)
         self._translator = translator
-        upstream = translator.request(request, upstream_model=route.deployment.model,
-                                      api_version=route.provider.api_version)
+        tenant_cap = principal.tenant.max_tokens
+        asked = translator.output_limit(request, cap=tenant_cap or _MAX_TOKENS_SANITY_BOUND)
+        max_tokens = asked or tenant_cap or self._config.budgets.default_max_tokens
+        choices = translator.choices(request)
+        budget = principal.tenant.budget
+        if (budget is not None and choices > 1
+                and self._config.budgets.multiple_choices == "refuse"):
+            raise GatewayError(
+                ErrorCode.INVALID_REQUEST,
+                "Requests with 'n' greater than 1 are not allowed for keys with a budget.",
+                param="n")
+        # A budget tenant's provider must not generate more than the hold covers.
+        output_limit = OutputLimit(
+            field=route.model.output_limit_field,
+            default=max_tokens if budget is not None and asked is None else None)
+        try:
+            upstream = translator.request(request, upstream_model=route.deployment.model,
+                                          api_version=route.provider.api_version,
+                                          output_limit=output_limit)
+        except RecursionError:
+            raise GatewayError(ErrorCode.INVALID_REQUEST, _TOO_DEEP) from None
         auth = await self._provider_auth(route.provider, principal)
         if budget is not None:
-            images = len(_IMAGE_PART.findall(message.body))
-            self.estimated_input_tokens = (estimate_input_tokens(len(message.body))
-                                           + _IMAGE_TOKEN_ESTIMATE * images)
+            self.estimated_input_tokens = translator.input_estimate(message.body)
+            output_tokens = max_tokens * choices  # the provider bills every choice
             price = route.model.price
-            cost = worst_case_cost(self.estimated_input_tokens, max_tokens,
+            cost = worst_case_cost(self.estimated_input_tokens, output_tokens,
                                    price.input_micro_per_mtok, price.output_micro_per_mtok)
             self.hold = await self._runtime.budget_guard().reserve(
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
-                estimated_tokens=self.estimated_input_tokens + max_tokens)
+                estimated_tokens=self.estimated_input_tokens + output_tokens)
         set_headers = [
             (CLUSTER_HEADER, route.provider.cluster),
             (":path", route.provider.path_prefix + upstream.path),
@@ -238,8 +276,15 @@ class RequestProcessor:
             *auth,
             ("content-length", str(len(upstream.body))),
         ]
+        extension = route.provider.forward_headers
+        self.forwarded_extension_headers = any(
+            name in self._client_headers for name in extension)
+        ours = {name for name, _ in set_headers}
+        remove = [name for name in unforwarded_request_headers(
+            self._client_headers, backend, extension) if name not in ours]
         return Continue(
             set_headers=set_headers,
+            remove_headers=remove,
             body=upstream.body,
             clear_route_cache=True,
             metadata=self._metadata(),
@@ -275,15 +320,21 @@ class RequestProcessor:
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
         if self._selected is not None:
-            await self._runtime.keys.report(self._selected, status)
+            # key_evidence: nothing client-controlled beyond the built-in header allow-list
+            # reached the provider (False once extension headers are forwarded).
+            await self._runtime.keys.report(
+                self._selected, status, key_evidence=not self.forwarded_extension_headers,
+                retry_after=headers.get("retry-after"))
         content_type = headers.get("content-type", "")
         if status >= 400:
             if message.end_of_stream:
                 return self._provider_error(b"")
             # The error body decides the client's status and message: read it whole.
             return Continue(response_body_mode=BodyMode.BUFFERED)
-        reply = Continue(set_headers=self._tag_headers(),
-                         remove_headers=[h for h in _PROVIDER_ACCOUNT_HEADERS if h in headers])
+        tags = self._tag_headers()
+        ours = {name for name, _ in tags}  # set (overwriting the provider's), not removed
+        reply = Continue(set_headers=tags, remove_headers=[
+            name for name in provider_account_headers(headers) if name not in ours])
         if message.end_of_stream:
             self._complete = True
         elif content_type.startswith("text/event-stream"):
@@ -399,6 +450,8 @@ class RequestProcessor:
         if self._finished:
             return
         self._finished = True
+        if self._selected is not None:  # no verdict was reported: a breaker probe goes back
+            self._runtime.keys.release(self._selected)
         aborted = not self._complete
         try:
             if self.hold is not None and self.principal is not None and self.route is not None:
@@ -477,7 +530,9 @@ class RequestProcessor:
         service tier) is charged at least the full hold, never just its priced part.
         Without usage: nothing for a provider error; an estimate for a stream cut short
         (prompt estimate + content chunks seen); the full hold when the client left before
-        any response, since the provider may still have done - and billed - the work.
+        any response, or when a non-streamed answer never reached the service whole (e.g.
+        Envoy's 500 `response_payload_too_large`): the provider did - and billed - work
+        whose size is unknown.
         """
         assert self.route is not None
         assert self.hold is not None
@@ -494,6 +549,10 @@ class RequestProcessor:
                 return max(cost, held_cost), max(tokens, held_tokens)
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
+        elif (self.upstream_status is not None and self._stream is None and aborted
+              and self.hold.reservation is not None):
+            held = {g.unit: g.amount for g in self.hold.reservation.groups}
+            return held.get("usd", 0), held.get("tokens", 0)
         elif self.upstream_status is not None:
             streamed = self._stream.output_tokens_so_far if self._stream is not None else 0
             usage = Usage(self.estimated_input_tokens, streamed)
@@ -521,26 +580,11 @@ def _usage_cost(price: Price, usage: Usage) -> int:
             + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
 
 
-def _max_tokens(request: dict[str, Any], *, cap: int, default: int) -> int:
-    """The output-token bound of the request (`default` when it sets none); 400 if invalid
-    or above `cap` (the tenant's `max_tokens`, else a sanity bound).
-
-    Every field present is checked: providers differ in which one wins when both are sent,
-    so the hold covers the larger and each must respect the cap.
-    """
-    bounds = []
-    for name in _MAX_TOKEN_FIELDS:
-        if name not in request:
-            continue
-        value = request[name]
-        if type(value) is not int or value < 1:
-            raise GatewayError(ErrorCode.INVALID_REQUEST,
-                               f"'{name}' must be a positive integer.", param=name)
-        if value > cap:
-            raise GatewayError(ErrorCode.INVALID_REQUEST,
-                               f"'{name}' must not exceed {cap} for your key.", param=name)
-        bounds.append(value)
-    return max(bounds, default=default)
+def _shown_model(name: str) -> str:
+    """A client's model name as answers and logs show it: cut to a bounded length."""
+    if len(name) <= _SHOWN_MODEL_CHARS:
+        return name
+    return name[:_SHOWN_MODEL_CHARS] + "..."
 
 
 def _parse_chat_request(body: bytes) -> dict[str, Any]:
@@ -551,6 +595,19 @@ def _parse_chat_request(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         raise GatewayError(ErrorCode.INVALID_REQUEST,
                            "The request body is not valid JSON.") from None
+    except RecursionError:
+        raise GatewayError(ErrorCode.INVALID_REQUEST, _TOO_DEEP) from None
+    if _SURROGATE_ESCAPE.search(body) is not None:
+        # Rare (most clients send UTF-8): only then pay for a full check.
+        try:
+            json.dumps(request, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise GatewayError(
+                ErrorCode.INVALID_REQUEST,
+                "The request body contains a lone surrogate escape, which is not valid "
+                "Unicode.") from None
+        except RecursionError:
+            raise GatewayError(ErrorCode.INVALID_REQUEST, _TOO_DEEP) from None
     if not isinstance(request, dict):
         raise GatewayError(ErrorCode.INVALID_REQUEST, "The request body must be a JSON object.")
     model = request.get("model")

@@ -6,7 +6,10 @@ stream (client abort, timeout) and the handler is cancelled.
 
 With `--workers N > 1` a supervisor starts N worker processes that all bind the same port
 (SO_REUSEPORT, the kernel spreads connections), serves the merged Prometheus metrics, and
-forwards SIGTERM / SIGHUP to the workers.
+forwards SIGTERM / SIGHUP to the workers. A worker that dies is restarted after an
+exponential back-off (a broken config must not fork a process every half second), and
+its live gauges leave the merged metrics with it. Each worker holds 1/N of every
+`fail_open` ceiling, so a replica as a whole never admits more than the configured one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,12 +44,14 @@ from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime, RuntimeHolder
 from extproc.secrets import SecretUnavailable
 
-__all__ = ["ExternalProcessorService", "ServeOptions", "serve"]
+__all__ = ["ExternalProcessorService", "RestartBackoff", "ServeOptions", "build_runtime", "serve"]
 
 log = logging.getLogger("extproc.server")
 
 SERVICE_NAME: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
-_MAX_MESSAGE_BYTES: Final = 80 << 20
+_MAX_MESSAGE_BYTES: Final = (1 << 30) + (1 << 20)
+"""A whole buffered body in one message: up to `limits.max_response_bytes` (1 GiB at most)
+or `limits.max_body_bytes` plus Envoy's slack; a limit, not an allocation."""
 _PHASE_TIMERS: Final = {phase: metrics.PHASE_SECONDS.labels(phase.value) for phase in Phase}
 
 
@@ -97,12 +103,26 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             await asyncio.wait(set(self.finishing), timeout=timeout_s)
 
 
+def build_runtime(config_path: Path, *, workers: int = 1,
+                  previous: Runtime | None = None) -> Runtime:
+    """The runtime of one worker out of `workers`: raises ConfigError / SecretUnavailable.
+
+    The `fail_open` ceilings are per replica: each of the replica's workers keeps its own
+    in-memory tally, so each gets 1/`workers` of every ceiling.
+    """
+    runtime = Runtime.build(load_config(config_path), previous=previous)
+    if runtime.budgets is not None:
+        runtime.budgets.fail_open_share = max(1, workers)
+    return runtime
+
+
 class ConfigReloader:
     """Loads a new runtime on SIGHUP or file change; a bad file keeps the old runtime."""
 
-    def __init__(self, path: Path, holder: RuntimeHolder) -> None:
+    def __init__(self, path: Path, holder: RuntimeHolder, workers: int = 1) -> None:
         self._path = path
         self._holder = holder
+        self._workers = workers
         self._stamp = self._file_stamp()
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -115,7 +135,8 @@ class ConfigReloader:
     def reload(self, reason: str) -> bool:
         self._stamp = self._file_stamp()
         try:
-            runtime = Runtime.build(load_config(self._path), previous=self._holder.current)
+            runtime = build_runtime(self._path, workers=self._workers,
+                                    previous=self._holder.current)
         except (ConfigError, SecretUnavailable) as exc:
             return self._failed(reason, str(exc))
         except Exception as exc:  # a bug must not kill the watcher: keep serving the old one
@@ -198,8 +219,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     # busy port rather than silently split traffic with whoever holds it.
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1 if supervised else 0),
-        # Bodies arrive whole (BUFFERED) and leave translated: up to the largest
-        # `limits.max_body_bytes` the config accepts, plus Envoy's buffer slack.
+        # Bodies arrive whole (BUFFERED) and leave translated (see _MAX_MESSAGE_BYTES).
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ])
@@ -216,7 +236,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
 
         host, port = _split_listen(options.metrics_listen)
         start_http_server(port, addr=host)
-    reloader = ConfigReloader(options.config_path, holder)
+    reloader = ConfigReloader(options.config_path, holder, options.workers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -241,7 +261,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
 def serve(options: ServeOptions) -> int:
     """Run the service until SIGTERM/SIGINT; returns the process exit code."""
     try:
-        runtime = Runtime.build(load_config(options.config_path))
+        runtime = build_runtime(options.config_path)
     except (ConfigError, SecretUnavailable) as exc:
         log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
         return 2
@@ -252,10 +272,49 @@ def serve(options: ServeOptions) -> int:
 
 
 def serve_as_worker(options: ServeOptions) -> int:
-    """Entry of one worker process started by the supervisor."""
-    runtime = Runtime.build(load_config(options.config_path))
+    """Entry of one worker process started by the supervisor (`options.workers` is the
+    number of its siblings plus one)."""
+    try:
+        runtime = build_runtime(options.config_path, workers=options.workers)
+    except (ConfigError, SecretUnavailable) as exc:
+        log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
+        return 2
     asyncio.run(_serve_worker(options, runtime, supervised=True))
     return 0
+
+
+@dataclass
+class RestartBackoff:
+    """How long the supervisor waits before restarting a worker that exited.
+
+    Doubles from `base_s` up to `cap_s` while the worker keeps dying young; a worker that
+    ran at least `healthy_after_s` starts the sequence again. Without it, a config that
+    became invalid (caught at worker start) restarts a Python process every poll.
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    healthy_after_s: float = 10.0
+    _failures: int = 0
+
+    def delay(self, ran_for_s: float) -> float:
+        """The wait before the next start, given how long the exited process ran."""
+        if ran_for_s >= self.healthy_after_s:
+            self._failures = 0
+        wait = min(self.cap_s, self.base_s * 2.0 ** self._failures)
+        self._failures += 1
+        return wait
+
+
+@dataclass
+class _WorkerSlot:
+    process: subprocess.Popen[bytes] | None
+    started_at: float
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
+    restart_at: float | None = None
+
+
+_SUPERVISOR_POLL_S: Final = 0.1
 
 
 def _supervise(options: ServeOptions) -> int:
@@ -265,10 +324,12 @@ def _supervise(options: ServeOptions) -> int:
     with tempfile.TemporaryDirectory(prefix="asc-metrics-") as metrics_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
         command = [sys.executable, "-m", "extproc", "serve", "--worker",
+                   "--workers", str(options.workers),
                    "--config", str(options.config_path), "--listen", options.listen,
                    "--drain-seconds", str(options.drain_seconds),
                    "--log-level", options.log_level]
-        workers = [subprocess.Popen(command, env=env) for _ in range(options.workers)]
+        slots = [_WorkerSlot(subprocess.Popen(command, env=env), time.monotonic())
+                 for _ in range(options.workers)]
         if options.metrics_listen:
             registry = CollectorRegistry()
             collector = multiprocess.MultiProcessCollector
@@ -280,21 +341,42 @@ def _supervise(options: ServeOptions) -> int:
         def forward(signum: int, _frame: object) -> None:
             nonlocal stopping
             stopping = stopping or signum != signal.SIGHUP
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+            for slot in slots:
+                if slot.process is not None and slot.process.poll() is None:
+                    slot.process.send_signal(
+                        signal.SIGTERM if signum == signal.SIGINT else signum)
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, forward)
         log_event(log, logging.INFO, "supervisor started", workers=options.workers,
                   listen=options.listen, metrics=options.metrics_listen)
+        codes: list[int] = []
         while not stopping:
-            for index, worker in enumerate(workers):
-                code = worker.poll()
-                if code is not None and not stopping:
-                    log_event(log, logging.ERROR, "worker exited; restarting it",
-                              pid=worker.pid, code=code)
-                    workers[index] = subprocess.Popen(command, env=env)
-            time.sleep(0.5)
-        codes = [worker.wait() for worker in workers]
+            for slot in slots:
+                _tend(slot, command, env, metrics_dir, stopping=lambda: stopping)
+            time.sleep(_SUPERVISOR_POLL_S)
+        codes = [slot.process.wait() for slot in slots if slot.process is not None]
     return max(codes, default=0)
+
+
+def _tend(slot: _WorkerSlot, command: list[str], env: dict[str, str], metrics_dir: str,
+          *, stopping: Callable[[], bool]) -> None:
+    """Notice a dead worker (schedule its restart, drop its live gauges) or restart it."""
+    from prometheus_client import multiprocess
+
+    now = time.monotonic()
+    if slot.process is not None:
+        code = slot.process.poll()
+        if code is None or stopping():
+            return
+        # Its `asc_credential_state` (livemax) must not outlive it in the merged metrics.
+        multiprocess.mark_process_dead(slot.process.pid, metrics_dir)  # type: ignore[no-untyped-call]
+        delay = slot.backoff.delay(now - slot.started_at)
+        log_event(log, logging.ERROR, "worker exited; restarting it",
+                  pid=slot.process.pid, code=code, delay_s=delay)
+        slot.process = None
+        slot.restart_at = now + delay
+    if slot.restart_at is not None and now >= slot.restart_at and not stopping():
+        slot.process = subprocess.Popen(command, env=env)
+        slot.started_at = now
+        slot.restart_at = None

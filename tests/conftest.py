@@ -19,7 +19,7 @@ from extproc.auth import hash_key
 from extproc.config import load_config
 from extproc.devstack import ManagedProcess, Stack, free_port
 from extproc.emulator.app import key_fingerprint
-from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
 from extproc.secrets import Secret
 
 PEPPER = "test-pepper-" + secrets.token_hex(8)
@@ -120,7 +120,8 @@ class Gateway:
     metrics_port: int
     envoy: ManagedProcess
     listen_port: int
-    admin_port: int
+    admin_socket: Path
+    """Envoy admin's Unix socket (mode 0600); Envoy has no TCP admin port."""
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,6 +143,16 @@ class Gateway:
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
 
+    def admin(self, method: str, path: str) -> httpx.Response:
+        """A call to Envoy's admin, over its Unix socket."""
+        return envoy_admin(self.admin_socket, method, path)
+
+
+def envoy_admin(socket_path: Path, method: str, path: str) -> httpx.Response:
+    transport = httpx.HTTPTransport(uds=str(socket_path))
+    with httpx.Client(transport=transport, base_url="http://envoy-admin", timeout=5) as client:
+        return client.request(method, path)
+
 
 def chat_body(model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **extra}
@@ -150,22 +161,28 @@ def chat_body(model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
 def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
                   message_timeout_ms: int = 2000,
                   document: Callable[[int], dict[str, Any]] = gateway_config,
-                  emulator_args: tuple[str, ...] = ()) -> Gateway:
+                  emulator_args: tuple[str, ...] = (),
+                  edit_bootstrap: Callable[[dict[str, Any]], None] | None = None) -> Gateway:
+    """Emulator, extproc and Envoy on free ports; `edit_bootstrap` may change the rendered
+    Envoy bootstrap in place before Envoy starts (to take one safeguard away in a test)."""
     emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US],
                                                            extra_args=emulator_args)
     config_path = write_config(config_dir, document(emulator_port))
     env = dict(stack.env, **provider_env())
     extproc, extproc_port, metrics_port = stack.start_extproc(config_path, workers=workers,
                                                               env=env)
-    listen_port, admin_port = free_port(), free_port()
-    ports = EnvoyPorts(listen_port=listen_port, admin_port=admin_port, extproc_port=extproc_port,
-                       message_timeout_ms=message_timeout_ms)
-    envoy = stack.start_envoy(render_yaml(load_config(config_path), ports),
-                              listen_port=listen_port, admin_port=admin_port)
+    listen_port, admin_socket = free_port(), stack.admin_socket()
+    ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
+                       extproc_port=extproc_port, message_timeout_ms=message_timeout_ms)
+    bootstrap = render_bootstrap(load_config(config_path), ports)
+    if edit_bootstrap is not None:
+        edit_bootstrap(bootstrap)
+    envoy = stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
+                              listen_port=listen_port, admin_socket=admin_socket)
     return Gateway(stack=stack, config_path=config_path,
                    emulator=Emulator(emulator_port, emulator_process), extproc=extproc,
                    extproc_port=extproc_port, metrics_port=metrics_port, envoy=envoy,
-                   listen_port=listen_port, admin_port=admin_port)
+                   listen_port=listen_port, admin_socket=admin_socket)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ import contextlib
 import secrets
 import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ __all__ = [
     "KEK_NAME",
     "POLICY_DIR",
     "TRANSIT_MOUNT",
+    "CountingProxy",
     "OpenBao",
     "bao_binary",
     "start_openbao",
@@ -149,3 +152,69 @@ def start_openbao(stack: Stack) -> OpenBao:
     url = f"http://{LOOPBACK}:{port}"
     wait_for_http(f"{url}/v1/sys/health", process=process, timeout=30)
     return OpenBao(url=url, root_token=root_token, process=process)
+
+
+class CountingProxy:
+    """A loopback relay in front of OpenBao that counts Transit decrypt requests and holds
+    every client->server chunk `delay` seconds (a KMS that answers in `delay`). With
+    `refuse` set it answers each new request itself, after `delay`, with `503` (a KMS
+    that is down)."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        self._upstream_port = upstream_port
+        self.delay = delay
+        self.refuse = False
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._decrypts = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    @property
+    def decrypts(self) -> int:
+        with self._lock:
+            return self._decrypts
+
+    def close(self) -> None:
+        self._server.close()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            target = self._refuse if self.refuse else self._relay
+            threading.Thread(target=target, args=(client,), daemon=True).start()
+
+    def _refuse(self, client: socket.socket) -> None:
+        with client:
+            if client.recv(65536):
+                with self._lock:
+                    self.refused += 1
+                time.sleep(self.delay)
+                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                               b"connection: close\r\n\r\n")
+
+    def _relay(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
+        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+        try:
+            while data := client.recv(65536):
+                with self._lock:
+                    self._decrypts += data.count(f"/v1/{TRANSIT_MOUNT}/decrypt/".encode())
+                time.sleep(self.delay)
+                upstream.sendall(data)
+            upstream.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass

@@ -1,10 +1,11 @@
 """Reserve and settle a request's budget, with the tenant's policy for a failing Redis.
 
-* `fail_closed` (default): Redis down, timing out on I/O or erroring -> 503; the shared
+* `fail_closed` (default): Redis down, timing out or erroring -> 503; the shared
   `CircuitBreaker` opens after consecutive Redis failures so later requests fail at once
   instead of each waiting for a timeout, and lets one probe through after a cool-down.
-* `fail_open`: the request is admitted against a local, per-process daily ceiling kept in
-  memory; past the ceiling it is refused like `fail_closed`.
+* `fail_open`: the request is admitted against a local, per-replica daily ceiling kept in
+  memory (each of a replica's N worker processes keeps 1/N of it); past the ceiling it is
+  refused like `fail_closed`.
 
 Only real Redis failures are breaker failures. A call that waited too long for a free
 connection (`LedgerOverloaded`: this process is busy, Redis is not) is shed with 503 and
@@ -100,6 +101,8 @@ class BudgetGuard:
         self._settle_timeout_s = settle_timeout_s
         self._now = now
         self._local = _LocalCeiling()
+        self.fail_open_share = 1
+        """Processes of this replica that split each fail_open ceiling (set by server.py)."""
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -250,7 +253,7 @@ class BudgetGuard:
             if self._local.day != day:
                 self._local = _LocalCeiling(day=day)
             spent = self._local.spent.get(budget.tenant, 0)
-            if spent + cost <= budget.fail_open_ceiling_micro_usd:
+            if spent + cost <= budget.fail_open_ceiling_micro_usd // self.fail_open_share:
                 self._local.spent[budget.tenant] = spent + cost
                 metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "fail_open").inc()
                 return Hold(reservation=None, mode="fail_open", local_amount=cost,

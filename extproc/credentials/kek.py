@@ -12,7 +12,6 @@ an HTTP status or exception type, never key material, tokens, ciphertext or serv
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -30,6 +29,13 @@ import hvac.exceptions
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from extproc.backends import (
+    HVAC_THREADS,
+    describe_vault_failure,
+    hvac_executor,
+    run_blocking,
+    vault_status,
+)
 from extproc.secrets import Secret
 
 __all__ = [
@@ -47,24 +53,15 @@ __all__ = [
 ]
 
 KEK_BYTES: Final = 32
+"""Worker threads per hvac client. Bounded and dedicated: a slow KMS ties up these, not
+asyncio's default pool (which DNS lookups and other libraries share); with one in-flight
+unwrap per key version (the keyring) a handful is plenty."""
 NONCE_BYTES: Final = 12
 _FILE_WRAP_FORMAT: Final = 1
 _GCM_TAG_BYTES: Final = 16
 _FILE_WRAP_HEADER: Final = bytes([_FILE_WRAP_FORMAT])
 # Transit ciphertexts look like `vault:v3:<base64>`; OpenBao keeps the `vault:` prefix.
 _TRANSIT_CIPHERTEXT_RE: Final = re.compile(r"^[a-z]+:v([0-9]{1,9}):[A-Za-z0-9+/]+={0,2}$")
-_VAULT_STATUS: Final[dict[type[Exception], int]] = {
-    hvac.exceptions.InvalidRequest: 400,
-    hvac.exceptions.Unauthorized: 401,
-    hvac.exceptions.Forbidden: 403,
-    hvac.exceptions.InvalidPath: 404,
-    hvac.exceptions.PreconditionFailed: 412,
-    hvac.exceptions.RateLimitExceeded: 429,
-    hvac.exceptions.InternalServerError: 500,
-    hvac.exceptions.VaultNotInitialized: 501,
-    hvac.exceptions.BadGateway: 502,
-    hvac.exceptions.VaultDown: 503,
-}
 
 
 class KekError(Exception):
@@ -293,13 +290,15 @@ class TransitKek:
     version server-side, without the DEK being sent to us; once every record is rewrapped
     an operator raises `min_decryption_version` and older wrapped DEKs stop working.
 
-    hvac is synchronous (requests), so every call runs in a worker thread via
-    `asyncio.to_thread`; the event loop that serves ext_proc streams never blocks on it.
+    hvac is synchronous (requests), so every call runs on a small thread pool of this
+    object's own (`hvac_executor`); the event loop that serves ext_proc streams never
+    blocks on it, and a slow KMS cannot starve asyncio's shared default pool.
     """
 
     def __init__(self, url: str, key_name: str, *, auth: TokenAuth | AppRoleAuth,
                  mount_point: str = "transit", timeout: float = 5.0,
-                 verify: bool | str = True, namespace: str | None = None) -> None:
+                 verify: bool | str = True, namespace: str | None = None,
+                 threads: int = HVAC_THREADS) -> None:
         self._key_name = key_name
         self._mount_point = mount_point
         self._auth = auth
@@ -310,6 +309,7 @@ class TransitKek:
                                         namespace=namespace)
         self._login_lock = threading.Lock()
         self._token_generation = 0  # bumped by each AppRole login
+        self._executor = hvac_executor("transit", threads)
 
     async def wrap(self, dek: bytes, context: bytes) -> bytes:
         response = await self._call("encrypt", lambda client: client.secrets.transit.encrypt_data(
@@ -357,15 +357,19 @@ class TransitKek:
                        operation="transit verify")
 
     async def close(self) -> None:
-        """Close the HTTP session (its pooled connections)."""
-        await asyncio.to_thread(self._client.adapter.close)
+        """Close the HTTP session (its pooled connections) and the worker threads."""
+        try:
+            await run_blocking(self._executor, self._client.adapter.close)
+        finally:
+            self._executor.shutdown(wait=False)
 
     def __repr__(self) -> str:
         return f"TransitKek({self.kek_id} at {self._url})"
 
     async def _call(self, operation: str, request: Callable[[Any], Any], *,
                     key_version: int | None = None) -> Any:
-        return await asyncio.to_thread(self._call_blocking, operation, request, key_version)
+        return await run_blocking(self._executor, self._call_blocking, operation, request,
+                                  key_version)
 
     def _call_blocking(self, operation: str, request: Callable[[Any], Any],
                        key_version: int | None) -> Any:
@@ -442,7 +446,7 @@ def _vault_error(operation: str, exc: Exception, key_version: int | None) -> Kek
     old)", "cipher: message authentication failed"); if a server words them differently
     the message degrades to the bare status, which is still correct.
     """
-    status = next((code for kind, code in _VAULT_STATUS.items() if isinstance(exc, kind)), None)
+    status = vault_status(exc)
     errors = " ".join(str(e) for e in (getattr(exc, "errors", None) or []))
     hint = ""
     if status == 400 and "too old" in errors:
@@ -455,6 +459,5 @@ def _vault_error(operation: str, exc: Exception, key_version: int | None) -> Kek
         hint = " (permission denied)"
     elif status == 404:
         hint = " (no such key or mount)"
-    described = f"HTTP {status}" if status is not None else type(exc).__name__
-    return KekError(f"{operation} failed: {described}{hint}", operation=operation,
+    return KekError(f"{operation} failed: {describe_vault_failure(exc)}{hint}", operation=operation,
                     status=status, transient=status is None or status == 429 or status >= 500)

@@ -9,7 +9,8 @@ this request" from memory:
 * the state (which version is active / canary) is cached for `state_ttl_s` and dropped at
   once when a change is published, so every replica follows a rotation within about a
   second, and within `state_ttl_s` even if a pub/sub message is lost;
-* a decrypted key is cached for `cache_ttl_s`; after that it is unwrapped again. When the
+* a decrypted key is cached for `cache_ttl_s`; after that it is unwrapped again, once per
+  key version however many requests miss at the same moment (single flight). When the
   KMS (or Redis) is down the cached key keeps serving until `max_age_s` after its last
   successful unwrap, then requests fail closed (503);
 * a revoked version is dropped from the cache and never returned again;
@@ -34,6 +35,15 @@ import hvac.exceptions
 from redis import exceptions as redis_errors
 
 from extproc import metrics
+from extproc.backends import (
+    HVAC_THREADS,
+    REDIS_FAILURES,
+    describe_redis_failure,
+    describe_vault_failure,
+    hvac_executor,
+    run_blocking,
+    vault_status,
+)
 from extproc.credentials.envelope import EnvelopeError, SealedSecret, open_sealed, seal
 from extproc.credentials.kek import KekBackend, KekError, TokenAuth
 from extproc.credentials.rotation import (
@@ -80,7 +90,7 @@ async def listen_for_changes(client: Any, on_change: Callable[[str, str], None])
                 text = data.decode() if isinstance(data, bytes) else str(data)
                 scope, _, credential = text.rpartition("/")
                 on_change(scope, credential)
-        except (redis_errors.RedisError, OSError):
+        except REDIS_FAILURES:
             await asyncio.sleep(1.0)
 
 
@@ -100,8 +110,8 @@ def _base(scope: str, credential: str) -> str:
 async def _redis_call(awaitable: Any) -> Any:
     try:
         return await awaitable
-    except (redis_errors.RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+    except REDIS_FAILURES as exc:
+        raise StoreUnavailable(describe_redis_failure(exc)) from None
 
 
 class RecordStore(Protocol):
@@ -159,18 +169,20 @@ class VaultKvRecords:
     `{"record": <SealedSecret JSON>}`; versions are listed through KV metadata. KV's own
     secret versioning keeps the history of each record (rewraps replace the value).
 
-    hvac is synchronous (requests): every call runs in a worker thread, so the event loop
-    never blocks on it. Every failure is mapped once, here, to `StoreUnavailable` naming
-    the operation and the HTTP status or exception type.
+    hvac is synchronous (requests): every call runs on a small thread pool of this object's
+    own, so the event loop never blocks on it and asyncio's default pool stays free.
+    Every failure is mapped once, here, to `StoreUnavailable` naming the operation and the
+    HTTP status or exception type.
     """
 
     def __init__(self, url: str, *, auth: TokenAuth, mount: str = "secret",
                  prefix: str = "asc", timeout: float = 5.0, verify: bool | str = True,
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, threads: int = HVAC_THREADS) -> None:
         self._mount = mount
         self._prefix = prefix.strip("/")
         self._client: Any = hvac.Client(url=url, token=auth.token.reveal(), timeout=timeout,
                                         verify=verify, namespace=namespace)
+        self._executor = hvac_executor("vault-kv", threads)
 
     async def get(self, scope: str, credential: str, version: int) -> SealedSecret | None:
         path = f"{self._folder(scope, credential)}/v{int(version)}"
@@ -202,8 +214,11 @@ class VaultKvRecords:
         return records
 
     async def close(self) -> None:
-        """Close the HTTP session (its pooled connections)."""
-        await asyncio.to_thread(self._client.adapter.close)
+        """Close the HTTP session (its pooled connections) and the worker threads."""
+        try:
+            await run_blocking(self._executor, self._client.adapter.close)
+        finally:
+            self._executor.shutdown(wait=False)
 
     def __repr__(self) -> str:
         return f"VaultKvRecords({self._mount}/{self._prefix})"
@@ -217,7 +232,8 @@ class VaultKvRecords:
 
     async def _call(self, operation: str, request: Callable[[Any], Any], *,
                     missing_ok: bool = True) -> Any:
-        return await asyncio.to_thread(self._call_blocking, operation, request, missing_ok)
+        return await run_blocking(self._executor, self._call_blocking, operation, request,
+                                  missing_ok)
 
     def _call_blocking(self, operation: str, request: Callable[[Any], Any],
                        missing_ok: bool) -> Any:
@@ -230,26 +246,13 @@ class VaultKvRecords:
             raise StoreUnavailable(f"vault kv {operation} failed: HTTP 404 (no such mount "
                                    "or path)") from None
         except hvac.exceptions.VaultError as exc:
-            status = next((code for kind, code in _KV_STATUS if isinstance(exc, kind)), None)
-            described = f"HTTP {status}" if status is not None else type(exc).__name__
-            hint = {401: " (token refused)", 403: " (permission denied)"}.get(status or 0, "")
-            raise StoreUnavailable(f"vault kv {operation} failed: {described}{hint}") from None
+            hint = {401: " (token refused)", 403: " (permission denied)"}.get(
+                vault_status(exc) or 0, "")
+            raise StoreUnavailable(f"vault kv {operation} failed: "
+                                   f"{describe_vault_failure(exc)}{hint}") from None
         except OSError as exc:  # every requests exception is an OSError
             raise StoreUnavailable(f"vault kv {operation} failed: "
                                    f"{type(exc).__name__}") from None
-
-
-_KV_STATUS: Final[tuple[tuple[type[Exception], int], ...]] = (
-    (hvac.exceptions.InvalidRequest, 400),
-    (hvac.exceptions.Unauthorized, 401),
-    (hvac.exceptions.Forbidden, 403),
-    (hvac.exceptions.PreconditionFailed, 412),
-    (hvac.exceptions.RateLimitExceeded, 429),
-    (hvac.exceptions.InternalServerError, 500),
-    (hvac.exceptions.VaultNotInitialized, 501),
-    (hvac.exceptions.BadGateway, 502),
-    (hvac.exceptions.VaultDown, 503),
-)
 
 
 def _kv_keys(response: Any) -> list[str]:
@@ -332,8 +335,8 @@ class KeyStore:
                     await pipe.execute()
             except redis_errors.WatchError:
                 continue
-            except (redis_errors.RedisError, OSError) as exc:
-                raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+            except REDIS_FAILURES as exc:
+                raise StoreUnavailable(describe_redis_failure(exc)) from None
             await self.publish(scope, credential)
             return new
         raise StoreUnavailable("redis: too much contention on the key state")
@@ -402,6 +405,8 @@ class Keyring:
         self._states: dict[tuple[str, str], _CachedState] = {}
         self._secrets: dict[tuple[str, str, int], _CachedSecret] = {}
         self._canary_failures: dict[tuple[str, str, int], int] = {}
+        self._unwraps: dict[tuple[str, str, int], asyncio.Future[Secret]] = {}
+        """In-flight unwraps, one per (scope, credential, version)."""
 
     @property
     def store(self) -> KeyStore:
@@ -449,6 +454,27 @@ class Keyring:
             # (The max-age bound matters after a stale serve, which moves `checked_at` but
             # not `unwrapped_at`: without it a key could outlive max_age_s by a cache TTL.)
             return cached.secret
+        # Single flight: one unwrap per key version, however many requests miss at once
+        # (a cache expiry under load would otherwise send each of them to the KMS).
+        flight = self._unwraps.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._unwrap(key))
+            self._unwraps[key] = flight
+            flight.add_done_callback(lambda done: self._landed(key, done))
+        # shield: a waiter that is cancelled (its client left) leaves the unwrap running
+        # for the others, and its result still fills the cache.
+        return await asyncio.shield(flight)
+
+    def _landed(self, key: tuple[str, str, int], flight: asyncio.Future[Secret]) -> None:
+        if self._unwraps.get(key) is flight:
+            del self._unwraps[key]  # a failure is not cached: the next miss tries again
+        if not flight.cancelled():
+            flight.exception()  # seen by every waiter; mark it retrieved for asyncio
+
+    async def _unwrap(self, key: tuple[str, str, int]) -> Secret:
+        scope, credential, version = key
+        cached = self._secrets.get(key)
+        now = self._clock()
         try:
             record = await self._store.record(scope, credential, version)
             if record is None:
@@ -457,7 +483,9 @@ class Keyring:
             secret = await open_sealed(self._kek, record)
         except (StoreUnavailable, KekError, EnvelopeError) as exc:
             if _outage(exc) and cached is not None and now - cached.unwrapped_at < self._max_age_s:
-                cached.checked_at = now  # try the KMS again after another TTL, not per request
+                # Try the KMS again after another TTL (from now: the failure may have
+                # taken a KMS timeout), not per request.
+                cached.checked_at = self._clock()
                 metrics.CREDENTIAL_STALE_SERVES.labels(credential).inc()
                 log_event(log, logging.WARNING, "serving a cached key: KMS or store down",
                           credential=f"{credential}@{version}", error=str(exc))
@@ -466,7 +494,11 @@ class Keyring:
                       else f"cannot unwrap ({type(exc).__name__})")
             raise SecretUnavailable(f"credential {scope}/{credential}@{version}: "
                                     f"{detail}") from None
-        self._secrets[key] = _CachedSecret(secret, now, now)
+        # The TTL counts from when the key arrived, not from when it was asked for: with
+        # a KMS as slow as the TTL, a start-time stamp would be stale on arrival and the
+        # requests queued behind it would each unwrap again.
+        done = self._clock()
+        self._secrets[key] = _CachedSecret(secret, done, done)
         return secret
 
     def invalidate(self, scope: str, credential: str) -> None:

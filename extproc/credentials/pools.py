@@ -1,20 +1,32 @@
 """Key pools: which of a provider's credentials serves the next request.
 
-Each credential has a circuit state from what the provider answered with it:
+Each scoped credential (`global/<id>` or `tenant:<t>/<id>`) has two independent kinds of
+state, because they answer different questions:
 
-* `closed`: healthy, chosen by weight;
-* `degraded`: p99 latency above 800 ms or more than 2 % errors over the last
-  `window` answers; still used, but only when no closed credential is left;
-* `open`: `open_after` consecutive 401/403/429; not used for `cooldown_s`;
-* `half_open`: after the cool-down one request at a time probes it: a success closes
-  it, an auth/quota failure opens it again.
+* **Is the key itself good?** One `extproc.breaker.CircuitBreaker` per credential:
+  `open_after` consecutive provider 401/403 *that are about the key* (no client-controlled
+  input reached the provider: `key_evidence`) open it for `cooldown_s`; then one request
+  probes it (`half_open`): its success closes it, another 401/403 opens it again, and a
+  request that ends without a verdict (refused by budget, cancelled, key unavailable, a
+  canary version, a 5xx) gives the probe back (`release`).
+* **Is the key usable right now?**
+  - `degraded`: p99 latency above 800 ms or more than 2 % errors (5xx and key 401/403)
+    over the last `window` answers; used only when no closed credential is left;
+  - *cooling down*: the provider answered 429. A 429 never opens a credential (a client
+    can cause one, e.g. "request too large", so it says nothing about the key); it only
+    makes the pool prefer other credentials until `retry-after` (seconds or HTTP date,
+    at most `max_retry_after_s`, `default_retry_after_s` when absent) has passed. When
+    every usable credential is cooling down, the one whose cool-down ends first is still
+    used: the provider, not the gateway, decides whether it is still limited, and its own
+    429 and `retry-after` reach the client. docs/credentials.md explains the choice.
 
-Opens are shared across replicas through Redis (`sync`), so one replica's discovery
-that a key was revoked at the provider protects the others too.
+Opens are shared across replicas through Redis (`sync`), so one replica's discovery that
+a key was revoked at the provider protects the others too. Cool-downs stay per replica.
 """
 
 from __future__ import annotations
 
+import email.utils
 import math
 import random
 import time
@@ -24,25 +36,58 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from extproc import metrics
+from extproc.breaker import CircuitBreaker, Permit
 
-__all__ = ["CredentialPool", "NoUsableCredential"]
+__all__ = ["Choice", "CredentialPool", "NoUsableCredential", "retry_after_seconds"]
 
-_AUTH_OR_QUOTA: Final = frozenset({401, 403, 429})
+_KEY_REFUSED: Final = frozenset({401, 403})
+_RATE_LIMITED: Final = 429
 _HEALTH_KEY: Final = "asc:cred:health"
 _STATES: Final = ("closed", "degraded", "open", "half_open")
+_MIN_ANSWERS_FOR_DEGRADED: Final = 20
 
 
 class NoUsableCredential(Exception):
     """Every credential of the provider is open (and none is due for a probe)."""
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The credential for one request and the breaker permit it holds; the permit goes
+    back with the verdict (`record`) or without one (`release`)."""
+
+    credential: str
+    permit: Permit
+
+
+@dataclass(slots=True)
 class _Health:
-    answers: deque[tuple[bool, float]] = field(default_factory=lambda: deque(maxlen=200))
-    consecutive_failures: int = 0
-    opened: bool = False
-    open_until: float = 0.0
-    probing: bool = False
+    breaker: CircuitBreaker
+    answers: deque[tuple[bool, float]] = field(default_factory=deque)
+    cool_until: float = 0.0
+
+
+def retry_after_seconds(value: str | None, *, now: float, default: float,
+                        limit: float) -> float:
+    """Seconds a `retry-after` header asks for, within [0, limit]; `default` when absent
+    or unreadable. Accepts delta-seconds (also fractional, as some providers send) and
+    HTTP dates (RFC 9110 §10.2.3), which count from `now` (epoch seconds)."""
+    if value is None or not value.strip():
+        return min(default, limit)
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return min(default, limit)
+        if when.tzinfo is None:  # an HTTP date is always GMT
+            return min(default, limit)
+        seconds = when.timestamp() - now
+    if not math.isfinite(seconds):
+        return min(default, limit)
+    return max(0.0, min(seconds, limit))
 
 
 class CredentialPool:
@@ -54,6 +99,8 @@ class CredentialPool:
         cooldown_s: float = 30.0,
         p99_limit_s: float = 0.8,
         error_rate_limit: float = 0.02,
+        default_retry_after_s: float = 1.0,
+        max_retry_after_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -62,6 +109,9 @@ class CredentialPool:
         self._cooldown_s = cooldown_s
         self._p99_limit_s = p99_limit_s
         self._error_rate_limit = error_rate_limit
+        self._default_retry_after_s = default_retry_after_s
+        self._max_retry_after_s = max_retry_after_s
+        # Wall clock by default: opens are shared with other replicas as epoch times.
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
         self._health: dict[str, _Health] = {}
@@ -69,15 +119,19 @@ class CredentialPool:
     def _of(self, credential: str) -> _Health:
         health = self._health.get(credential)
         if health is None:
-            health = self._health[credential] = _Health(answers=deque(maxlen=self._window))
+            breaker = CircuitBreaker(threshold=self._open_after, cooldown_s=self._cooldown_s,
+                                     clock=self._clock)
+            health = self._health[credential] = _Health(breaker, deque(maxlen=self._window))
         return health
 
     def state(self, credential: str) -> str:
+        """closed, degraded, open or half_open (cooling down is separate: `cooling_until`)."""
         health = self._of(credential)
-        if health.opened:
-            return "open" if health.open_until > self._clock() else "half_open"
+        breaker_state = health.breaker.state
+        if breaker_state != "closed":
+            return breaker_state
         answers = health.answers
-        if len(answers) >= 20:
+        if len(answers) >= _MIN_ANSWERS_FOR_DEGRADED:
             errors = sum(1 for ok, _ in answers if not ok)
             latencies = sorted(latency for _, latency in answers)
             p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
@@ -85,38 +139,79 @@ class CredentialPool:
                 return "degraded"
         return "closed"
 
-    def choose(self, credentials: Sequence[str], weights: Sequence[int]) -> str:
-        """A credential for the next request: closed by weight, then degraded, then one
-        half-open probe at a time."""
+    def cooling_until(self, credential: str) -> float | None:
+        """When this credential's 429 cool-down ends (pool clock), or None."""
+        until = self._of(credential).cool_until
+        return until if until > self._clock() else None
+
+    def choose(self, credentials: Sequence[str], weights: Sequence[int]) -> Choice:
+        """A credential for the next request, in this order: closed by weight, degraded by
+        weight (both skipping credentials cooling down), one half-open probe, and last
+        the cooling-down credential whose cool-down ends first."""
+        now = self._clock()
         states = [self.state(c) for c in credentials]
+        cooling = [self._of(c).cool_until > now for c in credentials]
+        candidates = list(zip(credentials, weights, states, cooling, strict=True))
         for wanted in ("closed", "degraded"):
-            pool = [(c, w) for c, w, s in zip(credentials, weights, states, strict=True)
-                    if s == wanted and w > 0]
-            if len(pool) == 1:
-                return pool[0][0]
+            pool = [(c, w) for c, w, s, cool in candidates if s == wanted and w > 0 and not cool]
             if pool:
-                return self._rng.choices([c for c, _ in pool], [w for _, w in pool])[0]
-        for credential, state in zip(credentials, states, strict=True):
-            health = self._of(credential)
-            if state == "half_open" and not health.probing:
-                health.probing = True
-                return credential
+                chosen = pool[0][0] if len(pool) == 1 else self._rng.choices(
+                    [c for c, _ in pool], [w for _, w in pool])[0]
+                return self._take(chosen)
+        for credential, _, state, _ in candidates:
+            if state == "half_open":
+                permit = self._of(credential).breaker.allow()
+                if permit is not None:
+                    self._publish_state(credential)
+                    return Choice(credential, permit)
+        usable = [(self._of(c).cool_until, c) for c, w, s, cool in candidates
+                  if cool and w > 0 and s in ("closed", "degraded")]
+        if usable:
+            return self._take(min(usable)[1])
         raise NoUsableCredential("every credential of the provider is open")
 
-    def record(self, credential: str, status: int, latency_s: float) -> None:
-        health = self._of(credential)
-        ok = status < 500 and status not in _AUTH_OR_QUOTA
-        health.answers.append((ok, latency_s))
-        health.probing = False
-        if status in _AUTH_OR_QUOTA:
-            health.consecutive_failures += 1
-            if health.opened or health.consecutive_failures >= self._open_after:
-                health.opened = True
-                health.open_until = self._clock() + self._cooldown_s
-        elif ok:
-            health.consecutive_failures = 0
-            health.opened = False
-        self._publish_state(credential)
+    def _take(self, credential: str) -> Choice:
+        permit = self._of(credential).breaker.allow()
+        if permit is None:  # cannot happen for a closed breaker; stay safe if it did
+            raise NoUsableCredential("every credential of the provider is open")
+        return Choice(credential, permit)
+
+    def record(self, choice: Choice, status: int, latency_s: float, *,
+               key_evidence: bool = True, retry_after: str | None = None) -> None:
+        """What the provider answered on `choice`; gives its permit back with a verdict.
+
+        `key_evidence` False means client-controlled input reached the provider, so a
+        401/403 may be the client's doing: it neither opens the credential nor counts as
+        an error. A 429 starts a cool-down and proves the key is accepted.
+        """
+        health = self._of(choice.credential)
+        breaker = health.breaker
+        if status in _KEY_REFUSED and key_evidence:
+            health.answers.append((False, latency_s))
+            breaker.failure(choice.permit)
+        elif status in _KEY_REFUSED or status >= 500:
+            # Nothing learnt about the key: a 5xx is the provider's trouble (and counts
+            # as an error for `degraded`), a client-caused 401/403 is the client's.
+            if status >= 500:
+                health.answers.append((False, latency_s))
+            breaker.release(choice.permit)
+        else:
+            if status == _RATE_LIMITED:
+                now = self._clock()
+                wait = retry_after_seconds(retry_after, now=now,
+                                           default=self._default_retry_after_s,
+                                           limit=self._max_retry_after_s)
+                health.cool_until = max(health.cool_until, now + wait)
+            else:
+                health.answers.append((True, latency_s))
+            breaker.success(choice.permit)
+        self._publish_state(choice.credential)
+
+    def release(self, choice: Choice) -> None:
+        """The request ended without a verdict on the key: its probe (if any) goes back."""
+        self._of(choice.credential).breaker.release(choice.permit)
+        if choice.permit.probe:
+            self._publish_state(choice.credential)
 
     def _publish_state(self, credential: str) -> None:
         current = self.state(credential)
@@ -126,7 +221,8 @@ class CredentialPool:
     async def sync(self, client: Any) -> None:
         """Share opens with other replicas: push ours, adopt theirs (one round trip each)."""
         now = self._clock()
-        mine = {c: h.open_until for c, h in self._health.items() if h.open_until > now}
+        mine = {c: until for c, h in self._health.items()
+                if (until := h.breaker.open_until) is not None and until > now}
         if mine:
             await client.hset(_HEALTH_KEY, mapping={c: str(t) for c, t in mine.items()})
         theirs = await client.hgetall(_HEALTH_KEY)
@@ -134,8 +230,8 @@ class CredentialPool:
             credential = (raw_credential.decode() if isinstance(raw_credential, bytes)
                           else str(raw_credential))
             until = float(raw_until)
-            health = self._of(credential)
-            if until > health.open_until and until > now:
-                health.opened = True
-                health.open_until = until
+            breaker = self._of(credential).breaker
+            known = breaker.open_until
+            if until > now and (known is None or until > known):
+                breaker.trip(until)
                 self._publish_state(credential)

@@ -1,27 +1,36 @@
 """Which provider key goes on a request: the tenant's own (BYOK) or the provider's pool,
-chosen by health and weight, resolved from env/file references or the keyring."""
+chosen by health and weight, resolved from env/file references or the keyring.
+
+A request holds its credential's breaker permit from `for_request` until it either
+`report`s what the provider answered (a verdict) or is `release`d without one; exactly
+one of the two counts, so a half-open probe can never be lost (issue 8, item 2).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from extproc.config import CredentialRef, Provider, Tenant
 from extproc.credentials.keyring import Keyring
-from extproc.credentials.pools import CredentialPool, NoUsableCredential
+from extproc.credentials.pools import Choice, CredentialPool, NoUsableCredential
 from extproc.credentials.static import ResolvedCredential, StaticKeyProvider
 from extproc.secrets import SecretUnavailable
 
 __all__ = ["ProviderKeys", "Selected"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Selected:
     credential: ResolvedCredential
     scope: str
     """'global', or 'tenant:<id>' for a tenant's own key."""
     chosen_at: float
+    choice: Choice
+    """The pool's pick and its breaker permit (a probe, when the credential was half-open)."""
+    settled: bool = field(default=False, repr=False)
+    """A verdict was reported or the permit released: the permit is no longer ours."""
 
 
 class ProviderKeys:
@@ -50,27 +59,54 @@ class ProviderKeys:
         scope = f"tenant:{tenant.id}" if own else "global"
         try:
             # Health is per scoped credential: one tenant's bad key never closes another's.
-            qualified = self._pool.choose([f"{scope}/{i}" for i in ids],
-                                          [self._refs[i].weight for i in ids])
+            choice = self._pool.choose([f"{scope}/{i}" for i in ids],
+                                       [self._refs[i].weight for i in ids])
         except NoUsableCredential as exc:
             raise SecretUnavailable(f"provider {provider.name}: {exc}") from None
-        chosen = qualified.partition("/")[2]
+        chosen = choice.credential.partition("/")[2]
         ref = self._refs[chosen]
-        if ref.keyring:
-            if self._keyring is None:
-                raise SecretUnavailable(f"credential {chosen}: no keyring configured")
-            credential = await self._keyring.credential(chosen, scope=scope, bucket=bucket)
-        else:
-            credential = self._static.credential(chosen)
-        return Selected(credential, scope, time.monotonic())
+        try:
+            if ref.keyring:
+                if self._keyring is None:
+                    raise SecretUnavailable(f"credential {chosen}: no keyring configured")
+                credential = await self._keyring.credential(chosen, scope=scope, bucket=bucket)
+            else:
+                credential = self._static.credential(chosen)
+        except BaseException:
+            # Unavailable key, or the request was cancelled while the KMS answered: no
+            # verdict on the credential, and its probe must not stay taken.
+            self._pool.release(choice)
+            raise
+        return Selected(credential, scope, time.monotonic(), choice)
 
-    async def report(self, selected: Selected, status: int) -> None:
-        """What the provider answered with this key: feeds pool health and canary rollback."""
+    async def report(self, selected: Selected, status: int, *, key_evidence: bool,
+                     retry_after: str | None = None) -> None:
+        """What the provider answered with this key: feeds pool health and canary rollback.
+
+        `key_evidence`: True when nothing client-controlled (beyond the built-in header
+        allow-list) reached the provider, so a 401/403 is about the key. A False report
+        never opens the credential and never counts toward a canary rollback.
+        """
+        if selected.settled:
+            return
+        selected.settled = True
         keyring = self._keyring if self._refs[selected.credential.id].keyring else None
         if keyring is not None and keyring.is_canary(selected.credential, selected.scope):
             # A failing canary is the rollback's business; it must not close the whole
-            # credential (and with it the healthy active version) for every replica.
-            await keyring.report(selected.credential, selected.scope, status)
+            # credential (and with it the healthy active version) for every replica. Nor
+            # may a canary answer close a half-open credential: give the permit back.
+            self._pool.release(selected.choice)
+            if key_evidence:
+                await keyring.report(selected.credential, selected.scope, status)
             return
-        self._pool.record(f"{selected.scope}/{selected.credential.id}", status,
-                          time.monotonic() - selected.chosen_at)
+        self._pool.record(selected.choice, status, time.monotonic() - selected.chosen_at,
+                          key_evidence=key_evidence, retry_after=retry_after)
+
+    def release(self, selected: Selected) -> None:
+        """The request ended without a verdict (budget refusal, client abort, error before
+        the provider answered): give the credential's permit back. A no-op after `report`,
+        so `finish()` may call it unconditionally."""
+        if selected.settled:
+            return
+        selected.settled = True
+        self._pool.release(selected.choice)

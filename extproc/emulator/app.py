@@ -29,6 +29,12 @@ and recorded credential headers / query parameters are replaced with
 still tell *which* key the gateway sent without the key appearing in any response.
 The emulator writes no access log for the same reason.
 
+Account headers: like the real providers, every provider answer (errors too) names the
+account and its rate limits - OpenAI-style paths send ``openai-organization``,
+``openai-project`` and ``x-ratelimit-*`` (:data:`OPENAI_ACCOUNT_HEADERS`), the Anthropic
+path ``anthropic-organization-id`` and ``anthropic-ratelimit-*``
+(:data:`ANTHROPIC_ACCOUNT_HEADERS`), so tests can check that they stop at the gateway.
+
 Control API (loopback tool, no auth):
 
 * ``GET /_emulator/health`` -> ``{"status": "ok"}``
@@ -57,10 +63,12 @@ from aiohttp import web
 from extproc.emulator import anthropic_shape, azure_shape, mistral_shape, openai_shape
 
 __all__ = [
+    "ANTHROPIC_ACCOUNT_HEADERS",
     "CONFIG_KEY",
     "CONTROL_PREFIX",
     "DEFAULT_REPLY",
     "DEFAULT_SHAPE_NAMES",
+    "OPENAI_ACCOUNT_HEADERS",
     "SHAPES",
     "SHAPE_REGISTRY",
     "STATE_KEY",
@@ -85,6 +93,23 @@ _SECRET_HEADERS: Final = frozenset(
     {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"}
 )
 _SECRET_QUERY_PARAMS: Final = frozenset({"key", "api-key", "api_key", "apikey"})
+OPENAI_ACCOUNT_HEADERS: Final[Mapping[str, str]] = {
+    "openai-organization": openai_shape.EMULATED_ORGANIZATION,
+    "openai-project": "proj_emulat0rpr0ject",
+    "x-ratelimit-limit-requests": "5000",
+    "x-ratelimit-remaining-requests": "4999",
+    "x-ratelimit-limit-tokens": "2000000",
+    "x-ratelimit-remaining-tokens": "1999990",
+    "x-ratelimit-reset-requests": "12ms",
+}
+ANTHROPIC_ACCOUNT_HEADERS: Final[Mapping[str, str]] = {
+    "anthropic-organization-id": "5f0c1d2e-3a4b-4c5d-8e6f-7a8b9c0d1e2f",
+    "anthropic-ratelimit-requests-limit": "50",
+    "anthropic-ratelimit-requests-remaining": "49",
+    "anthropic-ratelimit-tokens-limit": "40000",
+    "anthropic-ratelimit-tokens-remaining": "39990",
+}
+_ANTHROPIC_PATH: Final = "/v1/messages"
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 
@@ -126,6 +151,14 @@ class Fault:
     reset: bool = False
     reset_after_chunks: int | None = None
     retry_after: str | None = None
+    pad_bytes: int = 0
+    """Grow a non-streamed JSON answer by this many bytes (an `emulator_padding` field)."""
+    message: str | None = None
+    """The error message of a status fault (default: a realistic one of the shape), e.g.
+    a provider echoing a huge unknown field back."""
+    stream_error: str | None = None
+    """A streamed answer sends its first event, then an in-stream error event with this
+    message (OpenAI `data: {"error": ...}`, Anthropic `event: error`), and ends."""
 
     @property
     def is_empty(self) -> bool:
@@ -135,6 +168,8 @@ class Fault:
             and self.delay_ms == 0
             and not self.reset
             and self.reset_after_chunks is None
+            and self.pad_bytes == 0
+            and self.stream_error is None
         )
 
     @property
@@ -152,6 +187,9 @@ class Fault:
             "reset": self.reset,
             "reset_after_chunks": self.reset_after_chunks,
             "retry_after": self.retry_after,
+            "pad_bytes": self.pad_bytes,
+            "message": self.message,
+            "stream_error": self.stream_error,
         }
 
 
@@ -203,6 +241,11 @@ class EmulatorState:
         return head.fault
 
 
+chunk_pause: Callable[[float], Awaitable[None]] = asyncio.sleep
+"""The wait between streamed events (`chunk_delay_ms`); tests swap it for a gate so they
+can check pacing without reading clocks."""
+
+
 @dataclass(slots=True)
 class CallContext:
     """What the core hands a shape handler: config, state and a fault-aware SSE writer."""
@@ -211,6 +254,7 @@ class CallContext:
     config: EmulatorConfig
     state: EmulatorState
     reset_after_chunks: int | None = None
+    stream_error: str | None = None
     events_sent: int = 0
 
     async def open_stream(self, content_type: str = "text/event-stream") -> web.StreamResponse:
@@ -234,7 +278,7 @@ class CallContext:
         if self.request.transport is None or self.request.transport.is_closing():
             return False
         if self.events_sent and self.config.chunk_delay_ms:
-            await asyncio.sleep(self.config.chunk_delay_ms / 1000)
+            await chunk_pause(self.config.chunk_delay_ms / 1000)
         try:
             await resp.write(data)
         except ConnectionError:
@@ -242,6 +286,9 @@ class CallContext:
         self.events_sent += 1
         if self.reset_after_chunks is not None and self.events_sent >= self.reset_after_chunks:
             _abort(self.request)
+            return False
+        if self.stream_error is not None:
+            await resp.write(_stream_error_event(self.request.path, self.stream_error))
             return False
         return True
 
@@ -322,6 +369,16 @@ SHAPES: Final[tuple[ProviderShape, ...]] = shapes_named(DEFAULT_SHAPE_NAMES)
 STATE_KEY: Final = web.AppKey("emulator_state", EmulatorState)
 CONFIG_KEY: Final = web.AppKey("emulator_config", EmulatorConfig)
 _SHAPES_KEY: Final = web.AppKey("emulator_shapes", tuple[ProviderShape, ...])
+
+
+def _stream_error_event(path: str, message: str) -> bytes:
+    """An in-stream error event in the format of the path's provider."""
+    if path == _ANTHROPIC_PATH:
+        data = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+        return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
+    error = {"error": {"message": message, "type": "server_error", "param": None,
+                       "code": None}}
+    return b"data: " + json.dumps(error).encode() + b"\n\n"
 
 
 def _abort(request: web.Request) -> None:
@@ -462,7 +519,7 @@ def _fault_response(shape: ProviderShape, fault: Fault, status: int) -> web.Resp
             phrase = "Error"
         page = f"<html><body><h1>{status} {phrase}</h1></body></html>"
         return web.Response(text=page, status=status, content_type="text/html", headers=headers)
-    return _json_response(shape.error_body(status, None), status=status, headers=headers)
+    return _json_response(shape.error_body(status, fault.message), status=status, headers=headers)
 
 
 def _wrap(
@@ -500,10 +557,22 @@ def _wrap(
             config=config,
             state=state,
             reset_after_chunks=fault.reset_after_chunks,
+            stream_error=fault.stream_error,
         )
-        return await handler(request, ctx)
+        response = await handler(request, ctx)
+        if fault.pad_bytes and isinstance(response, web.Response) and response.body:
+            return _padded(response, fault.pad_bytes)
+        return response
 
     return endpoint
+
+
+def _padded(response: web.Response, pad_bytes: int) -> web.Response:
+    """A provider answer larger than a proxy's buffer, still valid JSON with its usage."""
+    assert isinstance(response.body, bytes)
+    document = json.loads(response.body)
+    document["emulator_padding"] = "x" * pad_bytes
+    return _json_response(document, status=response.status)
 
 
 @web.middleware
@@ -529,6 +598,16 @@ async def _core_middleware(
             raise
         default_shape = request.app[_SHAPES_KEY][0]
         return _json_response(default_shape.error_body(413, "Request body too large."), status=413)
+
+
+async def _account_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Name the (emulated) provider account on every provider answer, as providers do."""
+    if request.path.startswith(CONTROL_PREFIX):
+        return
+    account = (ANTHROPIC_ACCOUNT_HEADERS if request.path == _ANTHROPIC_PATH
+               else OPENAI_ACCOUNT_HEADERS)
+    for name, value in account.items():
+        response.headers.setdefault(name, value)
 
 
 # --------------------------------------------------------------------------- control API
@@ -568,8 +647,10 @@ async def _get_faults(request: web.Request) -> web.Response:
 
 
 _FAULT_FIELDS: Final = frozenset(
-    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count"}
+    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count",
+     "pad_bytes", "message", "stream_error"}
 )
+_MAX_FAULT_MESSAGE: Final = 16 * 1024 * 1024
 
 
 def _opt_int(body: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
@@ -597,6 +678,15 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ValueError("'retry_after' must be a non-negative integer")
         retry_after = str(retry_after)
+    message = body.get("message")
+    if message is not None and (not isinstance(message, str)
+                                or not 0 < len(message) <= _MAX_FAULT_MESSAGE):
+        raise ValueError(f"'message' must be a string of 1 to {_MAX_FAULT_MESSAGE} characters")
+    stream_error = body.get("stream_error")
+    if stream_error is not None and (not isinstance(stream_error, str)
+                                     or not 0 < len(stream_error) <= _MAX_FAULT_MESSAGE):
+        raise ValueError(
+            f"'stream_error' must be a string of 1 to {_MAX_FAULT_MESSAGE} characters")
     fault = Fault(
         status=_opt_int(body, "status", 400, 599),
         html=_opt_bool(body, "html"),
@@ -604,10 +694,14 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         reset=_opt_bool(body, "reset"),
         reset_after_chunks=_opt_int(body, "reset_after_chunks", 0, 1_000_000),
         retry_after=retry_after,
+        pad_bytes=_opt_int(body, "pad_bytes", 0, 1 << 30) or 0,
+        message=message,
+        stream_error=stream_error,
     )
     if fault.is_empty:
         raise ValueError(
-            "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks"
+            "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks,"
+            " pad_bytes, stream_error"
         )
     count = _opt_int(body, "count", 1, 1_000_000_000)
     return QueuedFault(fault=fault, remaining=1 if count is None else count)
@@ -652,6 +746,7 @@ def make_app(config: EmulatorConfig, shapes: tuple[ProviderShape, ...] = SHAPES)
     app[CONFIG_KEY] = config
     app[STATE_KEY] = EmulatorState.from_config(config)
     app[_SHAPES_KEY] = shapes
+    app.on_response_prepare.append(_account_headers)
     router = app.router
     router.add_get(CONTROL_PREFIX + "health", _health, allow_head=False)
     router.add_get(CONTROL_PREFIX + "requests", _get_requests, allow_head=False)

@@ -35,6 +35,11 @@ Tool calls: when the request has ``tools``, ``tool_choice`` is not ``"none"`` an
 the call's index, id, type, name and empty arguments, then the arguments in two
 fragments.  A tool result as the last message gets the normal text reply.
 
+Reasoning models (``o1``, ``o3-mini``, ``o4-mini``, ... and ``gpt-5*``; for Azure the
+deployment name) refuse ``max_tokens`` as OpenAI does: 400 "Unsupported parameter:
+'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+(param ``max_tokens``, code ``unsupported_parameter``).
+
 Errors follow OpenAI's ``{"error": {"message", "type", "param", "code"}}`` shape.
 Messages never contain the presented API key (real OpenAI echoes a masked key;
 we deliberately do not, because tests grep responses for canary secrets).
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -58,6 +64,7 @@ if TYPE_CHECKING:
     from extproc.emulator.app import CallContext, EmulatorState
 
 __all__ = [
+    "EMULATED_ORGANIZATION",
     "KNOWN_REQUEST_FIELDS",
     "ROUTES",
     "WEATHER_ARGUMENTS",
@@ -109,6 +116,9 @@ KNOWN_REQUEST_FIELDS: Final = frozenset(
         "audio",
     }
 )
+EMULATED_ORGANIZATION: Final = "org-emulat0r5hared4cc0unt"
+"""The account id the emulator names in 429 texts and `openai-organization` headers."""
+_REASONING_MODEL: Final = re.compile(r"(?i)^(?:o[1-9]|gpt-5)")
 _ROLES: Final = ("system", "developer", "user", "assistant", "tool", "function")
 WEATHER_TOOL: Final = "get_weather"
 WEATHER_ARGUMENTS: Final = '{"city":"Paris"}'
@@ -124,10 +134,11 @@ _BAD_JSON: Final = (
 class InvalidRequest(Exception):
     """A 400 validation failure, carrying OpenAI's ``message`` and ``param``."""
 
-    def __init__(self, message: str, param: str | None) -> None:
+    def __init__(self, message: str, param: str | None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 # --------------------------------------------------------------------------- errors
@@ -150,7 +161,9 @@ def error_body(status: int, message: str | None) -> dict[str, Any]:
         return auth_error() if message is None else _error(message, _INVALID_REQUEST)
     if status == 429:
         return _error(
-            message or "Rate limit reached for requests. Please try again in 1s.",
+            message or ("Rate limit reached for gpt-4o-mini in organization "
+                        f"{EMULATED_ORGANIZATION} on requests per min (RPM): Limit 3, Used 3, "
+                        "Requested 1. Please try again in 1s."),
             "requests",
             None,
             "rate_limit_exceeded",
@@ -317,6 +330,10 @@ class ChatRequest:
             raise InvalidRequest("you must provide a model parameter", "model")
         if not isinstance(model, str) or not model:
             raise _bad_type("model", "a non-empty string", model)
+        if _REASONING_MODEL.match(model) and body.get("max_tokens") is not None:
+            raise InvalidRequest(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.", "max_tokens", "unsupported_parameter")
         messages = body.get("messages")
         if messages is None:
             raise InvalidRequest("Missing required parameter: 'messages'.", "messages")
@@ -420,7 +437,7 @@ async def chat_completions(request: web.Request, ctx: CallContext) -> web.Stream
     try:
         chat = ChatRequest(body)
     except InvalidRequest as exc:
-        return _json(_error(exc.message, _INVALID_REQUEST, exc.param), status=400)
+        return _json(_error(exc.message, _INVALID_REQUEST, exc.param, exc.code), status=400)
     return await send_reply(ctx, chat, model=chat.model)
 
 

@@ -11,7 +11,7 @@ Request (`/v1/chat/completions`; Azure: the deployment path, `model` left out):
 * `assistant` `text` + `tool_use` blocks -> `content` + `tool_calls` (`input` ->
   `arguments` JSON string); thinking blocks are dropped.
 * `max_tokens` -> `max_completion_tokens` (OpenAI, Azure) or `max_tokens` (Mistral,
-  compatible).
+  compatible); `models.<name>.output_limit_field` overrides it (not for Mistral).
 * `temperature`, `top_p` -> the same; `stop_sequences` -> `stop`.
 * `tools[]` `{name, description, input_schema}` -> `tools[].function`
   `{name, description, parameters}`.
@@ -52,6 +52,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.translate import limits
 from extproc.translate.openai_passthrough import (
     CHAT_COMPLETIONS_PATH,
     azure_path,
@@ -60,7 +61,9 @@ from extproc.translate.openai_passthrough import (
 from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
 from extproc.translate.types import (
+    NO_OUTPUT_LIMIT,
     Backend,
+    OutputLimit,
     StreamProgress,
     TranslatedResponse,
     UpstreamRequest,
@@ -319,14 +322,18 @@ def _check_parameters(body: Mapping[str, Any], backend: Backend) -> None:
 
 
 def build_openai_request(body: Mapping[str, Any], backend: Backend,
-                         upstream_model: str) -> dict[str, Any]:
-    """The Chat Completions body for a validated Messages body."""
+                         upstream_model: str, limit_field: str | None = None) -> dict[str, Any]:
+    """The Chat Completions body for a validated Messages body; `limit_field` is the
+    configured output-limit field (None: the backend's)."""
     _check_parameters(body, backend)
     out: dict[str, Any] = {}
     if backend is not Backend.AZURE:
         out["model"] = upstream_model
     out["messages"] = _convert_messages(body, backend)
-    out[_MAX_TOKENS_FIELD[backend]] = body["max_tokens"]
+    field = _MAX_TOKENS_FIELD[backend]
+    if limit_field is not None and backend is not Backend.MISTRAL:
+        field = limit_field
+    out[field] = body["max_tokens"]
     if body.get("tools") is not None:
         tools = _convert_tools(body["tools"], backend)
         if tools:
@@ -478,7 +485,7 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
             self._open = None
 
     def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
-        if "error" in chunk:
+        if chunk.get("error") is not None:
             error = chunk["error"]
             found = provider_message(chunk) if isinstance(error, dict | str) else None
             message = scrub(found) if found else ""
@@ -571,11 +578,21 @@ class AnthropicToOpenAI:
             raise ValueError("AnthropicToOpenAI serves OpenAI-shaped backends only")
         self.backend = backend
 
+    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
+        return limits.requested_output_limit(body, (limits.MAX_TOKENS,), cap=cap)
+
+    def choices(self, body: Mapping[str, Any]) -> int:
+        return 1
+
+    def input_estimate(self, raw: bytes) -> int:
+        return limits.input_estimate(raw, limits.ANTHROPIC_IMAGE_PART)
+
     def request(
-        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None
+        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,
+        output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = validate_anthropic_door(body)
-        out = build_openai_request(request, self.backend, upstream_model)
+        out = build_openai_request(request, self.backend, upstream_model, output_limit.field)
         path = (azure_path(upstream_model, api_version) if self.backend is Backend.AZURE
                 else CHAT_COMPLETIONS_PATH)
         return UpstreamRequest(body=compact_json(out), path=path)

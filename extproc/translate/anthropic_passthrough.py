@@ -15,10 +15,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from extproc.errors import Dialect
+from extproc.translate import limits
 from extproc.translate.openai_anthropic import ANTHROPIC_VERSION, MESSAGES_PATH
-from extproc.translate.provider_errors import map_provider_error
-from extproc.translate.sse import SseDecoder, SseEvent
-from extproc.translate.types import StreamProgress, TranslatedResponse, UpstreamRequest
+from extproc.translate.provider_errors import map_provider_error, scrubbed_stream_error
+from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.types import (
+    NO_OUTPUT_LIMIT,
+    OutputLimit,
+    StreamProgress,
+    TranslatedResponse,
+    UpstreamRequest,
+)
 from extproc.translate.usage import usage_from_anthropic
 from extproc.translate.validation import compact_json, validate_anthropic_door
 
@@ -26,7 +33,8 @@ __all__ = ["AnthropicPassthrough", "AnthropicPassthroughStream"]
 
 
 class AnthropicPassthroughStream(StreamProgress):
-    """Forwards an Anthropic stream untouched while reading its usage and deltas."""
+    """Forwards an Anthropic stream, re-framed event by event, while reading its usage and
+    deltas; an `error` event's message is scrubbed like an error body's."""
 
     def __init__(self) -> None:
         self._decoder = SseDecoder()
@@ -34,36 +42,46 @@ class AnthropicPassthroughStream(StreamProgress):
         StreamProgress.__init__(self)
 
     def feed(self, chunk: bytes) -> bytes:
-        self._read(self._decoder.feed(chunk))
-        return chunk
+        return self._read(self._decoder.feed(chunk))
 
     def flush(self) -> bytes:
-        self._read(self._decoder.flush())
-        return b""
+        return self._read(self._decoder.flush())
 
-    def _read(self, events: list[SseEvent]) -> None:
-        for event in events:
-            kind = event.event
-            if kind == "content_block_delta":
-                self._deltas += 1
-                continue
-            if kind not in (None, "message_start", "message_delta"):
-                continue
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue
-            if not isinstance(data, dict):
-                continue
-            kind = data.get("type")
-            if kind == "content_block_delta":
-                self._deltas += 1
-            elif kind == "message_start":
-                message = data.get("message")
-                usage = message.get("usage") if isinstance(message, dict) else None
-                self._merge(usage, final=False)
-            elif kind == "message_delta":
-                self._merge(data.get("usage"), final=True)
+    def _read(self, events: list[SseEvent]) -> bytes:
+        return b"".join(self._event(event) for event in events)
+
+    def _event(self, event: SseEvent) -> bytes:
+        kind = event.event
+        if kind == "content_block_delta":
+            self._deltas += 1
+            return encode_event(event.data, kind)
+        if kind not in (None, "message_start", "message_delta", "error"):
+            return encode_event(event.data, kind)
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            if kind == "error":  # an error we cannot read: say only that it failed
+                data = {"type": "error", "error": None}
+            else:
+                return encode_event(event.data, kind)
+        if kind == "error" or data.get("type") == "error":
+            scrubbed = {"type": "error", "error": scrubbed_stream_error(data.get("error"))}
+            return encode_event(compact_json(scrubbed).decode(), kind)
+        self._read_usage(data)
+        return encode_event(event.data, kind)
+
+    def _read_usage(self, data: dict[str, Any]) -> None:
+        kind = data.get("type")
+        if kind == "content_block_delta":
+            self._deltas += 1
+        elif kind == "message_start":
+            message = data.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            self._merge(usage, final=False)
+        elif kind == "message_delta":
+            self._merge(data.get("usage"), final=True)
 
     def _merge(self, usage: object, *, final: bool) -> None:
         if not isinstance(usage, dict):
@@ -76,8 +94,18 @@ class AnthropicPassthroughStream(StreamProgress):
 class AnthropicPassthrough:
     """One request through the Anthropic door to Anthropic."""
 
+    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
+        return limits.requested_output_limit(body, (limits.MAX_TOKENS,), cap=cap)
+
+    def choices(self, body: Mapping[str, Any]) -> int:
+        return 1
+
+    def input_estimate(self, raw: bytes) -> int:
+        return limits.input_estimate(raw, limits.ANTHROPIC_IMAGE_PART)
+
     def request(
-        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None
+        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,
+        output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = dict(validate_anthropic_door(body))
         request["model"] = upstream_model

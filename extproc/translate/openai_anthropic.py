@@ -10,8 +10,9 @@ Request (`POST /v1/messages`, header `anthropic-version: 2023-06-01`):
 * `assistant` content + `tool_calls` -> `text` blocks + `tool_use` blocks (`arguments`
   JSON string -> `input` object).
 * `tool` messages -> `tool_result` blocks in a user message (consecutive results merged).
-* `max_completion_tokens`, `max_tokens` -> `max_tokens` (the smaller if both;
-  `DEFAULT_MAX_TOKENS` = 4096 if neither, since Anthropic requires it).
+* `max_completion_tokens`, `max_tokens` -> `max_tokens` (the smaller if both; if
+  neither, the limit the gateway imposes, else `DEFAULT_MAX_TOKENS` = 4096, since
+  Anthropic requires one).
 * `temperature` (must be within 0..1), `top_p` -> the same.
 * `stop` (string or array) -> `stop_sequences`.
 * `tools[].function` -> `tools[]` `{name, description, input_schema}` (`strict` dropped).
@@ -56,10 +57,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.translate import limits as output_limits
 from extproc.translate.provider_errors import map_provider_error, scrub
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
 from extproc.translate.types import (
+    NO_OUTPUT_LIMIT,
     Backend,
+    OutputLimit,
     StreamProgress,
     TranslatedResponse,
     UpstreamRequest,
@@ -379,7 +383,8 @@ def _check_parameters(body: Mapping[str, Any]) -> None:
             raise unsupported(name, _ANTHROPIC)
 
 
-def build_anthropic_request(body: Mapping[str, Any], upstream_model: str) -> dict[str, Any]:
+def build_anthropic_request(body: Mapping[str, Any], upstream_model: str,
+                            default_limit: int | None = None) -> dict[str, Any]:
     """The Messages API body for a validated Chat Completions body."""
     _check_parameters(body)
     system, turns = _convert_messages(body["messages"])
@@ -388,7 +393,7 @@ def build_anthropic_request(body: Mapping[str, Any], upstream_model: str) -> dic
               if limit is not None]
     out: dict[str, Any] = {
         "model": upstream_model,
-        "max_tokens": min(limits) if limits else DEFAULT_MAX_TOKENS,
+        "max_tokens": min(limits) if limits else default_limit or DEFAULT_MAX_TOKENS,
     }
     if system:
         out["system"] = system[0] if len(system) == 1 else [
@@ -614,8 +619,19 @@ class OpenAIToAnthropic:
         self._clock = clock
         self._include_usage = False
 
+    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
+        return output_limits.requested_output_limit(
+            body, output_limits.OPENAI_LIMIT_FIELDS, cap=cap)
+
+    def choices(self, body: Mapping[str, Any]) -> int:
+        return output_limits.requested_choices(body)
+
+    def input_estimate(self, raw: bytes) -> int:
+        return output_limits.input_estimate(raw, output_limits.OPENAI_IMAGE_PART)
+
     def request(
-        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None
+        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,
+        output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = validate_openai_door(body)
         options = request.get("stream_options")
@@ -623,7 +639,7 @@ class OpenAIToAnthropic:
             raise invalid("'stream_options' must be an object.", "stream_options")
         include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
         self._include_usage = include is True
-        out = build_anthropic_request(request, upstream_model)
+        out = build_anthropic_request(request, upstream_model, output_limit.default)
         return UpstreamRequest(body=compact_json(out), path=MESSAGES_PATH,
                                headers=(("anthropic-version", ANTHROPIC_VERSION),))
 

@@ -14,7 +14,14 @@ The body keeps the OpenAI wire format; only what a backend needs changes:
   last chunk by itself). These parameters are refused with 400
   "The parameter '<name>' is not supported by Mistral." (param = the name) when present
   with a non-null value: `MISTRAL_UNSUPPORTED`.
-* `openai`, `openai_compatible`: passed through as they are.
+* `openai`, `openai_compatible`, `azure`: the output limit goes in the field the upstream
+  model takes (`translate.limits`): for o-series and gpt-5 models (or
+  `output_limit_field: max_completion_tokens`) a client's `max_tokens` becomes
+  `max_completion_tokens` (the smaller wins when both are sent); with an explicitly
+  configured `max_tokens` the other way round; otherwise both pass as sent.
+* all: a limit the gateway must impose (budget tenants whose request sets none) is
+  written in that field (`max_tokens` for Mistral).
+* `openai`, `openai_compatible`: otherwise passed through as they are.
 
 Responses pass through unchanged (the bytes the provider sent); usage is read from
 `usage.prompt_tokens`, `usage.completion_tokens`, `usage.prompt_tokens_details.cached_tokens`.
@@ -28,10 +35,13 @@ from typing import Any, Final
 from urllib.parse import quote
 
 from extproc.errors import Dialect
-from extproc.translate.provider_errors import map_provider_error
+from extproc.translate import limits
+from extproc.translate.provider_errors import map_provider_error, scrubbed_stream_error
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
 from extproc.translate.types import (
+    NO_OUTPUT_LIMIT,
     Backend,
+    OutputLimit,
     StreamProgress,
     TranslatedResponse,
     UpstreamRequest,
@@ -100,8 +110,9 @@ def count_openai_deltas(chunk: Mapping[str, Any]) -> int:
 class OpenAIPassthroughStream(StreamProgress):
     """Reads usage and deltas off an OpenAI-shaped stream while forwarding it.
 
-    When nothing has to be removed the provider's bytes are forwarded untouched, chunk
-    by chunk; otherwise complete events are re-framed and the usage-only chunk dropped.
+    Complete events are re-framed (an event split over chunks leaves with its last
+    part); the usage-only chunk is dropped when the client did not ask for it, and an
+    in-stream `error` chunk is scrubbed like an error body (`scrubbed_stream_error`).
     """
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
@@ -110,8 +121,7 @@ class OpenAIPassthroughStream(StreamProgress):
         StreamProgress.__init__(self)
 
     def feed(self, chunk: bytes) -> bytes:
-        out = self._handle(self._decoder.feed(chunk))
-        return out if self._strip else chunk
+        return self._handle(self._decoder.feed(chunk))
 
     def flush(self) -> bytes:
         return self._handle(self._decoder.flush())
@@ -119,26 +129,50 @@ class OpenAIPassthroughStream(StreamProgress):
     def _handle(self, events: list[SseEvent]) -> bytes:
         kept: list[bytes] = []
         for event in events:
-            usage_only = self._read(event.data)
-            if self._strip and not usage_only:
+            chunk = self._read(event.data)
+            if chunk is None:
+                kept.append(encode_event(event.data, event.event))
+            elif chunk.get("error") is not None:
+                scrubbed = {"error": scrubbed_stream_error(chunk["error"])}
+                kept.append(encode_event(compact_json(scrubbed).decode(), event.event))
+            elif not (self._strip and self._usage_only(chunk)):
                 kept.append(encode_event(event.data, event.event))
         return b"".join(kept)
 
-    def _read(self, data: str) -> bool:
-        """Record usage and deltas; True for a usage-only chunk."""
+    def _read(self, data: str) -> dict[str, Any] | None:
+        """Record usage and deltas; the chunk when it is a JSON object."""
         if data == "[DONE]":
-            return False
+            return None
         try:
             chunk = json.loads(data)
         except ValueError:
-            return False
+            return None
         if not isinstance(chunk, dict):
-            return False
+            return None
         usage = usage_from_openai(chunk.get("usage"), service_tier=chunk.get("service_tier"))
         if usage is not None:
             self._usage = usage
         self._deltas += count_openai_deltas(chunk)
-        return usage is not None and chunk.get("choices") == []
+        return chunk
+
+    @staticmethod
+    def _usage_only(chunk: Mapping[str, Any]) -> bool:
+        return chunk.get("usage") is not None and chunk.get("choices") == []
+
+
+def _merge_limits(request: dict[str, Any], field: str) -> None:
+    """Both output-limit fields folded into `field` (the smaller wins)."""
+    present = [optional_positive_int(request, name) for name in limits.OPENAI_LIMIT_FIELDS]
+    bounds = [value for value in present if value is not None]
+    for name in limits.OPENAI_LIMIT_FIELDS:
+        request.pop(name, None)
+    if bounds:
+        request[field] = min(bounds)
+
+
+def _write_limit(request: dict[str, Any], field: str, default: int | None) -> None:
+    if default is not None and not any(name in request for name in limits.OPENAI_LIMIT_FIELDS):
+        request[field] = default
 
 
 class OpenAIPassthrough:
@@ -150,8 +184,18 @@ class OpenAIPassthrough:
         self.backend = backend
         self._client_wants_usage = False
 
+    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
+        return limits.requested_output_limit(body, limits.OPENAI_LIMIT_FIELDS, cap=cap)
+
+    def choices(self, body: Mapping[str, Any]) -> int:
+        return limits.requested_choices(body)
+
+    def input_estimate(self, raw: bytes) -> int:
+        return limits.input_estimate(raw, limits.OPENAI_IMAGE_PART)
+
     def request(
-        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None
+        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,
+        output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = dict(validate_openai_door(body))
         stream = request.get("stream") is True
@@ -162,7 +206,13 @@ class OpenAIPassthrough:
         self._client_wants_usage = include is True
         if self.backend is Backend.MISTRAL:
             self._to_mistral(request)
-        elif stream:
+            _write_limit(request, limits.MAX_TOKENS, output_limit.default)
+        else:
+            field = output_limit.field or limits.family_output_field(upstream_model)
+            if output_limit.field is not None or field == limits.MAX_COMPLETION_TOKENS:
+                _merge_limits(request, field)
+            _write_limit(request, field, output_limit.default)
+        if self.backend is not Backend.MISTRAL and stream:
             request["stream_options"] = {**(options or {}), "include_usage": True}
         if self.backend is Backend.AZURE:
             request.pop("model", None)

@@ -19,8 +19,15 @@ The provider's message is looked up in the shapes providers use (`error.message`
 OpenAI, Azure and Anthropic; `message` for Mistral and vLLM; `error` as a string for
 Ollama and TGI; Mistral's 422 `message.detail[].loc/msg`), then scrubbed: anything that
 looks like a credential (`sk-...`-style keys, `Bearer ...`, masked keys with `***`,
-opaque runs of 32+ letters/digits) becomes `[redacted]`, and it is cut to 500 characters.
+opaque runs of 32+ letters/digits) becomes `[redacted]`, and so do the ids of the
+gateway's provider account (`org-...`, `proj_...`, UUIDs) and its quota figures
+("Limit 10000, Used 9990"); it is cut to 500 characters.
+A 429 never shows the provider's text: it describes the limits of the shared account
+(organization, limit, used), which are not the client's business.
 The caller keeps a 429's `retry-after` with `retry_after_headers()`.
+
+Provider text is hostile input: it is cut to a bound *before* any pattern runs, and
+every pattern is linear (no unbounded run that is retried from every position).
 """
 
 from __future__ import annotations
@@ -32,15 +39,29 @@ from typing import Any, Final
 
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 
-__all__ = ["map_provider_error", "provider_message", "retry_after_headers", "scrub"]
+__all__ = [
+    "map_provider_error",
+    "provider_message",
+    "retry_after_headers",
+    "scrub",
+    "scrubbed_stream_error",
+]
 
 _MAX_MESSAGE: Final = 500
+_MAX_SCANNED: Final = 4 * _MAX_MESSAGE
+"""Characters of provider text looked at at all: enough for any message worth showing."""
+_REDACTED: Final = "[redacted]"
 _SECRET_PATTERNS: Final = (
     re.compile(r"(?i)\bbearer\s+\S+"),
     re.compile(r"(?i)\b(?:sk|pk|rk|ak|key)[-_][A-Za-z0-9_\-]{6,}"),
-    re.compile(r"\S*\*{3,}\S*"),
+    re.compile(r"(?i)\b(?:org|proj)[-_][A-Za-z0-9]{4,}"),
+    re.compile(r"(?i)\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"),
     re.compile(r"[A-Za-z0-9+/=_]{32,}"),
 )
+_TOKEN: Final = re.compile(r"\S+")
+_ACCOUNT_FIGURE: Final = re.compile(
+    r"(?i)\b(limit|used|requested|remaining)(\s*[:=]?\s*)[0-9](?:[0-9,._]*[0-9])?")
+"""The shared account's quota figures ("Limit 10000, Used 9990, Requested 20")."""
 _RETRY_AFTER: Final = re.compile(r"[0-9A-Za-z ,:.\-]{1,64}")
 
 _CLIENT_ERRORS: Final[dict[int, tuple[ErrorCode, str]]] = {
@@ -52,11 +73,29 @@ _CLIENT_ERRORS: Final[dict[int, tuple[ErrorCode, str]]] = {
 }
 
 
+def _masked(token: re.Match[str]) -> str:
+    """A whitespace-delimited token holding `***` is a masked key (`sk-ab***yz`)."""
+    word = token.group()
+    return _REDACTED if "***" in word else word
+
+
 def scrub(text: str) -> str:
-    """Remove anything credential-like from provider text and bound its length."""
+    """Remove anything credential-like from provider text and bound its length.
+
+    The text is cut first, so the work is bounded whatever the provider sent; a cut
+    token is dropped whole, since it may be the head of a secret too short to match.
+    """
+    cut = len(text) > _MAX_SCANNED
+    if cut:
+        text = text[:_MAX_SCANNED]
+        text = text[: max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"), 0)]
     for pattern in _SECRET_PATTERNS:
-        text = pattern.sub("[redacted]", text)
+        text = pattern.sub(_REDACTED, text)
+    text = _TOKEN.sub(_masked, text)
+    text = _ACCOUNT_FIGURE.sub(r"\1\2[redacted]", text)
     text = " ".join(text.split())
+    if cut:
+        text = f"{text} ..." if text else "..."
     if len(text) > _MAX_MESSAGE:
         text = text[: _MAX_MESSAGE - 3] + "..."
     return text
@@ -96,7 +135,7 @@ def provider_message(document: Mapping[str, Any]) -> str | None:
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return document if isinstance(document, dict) else None
 
@@ -117,10 +156,28 @@ def map_provider_error(front: Dialect, status: int, body: bytes) -> tuple[int, b
                                  f"The provider failed with status {status}.")
         else:
             code, fallback = client
-            found = provider_message(document)
+            found = provider_message(document) if status != 429 else None
             message = scrub(found) if found else ""
             error = GatewayError(code, message or fallback)
     return error.status, error_body(error, front)
+
+
+_STREAM_ERROR_FALLBACK: Final = "The provider failed while streaming."
+_ERROR_WORD: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def scrubbed_stream_error(error: object) -> dict[str, Any]:
+    """An in-stream `error` object of a passthrough stream, as the client may see it: the
+    message scrubbed like an error body's, `type`/`code` kept only when they are short
+    words, anything else dropped."""
+    found = provider_message({"error": error})
+    out: dict[str, Any] = {"message": (scrub(found) if found else "") or _STREAM_ERROR_FALLBACK}
+    if isinstance(error, dict):
+        for name in ("type", "code"):
+            value = error.get(name)
+            if isinstance(value, str) and _ERROR_WORD.fullmatch(value):
+                out[name] = value
+    return out
 
 
 def retry_after_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+from extproc.translate.limits import OutputLimit
 
 __all__ = [
+    "NO_OUTPUT_LIMIT",
     "Backend",
+    "OutputLimit",
     "StreamProgress",
     "StreamTranslator",
     "TranslatedResponse",
@@ -21,6 +25,9 @@ __all__ = [
     "UpstreamRequest",
     "Usage",
 ]
+
+
+NO_OUTPUT_LIMIT: Final = OutputLimit()
 
 
 class Backend(enum.Enum):
@@ -144,10 +151,28 @@ class Translator(Protocol):
     streamed usage).
     """
 
+    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
+        """The output-token bound the client asked for in its dialect; None if it set none.
+
+        Raises `GatewayError(ErrorCode.INVALID_REQUEST, ...)` for an invalid or too large
+        value (see `translate.limits`).
+        """
+        ...
+
+    def choices(self, body: Mapping[str, Any]) -> int:
+        """How many choices the request makes the provider produce (OpenAI's `n`)."""
+        ...
+
+    def input_estimate(self, raw: bytes) -> int:
+        """Prompt tokens to hold for the client's raw body (images counted apart)."""
+        ...
+
     def request(
-        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None
+        self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,
+        output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
-        """Validate the client body and build the provider request.
+        """Validate the client body and build the provider request, its output bound in
+        the field the upstream model takes (`output_limit`, see `translate.limits`).
 
         Raises `GatewayError(ErrorCode.INVALID_REQUEST, ...)` for bad or unsupported input.
         """

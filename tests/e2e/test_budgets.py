@@ -228,9 +228,10 @@ def test_killed_extproc_leaves_a_hold_that_the_sweeper_returns(
     result: dict[str, int] = {}
 
     def slow_call() -> None:
-        response = gateway.chat(chat_body(max_tokens=8),
-                                headers={"x-emulator-delay-ms": "3000"})
+        response = gateway.chat(chat_body(max_tokens=8))
         result["status"] = response.status_code
+
+    gateway.emulator.queue_fault(delay_ms=3000)  # client x-emulator-* headers are stripped
 
     caller = threading.Thread(target=slow_call)
     caller.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 from extproc.devstack import Stack
@@ -53,9 +54,17 @@ def test_bug_canary_rollback_also_opens_the_credential_circuit(
     assert gateway.chat().status_code == 200
     ring.keys.ok("add", CREDENTIAL, secret=v2)
     ring.keys.ok("rotate", "canary", CREDENTIAL, "--version", "2", "--percent", "100")
-    time.sleep(0.1)
 
-    failures = [gateway.chat() for _ in range(3)]
+    # Until the gateway sees the canary its answers are v1 and 200; from then on every
+    # request is the canary's, until the third failure rolls it back.
+    before: list[httpx.Response] = []
+    failures: list[httpx.Response] = []
+    while len(failures) < 3:
+        response = gateway.chat()
+        (before if not failures and response.status_code == 200 else failures).append(response)
+        assert len(before) < 100, "the gateway never served the canary"
+    assert {(r.status_code, r.headers["x-asc-credential"]) for r in before} <= {
+        (200, f"{CREDENTIAL}@1")}
     assert [(r.status_code, r.json()) for r in failures] == [(502, REJECTED)] * 3
     assert metric_value(gateway.metrics(), "asc_credential_rollbacks_total",
                         credential=CREDENTIAL) == 1

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import hvac.exceptions
 import pytest
 
 from extproc.devstack import Stack
 from extproc.secrets import Secret
-from tests.conftest import write_config
+from tests.conftest import ACME_KEY, CHAT, chat_body, write_config
 from tests.e2e.test_credentials import (
     CREDENTIAL,
     UNAVAILABLE,
@@ -37,7 +40,7 @@ from tests.e2e.test_credentials import (
     seen_keys,
     wait_for,
 )
-from tests.openbao import KEK_NAME, TRANSIT_MOUNT, OpenBao, start_openbao
+from tests.openbao import KEK_NAME, TRANSIT_MOUNT, CountingProxy, OpenBao, start_openbao
 
 GATEWAY_TOKEN_ENV = "ASC_TEST_GATEWAY_BAO_TOKEN"
 OPERATOR_TOKEN_ENV = "ASC_TEST_KEY_OPERATOR_TOKEN"
@@ -112,21 +115,24 @@ def test_transit_kek_rotation_and_rewrap_under_load_fail_no_request(
     accept_keys(gateway, provider_key)
     assert gateway.chat().status_code == 200
 
-    start = time.monotonic()
-
-    def at(offset: float) -> None:
-        time.sleep(max(0.0, start + offset - time.monotonic()))
-
     admin = t.bao.client(t.tokens["kek-admin"])
+
+    def served_for(seconds: float) -> None:
+        """Wait until the load has been answered for `seconds` more (more than one cache
+        TTL: the gateway re-unwrapped the key since): paced by answers, not the clock."""
+        mark = time.time()
+        load.wait_for(lambda samples: bool(samples) and samples[-1].done - mark > seconds)
+
     with Load(gateway.base_url, threads=4, rate=25.0, duration=8.0) as load:
-        at(1.5)
+        served_for(1.2)
         admin.secrets.transit.rotate_key(KEK_NAME, mount_point=TRANSIT_MOUNT)
-        at(3.0)
+        served_for(1.2)
         assert keys.ok(*as_admin("rewrap")) == (
             "rewrapped 1 record(s) under the newest KEK version\n")
-        at(4.0)
+        served_for(1.2)
         admin.secrets.transit.update_key_configuration(
             KEK_NAME, min_decryption_version=2, mount_point=TRANSIT_MOUNT)
+        served_for(2.2)
 
     assert len(load.samples) == 4 * 25 * 8
     assert Counter(s.status for s in load.samples) == {200: len(load.samples)}
@@ -190,6 +196,53 @@ def test_kms_down_fails_closed_after_max_age_with_an_audited_503(
     assert leaks(gateway, [provider_key, *t.tokens.values()],
                  cli="\n".join(t.ring.keys.outputs),
                  responses="\n".join(text for _, _, text in timeline)) == []
+
+
+# -- 6c. KMS stampede (issue 8 item 11) ------------------------------------------------------------
+
+
+def test_a_hundred_requests_on_an_expired_cache_make_one_transit_decrypt(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_ttl_s = 1
+    t = transit_stack(stack, monkeypatch, cache_ttl_s=cache_ttl_s)
+    provider_key = canary_key("stampede")
+    t.ring.keys.ok(*as_operator("add", CREDENTIAL), secret=provider_key)
+    # The gateway reaches Transit through a relay that answers in 1 s and counts decrypts.
+    proxy = CountingProxy(int(t.bao.url.rsplit(":", 1)[1]), delay=1.0)
+    direct = t.ring.document
+
+    def via_proxy(emulator_port: int) -> dict[str, Any]:
+        document = direct(emulator_port)
+        document["secrets"]["kek"]["url"] = f"http://127.0.0.1:{proxy.port}"
+        return document
+
+    t.ring.document = via_proxy
+    try:
+        gateway = t.ring.start()
+        accept_keys(gateway, provider_key)
+        warm = gateway.chat()
+        assert (warm.status_code, proxy.decrypts) == (200, 1)
+        expired_at = time.monotonic() + cache_ttl_s + 0.1
+        assert wait_for(lambda: time.monotonic() > expired_at)  # the TTL the test set
+
+        local = threading.local()
+
+        def call(_: int) -> httpx.Response:
+            if not hasattr(local, "client"):  # one client per thread
+                local.client = httpx.Client(base_url=gateway.base_url, timeout=15)
+            return local.client.post(CHAT, json=chat_body(),
+                                     headers={"authorization": f"Bearer {ACME_KEY}"})
+
+        with ThreadPoolExecutor(max_workers=100) as pool:
+            responses = list(pool.map(call, range(100)))
+    finally:
+        proxy.close()
+
+    assert Counter((r.status_code, r.headers.get("x-asc-credential")) for r in responses) == {
+        (200, f"{CREDENTIAL}@1"): 100}
+    assert proxy.decrypts == 2  # the warm-up, and one for the hundred
+    assert log_events(gateway, "provider credential unavailable") == []
+    assert set(seen_keys(gateway.emulator.requests())) == {bearer(provider_key)}
 
 
 # -- 7. separation of duties through the CLI --------------------------------------------------

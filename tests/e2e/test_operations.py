@@ -44,11 +44,11 @@ def _post(base_url: str, key: str = ACME_KEY, timeout: float = 15) -> httpx.Resp
 def _envoy_with_extproc_at(stack: Stack, emulator_port: int, extproc_port: int,
                            message_timeout_ms: int = 2000) -> str:
     config_path = write_config(stack.workdir / "config", gateway_config(emulator_port))
-    listen_port, admin_port = free_port(), free_port()
-    ports = EnvoyPorts(listen_port=listen_port, admin_port=admin_port,
+    listen_port, admin_socket = free_port(), stack.admin_socket()
+    ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
                        extproc_port=extproc_port, message_timeout_ms=message_timeout_ms)
     stack.start_envoy(render_yaml(load_config(config_path), ports), listen_port=listen_port,
-                      admin_port=admin_port)
+                      admin_socket=admin_socket)
     return f"http://127.0.0.1:{listen_port}"
 
 
@@ -151,7 +151,9 @@ def test_graceful_drain_finishes_in_flight_requests(stack: Stack) -> None:
     result: dict[str, httpx.Response] = {}
 
     def slow_call() -> None:
-        result["response"] = gateway.chat(chat_body(), headers={"x-emulator-delay-ms": "1000"})
+        result["response"] = gateway.chat(chat_body())
+
+    gateway.emulator.queue_fault(delay_ms=1000)  # client x-emulator-* headers are stripped
 
     caller = threading.Thread(target=slow_call)
     caller.start()
@@ -208,6 +210,14 @@ def test_envoy_yaml_validates(path: Path, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert f"configuration '{path}' OK" in completed.stdout + completed.stderr
+
+
+@pytest.mark.parametrize("path", _envoy_yaml_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_no_envoy_yaml_in_the_repo_has_tcp_admin(path: Path) -> None:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    admin = document.get("admin")
+    assert admin is None or set(admin["address"]) == {"pipe"}
+    assert admin is None or admin["address"]["pipe"]["mode"] == 0o600
 
 
 def test_shipped_envoy_yaml_is_the_render_of_the_demo_config() -> None:

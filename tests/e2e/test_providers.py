@@ -48,6 +48,10 @@ class Matrix:
         for port in self.emulators.values():
             httpx.delete(f"http://127.0.0.1:{port}/_emulator/requests", timeout=5)
 
+    def queue_fault(self, emulator: str, **fault: Any) -> None:
+        url = f"http://127.0.0.1:{self.emulators[emulator]}/_emulator/faults"
+        assert httpx.post(url, json=fault, timeout=5).status_code == 200
+
 
 def _config(main_port: int, mistral_port: int) -> dict[str, Any]:
     main, mistral = f"http://127.0.0.1:{main_port}", f"http://127.0.0.1:{mistral_port}"
@@ -92,11 +96,11 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         env = dict(stack.env, **{f"PROVIDERS_KEY_{k.upper()}": v
                                  for k, v in PROVIDER_KEYS.items()})
         _, extproc_port, _ = stack.start_extproc(Path(config_path), env=env)
-        listen_port, admin_port = free_port(), free_port()
-        ports = EnvoyPorts(listen_port=listen_port, admin_port=admin_port,
+        listen_port, admin_socket = free_port(), stack.admin_socket()
+        ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
                            extproc_port=extproc_port)
         stack.start_envoy(render_yaml(load_config(config_path), ports),
-                          listen_port=listen_port, admin_port=admin_port)
+                          listen_port=listen_port, admin_socket=admin_socket)
         yield Matrix(f"http://127.0.0.1:{listen_port}",
                      {"main": main_port, "mistral": mistral_port})
 
@@ -250,12 +254,27 @@ def test_provider_rate_limit_reaches_an_anthropic_client_as_429(
     matrix: Matrix, backend: str,
 ) -> None:
     client = anthropic.Anthropic(base_url=matrix.base_url, api_key=TENANT_KEY, max_retries=0)
+    matrix.queue_fault("main", status=429, retry_after=3)
     with pytest.raises(anthropic.RateLimitError) as caught:
         client.messages.create(model=f"m-{backend}", max_tokens=8,
-                               messages=[{"role": "user", "content": PROMPT}],
-                               extra_headers={"x-emulator-status": "429",
-                                              "x-emulator-retry-after": "3"})
+                               messages=[{"role": "user", "content": PROMPT}])
     assert caught.value.status_code == 429
     assert caught.value.response.headers["retry-after"] == "3"
     assert caught.value.body["type"] == "error"  # type: ignore[index]
     assert caught.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+
+def test_anthropic_in_stream_error_is_scrubbed(matrix: Matrix) -> None:
+    matrix.queue_fault("main", stream_error="Overloaded for org proj_AbCd1234xyz: Used 9990")
+    body = {"model": "m-anthropic", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": PROMPT}]}
+    with httpx.stream("POST", f"{matrix.base_url}/v1/messages", json=body, timeout=15,
+                      headers={"x-api-key": TENANT_KEY}) as response:
+        assert response.status_code == 200
+        text = response.read().decode()
+
+    blocks = [block.splitlines() for block in text.strip().split("\n\n")]
+    assert [lines[0] for lines in blocks] == ["event: message_start", "event: error"]
+    assert json.loads(blocks[1][1].removeprefix("data: ")) == {"type": "error", "error": {
+        "message": "Overloaded for org [redacted]: Used [redacted]", "type": "overloaded_error"}}
+    assert "proj_AbCd1234xyz" not in text

@@ -6,7 +6,6 @@ import json
 import re
 import time
 
-import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -192,18 +191,17 @@ def test_unknown_endpoint_is_404(gateway: Gateway, emulator_clean: Emulator) -> 
 @pytest.mark.parametrize(
     ("fault", "message"),
     [
-        ({"x-emulator-status": "500"}, "The provider failed with status 500."),
-        ({"x-emulator-status": "503", "x-emulator-html": "1"},
-         "The provider failed with status 503."),
-        ({"x-emulator-status": "404", "x-emulator-html": "1"},
-         "The provider failed with status 404."),
+        ({"status": 500}, "The provider failed with status 500."),
+        ({"status": 503, "html": True}, "The provider failed with status 503."),
+        ({"status": 404, "html": True}, "The provider failed with status 404."),
     ],
     ids=["json-500", "html-503", "html-404"],
 )
 def test_provider_failures_become_gateway_errors_in_openai_shape(
-    gateway: Gateway, emulator_clean: Emulator, fault: dict[str, str], message: str
+    gateway: Gateway, emulator_clean: Emulator, fault: dict[str, object], message: str
 ) -> None:
-    response = gateway.chat(chat_body(), headers=fault)
+    emulator_clean.queue_fault(**fault)
+    response = gateway.chat(chat_body())
 
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/json"
@@ -215,7 +213,8 @@ def test_provider_failures_become_gateway_errors_in_openai_shape(
 def test_provider_rejecting_our_key_is_not_blamed_on_the_client(
     gateway: Gateway, emulator_clean: Emulator
 ) -> None:
-    response = gateway.chat(chat_body(), headers={"x-emulator-status": "401"})
+    emulator_clean.queue_fault(status=401)
+    response = gateway.chat(chat_body())
 
     assert response.status_code == 502
     assert response.json() == openai_error(
@@ -225,20 +224,22 @@ def test_provider_rejecting_our_key_is_not_blamed_on_the_client(
 def test_provider_rate_limit_passes_through_with_retry_after(
     gateway: Gateway, emulator_clean: Emulator
 ) -> None:
-    response = gateway.chat(chat_body(), headers={
-        "x-emulator-status": "429", "x-emulator-retry-after": "7"})
+    emulator_clean.queue_fault(status=429, retry_after=7)
+    response = gateway.chat(chat_body())
 
     assert response.status_code == 429
     assert response.headers["retry-after"] == "7"
+    # The provider's text names the shared account and its limits: never shown.
     assert response.json() == openai_error(
-        "Rate limit reached for requests. Please try again in 1s.", "rate_limit_error",
+        "The provider's rate limit was reached; retry later.", "rate_limit_error",
         "rate_limited")
 
 
 def test_provider_connection_reset_is_a_json_gateway_error(
     gateway: Gateway, emulator_clean: Emulator
 ) -> None:
-    response = gateway.chat(chat_body(), headers={"x-emulator-reset": "1"})
+    emulator_clean.queue_fault(reset=True)
+    response = gateway.chat(chat_body())
 
     assert response.status_code == 502
     assert response.json() == openai_error(
@@ -292,7 +293,7 @@ def test_request_log_and_envoy_access_log_share_the_request_id(
     assert line["credential"] == "emu-eu-1@1"
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 4)
 
-    httpx.post(f"http://127.0.0.1:{gateway.admin_port}/reopen_logs", timeout=5)
+    gateway.admin("POST", "/reopen_logs")
     for _ in range(100):
         access = [json.loads(raw) for raw in gateway.envoy.log_text().splitlines()
                   if raw.startswith("{") and request_id in raw]

@@ -20,17 +20,18 @@ def test_no_canary_secret_in_logs_metrics_or_error_bodies(gateway: Gateway) -> N
         dict(key=ACME_KEY, stream=True),
         dict(key=ACME_KEY + "x"),
         dict(key=PROVIDER_KEY_EU),
-        dict(key=ACME_KEY, headers={"x-emulator-status": "401"}),
-        dict(key=ACME_KEY, headers={"x-emulator-status": "500", "x-emulator-html": "1"}),
-        dict(key=ACME_KEY, headers={"x-emulator-status": "400"}),
+        dict(key=ACME_KEY, fault={"status": 401}),
+        dict(key=ACME_KEY, fault={"status": 500, "html": True}),
+        dict(key=ACME_KEY, fault={"status": 400}),
         dict(key=ACME_KEY, model="gpt-4o"),
         dict(key=ACME_KEY, body=b"{not json"),
     ]
     for call in calls:
         body = call.get("body") or chat_body(str(call.get("model", "gpt-4o-mini")),
                                               stream=bool(call.get("stream")))
-        response = gateway.chat(body, key=str(call["key"]),  # type: ignore[arg-type]
-                                headers=call.get("headers"))  # type: ignore[arg-type]
+        if "fault" in call:
+            gateway.emulator.queue_fault(**call["fault"])  # type: ignore[arg-type]
+        response = gateway.chat(body, key=str(call["key"]))  # type: ignore[arg-type]
         bodies.append(response.text)
         bodies.append(str(response.headers))
     time.sleep(1.5)  # Envoy flushes its access log about once a second

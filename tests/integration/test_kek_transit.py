@@ -16,12 +16,14 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import hvac.exceptions
 import pytest
 
+from extproc.budgets.ledger import redis_client
+from extproc.config import RedisSettings
 from extproc.credentials.envelope import (
     DecryptionFailed,
     SealedSecret,
@@ -31,9 +33,10 @@ from extproc.credentials.envelope import (
     seal,
 )
 from extproc.credentials.kek import KekError, TransitKek
+from extproc.credentials.keyring import Keyring, KeyStore
 from extproc.devstack import Stack, free_port
-from extproc.secrets import Secret
-from tests.openbao import KEK_NAME, TRANSIT_MOUNT, OpenBao, start_openbao
+from extproc.secrets import Secret, SecretUnavailable
+from tests.openbao import KEK_NAME, TRANSIT_MOUNT, CountingProxy, OpenBao, start_openbao
 
 CANARY = "sk-canary-transit-" + secrets.token_hex(12)
 NOW = 1_795_600_000.0
@@ -441,3 +444,144 @@ async def test_unreachable_server_is_a_transient_kek_error(openbao: OpenBao) -> 
 
     assert str(caught.value) == "transit decrypt failed: ConnectionError"
     assert (caught.value.status, caught.value.transient) == (None, True)
+
+
+# --- issue 8 item 11: one unwrap per key version, on hvac's own threads ------------------------
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 5_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def redis(redis_server: int) -> AsyncIterator[Any]:
+    client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0",
+                                        timeout_ms=2000))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def proxy(openbao: OpenBao) -> Iterator[CountingProxy]:
+    relay = CountingProxy(int(openbao.url.rsplit(":", 1)[1]), delay=1.0)
+    yield relay
+    relay.close()
+
+
+async def slow_keyring(openbao: OpenBao, redis: Any, proxy: CountingProxy,
+                       clock: StepClock) -> tuple[Keyring, str]:
+    """A credential added through the direct Transit, and a keyring that reaches Transit
+    only through `proxy`; its clock is the test's."""
+    credential = f"stampede-{uuid.uuid4().hex[:8]}"
+    store = KeyStore(redis)
+    await Keyring(store, openbao.transit_kek()).add("global", credential, "openai",
+                                                    Secret(CANARY))
+    kek = openbao.transit_kek(url=f"http://127.0.0.1:{proxy.port}")
+    return Keyring(store, kek, cache_ttl_s=300, max_age_s=3600, clock=clock), credential
+
+
+async def test_a_hundred_misses_on_an_expired_cache_unwrap_once(
+        openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
+    clock = StepClock()
+    keyring, credential = await slow_keyring(openbao, redis, proxy, clock)
+    first = await keyring.credential(credential)
+    assert (first.label, first.secret.reveal(), proxy.decrypts) == (
+        f"{credential}@1", CANARY, 1)
+    clock.now += 301  # the cached key is past cache_ttl_s: every request misses
+
+    results = await asyncio.gather(*(keyring.credential(credential) for _ in range(100)),
+                                   return_exceptions=True)
+
+    assert proxy.decrypts == 2  # the priming unwrap, and exactly one for the 100 misses
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == []
+    assert {(r.label, r.secret.reveal()) for r in results  # type: ignore[union-attr]
+            } == {(f"{credential}@1", CANARY)}
+    # ... and the unwrapped key is cached again: no further call.
+    assert (await keyring.credential(credential)).secret.reveal() == CANARY
+    assert proxy.decrypts == 2
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10.0
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_unwrap(
+        openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
+    keyring, credential = await slow_keyring(openbao, redis, proxy, StepClock())
+    waiters = [asyncio.create_task(keyring.credential(credential)) for _ in range(3)]
+    await wait_until(lambda: proxy.decrypts == 1)  # the unwrap is on its way
+    waiters[0].cancel()  # e.g. its client left
+
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert [r.secret.reveal() for r in results[1:]] == [CANARY, CANARY]  # type: ignore[union-attr]
+    assert proxy.decrypts == 1
+    # Cancelling every waiter still lets the unwrap finish and fill the cache.
+    clock_keyring, other = await slow_keyring(openbao, redis, proxy, StepClock())
+    lone = asyncio.create_task(clock_keyring.credential(other))
+    await wait_until(lambda: proxy.decrypts == 2)
+    lone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await lone
+    await wait_until(lambda: repr(clock_keyring) == "Keyring(1 cached keys)")
+    assert (await clock_keyring.credential(other)).secret.reveal() == CANARY
+    assert proxy.decrypts == 2
+
+
+async def test_a_failed_unwrap_is_shared_but_not_cached(
+        openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
+    keyring, credential = await slow_keyring(openbao, redis, proxy, StepClock())
+    proxy.refuse = True  # cold cache and an unreachable KMS: nothing to serve
+
+    results = await asyncio.gather(*(keyring.credential(credential) for _ in range(10)),
+                                   return_exceptions=True)
+
+    assert proxy.refused == 1  # one attempt for the ten requests
+    assert {str(r) for r in results} == {
+        f"credential global/{credential}@1: cannot open global/openai/{credential}@1: DEK "
+        "unwrap failed: transit decrypt failed: HTTP 503"}
+    assert all(isinstance(r, SecretUnavailable) for r in results)
+    proxy.refuse = False
+    assert (await keyring.credential(credential)).secret.reveal() == CANARY
+    assert (proxy.refused, proxy.decrypts) == (1, 1)
+
+
+async def test_the_cache_ttl_counts_from_when_the_key_arrived(
+        openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
+    # Found by the e2e stampede test: the cached key was stamped with the time the unwrap
+    # *started*, so with a KMS as slow as the TTL it was stale on arrival and requests
+    # queued behind the unwrap each unwrapped again.
+    clock = StepClock()
+    keyring, credential = await slow_keyring(openbao, redis, proxy, clock)
+    unwrap = asyncio.create_task(keyring.credential(credential))
+    await wait_until(lambda: proxy.decrypts == 1)
+    clock.now += 301  # the unwrap took longer than cache_ttl_s (300)
+    assert (await unwrap).secret.reveal() == CANARY
+
+    assert (await keyring.credential(credential)).secret.reveal() == CANARY
+    assert proxy.decrypts == 1
+
+
+async def test_transit_calls_run_on_the_kek_own_bounded_threads(openbao: OpenBao) -> None:
+    kek = openbao.transit_kek()
+    names: list[str] = []
+
+    def record_thread(client: Any) -> Any:
+        names.append(threading.current_thread().name)
+        return client.secrets.transit.read_key(KEK_NAME, mount_point=TRANSIT_MOUNT)
+
+    await asyncio.gather(*(kek._call("read", record_thread) for _ in range(12)))
+    await kek.close()
+
+    assert len(names) == 12
+    assert {name.rsplit("_", 1)[0] for name in names} == {"asc-transit"}
+    assert len(set(names)) <= 4

@@ -42,6 +42,7 @@ HASH_B = "hmac-sha256:v1:" + "b" * 64
 
 UNKNOWN = "unknown field"
 RANGE = "must be an integer from 1 to 67108864"
+RESPONSE_RANGE = "must be an integer from 65536 to 1073741824"
 EXACTLY_ONE = "needs exactly one of `env` or `file`"
 NOT_MAPPING = "must be a mapping, got nothing"
 PRICE = "models.gpt-4o-mini.price"
@@ -156,6 +157,8 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     # limits, redis
     "max_body_bytes_zero": [("limits.max_body_bytes", RANGE)],
     "max_body_bytes_too_large": [("limits.max_body_bytes", RANGE)],
+    "max_response_bytes_too_small": [("limits.max_response_bytes", RESPONSE_RANGE)],
+    "max_response_bytes_too_large": [("limits.max_response_bytes", RESPONSE_RANGE)],
     "bad_redis_url": [("redis.url", "must start with redis://, rediss:// or unix://")],
     # syntax
     "invalid_yaml": [("", "not valid YAML: expected ',' or ']', but got '<scalar>'")],
@@ -330,7 +333,7 @@ def test_parse_config_resolves_relative_files_against_base_dir(tmp_path: Path) -
 def test_limits_and_redis_are_optional() -> None:
     text = (CASES_DIR / "unknown_field_top.yaml").read_text(encoding="utf-8")
     config = parse_config(text.replace("colour: blue\n", ""))
-    assert config.limits == Limits(max_body_bytes=1_048_576)
+    assert config.limits == Limits(max_body_bytes=1_048_576, max_response_bytes=8_388_608)
     assert config.redis is None
     assert config.budgets == BudgetSettings(timezone="UTC", hold_ttl_s=600,
                                             default_max_tokens=4096)

@@ -8,6 +8,7 @@ plus one real ``python -m extproc.emulator`` subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -28,6 +29,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from extproc.emulator import EmulatorConfig, make_app
+from extproc.emulator import app as emulator_app
 from extproc.emulator.app import key_fingerprint
 
 KEY = "sk-emu-test-key"
@@ -264,27 +266,54 @@ async def test_streaming_usage_chunk_only_with_include_usage(
     assert without[-1] == "[DONE]"
 
 
-async def test_streaming_chunk_delay(make_client: Callable[..., Any]) -> None:
+class PauseGate:
+    """Stands in for the emulator's pause between streamed events: records each pause
+    and holds it until the test opens the gate, so pacing is checked without clocks."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+        self.waiting = asyncio.Event()
+        self.open = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.waiting.set()
+        await self.open.wait()
+
+
+@pytest.fixture
+def pause_gate(monkeypatch: pytest.MonkeyPatch) -> PauseGate:
+    gate = PauseGate()
+    monkeypatch.setattr(emulator_app, "chunk_pause", gate)
+    return gate
+
+
+async def test_streaming_chunk_delay_paces_every_gap(
+    make_client: Callable[..., Any], pause_gate: PauseGate
+) -> None:
+    pause_gate.open.set()
     client = await make_client(chunk_delay_ms=20)
-    start = time.monotonic()
     payloads = await stream_payloads(client)
     assert len(payloads) == 7
-    assert time.monotonic() - start >= 6 * 0.02 * 0.9  # six gaps between seven events
+    assert pause_gate.pauses == [0.02] * 6  # six gaps between seven events, none before
 
 
-async def test_streaming_sends_chunks_as_produced(make_client: Callable[..., Any]) -> None:
+async def test_streaming_sends_chunks_as_produced(
+    make_client: Callable[..., Any], pause_gate: PauseGate
+) -> None:
     client = await make_client(chunk_delay_ms=150)
-    start = time.monotonic()
     resp = await post_chat(client, chat_body(stream=True))
-    first = await resp.content.readline()
-    first_at = time.monotonic() - start
-    rest = await resp.content.read()
-    total = time.monotonic() - start
+    # The first event arrives while the second one is still held back by the gate.
+    first = await asyncio.wait_for(resp.content.readline(), timeout=30)
     assert first.startswith(b"data: ")
     assert b'"role":"assistant"' in first
-    assert first_at < 0.12  # did not wait for the later, delayed chunks
-    assert total >= 6 * 0.15 * 0.9
+    await asyncio.wait_for(pause_gate.waiting.wait(), timeout=30)
+    assert pause_gate.pauses == [0.15]
+    assert resp.content.at_eof() is False
+    pause_gate.open.set()
+    rest = await resp.content.read()
     assert rest.endswith(b"data: [DONE]\n\n")
+    assert len(parse_sse((first + rest).decode())) == 7
 
 
 # --------------------------------------------------------------------------- auth
@@ -609,6 +638,9 @@ async def test_control_fault_count(client: TestClient[web.Request, web.Applicati
             "reset": False,
             "reset_after_chunks": None,
             "retry_after": None,
+            "pad_bytes": 0,
+            "message": None,
+            "stream_error": None,
             "remaining": 2,
         }
     ]
@@ -881,3 +913,74 @@ def test_load_keys_merges_sources(tmp_path: Path) -> None:
         {"cli", "file-key", "spaced", "env-a", "env-b"}
     )
     assert load_keys([], None, None) == frozenset()
+
+
+async def test_control_fault_pads_a_json_answer(
+        client: TestClient[web.Request, web.Application]) -> None:
+    resp = await client.post("/_emulator/faults", json={"pad_bytes": 100_000})
+    assert resp.status == 200
+    padded = await post_chat(client)
+    body = await padded.json()
+    assert padded.status == 200
+    assert body["emulator_padding"] == "x" * 100_000
+    assert body["usage"]["completion_tokens"] == 4
+    assert "emulator_padding" not in await (await post_chat(client)).json()
+
+
+async def test_control_fault_message_replaces_the_shape_message(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    queued = await client.post("/_emulator/faults",
+                               json={"status": 400, "message": "Unrecognized: xyz"})
+    assert queued.status == 200
+    resp = await post_chat(client)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["message"] == "Unrecognized: xyz"
+    refused = await client.post("/_emulator/faults", json={"status": 400, "message": ""})
+    assert refused.status == 400
+    assert (await refused.json())["error"]["message"] == (
+        "'message' must be a string of 1 to 16777216 characters")
+
+
+@pytest.mark.parametrize("model", ["o1", "o3-mini", "o4-mini", "gpt-5", "gpt-5-mini"])
+async def test_reasoning_models_refuse_max_tokens_like_openai(
+    client: TestClient[web.Request, web.Application], model: str
+) -> None:
+    resp = await post_chat(client, chat_body(model=model, max_tokens=5))
+    assert resp.status == 400
+    assert await resp.json() == {"error": {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                   "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error", "param": "max_tokens",
+        "code": "unsupported_parameter"}}
+    accepted = await post_chat(client, chat_body(model=model, max_completion_tokens=5))
+    assert accepted.status == 200
+
+
+async def test_every_provider_answer_names_the_account(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    ok = await post_chat(client)
+    assert {name: ok.headers.get(name) for name in emulator_app.OPENAI_ACCOUNT_HEADERS} == \
+        dict(emulator_app.OPENAI_ACCOUNT_HEADERS)
+    await client.post("/_emulator/faults", json={"status": 429})
+    limited = await post_chat(client)
+    assert limited.status == 429
+    assert limited.headers["openai-organization"] == "org-emulat0r5hared4cc0unt"
+    assert "org-emulat0r5hared4cc0unt" in (await limited.json())["error"]["message"]
+    control = await client.get("/_emulator/health")
+    assert "openai-organization" not in control.headers
+
+
+async def test_control_fault_stream_error_ends_the_stream_with_an_error_event(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    queued = await client.post("/_emulator/faults", json={"stream_error": "Overloaded now"})
+    assert queued.status == 200
+    resp = await post_chat(client, chat_body(stream=True))
+    assert resp.status == 200
+    payloads = parse_sse(await resp.text())
+    assert len(payloads) == 2
+    assert json.loads(payloads[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert json.loads(payloads[1]) == {"error": {
+        "message": "Overloaded now", "type": "server_error", "param": None, "code": None}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,13 @@ import pytest
 import yaml
 
 from extproc.config import GatewayConfig, load_config, parse_config
-from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap, render_yaml
+from extproc.envoy_bootstrap import (
+    BootstrapError,
+    EnvoyPorts,
+    check_typed,
+    render_bootstrap,
+    render_yaml,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "deploy" / "demo" / "asc.yaml"
@@ -74,10 +81,10 @@ def test_ext_proc_fails_closed(demo: dict[str, Any]) -> None:
         "response_header_mode": "SEND",
         "request_body_mode": "NONE",
         "response_body_mode": "NONE",
-        "request_trailer_mode": "SKIP",
+        "request_trailer_mode": "SEND",
         "response_trailer_mode": "SKIP",
     }
-    assert config["mutation_rules"] == {"disallow_is_error": True}
+    assert config["mutation_rules"] == {"disallow_is_error": True, "allow_envoy": True}
     assert config["metadata_options"] == {"receiving_namespaces": {"untyped": ["asc"]}}
 
 
@@ -88,6 +95,8 @@ def test_message_timeout_follows_ports(millis: int, text: str) -> None:
 
 
 def test_routing_by_cluster_header(demo: dict[str, Any]) -> None:
+    # Internal-only: Envoy removes a client's x-asc-cluster before any filter or route.
+    assert hcm(demo)["route_config"]["internal_only_headers"] == ["x-asc-cluster"]
     [virtual_host] = hcm(demo)["route_config"]["virtual_hosts"]
     assert virtual_host["domains"] == ["*"]
     assert virtual_host["request_body_buffer_limit"] == 1_048_576 + 65_536
@@ -113,12 +122,36 @@ def test_buffer_limit_follows_max_body_bytes() -> None:
     assert virtual_host["request_body_buffer_limit"] == 1000 + 65_536
 
 
-def test_listener_admin_and_extproc_addresses() -> None:
-    ports = EnvoyPorts(listen_address="0.0.0.0", listen_port=8443, admin_port=9000,
+@pytest.mark.parametrize(("max_response_bytes", "upstream"), [
+    (65_536, 16_384), (1_048_576, 262_144), (4_194_304, 1_048_576), (8_388_608, 1_048_576),
+    (1_073_741_824, 1_048_576)])
+def test_response_buffer_follows_max_response_bytes(max_response_bytes: int,
+                                                     upstream: int) -> None:
+    config = parse_config(DEMO_CONFIG.read_text(encoding="utf-8").replace(
+        "limits:", f"limits:\n  max_response_bytes: {max_response_bytes}", 1))
+    assert config.limits.max_response_bytes == max_response_bytes
+    bootstrap = render_bootstrap(config, EnvoyPorts())
+    [listener] = bootstrap["static_resources"]["listeners"]
+    assert listener["per_connection_buffer_limit_bytes"] == max_response_bytes
+    providers = [c for name, c in clusters(bootstrap).items() if name != "asc_extproc"]
+    assert [c["per_connection_buffer_limit_bytes"] for c in providers] == [upstream] * 2
+
+
+def test_admin_is_off_unless_given_a_unix_socket(demo: dict[str, Any]) -> None:
+    # Envoy admin has no authentication: never on TCP, where any local process reaches it.
+    assert "admin" not in demo
+    bootstrap = render_bootstrap(load_config(DEMO_CONFIG),
+                                 EnvoyPorts(admin_socket="/run/asc/envoy-admin.sock"))
+    assert bootstrap["admin"] == {
+        "address": {"pipe": {"path": "/run/asc/envoy-admin.sock", "mode": 0o600}}}
+    assert "socket_address" not in render_yaml(load_config(DEMO_CONFIG), EnvoyPorts(
+        admin_socket="/run/asc/envoy-admin.sock")).split("static_resources:")[0]
+
+
+def test_listener_and_extproc_addresses() -> None:
+    ports = EnvoyPorts(listen_address="0.0.0.0", listen_port=8443,
                        extproc_address="10.9.8.7", extproc_port=6000)
     bootstrap = render_bootstrap(load_config(DEMO_CONFIG), ports)
-    assert bootstrap["admin"] == {
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9000}}}
     [listener] = bootstrap["static_resources"]["listeners"]
     assert listener["address"] == {"socket_address": {"address": "0.0.0.0", "port_value": 8443}}
     extproc_cluster = clusters(bootstrap)["asc_extproc"]
@@ -245,3 +278,39 @@ def test_render_yaml_round_trips(demo: dict[str, Any]) -> None:
     assert text.startswith(
         "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n")
     assert yaml.safe_load(text) == demo
+
+
+@pytest.mark.parametrize(("path", "value", "complaint"), [
+    (("static_resources", "listeners", 0, "enable_reuse_portx"), False,
+     'no field named "enable_reuse_portx"'),
+    (("static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config",
+      "route_config", "internal_only_headerz"), ["x-asc-cluster"],
+     'no field named "internal_only_headerz"'),
+    (("static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config",
+      "http_filters", 0, "typed_config", "processing_mode", "request_trailer_mode"), "SENDX",
+     "Invalid enum value SENDX"),
+])
+def test_a_wrong_field_fails_at_render_time(demo: dict[str, Any], path: tuple[Any, ...],
+                                            value: Any, complaint: str) -> None:
+    bootstrap = copy.deepcopy(demo)
+    node: Any = bootstrap
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    with pytest.raises(BootstrapError, match="rendered Envoy bootstrap is invalid") as error:
+        check_typed(bootstrap)
+    assert complaint in str(error.value)
+    check_typed(demo)  # the real render parses
+
+
+def test_render_cli_admin_socket_or_none(tmp_path: Path) -> None:
+    from extproc.cli import main
+
+    without = tmp_path / "without.yaml"
+    assert main(["envoy", "render", "--config", str(DEMO_CONFIG), "--output", str(without)]) == 0
+    assert "admin" not in yaml.safe_load(without.read_text(encoding="utf-8"))
+    with_socket = tmp_path / "with.yaml"
+    assert main(["envoy", "render", "--config", str(DEMO_CONFIG), "--output", str(with_socket),
+                 "--admin-socket", "/run/asc/admin.sock"]) == 0
+    assert yaml.safe_load(with_socket.read_text(encoding="utf-8"))["admin"] == {
+        "address": {"pipe": {"path": "/run/asc/admin.sock", "mode": 0o600}}}

@@ -374,3 +374,24 @@ def test_encode_respond_status_enum(status: int) -> None:
     assert not response.HasField("dynamic_metadata")
     assert response.immediate_response.headers == pb.HeaderMutation()
     assert response.immediate_response.body == b""
+
+
+def test_encode_headers_reply_that_clears_the_route_cache() -> None:
+    """The request-headers reply re-routes without the client's x-asc-* headers."""
+    response = envoy.encode(Phase.REQUEST_HEADERS, Continue(
+        remove_headers=["x-asc-cluster"], request_body_mode=BodyMode.BUFFERED,
+        clear_route_cache=True))
+    assert response == pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(remove_headers=["x-asc-cluster"]),
+            clear_route_cache=True)),
+        mode_override=processing_mode_pb2.ProcessingMode(
+            request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED))
+
+
+def test_encode_refusal_of_request_trailers_is_an_immediate_response() -> None:
+    reply = Respond(status=400, body=b'{"error":{}}', details="asc_invalid_request")
+    response = envoy.encode(Phase.REQUEST_TRAILERS, reply)
+    assert response.WhichOneof("response") == "immediate_response"
+    assert response.immediate_response.status.code == 400
+    assert response.immediate_response.details == "asc_invalid_request"

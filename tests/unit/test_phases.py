@@ -366,6 +366,7 @@ async def test_good_headers_strip_credentials_and_gateway_headers() -> None:
                         "x-asc-cluster", "x-asc-tenant", "x-asc-request-id",
                         "openai-organization", "openai-project", "anthropic-version"],
         request_body_mode=BodyMode.BUFFERED,
+        clear_route_cache=True,
     )
     assert processor.status is None
     assert processor.error is None
@@ -377,7 +378,7 @@ async def test_openai_organization_header_alone_is_stripped() -> None:
     processor = make_processor()
     reply = await processor.handle(request_headers(extra={"openai-organization": "org-evil"}))
     assert reply == Continue(remove_headers=["authorization", "openai-organization"],
-                             request_body_mode=BodyMode.BUFFERED)
+                             request_body_mode=BodyMode.BUFFERED, clear_route_cache=True)
 
 
 # -- request body -----------------------------------------------------------------------
@@ -401,11 +402,19 @@ def acme_error(processor: RequestProcessor, status: int, message: str, type_: st
     )
 
 
-async def test_body_without_end_of_stream_is_413() -> None:
+async def test_body_cut_short_without_end_of_stream_is_413() -> None:
     processor = await accepted()
-    reply = await processor.handle(request_body(chat(), end_of_stream=False))
+    reply = await processor.handle(request_body(b"x" * (LIMIT + 1), end_of_stream=False))
     assert reply == acme_error(processor, 413, f"Request body exceeds the limit of {LIMIT} bytes.",
                                "invalid_request_error", "payload_too_large")
+
+
+async def test_whole_body_without_end_of_stream_means_trailers_and_is_400() -> None:
+    processor = await accepted()
+    reply = await processor.handle(request_body(chat(), end_of_stream=False))
+    assert reply == acme_error(processor, 400, "Request trailers are not supported.",
+                               "invalid_request_error", "invalid_request")
+    assert processor.route is None
 
 
 async def test_body_over_limit_with_end_of_stream_is_413() -> None:
@@ -647,8 +656,16 @@ async def test_unexpected_exception_is_500_without_details(
     assert "vault said no" not in line
 
 
-async def test_trailers_continue_unchanged() -> None:
-    processor = make_processor()
+async def test_request_trailers_without_a_body_decision_are_400() -> None:
+    """h2: HEADERS, then a trailers-only HEADERS frame; no body ever reached the service."""
+    processor = await accepted()
+    reply = await processor.handle(Trailers(Phase.REQUEST_TRAILERS))
+    assert reply == acme_error(processor, 400, "A JSON request body is required.",
+                               "invalid_request_error", "invalid_request")
+
+
+async def test_trailers_after_the_decision_continue_unchanged() -> None:
+    processor = await routed()
     assert await processor.handle(Trailers(Phase.REQUEST_TRAILERS)) == Continue()
     assert await processor.handle(Trailers(Phase.RESPONSE_TRAILERS)) == Continue()
 
@@ -776,13 +793,14 @@ async def test_provider_json_error_without_message_gets_the_fallback() -> None:
                                    "invalid_request_error", "invalid_request")
 
 
-async def test_provider_429_keeps_a_scrubbed_message_and_retry_after() -> None:
+async def test_provider_429_hides_the_shared_account_and_keeps_retry_after() -> None:
     processor = await routed()
     reply = await provider_answers(processor, "429", error_json(
-        "Rate limit reached for key sk-proj-abcdefgh1234 in organization org-xyz.",
+        "Rate limit reached for key sk-proj-abcdefgh1234 in organization org-xyz: "
+        "Limit 3, Used 3, Requested 1.",
         "requests", "rate_limit_exceeded"), retry_after="7")
     assert reply == provider_error(
-        processor, 429, 429, "Rate limit reached for key [redacted] in organization org-xyz.",
+        processor, 429, 429, "The provider's rate limit was reached; retry later.",
         "rate_limit_error", "rate_limited", extra_headers=(("retry-after", "7"),))
     assert processor.error is ErrorCode.RATE_LIMITED
 
@@ -984,16 +1002,21 @@ async def test_streamed_usage_split_across_two_messages() -> None:
     assert processor.usage == Usage(input_tokens=9, output_tokens=21)
 
 
-async def test_stream_of_a_client_asking_for_usage_passes_untouched() -> None:
+async def test_stream_of_a_client_asking_for_usage_passes_unchanged() -> None:
     processor = make_processor()
     await processor.handle(request_headers())
     await processor.handle(request_body(chat(stream=True,
                                              stream_options={"include_usage": True})))
     await processor.handle(response_headers("200", "text/event-stream"))
     stream = STREAM_CHUNK + STREAM_USAGE + STREAM_DONE
-    for piece in (stream[:7], stream[7:90], stream[90:]):
-        assert await processor.handle(response_body(piece, end_of_stream=False)) == Continue()
-    assert await processor.handle(response_body(b"", end_of_stream=True)) == Continue()
+    sent = []
+    for piece in (stream[:7], stream[7:90], stream[90:], b""):
+        reply = await processor.handle(response_body(piece, end_of_stream=not piece))
+        assert isinstance(reply, Continue)
+        sent.append(piece if reply.body is None else reply.body)
+    # Each event leaves whole, with its last piece; the bytes are the provider's.
+    assert b"".join(sent) == stream
+    assert sent[0] == b""  # nothing of an unfinished event leaves
     assert processor.usage == Usage(input_tokens=9, output_tokens=21)
 
 

@@ -173,7 +173,7 @@ async def test_messages_door_authenticates_with_x_api_key_and_strips_client_head
     reply = await processor.handle(messages_headers(
         anthropic_beta="prompt-caching-2024-07-31", x_asc_tenant="forged"))
     assert reply == Continue(remove_headers=["x-api-key", "anthropic-version", "x-asc-tenant"],
-                             request_body_mode=BodyMode.BUFFERED)
+                             request_body_mode=BodyMode.BUFFERED, clear_route_cache=True)
     assert processor.dialect is Dialect.ANTHROPIC
     assert processor.principal is not None
     assert (processor.principal.tenant.id, processor.principal.key_id) == ("acme", "acme-1")
@@ -358,7 +358,8 @@ async def test_provider_429_is_an_anthropic_rate_limit_error_with_retry_after() 
         "Rate limit reached for requests", "requests", "rate_limit_exceeded")))
     assert reply == Respond(
         status=429,
-        body=anthropic_error("rate_limit_error", "Rate limit reached for requests"),
+        body=anthropic_error("rate_limit_error",
+                             "The provider's rate limit was reached; retry later."),
         headers=[JSON_CT, *oai_tags(processor), ("retry-after", "20")],
         details="asc_provider_status_429",
         metadata=oai_metadata(processor, error="rate_limited"),
@@ -533,10 +534,14 @@ async def test_anthropic_stream_passes_through_untouched() -> None:
                                 "usage": {"output_tokens": 7}})
         + sse("message_stop", {})
     )
+    sent = []
     for start in range(0, len(stream), 50):
         piece = stream[start:start + 50]
-        assert await processor.handle(response_body(piece, end_of_stream=False)) == Continue()
+        reply = await processor.handle(response_body(piece, end_of_stream=False))
+        assert isinstance(reply, Continue)
+        sent.append(piece if reply.body is None else reply.body)
     assert await processor.handle(response_body(b"", end_of_stream=True)) == Continue()
+    assert b"".join(sent) == stream  # re-framed event by event: the same bytes
     assert processor.usage == Usage(input_tokens=30, output_tokens=7, cached_input_tokens=5)
 
 

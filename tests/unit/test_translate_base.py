@@ -353,10 +353,11 @@ OPENAI_401 = (b'{"error":{"message":"Incorrect API key provided: sk-proj-*******
         (413, b'{"error":"request too large"}', 413,
          openai_error("request too large", None, "invalid_request_error", "payload_too_large"),
          anthropic_error("request too large", "request_too_large")),
+        # A 429 describes the shared account (organization, limits): never shown.
         (429, OPENAI_429, 429,
-         openai_error("Rate limit reached for gpt-4o in organization org-x.", None,
+         openai_error("The provider's rate limit was reached; retry later.", None,
                       "rate_limit_error", "rate_limited"),
-         anthropic_error("Rate limit reached for gpt-4o in organization org-x.",
+         anthropic_error("The provider's rate limit was reached; retry later.",
                          "rate_limit_error")),
         (429, b"{}", 429,
          openai_error("The provider's rate limit was reached; retry later.", None,
@@ -414,7 +415,7 @@ def test_provider_error_mapping(status: int, body: bytes, client_status: int,
 )
 def test_provider_messages_never_echo_keys(secret: str) -> None:
     body = json.dumps({"error": {"message": f"Key {secret} is not allowed here"}}).encode()
-    for status in (400, 404, 413, 429):
+    for status in (400, 404, 413):
         _, mapped = map_provider_error(Dialect.OPENAI, status, body)
         assert secret not in mapped.decode()
         assert "[redacted]" in json.loads(mapped)["error"]["message"]
@@ -426,9 +427,50 @@ def test_scrub_keeps_model_names_and_bounds_length() -> None:
     assert len(scrub("word " * 500)) == 500
 
 
+def test_scrub_removes_provider_account_ids() -> None:
+    said = ("Project proj_AbCdEf123456 of organization org-XyZ987654 (account "
+            "3f2b8c1e-9a4d-4e6f-8b7a-1c2d3e4f5a6b) cannot use gpt-4o.")
+    assert scrub(said) == ("Project [redacted] of organization [redacted] (account "
+                           "[redacted]) cannot use gpt-4o.")
+
+
+_MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("hostile", "expected"),
+    [
+        # One unbroken token: the quadratic masked-key pattern took hours on this.
+        ("a" * _MIB, "..."),
+        ("*" * _MIB, "..."),
+        ("a*" * (_MIB // 2), "..."),
+        ("sk-" * (_MIB // 3), "..."),
+        # Many tokens: cut to the scanned bound, the cut token dropped, then to 500.
+        ("ab " * (_MIB // 3), ("ab " * 200)[:497] + "..."),
+        # A masked key right at the cut is dropped, never shown half.
+        ("x " * 999 + "sk-abc***wxyz", ("x " * 250)[:497] + "..."),
+    ],
+    ids=["letters", "stars", "letter-star", "key-prefixes", "words", "key-at-cut"],
+)
+def test_scrub_is_linear_and_bounded_on_hostile_input(hostile: str, expected: str) -> None:
+    assert scrub(hostile) == expected
+
+
+def test_scrub_redacts_a_masked_key_inside_a_long_message() -> None:
+    text = "Incorrect API key provided: sk-abc***wxyz. " + "pad " * 100
+    assert scrub(text).startswith("Incorrect API key provided: [redacted] pad pad")
+
+
 def test_retry_after_headers() -> None:
     assert retry_after_headers({"Retry-After": " 7 ", "x-other": "1"}) == (("retry-after", "7"),)
     assert retry_after_headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == (
         ("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),)
     assert retry_after_headers({"retry-after": "1\r\nset-cookie: x"}) == ()
     assert retry_after_headers({}) == ()
+
+
+def test_deeply_nested_provider_error_is_a_plain_provider_failure() -> None:
+    body = b'{"error":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, mapped = map_provider_error(Dialect.OPENAI, 400, body)
+    assert (status, json.loads(mapped)) == (502, openai_error(
+        "The provider failed with status 400.", None, "upstream_error", "provider_error"))

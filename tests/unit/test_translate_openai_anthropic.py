@@ -365,4 +365,5 @@ def test_error_uses_openai_dialect() -> None:
     status, body = translator().error(
         429, b'{"type":"error","error":{"type":"rate_limit_error","message":"Slow down"}}', {})
     assert status == 429
-    assert json.loads(body)["error"]["message"] == "Slow down"
+    assert json.loads(body)["error"]["message"] == (
+        "The provider's rate limit was reached; retry later.")
