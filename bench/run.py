@@ -57,7 +57,7 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first, n
     sys.path.insert(0, str(REPO_ROOT))
 
 from extproc.auth import hash_key  # noqa: E402
-from extproc.budgets.guard import Breaker  # noqa: E402
+from extproc.budgets.guard import BREAKER_COOLDOWN_S  # noqa: E402
 from extproc.config import load_config  # noqa: E402
 from extproc.devstack import (  # noqa: E402
     LOOPBACK,
@@ -92,7 +92,6 @@ BUDGET_RPM: Final = 10_000_000  # the config's maximum
 BUDGET_TPM: Final = 10_000_000_000  # the config's maximum
 REDIS_TIMEOUT_MS: Final = 50
 """The product default for `redis.timeout_ms`; --redis-timeout-ms overrides it."""
-BREAKER_COOLDOWN_S: Final = Breaker().cooldown_s
 ROUND_TRIP_COMMANDS: Final = ("evalsha", "eval", "script")
 """Budget round trips: EVALSHA, plus EVAL / SCRIPT LOAD when a script had to be reloaded."""
 CONNECTION_COMMANDS: Final = frozenset({"hello", "client", "select", "ping", "auth",

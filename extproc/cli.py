@@ -12,7 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.auth import hash_key
-from extproc.budgets.policy import CounterGroup, plan_reservation
+from extproc.budgets.policy import CounterGroup, tenant_limits
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from extproc.keys_cli import add_keys_commands
@@ -103,22 +103,15 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
 
 
 def _budget_groups(config: GatewayConfig, tenant_id: str) -> tuple[CounterGroup, ...]:
+    """The tenant's limits in one stable order (config order), so that `--limit N` of
+    `set` / `reset` is the limit `show` listed as N, in any process."""
     tenant = config.tenants.get(tenant_id)
     if tenant is None:
         raise SystemExit(f"unknown tenant {tenant_id!r}")
     if tenant.budget is None:
         raise SystemExit(f"tenant {tenant_id!r} has no budgets or rate limits")
-    groups: list[CounterGroup] = []
-    # Every rule of the tenant, whichever key or model it names.
-    for key in {k.id for k in tenant.keys}:
-        for model in sorted(tenant.models) or [""]:
-            for group in plan_reservation(tenant.budget, key_id=key, model=model,
-                                          cost_micro_usd=0, estimated_tokens=0,
-                                          now=datetime.now(UTC),
-                                          zone=ZoneInfo(config.budgets.timezone)):
-                if group not in groups:
-                    groups.append(group)
-    return tuple(groups)
+    return tenant_limits(tenant.budget, now=datetime.now(UTC),
+                         zone=ZoneInfo(config.budgets.timezone))
 
 
 def _sync_redis(config: GatewayConfig) -> Any:
@@ -152,17 +145,20 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     if not args.yes:
         print("refusing to change live budgets without --yes", file=sys.stderr)
         return 1
+    if args.limit is not None and not 1 <= args.limit <= len(groups):
+        print(f"--limit must be from 1 to {len(groups)} (see `budget show`)", file=sys.stderr)
+        return 1
     selected = groups if args.limit is None else (groups[args.limit - 1],)
     for group in selected:
-        if args.budget_command == "reset":
-            for key in group.keys:
-                client.hset(key, "spent", 0)
-        else:
-            amount = micro_from_usd(args.spent_usd) if group.unit == "usd" else int(
+        amounts = [0] * len(group.keys)
+        if args.budget_command == "set":
+            amounts[0] = micro_from_usd(args.spent_usd) if group.unit == "usd" else int(
                 args.spent_usd)
-            client.hset(group.keys[0], "spent", amount)
-            for key in group.keys[1:]:
-                client.hset(key, "spent", 0)
+        for key, amount in zip(group.keys, amounts, strict=True):
+            client.hset(key, "spent", amount)
+            # A counter this creates expires like one the gateway creates; one that
+            # exists keeps its TTL.
+            client.expire(key, group.ttl_s, nx=True)
         print(f"{args.budget_command}: {group.name}")
     return 0
 

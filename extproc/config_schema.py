@@ -247,10 +247,13 @@ class RedisSettings(_Spec):  # also the runtime object
     cluster: Annotated[bool, Rule(invalid="must be true or false")] = Field(
         default=False, description="Use the Redis Cluster client.")
     timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = Field(
-        default=50, description="Bound on one Redis call's I/O on the request path.")
+        default=50, description="How long a budget call may wait for Redis itself; time the "
+        "process spends busy or waiting for a CPU does not count (up to max(1 s, 20 x "
+        "timeout_ms) in all).")
     queue_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
-        default=1000, description="How long a request may wait for a free Redis connection before "
-        "the budget service counts as overloaded.")
+        default=1000, description="How long a budget call may wait for a free ledger slot (64 "
+        "in flight per process); past it the request is shed with 503 and retry-after, "
+        "which is not a Redis failure.")
 
 
 def _timezone(name: str) -> str:

@@ -10,6 +10,7 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "BUDGET_OVERRUN",
     "BUDGET_RESERVATIONS",
     "BUDGET_SETTLE_FAILURES",
     "BUDGET_SPENT",
@@ -62,7 +63,8 @@ PHASE_SECONDS: Final = Histogram(
 )
 BUDGET_RESERVATIONS: Final = Counter(
     "asc_budget_reservations",
-    "Budget reservations by result: held, replay, denied, unavailable, fail_open.",
+    "Budget reservations by result: held, replay, denied, unavailable, overloaded,"
+    " fail_open, released.",
     ["tenant", "result"],
 )
 BUDGET_SPENT: Final = Counter(
@@ -74,6 +76,11 @@ BUDGET_SETTLE_FAILURES: Final = Counter(
     "asc_budget_settle_failures",
     "Settles that could not reach the ledger; their holds wait for the sweeper.",
     ["tag"],
+)
+BUDGET_OVERRUN: Final = Counter(
+    "asc_budget_overrun",
+    "How far settles pushed a limit past its end (micro-USD, tokens or requests).",
+    ["tenant", "unit"],
 )
 CREDENTIAL_STATE: Final = Gauge(
     "asc_credential_state",

@@ -453,15 +453,28 @@ class RequestProcessor:
         if self._selected is not None:  # no verdict was reported: a breaker probe goes back
             self._runtime.keys.release(self._selected)
         aborted = not self._complete
-        if self.hold is not None and self.principal is not None and self.route is not None:
-            cost, tokens = self._real_cost(aborted)
-            self.charged_micro_usd = cost
-            settled = await self._runtime.budget_guard().settle(
-                self.hold, cost_micro_usd=cost, tokens=tokens,
-                budget=self.principal.tenant.budget)
-            if settled:  # the metric follows the ledger: a lost settle is not spend
-                metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
-                                            self.model_asked or "-").inc(cost)
+        try:
+            if self.hold is not None and self.principal is not None and self.route is not None:
+                cost, tokens = self._real_cost(aborted)
+                self.charged_micro_usd = cost
+                settled = await self._runtime.budget_guard().settle(
+                    self.hold, cost_micro_usd=cost, tokens=tokens,
+                    budget=self.principal.tenant.budget)
+                if settled:  # the metric follows the ledger: a lost settle is not spend
+                    metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
+                                                self.model_asked or "-").inc(cost)
+        except Exception:
+            # The hold stays until the sweeper returns it; the request is still measured
+            # and logged.
+            log.exception("budget settle raised", extra={"fields": {
+                "request_id": self.request_id}})
+        finally:
+            # Also when settling was cancelled (shutdown): every request is measured
+            # and logged exactly once.
+            self._measure_and_log(aborted)
+
+    def _measure_and_log(self, aborted: bool) -> None:
+        """The request's metrics and its one log line (see finish)."""
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"
@@ -513,6 +526,8 @@ class RequestProcessor:
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.
 
+        Usage with parts the gateway has no price for (server tools, audio, a premium
+        service tier) is charged at least the full hold, never just its priced part.
         Without usage: nothing for a provider error; an estimate for a stream cut short
         (prompt estimate + content chunks seen); the full hold when the client left before
         any response, or when a non-streamed answer never reached the service whole (e.g.
@@ -524,6 +539,14 @@ class RequestProcessor:
         price = self.route.model.price
         if self.usage is not None:
             usage = self.usage
+            if usage.unpriced:
+                cost = _usage_cost(price, usage)
+                tokens = usage.input_tokens + usage.output_tokens
+                held_cost, held_tokens = self._held()
+                log_event(log, logging.WARNING, "unpriced usage charged at the hold",
+                          request_id=self.request_id, unpriced=list(usage.unpriced),
+                          priced_micro_usd=cost, held_micro_usd=held_cost)
+                return max(cost, held_cost), max(tokens, held_tokens)
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
         elif (self.upstream_status is not None and self._stream is None and aborted
@@ -534,11 +557,18 @@ class RequestProcessor:
             streamed = self._stream.output_tokens_so_far if self._stream is not None else 0
             usage = Usage(self.estimated_input_tokens, streamed)
         elif aborted and self.hold.reservation is not None:
-            held = {g.unit: g.amount for g in self.hold.reservation.groups}
-            return held.get("usd", 0), held.get("tokens", 0)
+            return self._held()
         else:
             return 0, 0
         return _usage_cost(price, usage), usage.input_tokens + usage.output_tokens
+
+    def _held(self) -> tuple[int, int]:
+        """(micro-USD, tokens) this request holds."""
+        assert self.hold is not None
+        if self.hold.reservation is None:
+            return self.hold.local_amount, 0
+        held = {g.unit: g.amount for g in self.hold.reservation.groups}
+        return held.get("usd", 0), held.get("tokens", 0)
 
 
 def _usage_cost(price: Price, usage: Usage) -> int:

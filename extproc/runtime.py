@@ -64,8 +64,10 @@ class Runtime:
             keep = (same_redis and previous is not None and previous.budgets is not None
                     and previous.config.budgets == config.budgets)
             budgets = previous.budgets if keep and previous else BudgetGuard(
-                RedisLedger(redis, hold_ttl_s=config.budgets.hold_ttl_s),
-                timezone=config.budgets.timezone, timeout_s=config.redis.timeout_ms / 1000)
+                RedisLedger(redis, hold_ttl_s=config.budgets.hold_ttl_s,
+                            io_timeout_s=config.redis.timeout_ms / 1000,
+                            queue_timeout_s=config.redis.queue_timeout_ms / 1000),
+                timezone=config.budgets.timezone)
         keyring = None
         if redis is not None and config.secrets.kek is not None:
             previous_keyring = previous.keys.keyring if previous else None

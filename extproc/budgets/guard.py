@@ -1,11 +1,17 @@
 """Reserve and settle a request's budget, with the tenant's policy for a failing Redis.
 
-* `fail_closed` (default): Redis down, slow or erroring -> 503 within the Redis timeout;
-  a breaker opens after consecutive failures so later requests fail at once instead of
-  each waiting for the timeout, and lets one probe through after a cool-down.
+* `fail_closed` (default): Redis down, timing out or erroring -> 503; the shared
+  `CircuitBreaker` opens after consecutive Redis failures so later requests fail at once
+  instead of each waiting for a timeout, and lets one probe through after a cool-down.
 * `fail_open`: the request is admitted against a local, per-replica daily ceiling kept in
   memory (each of a replica's N worker processes keeps 1/N of it); past the ceiling it is
   refused like `fail_closed`.
+
+Only real Redis failures are breaker failures. A call that waited too long for a free
+connection (`LedgerOverloaded`: this process is busy, Redis is not) is shed with 503 and
+gives its permit back; so does a call cancelled because the client left. A reserve that
+may have reached Redis but whose answer was lost (cancelled, timed out) is released by
+request id in the background, so its hold does not wait for the sweeper.
 
 Every outcome is counted (`asc_budget_reservations_total`) and returned to the caller for
 the request log.
@@ -15,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,53 +28,31 @@ from typing import Any, Final, TypeVar
 from zoneinfo import ZoneInfo
 
 from extproc import metrics
-from extproc.budgets.ledger import BudgetLedger, LedgerUnavailable, Reservation, ReserveResult
+from extproc.breaker import CircuitBreaker, Permit
+from extproc.budgets.ledger import (
+    BudgetLedger,
+    LedgerOverloaded,
+    LedgerUnavailable,
+    Reservation,
+    ReserveResult,
+    SettleResult,
+)
 from extproc.budgets.policy import CounterGroup, TenantBudget, hash_tag, plan_reservation
 from extproc.errors import ErrorCode, GatewayError
 from extproc.logs import log_event
 from extproc.money import format_usd
 
-__all__ = ["Breaker", "BudgetGuard", "Hold"]
+__all__ = ["BREAKER_COOLDOWN_S", "BREAKER_THRESHOLD", "BudgetGuard", "Hold"]
 
 log = logging.getLogger("extproc.budgets")
 _T = TypeVar("_T")
-_SETTLE_TIMEOUT_S: Final = 1.0
+BREAKER_THRESHOLD: Final = 3
+"""Consecutive Redis failures that open the budget breaker."""
+BREAKER_COOLDOWN_S: Final = 2.0
+"""How long an open budget breaker answers at once before it lets one probe through."""
+_SETTLE_TIMEOUT_S: Final = 5.0
+"""Safety net per settle try; the ledger itself bounds its queue wait and Redis I/O."""
 _SETTLE_BACKOFF_S: Final = (0.0, 0.1, 0.5)
-
-
-@dataclass
-class Breaker:
-    """Opens after `threshold` consecutive failures; after `cooldown_s` lets one call try."""
-
-    threshold: int = 3
-    cooldown_s: float = 2.0
-    clock: Callable[[], float] = time.monotonic
-    _failures: int = 0
-    _opened_at: float | None = None
-    _probing: bool = False
-
-    def allow(self) -> bool:
-        if self._opened_at is None:
-            return True
-        if not self._probing and self.clock() - self._opened_at >= self.cooldown_s:
-            self._probing = True
-            return True
-        return False
-
-    def success(self) -> None:
-        self._failures = 0
-        self._opened_at = None
-        self._probing = False
-
-    def failure(self) -> None:
-        self._failures += 1
-        self._probing = False
-        if self._failures >= self.threshold:
-            self._opened_at = self.clock()
-
-    @property
-    def is_open(self) -> bool:
-        return self._opened_at is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,20 +90,24 @@ class BudgetGuard:
         ledger: BudgetLedger,
         *,
         timezone: str,
-        timeout_s: float,
-        breaker: Breaker | None = None,
+        breaker: CircuitBreaker | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         settle_timeout_s: float = _SETTLE_TIMEOUT_S,
     ) -> None:
         self._ledger = ledger
         self._zone = ZoneInfo(timezone)
-        self._timeout_s = timeout_s
-        self._breaker = breaker or Breaker()
-        self._settle_timeout_s = max(timeout_s, settle_timeout_s)
+        self._breaker = breaker or CircuitBreaker(threshold=BREAKER_THRESHOLD,
+                                                   cooldown_s=BREAKER_COOLDOWN_S)
+        self._settle_timeout_s = settle_timeout_s
         self._now = now
         self._local = _LocalCeiling()
         self.fail_open_share = 1
         """Processes of this replica that split each fail_open ceiling (set by server.py)."""
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._breaker
 
     async def reserve(self, *, request_id: str, budget: TenantBudget, key_id: str, model: str,
                       cost_micro_usd: int, estimated_tokens: int) -> Hold:
@@ -130,10 +117,26 @@ class BudgetGuard:
                                   cost_micro_usd=cost_micro_usd,
                                   estimated_tokens=estimated_tokens, now=now, zone=self._zone)
         reservation = Reservation(request_id=request_id, tag=hash_tag(budget), groups=groups)
+        permit = self._breaker.allow()
+        if permit is None:
+            return self._unavailable(budget, cost_micro_usd, now, "budget ledger breaker open")
         try:
-            result = await self._guarded(self._ledger.reserve(reservation))
+            result = await self._ledger.reserve(reservation)
+        except LedgerOverloaded as exc:
+            self._breaker.release(permit)
+            raise self._overloaded(budget, str(exc)) from None
         except LedgerUnavailable as exc:
+            self._breaker.failure(permit)
+            # The script may have run and only its answer been lost.
+            self._release_later(reservation, budget.tenant)
             return self._unavailable(budget, cost_micro_usd, now, str(exc))
+        except BaseException:
+            # Cancelled (the client left) while the call was in flight: no verdict on
+            # Redis, and the hold, if the script ran, goes back now rather than at expiry.
+            self._breaker.release(permit)
+            self._release_later(reservation, budget.tenant)
+            raise
+        self._breaker.success(permit)
         if not result.held:
             denied = result.denied
             assert denied is not None
@@ -160,19 +163,24 @@ class BudgetGuard:
             return 1
         if hold.reservation is None:
             return 0
-        actual = [_actual(group, cost_micro_usd, tokens) for group in hold.reservation.groups]
-        # Settling runs after the client has its answer: it gets a longer timeout and a few
-        # tries (it is idempotent), and it neither waits for nor trips the request breaker.
+        reservation = hold.reservation
+        actual = [_actual(group, cost_micro_usd, tokens) for group in reservation.groups]
+        # Settling runs after the client has its answer: it gets a few tries (it is
+        # idempotent), and it neither waits for nor trips the request breaker.
         error = ""
         for attempt, pause in enumerate(_SETTLE_BACKOFF_S):
             await asyncio.sleep(pause)
             try:
                 async with asyncio.timeout(self._settle_timeout_s):
-                    return await self._ledger.settle(hold.reservation, actual)
+                    result = await self._ledger.settle(reservation, actual)
             except TimeoutError:
                 error = f"redis: timeout (attempt {attempt + 1})"
             except LedgerUnavailable as exc:
                 error = f"{exc} (attempt {attempt + 1})"
+            else:
+                _record_overrun(reservation, result, actual,
+                                budget.tenant if budget else reservation.tag)
+                return result.status
         # The hold stays until the sweeper returns it; the real cost is then lost.
         metrics.BUDGET_SETTLE_FAILURES.labels(hold.reservation.tag).inc()
         log_event(log, logging.ERROR, "budget settle failed",
@@ -180,24 +188,62 @@ class BudgetGuard:
         return 0
 
     async def sweep(self, tag: str) -> int:
-        return await self._guarded(self._ledger.sweep(tag))
-
-    async def _guarded(self, call: Coroutine[Any, Any, _T]) -> _T:
-        if not self._breaker.allow():
-            call.close()
+        permit = self._breaker.allow()
+        if permit is None:
             raise LedgerUnavailable("budget ledger breaker open")
+        return await self._with_verdict(permit, self._ledger.sweep(tag))
+
+    async def release(self, reservation: Reservation) -> int:
+        """Give a hold back by request id, whether or not the reserve reached Redis; a
+        reserve that arrives afterwards finds the released record and holds nothing."""
+        zeros = [0] * len(reservation.groups)
+        return (await self._ledger.settle(reservation, zeros, released=True)).status
+
+    async def drain(self) -> None:
+        """Wait for background releases (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _release_later(self, reservation: Reservation, tenant: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._release_quietly(reservation, tenant))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_quietly(self, reservation: Reservation, tenant: str) -> None:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                result = await call
-        except TimeoutError:
-            self._breaker.failure()
-            raise LedgerUnavailable("redis: timeout") from None
-        except BaseException:
-            # Also a cancelled call (client gone): a half-open probe must not stay taken.
-            self._breaker.failure()
+            async with asyncio.timeout(self._settle_timeout_s):
+                released = await self.release(reservation)
+        except (LedgerUnavailable, TimeoutError) as exc:
+            # The sweeper returns the hold after hold_ttl_s.
+            log_event(log, logging.WARNING, "budget release failed",
+                      request_id=reservation.request_id, error=str(exc) or "timeout")
+            return
+        if released:
+            metrics.BUDGET_RESERVATIONS.labels(tenant, "released").inc()
+
+    async def _with_verdict(self, permit: Permit, call: Coroutine[Any, Any, _T]) -> _T:
+        try:
+            result = await call
+        except LedgerOverloaded:
+            self._breaker.release(permit)
             raise
-        self._breaker.success()
+        except LedgerUnavailable:
+            self._breaker.failure(permit)
+            raise
+        except BaseException:
+            self._breaker.release(permit)  # cancelled: no verdict on Redis
+            raise
+        self._breaker.success(permit)
         return result
+
+    def _overloaded(self, budget: TenantBudget, reason: str) -> GatewayError:
+        log_event(log, logging.WARNING, "budget ledger overloaded", tenant=budget.tenant,
+                  reason=reason)
+        metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "overloaded").inc()
+        return GatewayError(ErrorCode.UNAVAILABLE,
+                            "The budget service is busy; the request was not sent.",
+                            headers=(("retry-after", "1"),))
 
     def _unavailable(self, budget: TenantBudget, cost: int, now: datetime, reason: str) -> Hold:
         log_event(log, logging.WARNING, "budget ledger unavailable", tenant=budget.tenant,
@@ -215,6 +261,20 @@ class BudgetGuard:
         metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "unavailable").inc()
         raise GatewayError(ErrorCode.UNAVAILABLE,
                            "The budget service is unavailable; the request was not sent.")
+
+
+def _record_overrun(reservation: Reservation, result: SettleResult, actual: list[int],
+                    tenant: str) -> None:
+    """A settle that charged more than its hold and pushed a limit past its end: count it
+    and say which request and how much (the ledger keeps `overrun` on the record and the
+    counter). The next reserve is refused by the ledger itself, as spent > limit."""
+    for group, over, charged in zip(reservation.groups, result.overrun, actual, strict=False):
+        if over <= 0:
+            continue
+        metrics.BUDGET_OVERRUN.labels(tenant, group.unit).inc(over)
+        log_event(log, logging.WARNING, "budget overrun", request_id=reservation.request_id,
+                  tenant=tenant, limit=group.name, unit=group.unit, over=over,
+                  held=group.amount, charged=charged)
 
 
 def _actual(group: CounterGroup, cost: int, tokens: int) -> int:

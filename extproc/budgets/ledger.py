@@ -20,17 +20,21 @@ from importlib import resources
 from typing import Any, Final, Protocol
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from extproc.budgets.policy import CounterGroup
 from extproc.config import RedisSettings
 
 __all__ = [
     "BudgetLedger",
+    "LedgerOverloaded",
     "LedgerUnavailable",
     "RedisLedger",
     "Reservation",
     "ReserveResult",
+    "SettleResult",
     "redis_client",
 ]
 
@@ -38,25 +42,70 @@ _SCRIPTS: Final = resources.files("extproc.budgets") / "lua"
 
 
 MAX_CONNECTIONS: Final = 64
-"""Redis calls in flight per replica (so connections per node). Requests beyond it wait
-for a free slot within the Redis timeout instead of failing at once."""
+"""Ledger calls in flight per process: the ledger's one gate (`RedisLedger._call`). A call
+beyond it waits for a free slot for at most `redis.queue_timeout_ms`."""
+POOL_HEADROOM: Final = 32
+"""Connections beyond the ledger's gate for the other users of the client (keyring records,
+key pool health). The pool does not block: past its size a call fails at once."""
+
+
+IO_CEILING_FACTOR: Final = 20
+IO_CEILING_MIN_S: Final = 1.0
+_BUSY_SHARE: Final = 0.5
+"""A thread that ran or waited for a CPU this share of a window was busy in it."""
+
+
+def io_ceiling_s(timeout_s: float) -> float:
+    """How long a ledger call may take at most while this process is too busy to read
+    Redis' answers (see `_IoDeadline`); also redis-py's own socket timeouts."""
+    return max(IO_CEILING_MIN_S, IO_CEILING_FACTOR * timeout_s)
 
 
 def redis_client(settings: RedisSettings) -> Any:
-    """An asyncio client for `settings`: Redis, or RedisCluster when `cluster: true`."""
-    timeout_s = settings.timeout_ms / 1000
+    """An asyncio client for `settings`: Redis, or RedisCluster when `cluster: true`.
+
+    `redis.timeout_ms` bounds the time Redis takes, not this process. redis-py's socket
+    timeouts are wall-clock asyncio timers: on a loaded host they also count the time this
+    process ran other streams or waited for a CPU (measured on 2 cores: 13 to 53 false
+    timeouts in 2,000 burst requests with a 50 ms socket timeout). So the ledger bounds
+    its calls itself (`_IoDeadline`), and redis-py's timeouts here are a backstop, at
+    the ledger's ceiling (1 s by default), also for the client's other users (keyring
+    records, key health). Waiting for a slot is bounded by `redis.queue_timeout_ms`, in
+    the ledger's one gate; the connection pool itself never blocks.
+    """
+    io_s = io_ceiling_s(settings.timeout_ms / 1000)
+    size = MAX_CONNECTIONS + POOL_HEADROOM
     if settings.cluster:
-        return RedisCluster.from_url(settings.url, socket_timeout=timeout_s,
-                                     socket_connect_timeout=timeout_s,
-                                     max_connections=MAX_CONNECTIONS)
-    pool = BlockingConnectionPool.from_url(settings.url, socket_timeout=timeout_s,
-                                           socket_connect_timeout=timeout_s,
-                                           max_connections=MAX_CONNECTIONS, timeout=timeout_s)
+        return RedisCluster.from_url(settings.url, socket_timeout=io_s,
+                                     socket_connect_timeout=io_s, max_connections=size,
+                                     retry=_retry())
+    pool = ConnectionPool.from_url(settings.url, socket_timeout=io_s,
+                                   socket_connect_timeout=io_s, max_connections=size,
+                                   retry=_retry())
     return Redis(connection_pool=pool)
 
 
+def _retry() -> Retry:
+    """One immediate retry, on a broken connection only (a reset pooled socket, a cluster
+    node that moved). redis-py's default - three tries with backoff of up to seconds -
+    would hold a request for seconds while Redis is down, instead of failing fast. Every
+    ledger script is idempotent by request id, so a retried call never applies twice."""
+    return Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,))
+
+
+RECORD_GRACE_MS: Final = 86_400_000
+"""A reservation record outlives its hold by this much, so a late settle still finds it
+(reserve.lua uses the same figure)."""
+
+
 class LedgerUnavailable(Exception):
-    """Redis could not be reached or answered with an error; the message is safe to log."""
+    """Redis could not be reached, timed out on I/O or answered with an error; the message
+    is safe to log. The budget breaker counts it as a Redis failure."""
+
+
+class LedgerOverloaded(LedgerUnavailable):
+    """This process had no free Redis connection within `redis.queue_timeout_ms`: the
+    call was never sent. Shed (503), but not a Redis failure for the breaker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +128,14 @@ def holds_key(tag: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SettleResult:
+    status: int
+    """1 settled now, 2 settled late (the sweeper had returned the hold), 0 nothing to do."""
+    overrun: tuple[int, ...] = ()
+    """Per group: how far this settle pushed spent + held past the limit (0: within)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveResult:
     held: bool
     replay: bool = False
@@ -91,17 +148,22 @@ class BudgetLedger(Protocol):
     async def reserve(self, reservation: Reservation) -> ReserveResult: ...
 
     async def settle(self, reservation: Reservation, actual: Sequence[int], *,
-                     released: bool = False) -> int: ...
+                     released: bool = False) -> SettleResult: ...
 
     async def sweep(self, tag: str, limit: int = 100) -> int: ...
 
 
 class RedisLedger:
-    def __init__(self, client: Any, *, hold_ttl_s: float = 600.0) -> None:
+    def __init__(self, client: Any, *, hold_ttl_s: float = 600.0, io_timeout_s: float = 0.05,
+                 queue_timeout_s: float = 1.0, max_in_flight: int = MAX_CONNECTIONS) -> None:
         """`client`: a redis.asyncio Redis or RedisCluster (decode_responses off or on)."""
         self._client = client
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._io_timeout_s = io_timeout_s
+        self._io_ceiling_s = io_ceiling_s(io_timeout_s)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._queue_timeout_s = queue_timeout_s
         self._hold_ttl_ms = int(hold_ttl_s * 1000)
+        self._record_ttl_ms = self._hold_ttl_ms * 2 + RECORD_GRACE_MS
         self._reserve = client.register_script((_SCRIPTS / "reserve.lua").read_text())
         self._settle = client.register_script((_SCRIPTS / "settle.lua").read_text())
         self._sweep = client.register_script((_SCRIPTS / "sweep.lua").read_text())
@@ -137,24 +199,113 @@ class RedisLedger:
         return ReserveResult(held=True, remaining=tuple(int(v) for v in reply[1:]))
 
     async def settle(self, reservation: Reservation, actual: Sequence[int], *,
-                     released: bool = False) -> int:
-        """Charge `actual` (one amount per group); returns 1 settled, 2 late, 0 no-op."""
+                     released: bool = False) -> SettleResult:
+        """Charge `actual` (one amount per group). `released`: give the holds back; when
+        the reserve has not reached Redis yet, leave a tombstone so that it holds nothing."""
         if len(actual) != len(reservation.groups) or any(a < 0 for a in actual):
             raise ValueError("one non-negative actual amount per group is required")
-        state = "released" if released else "settled"
+        args: list[object] = ["released" if released else "settled", self._record_ttl_ms,
+                              len(reservation.groups)]
+        for group, amount in zip(reservation.groups, actual, strict=True):
+            args.extend((amount, group.limit, len(group.keys), *group.keys))
         reply = await self._call(self._settle, [reservation.record_key, reservation.holds_key],
-                                 [state, *actual])
-        return int(reply)
+                                 args)
+        return SettleResult(status=int(reply[0]), overrun=tuple(int(v) for v in reply[1:]))
 
     async def sweep(self, tag: str, limit: int = 100) -> int:
         reply = await self._call(self._sweep, [holds_key(tag)], [int(time.time() * 1000), limit])
         return int(reply)
 
     async def _call(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
+        await self._acquire_slot()
+        deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
         try:
             if not self._loaded:
                 await self._load_scripts()
-            async with self._slots:
-                return await script(keys=keys, args=list(args))
+            return await script(keys=keys, args=list(args))
+        except asyncio.CancelledError:
+            if deadline.expired and deadline.task.uncancel() == 0:
+                raise LedgerUnavailable("redis: TimeoutError") from None
+            raise  # cancelled from outside (the client left)
+        except redis_errors.MaxConnectionsError:
+            raise LedgerOverloaded("redis: connection pool exhausted") from None
         except (redis_errors.RedisError, OSError) as exc:
             raise LedgerUnavailable(f"redis: {type(exc).__name__}") from None
+        finally:
+            deadline.cancel()
+            self._slots.release()
+
+    async def _acquire_slot(self) -> None:
+        """The one gate: wait for a slot, for at most the queue timeout."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free slot: returns without suspending
+            return
+        try:
+            async with asyncio.timeout(self._queue_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise LedgerOverloaded("redis: no free connection within queue_timeout_ms"
+                                   ) from None
+
+
+def _busy_ns() -> int:
+    """Time this thread has been on a CPU or waiting for one (Linux schedstat), in ns;
+    the thread's CPU time where schedstat is missing."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as stat:
+            on_cpu, waiting, _ = stat.read().split()
+        return int(on_cpu) + int(waiting)
+    except (OSError, ValueError):
+        return time.thread_time_ns()
+
+
+class _IoDeadline:
+    """Bounds one Redis call to `timeout_s` of Redis' time, not of this process's.
+
+    An asyncio timer measures wall time, and on a loaded host most of a call's wall time
+    can be this process's: its event loop runs a few hundred other streams, and the
+    kernel leaves it waiting for a CPU for tens of milliseconds at a time (measured on 2
+    cores: 27 ms between two lines of code of one call). Redis is to blame only for time
+    this thread spent idle, waiting for it. So when `timeout_s` has passed, the deadline
+    watches one more `timeout_s` window: if the thread was mostly running or waiting for a
+    CPU in it (`_BUSY_SHARE`), the call gets another window, up to `ceiling_s` in all;
+    if the thread was mostly idle and the answer still has not come, Redis is slow and
+    the call is cancelled (`expired`) - after one to two `timeout_s` on an idle process.
+    """
+
+    __slots__ = ("_busy_at", "_ceiling", "_handle", "_loop", "_timeout_s", "_window_at",
+                 "expired", "task")
+
+    def __init__(self, timeout_s: float, ceiling_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self._timeout_s = timeout_s
+        now = self._loop.time()
+        self._ceiling = now + ceiling_s
+        self._window_at = 0.0
+        self._busy_at = 0
+        self._handle: asyncio.Handle = self._loop.call_at(now + timeout_s, self._open_window)
+        self.expired = False
+
+    def _open_window(self) -> None:
+        self._window_at = self._loop.time()
+        self._busy_at = _busy_ns()
+        self._handle = self._loop.call_at(self._window_at + self._timeout_s, self._judge)
+
+    def _judge(self) -> None:
+        now = self._loop.time()
+        busy_s = (_busy_ns() - self._busy_at) / 1e9
+        if busy_s > _BUSY_SHARE * (now - self._window_at) and now < self._ceiling:
+            self._open_window()  # this process, not Redis, used the time
+            return
+        # An answer the loop read in this iteration reaches the task before this runs.
+        self._handle = self._loop.call_soon(self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
+
+    def cancel(self) -> None:
+        self._handle.cancel()

@@ -32,6 +32,7 @@ __all__ = [
     "estimate_input_tokens",
     "hash_tag",
     "plan_reservation",
+    "tenant_limits",
 ]
 
 ROLLING_BUCKETS: Final = 12
@@ -154,6 +155,32 @@ def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now
                         rule.limit_micro_usd, cost, resets, ttl_s=ttl)
 
 
+def tenant_limits(budget: TenantBudget, *, now: datetime,
+                  zone: ZoneInfo) -> tuple[CounterGroup, ...]:
+    """Every limit of a tenant in the current windows, whatever key or model it names, in
+    config order (rules, then RPM, then TPM): the one numbering `budget show`, `set` and
+    `reset` share. Amounts are 0."""
+    tag = hash_tag(budget)
+    groups = [_rule_group(rule, budget, tag, 0, now, zone) for rule in budget.rules]
+    groups.extend(_rate_groups(budget, tag, 0, 0, now))
+    return tuple(groups)
+
+
+def _rate_groups(budget: TenantBudget, tag: str, requests: int, tokens: int,
+                 now: datetime) -> list[CounterGroup]:
+    minute = int(now.timestamp()) // 60
+    resets = datetime.fromtimestamp((minute + 1) * 60, tz=UTC)
+    base = f"asc:{tag}:rl:tenant:{budget.tenant}"
+    groups = []
+    if budget.rate_limits.rpm is not None:
+        groups.append(CounterGroup("requests per minute", "requests", (f"{base}:rpm:{minute}",),
+                                   budget.rate_limits.rpm, requests, resets, ttl_s=120))
+    if budget.rate_limits.tpm is not None:
+        groups.append(CounterGroup("tokens per minute", "tokens", (f"{base}:tpm:{minute}",),
+                                   budget.rate_limits.tpm, tokens, resets, ttl_s=120))
+    return groups
+
+
 def plan_reservation(
     budget: TenantBudget,
     *,
@@ -173,13 +200,5 @@ def plan_reservation(
         if rule.scope is Scope.MODEL and rule.subject != model:
             continue
         groups.append(_rule_group(rule, budget, tag, cost_micro_usd, now, zone))
-    minute = int(now.timestamp()) // 60
-    resets = datetime.fromtimestamp((minute + 1) * 60, tz=UTC)
-    base = f"asc:{tag}:rl:tenant:{budget.tenant}"
-    if budget.rate_limits.rpm is not None:
-        groups.append(CounterGroup("requests per minute", "requests", (f"{base}:rpm:{minute}",),
-                                   budget.rate_limits.rpm, 1, resets, ttl_s=120))
-    if budget.rate_limits.tpm is not None:
-        groups.append(CounterGroup("tokens per minute", "tokens", (f"{base}:tpm:{minute}",),
-                                   budget.rate_limits.tpm, estimated_tokens, resets, ttl_s=120))
+    groups.extend(_rate_groups(budget, tag, 1, estimated_tokens, now))
     return tuple(groups)

@@ -149,7 +149,7 @@ class OpenAIPassthroughStream(StreamProgress):
             return None
         if not isinstance(chunk, dict):
             return None
-        usage = usage_from_openai(chunk.get("usage"))
+        usage = usage_from_openai(chunk.get("usage"), service_tier=chunk.get("service_tier"))
         if usage is not None:
             self._usage = usage
         self._deltas += count_openai_deltas(chunk)
@@ -244,7 +244,8 @@ class OpenAIPassthrough:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return TranslatedResponse(body=body, usage=None)
-        usage = usage_from_openai(document.get("usage")) if isinstance(document, dict) else None
+        usage = usage_from_openai(document.get("usage"), service_tier=document.get(
+            "service_tier")) if isinstance(document, dict) else None
         return TranslatedResponse(body=body, usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:

@@ -62,11 +62,14 @@ class Usage:
     `prompt_tokens`; Anthropic's `input_tokens + cache_read_input_tokens +
     cache_creation_input_tokens`); `cached_input_tokens` is the part of it read from the
     provider's prompt cache, priced at the cached-input rate.
+    `unpriced` names billed usage the gateway has no price for (server tools, audio,
+    a premium service tier): budgets charge such a request at least its full hold.
     """
 
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0
+    unpriced: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

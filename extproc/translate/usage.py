@@ -30,8 +30,39 @@ def _count(value: object) -> int | None:
     return max(value, 0)
 
 
-def usage_from_openai(usage: object) -> Usage | None:
-    """`Usage` from an OpenAI `usage` object; None when the counts are missing."""
+_STANDARD_TIERS = frozenset({None, "default", "auto", "standard"})
+"""Service tiers billed at the configured prices; any other (priority, flex, scale, ...)
+is billed differently and counts as unpriced."""
+
+
+def _positive(mapping: object, name: str) -> bool:
+    return isinstance(mapping, Mapping) and bool(_count(mapping.get(name)))
+
+
+def _unpriced_openai(usage: Mapping[str, Any], service_tier: object) -> tuple[str, ...]:
+    unpriced = []
+    if (_positive(usage.get("prompt_tokens_details"), "audio_tokens")
+            or _positive(usage.get("completion_tokens_details"), "audio_tokens")):
+        unpriced.append("audio_tokens")
+    if service_tier not in _STANDARD_TIERS:
+        unpriced.append(f"service_tier:{str(service_tier)[:20]}")
+    return tuple(unpriced)
+
+
+def _unpriced_anthropic(usage: Mapping[str, Any]) -> tuple[str, ...]:
+    unpriced = []
+    tools = usage.get("server_tool_use")
+    if isinstance(tools, Mapping) and any(_count(v) for v in tools.values()):
+        unpriced.append("server_tool_use")
+    tier = usage.get("service_tier")
+    if tier not in _STANDARD_TIERS and tier != "batch":
+        unpriced.append(f"service_tier:{str(tier)[:20]}")
+    return tuple(unpriced)
+
+
+def usage_from_openai(usage: object, *, service_tier: object = None) -> Usage | None:
+    """`Usage` from an OpenAI `usage` object (and the response's `service_tier`); None
+    when the counts are missing."""
     if not isinstance(usage, Mapping):
         return None
     prompt = _count(usage.get("prompt_tokens"))
@@ -41,7 +72,8 @@ def usage_from_openai(usage: object) -> Usage | None:
     details = usage.get("prompt_tokens_details")
     cached = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else None
     return Usage(input_tokens=prompt, output_tokens=completion,
-                 cached_input_tokens=min(cached or 0, prompt))
+                 cached_input_tokens=min(cached or 0, prompt),
+                 unpriced=_unpriced_openai(usage, service_tier))
 
 
 def usage_from_anthropic(usage: object) -> Usage | None:
@@ -55,7 +87,7 @@ def usage_from_anthropic(usage: object) -> Usage | None:
     read = _count(usage.get("cache_read_input_tokens")) or 0
     created = _count(usage.get("cache_creation_input_tokens")) or 0
     return Usage(input_tokens=uncached + read + created, output_tokens=output,
-                 cached_input_tokens=read)
+                 cached_input_tokens=read, unpriced=_unpriced_anthropic(usage))
 
 
 def openai_usage_body(usage: Usage) -> dict[str, Any]:

@@ -31,16 +31,12 @@ from tests.conftest import (
 PRICE = {"input_per_mtok": 100, "output_per_mtok": 2000}
 
 
-def budget_config(redis_port: int, *, redis_timeout_ms: int = 500, **tenant: Any) -> Any:
-    """The tests' gateway config with Redis and the given tenant settings for acme.
-
-    The Redis timeout is generous by default: under 200 concurrent requests on 2 cores a
-    50 ms bound turns CPU starvation into 503s; the fail-closed test sets its own.
-    """
+def budget_config(redis_port: int, **tenant: Any) -> Any:
+    """The tests' gateway config with Redis (default timeouts) and the given tenant
+    settings for acme."""
     def document(emulator_port: int) -> dict[str, Any]:
         doc = gateway_config(emulator_port, extra_acme_keys=True)
-        doc["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0",
-                        "timeout_ms": redis_timeout_ms}
+        doc["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
         doc["budgets"] = {"hold_ttl_s": 2}
         doc["models"]["gpt-4o-mini"]["price"] = PRICE
         doc["tenants"]["acme"].update(tenant)
@@ -189,13 +185,12 @@ def test_redis_down_fails_closed_with_503_fast(budget_stack: tuple[Stack, int]) 
     stack, redis_port = budget_stack
     redis_process = stack.processes[0]
     gateway = start_gateway(stack, stack.workdir / "config", document=budget_config(
-        redis_port, redis_timeout_ms=50,
-        budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
+        redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}]))
     assert gateway.chat(chat_body(max_tokens=8)).status_code == 200
     redis_process.stop()
 
     timings = []
-    for _ in range(10):
+    for _ in range(100):
         started = time.monotonic()
         response = gateway.chat(chat_body(max_tokens=8))
         timings.append(time.monotonic() - started)
@@ -203,7 +198,10 @@ def test_redis_down_fails_closed_with_503_fast(budget_stack: tuple[Stack, int]) 
         assert response.json() == {"error": {
             "message": "The budget service is unavailable; the request was not sent.",
             "type": "service_unavailable", "param": None, "code": "gateway_unavailable"}}
-    assert max(timings) < 1.0  # generous here; bench/ measures the 100 ms target
+    timings.sort()
+    print(f"\n503 through Envoy with Redis down: p50 {timings[49] * 1000:.1f} ms,"
+          f" p99 {timings[98] * 1000:.1f} ms, max {timings[99] * 1000:.1f} ms")
+    assert max(timings) < 1.0  # generous; the issue's target is 100 ms p99
     assert len(gateway.emulator.requests()) == 1
 
 

@@ -1,21 +1,31 @@
-"""BudgetGuard and Breaker (`extproc.budgets.guard`) against an in-memory ledger.
+"""BudgetGuard (`extproc.budgets.guard`) with the shared CircuitBreaker, against an
+in-memory ledger.
 
 The fake ledger implements the `BudgetLedger` protocol and records every call that
 actually ran; the breaker and the guard get injected clocks, so nothing here waits
-except the timeout tests (10 ms each).
+except the settle safety-net test (20 ms per try).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from extproc.budgets.guard import Breaker, BudgetGuard, Hold
-from extproc.budgets.ledger import BudgetLedger, LedgerUnavailable, Reservation, ReserveResult
+from extproc.breaker import CircuitBreaker, Permit
+from extproc.budgets.guard import BudgetGuard, Hold
+from extproc.budgets.ledger import (
+    BudgetLedger,
+    LedgerOverloaded,
+    LedgerUnavailable,
+    Reservation,
+    ReserveResult,
+    SettleResult,
+)
 from extproc.budgets.policy import (
     BudgetRule,
     CounterGroup,
@@ -29,6 +39,8 @@ from extproc.errors import ErrorCode, GatewayError
 
 NOON = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 UNAVAILABLE = "The budget service is unavailable; the request was not sent."
+BUSY = "The budget service is busy; the request was not sent."
+PASS = Permit(probe=False)
 
 Outcome = ReserveResult | Exception | Callable[[Reservation], ReserveResult]
 
@@ -42,6 +54,7 @@ class FakeLedger:
         self.sweep_calls: list[tuple[str, int]] = []
         self.outcome: Outcome = held_with_headroom
         self.settle_outcome: int | Exception = 1
+        self.overrun: tuple[int, ...] = ()
         self.delay_s = 0.0
         self.gate: asyncio.Event | None = None
 
@@ -70,12 +83,13 @@ class FakeLedger:
         return outcome(reservation)
 
     async def settle(self, reservation: Reservation, actual: Sequence[int], *,
-                     released: bool = False) -> int:
+                     released: bool = False) -> SettleResult:
         self.settle_calls.append((reservation, list(actual), released))
-        await self._wait()
+        if not released:
+            await self._wait()
         if isinstance(self.settle_outcome, Exception):
             raise self.settle_outcome
-        return self.settle_outcome
+        return SettleResult(self.settle_outcome, self.overrun)
 
     async def sweep(self, tag: str, limit: int = 100) -> int:
         self.sweep_calls.append((tag, limit))
@@ -104,7 +118,7 @@ class Now:
         return self.value
 
 
-def is_open(breaker: Breaker) -> bool:
+def is_open(breaker: CircuitBreaker) -> bool:
     """Read through a call so that mypy does not narrow the property between asserts."""
     return breaker.is_open
 
@@ -136,13 +150,13 @@ def now() -> Now:
 
 
 @pytest.fixture
-def breaker(clock: Clock) -> Breaker:
-    return Breaker(threshold=3, cooldown_s=2.0, clock=clock)
+def breaker(clock: Clock) -> CircuitBreaker:
+    return CircuitBreaker(threshold=3, cooldown_s=2.0, clock=clock)
 
 
 @pytest.fixture
-def guard(ledger: FakeLedger, breaker: Breaker, now: Now) -> BudgetGuard:
-    return BudgetGuard(ledger, timezone="UTC", timeout_s=1.0, breaker=breaker, now=now)
+def guard(ledger: FakeLedger, breaker: CircuitBreaker, now: Now) -> BudgetGuard:
+    return BudgetGuard(ledger, timezone="UTC", breaker=breaker, now=now)
 
 
 async def reserve(guard: BudgetGuard, budget: TenantBudget | None = None, *,
@@ -159,9 +173,12 @@ async def refused(guard: BudgetGuard, budget: TenantBudget | None = None, *,
     return caught.value
 
 
-def test_fake_ledger_is_a_budget_ledger() -> None:
-    ledger: BudgetLedger = FakeLedger()
-    assert ledger is not None
+@pytest.mark.parametrize("method", ["reserve", "settle", "sweep"])
+def test_fake_ledger_has_the_protocol_signatures(method: str) -> None:
+    # The tests below are only as good as the fake: it must take and return what the
+    # real ledger does (mypy does not check tests/).
+    assert inspect.signature(getattr(FakeLedger, method)) == inspect.signature(
+        getattr(BudgetLedger, method))
 
 
 # --- held -----------------------------------------------------------------------------
@@ -267,7 +284,7 @@ async def test_denial_is_429_with_the_limit_and_retry_after(
 
 async def test_denial_retry_after_uses_the_configured_time_zone(ledger: FakeLedger) -> None:
     # 2026-10-31 23:30 UTC is 2026-11-01 00:30 in Paris: the key's day ends in 22.5 h.
-    guard = BudgetGuard(ledger, timezone="Europe/Paris", timeout_s=1.0,
+    guard = BudgetGuard(ledger, timezone="Europe/Paris",
                         now=lambda: datetime(2026, 10, 31, 23, 30, tzinfo=UTC))
     ledger.outcome = lambda r: ReserveResult(held=False, denied=r.groups[1])
     error = await refused(guard)
@@ -277,7 +294,7 @@ async def test_denial_retry_after_uses_the_configured_time_zone(ledger: FakeLedg
 
 
 async def test_denials_do_not_count_as_breaker_failures(
-    guard: BudgetGuard, ledger: FakeLedger, breaker: Breaker,
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker,
 ) -> None:
     ledger.outcome = lambda r: ReserveResult(held=False, denied=r.groups[0])
     for _ in range(5):
@@ -289,7 +306,7 @@ async def test_denials_do_not_count_as_breaker_failures(
 # --- unavailable, breaker, timeout ------------------------------------------------------
 
 async def test_ledger_unavailable_is_503_when_fail_closed(
-    guard: BudgetGuard, ledger: FakeLedger, breaker: Breaker,
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker,
 ) -> None:
     ledger.down()
     error = await refused(guard)
@@ -301,7 +318,7 @@ async def test_ledger_unavailable_is_503_when_fail_closed(
 
 
 async def test_breaker_opens_after_three_failures_then_probes_once_after_cooldown(
-    guard: BudgetGuard, ledger: FakeLedger, breaker: Breaker, clock: Clock,
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker, clock: Clock,
 ) -> None:
     ledger.down()
     for expected_calls in (1, 2, 3):
@@ -337,7 +354,7 @@ async def test_breaker_opens_after_three_failures_then_probes_once_after_cooldow
 
 
 async def test_half_open_lets_exactly_one_concurrent_probe_through(
-    guard: BudgetGuard, ledger: FakeLedger, breaker: Breaker, clock: Clock,
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker, clock: Clock,
 ) -> None:
     ledger.down()
     for _ in range(3):
@@ -360,44 +377,96 @@ async def test_half_open_lets_exactly_one_concurrent_probe_through(
     assert len(ledger.reserve_calls) == 5
 
 
-def test_breaker_counts_consecutive_failures_only(clock: Clock) -> None:
-    breaker = Breaker(threshold=3, cooldown_s=2.0, clock=clock)
-    for _ in range(2):
-        breaker.failure()
-    breaker.success()
-    for _ in range(2):
-        breaker.failure()
-    assert not is_open(breaker)
-    assert breaker.allow()
-    breaker.failure()
-    assert is_open(breaker)
-    assert not breaker.allow()
-    clock.t += 2.0
-    assert breaker.allow()  # the probe
-    assert not breaker.allow()
-    assert not breaker.allow()
-    breaker.success()
-    assert not is_open(breaker)
-    assert breaker.allow()
-    assert breaker.allow()
-
-
-async def test_slow_ledger_is_503_and_counts_as_a_breaker_failure(
-    ledger: FakeLedger, breaker: Breaker,
+async def test_redis_io_timeouts_are_503_and_breaker_failures(
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker,
 ) -> None:
-    guard = BudgetGuard(ledger, timezone="UTC", timeout_s=0.01, breaker=breaker,
-                        now=lambda: NOON)
-    ledger.delay_s = 5.0
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    ledger.outcome = LedgerUnavailable("redis: TimeoutError")  # a socket timeout
     for _ in range(3):
         error = await refused(guard)
         assert (error.status, error.message) == (503, UNAVAILABLE)
-    assert loop.time() - started < 1.0
     assert len(ledger.reserve_calls) == 3
     assert is_open(breaker)
     assert (await refused(guard)).status == 503
     assert len(ledger.reserve_calls) == 3  # the 4th never reached the ledger
+
+
+async def test_overloaded_is_503_busy_and_never_opens_the_breaker(
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker,
+) -> None:
+    ledger.outcome = LedgerOverloaded("redis: no free connection within queue_timeout_ms")
+    for _ in range(10):
+        error = await refused(guard)
+        assert (error.status, error.code, error.message) == (503, ErrorCode.UNAVAILABLE, BUSY)
+        assert error.headers == (("retry-after", "1"),)
+    assert len(ledger.reserve_calls) == 10
+    assert not is_open(breaker)
+    # Never sent, so there is nothing to release.
+    await guard.drain()
+    assert ledger.settle_calls == []
+    ledger.up()
+    assert (await reserve(guard)).mode == "redis"
+
+
+async def test_overloaded_probe_gives_its_permit_back(
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker, clock: Clock,
+) -> None:
+    ledger.down()
+    for _ in range(3):
+        await refused(guard)
+    clock.t += 2.0
+    ledger.outcome = LedgerOverloaded("redis: connection pool exhausted")
+    assert (await refused(guard)).message == BUSY  # the probe: no verdict
+    ledger.up()
+    assert (await reserve(guard)).mode == "redis"  # the next caller may probe
+    assert not is_open(breaker)
+
+
+async def test_cancelled_reserves_are_not_breaker_failures_and_release_by_request_id(
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker,
+) -> None:
+    ledger.gate = asyncio.Event()
+    for n in range(5):  # more than the threshold: a client abort is never a Redis failure
+        task = asyncio.create_task(reserve(guard, request_id=f"gone-{n}"))
+        await asyncio.sleep(0)
+        assert len(ledger.reserve_calls) == n + 1  # in flight, parked on the gate
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await guard.drain()
+    assert not is_open(breaker)
+    assert [(r.request_id, actual, released) for r, actual, released in ledger.settle_calls] == [
+        (f"gone-{n}", [0, 0, 0, 0, 0], True) for n in range(5)]
+
+
+async def test_cancelled_probe_gives_its_permit_back(
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker, clock: Clock,
+) -> None:
+    ledger.down()
+    for _ in range(3):
+        await refused(guard)
+    clock.t += 2.0
+    ledger.up()
+    ledger.gate = asyncio.Event()
+    probe = asyncio.create_task(reserve(guard, request_id="probe"))
+    await asyncio.sleep(0)
+    assert len(ledger.reserve_calls) == 4  # the probe is in flight
+    assert (await refused(guard)).message == UNAVAILABLE  # the probe is out
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    ledger.gate = None
+    assert (await reserve(guard, request_id="next")).mode == "redis"
+    assert not is_open(breaker)
+
+
+async def test_io_failure_releases_the_hold_in_case_the_script_ran(
+    guard: BudgetGuard, ledger: FakeLedger,
+) -> None:
+    ledger.outcome = LedgerUnavailable("redis: TimeoutError")
+    assert (await refused(guard)).status == 503
+    await guard.drain()
+    assert [(r.request_id, released) for r, _, released in ledger.settle_calls] == [
+        ("r1", True)]
 
 
 # --- fail open ------------------------------------------------------------------------
@@ -473,7 +542,7 @@ async def test_settle_of_a_hold_without_reservation_is_a_no_op(
 
 
 async def test_settle_when_the_ledger_is_down_retries_and_returns_zero(
-    guard: BudgetGuard, ledger: FakeLedger, breaker: Breaker,
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker,
 ) -> None:
     hold = await reserve(guard)
     ledger.down()
@@ -482,16 +551,16 @@ async def test_settle_when_the_ledger_is_down_retries_and_returns_zero(
     # Settling is off the request path: it neither trips nor waits for the breaker.
     assert not is_open(breaker)
     for _ in range(3):
-        breaker.failure()
+        breaker.failure(PASS)
     assert await guard.settle(hold, cost_micro_usd=1, tokens=1, budget=None) == 0
     assert len(ledger.settle_calls) == 6
 
 
 async def test_settle_timeout_retries_and_returns_zero(
-    ledger: FakeLedger, breaker: Breaker,
+    ledger: FakeLedger, breaker: CircuitBreaker,
 ) -> None:
-    guard = BudgetGuard(ledger, timezone="UTC", timeout_s=0.01, breaker=breaker,
-                        now=lambda: NOON, settle_timeout_s=0.02)
+    guard = BudgetGuard(ledger, timezone="UTC", breaker=breaker, now=lambda: NOON,
+                        settle_timeout_s=0.02)
     hold = await reserve(guard)
     ledger.delay_s = 5.0
     assert await guard.settle(hold, cost_micro_usd=1, tokens=1, budget=None) == 0
@@ -500,12 +569,12 @@ async def test_settle_timeout_retries_and_returns_zero(
 
 
 async def test_sweep_goes_through_the_breaker(
-    guard: BudgetGuard, ledger: FakeLedger, breaker: Breaker,
+    guard: BudgetGuard, ledger: FakeLedger, breaker: CircuitBreaker,
 ) -> None:
     assert await guard.sweep("{t:acme}") == 0
     assert ledger.sweep_calls == [("{t:acme}", 100)]
     for _ in range(3):
-        breaker.failure()
+        breaker.failure(PASS)
     with pytest.raises(LedgerUnavailable, match=r"^budget ledger breaker open$"):
         await guard.sweep("{t:acme}")
     assert len(ledger.sweep_calls) == 1

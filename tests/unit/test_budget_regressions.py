@@ -13,8 +13,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from extproc.budgets.guard import Breaker, BudgetGuard, Hold
-from extproc.budgets.ledger import LedgerUnavailable, Reservation, ReserveResult
+from extproc.breaker import CircuitBreaker
+from extproc.budgets.guard import BudgetGuard, Hold
+from extproc.budgets.ledger import LedgerUnavailable, Reservation, ReserveResult, SettleResult
 from extproc.budgets.policy import (
     BudgetRule,
     RateLimits,
@@ -71,7 +72,7 @@ class Ledger:
         return ReserveResult(held=True, remaining=tuple(0 for _ in reservation.groups))
 
     async def settle(self, reservation: Reservation, actual: Sequence[int], *,
-                     released: bool = False) -> int:
+                     released: bool = False) -> SettleResult:
         raise LedgerUnavailable("redis: ConnectionError")
 
     async def sweep(self, tag: str, limit: int = 100) -> int:
@@ -113,9 +114,9 @@ def test_timezone_naming_a_tz_directory_is_a_config_issue(zone: str) -> None:
 # restarts, even though Redis is healthy: fail_closed tenants get 503 indefinitely.
 async def test_cancelled_half_open_probe_does_not_leave_the_breaker_open_forever() -> None:
     now = [1000.0]
-    breaker = Breaker(threshold=3, cooldown_s=2.0, clock=lambda: now[0])
+    breaker = CircuitBreaker(threshold=3, cooldown_s=2.0, clock=lambda: now[0])
     ledger = Ledger()
-    guard = BudgetGuard(ledger, timezone="UTC", timeout_s=1.0, breaker=breaker)
+    guard = BudgetGuard(ledger, timezone="UTC", breaker=breaker)
     for _ in range(3):
         with pytest.raises(GatewayError):
             await guard.reserve(request_id="x", budget=budget(), key_id="k", model="m",
@@ -154,7 +155,7 @@ async def test_cancelled_half_open_probe_does_not_leave_the_breaker_open_forever
 async def test_fail_open_settle_after_the_daily_reset_keeps_the_new_day_under_ceiling(
 ) -> None:
     today = [datetime(2026, 11, 25, 23, 59, tzinfo=UTC)]
-    guard = BudgetGuard(Ledger(), timezone="UTC", timeout_s=1.0, now=lambda: today[0])
+    guard = BudgetGuard(Ledger(), timezone="UTC", now=lambda: today[0])
     tenant = budget(fail_open=True, ceiling=25_000)
 
     holds: dict[str, Hold] = {}

@@ -6,13 +6,18 @@
 --
 -- Records and counters named in the index share its hash tag (same cluster slot).
 -- A swept record is marked 'expired': a late settle then charges the real cost once.
+-- A counter that no longer exists has outlived its window: it is not recreated.
 -- Returns the number of records swept.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, record in ipairs(expired) do
   if redis.call('HGET', record, 'state') == 'held' then
     local holds = redis.call('HGET', record, 'holds')
     for key, held in string.gmatch(holds, '(%S+) (%S+)') do
-      redis.call('HINCRBY', key, 'held', -tonumber(held))
+      if redis.call('EXISTS', key) == 1 then
+        if redis.call('HINCRBY', key, 'held', -tonumber(held)) < 0 then
+          redis.call('HSET', key, 'held', 0)
+        end
+      end
     end
     redis.call('HSET', record, 'state', 'expired')
   end
