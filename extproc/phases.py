@@ -125,7 +125,8 @@ class RequestProcessor:
         self._stream: StreamTranslator | None = None
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
-        self._response_chunks: list[bytes] = []
+        self._answer_cut = False
+        """True when the non-streamed answer was larger than max_response_bytes."""
         self._finished = False
         self._complete = False
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
@@ -329,8 +330,9 @@ class RequestProcessor:
         if status >= 400:
             if message.end_of_stream:
                 return self._provider_error(b"")
-            # The error body decides the client's status and message: read it whole.
-            return Continue(response_body_mode=BodyMode.BUFFERED)
+            # The error body decides the client's status and message: read it whole (or
+            # its first max_response_bytes, see on_response_body).
+            return Continue(response_body_mode=BodyMode.BUFFERED_PARTIAL)
         tags = self._tag_headers()
         ours = {name for name, _ in tags}  # set (overwriting the provider's), not removed
         reply = Continue(set_headers=tags, remove_headers=[
@@ -341,7 +343,13 @@ class RequestProcessor:
             self._stream = self._translator.stream()
             reply.response_body_mode = BodyMode.STREAMED
         elif content_type.startswith("application/json"):
-            reply.response_body_mode = BodyMode.BUFFERED
+            # Not BUFFERED: Envoy stalls an answer larger than its buffer or answers 500,
+            # depending on timing. BUFFERED_PARTIAL hands over the whole answer, or its
+            # first max_response_bytes without end_of_stream, and holds the headers
+            # until the reply: decision 0055. In that mode Envoy drops a content-length set
+            # in the body reply, and may keep the provider's: the answer goes out chunked.
+            reply.response_body_mode = BodyMode.BUFFERED_PARTIAL
+            reply.remove_headers.append("content-length")
         else:
             self._complete = True  # the body passes through without us
         return reply
@@ -370,24 +378,43 @@ class RequestProcessor:
                 out += self._stream.flush()
                 self.usage = self._stream.usage
             return Continue() if out == message.body else Continue(body=out)
-        self._response_chunks.append(message.body)
-        if not message.end_of_stream:
-            return Continue()
-        body = b"".join(self._response_chunks)
-        self._response_chunks.clear()
+        # BUFFERED_PARTIAL sends one message: the whole body (with end_of_stream, or
+        # without it when trailers follow), or the first part of a longer body once Envoy
+        # holds more than its buffer (max_response_bytes), without end_of_stream. A body
+        # that arrived whole before the headers reply may exceed the buffer too: every
+        # answer above the limit is refused alike (decision 0055).
+        body = message.body
+        self._complete = True
         if self.upstream_status is not None and self.upstream_status >= 400:
-            return self._provider_error(body)
+            return self._provider_error(body)  # scrubbed and cut short anyway
+        if len(body) > self._config.limits.max_response_bytes:
+            return self._answer_too_large()
         assert self._translator is not None
         translated = self._translator.response(self.upstream_status or 200, body)
         self.usage = translated.usage
-        # Buffered: the headers are still ours to change (length, cost).
-        set_headers = [] if translated.body == body else [
-            ("content-length", str(len(translated.body)))]
+        # The headers are still held, ours to change (the cost); content-length went in
+        # the headers reply.
+        set_headers = []
         if self.usage is not None and self.route is not None:
             cost = _usage_cost(self.route.model.price, self.usage)
             set_headers.append(("x-asc-cost-usd", format_usd(cost)))
         return Continue(set_headers=set_headers,
                         body=None if translated.body == body else translated.body)
+
+    def _answer_too_large(self) -> Respond:
+        """A 502 for an answer the gateway cannot read whole; the whole hold is charged.
+
+        502: the provider answered, but not with something the gateway can relay (the
+        client's request was fine, and nothing in the gateway broke). `x-should-retry:
+        false` stops the OpenAI and Anthropic SDKs from retrying: the same request would
+        be answered (and billed) at the same size again.
+        """
+        self._answer_cut = True
+        limit = self._config.limits.max_response_bytes
+        return self._respond_error(GatewayError(
+            ErrorCode.RESPONSE_TOO_LARGE,
+            f"The provider's answer exceeds the gateway's limit of {limit} bytes.",
+            headers=(("x-should-retry", "false"),)))
 
     def _provider_error(self, body: bytes) -> Respond:
         """The provider's error, in the client's dialect, with the status the client gets."""
@@ -530,9 +557,9 @@ class RequestProcessor:
         service tier) is charged at least the full hold, never just its priced part.
         Without usage: nothing for a provider error; an estimate for a stream cut short
         (prompt estimate + content chunks seen); the full hold when the client left before
-        any response, or when a non-streamed answer never reached the service whole (e.g.
-        Envoy's 500 `response_payload_too_large`): the provider did - and billed - work
-        whose size is unknown.
+        any response, or when a non-streamed answer was larger than max_response_bytes
+        (or never reached the service whole): the provider did - and billed - work whose
+        size is unknown.
         """
         assert self.route is not None
         assert self.hold is not None
@@ -549,6 +576,8 @@ class RequestProcessor:
                 return max(cost, held_cost), max(tokens, held_tokens)
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
+        elif self._answer_cut:
+            return self._held()
         elif (self.upstream_status is not None and self._stream is None and aborted
               and self.hold.reservation is not None):
             held = {g.unit: g.amount for g in self.hold.reservation.groups}
