@@ -229,8 +229,9 @@ class Limits(_Spec):  # also the runtime object
         default=1_048_576, description="Largest request body accepted (413 above); Envoy's "
         "request buffer is rendered from it.")
     max_response_bytes: Annotated[int, Field(ge=65_536, le=1 << 30)] = Field(
-        default=8_388_608, description="Largest non-streamed provider answer Envoy buffers "
-        "for the service; a larger one is Envoy's 500 response_payload_too_large.")
+        default=8_388_608, description="Largest non-streamed provider answer the gateway "
+        "reads whole (Envoy's response buffer is rendered from it); a larger one is "
+        "answered 502 response_too_large and charged the whole budget hold.")
 
 
 def _redis_url(url: str) -> str:

@@ -378,16 +378,18 @@ class RequestProcessor:
                 out += self._stream.flush()
                 self.usage = self._stream.usage
             return Continue() if out == message.body else Continue(body=out)
-        # BUFFERED_PARTIAL sends one message: the whole body (with end_of_stream, or
-        # without it when trailers follow), or the first part of a longer body once Envoy
-        # holds more than its buffer (max_response_bytes), without end_of_stream. A body
-        # that arrived whole before the headers reply may exceed the buffer too: every
-        # answer above the limit is refused alike (decision 0055).
+        # BUFFERED_PARTIAL sends one message: the whole body with end_of_stream, or the
+        # first part of a longer one, without it, once Envoy holds more than its buffer
+        # (max_response_bytes). A body that arrived whole before the headers reply may be
+        # longer than the buffer too: every answer above the limit is refused alike.
+        # (Envoy also omits end_of_stream when trailers follow; no provider sends them
+        # with JSON, and a body not known to be whole is never translated or billed by
+        # its usage. Decision 0055.)
         body = message.body
         self._complete = True
         if self.upstream_status is not None and self.upstream_status >= 400:
             return self._provider_error(body)  # scrubbed and cut short anyway
-        if len(body) > self._config.limits.max_response_bytes:
+        if not message.end_of_stream or len(body) > self._config.limits.max_response_bytes:
             return self._answer_too_large()
         assert self._translator is not None
         translated = self._translator.response(self.upstream_status or 200, body)

@@ -874,16 +874,18 @@ async def test_buffered_usage_is_read() -> None:
     assert processor.usage == Usage(input_tokens=12, output_tokens=34)
 
 
-async def test_a_body_followed_by_trailers_is_read_whole() -> None:
-    # BUFFERED_PARTIAL sends a body that trailers follow without end_of_stream; at most
-    # max_response_bytes long, it is the whole answer.
+async def test_a_body_without_end_of_stream_is_never_read_as_whole() -> None:
+    # Envoy omits end_of_stream for a cut body, or when trailers follow (no provider sends
+    # them with JSON); with an Envoy rendered for a smaller max_response_bytes than the
+    # service's, a cut body can be shorter than the service's limit. Never bill or pass it.
     processor = await routed()
     await processor.handle(response_headers("200"))
     document = json.dumps({"id": "c1", "choices": [],
                            "usage": {"prompt_tokens": 12, "completion_tokens": 34}}).encode()
-    assert await processor.handle(response_body(document, end_of_stream=False)) == Continue(
-        set_headers=[("x-asc-cost-usd", "0.000023")])
-    assert processor.usage == Usage(input_tokens=12, output_tokens=34)
+    reply = await processor.handle(response_body(document, end_of_stream=False))
+    assert isinstance(reply, Respond)
+    assert (reply.status, processor.error) == (502, ErrorCode.RESPONSE_TOO_LARGE)
+    assert processor.usage is None
 
 
 @pytest.mark.parametrize("document", [
