@@ -289,3 +289,20 @@ def test_a_translated_answer_up_to_the_limit_passes_and_a_larger_one_is_an_anthr
     # 8,300 for the answer that fits (its usage), and the whole hold of the one that does
     # not: 31 prompt tokens estimated (this body is shorter) + 8 output tokens = 19,100.
     assert _ledger_settled(redis_port) == (8_300 + 19_100, 0)
+
+
+def test_a_provider_error_larger_than_the_limit_is_answered_not_stalled(stack: Stack) -> None:
+    gateway, redis_port = _limited_gateway(stack)
+    # A provider 400 echoing a 3 MB unknown field back: Envoy hands over its first MiB.
+    gateway.emulator.queue_fault(status=400, message="Unknown field: " + "x" * 3 * LIMIT)
+    error = gateway.chat(chat_body(max_tokens=8))
+
+    # Its first part is not JSON: the provider's status, in the gateway's words.
+    assert error.status_code == 502
+    assert error.json() == {"error": {
+        "message": "The provider failed with status 400.", "type": "upstream_error",
+        "param": None, "code": "provider_error"}}
+    [record] = _log_records(gateway, error.headers["x-asc-request-id"])
+    assert (record["status"], record["upstream_status"], record["error"],
+            record["charged_micro_usd"]) == (502, 400, "provider_error", 0)
+    assert _ledger_settled(redis_port) == (0, 0)  # a provider error charges nothing
