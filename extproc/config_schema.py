@@ -508,7 +508,9 @@ def _rolling_period(window: str, period_s: int | None, fields_set: set[str]) -> 
         raise problem((("period_s",), "only applies to a rolling window", ""))
 
 
-class OrgBudgetSpec(_Spec):
+class _WindowSpec(_Spec):
+    """A USD limit over a time window: what org and tenant budget rules share."""
+
     window: WindowName = Field(description="day, month (calendar, in budgets.timezone) "
                                "or rolling.")
     period_s: PeriodS | None = Field(default=None, description="Length of a rolling window, "
@@ -516,9 +518,13 @@ class OrgBudgetSpec(_Spec):
     limit_usd: BudgetUsd = Field(description="Limit in USD.")
 
     @model_validator(mode="after")
-    def _period(self) -> OrgBudgetSpec:
+    def _period(self) -> _WindowSpec:
         _rolling_period(self.window, self.period_s, self.model_fields_set)
         return self
+
+
+class OrgBudgetSpec(_WindowSpec):
+    """A budget shared by every tenant of an org."""
 
 
 class OrgSpec(_Spec):
@@ -528,25 +534,19 @@ class OrgSpec(_Spec):
         default=None, description="Budgets shared by the org's tenants.")
 
 
-class TenantBudgetSpec(_Spec):
+class TenantBudgetSpec(_WindowSpec):
     scope: Annotated[Literal["tenant", "key", "model"], Rule(
         invalid="unknown scope {value!r}",
         hint="one of: tenant, key, model (org budgets live under orgs:)")] = Field(
         description="What the limit applies to: the whole tenant, one key, one model.")
     key: Text | None = Field(default=None, description="scope key: the key id.")
     model: Text | None = Field(default=None, description="scope model: the model name.")
-    window: WindowName = Field(description="day, month (calendar, in budgets.timezone) "
-                               "or rolling.")
-    period_s: PeriodS | None = Field(default=None, description="Length of a rolling window, "
-                                     "60 s to 90 days.")
-    limit_usd: BudgetUsd = Field(description="Limit in USD.")
 
     @model_validator(mode="after")
     def _subject(self) -> TenantBudgetSpec:
         for scope in ("key", "model"):
             if self.scope == scope and getattr(self, scope) is None:
                 raise problem(((scope,), "is required", ""))
-        _rolling_period(self.window, self.period_s, self.model_fields_set)
         return self
 
 

@@ -450,10 +450,10 @@ class RequestProcessor:
         if self._finished:
             return
         self._finished = True
-        if self._selected is not None:  # no verdict was reported: a breaker probe goes back
-            self._runtime.keys.release(self._selected)
         aborted = not self._complete
         try:
+            if self._selected is not None:  # no verdict was reported: a probe goes back
+                self._runtime.keys.release(self._selected)
             if self.hold is not None and self.principal is not None and self.route is not None:
                 cost, tokens = self._real_cost(aborted)
                 self.charged_micro_usd = cost
@@ -466,7 +466,7 @@ class RequestProcessor:
         except Exception:
             # The hold stays until the sweeper returns it; the request is still measured
             # and logged.
-            log.exception("budget settle raised", extra={"fields": {
+            log.exception("finish failed", extra={"fields": {
                 "request_id": self.request_id}})
         finally:
             # Also when settling was cancelled (shutdown): every request is measured

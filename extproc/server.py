@@ -31,9 +31,9 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from redis.exceptions import RedisError
 
 from extproc import envoy, metrics
+from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, load_config
@@ -198,9 +198,9 @@ async def _sync_keys(holder: RuntimeHolder) -> None:
                 continue
             try:
                 await runtime.keys.pool.sync(runtime.redis)
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log_event(log, logging.WARNING, "key pool health sync failed",
-                          error=type(exc).__name__)
+                          error=describe_redis_failure(exc))
     finally:
         if listener is not None:
             listener.cancel()

@@ -570,22 +570,13 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
 # --------------------------------------------------------------------------- translator
 
 
-class AnthropicToOpenAI:
+class AnthropicToOpenAI(limits.AnthropicDoorRules):
     """One request through the Anthropic door to an OpenAI-shaped backend."""
 
     def __init__(self, backend: Backend) -> None:
         if backend is Backend.ANTHROPIC:
             raise ValueError("AnthropicToOpenAI serves OpenAI-shaped backends only")
         self.backend = backend
-
-    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
-        return limits.requested_output_limit(body, (limits.MAX_TOKENS,), cap=cap)
-
-    def choices(self, body: Mapping[str, Any]) -> int:
-        return 1
-
-    def input_estimate(self, raw: bytes) -> int:
-        return limits.input_estimate(raw, limits.ANTHROPIC_IMAGE_PART)
 
     def request(
         self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,
