@@ -475,6 +475,10 @@ class PriceSpec(_Spec):
     output_per_mtok: PerMtok = Field(description="Output (completion) tokens.")
     cached_input_per_mtok: PerMtok | None = Field(
         default=None, description="Cached input tokens (default: the input price).")
+    cache_write_per_mtok: PerMtok | None = Field(
+        default=None, description="Input tokens written to the provider's prompt cache "
+        "(Anthropic `cache_creation_input_tokens`; default: twice the input price, the "
+        "highest surcharge Anthropic bills, so a write is never under-charged).")
 
 
 class DeploymentSpec(_Spec):
