@@ -128,6 +128,8 @@ def _cmd_init_kek(args: argparse.Namespace) -> int:
         raise CliError("secrets.kek is not a file KEK",
                        "with Transit the KEK lives in Vault/OpenBao: "
                        "bao write -f transit/keys/asc-kek derived=true")
+    # A fresh clone has no var/ yet (the demo keeps its KEK there): make the directory.
+    Path(kek.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = init_kek_file(kek.path)
     print(f"created KEK file {path} (mode 0600)")
     return 0
