@@ -99,8 +99,11 @@ class Checkout:
         command = command.replace("127.0.0.1:10000", f"127.0.0.1:{self.listen_port}")
         command = command.replace("redis-16379", f"redis-{self.redis_port}")
         if command.startswith("make run"):
-            command += (f" LISTEN_PORT={self.listen_port} EXTPROC_PORT={self.extproc_port}"
-                        f" METRICS_PORT={self.metrics_port}")
+            for name, port in (("LISTEN_PORT", self.listen_port),
+                               ("EXTPROC_PORT", self.extproc_port),
+                               ("METRICS_PORT", self.metrics_port)):
+                if f"{name}=" not in command:  # a documented choice stays
+                    command += f" {name}={port}"
         return command
 
     def run(self, command: str, *, check: bool = True,
