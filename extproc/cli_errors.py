@@ -46,10 +46,9 @@ class CliError(Exception):
 
 def _config_error(exc: ConfigError) -> CliError:
     first = exc.issues[0] if exc.issues else None
-    if first is not None and not first.path:  # the file itself: unreadable, not YAML
-        return CliError(f"config {exc.source}: {first.message}",
-                        "check the --config path")
-    where = f"{first.path}: {first.message}" if first else "invalid"
+    if first is not None and not first.path and first.message.startswith("cannot read"):
+        return CliError(f"config {exc.source}: {first.message}", "check the --config path")
+    where = f"{first.path or '<document>'}: {first.message}" if first else "invalid"
     more = f" and {len(exc.issues) - 1} more" if len(exc.issues) > 1 else ""
     return CliError(f"config {exc.source} is invalid ({where}{more})",
                     f"`extproc check-config {exc.source}` lists every problem with its line")

@@ -122,15 +122,16 @@ def _cmd_init_kek(args: argparse.Namespace) -> int:
     kek = config.secrets.kek
     if kek is None:
         raise CliError("the config has no secrets.kek",
-                       "add secrets: {kek: {backend: file, path: kek.key}} (see "
-                       "docs/credentials.md)")
+                       "add secrets: {kek: {backend: file, path: kek.key}}; see "
+                       "docs/credentials.md")
     if kek.backend != "file" or kek.path is None:
         raise CliError("secrets.kek is not a file KEK",
                        "with Transit the KEK lives in Vault/OpenBao: "
                        "bao write -f transit/keys/asc-kek derived=true")
+    target = Path(os.path.normpath(kek.path))  # `dir/../../var/x` reads as `var/x`
     # A fresh clone has no var/ yet (the demo keeps its KEK there): make the directory.
-    Path(kek.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = init_kek_file(kek.path)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = init_kek_file(target)
     print(f"created KEK file {path} (mode 0600)")
     return 0
 
@@ -176,34 +177,42 @@ def kek_version(record: SealedSecret) -> str:
 
 async def _list(args: argparse.Namespace) -> int:
     config = _config(args)
-    print(f"{'credential':<40} {'version':>7}  {'state':<24} {'fingerprint':<20} "
-          f"{'kek':<40} kek-version")
+    lines = [f"{'credential':<40} {'version':>7}  {'state':<24} {'fingerprint':<20} "
+             f"{'kek':<40} kek-version"]
     for cred_id, ref in config.credentials.items():
         if not ref.keyring:
             source = f"env {ref.env}" if ref.env else f"file {ref.file}"
-            print(f"{cred_id:<40} {'-':>7}  {'static (' + source + ')':<24}")
-    if config.redis is None:
-        return 0
+            lines.append(f"{cred_id:<40} {'-':>7}  {'static (' + source + ')':<24}")
+    if config.redis is not None:
+        lines += await _keyring_rows(config)
+    print("\n".join(lines))  # all or nothing: an unreachable store prints no half table
+    return 0
+
+
+async def _keyring_rows(config: GatewayConfig) -> list[str]:
     store = _open_store(config)
+    lines = []
     try:
         for scope, credential, _ in _keyring_credentials(config):
             name = f"{scope}/{credential}"
             state = await store.state(scope, credential)
             records = await store.records(scope, credential)
             if not records:  # configured but never added: the gateway answers 503 for it
-                print(f"{name:<40} {'-':>7}  {'no versions (keys add)':<24}")
+                lines.append(f"{name:<40} {'-':>7}  {'no versions (keys add)':<24}")
             for record in records:
-                print(f"{name:<40} {record.version:>7}  "
-                      f"{state.state_of(record.version):<24} {record.fingerprint:<20} "
-                      f"{record.kek_id:<40} {kek_version(record)}")
+                lines.append(f"{name:<40} {record.version:>7}  "
+                             f"{state.state_of(record.version):<24} {record.fingerprint:<20} "
+                             f"{record.kek_id:<40} {kek_version(record)}")
     finally:
         await store.close()
-    return 0
+    return lines
 
 
 async def _rotate(args: argparse.Namespace) -> int:
     if args.action == "stage":  # staging a version is sealing a new one
         return await _add(args)
+    if args.action in ("canary", "revoke"):
+        _version(args)  # before any connection: a usage error needs no Redis
     config = _config(args)
     _provider_of(config, args.scope, args.credential)
     store = _open_store(config)
