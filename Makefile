@@ -51,7 +51,7 @@ run: install redis-server
 	@exec $(BIN)/python -m extproc.devstack $(STACK_FLAGS)
 
 openbao: install
-	exec $(BIN)/python -m extproc.devstack openbao --port $(BAO_PORT) --dir $(BAO_DIR)
+	@exec $(BIN)/python -m extproc.devbao --port $(BAO_PORT) --dir $(BAO_DIR)
 
 lint: install
 	$(BIN)/ruff check extproc tests bench

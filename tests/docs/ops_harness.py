@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -44,6 +45,16 @@ def commands(block: str) -> list[str]:
     joined = block.replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines()
             if line.strip() and not line.strip().startswith("#")]
+
+
+def _free_port_pair() -> int:
+    """A port whose next port is free too (an OpenBao dev server uses both)."""
+    for _ in range(50):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as probe:
+            probe.bind(("127.0.0.1", port + 1))
+            return port
+    raise RuntimeError("no free pair of adjacent loopback ports")
 
 
 @dataclass
@@ -75,6 +86,7 @@ class Checkout:
     listen_port: int = field(default_factory=free_port)
     extproc_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    bao_port: int = field(default_factory=lambda: _free_port_pair())
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -85,6 +97,7 @@ class Checkout:
             text = config.read_text(encoding="utf-8")
             text = text.replace("127.0.0.1:16379", f"127.0.0.1:{self.redis_port}")
             text = text.replace("127.0.0.1:18080", f"127.0.0.1:{self.emulator_port}")
+            text = text.replace("127.0.0.1:8200", f"127.0.0.1:{self.bao_port}")
             config.write_text(text, encoding="utf-8")
 
     @property
@@ -104,6 +117,8 @@ class Checkout:
                                ("METRICS_PORT", self.metrics_port)):
                 if f"{name}=" not in command:  # a documented choice stays
                     command += f" {name}={port}"
+        if command.startswith("make openbao"):
+            command += f" BAO_PORT={self.bao_port}"
         return command
 
     def run(self, command: str, *, check: bool = True,
@@ -128,7 +143,7 @@ class Checkout:
         try:
             for line in popen.stdout:
                 lines.append(line)
-                if line.startswith("Ctrl-C stops everything."):
+                if line.startswith("Ctrl-C stops"):
                     stack.output.append("".join(lines))
                     return stack
                 if time.monotonic() > deadline:
