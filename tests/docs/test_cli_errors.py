@@ -56,3 +56,18 @@ def test_an_unexpected_failure_is_not_hidden(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(cli, "_cmd_config_schema", broken)
     with pytest.raises(ZeroDivisionError):
         cli.main(["config", "schema"])
+
+
+def test_check_config_pepper_hint_names_a_pepper(checkout: Checkout) -> None:
+    """The pepper's hint used to suggest `{env: OPENAI_API_KEY}`, a provider key."""
+    demo = (checkout.root / "deploy/demo/asc.yaml").read_text(encoding="utf-8")
+    broken = demo.replace("pepper: {file: pepper.txt}",
+                          "pepper: {env: ASC_PEPPER, file: pepper.txt}")
+    assert broken != demo
+    (checkout.root / "deploy/demo/pepper-both.yaml").write_text(broken, encoding="utf-8")
+    done = checkout.run(".venv/bin/extproc check-config deploy/demo/pepper-both.yaml",
+                        check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1, "", "deploy/demo/pepper-both.yaml: 1 problem(s)\n"
+               "  auth.pepper (line 6): needs exactly one of `env` or `file`\n"
+               "    hint: e.g. {file: /etc/asc/pepper.txt} or {env: ASC_PEPPER}\n")
