@@ -52,6 +52,11 @@ def test_keyring_path_as_documented(tmp_path: Path) -> None:
         assert refused.stdout.startswith("HTTP/1.1 503"), refused.stdout
         assert '"No usable credential for the selected provider."' in refused.stdout
 
+        listing = rollback[2]
+        # A keyring credential with no versions yet is listed, not hidden.
+        assert checkout.run(listing).stdout.splitlines()[2].split() == [
+            "global/emu-eu-1", "-", "no", "versions", "(keys", "add)"]
+
         [add] = add_first
         added = checkout.run(add)
         assert re.fullmatch(rf"global/emu-eu-1@1: active, fingerprint {FINGERPRINT}\n",
@@ -68,7 +73,7 @@ def test_keyring_path_as_documented(tmp_path: Path) -> None:
             "global/emu-eu-1: promote done (v1=retiring, v2=active)\n")
         assert used_credential(checkout, curl, "emu-eu-1@2") == "x-asc-credential: emu-eu-1@2"
 
-        back, revoke, listing = rollback
+        back, revoke, _ = rollback
         assert checkout.run(back).stdout == (
             "global/emu-eu-1: rollback done (v1=active, v2=staged(failed canary))\n")
         assert used_credential(checkout, curl, "emu-eu-1@1") == "x-asc-credential: emu-eu-1@1"
