@@ -75,3 +75,15 @@ def test_yaml_block_is_an_example_or_a_fragment(where: str, kind: str, target: s
     else:
         assert is_part_of(yaml.safe_load(text), yaml.safe_load(whole)), (
             f"{where}: a key or value of this block is not in {target}")
+
+
+def test_every_command_block_of_credentials_md_is_tested_or_illustrative() -> None:
+    """"Every command block in docs/ is either executed by a test or marked as
+    illustrative" (issue 16), for docs/credentials.md; a named test must exist."""
+    text = (REPO / "docs" / "credentials.md").read_text(encoding="utf-8")
+    markers = re.findall(r"^(?:<!--\s*(.*?)\s*-->\n\n?)?```sh\n", text, re.MULTILINE)
+    assert len(markers) >= 14
+    for marker in markers:
+        assert marker == "illustrative" or marker.startswith("tested by "), markers
+        if marker.startswith("tested by "):
+            assert (REPO / marker.removeprefix("tested by ")).exists(), marker
