@@ -108,7 +108,11 @@ class Checkout:
         return env
 
     def adapt(self, command: str) -> str:
-        """The documented command with this checkout's ports."""
+        """The documented command with this checkout's ports. `make install` only asks
+        make whether the shared .venv is up to date (`make -q`): a real install from here
+        would point the repository's editable install at this temporary directory."""
+        if command == "make install":
+            return "make -q install"
         command = command.replace("127.0.0.1:10000", f"127.0.0.1:{self.listen_port}")
         command = command.replace("redis-16379", f"redis-{self.redis_port}")
         if command.startswith("make run"):
