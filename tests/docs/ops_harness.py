@@ -123,6 +123,8 @@ class Checkout:
                     command += f" {name}={port}"
         if command.startswith("make openbao"):
             command += f" BAO_PORT={self.bao_port}"
+        if command.startswith(("make run", "make openbao")):
+            command += " -o .venv/.installed"  # never reinstall the shared .venv from here
         return command
 
     def run(self, command: str, *, check: bool = True,
