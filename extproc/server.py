@@ -198,6 +198,7 @@ async def _sync_keys(holder: RuntimeHolder) -> None:
                 continue
             try:
                 await runtime.keys.pool.sync(runtime.redis)
+                await runtime.health.sync(runtime.redis)
             except REDIS_FAILURES as exc:
                 log_event(log, logging.WARNING, "key pool health sync failed",
                           error=describe_redis_failure(exc))

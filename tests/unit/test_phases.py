@@ -483,7 +483,7 @@ async def test_good_body_routes_and_injects_the_provider_key() -> None:
     assert processor.streaming is True
     assert processor.dialect is Dialect.OPENAI
     assert processor.route is not None
-    assert processor.route.reason == "first deployment"
+    assert processor.route.reason == "first in order prov-us"
 
 
 async def test_residency_routes_eu_tenant_to_eu_and_rewrites_the_model() -> None:
@@ -506,7 +506,7 @@ async def test_residency_routes_eu_tenant_to_eu_and_rewrites_the_model() -> None
     )
     assert processor.streaming is False
     assert processor.route is not None
-    assert processor.route.reason == "zone eu: first deployment"
+    assert processor.route.reason == "first in order prov-eu"
 
 
 async def test_pin_is_honoured() -> None:
@@ -1147,7 +1147,7 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "provider": "prov-us",
         "region": "us-east-1",
         "upstream_model": "gpt-4o-mini",
-        "route_reason": "first deployment",
+        "route_reason": "first in order prov-us; fallbacks prov-eu",
         "credential": "cred-us@1",
         "status": 200,
         "upstream_status": 200,
