@@ -319,7 +319,8 @@ def test_valid_config_compiles_to_frozen_objects(tmp_path: Path) -> None:
         },
         tenants={
             "acme": Tenant(id="acme", zone="eu", keys=(TenantKey("acme-1", HASH_A),),
-                           models=frozenset({"gpt-4o-mini"}), policies={"gpt-4o-mini": RoutePolicy(pin="prov-eu")}),
+                           models=frozenset({"gpt-4o-mini"}),
+                           policies={"gpt-4o-mini": RoutePolicy(pin="prov-eu")}),
             "globex": Tenant(id="globex", zone=None, keys=(TenantKey("globex-1", HASH_B),),
                              models=frozenset({"gpt-4o-mini", "gpt-4o"})),
         },
