@@ -294,3 +294,36 @@ def test_policy_config_errors(tenant: str, issue: ConfigIssue) -> None:
         config_with(tenant)
     [found] = caught.value.issues
     assert (found.path, found.message, found.hint) == (issue.path, issue.message, issue.hint)
+
+
+def _headers_request(route_metadata_text: str | None) -> Any:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    request = pb.ProcessingRequest()
+    request.request_headers.SetInParent()
+    if route_metadata_text is not None:
+        attributes = request.attributes["envoy.filters.http.ext_proc"]
+        attributes.fields["xds.route_metadata"].string_value = route_metadata_text
+    return request
+
+
+# As Envoy 1.40 sends it (measured, docs/decisions/0060-route-metadata-to-the-service.md):
+# the route's Metadata in protobuf text format, "" for a route without metadata.
+MEASURED = ('filter_metadata { key: "asc" value { fields { key: "pin" value { string_value: '
+            '"emu-eu" } } fields { key: "providers" value { list_value { values { '
+            'string_value: "a" } values { string_value: "b" } } } } fields { key: "zone" '
+            'value { string_value: "eu" } } } } ')
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (MEASURED, {"pin": "emu-eu", "providers": ["a", "b"], "zone": "eu"}),
+    ("", None),
+    (None, None),
+    ('filter_metadata { key: "other" value { fields { key: "pin" value { string_value: '
+     '"x" } } } }', None),
+])
+def test_envoy_decodes_route_metadata(text: str | None, expected: object) -> None:
+    from extproc.envoy import decode
+    from extproc.messages import Headers
+    inbound = decode(_headers_request(text))
+    assert isinstance(inbound, Headers)
+    assert inbound.route_metadata == expected
