@@ -82,6 +82,7 @@ __all__ = [
     "Limits",
     "Model",
     "Price",
+    "Probe",
     "Provider",
     "RecordStoreSettings",
     "RedisSettings",
@@ -213,11 +214,21 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
+class Probe:
+    """An active health probe of a deployment (`deployments[].probe`)."""
+
+    path: str
+    interval_s: int
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Deployment:
     provider: str
     model: str
     price: Price | None = None
     """This deployment's own price; None: the model's."""
+    probe: Probe | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -798,8 +809,12 @@ class _Compiler:
                 self.add(_join(_join(_join(path, "deployments"), index), "provider"),
                          f"unknown provider {dep.provider!r}",
                          f"known providers: {', '.join(known) or '-'}")
+            probe = None if dep.probe is None else Probe(
+                path=dep.probe.path, interval_s=dep.probe.interval_s,
+                timeout_ms=dep.probe.timeout_ms)
             deployments.append(Deployment(provider=dep.provider, model=dep.model or name,
-                                          price=_price(dep.price) if dep.price else None))
+                                          price=_price(dep.price) if dep.price else None,
+                                          probe=probe))
         price = _absent_or(spec.price) or PriceSpec(input_per_mtok=0, output_per_mtok=0)
         return Model(
             name=name,

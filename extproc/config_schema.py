@@ -62,6 +62,7 @@ __all__ = [
     "OrgBudgetSpec",
     "OrgSpec",
     "PriceSpec",
+    "ProbeSpec",
     "ProviderSpec",
     "RateLimitsSpec",
     "RecordStoreSpec",
@@ -478,13 +479,34 @@ class PriceSpec(_Spec):
         default=None, description="Cached input tokens (default: the input price).")
 
 
+def _probe_path(path: str) -> str:
+    if not path.startswith("/") or "?" in path or "#" in path or "//" in path:
+        raise problem(((), "must be an absolute path without query or fragment",
+                       "e.g. /health"))
+    return path
+
+
+class ProbeSpec(_Spec):
+    """An active health probe: a periodic GET, without credentials, straight to the
+    provider's base URL (not through Envoy)."""
+
+    path: Annotated[Text, AfterValidator(_probe_path)] = Field(
+        description="Path appended to the provider's base_url, e.g. /health; it must answer "
+        "without a provider key.")
+    interval_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=10, description="Seconds between probes.")
+    timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = Field(
+        default=2000, description="A probe without an answer by then is a failure.")
+
+
 class DeploymentSpec(_Spec):
     provider: Text = Field(description="Provider name (from `providers:`).")
     model: Text | None = Field(default=None, description="Model name upstream (default: the "
                                "model's own name).")
     price: PriceSpec | None = Field(default=None, description="This deployment's price when it "
-                                    "differs from the model's (routing `prefer: cost`, "
-                                    "budgets).")
+                                    "differs from the model's (routing `prefer: cost`).")
+    probe: ProbeSpec | None = Field(default=None, description="Active health probe; off by "
+                                    "default (passive health only).")
 
 
 class ModelSpec(_Spec):

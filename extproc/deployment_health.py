@@ -15,20 +15,33 @@ the key down). Any other answer is a success and closes the breaker.
 Opens are shared across replicas through Redis (`sync`, called by the server's key-sync
 loop every second), as the credential pools share theirs: one replica that saw a region
 fail keeps every replica off it for the cool-down. Times are epoch seconds for that reason.
+
+Optional **active probes** (`deployments[].probe`, off by default): `ActiveProber` sends a
+periodic GET without credentials to the provider's base URL + path and reports it like an
+answer, with a permit of its own. So a half-open deployment's probe can be this GET
+instead of a client's request, and a region that stops answering opens without clients
+paying for it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from extproc.breaker import CircuitBreaker, Permit, State
-from extproc.config import Deployment, DeploymentHealthSettings
-from extproc.credentials.pools import CredentialPool
+import aiohttp
 
-__all__ = ["DeploymentHealth", "deployment_key"]
+from extproc.breaker import CircuitBreaker, Permit, State
+from extproc.config import Deployment, DeploymentHealthSettings, GatewayConfig, Probe, Provider
+from extproc.credentials.pools import CredentialPool
+from extproc.logs import log_event
+
+__all__ = ["ActiveProber", "DeploymentHealth", "deployment_key", "probe_url"]
+
+log = logging.getLogger("extproc.health")
 
 _HEALTH_KEY: Final = "asc:deploy:health"
 _LATENCY_WEIGHT: Final = 0.2
@@ -145,3 +158,76 @@ class DeploymentHealth:
     def __repr__(self) -> str:
         opened = sorted(k for k, h in self._deployments.items() if h.breaker.is_open)
         return f"DeploymentHealth(open={opened})"
+
+
+def probe_url(provider: Provider, probe: Probe) -> str:
+    """The provider's base URL (from config only) with the probe's path."""
+    return provider.base_url.rstrip("/") + probe.path
+
+
+class ActiveProber:
+    """Sends each configured deployment probe when it is due (`tick`, called about once a
+    second by the server). A probe runs only when the breaker gives it a permit: never
+    while the deployment is open and cooling down, and as *the* half-open probe after."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._due: dict[str, float] = {}
+        self._running: set[asyncio.Task[Any]] = set()
+
+    async def tick(self, config: GatewayConfig, health: DeploymentHealth,
+                   session: aiohttp.ClientSession) -> None:
+        """Start the probes that are due; does not wait for them."""
+        now = self._clock()
+        for model in config.models.values():
+            for deployment in model.deployments:
+                probe = deployment.probe
+                if probe is None:
+                    continue
+                key = deployment_key(deployment)
+                if self._due.get(key, 0.0) > now:
+                    continue
+                self._due[key] = now + probe.interval_s
+                task = asyncio.create_task(probe_once(
+                    health, key, probe_url(config.providers[deployment.provider], probe),
+                    probe, session, clock=self._clock))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    async def settle(self) -> None:
+        """Wait for the probes in flight (shutdown, tests)."""
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+
+async def probe_once(health: DeploymentHealth, key: str, url: str, probe: Probe,
+                     session: aiohttp.ClientSession,
+                     clock: Callable[[], float] = time.monotonic) -> int | None:
+    """One probe: its status (None: no answer) is reported like a request's. Skipped
+    (returns None, reports nothing) when the breaker gives no permit."""
+    permit = health.allow(key)
+    if permit is None:
+        return None
+    started = clock()
+    status: int | None = None
+    try:
+        async with session.get(url, allow_redirects=False,
+                               timeout=aiohttp.ClientTimeout(total=probe.timeout_ms / 1000)
+                               ) as response:
+            status = response.status
+    except asyncio.CancelledError:
+        health.release(key, permit)
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        log_event(log, logging.WARNING, "deployment probe failed", deployment=key,
+                  error=type(exc).__name__)
+    # The probe's own latency says little about inference latency: it is neither averaged
+    # (`prefer: latency`) nor checked against `slow_ms`; its timeout bounds it.
+    health.record(key, permit, status=status, latency_s=None)
+    log_event(log, logging.DEBUG, "deployment probed", deployment=key, status=status,
+              duration_ms=round((clock() - started) * 1000, 3))
+    return status

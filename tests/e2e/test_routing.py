@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +116,15 @@ class RoutingGateway:
         return []
 
 
-def start_routing_gateway(stack: Stack, config_dir: Path) -> RoutingGateway:
+def start_routing_gateway(
+        stack: Stack, config_dir: Path,
+        edit_document: Callable[[dict[str, Any]], None] | None = None) -> RoutingGateway:
     eu_process, eu_port = stack.start_emulator([PROVIDER_KEY_EU])
     us_process, us_port = stack.start_emulator([PROVIDER_KEY_US])
-    config_path = write_config(config_dir, routing_document(eu_port, us_port))
+    document = routing_document(eu_port, us_port)
+    if edit_document is not None:
+        edit_document(document)
+    config_path = write_config(config_dir, document)
     env = dict(stack.env, TEST_PROVIDER_KEY_EU=PROVIDER_KEY_EU,
                TEST_PROVIDER_KEY_US=PROVIDER_KEY_US)
     _, extproc_port, _ = stack.start_extproc(config_path, env=env)
@@ -212,3 +217,27 @@ def test_eu_tenant_with_every_eu_deployment_down_gets_503_and_us_gets_nothing(
     assert "emu-us" not in debug.text
     keys = {r["headers"].get("authorization") for r in gw.eu.requests()}
     assert keys == {f"Bearer {provider_fingerprint(PROVIDER_KEY_EU)}"}
+
+
+def test_an_active_probe_opens_a_dead_deployment_before_any_client_hits_it(
+        stack: Stack) -> None:
+    def with_dead_first(document: dict[str, Any]) -> None:
+        document["providers"]["emu-dead"] = {
+            "kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}",
+            "region": "eu-north-1", "zone": "eu", "cluster": "emu_dead",
+            "credentials": ["emu-eu-1"]}
+        document["models"]["gpt-4o-mini"]["deployments"].insert(1, {
+            "provider": "emu-dead", "model": "gpt-4o-mini-dead",
+            "probe": {"path": "/health", "interval_s": 1, "timeout_ms": 500}})
+
+    gw = start_routing_gateway(stack, stack.workdir / "config", with_dead_first)
+    deadline = time.monotonic() + 15
+    while len(log_events(gw, "deployment probe failed")) < 2:
+        assert time.monotonic() < deadline, "the probe never failed twice"
+        time.sleep(0.1)
+    response = gw.chat()
+    assert (response.status_code, response.headers["x-asc-provider"]) == (200, "emu-eu")
+    assert gw.reasons(response.headers["x-asc-request-id"]) == [
+        "zone eu; skipped emu-dead (breaker open); first in order emu-eu; fallbacks emu-eu2"]
+    assert [e["deployment"] for e in log_events(gw, "deployment probe failed")][:2] == [
+        "emu-dead/gpt-4o-mini-dead", "emu-dead/gpt-4o-mini-dead"]
