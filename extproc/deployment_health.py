@@ -100,9 +100,11 @@ class DeploymentHealth:
         return None if health is None else health.latency_s
 
     def credential_state(self, scoped_credential: str) -> str:
-        """The credential pool's state (closed, degraded, open, half_open) of a scoped
-        credential (`global/<id>`, `tenant:<t>/<id>`)."""
-        return "closed" if self._pool is None else self._pool.state(scoped_credential)
+        """The breaker state (closed, open, half_open) of a scoped credential
+        (`global/<id>`, `tenant:<t>/<id>`) in the credential pool; a degraded key is
+        closed here: the pool still uses it."""
+        return ("closed" if self._pool is None
+                else self._pool.breaker_state(scoped_credential))
 
     # -- what a request reports ---------------------------------------------------------
 

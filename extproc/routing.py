@@ -40,7 +40,7 @@ from extproc.errors import ErrorCode, GatewayError
 __all__ = ["Route", "RouteDecision", "RouteOverride", "select", "select_route"]
 
 _RNG: Final = random.Random()  # noqa: S311 - load spreading, not security
-_USABLE_CREDENTIAL_STATES: Final = frozenset({"closed", "degraded", "half_open"})
+_USABLE_CREDENTIAL_STATES: Final = frozenset({"closed", "half_open"})
 _OVERRIDE_FIELDS: Final = frozenset({"zone", "pin", "region", "providers"})
 
 

@@ -327,3 +327,15 @@ def test_envoy_decodes_route_metadata(text: str | None, expected: object) -> Non
     inbound = decode(_headers_request(text))
     assert isinstance(inbound, Headers)
     assert inbound.route_metadata == expected
+
+
+def test_a_degraded_credential_still_serves() -> None:
+    clock = Clock()
+    pool = CredentialPool(clock=clock)
+    for status in [503] * 5 + [200] * 15:  # 25 % errors: degraded, breaker closed
+        pool.record(pool.choose(["global/k-oa-eu"], [1]), status, 0.01)
+    assert pool.state("global/k-oa-eu") == "degraded"
+    config = config_with("zone: eu")
+    decision = select(config, config.tenants["t"], config.models["m"],
+                      health=health(clock, pool))
+    assert decision.reason == "zone eu; first in order oa-eu; fallbacks az-eu, an-eu"
