@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from extproc import metrics
 from extproc.breaker import CircuitBreaker, Permit, State
 from extproc.config import Deployment, DeploymentHealthSettings, GatewayConfig, Probe, Provider
 from extproc.credentials.pools import CredentialPool
@@ -47,6 +48,7 @@ _HEALTH_KEY: Final = "asc:deploy:health"
 _LATENCY_WEIGHT: Final = 0.2
 """Weight of the newest answer in the latency average (`prefer: latency`)."""
 _RATE_LIMITED: Final = 429
+_STATES: Final = ("closed", "open", "half_open")
 
 
 def deployment_key(deployment: Deployment) -> str:
@@ -114,6 +116,7 @@ class DeploymentHealth:
         permit = health.breaker.allow()
         if permit is not None and permit.probe:
             health.probing = True
+            self._publish(key)
         return permit
 
     def record(self, key: str, permit: Permit, *, status: int | None,
@@ -124,6 +127,7 @@ class DeploymentHealth:
             health.probing = False
         if status == _RATE_LIMITED:
             health.breaker.release(permit)
+            self._publish(key)
             return
         if latency_s is not None and status is not None:
             health.latency_s = latency_s if health.latency_s is None else (
@@ -133,6 +137,7 @@ class DeploymentHealth:
             health.breaker.failure(permit)
         else:
             health.breaker.success(permit)
+        self._publish(key)
 
     def release(self, key: str, permit: Permit) -> None:
         """The request ended without a verdict: a probe permit goes back."""
@@ -140,6 +145,7 @@ class DeploymentHealth:
         if permit.probe:
             health.probing = False
         health.breaker.release(permit)
+        self._publish(key)
 
     # -- shared across replicas ---------------------------------------------------------
 
@@ -156,6 +162,12 @@ class DeploymentHealth:
             until = float(raw_until)
             if until > now:
                 self._of(key).breaker.trip(until)
+                self._publish(key)
+
+    def _publish(self, key: str) -> None:
+        current = self.state(key)
+        for name in _STATES:
+            metrics.DEPLOYMENT_STATE.labels(key, name).set(1 if name == current else 0)
 
     def __repr__(self) -> str:
         opened = sorted(k for k, h in self._deployments.items() if h.breaker.is_open)

@@ -142,7 +142,8 @@ def select(config: GatewayConfig, tenant: Tenant, model: Model, *,
     # 2. allow-lists
     if policy.providers is not None:
         candidates = [(d, p) for d, p in candidates if p.name in policy.providers]
-        steps.append(f"allowed {', '.join(sorted(policy.providers))}")
+        # Only the names that passed residency: the reason never names another zone.
+        steps.append(f"allowed {', '.join(sorted({p.name for _, p in candidates})) or '-'}")
     if route_override is not None:
         candidates = [(d, p) for d, p in candidates if _override_allows(route_override, p)]
         steps.append(route_override.describe())

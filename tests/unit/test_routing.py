@@ -102,7 +102,7 @@ CASES: list[tuple[str, str, RouteOverride | None, tuple[str, ...], str, tuple[st
      "zone eu; skipped oa-eu (breaker open); pin oa-eu unavailable, listed fallback an-eu; "
      "fallbacks az-eu"),
     ("allow-list", "zone: eu\nroute_policy: {providers: [az-eu, an-eu, oa-us]}", None, (),
-     "az-eu", ("an-eu",), "zone eu; allowed an-eu, az-eu, oa-us; first in order az-eu; "
+     "az-eu", ("an-eu",), "zone eu; allowed an-eu, az-eu; first in order az-eu; "
      "fallbacks an-eu"),
     ("prefer cost (deployment prices)", "zone: eu\nroute_policy: {prefer: cost}", None, (),
      "an-eu", ("oa-eu", "az-eu"), "zone eu; prefer cost; cheapest an-eu; fallbacks oa-eu, az-eu"),

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from extproc.auth import hash_key
 from extproc.budgets.ledger import redis_client
@@ -111,6 +112,9 @@ async def test_breaker_opens_after_the_configured_failures_and_traffic_shifts() 
     assert cluster_of(processor) == "eu-1"
     await answer(processor, 503)  # the third failure opens it
     assert runtime.health.state("eu-1/m") == "open"
+    assert [REGISTRY.get_sample_value("asc_deployment_state",
+                                      {"deployment": "eu-1/m", "state": state})
+            for state in ("closed", "open", "half_open")] == [0.0, 1.0, 0.0]
     shifted = await routed(runtime)
     assert cluster_of(shifted) == "eu-2"
     assert shifted.route_decision is not None
