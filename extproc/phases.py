@@ -241,6 +241,10 @@ class RequestProcessor:
                           health=self._runtime.health, route_override=self._route_override)
         self.route_decision = decision
         route = self.route = decision.choice
+        # In the same tick as select(), which saw the deployment available, so the permit
+        # is granted (the half-open probe, if it is one). A refusal below gives it back in
+        # finish().
+        self._deployment_permit = self._runtime.health.allow(route.key)
         backend = Backend(route.provider.kind)
         # Everything that can refuse the request without side effects comes first:
         # translation (400s), then the key (503); the budget hold is the last step.
@@ -285,9 +289,6 @@ class RequestProcessor:
             *auth,
             ("content-length", str(len(upstream.body))),
         ]
-        # Taken last (nothing can refuse the request after it): select() saw this
-        # deployment available in the same tick, so the permit is granted.
-        self._deployment_permit = self._runtime.health.allow(route.key)
         self._sent_at = self._clock()
         extension = route.provider.forward_headers
         self.forwarded_extension_headers = any(

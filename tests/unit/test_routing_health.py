@@ -5,6 +5,7 @@ Request-path tests drive `RequestProcessor` with plain messages and a fake clock
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -255,3 +256,44 @@ async def test_opens_are_shared_between_replicas(redis: Any) -> None:
     assert decision.choice.provider.name == "eu-2"
     clock.now += 10  # the shared open ends: half-open on the other replica too
     assert two.state(key) == "half_open"
+
+
+async def test_two_requests_racing_for_a_half_open_deployment_send_one_probe(
+        redis_server: int) -> None:
+    """The permit is taken with the decision: a request that selected the half-open
+    deployment holds its probe across the awaits that follow (here the budget hold in a
+    real Redis), so a request decided meanwhile goes elsewhere instead of sending a
+    second probe."""
+    config = parse_config(CONFIG.replace(
+        "deployment_health:",
+        f"redis: {{url: \"redis://127.0.0.1:{redis_server}/0\", timeout_ms: 2000}}\n"
+        "deployment_health:").replace(
+        "    routing: {m: {pin: eu-1}}\n  debug:",
+        "    routing: {m: {pin: eu-1}}\n"
+        "    budgets: [{scope: tenant, window: day, limit_usd: 1000}]\n  debug:"))
+    assert config.tenants["plain"].budget is not None
+    clock = Clock()
+    built = Runtime.build(config, environ=ENVIRON)
+    runtime = Runtime(config=config, tenants=built.tenants, keys=built.keys,
+                      budgets=built.budgets, redis=built.redis,
+                      health=DeploymentHealth(config.deployment_health, clock=clock))
+    for _ in range(3):
+        permit = runtime.health.allow("eu-1/m")
+        assert permit is not None
+        runtime.health.record("eu-1/m", permit, status=503, latency_s=0.01)
+    clock.now += 10
+    first = RequestProcessor(runtime, clock=clock)
+    second = RequestProcessor(runtime, clock=clock)
+    headers = {":method": "POST", ":path": "/v1/chat/completions",
+               "content-type": "application/json", "authorization": f"Bearer {KEYS['plain']}"}
+    body = Body(Phase.REQUEST_BODY,
+                b'{"model":"m","messages":[{"role":"user","content":"hi"}]}', True)
+    for processor in (first, second):
+        await processor.handle(Headers(Phase.REQUEST_HEADERS, dict(headers), False))
+    replies = await asyncio.gather(first.handle(body), second.handle(body))
+    assert all(isinstance(r, Continue) for r in replies), replies
+    assert [cluster_of(p) for p in (first, second)] == ["eu-1", "eu-2"]
+    for processor in (first, second):
+        await answer(processor, 200)
+    assert runtime.health.state("eu-1/m") == "closed"
+    await runtime.redis.aclose()
