@@ -362,7 +362,12 @@ class RequestProcessor:
         return reply
 
     def _report_deployment(self, status: int | None) -> None:
-        """The deployment's verdict (once): what it answered and how fast."""
+        """The chosen deployment's verdict (once): what it answered and how fast.
+
+        Valid while a request makes one attempt: the answer is the choice's. Once Envoy
+        retries onto `route_decision.fallbacks`, each attempt's verdict belongs to the
+        deployment that attempt went to (the per-attempt ext_proc knows it), not to the
+        choice."""
         permit, self._deployment_permit = self._deployment_permit, None
         if permit is None or self.route is None:
             return
