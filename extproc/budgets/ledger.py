@@ -24,6 +24,7 @@ from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.policy import CounterGroup
 from extproc.config import RedisSettings
 
@@ -229,8 +230,8 @@ class RedisLedger:
             raise  # cancelled from outside (the client left)
         except redis_errors.MaxConnectionsError:
             raise LedgerOverloaded("redis: connection pool exhausted") from None
-        except (redis_errors.RedisError, OSError) as exc:
-            raise LedgerUnavailable(f"redis: {type(exc).__name__}") from None
+        except REDIS_FAILURES as exc:
+            raise LedgerUnavailable(describe_redis_failure(exc)) from None
         finally:
             deadline.cancel()
             self._slots.release()

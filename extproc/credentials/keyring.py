@@ -56,6 +56,7 @@ from extproc.credentials.rotation import (
 from extproc.credentials.static import ResolvedCredential
 from extproc.logs import log_event
 from extproc.secrets import Secret, SecretUnavailable
+from extproc.singleflight import SingleFlight
 
 __all__ = [
     "CHANGES_CHANNEL",
@@ -405,8 +406,10 @@ class Keyring:
         self._states: dict[tuple[str, str], _CachedState] = {}
         self._secrets: dict[tuple[str, str, int], _CachedSecret] = {}
         self._canary_failures: dict[tuple[str, str, int], int] = {}
-        self._unwraps: dict[tuple[str, str, int], asyncio.Future[Secret]] = {}
-        """In-flight unwraps, one per (scope, credential, version)."""
+        self._unwraps: SingleFlight[tuple[str, str, int], Secret] = SingleFlight()
+        self._state_reads: SingleFlight[tuple[str, str], KeyState] = SingleFlight()
+        self._state_generation: dict[tuple[str, str], int] = {}
+        """Bumped by `invalidate`: a state read that started before it is not cached."""
 
     @property
     def store(self) -> KeyStore:
@@ -429,17 +432,28 @@ class Keyring:
     async def _state(self, scope: str, credential: str) -> KeyState:
         key = (scope, credential)
         cached = self._states.get(key)
-        now = self._clock()
-        if cached is not None and now - cached.fetched_at < self._state_ttl_s:
+        if cached is not None and self._clock() - cached.fetched_at < self._state_ttl_s:
             return cached.state
+        # Single flight too: when the state TTL ends under load, one Redis read serves
+        # every request that was waiting for it.
+        return await self._state_reads.run(key, lambda: self._read_state(key))
+
+    async def _read_state(self, key: tuple[str, str]) -> KeyState:
+        scope, credential = key
+        generation = self._state_generation.get(key, 0)
+        now = self._clock()
         try:
             state = await self._store.state(scope, credential)
         except StoreUnavailable:
+            cached = self._states.get(key)
             if cached is not None:  # Redis blip: the last known state is the best we have
                 return cached.state
             raise SecretUnavailable(f"credential {scope}/{credential}: key store "
                                     "unavailable") from None
-        self._states[key] = _CachedState(state, now)
+        if self._state_generation.get(key, 0) == generation:
+            # (A change published while the read was under way invalidated it: the next
+            # request reads again rather than caching what may predate the change.)
+            self._states[key] = _CachedState(state, now)
         for (s, c, version) in list(self._secrets):
             if (s, c) == key and not state.servable(version):
                 del self._secrets[(s, c, version)]  # revoked or out of rotation: forget it
@@ -456,20 +470,7 @@ class Keyring:
             return cached.secret
         # Single flight: one unwrap per key version, however many requests miss at once
         # (a cache expiry under load would otherwise send each of them to the KMS).
-        flight = self._unwraps.get(key)
-        if flight is None:
-            flight = asyncio.ensure_future(self._unwrap(key))
-            self._unwraps[key] = flight
-            flight.add_done_callback(lambda done: self._landed(key, done))
-        # shield: a waiter that is cancelled (its client left) leaves the unwrap running
-        # for the others, and its result still fills the cache.
-        return await asyncio.shield(flight)
-
-    def _landed(self, key: tuple[str, str, int], flight: asyncio.Future[Secret]) -> None:
-        if self._unwraps.get(key) is flight:
-            del self._unwraps[key]  # a failure is not cached: the next miss tries again
-        if not flight.cancelled():
-            flight.exception()  # seen by every waiter; mark it retrieved for asyncio
+        return await self._unwraps.run(key, lambda: self._unwrap(key))
 
     async def _unwrap(self, key: tuple[str, str, int]) -> Secret:
         scope, credential, version = key
@@ -502,7 +503,10 @@ class Keyring:
         return secret
 
     def invalidate(self, scope: str, credential: str) -> None:
-        self._states.pop((scope, credential), None)
+        key = (scope, credential)
+        self._states.pop(key, None)
+        self._state_generation[key] = self._state_generation.get(key, 0) + 1
+        self._state_reads.forget(key)
 
     def is_canary(self, credential: ResolvedCredential, scope: str) -> bool:
         cached = self._states.get((scope, credential.id))

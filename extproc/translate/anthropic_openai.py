@@ -494,7 +494,7 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
             }}))
             self._ended = True
             return
-        usage = usage_from_openai(chunk.get("usage"))
+        usage = usage_from_openai(chunk.get("usage"), service_tier=chunk.get("service_tier"))
         if usage is not None:
             self._usage = usage
         choices = chunk.get("choices")
@@ -570,22 +570,13 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
 # --------------------------------------------------------------------------- translator
 
 
-class AnthropicToOpenAI:
+class AnthropicToOpenAI(limits.AnthropicDoorRules):
     """One request through the Anthropic door to an OpenAI-shaped backend."""
 
     def __init__(self, backend: Backend) -> None:
         if backend is Backend.ANTHROPIC:
             raise ValueError("AnthropicToOpenAI serves OpenAI-shaped backends only")
         self.backend = backend
-
-    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
-        return limits.requested_output_limit(body, (limits.MAX_TOKENS,), cap=cap)
-
-    def choices(self, body: Mapping[str, Any]) -> int:
-        return 1
-
-    def input_estimate(self, raw: bytes) -> int:
-        return limits.input_estimate(raw, limits.ANTHROPIC_IMAGE_PART)
 
     def request(
         self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,
@@ -605,7 +596,9 @@ class AnthropicToOpenAI:
         if not isinstance(completion, dict):
             raise _invalid_response()
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),
-                                  usage=usage_from_openai(completion.get("usage")))
+                                  usage=usage_from_openai(completion.get("usage"),
+                                                          service_tier=completion.get(
+                                                              "service_tier")))
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         return map_provider_error(Dialect.ANTHROPIC, status, body)

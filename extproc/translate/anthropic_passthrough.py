@@ -91,17 +91,8 @@ class AnthropicPassthroughStream(StreamProgress):
             self._usage = usage_from_anthropic(self._usage_fields)
 
 
-class AnthropicPassthrough:
+class AnthropicPassthrough(limits.AnthropicDoorRules):
     """One request through the Anthropic door to Anthropic."""
-
-    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
-        return limits.requested_output_limit(body, (limits.MAX_TOKENS,), cap=cap)
-
-    def choices(self, body: Mapping[str, Any]) -> int:
-        return 1
-
-    def input_estimate(self, raw: bytes) -> int:
-        return limits.input_estimate(raw, limits.ANTHROPIC_IMAGE_PART)
 
     def request(
         self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,

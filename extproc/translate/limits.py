@@ -32,6 +32,8 @@ __all__ = [
     "MAX_TOKENS",
     "OPENAI_IMAGE_PART",
     "OPENAI_LIMIT_FIELDS",
+    "AnthropicDoorRules",
+    "OpenAIDoorRules",
     "OutputLimit",
     "family_output_field",
     "input_estimate",
@@ -104,3 +106,30 @@ def input_estimate(raw: bytes, image_part: re.Pattern[bytes]) -> int:
     """Prompt tokens to hold for the client's body bytes."""
     return (estimate_input_tokens(len(raw))
             + IMAGE_TOKEN_ESTIMATE * len(image_part.findall(raw)))
+
+
+class OpenAIDoorRules:
+    """The budget's reading of an OpenAI-door request, whatever the backend: mixed into
+    the translators of that door."""
+
+    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
+        return requested_output_limit(body, OPENAI_LIMIT_FIELDS, cap=cap)
+
+    def choices(self, body: Mapping[str, Any]) -> int:
+        return requested_choices(body)
+
+    def input_estimate(self, raw: bytes) -> int:
+        return input_estimate(raw, OPENAI_IMAGE_PART)
+
+
+class AnthropicDoorRules:
+    """The budget's reading of an Anthropic-door request (one choice, `max_tokens`)."""
+
+    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
+        return requested_output_limit(body, (MAX_TOKENS,), cap=cap)
+
+    def choices(self, body: Mapping[str, Any]) -> int:
+        return 1
+
+    def input_estimate(self, raw: bytes) -> int:
+        return input_estimate(raw, ANTHROPIC_IMAGE_PART)

@@ -610,7 +610,7 @@ class AnthropicEventsToOpenAIChunks(StreamProgress):
 # --------------------------------------------------------------------------- translator
 
 
-class OpenAIToAnthropic:
+class OpenAIToAnthropic(output_limits.OpenAIDoorRules):
     """One request through the OpenAI door to Anthropic."""
 
     backend: Final = Backend.ANTHROPIC
@@ -618,16 +618,6 @@ class OpenAIToAnthropic:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._include_usage = False
-
-    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
-        return output_limits.requested_output_limit(
-            body, output_limits.OPENAI_LIMIT_FIELDS, cap=cap)
-
-    def choices(self, body: Mapping[str, Any]) -> int:
-        return output_limits.requested_choices(body)
-
-    def input_estimate(self, raw: bytes) -> int:
-        return output_limits.input_estimate(raw, output_limits.OPENAI_IMAGE_PART)
 
     def request(
         self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,

@@ -175,7 +175,7 @@ def _write_limit(request: dict[str, Any], field: str, default: int | None) -> No
         request[field] = default
 
 
-class OpenAIPassthrough:
+class OpenAIPassthrough(limits.OpenAIDoorRules):
     """One request through the OpenAI door to an OpenAI-shaped backend."""
 
     def __init__(self, backend: Backend) -> None:
@@ -183,15 +183,6 @@ class OpenAIPassthrough:
             raise ValueError("OpenAIPassthrough serves OpenAI-shaped backends only")
         self.backend = backend
         self._client_wants_usage = False
-
-    def output_limit(self, body: Mapping[str, Any], *, cap: int) -> int | None:
-        return limits.requested_output_limit(body, limits.OPENAI_LIMIT_FIELDS, cap=cap)
-
-    def choices(self, body: Mapping[str, Any]) -> int:
-        return limits.requested_choices(body)
-
-    def input_estimate(self, raw: bytes) -> int:
-        return limits.input_estimate(raw, limits.OPENAI_IMAGE_PART)
 
     def request(
         self, body: dict[str, Any], *, upstream_model: str, api_version: str | None,

@@ -3,6 +3,7 @@ count toward a canary's automatic rollback (issue 8 item 3)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from extproc.config import GatewayConfig, RedisSettings, parse_config
 from extproc.credentials.kek import FileKek, init_kek_file
 from extproc.credentials.keyring import Keyring, KeyStore
 from extproc.credentials.pools import CredentialPool
-from extproc.credentials.rotation import canary
+from extproc.credentials.rotation import KeyState, canary
 from extproc.credentials.selection import ProviderKeys
 from extproc.credentials.static import StaticKeyProvider
 from extproc.secrets import Secret
@@ -83,3 +84,70 @@ async def test_only_key_evidence_401s_roll_a_canary_back(redis: Any, tmp_path: P
     state = await store.state("global", credential)
     assert (state.active, state.canary, state.failed) == (1, None, (2,))
     assert await answer(200, key_evidence=True) == 1
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def hget_calls(info: dict[str, Any]) -> int:
+    return int(info.get("cmdstat_hget", {}).get("calls", 0))
+
+
+async def test_an_expired_state_is_read_once_for_a_hundred_requests(
+        redis: Any, tmp_path: Path) -> None:
+    """The state TTL (1 s) ends under load: one Redis read serves every waiting request
+    (100 reads at once exhausted the replica's Redis connections and turned the key
+    unwrap behind them into a stale serve)."""
+    credential = f"ring-{uuid.uuid4().hex[:8]}"
+    clock = StepClock()
+    keyring = Keyring(KeyStore(redis), FileKek.load(init_kek_file(tmp_path / "kek.key")),
+                      clock=clock)
+    await keyring.add("global", credential, "openai", Secret("sk-canary-state-v1"))
+    assert (await keyring.credential(credential)).label == f"{credential}@1"
+    clock.now += 2  # past state_ttl_s, well inside the key cache TTL
+
+    await redis.config_resetstat()
+    answers = await asyncio.gather(*(keyring.credential(credential) for _ in range(100)))
+
+    assert {answer.label for answer in answers} == {f"{credential}@1"}
+    assert hget_calls(await redis.info("commandstats")) == 1
+
+
+class HeldStateReads(KeyStore):
+    """The real store, but a state read's answer is held until the test lets it go."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.read_done = asyncio.Event()
+
+    async def state(self, scope: str, credential: str) -> KeyState:
+        state = await super().state(scope, credential)
+        self.read_done.set()
+        await self.hold.wait()
+        return state
+
+
+async def test_a_change_published_during_a_state_read_is_not_cached(
+        redis: Any, tmp_path: Path) -> None:
+    credential = f"ring-{uuid.uuid4().hex[:8]}"
+    store = HeldStateReads(redis)
+    keyring = Keyring(store, FileKek.load(init_kek_file(tmp_path / "kek.key")))
+    await keyring.add("global", credential, "openai", Secret("sk-canary-state-v1"))
+    await keyring.add("global", credential, "openai", Secret("sk-canary-state-v2"))
+
+    store.hold.clear()
+    store.read_done.clear()
+    read = asyncio.ensure_future(keyring.credential(credential))
+    await store.read_done.wait()  # the read has its answer: v1 active, no canary
+    await store.transition("global", credential, lambda s: canary(s, 2, 100))
+    keyring.invalidate("global", credential)  # what the pub/sub listener does
+    store.hold.set()
+    assert (await read).version == 1  # the read that started before the change
+    assert (await keyring.credential(credential)).version == 2  # not the stale state

@@ -79,7 +79,7 @@ async def test_settle_that_raises_still_measures_and_logs(
     assert guard.settled == [(5, 15)]
     assert requests_total() == before + 1
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["budget settle raised", "request finished"]
+    assert messages == ["finish failed", "request finished"]
     fields = fields_of(caplog.records[-1])
     assert (fields["request_id"], fields["status"], fields["charged_micro_usd"]) == (
         processor.request_id, 200, 5)
