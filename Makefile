@@ -44,7 +44,7 @@ unit: install
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 integration: install redis-server
-	$(BIN)/pytest -q -p no:cacheprovider tests/integration tests/e2e
+	$(BIN)/pytest -q -p no:cacheprovider tests/integration tests/e2e tests/docs
 
 # Fast checks first, then the slow real-process suites. pytest exits 5 when it collects
 # nothing; that fails the target like any other non-zero exit.

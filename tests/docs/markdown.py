@@ -27,7 +27,7 @@ __all__ = ["REPO", "Block", "Marker", "blocks", "is_part_of"]
 
 REPO = Path(__file__).resolve().parents[2]
 
-_FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
+_FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 _MARKER = re.compile(
     r"^<!--\s*(?P<kind>example:|fragment of|tested by|illustrative)\s*(?P<target>\S*)\s*-->\s*$")
 
@@ -48,6 +48,8 @@ class Block:
     lang: str
     text: str
     marker: Marker | None
+    heading: str = ""
+    """The nearest `#` heading above the block (its text), to find a block by section."""
 
     @property
     def where(self) -> str:
@@ -63,25 +65,32 @@ def blocks(path: Path, lang: str | None = None) -> list[Block]:
     lines = path.read_text(encoding="utf-8").splitlines()
     found: list[Block] = []
     marker: Marker | None = None
+    heading = ""
     index = 0
     while index < len(lines):
         line = lines[index]
         comment = _MARKER.match(line.strip())
         fence = _FENCE.match(line)
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
         if comment:
             marker = Marker(_KINDS[comment["kind"]], comment["target"])
         elif fence:
             close, start = fence["fence"], index
             body: list[str] = []
             index += 1
+            indent = len(fence["indent"])
             while index < len(lines) and not lines[index].strip().startswith(close):
-                body.append(lines[index])
+                text_line = lines[index]
+                # A fence indented in a list item: its lines carry the same indent.
+                body.append(text_line[indent:] if text_line.startswith(" " * indent) else
+                            text_line.lstrip())
                 index += 1
             info = fence["info"].strip().split()
             block_lang = info[0] if info else ""
             if lang is None or block_lang == lang:
                 text = "\n".join(body) + "\n" if body else ""
-                found.append(Block(path, start + 1, block_lang, text, marker))
+                found.append(Block(path, start + 1, block_lang, text, marker, heading))
             marker = None
         elif line.strip():
             marker = None
