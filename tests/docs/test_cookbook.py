@@ -182,6 +182,7 @@ def test_cookbook_blocks_are_all_run_here() -> None:
         ("See spend for all tenants", "sh"): 2,
         ("Give a team its own budget", "yaml"): 1, ("Give a team its own budget", "sh"): 1,
         ("Rotate a provider key", "sh"): 3, ("Who used credential X yesterday", "sh"): 2}
+    assert [block.heading for block in marked_blocks(REPO / "README.md")] == ["Commands"]
     assert [block.heading for block in marked_blocks(REPO / "docs/budgets.md")] == [
         "Operating budgets"]
 
@@ -311,3 +312,30 @@ def test_the_cookbook_end_to_end(operator: Operator) -> None:
     assert out[-3:] == ["set: 1 tenant:month: spent 123.450000 USD",
                         "reset: 1 tenant:month: spent 0.000000 USD",
                         "reset: 2 key:acme-data-team:month: spent 0.000000 USD"]
+
+
+def test_readme_command_synopsis_names_real_commands(capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """README's `Commands` block is a synopsis: every `extproc` command and subcommand it
+    names (`a|b` alternatives included) exists, and so does the emulator module."""
+    from extproc.cli import build_parser
+
+    [synopsis] = section("Commands", "sh", REPO / "README.md")
+    commands: list[list[str]] = []
+    for line in synopsis.text.splitlines():
+        words = line.split("#")[0].split()
+        if words[:1] == ["extproc"]:
+            head = [word for word in words[1:3] if not word.startswith(("-", "<", "["))
+                    and "." not in word and word.upper() != word]
+            options = [part.split("|") for part in head]
+            commands.extend([first, *rest] for first in options[0]
+                            for rest in ([[second] for second in options[1]]
+                                         if len(options) > 1 else [[]]))
+        else:
+            assert words[:3] == ["python", "-m", "extproc.emulator"], line
+    assert len(commands) == 14, commands
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([*command, "--help"])
+        assert exit_.value.code == 0, command
+    capsys.readouterr()
