@@ -53,3 +53,32 @@ def test_the_marker_rule_finds_blocks() -> None:
     assert not is_part_of({"tenants": {"acme": {"zone": "us"}}},
                           {"tenants": {"acme": {"zone": "eu", "models": []}}})
     assert is_part_of({"a": [{"b": 1}]}, {"a": [{"b": 2}, {"b": 1, "c": 3}], "d": 4})
+
+
+def test_check_config_output_shown_in_the_reference_is_real() -> None:
+    """The reference's `check-config broken.yaml` session, run on
+    docs/examples/invalid/broken.yaml: same problems, lines, hints, order; exit 1."""
+    [session] = [block for block in blocks(REPO / "docs/config-reference.md", "text")
+                 if block.marker is not None and block.marker.kind == "tested"]
+    command, _, expected = session.text.partition("\n")
+    assert command == "$ extproc check-config broken.yaml"
+    done = subprocess.run([sys.executable, "-m", "extproc", "check-config", "broken.yaml"],
+                          cwd=REPO / "docs/examples/invalid", capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout + done.stderr) == (1, expected)
+
+
+MY_DOCS = (*DOCS, "docs/operator-cookbook.md")
+
+
+@pytest.mark.parametrize("block", [block for doc in MY_DOCS for block in blocks(REPO / doc)
+                                   if block.lang != "yaml"], ids=lambda block: block.where)
+def test_every_other_block_is_tested_or_illustrative(block: Block) -> None:
+    """Command, code and output blocks: run by the named test, or marked illustrative."""
+    assert block.marker is not None, f"{block.where}: mark it tested or illustrative"
+    assert block.marker.kind in ("tested", "illustrative"), block.where
+    if block.marker.kind == "tested":
+        test = REPO / block.marker.target
+        assert test.is_file(), block.where
+        doc = block.path.relative_to(REPO).as_posix()
+        assert doc in test.read_text(encoding="utf-8"), f"{block.where}: {test} never reads it"
