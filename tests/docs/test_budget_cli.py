@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 
 from extproc.auth import hash_key
 from extproc.secrets import Secret
@@ -235,3 +236,25 @@ def test_show_all_lists_every_tenant_with_limits(setup: tuple[Path, redis.Redis]
                     ["acme", "5", "model:gpt-4o-mini:rolling-3600s", "0.000000"],
                     ["acme", "6", "rpm", "0"], ["acme", "7", "tpm", "0"],
                     ["globex", "1", "rpm", "4"]]
+
+
+def test_set_is_one_transaction_on_a_redis_cluster(tmp_path: Path) -> None:
+    """MULTI/EXEC on a cluster needs every key in one slot: a tenant's counters share its
+    hash tag, so `set` without --limit works there too."""
+    from extproc.devstack import Stack
+
+    with Stack(tmp_path / "stack") as stack:
+        ports = stack.start_redis_cluster(3)
+        config = cli_config(tmp_path / "config", ports[0])
+        document = yaml.safe_load(config.read_text(encoding="utf-8"))
+        document["redis"]["cluster"] = True
+        config.write_text(yaml.safe_dump(document), encoding="utf-8")
+        for _ in range(2):  # tpm is per UTC minute: again if one ended in between
+            minute = now_minute()
+            assert len(ok(config, "set", "acme", "--spent-usd", "0.5", "--tokens", "3",
+                          "--yes")) == 6
+            values = spent(config)
+            if now_minute() == minute:
+                break
+        assert {name: values[name] for name in ("org:month", "key:bravo:day", "tpm")} == {
+            "org:month": "0.500000", "key:bravo:day": "0.500000", "tpm": "3"}
