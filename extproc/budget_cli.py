@@ -24,20 +24,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from extproc.budgets.policy import BudgetRule, CounterGroup, Scope, Window, tenant_limits
-from extproc.config import ConfigError, GatewayConfig, Tenant, load_config
+from extproc.cli_errors import CliError
+from extproc.config import GatewayConfig, Tenant, load_config
 from extproc.money import MoneyError, format_usd, micro_from_usd
 
-__all__ = ["BudgetCliError", "add_budget_commands"]
-
-EXIT_USAGE = 2
-
-
-class BudgetCliError(Exception):
-    """A refused command: printed as one `error: ...; hint: ...` line, exit code 2."""
-
-    def __init__(self, message: str, hint: str) -> None:
-        super().__init__(message)
-        self.hint = hint
+__all__ = ["add_budget_commands", "tenant_limit_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +88,7 @@ def _redis(config: GatewayConfig) -> Any:
     import redis
 
     if config.redis is None:
-        raise BudgetCliError("the config has no redis section",
+        raise CliError("the config has no redis section",
                              "budgets live in Redis: add redis.url to the config")
     if config.redis.cluster:
         return redis.RedisCluster.from_url(config.redis.url, decode_responses=True)
@@ -107,21 +98,21 @@ def _redis(config: GatewayConfig) -> Any:
 def _tenant(config: GatewayConfig, tenant_id: str) -> Tenant:
     tenant = config.tenants.get(tenant_id)
     if tenant is None:
-        raise BudgetCliError(f"unknown tenant {tenant_id!r}",
+        raise CliError(f"unknown tenant {tenant_id!r}",
                              f"tenants: {', '.join(sorted(config.tenants)) or '-'}")
     return tenant
 
 
 def _show(config: GatewayConfig, args: argparse.Namespace, client: Any) -> int:
     if args.all == bool(args.tenant):
-        raise BudgetCliError("give a tenant or --all, not both or neither",
+        raise CliError("give a tenant or --all, not both or neither",
                              "extproc budget show TENANT --config FILE, or --all")
     tenants = (sorted(config.tenants) if args.all else [args.tenant])
     rows: list[list[str]] = []
     for tenant_id in tenants:
         limits = tenant_limit_rows(config, _tenant(config, tenant_id))
         if not limits and not args.all:
-            raise BudgetCliError(f"tenant {tenant_id!r} has no budgets or rate limits",
+            raise CliError(f"tenant {tenant_id!r} has no budgets or rate limits",
                                  f"add budgets: or rate_limits: under tenants.{tenant_id}")
         for limit in limits:
             group = limit.group
@@ -147,7 +138,7 @@ def _select(limits: list[Limit], wanted: str | None) -> list[Limit]:
         if wanted in (str(limit.number), limit.name):
             return [limit]
     choices = ", ".join(f"{limit.number}={limit.name}" for limit in limits)
-    raise BudgetCliError(f"--limit {wanted!r} is not a limit of this tenant",
+    raise CliError(f"--limit {wanted!r} is not a limit of this tenant",
                          f"use a # or name from `extproc budget show`: {choices}")
 
 
@@ -160,19 +151,19 @@ def _targets(limits: list[Limit], args: argparse.Namespace) -> list[tuple[Limit,
         try:
             given["usd"] = micro_from_usd(args.spent_usd)
         except MoneyError as exc:
-            raise BudgetCliError(f"--spent-usd {exc}", "a USD amount such as 12.5") from None
+            raise CliError(f"--spent-usd {exc}", "a USD amount such as 12.5") from None
     for unit, value in (("requests", args.requests), ("tokens", args.tokens)):
         if value is not None:
             if value < 0:
-                raise BudgetCliError(f"--{unit} must be >= 0", "a whole number")
+                raise CliError(f"--{unit} must be >= 0", "a whole number")
             given[unit] = value
     if not given:
-        raise BudgetCliError("nothing to set",
+        raise CliError("nothing to set",
                              "give --spent-usd (budgets), --requests (rpm) or --tokens (tpm)")
     if args.limit is not None:
         [limit] = limits
         if limit.group.unit not in given or len(given) > 1:
-            raise BudgetCliError(
+            raise CliError(
                 f"limit {limit.number} ({limit.name}) counts {limit.group.unit}",
                 f"set it with {limit.flag} only")
         return [(limit, given[limit.group.unit])]
@@ -180,7 +171,7 @@ def _targets(limits: list[Limit], args: argparse.Namespace) -> list[tuple[Limit,
                if limit.group.unit in given]
     unused = set(given) - {limit.group.unit for limit, _ in targets}
     if unused:
-        raise BudgetCliError(f"this tenant has no limit counted in {', '.join(sorted(unused))}",
+        raise CliError(f"this tenant has no limit counted in {', '.join(sorted(unused))}",
                              "see `extproc budget show`")
     return targets
 
@@ -189,11 +180,11 @@ def _change(config: GatewayConfig, args: argparse.Namespace, client: Any) -> int
     tenant = _tenant(config, args.tenant)
     limits = tenant_limit_rows(config, tenant)
     if not limits:
-        raise BudgetCliError(f"tenant {args.tenant!r} has no budgets or rate limits",
+        raise CliError(f"tenant {args.tenant!r} has no budgets or rate limits",
                              f"add budgets: or rate_limits: under tenants.{args.tenant}")
     targets = _targets(_select(limits, args.limit), args)
     if not args.yes:
-        raise BudgetCliError("refusing to change live budgets without --yes",
+        raise CliError("refusing to change live budgets without --yes",
                              "check the limits with `extproc budget show` first")
     with client.pipeline(transaction=True) as pipe:
         for limit, amount in targets:
@@ -215,22 +206,22 @@ def _change(config: GatewayConfig, args: argparse.Namespace, client: Any) -> int
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
+    """Refusals raise `CliError`; `extproc.cli.main` prints them as its one-line errors
+    (exit 2), like an invalid config."""
+    import redis
+
+    config = load_config(args.config)
+    client = _redis(config)
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    try:
-        client = _redis(config)
-        try:
-            if args.budget_command == "show":
-                return _show(config, args, client)
-            return _change(config, args, client)
-        finally:
-            client.close()
-    except BudgetCliError as exc:
-        print(f"error: {exc}; hint: {exc.hint}", file=sys.stderr)
-        return EXIT_USAGE
+        if args.budget_command == "show":
+            return _show(config, args, client)
+        return _change(config, args, client)
+    except redis.RedisError as exc:
+        raise CliError(f"redis: {type(exc).__name__}",
+                       "is Redis (redis.url) reachable? a set or reset is one transaction: "
+                       "`extproc budget show` tells whether it was applied") from None
+    finally:
+        client.close()
 
 
 def add_budget_commands(commands: Any) -> None:

@@ -7,14 +7,16 @@ import argparse
 import secrets
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from extproc.auth import hash_key
 from extproc.budget_cli import add_budget_commands
+from extproc.cli_errors import CliError, describe, report
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
-from extproc.secrets import Secret, SecretUnavailable, resolve_secret
+from extproc.secrets import Secret, resolve_secret
 
 __all__ = ["main"]
 
@@ -35,16 +37,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load_or_exit(path: str) -> GatewayConfig:
-    """The config, or exit 1 with every problem listed (path, line, message, hint)."""
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(1) from None
+    """The config; an invalid one becomes one `error:` line naming its first problem
+    (`check-config` is the command that lists them all)."""
+    return load_config(path)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.file)
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:  # the full list is this command's answer, not an error
+        print(exc, file=sys.stderr)
+        return 1
     print(
         f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.providers)} providers, "
         f"{len(config.models)} models)"
@@ -60,12 +63,8 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_hash(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-        pepper = resolve_secret(config.pepper)
-    except (ConfigError, SecretUnavailable) as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    config = load_config(args.config)
+    pepper = resolve_secret(config.pepper)
     if args.generate:
         key = Secret("sk-asc-" + secrets.token_urlsafe(32))
         print(f"key:  {key.reveal()}")
@@ -75,8 +74,8 @@ def _cmd_keys_hash(args: argparse.Namespace) -> int:
         print("paste the virtual key, then press Enter:", file=sys.stderr)
     line = sys.stdin.readline().strip()
     if not line:
-        print("no key on standard input", file=sys.stderr)
-        return 1
+        raise CliError("no key on standard input",
+                       "pipe the virtual key in, or use --generate for a new one")
     print(hash_key(pepper, line))
     return 0
 
@@ -98,8 +97,16 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line shape as every other error (exit 2, as
+    argparse's own)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{self.prog}: {message}", f"`{self.prog} --help` shows the usage")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    parser: argparse.ArgumentParser = _Parser(prog="extproc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC service")
@@ -152,12 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure is one `error: ... (hint: ...)` line, exit 2."""
+    try:
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        return report(exc)
+    command = getattr(args, "keys_command", None) or args.command
     try:
         code: int = args.func(args)
     except SystemExit as exit_:  # commands exit early with a code or a message
         if isinstance(exit_.code, int):
             return exit_.code
-        print(f"error: {exit_.code}", file=sys.stderr)
-        return 1
+        return report(CliError(str(exit_.code), f"`extproc {args.command} --help`"))
+    except Exception as exc:
+        error = describe(exc, command)
+        if error is None:
+            raise  # not an operator error but a bug: keep its traceback
+        return report(error)
     return code

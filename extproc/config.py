@@ -206,6 +206,14 @@ class Price:
     input_micro_per_mtok: int
     output_micro_per_mtok: int
     cached_input_micro_per_mtok: int
+    cache_write_micro_per_mtok: int | None = None
+    """None: twice the input price (Anthropic bills cache writes at 1.25x or 2x input)."""
+
+    @property
+    def cache_write_rate(self) -> int:
+        if self.cache_write_micro_per_mtok is not None:
+            return self.cache_write_micro_per_mtok
+        return 2 * self.input_micro_per_mtok
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,7 +770,8 @@ class _Compiler:
                         output_micro_per_mtok=price.output_per_mtok,
                         cached_input_micro_per_mtok=(
                             price.input_per_mtok if price.cached_input_per_mtok is None
-                            else price.cached_input_per_mtok)),
+                            else price.cached_input_per_mtok),
+                        cache_write_micro_per_mtok=price.cache_write_per_mtok),
             deployments=tuple(deployments),
             **_shared(spec, Model, "price", "deployments"))
 

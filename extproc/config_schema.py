@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, ClassVar, Final, Literal, get_args
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -175,7 +175,11 @@ PeriodS = Annotated[int, Field(ge=60, le=90 * 86_400)]
 
 # --- secret references -------------------------------------------------------------------
 
-_SECRET_HINT: Final = "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"  # noqa: S105
+# Secret references other than provider keys are Vault/OpenBao credentials or the pepper:
+# their hints name those, not a provider key.
+_SECRET_HINT: Final = (
+    "e.g. {file: /run/secrets/asc-vault-token} or {env: ASC_VAULT_TOKEN}")  # noqa: S105
+_PEPPER_HINT: Final = "e.g. {file: /etc/asc/pepper.txt} or {env: ASC_PEPPER}"
 EnvName = Annotated[str, Field(pattern=_ENV_PATTERN),
                     Rule(invalid="must be an environment variable name")]
 FilePath = Annotated[str, Field(min_length=1)]
@@ -183,6 +187,8 @@ FilePath = Annotated[str, Field(min_length=1)]
 
 class SecretRefSpec(_Spec):
     """Where a secret is read from, never the secret itself."""
+
+    _hint: ClassVar[str] = _SECRET_HINT
 
     env: EnvName | None = Field(default=None, description="Environment variable of the "
                                 "`extproc serve` process that holds the secret.")
@@ -192,8 +198,14 @@ class SecretRefSpec(_Spec):
     @model_validator(mode="after")
     def _one_source(self) -> SecretRefSpec:
         if (self.env is None) == (self.file is None):
-            raise problem(((), "needs exactly one of `env` or `file`", _SECRET_HINT))
+            raise problem(((), "needs exactly one of `env` or `file`", self._hint))
         return self
+
+
+class PepperRefSpec(SecretRefSpec):
+    """Where the pepper is read from (its own hint: it is no provider key)."""
+
+    _hint: ClassVar[str] = _PEPPER_HINT
 
 
 class CredentialSpec(_Spec):
@@ -475,6 +487,10 @@ class PriceSpec(_Spec):
     output_per_mtok: PerMtok = Field(description="Output (completion) tokens.")
     cached_input_per_mtok: PerMtok | None = Field(
         default=None, description="Cached input tokens (default: the input price).")
+    cache_write_per_mtok: PerMtok | None = Field(
+        default=None, description="Input tokens written to the provider's prompt cache "
+        "(Anthropic `cache_creation_input_tokens`; default: twice the input price, the "
+        "highest surcharge Anthropic bills, so a write is never under-charged).")
 
 
 class DeploymentSpec(_Spec):
@@ -634,7 +650,7 @@ class TenantSpec(_Spec):
 # --- the document ------------------------------------------------------------------------
 
 class AuthSpec(_Spec):
-    pepper: SecretRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
+    pepper: PepperRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
 
 
 def _version_one(version: int) -> int:

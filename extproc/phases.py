@@ -572,11 +572,14 @@ class RequestProcessor:
 
 
 def _usage_cost(price: Price, usage: Usage) -> int:
-    """Cached prompt tokens at the cached price, the rest of the prompt and the output at
-    theirs; each part rounded up to a micro-USD."""
+    """Prompt tokens read from the provider's cache at the cached price, those written to
+    it at the cache-write price, the rest of the prompt and the output at theirs; each
+    part rounded up to a micro-USD."""
     cached = min(usage.cached_input_tokens, usage.input_tokens)
-    return (cost_micro_usd(usage.input_tokens - cached, price.input_micro_per_mtok)
+    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
+    return (cost_micro_usd(usage.input_tokens - cached - written, price.input_micro_per_mtok)
             + cost_micro_usd(cached, price.cached_input_micro_per_mtok)
+            + cost_micro_usd(written, price.cache_write_rate)
             + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
 
 

@@ -181,18 +181,18 @@ def test_spent_above_a_limit_is_written_with_a_warning(
 
 @pytest.mark.parametrize(("args", "stderr"), [
     (("--limit", "rpm", "--spent-usd", "1"),
-     "error: limit 6 (rpm) counts requests; hint: set it with --requests only"),
+     "error: limit 6 (rpm) counts requests (hint: set it with --requests only)"),
     (("--limit", "2", "--requests", "1"),
-     "error: limit 2 (tenant:month) counts usd; hint: set it with --spent-usd only"),
+     "error: limit 2 (tenant:month) counts usd (hint: set it with --spent-usd only)"),
     (("--limit", "9", "--spent-usd", "1"),
-     "error: --limit '9' is not a limit of this tenant; hint: use a # or name from "
+     "error: --limit '9' is not a limit of this tenant (hint: use a # or name from "
      "`extproc budget show`: 1=org:month, 2=tenant:month, 3=key:alpha:day, "
-     "4=key:bravo:day, 5=model:gpt-4o-mini:rolling-3600s, 6=rpm, 7=tpm"),
+     "4=key:bravo:day, 5=model:gpt-4o-mini:rolling-3600s, 6=rpm, 7=tpm)"),
     (("--spent-usd", "0.1234567"),
-     "error: --spent-usd has more than 6 decimal places; hint: a USD amount such as 12.5"),
-    (("--tokens", "-1"), "error: --tokens must be >= 0; hint: a whole number"),
-    ((), "error: nothing to set; hint: give --spent-usd (budgets), --requests (rpm) or "
-         "--tokens (tpm)"),
+     "error: --spent-usd has more than 6 decimal places (hint: a USD amount such as 12.5)"),
+    (("--tokens", "-1"), "error: --tokens must be >= 0 (hint: a whole number)"),
+    ((), "error: nothing to set (hint: give --spent-usd (budgets), --requests (rpm) or "
+         "--tokens (tpm))"),
 ])
 def test_refused_set_writes_nothing(setup: tuple[Path, redis.Redis], args: tuple[str, ...],
                                     stderr: str) -> None:
@@ -207,7 +207,7 @@ def test_globex_has_no_usd_budget_so_spent_usd_is_refused(
     config, client = setup
     done = budget(config, "set", "globex", "--spent-usd", "1", "--requests", "2", "--yes")
     assert (done.returncode, done.stderr) == (
-        2, "error: this tenant has no limit counted in usd; hint: see `extproc budget show`\n")
+        2, "error: this tenant has no limit counted in usd (hint: see `extproc budget show`)\n")
     assert list(client.scan_iter("*")) == []
 
 
@@ -215,8 +215,8 @@ def test_without_yes_nothing_is_written(setup: tuple[Path, redis.Redis]) -> None
     config, client = setup
     done = budget(config, "reset", "acme")
     assert (done.returncode, done.stderr) == (
-        2, "error: refusing to change live budgets without --yes; hint: check the limits "
-           "with `extproc budget show` first\n")
+        2, "error: refusing to change live budgets without --yes (hint: check the limits "
+           "with `extproc budget show` first)\n")
     assert list(client.scan_iter("*")) == []
 
 

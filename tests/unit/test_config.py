@@ -520,7 +520,7 @@ STORE_CASES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     ]),
     "token_both": ('{backend: vault_kv, url: "https://bao", token: {env: T, file: t}}', [
         ("secrets.store.token", EXACTLY_ONE,
-         "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"),
+         "e.g. {file: /run/secrets/asc-vault-token} or {env: ASC_VAULT_TOKEN}"),
     ]),
     "token_bad_env": ('{backend: vault_kv, url: "https://bao", token: {env: 1BAD}}', [
         ("secrets.store.token.env", "must be an environment variable name", ""),

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from extproc.auth import hash_key
-from extproc.config import parse_config
+from extproc.config import Price, parse_config
 from extproc.errors import Dialect
 from extproc.messages import Body, BodyMode, Continue, Headers, Phase, Respond
-from extproc.phases import RequestProcessor
+from extproc.phases import RequestProcessor, _usage_cost
 from extproc.runtime import Runtime
 from extproc.secrets import Secret
 from extproc.translate.base import TRANSLATORS, Backend, Usage
@@ -514,10 +514,11 @@ async def test_anthropic_message_passes_through_and_is_billed_with_its_cache() -
                 b'"output_tokens":20,"cache_read_input_tokens":1000,'
                 b'"cache_creation_input_tokens":100}}')
     reply = await processor.handle(response_body(document))
-    # 110 x 0.8 + 1000 x 0.08 (cache reads) + 20 x 4 = 88 + 80 + 80 micro-USD.
-    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000248")])
+    # 10 x 0.8 + 1000 x 0.08 (cache reads) + 100 x 1.6 (cache writes, at the default of
+    # twice the input price) + 20 x 4 = 8 + 80 + 160 + 80 micro-USD.
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000328")])
     assert processor.usage == Usage(input_tokens=1110, output_tokens=20,
-                                    cached_input_tokens=1000)
+                                    cached_input_tokens=1000, cache_write_input_tokens=100)
 
 
 async def test_anthropic_stream_passes_through_untouched() -> None:
@@ -644,3 +645,24 @@ async def test_anthropic_errors_are_rendered_for_the_openai_door(
         details=f"asc_provider_status_{upstream}",
         metadata=ant_metadata(processor, error=json.loads(expected)["error"]["code"]),
     )
+
+
+@pytest.mark.parametrize(("cache_write", "expected"), [
+    (None, 8 + 80 + 160 + 80),      # default: twice the input price
+    (1_000_000, 8 + 80 + 100 + 80),  # configured: 1.25 x input (Anthropic's 5-minute write)
+])
+def test_cache_writes_are_priced_at_the_cache_write_price(
+        cache_write: int | None, expected: int) -> None:
+    price = Price(input_micro_per_mtok=800_000, output_micro_per_mtok=4_000_000,
+                  cached_input_micro_per_mtok=80_000, cache_write_micro_per_mtok=cache_write)
+    usage = Usage(input_tokens=1110, output_tokens=20, cached_input_tokens=1000,
+                  cache_write_input_tokens=100)
+    assert _usage_cost(price, usage) == expected
+
+
+def test_cache_write_price_is_read_from_config() -> None:
+    config = parse_config(CONFIG.replace(
+        "cached_input_per_mtok: 0.08}", "cached_input_per_mtok: 0.08, "
+        "cache_write_per_mtok: 1.0}"))
+    assert config.models["claude-haiku"].price.cache_write_rate == 1_000_000
+    assert parse_config(CONFIG).models["claude-haiku"].price.cache_write_rate == 1_600_000
