@@ -250,7 +250,10 @@ def test_the_cookbook_end_to_end(operator: Operator) -> None:
     operator.calls[("acme", "acme-data-team", "-")] += 1
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "rate_limited"
-    assert "key 'acme-data-team' monthly budget" in refused.json()["error"]["message"]
+    message = refused.json()["error"]["message"]
+    assert message == ("Request refused: it would exceed the key 'acme-data-team' monthly "
+                       "budget (limit USD 50.00).")
+    assert f"`{message}`" in " ".join(COOKBOOK.read_text(encoding="utf-8").split())
     assert operator.call(ACME_KEY, "acme", "acme-main").status_code == 200  # others go on
 
     # -- rotate a provider key ------------------------------------------------------------
