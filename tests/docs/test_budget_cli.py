@@ -258,3 +258,14 @@ def test_set_is_one_transaction_on_a_redis_cluster(tmp_path: Path) -> None:
                 break
         assert {name: values[name] for name in ("org:month", "key:bravo:day", "tpm")} == {
             "org:month": "0.500000", "key:bravo:day": "0.500000", "tpm": "3"}
+
+
+def test_redis_down_is_one_error_line(tmp_path: Path) -> None:
+    from extproc.devstack import free_port
+
+    config = cli_config(tmp_path / "config", free_port())  # nothing listens there
+    done = budget(config, "show", "acme")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2, "", "error: redis: ConnectionError (hint: is Redis (redis.url) reachable? a set or "
+               "reset is one transaction: `extproc budget show` tells whether it was "
+               "applied)\n")
