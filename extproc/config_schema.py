@@ -52,6 +52,7 @@ __all__ = [
     "AuthSpec",
     "BudgetSettings",
     "CredentialSpec",
+    "DeploymentHealthSettings",
     "DeploymentSpec",
     "Document",
     "KekSpec",
@@ -61,6 +62,7 @@ __all__ = [
     "OrgBudgetSpec",
     "OrgSpec",
     "PriceSpec",
+    "ProbeSpec",
     "ProviderSpec",
     "RateLimitsSpec",
     "RecordStoreSpec",
@@ -493,10 +495,34 @@ class PriceSpec(_Spec):
         "highest surcharge Anthropic bills, so a write is never under-charged).")
 
 
+def _probe_path(path: str) -> str:
+    if not path.startswith("/") or "?" in path or "#" in path or "//" in path:
+        raise problem(((), "must be an absolute path without query or fragment",
+                       "e.g. /health"))
+    return path
+
+
+class ProbeSpec(_Spec):
+    """An active health probe: a periodic GET, without credentials, straight to the
+    provider's base URL (not through Envoy)."""
+
+    path: Annotated[Text, AfterValidator(_probe_path)] = Field(
+        description="Path appended to the provider's base_url, e.g. /health; it must answer "
+        "without a provider key.")
+    interval_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=10, description="Seconds between probes.")
+    timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = Field(
+        default=2000, description="A probe without an answer by then is a failure.")
+
+
 class DeploymentSpec(_Spec):
     provider: Text = Field(description="Provider name (from `providers:`).")
     model: Text | None = Field(default=None, description="Model name upstream (default: the "
                                "model's own name).")
+    price: PriceSpec | None = Field(default=None, description="This deployment's price when it "
+                                    "differs from the model's (routing `prefer: cost`).")
+    probe: ProbeSpec | None = Field(default=None, description="Active health probe; off by "
+                                    "default (passive health only).")
 
 
 class ModelSpec(_Spec):
@@ -574,9 +600,51 @@ class KeySpec(_Spec):
         description="HMAC-SHA256(pepper, key) from `extproc keys hash`.")
 
 
+Prefer = Literal["cost", "latency"]
+
+
 class RouteSpec(_Spec):
-    pin: Text | None = Field(default=None, description="Provider that always serves this model "
-                             "for the tenant (one of the model's deployments).")
+    """A routing policy: on a tenant (`route_policy`, every model) or per model
+    (`routing.<model>`, field by field over the tenant's). docs/routing.md explains the
+    selection order: zone, allow-list, health, then pin, weights and preference."""
+
+    pin: Text | None = Field(default=None, description="Provider preferred for this model "
+                             "while it is healthy (one of the model's deployments).")
+    pin_region: Text | None = Field(default=None, description="Region preferred while one of "
+                                    "its deployments is healthy (a provider `region`).")
+    fallbacks: list[Text] | None = Field(default=None, description="Providers tried next, in "
+                                         "this order, before the other allowed deployments.")
+    weights: dict[Text, Annotated[int, Field(ge=0, le=1000)]] | None = Field(
+        default=None, description="Share of traffic per provider among the healthy ones; "
+        "providers not named get none unless the named ones are all unavailable.",
+        json_schema_extra={"x-key": "<provider>"})
+    providers: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of provider names")] | None = Field(
+        default=None, description="Allow-list: only these providers serve the tenant.")
+    prefer: Annotated[Prefer, Rule(invalid="must be cost or latency, got {value!r}")] | None = (
+        Field(default=None, description="Order of the remaining deployments: cost (cheapest "
+              "price first) or latency (fastest measured first); default: config order."))
+
+    @model_validator(mode="after")
+    def _one_pin(self) -> RouteSpec:
+        if self.pin is not None and self.pin_region is not None:
+            raise problem(((), "needs at most one of `pin` or `pin_region`", ""))
+        return self
+
+
+class DeploymentHealthSettings(_Spec):  # also the runtime object
+    """Passive health of deployments: a circuit breaker per deployment (provider x
+    upstream model), shared across replicas through Redis."""
+
+    failures: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5, description="Consecutive failed answers (5xx, reset, too slow) that open "
+        "a deployment's breaker.")
+    cooldown_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=10, description="How long an open deployment gets no traffic before one "
+        "request probes it (half-open).")
+    slow_ms: Annotated[int, Field(ge=1, le=600_000)] | None = Field(
+        default=None, description="Response headers later than this count as a failure; "
+        "null: latency never opens a breaker.")
 
 
 class RateLimitsSpec(_Spec):
@@ -597,9 +665,14 @@ class TenantSpec(_Spec):
     models: Annotated[list[Text], Field(min_length=1), Rule(
         required="must be a non-empty list of model names")] = Field(
         description="Models the tenant may use.")
+    route_policy: RouteSpec | None = Field(
+        default=None, description="Routing policy for every model of the tenant.")
     routing: dict[str, RouteSpec] | None = Field(
-        default=None, description="Per-model routing rules.",
-        json_schema_extra={"x-key": "<model>"})
+        default=None, description="Per-model routing rules, field by field over "
+        "`route_policy`.", json_schema_extra={"x-key": "<model>"})
+    debug: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Answers carry `x-asc-route-reason` (why this deployment "
+        "was chosen).")
     org: Name | None = Field(default=None,
                              description="Org (from `orgs:`) whose budgets also apply.")
     budgets: Annotated[list[TenantBudgetSpec], Rule(
@@ -675,6 +748,8 @@ class Document(_Spec):
                                         "limits and keyring credentials.")
     budgets: BudgetSettings | None = Field(default=None,
                                            description="Gateway-wide budget settings.")
+    deployment_health: DeploymentHealthSettings | None = Field(
+        default=None, description="Circuit breakers of deployments.")
     secrets: SecretsSpec | None = Field(default=None, description="KEK, record store and keyring "
                                         "cache; needed by keyring credentials.")
     credentials: dict[Name, CredentialSpec] | None = Field(

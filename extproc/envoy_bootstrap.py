@@ -38,7 +38,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format  # type: ignore[import-untyped]
 
 from extproc.config import GatewayConfig, Provider
-from extproc.envoy import METADATA_NAMESPACE
+from extproc.envoy import METADATA_NAMESPACE, ROUTE_METADATA_ATTRIBUTE
 from extproc.phases import CLUSTER_HEADER
 
 __all__ = [
@@ -177,6 +177,9 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
             "metadata_options": {
                 "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
             },
+            # A route's filter_metadata.asc (a mesh operator's pin) reaches the service
+            # with the request headers (docs/decisions/0060-route-metadata-to-the-service.md).
+            "request_attributes": [ROUTE_METADATA_ATTRIBUTE],
         },
     }
 

@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
+from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
 from extproc.config import Price, Provider
 from extproc.credentials import ResolvedCredential
@@ -39,7 +40,7 @@ from extproc.messages import (
     Trailers,
 )
 from extproc.money import cost_micro_usd, format_usd, worst_case_cost
-from extproc.routing import Route, select_route
+from extproc.routing import Route, RouteDecision, RouteOverride, select
 from extproc.runtime import Runtime
 from extproc.secrets import SecretUnavailable
 from extproc.translate.base import (
@@ -107,6 +108,11 @@ class RequestProcessor:
         self.principal: Principal | None = None
         self.model_asked: str | None = None
         self.route: Route | None = None
+        self.route_decision: RouteDecision | None = None
+        self._route_override: RouteOverride | None = None
+        self._deployment_permit: Permit | None = None
+        """The chosen deployment's breaker permit until its verdict (or `finish()`)."""
+        self._sent_at: float | None = None
         self.credential: ResolvedCredential | None = None
         self.streaming = False
         self.upstream_status: int | None = None
@@ -170,6 +176,7 @@ class RequestProcessor:
         if principal is None:
             raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
         self.principal = principal
+        self._route_override = RouteOverride.from_metadata(message.route_metadata)
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -230,8 +237,14 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
-        route = select_route(self._config, principal.tenant, model)
-        self.route = route
+        decision = select(self._config, principal.tenant, model,
+                          health=self._runtime.health, route_override=self._route_override)
+        self.route_decision = decision
+        route = self.route = decision.choice
+        # In the same tick as select(), which saw the deployment available, so the permit
+        # is granted (the half-open probe, if it is one). A refusal below gives it back in
+        # finish().
+        self._deployment_permit = self._runtime.health.allow(route.key)
         backend = Backend(route.provider.kind)
         # Everything that can refuse the request without side effects comes first:
         # translation (400s), then the key (503); the budget hold is the last step.
@@ -262,7 +275,7 @@ class RequestProcessor:
         if budget is not None:
             self.estimated_input_tokens = translator.input_estimate(message.body)
             output_tokens = max_tokens * choices  # the provider bills every choice
-            price = route.model.price
+            price = route.price
             cost = worst_case_cost(self.estimated_input_tokens, output_tokens,
                                    price.input_micro_per_mtok, price.output_micro_per_mtok)
             self.hold = await self._runtime.budget_guard().reserve(
@@ -276,6 +289,7 @@ class RequestProcessor:
             *auth,
             ("content-length", str(len(upstream.body))),
         ]
+        self._sent_at = self._clock()
         extension = route.provider.forward_headers
         self.forwarded_extension_headers = any(
             name in self._client_headers for name in extension)
@@ -319,6 +333,7 @@ class RequestProcessor:
             self._complete = True
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
+        self._report_deployment(status)
         if self._selected is not None:
             # key_evidence: nothing client-controlled beyond the built-in header allow-list
             # reached the provider (False once extension headers are forwarded).
@@ -346,8 +361,24 @@ class RequestProcessor:
             self._complete = True  # the body passes through without us
         return reply
 
+    def _report_deployment(self, status: int | None) -> None:
+        """The chosen deployment's verdict (once): what it answered and how fast.
+
+        Valid while a request makes one attempt: the answer is the choice's. Once Envoy
+        retries onto `route_decision.fallbacks`, each attempt's verdict belongs to the
+        deployment that attempt went to (the per-attempt ext_proc knows it), not to the
+        choice."""
+        permit, self._deployment_permit = self._deployment_permit, None
+        if permit is None or self.route is None:
+            return
+        latency = None if self._sent_at is None else self._clock() - self._sent_at
+        self._runtime.health.record(self.route.key, permit, status=status, latency_s=latency)
+
     def _tag_headers(self) -> list[tuple[str, str]]:
         tags = [("x-asc-request-id", self.request_id)]
+        if (self.route_decision is not None and self.principal is not None
+                and self.principal.tenant.debug):
+            tags.append(("x-asc-route-reason", self.route_decision.reason))
         if self.hold is not None:
             tags.extend(self.hold.response_headers())
         if self.route is not None:
@@ -384,7 +415,7 @@ class RequestProcessor:
         set_headers = [] if translated.body == body else [
             ("content-length", str(len(translated.body)))]
         if self.usage is not None and self.route is not None:
-            cost = _usage_cost(self.route.model.price, self.usage)
+            cost = _usage_cost(self.route.price, self.usage)
             set_headers.append(("x-asc-cost-usd", format_usd(cost)))
         return Continue(set_headers=set_headers,
                         body=None if translated.body == body else translated.body)
@@ -454,6 +485,9 @@ class RequestProcessor:
         try:
             if self._selected is not None:  # no verdict was reported: a probe goes back
                 self._runtime.keys.release(self._selected)
+            if self._deployment_permit is not None and self.route is not None:
+                self._runtime.health.release(self.route.key, self._deployment_permit)
+                self._deployment_permit = None
             if self.hold is not None and self.principal is not None and self.route is not None:
                 cost, tokens = self._real_cost(aborted)
                 self.charged_micro_usd = cost
@@ -504,7 +538,7 @@ class RequestProcessor:
             provider=route.provider.name if route else None,
             region=route.provider.region if route else None,
             upstream_model=route.deployment.model if route else None,
-            route_reason=route.reason if route else None,
+            route_reason=self.route_decision.reason if self.route_decision else None,
             credential=self.credential.label if self.credential else None,
             status=self.status,
             upstream_status=self.upstream_status,
@@ -536,7 +570,7 @@ class RequestProcessor:
         """
         assert self.route is not None
         assert self.hold is not None
-        price = self.route.model.price
+        price = self.route.price
         if self.usage is not None:
             usage = self.usage
             if usage.unpriced:

@@ -483,7 +483,7 @@ async def test_good_body_routes_and_injects_the_provider_key() -> None:
     assert processor.streaming is True
     assert processor.dialect is Dialect.OPENAI
     assert processor.route is not None
-    assert processor.route.reason == "first deployment"
+    assert processor.route.reason == "first in order prov-us"
 
 
 async def test_residency_routes_eu_tenant_to_eu_and_rewrites_the_model() -> None:
@@ -506,7 +506,7 @@ async def test_residency_routes_eu_tenant_to_eu_and_rewrites_the_model() -> None
     )
     assert processor.streaming is False
     assert processor.route is not None
-    assert processor.route.reason == "zone eu: first deployment"
+    assert processor.route.reason == "first in order prov-eu"
 
 
 async def test_pin_is_honoured() -> None:
@@ -1147,7 +1147,7 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "provider": "prov-us",
         "region": "us-east-1",
         "upstream_model": "gpt-4o-mini",
-        "route_reason": "first deployment",
+        "route_reason": "first in order prov-us; fallbacks prov-eu",
         "credential": "cred-us@1",
         "status": 200,
         "upstream_status": 200,
@@ -1218,3 +1218,21 @@ async def test_no_key_ever_reaches_a_log_line_or_a_client(
     for text in [*lines, caplog.text, *(o.decode() for o in outputs)]:
         for secret in secrets:
             assert secret not in text
+
+
+async def test_a_deployment_with_its_own_price_is_charged_at_that_price() -> None:
+    """`deployments[].price` orders `prefer: cost`; the request is billed at it too."""
+    config = parse_config(CONFIG.replace(
+        "      - {provider: prov-eu, model: gpt-4o-mini-eu}",
+        "      - {provider: prov-eu, model: gpt-4o-mini-eu,\n"
+        "         price: {input_per_mtok: 1, output_per_mtok: 2}}"))
+    processor = RequestProcessor(Runtime.build(config, environ=ENVIRON), clock=FakeClock())
+    assert isinstance(await processor.handle(request_headers("euco")), Continue)
+    assert isinstance(await processor.handle(request_body(chat())), Continue)
+    assert processor.route is not None
+    assert processor.route.provider.name == "prov-eu"
+    await processor.handle(response_headers("200"))
+    reply = await processor.handle(response_body(
+        b'{"usage":{"prompt_tokens":100,"completion_tokens":10}}', end_of_stream=True))
+    # 100 x 1 + 10 x 2 micro-USD (the model's price would give 15 + 6 = 21).
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000120")])
