@@ -6,19 +6,16 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
-from zoneinfo import ZoneInfo
+from typing import NoReturn
 
 from extproc.auth import hash_key
-from extproc.budgets.policy import CounterGroup, tenant_limits
+from extproc.budget_cli import add_budget_commands
 from extproc.cli_errors import CliError, describe, report
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
-from extproc.money import format_usd, micro_from_usd
 from extproc.secrets import Secret, resolve_secret
 
 __all__ = ["main"]
@@ -100,67 +97,6 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget_groups(config: GatewayConfig, tenant_id: str) -> tuple[CounterGroup, ...]:
-    """The tenant's limits in one stable order (config order), so that `--limit N` of
-    `set` / `reset` is the limit `show` listed as N, in any process."""
-    tenant = config.tenants.get(tenant_id)
-    if tenant is None:
-        raise SystemExit(f"unknown tenant {tenant_id!r}")
-    if tenant.budget is None:
-        raise SystemExit(f"tenant {tenant_id!r} has no budgets or rate limits")
-    return tenant_limits(tenant.budget, now=datetime.now(UTC),
-                         zone=ZoneInfo(config.budgets.timezone))
-
-
-def _sync_redis(config: GatewayConfig) -> Any:
-    import redis
-
-    if config.redis is None:
-        raise SystemExit("the config has no redis section")
-    if config.redis.cluster:
-        return redis.RedisCluster.from_url(config.redis.url, decode_responses=True)
-    return redis.Redis.from_url(config.redis.url, decode_responses=True)
-
-
-def _format_amount(unit: str, amount: int) -> str:
-    return f"{format_usd(amount)} USD" if unit == "usd" else f"{amount} {unit}"
-
-
-def _cmd_budget(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.config)
-    groups = _budget_groups(config, args.tenant)
-    client = _sync_redis(config)
-    if args.budget_command == "show":
-        print(f"{'#':>2}  {'limit':<34} {'spent':>18} {'held':>18} {'remaining':>18}")
-        for index, group in enumerate(groups, 1):
-            values = [client.hmget(key, "spent", "held") for key in group.keys]
-            spent = sum(int(v[0] or 0) for v in values)
-            held = sum(int(v[1] or 0) for v in values)
-            print(f"{index:>2}  {group.name:<34} {_format_amount(group.unit, spent):>18} "
-                  f"{_format_amount(group.unit, held):>18} "
-                  f"{_format_amount(group.unit, group.limit - spent - held):>18}")
-        return 0
-    if not args.yes:
-        print("refusing to change live budgets without --yes", file=sys.stderr)
-        return 1
-    if args.limit is not None and not 1 <= args.limit <= len(groups):
-        print(f"--limit must be from 1 to {len(groups)} (see `budget show`)", file=sys.stderr)
-        return 1
-    selected = groups if args.limit is None else (groups[args.limit - 1],)
-    for group in selected:
-        amounts = [0] * len(group.keys)
-        if args.budget_command == "set":
-            amounts[0] = micro_from_usd(args.spent_usd) if group.unit == "usd" else int(
-                args.spent_usd)
-        for key, amount in zip(group.keys, amounts, strict=True):
-            client.hset(key, "spent", amount)
-            # A counter this creates expires like one the gateway creates; one that
-            # exists keeps its TTL.
-            client.expire(key, group.ttl_s, nx=True)
-        print(f"{args.budget_command}: {group.name}")
-    return 0
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors in the same one-line shape as every other error (exit 2, as
     argparse's own)."""
@@ -205,23 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_cmd.set_defaults(func=_cmd_keys_hash)
     add_keys_commands(key_commands)
 
-    budget = commands.add_parser("budget", help="live budget state in Redis")
-    budget_commands = budget.add_subparsers(dest="budget_command", required=True)
-    for name, text in (("show", "spent, held and remaining for every limit of a tenant"),
-                       ("reset", "set spent to 0 in the current windows (holds stay)"),
-                       ("set", "set spent in the current window, e.g. after reconciling "
-                               "against a provider invoice")):
-        command = budget_commands.add_parser(name, help=text)
-        command.add_argument("tenant")
-        command.add_argument("--config", required=True)
-        if name != "show":
-            command.add_argument("--limit", type=int,
-                                 help="only limit number N of `budget show` (default: all)")
-            command.add_argument("--yes", action="store_true", help="really change Redis")
-        if name == "set":
-            command.add_argument("--spent-usd", required=True,
-                                 help="USD for budgets; a count for rate limits")
-        command.set_defaults(func=_cmd_budget)
+    add_budget_commands(commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
