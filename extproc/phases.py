@@ -575,6 +575,8 @@ class RequestProcessor:
             aborted=aborted,
             stream=self.streaming,
             charged_micro_usd=self.charged_micro_usd,
+            cost_micro_usd=(_usage_cost(route.price, self.usage)
+                            if route is not None and self.usage is not None else None),
             estimated_input_tokens=self.estimated_input_tokens or None,
             dialect=self.dialect.value,
             prompt_tokens=self.usage.input_tokens if self.usage else None,

@@ -1232,7 +1232,8 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "error": None,
         "aborted": False,
         "stream": False,
-        "charged_micro_usd": None,
+        "charged_micro_usd": None,  # no budget: nothing held or charged in the ledger
+        "cost_micro_usd": 4,  # the usage at the price: 3 x 0.15 -> 1, 4 x 0.6 -> 3 (rounded up)
         "estimated_input_tokens": None,
         "dialect": "openai",
         "prompt_tokens": 3,
