@@ -219,13 +219,18 @@ class RedisLedger:
 
     async def _call(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
         await self._acquire_slot()
-        deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
+        deadline: _IoDeadline | None = None
         try:
             if not self._loaded:
+                # One-time set-up: cluster discovery and SCRIPT LOAD on every primary take
+                # several connections and round trips (a cold cluster client took over
+                # 100 ms on a loaded 2-core host); the client's socket timeouts bound them,
+                # not one call's I/O deadline.
                 await self._load_scripts()
+            deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
             return await script(keys=keys, args=list(args))
         except asyncio.CancelledError:
-            if deadline.expired and deadline.task.uncancel() == 0:
+            if deadline is not None and deadline.expired and deadline.task.uncancel() == 0:
                 raise LedgerUnavailable("redis: TimeoutError") from None
             raise  # cancelled from outside (the client left)
         except redis_errors.MaxConnectionsError:
@@ -233,7 +238,8 @@ class RedisLedger:
         except REDIS_FAILURES as exc:
             raise LedgerUnavailable(describe_redis_failure(exc)) from None
         finally:
-            deadline.cancel()
+            if deadline is not None:
+                deadline.cancel()
             self._slots.release()
 
     async def _acquire_slot(self) -> None:
