@@ -45,6 +45,7 @@ from extproc.config_schema import (
     BudgetSettings,
     CredentialSpec,
     Document,
+    FailoverSettings,
     KekSpec,
     Limits,
     ModelSpec,
@@ -74,6 +75,7 @@ __all__ = [
     "ConfigIssue",
     "CredentialRef",
     "Deployment",
+    "FailoverSettings",
     "GatewayConfig",
     "KekSettings",
     "Limits",
@@ -256,6 +258,7 @@ class GatewayConfig:
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
     tenants: Mapping[str, Tenant]
+    failover: FailoverSettings = field(default_factory=FailoverSettings)
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -680,6 +683,7 @@ class _Compiler:
             providers=providers,
             models=models,
             tenants=tenants,
+            failover=doc.failover or FailoverSettings(),
         )
 
     def file(self, name: str) -> Path:

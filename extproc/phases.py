@@ -22,10 +22,11 @@ from typing import Any, Final
 from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.budgets.guard import Hold
-from extproc.config import Price, Provider
+from extproc.config import Deployment, Price, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
+from extproc.failover import FLIGHTS, Flight, PreparedAttempt, failover_cluster, zone_deployments
 from extproc.logs import log_event
 from extproc.messages import (
     Body,
@@ -82,6 +83,12 @@ _AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
     Backend.ANTHROPIC: ("x-api-key", ""),
 }
 
+_PROVIDER_HEADERS: Final = frozenset({
+    *(name for name, _ in _AUTH_HEADER.values()), "anthropic-version", "anthropic-beta"})
+"""Headers one provider's attempt sets that must not reach another provider."""
+_ACTIVE_BUCKET: Final = 100
+"""A canary bucket no canary percentage reaches: the active key version."""
+
 _PROVIDER_ERROR_CODES: Final = {
     400: ErrorCode.INVALID_REQUEST,
     404: ErrorCode.NOT_FOUND,
@@ -125,6 +132,9 @@ class RequestProcessor:
         self._stream: StreamTranslator | None = None
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
+        self._flight: Flight | None = None
+        self._request: dict[str, Any] = {}
+        self._output_limit: OutputLimit | None = None
         self._response_chunks: list[bytes] = []
         self._finished = False
         self._complete = False
@@ -269,8 +279,11 @@ class RequestProcessor:
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + output_tokens)
+        cluster = route.provider.cluster
+        if self._config.failover.max_attempts > 1:
+            cluster = self._start_flight(request, output_limit)
         set_headers = [
-            (CLUSTER_HEADER, route.provider.cluster),
+            (CLUSTER_HEADER, cluster),
             (":path", route.provider.path_prefix + upstream.path),
             *upstream.headers,
             *auth,
@@ -289,6 +302,59 @@ class RequestProcessor:
             clear_route_cache=True,
             metadata=self._metadata(),
         )
+
+    def _start_flight(self, request: dict[str, Any], output_limit: OutputLimit) -> str:
+        """Register the request for the per-attempt processor; the failover cluster."""
+        route = self.route
+        assert route is not None
+        self._request = request
+        self._output_limit = output_limit
+        flight = Flight(
+            request_id=self.request_id,
+            deployments=zone_deployments(self._config, route.model, route.deployment),
+            prepare=self._prepare_attempt,
+            first_byte_timeout_s=self._config.failover.first_byte_timeout_ms / 1000,
+            first_selected=self._selected,
+            extension_headers=self.forwarded_extension_headers,
+            clock=self._clock,
+        )
+        FLIGHTS.add(flight)
+        self._flight = flight
+        return failover_cluster(route.model.name, route.provider.name)
+
+    async def _prepare_attempt(self, provider: Provider, deployment: Deployment,
+                               active_only: bool) -> PreparedAttempt:
+        """An attempt at another deployment of the zone (or a canary refused by the
+        provider, again on the active key version): its key, path and body dialect."""
+        assert self.principal is not None
+        assert self.route is not None
+        backend = Backend(provider.kind)
+        translator = translator_for(self.dialect, backend)
+        upstream = translator.request(self._request, upstream_model=deployment.model,
+                                      api_version=provider.api_version,
+                                      output_limit=self._output_limit or OutputLimit(
+                                          field=self.route.model.output_limit_field))
+        selected = await self._runtime.keys.for_request(
+            provider, self.principal.tenant,
+            bucket=_ACTIVE_BUCKET if active_only else int(self.request_id[:8], 16) % 100)
+        auth: list[tuple[str, str]] = []
+        if selected is not None:
+            name, prefix = _AUTH_HEADER[backend]
+            auth = [(name, prefix + selected.credential.secret.reveal())]
+        set_headers = [
+            (":path", provider.path_prefix + upstream.path),
+            *upstream.headers,
+            *auth,
+            ("content-length", str(len(upstream.body))),
+        ]
+        ours = {name for name, _ in set_headers}
+        # Attempt 1's headers persist into this attempt (measured): another provider's
+        # key header or dialect header must go.
+        remove = {name for name in _PROVIDER_HEADERS if name not in ours}
+        remove.update(name for name in unforwarded_request_headers(
+            self._client_headers, backend, provider.forward_headers) if name not in ours)
+        return PreparedAttempt(set_headers=set_headers, remove_headers=sorted(remove),
+                               body=upstream.body, selected=selected)
 
     async def _provider_auth(self, provider: Provider,
                              principal: Principal) -> list[tuple[str, str]]:
@@ -319,6 +385,8 @@ class RequestProcessor:
             self._complete = True
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
+        if self._flight is not None:
+            self._follow_failover()
         if self._selected is not None:
             # key_evidence: nothing client-controlled beyond the built-in header allow-list
             # reached the provider (False once extension headers are forwarded).
@@ -345,6 +413,26 @@ class RequestProcessor:
         else:
             self._complete = True  # the body passes through without us
         return reply
+
+    def _follow_failover(self) -> None:
+        """The answer came from a later attempt: read it as that deployment's answer."""
+        flight = self._flight
+        assert flight is not None
+        assert self.route is not None
+        answered = flight.answered
+        if answered is None or (answered.number == 1 and len(flight.attempts) == 1):
+            return
+        for deployment, provider in flight.deployments:
+            if provider.name == answered.provider:
+                self.route = Route(model=self.route.model, deployment=deployment,
+                                   provider=provider,
+                                   reason=f"{self.route.reason}; failover to {provider.name} "
+                                          f"(attempt {answered.number})")
+                self._translator = translator_for(self.dialect, Backend(provider.kind))
+                break
+        if answered.selected is not None:
+            self.credential = answered.selected.credential
+            self._selected = answered.selected
 
     def _tag_headers(self) -> list[tuple[str, str]]:
         tags = [("x-asc-request-id", self.request_id)]
@@ -392,6 +480,14 @@ class RequestProcessor:
     def _provider_error(self, body: bytes) -> Respond:
         """The provider's error, in the client's dialect, with the status the client gets."""
         assert self._translator is not None
+        flight = self._flight
+        if flight is not None and len(flight.attempts) > 1 and self.route is not None:
+            return self._respond_error(GatewayError(
+                ErrorCode.UNAVAILABLE,
+                f"Every deployment of model '{self.route.model.name}' in residency zone "
+                f"'{self.route.provider.zone}' failed ({len(flight.attempts)} attempts); "
+                "no deployment outside the zone was tried.",
+                headers=tuple(retry_after_headers(self._upstream_headers))))
         self._complete = True
         status, translated = self._translator.error(self.upstream_status or 502, body,
                                                     self._upstream_headers)
@@ -451,6 +547,8 @@ class RequestProcessor:
             return
         self._finished = True
         aborted = not self._complete
+        if self._flight is not None:
+            FLIGHTS.remove(self.request_id)
         try:
             if self._selected is not None:  # no verdict was reported: a probe goes back
                 self._runtime.keys.release(self._selected)
@@ -519,6 +617,7 @@ class RequestProcessor:
             completion_tokens=self.usage.output_tokens if self.usage else None,
             streamed_tokens=(self._stream.output_tokens_so_far
                              if self._stream is not None else None),
+            attempts=self._flight.records() if self._flight is not None else None,
             duration_ms=round(duration * 1000, 3),
         )
 
