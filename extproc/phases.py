@@ -351,8 +351,10 @@ class RequestProcessor:
         # Attempt 1's headers persist into this attempt (measured): another provider's
         # key header or dialect header must go.
         remove = {name for name in _PROVIDER_HEADERS if name not in ours}
+        # (x-envoy-* were removed at the router level; Envoy refuses to touch them here.)
         remove.update(name for name in unforwarded_request_headers(
-            self._client_headers, backend, provider.forward_headers) if name not in ours)
+            self._client_headers, backend, provider.forward_headers)
+            if name not in ours and not name.startswith("x-envoy-"))
         return PreparedAttempt(set_headers=set_headers, remove_headers=sorted(remove),
                                body=upstream.body, selected=selected)
 

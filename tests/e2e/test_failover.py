@@ -1,0 +1,223 @@
+"""Failover inside a residency zone, on a real Envoy with one emulator per provider x
+region (each accepting only its own key), faults switched through the control API.
+
+Zone eu: `oai-eu` (OpenAI, primary), `anth-eu` (Anthropic, fallback).
+Zone us: `oai-us` (OpenAI); it must never receive a byte from the eu tenant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from extproc.auth import hash_key
+from extproc.config import load_config
+from extproc.devstack import ManagedProcess, Stack, free_port
+from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
+from extproc.secrets import Secret
+from tests.conftest import PEPPER, Emulator, provider_fingerprint, write_config
+
+TENANT_KEY = "sk-canary-tenant-fo-" + secrets.token_hex(8)
+KEYS = {name: f"sk-canary-provider-{name}-" + secrets.token_hex(8)
+        for name in ("oai-eu", "anth-eu", "oai-us")}
+KINDS = {"oai-eu": "openai", "anth-eu": "anthropic", "oai-us": "openai"}
+ZONES = {"oai-eu": "eu", "anth-eu": "eu", "oai-us": "us"}
+MAX_ATTEMPTS = 3
+FIRST_BYTE_TIMEOUT_MS = 1500
+
+
+def _document(ports: dict[str, int]) -> dict[str, Any]:
+    pepper = Secret(PEPPER)
+    return {
+        "version": 1,
+        "auth": {"pepper": {"file": "pepper.txt"}},
+        "failover": {"max_attempts": MAX_ATTEMPTS,
+                     "first_byte_timeout_ms": FIRST_BYTE_TIMEOUT_MS,
+                     # Faults here are deliberate and many: keep every deployment in play.
+                     "outlier_consecutive_errors": 1000},
+        "credentials": {f"{name}-1": {"env": f"FO_KEY_{name.replace('-', '_').upper()}"}
+                        for name in KEYS},
+        "providers": {
+            name: {"kind": KINDS[name], "base_url": f"http://127.0.0.1:{ports[name]}",
+                   "region": f"{ZONES[name]}-{name}", "zone": ZONES[name],
+                   "cluster": name.replace("-", "_"), "credentials": [f"{name}-1"]}
+            for name in KEYS
+        },
+        "models": {"gpt-4o-mini": {
+            "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6},
+            # us first in config order: residency, not order, keeps eu traffic in eu.
+            "deployments": [{"provider": "oai-us", "model": "gpt-4o-mini-us"},
+                            {"provider": "oai-eu", "model": "gpt-4o-mini-eu"},
+                            {"provider": "anth-eu", "model": "claude-haiku-eu"}],
+        }},
+        "tenants": {"acme": {"zone": "eu",
+                             "keys": [{"id": "acme-fo", "hash": hash_key(pepper, TENANT_KEY)}],
+                             "models": ["gpt-4o-mini"]}},
+    }
+
+
+@dataclass
+class FailoverStack:
+    stack: Stack
+    emulators: dict[str, Emulator]
+    extproc: ManagedProcess
+    listen_port: int
+    client: httpx.Client
+
+    def clear(self) -> None:
+        for emulator in self.emulators.values():
+            emulator.clear()
+
+    def chat(self, path: str = "/v1/chat/completions", **extra: Any) -> httpx.Response:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}],
+                **extra}
+        if path == "/v1/messages":
+            body.setdefault("max_tokens", 64)
+        return self.client.post(path, json=body,
+                                headers={"authorization": f"Bearer {TENANT_KEY}"})
+
+    def finished(self, request_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for line in self.extproc.log_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if (isinstance(event, dict) and event.get("msg") == "request finished"
+                            and event.get("request_id") == request_id):
+                        return event
+            time.sleep(0.05)
+        raise AssertionError(f"no record for {request_id}")
+
+
+@pytest.fixture(scope="module")
+def fo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverStack]:
+    workdir = tmp_path_factory.mktemp("failover")
+    with Stack(workdir) as stack:
+        emulators: dict[str, Emulator] = {}
+        for name, key in KEYS.items():
+            process, port = stack.start_emulator([key])
+            emulators[name] = Emulator(port, process)
+        config_path: Path = write_config(workdir / "config",
+                                         _document({n: e.port for n, e in emulators.items()}))
+        env = dict(stack.env, **{f"FO_KEY_{n.replace('-', '_').upper()}": k
+                                 for n, k in KEYS.items()})
+        extproc, extproc_port, _ = stack.start_extproc(config_path, env=env)
+        listen_port, admin_socket = free_port(), stack.admin_socket()
+        ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
+                           extproc_port=extproc_port)
+        bootstrap = render_bootstrap(load_config(config_path), ports)
+        stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
+                          listen_port=listen_port, admin_socket=admin_socket)
+        with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=30) as client:
+            yield FailoverStack(stack, emulators, extproc, listen_port, client)
+
+
+@pytest.fixture
+def clean(fo: FailoverStack) -> FailoverStack:
+    fo.clear()
+    return fo
+
+
+def _auth_of(record: dict[str, Any]) -> str:
+    headers = record["headers"]
+    return str(headers.get("authorization") or headers.get("x-api-key") or "")
+
+
+def _assert_own_keys(fo: FailoverStack) -> None:
+    """Each provider saw only its own key, and only its own key header."""
+    for name, emulator in fo.emulators.items():
+        for record in emulator.requests():
+            fingerprint = provider_fingerprint(KEYS[name])
+            if KINDS[name] == "anthropic":
+                assert record["headers"]["x-api-key"] == fingerprint
+                assert "authorization" not in record["headers"]
+            else:
+                assert record["headers"]["authorization"] == f"Bearer {fingerprint}"
+                assert "x-api-key" not in record["headers"]
+
+
+@pytest.mark.parametrize("fault", [{"status": 503}, {"reset": True},
+                                   {"delay_ms": 4 * FIRST_BYTE_TIMEOUT_MS}],
+                         ids=["503", "reset", "stall"])
+def test_primary_fails_request_succeeds_on_anthropic_fallback(
+        clean: FailoverStack, fault: dict[str, Any]) -> None:
+    clean.emulators["oai-eu"].queue_fault(**fault)
+    response = clean.chat()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"  # the client's own dialect
+    assert response.headers["x-asc-provider"] == "anth-eu"
+    assert response.headers["x-asc-region"] == "eu-anth-eu"
+    (anthropic_call,) = clean.emulators["anth-eu"].requests()
+    assert anthropic_call["path"] == "/v1/messages"
+    sent = json.loads(anthropic_call["body"])
+    assert sent["model"] == "claude-haiku-eu"
+    assert "anthropic-version" in anthropic_call["headers"]
+    assert len(clean.emulators["oai-eu"].requests()) == 1
+    assert clean.emulators["oai-us"].requests() == []
+    _assert_own_keys(clean)
+    record = clean.finished(response.headers["x-asc-request-id"])
+    attempts = record["attempts"]
+    assert [(a["attempt"], a["provider"], a["region"]) for a in attempts] == [
+        (1, "oai-eu", "eu-oai-eu"), (2, "anth-eu", "eu-anth-eu")]
+    expected_left = {"503": "status 503", "reset": "reset", "stall": "timeout"}
+    assert attempts[0]["left"] == expected_left[
+        "503" if "status" in fault else "reset" if "reset" in fault else "stall"]
+    assert attempts[1]["status"] == 200 and attempts[1]["left"] is None
+    assert all(isinstance(a["latency_ms"], float) for a in attempts)
+    assert record["provider"] == "anth-eu" and record["status"] == 200
+
+
+def test_streamed_fallback_speaks_the_clients_dialect(clean: FailoverStack) -> None:
+    clean.emulators["oai-eu"].queue_fault(status=529)
+    with clean.client.stream("POST", "/v1/chat/completions", json={
+            "model": "gpt-4o-mini", "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}]},
+            headers={"authorization": f"Bearer {TENANT_KEY}"}) as response:
+        text = response.read().decode()
+    assert response.status_code == 200
+    assert response.headers["x-asc-provider"] == "anth-eu"
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[0])["object"] == "chat.completion.chunk"
+    (call,) = clean.emulators["anth-eu"].requests()
+    assert json.loads(call["body"])["stream"] is True
+    _assert_own_keys(clean)
+
+
+def test_every_eu_deployment_down_gives_503_json_and_us_gets_nothing(
+        clean: FailoverStack) -> None:
+    clean.emulators["oai-eu"].queue_fault(status=503, count=10)
+    clean.emulators["anth-eu"].queue_fault(status=503, count=10)
+    response = clean.chat()
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["message"] == (
+        "Every deployment of model 'gpt-4o-mini' in residency zone 'eu' failed "
+        f"({MAX_ATTEMPTS} attempts); no deployment outside the zone was tried.")
+    assert clean.emulators["oai-us"].requests() == []
+    calls = len(clean.emulators["oai-eu"].requests()) + len(
+        clean.emulators["anth-eu"].requests())
+    assert calls == MAX_ATTEMPTS  # bounded: no retry storm
+    record = clean.finished(response.headers["x-asc-request-id"])
+    assert len(record["attempts"]) == MAX_ATTEMPTS
+    assert {a["provider"] for a in record["attempts"]} == {"oai-eu", "anth-eu"}
+
+
+def test_anthropic_front_door_gets_its_dialect_back(clean: FailoverStack) -> None:
+    clean.emulators["oai-eu"].queue_fault(status=500)
+    response = clean.chat("/v1/messages")
+    assert response.status_code == 200, response.text
+    assert response.json()["type"] == "message"
+    assert response.headers["x-asc-provider"] == "anth-eu"
+    _assert_own_keys(clean)
