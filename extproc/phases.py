@@ -89,6 +89,22 @@ _PROVIDER_HEADERS: Final = frozenset({
 _ACTIVE_BUCKET: Final = 100
 """A canary bucket no canary percentage reaches: the active key version."""
 
+_STREAM_TAIL_BYTES: Final = 256
+_STREAM_ENDS: Final[dict[Dialect, tuple[bytes, ...]]] = {
+    Dialect.OPENAI: (b"data: [DONE]", b'"error"'),
+    Dialect.ANTHROPIC: (b"message_stop", b"event: error"),
+}
+"""What the end of a complete (or already failed) stream contains, per client dialect."""
+_STREAM_CUT_MESSAGE: Final = ("The provider ended the stream before it was complete; "
+                              "the answer is cut short.")
+_STREAM_CUT_EVENT: Final[dict[Dialect, bytes]] = {
+    Dialect.OPENAI: b"data: " + json.dumps({"error": {
+        "message": _STREAM_CUT_MESSAGE, "type": "server_error", "param": None,
+        "code": "stream_interrupted"}}).encode() + b"\n\n",
+    Dialect.ANTHROPIC: b"event: error\ndata: " + json.dumps({"type": "error", "error": {
+        "type": "api_error", "message": _STREAM_CUT_MESSAGE}}).encode() + b"\n\n",
+}
+
 _PROVIDER_ERROR_CODES: Final = {
     400: ErrorCode.INVALID_REQUEST,
     404: ErrorCode.NOT_FOUND,
@@ -133,6 +149,10 @@ class RequestProcessor:
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
         self._flight: Flight | None = None
+        self._stream_tail = b""
+        self.stream_truncated = False
+        """The provider ended a stream without its terminal event; the client got an
+        error event instead of a silent cut."""
         self._request: dict[str, Any] = {}
         self._output_limit: OutputLimit | None = None
         self._response_chunks: list[bytes] = []
@@ -459,6 +479,15 @@ class RequestProcessor:
             if message.end_of_stream:
                 out += self._stream.flush()
                 self.usage = self._stream.usage
+                self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
+                if not any(end in self._stream_tail for end in _STREAM_ENDS[self.dialect]):
+                    # The provider ended the stream early and cleanly: never let that pass
+                    # as a complete answer (a 200 with a silently cut text).
+                    self.stream_truncated = True
+                    out += _STREAM_CUT_EVENT[self.dialect]
+                return Continue(body=out)
+            if out:
+                self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
             return Continue() if out == message.body else Continue(body=out)
         self._response_chunks.append(message.body)
         if not message.end_of_stream:
@@ -620,6 +649,7 @@ class RequestProcessor:
             streamed_tokens=(self._stream.output_tokens_so_far
                              if self._stream is not None else None),
             attempts=self._flight.records() if self._flight is not None else None,
+            stream_truncated=self.stream_truncated or None,
             duration_ms=round(duration * 1000, 3),
         )
 

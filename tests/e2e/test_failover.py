@@ -221,3 +221,60 @@ def test_anthropic_front_door_gets_its_dialect_back(clean: FailoverStack) -> Non
     assert response.json()["type"] == "message"
     assert response.headers["x-asc-provider"] == "anth-eu"
     _assert_own_keys(clean)
+
+
+def _stream(fo: FailoverStack, path: str) -> tuple[httpx.Response, str, Exception | None]:
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "stream": True,
+                            "messages": [{"role": "user", "content": "Hi"}]}
+    if path == "/v1/messages":
+        body["max_tokens"] = 64
+    chunks: list[bytes] = []
+    failure: Exception | None = None
+    with fo.client.stream("POST", path, json=body,
+                          headers={"authorization": f"Bearer {TENANT_KEY}"}) as response:
+        try:
+            chunks.extend(response.iter_bytes())
+        except httpx.HTTPError as exc:
+            failure = exc
+    return response, b"".join(chunks).decode(), failure
+
+
+def test_stream_reset_after_first_byte_is_not_a_silent_200(clean: FailoverStack) -> None:
+    """After the first byte no failover is possible. A provider reset mid-stream: Envoy
+    resets the client's stream (measured: HTTP/1.1 ends without its last chunk), so the
+    client sees a transport error, never a complete 200; the record is charged what was
+    streamed (prompt estimate + deltas seen)."""
+    clean.emulators["oai-eu"].queue_fault(reset_after_chunks=2)
+    response, text, failure = _stream(clean, "/v1/chat/completions")
+    assert response.status_code == 200
+    assert isinstance(failure, httpx.RemoteProtocolError)
+    assert "[DONE]" not in text
+    assert clean.emulators["anth-eu"].requests() == []
+    record = clean.finished(response.headers["x-asc-request-id"])
+    assert record["aborted"] is True
+    assert record["streamed_tokens"] == 1
+    assert len(record["attempts"]) == 1
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/v1/chat/completions",
+     'data: {"error": {"message": "The provider ended the stream before it was complete; '
+     'the answer is cut short.", "type": "server_error", "param": null, '
+     '"code": "stream_interrupted"}}\n\n'),
+    ("/v1/messages",
+     'event: error\ndata: {"type": "error", "error": {"type": "api_error", "message": '
+     '"The provider ended the stream before it was complete; the answer is cut short."}}'
+     '\n\n'),
+], ids=["openai", "anthropic"])
+def test_stream_ended_early_gets_an_error_event(clean: FailoverStack, path: str,
+                                                expected: str) -> None:
+    """A provider that ends its stream cleanly but early (no [DONE] / message_stop) must
+    not look like a complete answer: the client gets an error event in its dialect."""
+    clean.emulators["oai-eu"].queue_fault(end_after_chunks=2)
+    response, text, failure = _stream(clean, path)
+    assert response.status_code == 200
+    assert failure is None
+    assert text.endswith(expected), text
+    record = clean.finished(response.headers["x-asc-request-id"])
+    assert record["stream_truncated"] is True
+    assert record["streamed_tokens"] == 1
