@@ -373,11 +373,14 @@ def _outlier_detection(settings: FailoverSettings) -> dict[str, Any]:
 def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
     """Envoy retries a 5xx, 429, 529, 401/403 (a canary key version; the retry carries
     the active one), a reset, a refused connection and a silent attempt, each on the next
-    priority level (the next deployment of the zone)."""
+    priority level (the next deployment of the zone). How many retries a request gets is
+    the service's per-request `x-envoy-max-retries` (docs/failover.md)."""
     return {
         "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
         "retriable_status_codes": [429, 529, 401, 403],
-        "num_retries": settings.max_attempts - 1,
+        # The service sets x-envoy-max-retries on every request it routes (the zone's
+        # other deployments, bounded by failover.max_attempts); without it, no retry.
+        "num_retries": 0,
         "per_try_idle_timeout": f"{settings.first_byte_timeout_ms / 1000:g}s",
         # The next attempt goes to another deployment: waiting helps nobody.
         "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.02s"},

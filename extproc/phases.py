@@ -89,6 +89,9 @@ _PROVIDER_HEADERS: Final = frozenset({
 _ACTIVE_BUCKET: Final = 100
 """A canary bucket no canary percentage reaches: the active key version."""
 
+_MAX_RETRIES_HEADER: Final = "x-envoy-max-retries"
+"""Overrides the route's num_retries per request (set on every routed request, so a
+client's own value, removed with the other x-envoy-* headers, can never count)."""
 _STREAM_TAIL_BYTES: Final = 256
 _STREAM_ENDS: Final[dict[Dialect, tuple[bytes, ...]]] = {
     Dialect.OPENAI: (b"data: [DONE]", b'"error"'),
@@ -299,11 +302,12 @@ class RequestProcessor:
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + output_tokens)
-        cluster = route.provider.cluster
-        if self._config.failover.max_attempts > 1:
+        cluster, retries = route.provider.cluster, self._retries()
+        if retries > 0:
             cluster = self._start_flight(request, output_limit)
         set_headers = [
             (CLUSTER_HEADER, cluster),
+            (_MAX_RETRIES_HEADER, str(retries)),
             (":path", route.provider.path_prefix + upstream.path),
             *upstream.headers,
             *auth,
@@ -322,6 +326,23 @@ class RequestProcessor:
             clear_route_cache=True,
             metadata=self._metadata(),
         )
+
+    def _retries(self) -> int:
+        """Retries Envoy may make for this request: one per other deployment of the zone
+        (each deployment is tried at most once, so a 429's retry-after is never ignored
+        by retrying it), one at least when the key is a canary version (the retry carries
+        the active version), never more than `failover.max_attempts` allows."""
+        route = self.route
+        assert route is not None
+        settings = self._config.failover
+        if settings.max_attempts <= 1:
+            return 0
+        retries = len(zone_deployments(self._config, route.model, route.deployment)) - 1
+        keyring = self._runtime.keys.keyring
+        if (self._selected is not None and keyring is not None
+                and keyring.is_canary(self._selected.credential, self._selected.scope)):
+            retries = max(retries, 1)
+        return min(retries, settings.max_attempts - 1)
 
     def _start_flight(self, request: dict[str, Any], output_limit: OutputLimit) -> str:
         """Register the request for the per-attempt processor; the failover cluster."""

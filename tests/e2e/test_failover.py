@@ -1,7 +1,8 @@
 """Failover inside a residency zone, on a real Envoy with one emulator per provider x
 region (each accepting only its own key), faults switched through the control API.
 
-Zone eu: `oai-eu` (OpenAI, primary), `anth-eu` (Anthropic, fallback).
+Zone eu: `oai-eu` (OpenAI, primary), `anth-eu` (Anthropic, fallback), `oai-eu2` (third,
+beyond `failover.max_attempts`).
 Zone us: `oai-us` (OpenAI); it must never receive a byte from the eu tenant.
 """
 
@@ -29,11 +30,13 @@ from tests.conftest import PEPPER, Emulator, provider_fingerprint, write_config
 
 TENANT_KEY = "sk-canary-tenant-fo-" + secrets.token_hex(8)
 KEYS = {name: f"sk-canary-provider-{name}-" + secrets.token_hex(8)
-        for name in ("oai-eu", "anth-eu", "oai-us")}
-KINDS = {"oai-eu": "openai", "anth-eu": "anthropic", "oai-us": "openai"}
-ZONES = {"oai-eu": "eu", "anth-eu": "eu", "oai-us": "us"}
-MAX_ATTEMPTS = 3
+        for name in ("oai-eu", "anth-eu", "oai-eu2", "oai-us")}
+KINDS = {"oai-eu": "openai", "anth-eu": "anthropic", "oai-eu2": "openai", "oai-us": "openai"}
+ZONES = {"oai-eu": "eu", "anth-eu": "eu", "oai-eu2": "eu", "oai-us": "us"}
+MAX_ATTEMPTS = 2
+"""Fewer than the three eu deployments: the bound, not the zone's size, ends a request."""
 FIRST_BYTE_TIMEOUT_MS = 1500
+STREAM_PACE_MS = 300
 
 
 def _document(ports: dict[str, int]) -> dict[str, Any]:
@@ -58,7 +61,8 @@ def _document(ports: dict[str, int]) -> dict[str, Any]:
             # us first in config order: residency, not order, keeps eu traffic in eu.
             "deployments": [{"provider": "oai-us", "model": "gpt-4o-mini-us"},
                             {"provider": "oai-eu", "model": "gpt-4o-mini-eu"},
-                            {"provider": "anth-eu", "model": "claude-haiku-eu"}],
+                            {"provider": "anth-eu", "model": "claude-haiku-eu"},
+                            {"provider": "oai-eu2", "model": "gpt-4o-mini-eu2"}],
         }},
         "tenants": {"acme": {"zone": "eu",
                              "keys": [{"id": "acme-fo", "hash": hash_key(pepper, TENANT_KEY)}],
@@ -105,7 +109,10 @@ def fo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverStack]:
     with Stack(workdir) as stack:
         emulators: dict[str, Emulator] = {}
         for name, key in KEYS.items():
-            process, port = stack.start_emulator([key])
+            # oai-eu paces its stream, so that its first chunk surely reaches the client
+            # before a mid-stream fault strikes.
+            extra = ("--chunk-delay-ms", str(STREAM_PACE_MS)) if name == "oai-eu" else ()
+            process, port = stack.start_emulator([key], extra_args=extra)
             emulators[name] = Emulator(port, process)
         config_path: Path = write_config(workdir / "config",
                                          _document({n: e.port for n, e in emulators.items()}))
@@ -165,6 +172,7 @@ def test_primary_fails_request_succeeds_on_anthropic_fallback(
     assert "anthropic-version" in anthropic_call["headers"]
     assert len(clean.emulators["oai-eu"].requests()) == 1
     assert clean.emulators["oai-us"].requests() == []
+    assert clean.emulators["oai-eu2"].requests() == []
     _assert_own_keys(clean)
     record = clean.finished(response.headers["x-asc-request-id"])
     attempts = record["attempts"]
@@ -197,8 +205,8 @@ def test_streamed_fallback_speaks_the_clients_dialect(clean: FailoverStack) -> N
 
 def test_every_eu_deployment_down_gives_503_json_and_us_gets_nothing(
         clean: FailoverStack) -> None:
-    clean.emulators["oai-eu"].queue_fault(status=503, count=10)
-    clean.emulators["anth-eu"].queue_fault(status=503, count=10)
+    for name in ("oai-eu", "anth-eu", "oai-eu2"):
+        clean.emulators[name].queue_fault(status=503, count=10)
     response = clean.chat()
     assert response.status_code == 503
     error = response.json()["error"]
@@ -206,9 +214,9 @@ def test_every_eu_deployment_down_gives_503_json_and_us_gets_nothing(
         "Every deployment of model 'gpt-4o-mini' in residency zone 'eu' failed "
         f"({MAX_ATTEMPTS} attempts); no deployment outside the zone was tried.")
     assert clean.emulators["oai-us"].requests() == []
-    calls = len(clean.emulators["oai-eu"].requests()) + len(
-        clean.emulators["anth-eu"].requests())
-    assert calls == MAX_ATTEMPTS  # bounded: no retry storm
+    assert len(clean.emulators["oai-eu"].requests()) == 1
+    assert len(clean.emulators["anth-eu"].requests()) == 1
+    assert clean.emulators["oai-eu2"].requests() == []  # bounded: no retry storm
     record = clean.finished(response.headers["x-asc-request-id"])
     assert len(record["attempts"]) == MAX_ATTEMPTS
     assert {a["provider"] for a in record["attempts"]} == {"oai-eu", "anth-eu"}
@@ -240,14 +248,17 @@ def _stream(fo: FailoverStack, path: str) -> tuple[httpx.Response, str, Exceptio
 
 
 def test_stream_reset_after_first_byte_is_not_a_silent_200(clean: FailoverStack) -> None:
-    """After the first byte no failover is possible. A provider reset mid-stream: Envoy
+    """After the first byte no failover is possible. (Before it, a reset is retried even
+    after the provider's headers: measured, Envoy fails over while the router-level
+    ext_proc still holds the first chunk.) A provider reset mid-stream: Envoy
     resets the client's stream (measured: HTTP/1.1 ends without its last chunk), so the
     client sees a transport error, never a complete 200; the record is charged what was
     streamed (prompt estimate + deltas seen)."""
     clean.emulators["oai-eu"].queue_fault(reset_after_chunks=2)
     response, text, failure = _stream(clean, "/v1/chat/completions")
     assert response.status_code == 200
-    assert isinstance(failure, httpx.RemoteProtocolError)
+    assert text.startswith('data: {"id":"chatcmpl-emu-')  # the first chunk got through
+    assert isinstance(failure, httpx.RemoteProtocolError), (text, failure)
     assert "[DONE]" not in text
     assert clean.emulators["anth-eu"].requests() == []
     record = clean.finished(response.headers["x-asc-request-id"])
