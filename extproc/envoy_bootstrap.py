@@ -45,7 +45,7 @@ from google.protobuf import json_format  # type: ignore[import-untyped]
 
 from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import METADATA_NAMESPACE, STAGE_HEADER, STAGE_UPSTREAM
-from extproc.failover import failover_cluster, zone_deployments
+from extproc.failover import failover_cluster, has_failover_cluster, zone_deployments
 from extproc.phases import CLUSTER_HEADER
 
 __all__ = [
@@ -420,12 +420,14 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
     }
     failover_clusters: list[dict[str, Any]] = []
     if config.failover.max_attempts > 1:
-        route_action["retry_policy"] = _retry_policy(config.failover)
         failover_clusters = [
             _failover_cluster(config, model_name, index, ports)
             for model_name, model in config.models.items()
-            for index in range(len(model.deployments))
+            for index, deployment in enumerate(model.deployments)
+            if has_failover_cluster(config, model, deployment)
         ]
+    if failover_clusters:
+        route_action["retry_policy"] = _retry_policy(config.failover)
     route = {
         "match": {"prefix": "/"},
         "request_headers_to_remove": [CLUSTER_HEADER],

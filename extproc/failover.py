@@ -28,6 +28,7 @@ __all__ = [
     "Flights",
     "PreparedAttempt",
     "failover_cluster",
+    "has_failover_cluster",
     "zone_deployments",
 ]
 
@@ -52,6 +53,19 @@ def zone_deployments(config: GatewayConfig, model: Model,
     rest = tuple((d, config.providers[d.provider]) for d in model.deployments
                  if d is not first and config.providers[d.provider].zone == zone)
     return ((first, config.providers[first.provider]), *rest)
+
+
+def has_failover_cluster(config: GatewayConfig, model: Model, deployment: Deployment) -> bool:
+    """A request to this deployment can be retried: its zone has another deployment of
+    the model, or its key may be a canary version (keyring credentials, a tenant's own
+    keys), whose refusal is retried once on the active version. Other requests keep the
+    plain provider cluster and cost no per-attempt ext_proc stream."""
+    if len(zone_deployments(config, model, deployment)) > 1:
+        return True
+    provider = config.providers[deployment.provider]
+    return (any(config.credentials[c].keyring for c in provider.credentials
+                if c in config.credentials)
+            or any(provider.name in t.own_credentials for t in config.tenants.values()))
 
 
 @dataclass(slots=True)

@@ -26,7 +26,14 @@ from extproc.config import Deployment, Price, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
-from extproc.failover import FLIGHTS, Flight, PreparedAttempt, failover_cluster, zone_deployments
+from extproc.failover import (
+    FLIGHTS,
+    Flight,
+    PreparedAttempt,
+    failover_cluster,
+    has_failover_cluster,
+    zone_deployments,
+)
 from extproc.logs import log_event
 from extproc.messages import (
     Body,
@@ -90,8 +97,8 @@ _ACTIVE_BUCKET: Final = 100
 """A canary bucket no canary percentage reaches: the active key version."""
 
 _MAX_RETRIES_HEADER: Final = "x-envoy-max-retries"
-"""Overrides the route's num_retries per request (set on every routed request, so a
-client's own value, removed with the other x-envoy-* headers, can never count)."""
+"""Overrides the route's num_retries (0) for a request that may fail over; a client's own
+value is removed with the other x-envoy-* headers (0040), so it never counts."""
 _STREAM_TAIL_BYTES: Final = 256
 _STREAM_ENDS: Final[dict[Dialect, tuple[bytes, ...]]] = {
     Dialect.OPENAI: (b"data: [DONE]", b'"error"'),
@@ -303,11 +310,13 @@ class RequestProcessor:
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + output_tokens)
         cluster, retries = route.provider.cluster, self._retries()
+        failover: list[tuple[str, str]] = []
         if retries > 0:
             cluster = self._start_flight(request, output_limit)
+            failover = [(_MAX_RETRIES_HEADER, str(retries))]
         set_headers = [
             (CLUSTER_HEADER, cluster),
-            (_MAX_RETRIES_HEADER, str(retries)),
+            *failover,
             (":path", route.provider.path_prefix + upstream.path),
             *upstream.headers,
             *auth,
@@ -335,7 +344,8 @@ class RequestProcessor:
         route = self.route
         assert route is not None
         settings = self._config.failover
-        if settings.max_attempts <= 1:
+        if settings.max_attempts <= 1 or not has_failover_cluster(
+                self._config, route.model, route.deployment):
             return 0
         retries = len(zone_deployments(self._config, route.model, route.deployment)) - 1
         keyring = self._runtime.keys.keyring
@@ -501,12 +511,13 @@ class RequestProcessor:
                 out += self._stream.flush()
                 self.usage = self._stream.usage
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
-                if not any(end in self._stream_tail for end in _STREAM_ENDS[self.dialect]):
-                    # The provider ended the stream early and cleanly: never let that pass
-                    # as a complete answer (a 200 with a silently cut text).
+                if self.usage is None and not any(
+                        end in self._stream_tail for end in _STREAM_ENDS[self.dialect]):
+                    # The provider ended the stream early and cleanly (no final usage, no
+                    # terminal event): never let that pass as a complete answer.
                     self.stream_truncated = True
                     out += _STREAM_CUT_EVENT[self.dialect]
-                return Continue(body=out)
+                return Continue() if out == message.body else Continue(body=out)
             if out:
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
             return Continue() if out == message.body else Continue(body=out)

@@ -181,9 +181,11 @@ def test_primary_fails_request_succeeds_on_anthropic_fallback(
     expected_left = {"503": "status 503", "reset": "reset", "stall": "timeout"}
     assert attempts[0]["left"] == expected_left[
         "503" if "status" in fault else "reset" if "reset" in fault else "stall"]
-    assert attempts[1]["status"] == 200 and attempts[1]["left"] is None
+    assert attempts[1]["status"] == 200
+    assert attempts[1]["left"] is None
     assert all(isinstance(a["latency_ms"], float) for a in attempts)
-    assert record["provider"] == "anth-eu" and record["status"] == 200
+    assert record["provider"] == "anth-eu"
+    assert record["status"] == 200
 
 
 def test_streamed_fallback_speaks_the_clients_dialect(clean: FailoverStack) -> None:
