@@ -13,6 +13,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,30 +104,36 @@ class FailoverStack:
         raise AssertionError(f"no record for {request_id}")
 
 
+def _start(stack: Stack, workdir: Path, *, workers: int = 1) -> FailoverStack:
+    emulators: dict[str, Emulator] = {}
+    for name, key in KEYS.items():
+        # oai-eu paces its stream, so that its first chunk surely reaches the client
+        # before a mid-stream fault strikes.
+        extra = ("--chunk-delay-ms", str(STREAM_PACE_MS)) if name == "oai-eu" else ()
+        process, port = stack.start_emulator([key], extra_args=extra)
+        emulators[name] = Emulator(port, process)
+    config_path: Path = write_config(workdir / "config",
+                                     _document({n: e.port for n, e in emulators.items()}))
+    env = dict(stack.env, **{f"FO_KEY_{n.replace('-', '_').upper()}": k
+                             for n, k in KEYS.items()})
+    extproc, extproc_port, _ = stack.start_extproc(config_path, env=env, workers=workers)
+    listen_port, admin_socket = free_port(), stack.admin_socket()
+    ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
+                       extproc_port=extproc_port)
+    bootstrap = render_bootstrap(load_config(config_path), ports)
+    stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
+                      listen_port=listen_port, admin_socket=admin_socket)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=30)
+    return FailoverStack(stack, emulators, extproc, listen_port, client)
+
+
 @pytest.fixture(scope="module")
 def fo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverStack]:
     workdir = tmp_path_factory.mktemp("failover")
     with Stack(workdir) as stack:
-        emulators: dict[str, Emulator] = {}
-        for name, key in KEYS.items():
-            # oai-eu paces its stream, so that its first chunk surely reaches the client
-            # before a mid-stream fault strikes.
-            extra = ("--chunk-delay-ms", str(STREAM_PACE_MS)) if name == "oai-eu" else ()
-            process, port = stack.start_emulator([key], extra_args=extra)
-            emulators[name] = Emulator(port, process)
-        config_path: Path = write_config(workdir / "config",
-                                         _document({n: e.port for n, e in emulators.items()}))
-        env = dict(stack.env, **{f"FO_KEY_{n.replace('-', '_').upper()}": k
-                                 for n, k in KEYS.items()})
-        extproc, extproc_port, _ = stack.start_extproc(config_path, env=env)
-        listen_port, admin_socket = free_port(), stack.admin_socket()
-        ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
-                           extproc_port=extproc_port)
-        bootstrap = render_bootstrap(load_config(config_path), ports)
-        stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
-                          listen_port=listen_port, admin_socket=admin_socket)
-        with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=30) as client:
-            yield FailoverStack(stack, emulators, extproc, listen_port, client)
+        started = _start(stack, workdir)
+        with started.client:
+            yield started
 
 
 @pytest.fixture
@@ -291,3 +298,29 @@ def test_stream_ended_early_gets_an_error_event(clean: FailoverStack, path: str,
     record = clean.finished(response.headers["x-asc-request-id"])
     assert record["stream_truncated"] is True
     assert record["streamed_tokens"] == 1
+
+
+def test_failover_with_two_extproc_workers(tmp_path: Path) -> None:
+    """Both ext_proc streams of a request (router level and per attempt) reach the same
+    worker process: Envoy sends them over its one connection per worker thread to the
+    extproc cluster. Measured with 2 Envoy threads and 2 extproc workers."""
+    with Stack(tmp_path / "stack") as stack:
+        two = _start(stack, tmp_path, workers=2)
+        with two.client:
+            two.emulators["oai-eu"].queue_fault(status=503, count=40)
+
+            def one_client(_: int) -> list[tuple[int, str | None]]:
+                answers = []
+                for _ in range(10):  # a new connection each time: both Envoy threads
+                    with httpx.Client(base_url=two.client.base_url, timeout=30) as client:
+                        response = client.post(
+                            "/v1/chat/completions",
+                            json={"model": "gpt-4o-mini",
+                                  "messages": [{"role": "user", "content": "Hi"}]},
+                            headers={"authorization": f"Bearer {TENANT_KEY}"})
+                    answers.append((response.status_code, response.headers.get("x-asc-provider")))
+                return answers
+
+            with ThreadPoolExecutor(4) as pool:
+                answers = [a for batch in pool.map(one_client, range(4)) for a in batch]
+    assert answers == [(200, "anth-eu")] * 40
