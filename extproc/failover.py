@@ -62,10 +62,26 @@ def has_failover_cluster(config: GatewayConfig, model: Model, deployment: Deploy
     plain provider cluster and cost no per-attempt ext_proc stream."""
     if len(zone_deployments(config, model, deployment)) > 1:
         return True
-    provider = config.providers[deployment.provider]
-    return (any(config.credentials[c].keyring for c in provider.credentials
-                if c in config.credentials)
-            or any(provider.name in t.own_credentials for t in config.tenants.values()))
+    return deployment.provider in _canary_capable(config)
+
+
+_CANARY_CAPABLE: dict[int, tuple[GatewayConfig, frozenset[str]]] = {}
+
+
+def _canary_capable(config: GatewayConfig) -> frozenset[str]:
+    """Providers whose keys may be canary versions (keyring or BYOK), per config: computed
+    once per loaded config, not per request (it looks at every tenant)."""
+    cached = _CANARY_CAPABLE.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    names = frozenset(
+        name for name, provider in config.providers.items()
+        if any(config.credentials[c].keyring for c in provider.credentials
+               if c in config.credentials)
+        or any(name in t.own_credentials for t in config.tenants.values()))
+    _CANARY_CAPABLE.clear()  # one config is current; keep no old ones alive
+    _CANARY_CAPABLE[id(config)] = (config, names)
+    return names
 
 
 @dataclass(slots=True)

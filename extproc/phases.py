@@ -468,18 +468,20 @@ class RequestProcessor:
         return reply
 
     def _follow_failover(self) -> None:
-        """The answer came from a later attempt: read it as that deployment's answer."""
+        """The answer came from another deployment (a later attempt, or attempt 1 when
+        Envoy's outlier detection had ejected the chosen one): read it as that
+        deployment's answer."""
         flight = self._flight
         assert flight is not None
         assert self.route is not None
         answered = flight.answered
-        if answered is None or (answered.number == 1 and len(flight.attempts) == 1):
+        if answered is None or answered.provider == self.route.provider.name:
             return
         for deployment, provider in flight.deployments:
             if provider.name == answered.provider:
                 self.route = Route(model=self.route.model, deployment=deployment,
                                    provider=provider,
-                                   reason=f"{self.route.reason}; failover to {provider.name} "
+                                   reason=f"{self.route.reason}; served by {provider.name} "
                                           f"(attempt {answered.number})")
                 self._translator = translator_for(self.dialect, Backend(provider.kind))
                 break

@@ -40,15 +40,17 @@ FIRST_BYTE_TIMEOUT_MS = 1500
 STREAM_PACE_MS = 300
 
 
-def _document(ports: dict[str, int]) -> dict[str, Any]:
+def _document(ports: dict[str, int], *, outlier_errors: int = 1000) -> dict[str, Any]:
     pepper = Secret(PEPPER)
     return {
         "version": 1,
         "auth": {"pepper": {"file": "pepper.txt"}},
         "failover": {"max_attempts": MAX_ATTEMPTS,
                      "first_byte_timeout_ms": FIRST_BYTE_TIMEOUT_MS,
-                     # Faults here are deliberate and many: keep every deployment in play.
-                     "outlier_consecutive_errors": 1000},
+                     # Faults here are deliberate and many: keep every deployment in play
+                     # (unless a test is about ejection).
+                     "outlier_consecutive_errors": outlier_errors,
+                     "outlier_ejection_s": 1},
         "credentials": {f"{name}-1": {"env": f"FO_KEY_{name.replace('-', '_').upper()}"}
                         for name in KEYS},
         "providers": {
@@ -104,7 +106,8 @@ class FailoverStack:
         raise AssertionError(f"no record for {request_id}")
 
 
-def _start(stack: Stack, workdir: Path, *, workers: int = 1) -> FailoverStack:
+def _start(stack: Stack, workdir: Path, *, workers: int = 1,
+           outlier_errors: int = 1000) -> FailoverStack:
     emulators: dict[str, Emulator] = {}
     for name, key in KEYS.items():
         # oai-eu paces its stream, so that its first chunk surely reaches the client
@@ -113,7 +116,8 @@ def _start(stack: Stack, workdir: Path, *, workers: int = 1) -> FailoverStack:
         process, port = stack.start_emulator([key], extra_args=extra)
         emulators[name] = Emulator(port, process)
     config_path: Path = write_config(workdir / "config",
-                                     _document({n: e.port for n, e in emulators.items()}))
+                                     _document({n: e.port for n, e in emulators.items()},
+                                               outlier_errors=outlier_errors))
     env = dict(stack.env, **{f"FO_KEY_{n.replace('-', '_').upper()}": k
                              for n, k in KEYS.items()})
     extproc, extproc_port, _ = stack.start_extproc(config_path, env=env, workers=workers)
@@ -324,3 +328,28 @@ def test_failover_with_two_extproc_workers(tmp_path: Path) -> None:
             with ThreadPoolExecutor(4) as pool:
                 answers = [a for batch in pool.map(one_client, range(4)) for a in batch]
     assert answers == [(200, "anth-eu")] * 40
+
+
+def test_ejected_primary_traffic_goes_to_the_fallback_and_comes_back(tmp_path: Path) -> None:
+    """Outlier detection ejects a failing deployment: attempt 1 then lands on the fallback
+    directly (no failed attempt first) and must be read as the fallback's answer (an
+    Anthropic body translated back, its name in the headers). Once the primary is healthy
+    and its ejection (1 s here) is over, it serves again."""
+    with Stack(tmp_path / "stack") as stack:
+        ejecting = _start(stack, tmp_path, outlier_errors=2)
+        with ejecting.client:
+            ejecting.emulators["oai-eu"].queue_fault(status=503, count=2)
+            for _ in range(2):
+                assert ejecting.chat().headers["x-asc-provider"] == "anth-eu"
+            ejected = ejecting.chat()
+            assert ejected.status_code == 200
+            assert ejected.json()["object"] == "chat.completion"
+            assert ejected.headers["x-asc-provider"] == "anth-eu"
+            record = ejecting.finished(ejected.headers["x-asc-request-id"])
+            assert [(a["attempt"], a["provider"], a["status"]) for a in record["attempts"]] \
+                == [(1, "anth-eu", 200)]
+            assert len(ejecting.emulators["oai-eu"].requests()) == 2
+            deadline = time.monotonic() + 15
+            while ejecting.chat().headers["x-asc-provider"] != "oai-eu":
+                assert time.monotonic() < deadline, "the primary never got traffic back"
+                time.sleep(0.1)
