@@ -353,3 +353,17 @@ def test_ejected_primary_traffic_goes_to_the_fallback_and_comes_back(tmp_path: P
             while ejecting.chat().headers["x-asc-provider"] != "oai-eu":
                 assert time.monotonic() < deadline, "the primary never got traffic back"
                 time.sleep(0.1)
+
+
+def test_rate_limited_everywhere_gives_the_client_the_retry_after(clean: FailoverStack) -> None:
+    """A 429 deployment is not retried within the request (each deployment once); when
+    every attempt was refused the client learns when to come back."""
+    clean.emulators["oai-eu"].queue_fault(status=429, retry_after=7)
+    clean.emulators["anth-eu"].queue_fault(status=429, retry_after=9)
+    response = clean.chat()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "9"  # the last attempt's
+    assert len(clean.emulators["oai-eu"].requests()) == 1
+    assert len(clean.emulators["anth-eu"].requests()) == 1
+    record = clean.finished(response.headers["x-asc-request-id"])
+    assert [a["left"] for a in record["attempts"]] == ["status 429", "status 429"]
