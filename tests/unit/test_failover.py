@@ -32,10 +32,18 @@ credentials:
   c-eu2: {{env: K}}
   c-solo: {ring}
 providers:
-  us:   {{kind: openai, base_url: "http://10.0.0.1:8000", region: us-1, zone: us, cluster: us, credentials: [c-us]}}
-  eu:   {{kind: openai, base_url: "http://10.0.0.2:8000", region: eu-1, zone: eu, cluster: eu, credentials: [c-eu]}}
-  eu2:  {{kind: anthropic, base_url: "https://api.example.eu", region: eu-2, zone: eu, cluster: eu2, credentials: [c-eu2]}}
-  solo: {{kind: openai, base_url: "http://10.0.0.4:8000", region: x-1, zone: x, cluster: solo, credentials: [c-solo]}}
+  us:
+    {{kind: openai, base_url: "http://10.0.0.1:8000", region: us-1, zone: us, cluster: us,
+     credentials: [c-us]}}
+  eu:
+    {{kind: openai, base_url: "http://10.0.0.2:8000", region: eu-1, zone: eu, cluster: eu,
+     credentials: [c-eu]}}
+  eu2:
+    {{kind: anthropic, base_url: "https://api.example.eu", region: eu-2, zone: eu,
+     cluster: eu2, credentials: [c-eu2]}}
+  solo:
+    {{kind: openai, base_url: "http://10.0.0.4:8000", region: x-1, zone: x, cluster: solo,
+     credentials: [c-solo]}}
 models:
   m:
     price: {{input_per_mtok: 1, output_per_mtok: 1}}
