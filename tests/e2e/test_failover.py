@@ -26,8 +26,9 @@ from extproc.auth import hash_key
 from extproc.config import load_config
 from extproc.devstack import ManagedProcess, Stack, free_port
 from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
+from extproc.money import cost_micro_usd
 from extproc.secrets import Secret
-from tests.conftest import PEPPER, Emulator, provider_fingerprint, write_config
+from tests.conftest import PEPPER, Emulator, envoy_admin, provider_fingerprint, write_config
 
 TENANT_KEY = "sk-canary-tenant-fo-" + secrets.token_hex(8)
 KEYS = {name: f"sk-canary-provider-{name}-" + secrets.token_hex(8)
@@ -40,17 +41,23 @@ FIRST_BYTE_TIMEOUT_MS = 1500
 STREAM_PACE_MS = 300
 
 
-def _document(ports: dict[str, int], *, outlier_errors: int = 1000) -> dict[str, Any]:
+def _document(ports: dict[str, int], redis_port: int, *, outlier_errors: int = 1000,
+              retry_budget: tuple[int, int] = (20, 100)) -> dict[str, Any]:
     pepper = Secret(PEPPER)
     return {
         "version": 1,
         "auth": {"pepper": {"file": "pepper.txt"}},
+        "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"},
         "failover": {"max_attempts": MAX_ATTEMPTS,
                      "first_byte_timeout_ms": FIRST_BYTE_TIMEOUT_MS,
                      # Faults here are deliberate and many: keep every deployment in play
                      # (unless a test is about ejection).
                      "outlier_consecutive_errors": outlier_errors,
-                     "outlier_ejection_s": 1},
+                     "outlier_ejection_s": 1,
+                     # (percent, always allowed): tests that are not about the budget run
+                     # concurrent failovers without hitting it.
+                     "retry_budget_percent": retry_budget[0],
+                     "min_retry_concurrency": retry_budget[1]},
         "credentials": {f"{name}-1": {"env": f"FO_KEY_{name.replace('-', '_').upper()}"}
                         for name in KEYS},
         "providers": {
@@ -69,7 +76,10 @@ def _document(ports: dict[str, int], *, outlier_errors: int = 1000) -> dict[str,
         }},
         "tenants": {"acme": {"zone": "eu",
                              "keys": [{"id": "acme-fo", "hash": hash_key(pepper, TENANT_KEY)}],
-                             "models": ["gpt-4o-mini"]}},
+                             "models": ["gpt-4o-mini"],
+                             # A budget: every request reserves and settles.
+                             "budgets": [{"scope": "tenant", "window": "day",
+                                          "limit_usd": 100}]}},
     }
 
 
@@ -80,6 +90,7 @@ class FailoverStack:
     extproc: ManagedProcess
     listen_port: int
     client: httpx.Client
+    admin_socket: Path
 
     def clear(self) -> None:
         for emulator in self.emulators.values():
@@ -106,8 +117,8 @@ class FailoverStack:
         raise AssertionError(f"no record for {request_id}")
 
 
-def _start(stack: Stack, workdir: Path, *, workers: int = 1,
-           outlier_errors: int = 1000) -> FailoverStack:
+def _start(stack: Stack, workdir: Path, *, workers: int = 1, outlier_errors: int = 1000,
+           retry_budget: tuple[int, int] = (20, 100)) -> FailoverStack:
     emulators: dict[str, Emulator] = {}
     for name, key in KEYS.items():
         # oai-eu paces its stream, so that its first chunk surely reaches the client
@@ -115,9 +126,11 @@ def _start(stack: Stack, workdir: Path, *, workers: int = 1,
         extra = ("--chunk-delay-ms", str(STREAM_PACE_MS)) if name == "oai-eu" else ()
         process, port = stack.start_emulator([key], extra_args=extra)
         emulators[name] = Emulator(port, process)
+    _, redis_port = stack.start_redis()
     config_path: Path = write_config(workdir / "config",
                                      _document({n: e.port for n, e in emulators.items()},
-                                               outlier_errors=outlier_errors))
+                                               redis_port, outlier_errors=outlier_errors,
+                                               retry_budget=retry_budget))
     env = dict(stack.env, **{f"FO_KEY_{n.replace('-', '_').upper()}": k
                              for n, k in KEYS.items()})
     extproc, extproc_port, _ = stack.start_extproc(config_path, env=env, workers=workers)
@@ -128,7 +141,7 @@ def _start(stack: Stack, workdir: Path, *, workers: int = 1,
     stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
                       listen_port=listen_port, admin_socket=admin_socket)
     client = httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=30)
-    return FailoverStack(stack, emulators, extproc, listen_port, client)
+    return FailoverStack(stack, emulators, extproc, listen_port, client, admin_socket)
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +273,14 @@ def _stream(fo: FailoverStack, path: str) -> tuple[httpx.Response, str, Exceptio
     return response, b"".join(chunks).decode(), failure
 
 
+def _streamed_cost(record: dict[str, Any]) -> int:
+    """What a cut stream is charged: the prompt estimate and the deltas that were seen,
+    at gpt-4o-mini's price (0.15 / 0.60 USD per Mtok), each part rounded up."""
+    assert record["estimated_input_tokens"] > 0
+    return (cost_micro_usd(record["estimated_input_tokens"], 150_000)
+            + cost_micro_usd(record["streamed_tokens"], 600_000))
+
+
 def test_stream_reset_after_first_byte_is_not_a_silent_200(clean: FailoverStack) -> None:
     """After the first byte no failover is possible. (Before it, a reset is retried even
     after the provider's headers: measured, Envoy fails over while the router-level
@@ -278,6 +299,7 @@ def test_stream_reset_after_first_byte_is_not_a_silent_200(clean: FailoverStack)
     assert record["aborted"] is True
     assert record["streamed_tokens"] == 1
     assert len(record["attempts"]) == 1
+    assert record["charged_micro_usd"] == _streamed_cost(record)
 
 
 @pytest.mark.parametrize(("path", "expected"), [
@@ -302,6 +324,7 @@ def test_stream_ended_early_gets_an_error_event(clean: FailoverStack, path: str,
     record = clean.finished(response.headers["x-asc-request-id"])
     assert record["stream_truncated"] is True
     assert record["streamed_tokens"] == 1
+    assert record["charged_micro_usd"] == _streamed_cost(record)
 
 
 def test_failover_with_two_extproc_workers(tmp_path: Path) -> None:
@@ -367,3 +390,24 @@ def test_rate_limited_everywhere_gives_the_client_the_retry_after(clean: Failove
     assert len(clean.emulators["anth-eu"].requests()) == 1
     record = clean.finished(response.headers["x-asc-request-id"])
     assert [a["left"] for a in record["attempts"]] == ["status 429", "status 429"]
+
+
+def test_retry_budget_refuses_retries_beyond_it(tmp_path: Path) -> None:
+    """With a retry budget of 0 % and no retries always allowed, Envoy refuses the retry
+    (its `upstream_rq_retry_overflow` counts it): the client gets the primary's error
+    after one attempt, and the fallback receives nothing."""
+    with Stack(tmp_path / "stack") as stack:
+        tight = _start(stack, tmp_path, retry_budget=(0, 0))
+        with tight.client:
+            tight.emulators["oai-eu"].queue_fault(status=503)
+            response = tight.chat()
+            stats = envoy_admin(tight.admin_socket, "GET",
+                                "/stats?filter=asc_failover.gpt-4o-mini.oai-eu.upstream_rq_retry")
+        assert response.status_code == 502
+        assert response.json()["error"]["type"] == "upstream_error"
+        assert tight.emulators["anth-eu"].requests() == []
+        record = tight.finished(response.headers["x-asc-request-id"])
+        assert [a["left"] for a in record["attempts"]] == ["status 503"]
+    counters = dict(line.split(": ") for line in stats.text.splitlines())
+    assert counters["cluster.asc_failover.gpt-4o-mini.oai-eu.upstream_rq_retry_overflow"] == "1"
+    assert counters["cluster.asc_failover.gpt-4o-mini.oai-eu.upstream_rq_retry"] == "0"
