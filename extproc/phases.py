@@ -468,23 +468,25 @@ class RequestProcessor:
         return reply
 
     def _follow_failover(self) -> None:
-        """The answer came from another deployment (a later attempt, or attempt 1 when
-        Envoy's outlier detection had ejected the chosen one): read it as that
-        deployment's answer."""
+        """The answer came from another attempt than the one this processor prepared: a
+        later attempt (another deployment, or the same one re-keyed after a canary
+        refusal), or attempt 1 at another deployment because Envoy's outlier detection
+        had ejected the chosen one. Read it as that attempt's answer."""
         flight = self._flight
         assert flight is not None
         assert self.route is not None
         answered = flight.answered
-        if answered is None or answered.provider == self.route.provider.name:
+        same_deployment = answered is not None and answered.provider == self.route.provider.name
+        if answered is None or (answered.number == 1 and same_deployment):
             return
-        for deployment, provider in flight.deployments:
-            if provider.name == answered.provider:
-                self.route = Route(model=self.route.model, deployment=deployment,
-                                   provider=provider,
-                                   reason=f"{self.route.reason}; served by {provider.name} "
-                                          f"(attempt {answered.number})")
-                self._translator = translator_for(self.dialect, Backend(provider.kind))
-                break
+        served = [(d, p) for d, p in flight.deployments if p.name == answered.provider]
+        if served and not same_deployment:
+            deployment, provider = served[0]
+            self.route = Route(model=self.route.model, deployment=deployment,
+                               provider=provider,
+                               reason=f"{self.route.reason}; served by {provider.name} "
+                                      f"(attempt {answered.number})")
+            self._translator = translator_for(self.dialect, Backend(provider.kind))
         if answered.selected is not None:
             self.credential = answered.selected.credential
             self._selected = answered.selected
