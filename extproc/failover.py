@@ -20,6 +20,7 @@ from typing import Final
 
 from extproc.config import Deployment, GatewayConfig, Model, Provider
 from extproc.credentials.selection import Selected
+from extproc.errors import Dialect
 
 __all__ = [
     "FAILOVER_CLUSTER_PREFIX",
@@ -130,6 +131,8 @@ class Flight:
     prepare: Prepare
     first_byte_timeout_s: float
     attempts: list[Attempt] = field(default_factory=list)
+    dialect: Dialect = Dialect.OPENAI
+    """The client's dialect: an attempt that cannot be made answers in it."""
     first_selected: Selected | None = None
     """The key the router-level processor put on attempt 1."""
     extension_headers: bool = False

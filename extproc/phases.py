@@ -365,6 +365,7 @@ class RequestProcessor:
             deployments=zone_deployments(self._config, route.model, route.deployment),
             prepare=self._prepare_attempt,
             first_byte_timeout_s=self._config.failover.first_byte_timeout_ms / 1000,
+            dialect=self.dialect,
             first_selected=self._selected,
             extension_headers=self.forwarded_extension_headers,
             clock=self._clock,

@@ -50,7 +50,8 @@ class AttemptProcessor:
                 return await self._answered(message)
             return Continue()
         except GatewayError as exc:
-            return _refuse(exc)
+            flight = self._flight
+            return _refuse(exc, flight.dialect if flight is not None else Dialect.OPENAI)
 
     async def _start(self, message: Headers, context: dict[str, str]) -> Outbound:
         flight = self._flights.get(context.get(_REQUEST_ID, ""))
@@ -118,8 +119,9 @@ class AttemptProcessor:
             self._runtime.keys.release(attempt.selected)  # no-op after a report
 
 
-def _refuse(error: GatewayError) -> Respond:
-    return Respond(status=error.status, body=error_body(error, Dialect.OPENAI),
+def _refuse(error: GatewayError, dialect: Dialect) -> Respond:
+    """An attempt that cannot be made is answered here; Envoy does not retry it."""
+    return Respond(status=error.status, body=error_body(error, dialect),
                    headers=[("content-type", "application/json")],
                    details=f"asc_upstream_{error.code.value}",
                    metadata={"error": error.code.value})
