@@ -96,13 +96,14 @@ class FailoverStack:
         for emulator in self.emulators.values():
             emulator.clear()
 
-    def chat(self, path: str = "/v1/chat/completions", **extra: Any) -> httpx.Response:
+    def chat(self, path: str = "/v1/chat/completions", *,
+             headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}],
                 **extra}
         if path == "/v1/messages":
             body.setdefault("max_tokens", 64)
-        return self.client.post(path, json=body,
-                                headers={"authorization": f"Bearer {TENANT_KEY}"})
+        return self.client.post(path, json=body, headers={
+            "authorization": f"Bearer {TENANT_KEY}", **(headers or {})})
 
     def finished(self, request_id: str) -> dict[str, Any]:
         deadline = time.monotonic() + 10
@@ -233,7 +234,8 @@ def test_every_eu_deployment_down_gives_503_json_and_us_gets_nothing(
         clean: FailoverStack) -> None:
     for name in ("oai-eu", "anth-eu", "oai-eu2"):
         clean.emulators[name].queue_fault(status=503, count=10)
-    response = clean.chat()
+    # A client cannot raise the bound: its own retry headers are removed (0040).
+    response = clean.chat(headers={"x-envoy-max-retries": "5", "x-envoy-retry-on": "5xx"})
     assert response.status_code == 503
     error = response.json()["error"]
     assert error["message"] == (
