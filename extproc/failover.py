@@ -181,6 +181,19 @@ class Flight:
         return None
 
     def records(self) -> list[dict[str, str | int | float | None]]:
+        """The attempts in order. An attempt whose connection failed never reached the
+        per-attempt ext_proc (measured: Envoy runs upstream filters once connected); it
+        shows as a gap in the attempt numbers and is listed at the deployment Envoy's
+        priority order gives it, as `connect failure`."""
+        seen = {a.number for a in self.attempts}
+        last = max(seen, default=0)
+        for number in range(1, last):
+            if number not in seen:
+                _, provider = self.deployments[(number - 1) % len(self.deployments)]
+                self.attempts.append(Attempt(number=number, provider=provider.name,
+                                             region=provider.region, started=0.0,
+                                             left="connect failure"))
+        self.attempts.sort(key=lambda a: a.number)
         for attempt in self.attempts[:-1]:
             if attempt.left is None and attempt.status is None:
                 attempt.left = "reset"

@@ -549,12 +549,17 @@ class RequestProcessor:
         """The provider's error, in the client's dialect, with the status the client gets."""
         assert self._translator is not None
         flight = self._flight
-        if flight is not None and len(flight.attempts) > 1 and self.route is not None:
+        if (flight is not None and self.route is not None
+                and (len(flight.attempts) > 1 or flight.answered is None)):
+            # Several attempts failed, or none reached a provider's answer (refused
+            # connections, resets, silence: this is Envoy's own reply).
+            made = len(flight.records())
+            counted = f" ({made} attempts)" if made > 1 and flight.answered is not None else ""
             return self._respond_error(GatewayError(
                 ErrorCode.UNAVAILABLE,
                 f"Every deployment of model '{self.route.model.name}' in residency zone "
-                f"'{self.route.provider.zone}' failed ({len(flight.attempts)} attempts); "
-                "no deployment outside the zone was tried.",
+                f"'{self.route.provider.zone}' failed{counted}; no deployment outside the "
+                "zone was tried.",
                 headers=tuple(retry_after_headers(self._upstream_headers))))
         self._complete = True
         status, translated = self._translator.error(self.upstream_status or 502, body,

@@ -413,3 +413,37 @@ def test_retry_budget_refuses_retries_beyond_it(tmp_path: Path) -> None:
     counters = dict(line.split(": ") for line in stats.text.splitlines())
     assert counters["cluster.asc_failover.gpt-4o-mini.oai-eu.upstream_rq_retry_overflow"] == "1"
     assert counters["cluster.asc_failover.gpt-4o-mini.oai-eu.upstream_rq_retry"] == "0"
+
+
+def test_refused_connection_fails_over(tmp_path: Path) -> None:
+    """The primary's emulator is stopped: its port refuses connections."""
+    with Stack(tmp_path / "stack") as stack:
+        down = _start(stack, tmp_path)
+        with down.client:
+            down.emulators["oai-eu"].process.stop()
+            response = down.chat()
+            assert response.status_code == 200, response.text
+            assert response.headers["x-asc-provider"] == "anth-eu"
+            record = down.finished(response.headers["x-asc-request-id"])
+    # Envoy runs upstream filters only once connected: the refused attempt is known by
+    # the gap in the attempt numbers.
+    assert [(a["attempt"], a["provider"], a["status"], a["left"])
+            for a in record["attempts"]] == [
+        (1, "oai-eu", None, "connect failure"), (2, "anth-eu", 200, None)]
+
+
+def test_every_eu_deployment_refusing_connections_gives_the_zone_503(tmp_path: Path) -> None:
+    """No provider answers at all (Envoy's own 503): still the zone's JSON 503, in the
+    client's dialect, and the us emulator received nothing."""
+    with Stack(tmp_path / "stack") as stack:
+        down = _start(stack, tmp_path)
+        with down.client:
+            for name in ("oai-eu", "anth-eu", "oai-eu2"):
+                down.emulators[name].process.stop()
+            response = down.chat("/v1/messages")
+            assert down.emulators["oai-us"].requests() == []
+    assert response.status_code == 503
+    assert response.json() == {"type": "error", "error": {
+        "type": "overloaded_error",
+        "message": "Every deployment of model 'gpt-4o-mini' in residency zone 'eu' failed; "
+                   "no deployment outside the zone was tried."}}
