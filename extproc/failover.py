@@ -186,8 +186,7 @@ class Flight:
         shows as a gap in the attempt numbers and is listed at the deployment Envoy's
         priority order gives it, as `connect failure`."""
         seen = {a.number for a in self.attempts}
-        last = max(seen, default=0)
-        for number in range(1, last):
+        for number in range(1, max(seen, default=0)):
             if number not in seen:
                 _, provider = self.deployments[(number - 1) % len(self.deployments)]
                 self.attempts.append(Attempt(number=number, provider=provider.name,
@@ -197,9 +196,9 @@ class Flight:
         for attempt in self.attempts[:-1]:
             if attempt.left is None and attempt.status is None:
                 attempt.left = "reset"
-        last = self.attempts[-1] if self.attempts else None
-        if last is not None and last.status is not None and last.status < 400:
-            last.left = None
+        final = self.attempts[-1] if self.attempts else None
+        if final is not None and final.status is not None and final.status < 400:
+            final.left = None
         return [a.record() for a in self.attempts]
 
 
