@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 FAILOVER_CLUSTER_PREFIX: Final = "asc_failover."
+_TIMEOUT_SHARE: Final = 0.8
+"""An attempt that ended unanswered after this share of first_byte_timeout timed out."""
 
 
 def failover_cluster(model: str, provider: str) -> str:
@@ -169,7 +171,10 @@ class Flight:
         attempt.latency_ms = round(elapsed * 1000, 3)
         attempt.status = status
         if status is None:
-            attempt.left = "timeout" if elapsed >= self.first_byte_timeout_s else "reset"
+            # Envoy's idle timer starts before this process hears of the attempt (one
+            # gRPC hop, longer on a busy machine): "close to" the timeout is the timeout.
+            attempt.left = ("timeout" if elapsed >= _TIMEOUT_SHARE * self.first_byte_timeout_s
+                            else "reset")
         elif status in (429, 529) or status >= 500 or status in (401, 403):
             attempt.left = f"status {status}"
 
