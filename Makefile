@@ -6,8 +6,21 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= deploy/demo/asc.yaml
 DEMO_KEY ?= sk-asc-demo-acme-key
 DEMO_MODEL ?= gpt-4o-mini
+# A second stack beside the first (docs/quickstart.md, "Busy ports"): every port and the
+# work directory can be chosen. Empty REDIS_PORT / EMULATOR_PORT: the ports in CONFIG.
+WORKDIR ?= var/run
+LISTEN_PORT ?= 10000
+EXTPROC_PORT ?= 50051
+METRICS_PORT ?= 9464
+REDIS_PORT ?=
+EMULATOR_PORT ?=
+# 0: start the stack's Redis empty each time (default: its data is kept in WORKDIR).
+REDIS_PERSIST ?= 1
+# `make openbao`: a local OpenBao dev server for the Transit KEK (docs/credentials.md).
+BAO_PORT ?= 8200
+BAO_DIR ?= var/openbao
 
-.PHONY: install run test lint typecheck unit integration bench redis-server wrk clean
+.PHONY: install run openbao test lint typecheck unit integration bench redis-server wrk clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,12 +40,18 @@ wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
+STACK_FLAGS = --config $(CONFIG) --workdir $(WORKDIR) --listen-port $(LISTEN_PORT) \
+	--extproc-port $(EXTPROC_PORT) --metrics-port $(METRICS_PORT) --demo-model $(DEMO_MODEL) \
+	$(if $(REDIS_PORT),--redis-port $(REDIS_PORT)) \
+	$(if $(EMULATOR_PORT),--emulator-port $(EMULATOR_PORT)) \
+	$(if $(filter 0,$(REDIS_PERSIST)),--no-redis-persist) \
+	$(if $(filter deploy/demo/%,$(CONFIG)),--demo-key $(DEMO_KEY))
+
 run: install redis-server
-	@if [ "$(CONFIG)" = "deploy/demo/asc.yaml" ]; then \
-		exec $(BIN)/python -m extproc.devstack --config $(CONFIG) --demo-key $(DEMO_KEY) --demo-model $(DEMO_MODEL); \
-	else \
-		exec $(BIN)/python -m extproc.devstack --config $(CONFIG) --demo-model $(DEMO_MODEL); \
-	fi
+	@exec $(BIN)/python -m extproc.devstack $(STACK_FLAGS)
+
+openbao: install
+	@exec $(BIN)/python -m extproc.devbao --port $(BAO_PORT) --dir $(BAO_DIR)
 
 lint: install
 	$(BIN)/ruff check extproc tests bench
@@ -44,7 +63,7 @@ unit: install
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 integration: install redis-server
-	$(BIN)/pytest -q -p no:cacheprovider tests/integration tests/e2e
+	$(BIN)/pytest -q -p no:cacheprovider tests/integration tests/e2e tests/docs
 
 # Fast checks first, then the slow real-process suites. pytest exits 5 when it collects
 # nothing; that fails the target like any other non-zero exit.

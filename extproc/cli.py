@@ -6,19 +6,17 @@ from __future__ import annotations
 import argparse
 import secrets
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from zoneinfo import ZoneInfo
+from typing import NoReturn
 
 from extproc.auth import hash_key
-from extproc.budgets.policy import CounterGroup, tenant_limits
+from extproc.budget_cli import add_budget_commands
+from extproc.cli_errors import CliError, describe, report
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
-from extproc.money import format_usd, micro_from_usd
-from extproc.secrets import Secret, SecretUnavailable, resolve_secret
+from extproc.secrets import Secret, resolve_secret
 
 __all__ = ["main"]
 
@@ -39,16 +37,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load_or_exit(path: str) -> GatewayConfig:
-    """The config, or exit 1 with every problem listed (path, line, message, hint)."""
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(1) from None
+    """The config; an invalid one becomes one `error:` line naming its first problem
+    (`check-config` is the command that lists them all)."""
+    return load_config(path)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.file)
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:  # the full list is this command's answer, not an error
+        print(exc, file=sys.stderr)
+        return 1
     print(
         f"{args.file}: ok ({len(config.tenants)} tenants, {len(config.providers)} providers, "
         f"{len(config.models)} models)"
@@ -64,12 +63,8 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_hash(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-        pepper = resolve_secret(config.pepper)
-    except (ConfigError, SecretUnavailable) as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    config = load_config(args.config)
+    pepper = resolve_secret(config.pepper)
     if args.generate:
         key = Secret("sk-asc-" + secrets.token_urlsafe(32))
         print(f"key:  {key.reveal()}")
@@ -79,8 +74,8 @@ def _cmd_keys_hash(args: argparse.Namespace) -> int:
         print("paste the virtual key, then press Enter:", file=sys.stderr)
     line = sys.stdin.readline().strip()
     if not line:
-        print("no key on standard input", file=sys.stderr)
-        return 1
+        raise CliError("no key on standard input",
+                       "pipe the virtual key in, or use --generate for a new one")
     print(hash_key(pepper, line))
     return 0
 
@@ -102,69 +97,16 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _budget_groups(config: GatewayConfig, tenant_id: str) -> tuple[CounterGroup, ...]:
-    """The tenant's limits in one stable order (config order), so that `--limit N` of
-    `set` / `reset` is the limit `show` listed as N, in any process."""
-    tenant = config.tenants.get(tenant_id)
-    if tenant is None:
-        raise SystemExit(f"unknown tenant {tenant_id!r}")
-    if tenant.budget is None:
-        raise SystemExit(f"tenant {tenant_id!r} has no budgets or rate limits")
-    return tenant_limits(tenant.budget, now=datetime.now(UTC),
-                         zone=ZoneInfo(config.budgets.timezone))
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line shape as every other error (exit 2, as
+    argparse's own)."""
 
-
-def _sync_redis(config: GatewayConfig) -> Any:
-    import redis
-
-    if config.redis is None:
-        raise SystemExit("the config has no redis section")
-    if config.redis.cluster:
-        return redis.RedisCluster.from_url(config.redis.url, decode_responses=True)
-    return redis.Redis.from_url(config.redis.url, decode_responses=True)
-
-
-def _format_amount(unit: str, amount: int) -> str:
-    return f"{format_usd(amount)} USD" if unit == "usd" else f"{amount} {unit}"
-
-
-def _cmd_budget(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.config)
-    groups = _budget_groups(config, args.tenant)
-    client = _sync_redis(config)
-    if args.budget_command == "show":
-        print(f"{'#':>2}  {'limit':<34} {'spent':>18} {'held':>18} {'remaining':>18}")
-        for index, group in enumerate(groups, 1):
-            values = [client.hmget(key, "spent", "held") for key in group.keys]
-            spent = sum(int(v[0] or 0) for v in values)
-            held = sum(int(v[1] or 0) for v in values)
-            print(f"{index:>2}  {group.name:<34} {_format_amount(group.unit, spent):>18} "
-                  f"{_format_amount(group.unit, held):>18} "
-                  f"{_format_amount(group.unit, group.limit - spent - held):>18}")
-        return 0
-    if not args.yes:
-        print("refusing to change live budgets without --yes", file=sys.stderr)
-        return 1
-    if args.limit is not None and not 1 <= args.limit <= len(groups):
-        print(f"--limit must be from 1 to {len(groups)} (see `budget show`)", file=sys.stderr)
-        return 1
-    selected = groups if args.limit is None else (groups[args.limit - 1],)
-    for group in selected:
-        amounts = [0] * len(group.keys)
-        if args.budget_command == "set":
-            amounts[0] = micro_from_usd(args.spent_usd) if group.unit == "usd" else int(
-                args.spent_usd)
-        for key, amount in zip(group.keys, amounts, strict=True):
-            client.hset(key, "spent", amount)
-            # A counter this creates expires like one the gateway creates; one that
-            # exists keeps its TTL.
-            client.expire(key, group.ttl_s, nx=True)
-        print(f"{args.budget_command}: {group.name}")
-    return 0
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{self.prog}: {message}", f"`{self.prog} --help` shows the usage")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
+    parser: argparse.ArgumentParser = _Parser(prog="extproc", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC service")
@@ -199,23 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_cmd.set_defaults(func=_cmd_keys_hash)
     add_keys_commands(key_commands)
 
-    budget = commands.add_parser("budget", help="live budget state in Redis")
-    budget_commands = budget.add_subparsers(dest="budget_command", required=True)
-    for name, text in (("show", "spent, held and remaining for every limit of a tenant"),
-                       ("reset", "set spent to 0 in the current windows (holds stay)"),
-                       ("set", "set spent in the current window, e.g. after reconciling "
-                               "against a provider invoice")):
-        command = budget_commands.add_parser(name, help=text)
-        command.add_argument("tenant")
-        command.add_argument("--config", required=True)
-        if name != "show":
-            command.add_argument("--limit", type=int,
-                                 help="only limit number N of `budget show` (default: all)")
-            command.add_argument("--yes", action="store_true", help="really change Redis")
-        if name == "set":
-            command.add_argument("--spent-usd", required=True,
-                                 help="USD for budgets; a count for rate limits")
-        command.set_defaults(func=_cmd_budget)
+    add_budget_commands(commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
@@ -233,12 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure is one `error: ... (hint: ...)` line, exit 2."""
+    try:
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        return report(exc)
+    command = getattr(args, "keys_command", None) or args.command
     try:
         code: int = args.func(args)
     except SystemExit as exit_:  # commands exit early with a code or a message
         if isinstance(exit_.code, int):
             return exit_.code
-        print(f"error: {exit_.code}", file=sys.stderr)
-        return 1
+        return report(CliError(str(exit_.code), f"`extproc {args.command} --help`"))
+    except Exception as exc:
+        error = describe(exc, command)
+        if error is None:
+            raise  # not an operator error but a bug: keep its traceback
+        return report(error)
     return code

@@ -44,6 +44,7 @@ from extproc.config_schema import (
     AuthSpec,
     BudgetSettings,
     CredentialSpec,
+    DeploymentHealthSettings,
     Document,
     FailoverSettings,
     KekSpec,
@@ -54,6 +55,7 @@ from extproc.config_schema import (
     ProviderSpec,
     RecordStoreSpec,
     RedisSettings,
+    RouteSpec,
     Rule,
     SecretRefSpec,
     SecretsSpec,
@@ -75,15 +77,18 @@ __all__ = [
     "ConfigIssue",
     "CredentialRef",
     "Deployment",
+    "DeploymentHealthSettings",
     "FailoverSettings",
     "GatewayConfig",
     "KekSettings",
     "Limits",
     "Model",
     "Price",
+    "Probe",
     "Provider",
     "RecordStoreSettings",
     "RedisSettings",
+    "RoutePolicy",
     "SecretsSettings",
     "Tenant",
     "TenantKey",
@@ -208,12 +213,47 @@ class Price:
     input_micro_per_mtok: int
     output_micro_per_mtok: int
     cached_input_micro_per_mtok: int
+    cache_write_micro_per_mtok: int | None = None
+    """None: twice the input price (Anthropic bills cache writes at 1.25x or 2x input)."""
+
+    @property
+    def cache_write_rate(self) -> int:
+        if self.cache_write_micro_per_mtok is not None:
+            return self.cache_write_micro_per_mtok
+        return 2 * self.input_micro_per_mtok
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """An active health probe of a deployment (`deployments[].probe`)."""
+
+    path: str
+    interval_s: int
+    timeout_ms: int
 
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
     provider: str
     model: str
+    price: Price | None = None
+    """This deployment's own price; None: the model's."""
+    probe: Probe | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePolicy:
+    """A tenant's routing policy for one model (its `route_policy` with the model's
+    `routing.<model>` fields over it). Names are provider names; see `extproc.routing`."""
+
+    pin: str | None = None
+    pin_region: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    weights: Mapping[str, int] = field(default_factory=dict)
+    providers: frozenset[str] | None = None
+    """Allow-list; None: every provider of the tenant's zone."""
+    prefer: str | None = None
+    """cost, latency, or None (config order)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +277,11 @@ class Tenant:
     zone: str | None
     keys: tuple[TenantKey, ...]
     models: frozenset[str]
-    pins: Mapping[str, str] = field(default_factory=dict)
+    policies: Mapping[str, RoutePolicy] = field(default_factory=dict)
+    """Routing policy by model name; a model without an entry uses `default_policy`."""
+    default_policy: RoutePolicy = field(default_factory=RoutePolicy)
+    debug: bool = False
+    """Answers carry `x-asc-route-reason`."""
     budget: TenantBudget | None = None
     """None when the tenant has no budgets and no rate limits: no Redis call at all."""
     own_credentials: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -259,6 +303,8 @@ class GatewayConfig:
     models: Mapping[str, Model]
     tenants: Mapping[str, Tenant]
     failover: FailoverSettings = field(default_factory=FailoverSettings)
+    deployment_health: DeploymentHealthSettings = field(
+        default_factory=DeploymentHealthSettings)
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -602,6 +648,23 @@ def _issues(error: Any, lines: Mapping[str, int]) -> list[ConfigIssue]:
 
 # --- pass 3: cross-references, compiled into runtime objects ------------------------------
 
+def _price(spec: PriceSpec) -> Price:
+    return Price(input_micro_per_mtok=spec.input_per_mtok,
+                 output_micro_per_mtok=spec.output_per_mtok,
+                 cached_input_micro_per_mtok=(spec.input_per_mtok
+                                              if spec.cached_input_per_mtok is None
+                                              else spec.cached_input_per_mtok),
+                 cache_write_micro_per_mtok=spec.cache_write_per_mtok)
+
+
+def _policy(spec: RouteSpec) -> RoutePolicy:
+    return RoutePolicy(pin=spec.pin, pin_region=spec.pin_region,
+                       fallbacks=tuple(spec.fallbacks or ()),
+                       weights=dict(spec.weights or {}),
+                       providers=frozenset(spec.providers) if spec.providers else None,
+                       prefer=spec.prefer)
+
+
 _T = typing.TypeVar("_T")
 
 
@@ -684,6 +747,7 @@ class _Compiler:
             models=models,
             tenants=tenants,
             failover=doc.failover or FailoverSettings(),
+            deployment_health=doc.deployment_health or DeploymentHealthSettings(),
         )
 
     def file(self, name: str) -> Path:
@@ -758,15 +822,16 @@ class _Compiler:
                 self.add(_join(_join(_join(path, "deployments"), index), "provider"),
                          f"unknown provider {dep.provider!r}",
                          f"known providers: {', '.join(known) or '-'}")
-            deployments.append(Deployment(provider=dep.provider, model=dep.model or name))
+            probe = None if dep.probe is None else Probe(
+                path=dep.probe.path, interval_s=dep.probe.interval_s,
+                timeout_ms=dep.probe.timeout_ms)
+            deployments.append(Deployment(provider=dep.provider, model=dep.model or name,
+                                          price=_price(dep.price) if dep.price else None,
+                                          probe=probe))
         price = _absent_or(spec.price) or PriceSpec(input_per_mtok=0, output_per_mtok=0)
         return Model(
             name=name,
-            price=Price(input_micro_per_mtok=price.input_per_mtok,
-                        output_micro_per_mtok=price.output_per_mtok,
-                        cached_input_micro_per_mtok=(
-                            price.input_per_mtok if price.cached_input_per_mtok is None
-                            else price.cached_input_per_mtok)),
+            price=_price(price),
             deployments=tuple(deployments),
             **_shared(spec, Model, "price", "deployments"))
 
@@ -804,7 +869,7 @@ class _Compiler:
                 self.add(_join(_join(path, "models"), index), f"unknown model {name!r}",
                          f"known models: {', '.join(known_models) or '-'}")
             allowed.add(name)
-        pins = self.pins(path, spec, models, providers)
+        default_policy, policies = self.policies(path, spec, models, providers)
         if spec.zone:
             for name in sorted(allowed & set(models) - self.unknown_deployments):
                 zones = [providers[d.provider].zone if d.provider in providers else None
@@ -829,32 +894,69 @@ class _Compiler:
                 fail_open_ceiling_micro_usd=spec.fail_open_ceiling_usd or 0)
         return Tenant(id=tenant_id,
                       keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in keys),
-                      models=frozenset(allowed & set(models)), pins=pins, budget=budget,
+                      models=frozenset(allowed & set(models)), policies=policies,
+                      default_policy=default_policy, budget=budget,
                       own_credentials=own, **_shared(spec, Tenant, "keys", "models"))
 
-    def pins(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
-             providers: Mapping[str, Provider]) -> dict[str, str]:
-        pins: dict[str, str] = {}
+    def policies(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
+                 providers: Mapping[str, Provider]
+                 ) -> tuple[RoutePolicy, dict[str, RoutePolicy]]:
+        """The tenant's routing policy and its per-model policies (model fields over the
+        tenant's). Names must be providers (of the model, for a model's rule); a pin,
+        fallback or weight outside the tenant's zone is refused: residency is a hard rule."""
+        base = spec.route_policy or RouteSpec()
+        if spec.route_policy is not None:
+            self.check_policy(_join(path, "route_policy"), base, spec.zone, providers,
+                              list(providers), None)
+        default = _policy(base)
+        policies: dict[str, RoutePolicy] = {}
         for name, route in (spec.routing or {}).items():
             rule_path = _join(_join(path, "routing"), name)
-            pin = route.pin
             if name not in self.names("models"):
                 self.add(rule_path, f"unknown model {name!r}")
-            elif pin is None or name not in models or name in self.unknown_deployments:
                 continue
-            elif pin not in {d.provider for d in models[name].deployments}:
-                deployments = ", ".join(d.provider for d in models[name].deployments)
-                self.add(_join(rule_path, "pin"), f"{pin!r} is not a deployment of {name}",
-                         f"deployments: {deployments}")
-            elif pin not in providers:
+            if name not in models or name in self.unknown_deployments:
+                continue
+            merged = base.model_copy(update={f: getattr(route, f)
+                                             for f in route.model_fields_set})
+            self.check_policy(rule_path, route, spec.zone, providers,
+                              [d.provider for d in models[name].deployments], name)
+            policies[name] = _policy(merged)
+        return default, policies
+
+    def check_policy(self, path: str, rule: RouteSpec, zone: str | None,
+                     providers: Mapping[str, Provider], deployed: list[str],
+                     model: str | None) -> None:
+        named: list[tuple[str, str]] = []
+        if rule.pin is not None:
+            named.append((_join(path, "pin"), rule.pin))
+        named += [(_join(_join(path, "fallbacks"), i), p)
+                  for i, p in enumerate(rule.fallbacks or ())]
+        named += [(_join(_join(path, "weights"), p), p) for p in (rule.weights or {})]
+        for where, name in named:
+            if name not in deployed:
+                if model is None:
+                    self.add(where, f"unknown provider {name!r}",
+                             f"known providers: {', '.join(deployed) or '-'}")
+                else:
+                    self.add(where, f"{name!r} is not a deployment of {model}",
+                             f"deployments: {', '.join(deployed)}")
+            elif name not in providers:
                 pass  # reported at the deployment that names it, or left out in pass 2
-            elif spec.zone and providers[pin].zone != spec.zone:
-                self.add(_join(rule_path, "pin"),
-                         f"{pin!r} is outside the tenant's zone {spec.zone!r}",
+            elif zone and providers[name].zone != zone:
+                self.add(where, f"{name!r} is outside the tenant's zone {zone!r}",
                          "residency is a hard rule; pin a provider in the tenant's zone")
-            else:
-                pins[name] = pin
-        return pins
+        for index, name in enumerate(rule.providers or ()):
+            if name not in self.names("providers"):
+                self.add(_join(_join(path, "providers"), index), f"unknown provider {name!r}")
+        if rule.pin_region is not None:
+            regions = {p.region for n, p in providers.items() if n in deployed
+                       and (not zone or p.zone == zone)}
+            if rule.pin_region not in regions:
+                self.add(_join(path, "pin_region"),
+                         f"no deployment in region {rule.pin_region!r}"
+                         + (f" in the tenant's zone {zone!r}" if zone else ""),
+                         f"regions: {', '.join(sorted(regions)) or '-'}")
 
     def own_credentials(self, path: str, spec: TenantSpec,
                         credentials: Mapping[str, CredentialRef]) -> dict[str, tuple[str, ...]]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, ClassVar, Final, Literal, get_args
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -52,6 +52,7 @@ __all__ = [
     "AuthSpec",
     "BudgetSettings",
     "CredentialSpec",
+    "DeploymentHealthSettings",
     "DeploymentSpec",
     "Document",
     "FailoverSettings",
@@ -62,6 +63,7 @@ __all__ = [
     "OrgBudgetSpec",
     "OrgSpec",
     "PriceSpec",
+    "ProbeSpec",
     "ProviderSpec",
     "RateLimitsSpec",
     "RecordStoreSpec",
@@ -176,7 +178,11 @@ PeriodS = Annotated[int, Field(ge=60, le=90 * 86_400)]
 
 # --- secret references -------------------------------------------------------------------
 
-_SECRET_HINT: Final = "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"  # noqa: S105
+# Secret references other than provider keys are Vault/OpenBao credentials or the pepper:
+# their hints name those, not a provider key.
+_SECRET_HINT: Final = (
+    "e.g. {file: /run/secrets/asc-vault-token} or {env: ASC_VAULT_TOKEN}")  # noqa: S105
+_PEPPER_HINT: Final = "e.g. {file: /etc/asc/pepper.txt} or {env: ASC_PEPPER}"
 EnvName = Annotated[str, Field(pattern=_ENV_PATTERN),
                     Rule(invalid="must be an environment variable name")]
 FilePath = Annotated[str, Field(min_length=1)]
@@ -184,6 +190,8 @@ FilePath = Annotated[str, Field(min_length=1)]
 
 class SecretRefSpec(_Spec):
     """Where a secret is read from, never the secret itself."""
+
+    _hint: ClassVar[str] = _SECRET_HINT
 
     env: EnvName | None = Field(default=None, description="Environment variable of the "
                                 "`extproc serve` process that holds the secret.")
@@ -193,8 +201,14 @@ class SecretRefSpec(_Spec):
     @model_validator(mode="after")
     def _one_source(self) -> SecretRefSpec:
         if (self.env is None) == (self.file is None):
-            raise problem(((), "needs exactly one of `env` or `file`", _SECRET_HINT))
+            raise problem(((), "needs exactly one of `env` or `file`", self._hint))
         return self
+
+
+class PepperRefSpec(SecretRefSpec):
+    """Where the pepper is read from (its own hint: it is no provider key)."""
+
+    _hint: ClassVar[str] = _PEPPER_HINT
 
 
 class CredentialSpec(_Spec):
@@ -230,8 +244,9 @@ class Limits(_Spec):  # also the runtime object
         default=1_048_576, description="Largest request body accepted (413 above); Envoy's "
         "request buffer is rendered from it.")
     max_response_bytes: Annotated[int, Field(ge=65_536, le=1 << 30)] = Field(
-        default=8_388_608, description="Largest non-streamed provider answer Envoy buffers "
-        "for the service; a larger one is Envoy's 500 response_payload_too_large.")
+        default=8_388_608, description="Largest non-streamed provider answer the gateway "
+        "reads whole (Envoy's response buffer is rendered from it); a larger one is "
+        "answered 502 response_too_large and charged the whole budget hold.")
 
 
 class FailoverSettings(_Spec):  # also the runtime object
@@ -505,12 +520,40 @@ class PriceSpec(_Spec):
     output_per_mtok: PerMtok = Field(description="Output (completion) tokens.")
     cached_input_per_mtok: PerMtok | None = Field(
         default=None, description="Cached input tokens (default: the input price).")
+    cache_write_per_mtok: PerMtok | None = Field(
+        default=None, description="Input tokens written to the provider's prompt cache "
+        "(Anthropic `cache_creation_input_tokens`; default: twice the input price, the "
+        "highest surcharge Anthropic bills, so a write is never under-charged).")
+
+
+def _probe_path(path: str) -> str:
+    if not path.startswith("/") or "?" in path or "#" in path or "//" in path:
+        raise problem(((), "must be an absolute path without query or fragment",
+                       "e.g. /health"))
+    return path
+
+
+class ProbeSpec(_Spec):
+    """An active health probe: a periodic GET, without credentials, straight to the
+    provider's base URL (not through Envoy)."""
+
+    path: Annotated[Text, AfterValidator(_probe_path)] = Field(
+        description="Path appended to the provider's base_url, e.g. /health; it must answer "
+        "without a provider key.")
+    interval_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=10, description="Seconds between probes.")
+    timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = Field(
+        default=2000, description="A probe without an answer by then is a failure.")
 
 
 class DeploymentSpec(_Spec):
     provider: Text = Field(description="Provider name (from `providers:`).")
     model: Text | None = Field(default=None, description="Model name upstream (default: the "
                                "model's own name).")
+    price: PriceSpec | None = Field(default=None, description="This deployment's price when it "
+                                    "differs from the model's (routing `prefer: cost`).")
+    probe: ProbeSpec | None = Field(default=None, description="Active health probe; off by "
+                                    "default (passive health only).")
 
 
 class ModelSpec(_Spec):
@@ -588,9 +631,51 @@ class KeySpec(_Spec):
         description="HMAC-SHA256(pepper, key) from `extproc keys hash`.")
 
 
+Prefer = Literal["cost", "latency"]
+
+
 class RouteSpec(_Spec):
-    pin: Text | None = Field(default=None, description="Provider that always serves this model "
-                             "for the tenant (one of the model's deployments).")
+    """A routing policy: on a tenant (`route_policy`, every model) or per model
+    (`routing.<model>`, field by field over the tenant's). docs/routing.md explains the
+    selection order: zone, allow-list, health, then pin, weights and preference."""
+
+    pin: Text | None = Field(default=None, description="Provider preferred for this model "
+                             "while it is healthy (one of the model's deployments).")
+    pin_region: Text | None = Field(default=None, description="Region preferred while one of "
+                                    "its deployments is healthy (a provider `region`).")
+    fallbacks: list[Text] | None = Field(default=None, description="Providers tried next, in "
+                                         "this order, before the other allowed deployments.")
+    weights: dict[Text, Annotated[int, Field(ge=0, le=1000)]] | None = Field(
+        default=None, description="Share of traffic per provider among the healthy ones; "
+        "providers not named get none unless the named ones are all unavailable.",
+        json_schema_extra={"x-key": "<provider>"})
+    providers: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of provider names")] | None = Field(
+        default=None, description="Allow-list: only these providers serve the tenant.")
+    prefer: Annotated[Prefer, Rule(invalid="must be cost or latency, got {value!r}")] | None = (
+        Field(default=None, description="Order of the remaining deployments: cost (cheapest "
+              "price first) or latency (fastest measured first); default: config order."))
+
+    @model_validator(mode="after")
+    def _one_pin(self) -> RouteSpec:
+        if self.pin is not None and self.pin_region is not None:
+            raise problem(((), "needs at most one of `pin` or `pin_region`", ""))
+        return self
+
+
+class DeploymentHealthSettings(_Spec):  # also the runtime object
+    """Passive health of deployments: a circuit breaker per deployment (provider x
+    upstream model), shared across replicas through Redis."""
+
+    failures: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5, description="Consecutive failed answers (5xx, reset, too slow) that open "
+        "a deployment's breaker.")
+    cooldown_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=10, description="How long an open deployment gets no traffic before one "
+        "request probes it (half-open).")
+    slow_ms: Annotated[int, Field(ge=1, le=600_000)] | None = Field(
+        default=None, description="Response headers later than this count as a failure; "
+        "null: latency never opens a breaker.")
 
 
 class RateLimitsSpec(_Spec):
@@ -611,9 +696,14 @@ class TenantSpec(_Spec):
     models: Annotated[list[Text], Field(min_length=1), Rule(
         required="must be a non-empty list of model names")] = Field(
         description="Models the tenant may use.")
+    route_policy: RouteSpec | None = Field(
+        default=None, description="Routing policy for every model of the tenant.")
     routing: dict[str, RouteSpec] | None = Field(
-        default=None, description="Per-model routing rules.",
-        json_schema_extra={"x-key": "<model>"})
+        default=None, description="Per-model routing rules, field by field over "
+        "`route_policy`.", json_schema_extra={"x-key": "<model>"})
+    debug: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Answers carry `x-asc-route-reason` (why this deployment "
+        "was chosen).")
     org: Name | None = Field(default=None,
                              description="Org (from `orgs:`) whose budgets also apply.")
     budgets: Annotated[list[TenantBudgetSpec], Rule(
@@ -664,7 +754,7 @@ class TenantSpec(_Spec):
 # --- the document ------------------------------------------------------------------------
 
 class AuthSpec(_Spec):
-    pepper: SecretRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
+    pepper: PepperRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
 
 
 def _version_one(version: int) -> int:
@@ -691,6 +781,8 @@ class Document(_Spec):
                                         "limits and keyring credentials.")
     budgets: BudgetSettings | None = Field(default=None,
                                            description="Gateway-wide budget settings.")
+    deployment_health: DeploymentHealthSettings | None = Field(
+        default=None, description="Circuit breakers of deployments.")
     secrets: SecretsSpec | None = Field(default=None, description="KEK, record store and keyring "
                                         "cache; needed by keyring credentials.")
     credentials: dict[Name, CredentialSpec] | None = Field(

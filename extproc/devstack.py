@@ -228,16 +228,20 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start_redis(self, port: int | None = None, *,
-                    cluster: bool = False) -> tuple[ManagedProcess, int]:
+    def start_redis(self, port: int | None = None, *, cluster: bool = False,
+                    persist: bool = False) -> tuple[ManagedProcess, int]:
+        """A redis-server on loopback with its data in `workdir/redis-<port>`; `persist`
+        keeps it there across restarts (append-only file), as a real Redis would."""
         port = port or free_port()
         data_dir = self.workdir / f"redis-{port}"
         data_dir.mkdir(exist_ok=True)
         extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--cluster-node-timeout", "2000"] if cluster else []
+        durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if persist else [
+            "--appendonly", "no"]
         process = self.spawn(f"redis-{port}", [
             redis_server_binary(), "--port", str(port), "--bind", LOOPBACK,
-            "--save", "", "--appendonly", "no", "--dir", str(data_dir), *extra,
+            "--save", "", *durability, "--dir", str(data_dir), *extra,
         ])
         wait_for_port(port, process=process)
         return process, port
@@ -322,17 +326,84 @@ def _emulated_ports(config: GatewayConfig) -> list[int]:
     return sorted({p.port for p in config.providers.values() if p.host in (LOOPBACK, "localhost")})
 
 
+def _keyring_key_files(config: GatewayConfig, workdir: Path,
+                       per_credential: int = 3) -> list[Path]:
+    """Provider keys the emulator accepts for the config's keyring credentials:
+    `workdir/provider-keys/<credential>-<n>.key` (mode 0600), made once and kept, so the
+    keys an operator sealed stay valid across restarts. `extproc keys add --from-file`
+    reads them; they are emulator keys, worthless anywhere else."""
+    directory = workdir / "provider-keys"
+    paths = []
+    for cred_id, ref in config.credentials.items():
+        if not ref.keyring:
+            continue
+        directory.mkdir(mode=0o700, exist_ok=True)
+        for n in range(1, per_credential + 1):
+            path = directory / f"{cred_id}-{n}.key"
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w", encoding="ascii") as handle:
+                    handle.write(f"sk-emu-{cred_id}-{n}-{secrets.token_hex(12)}\n")
+            paths.append(path)
+    return paths
+
+
+def _absolute_paths(node: object, base: Path) -> object:
+    """`node` with every relative `file` / `path` value made absolute against `base`,
+    so that a copy of a config written elsewhere still names the same files."""
+    if isinstance(node, dict):
+        return {k: (str(base / v) if k in ("file", "path") and isinstance(v, str)
+                    and not Path(v).is_absolute() else _absolute_paths(v, base))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_absolute_paths(v, base) for v in node]
+    return node
+
+
+def _with_ports(config_path: Path, workdir: Path, *, redis_port: int | None,
+                emulator_port: int | None) -> Path:
+    """The config to serve: `config_path` itself, or, when a Redis or emulator port is
+    chosen on the command line, a copy in `workdir` with those ports (and absolute file
+    paths). Edit the copy to try hot reload on such a stack."""
+    if redis_port is None and emulator_port is None:
+        return config_path
+    import yaml
+
+    document = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    document = _absolute_paths(document, config_path.parent)
+    assert isinstance(document, dict)
+    if redis_port is not None and isinstance(document.get("redis"), dict):
+        url = urlsplit(document["redis"]["url"])
+        if url.hostname in (LOOPBACK, "localhost"):
+            document["redis"]["url"] = url._replace(
+                netloc=f"{url.hostname}:{redis_port}").geturl()
+    if emulator_port is not None:
+        for provider in (document.get("providers") or {}).values():
+            url = urlsplit(provider.get("base_url", ""))
+            if url.hostname in (LOOPBACK, "localhost"):
+                provider["base_url"] = url._replace(
+                    netloc=f"{url.hostname}:{emulator_port}").geturl()
+    copy = workdir / "asc.yaml"
+    copy.write_text("# Written by extproc.devstack from " + str(config_path) + " with the "
+                    "ports given on its command line.\n" + yaml.safe_dump(
+                        document, sort_keys=False), encoding="utf-8")
+    return copy
+
+
 def _run(args: argparse.Namespace) -> int:
-    config_path = Path(args.config).resolve()
-    config = load_config(config_path)
     stack = Stack(Path(args.workdir).resolve())
+    config_path = _with_ports(Path(args.config).resolve(), stack.workdir,
+                              redis_port=args.redis_port, emulator_port=args.emulator_port)
+    config = load_config(config_path)
     stack.env.update(_credential_env(config, stack.env))
     provider_keys = [stack.env[ref.env] for ref in config.credentials.values()
                      if ref.env is not None and ref.env in stack.env]
+    key_files = _keyring_key_files(config, stack.workdir)
+    provider_keys += [path.read_text(encoding="ascii").strip() for path in key_files]
     try:
         redis_url = urlsplit(config.redis.url) if config.redis else None
         if redis_url is not None and redis_url.hostname in (LOOPBACK, "localhost"):
-            stack.start_redis(redis_url.port or 6379)
+            stack.start_redis(redis_url.port or 6379, persist=args.redis_persist)
         for port in _emulated_ports(config):
             stack.start_emulator(provider_keys, port)
         _, extproc_port, metrics_port = stack.start_extproc(
@@ -347,13 +418,22 @@ def _run(args: argparse.Namespace) -> int:
         raise
     key = args.demo_key or "<your-virtual-key>"
     body = f'{{"model": "{args.demo_model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+    redis_note = ""
+    if redis_url is not None:
+        redis_port = redis_url.port or 6379
+        kept = (f"data kept in {stack.workdir}/redis-{redis_port}" if args.redis_persist
+                else "not persistent")
+        redis_note = f"  redis        redis://{LOOPBACK}:{redis_port} ({kept})\n"
+    keys_note = (f"  provider keys the emulator accepts (for `extproc keys add --from-file`):\n"
+                 f"               {stack.workdir / 'provider-keys'}/<credential>-<1|2|3>.key\n"
+                 if key_files else "")
     print(f"""
 asc-extproc stack is up (logs in {stack.workdir}):
   Envoy        http://{LOOPBACK}:{args.listen_port}
                admin: curl --unix-socket {admin_socket} http://admin/ready
   extproc      {LOOPBACK}:{extproc_port}  metrics http://{LOOPBACK}:{metrics_port}/metrics
   emulator(s)  {', '.join(f'http://{LOOPBACK}:{p}' for p in _emulated_ports(config)) or '-'}
-
+{redis_note}{keys_note}
 Try it:
   curl -s http://{LOOPBACK}:{args.listen_port}/v1/chat/completions \\
     -H {shlex.quote('Authorization: Bearer ' + key)} \\
@@ -389,6 +469,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen-port", type=int, default=10000)
     parser.add_argument("--extproc-port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, default=9464)
+    parser.add_argument("--redis-port", type=int, default=None,
+                        help="run Redis on this port instead of the one in redis.url "
+                             "(the stack then serves a copy of the config, WORKDIR/asc.yaml)")
+    parser.add_argument("--emulator-port", type=int, default=None,
+                        help="run the emulator on this port instead of the loopback "
+                             "base_url ports of the config (same copy as --redis-port)")
+    parser.add_argument("--redis-persist", action=argparse.BooleanOptionalAction,
+                        default=True, help="keep Redis data (sealed keys, budgets) in "
+                        "WORKDIR/redis-PORT across restarts (default: yes)")
     parser.add_argument("--demo-key", default="", help="virtual key to show in the curl")
     parser.add_argument("--demo-model", default="gpt-4o-mini")
     return parser

@@ -8,7 +8,11 @@
   "Spurious response message";
 * header values arrive in `raw_value`; mutations are sent in `raw_value` too;
 * `OVERWRITE_IF_EXISTS_OR_ADD` replaces client headers instead of appending beside them;
-* dynamic metadata is kept only for namespaces Envoy lists in `receiving_namespaces`.
+* dynamic metadata is kept only for namespaces Envoy lists in `receiving_namespaces`;
+* `request_attributes: [xds.route_metadata]` arrives with the request headers under the
+  filter's canonical name, as the protobuf *text format* of the route's `Metadata` (an
+  empty string for a route without metadata): see
+  docs/decisions/0060-route-metadata-to-the-service.md.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, text_format  # type: ignore[import-untyped]
 
 from extproc.messages import (
     Body,
@@ -32,10 +37,12 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["METADATA_NAMESPACE", "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context",
-           "decode", "encode"]
+__all__ = ["METADATA_NAMESPACE", "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER", "STAGE_UPSTREAM",
+           "attempt_context", "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
+ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
+_ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
 STAGE_HEADER: Final = "x-asc-stage"
 """gRPC metadata the upstream (per-attempt) ext_proc sends; the router-level one does not."""
 STAGE_UPSTREAM: Final = "upstream"
@@ -63,7 +70,8 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
     kind = request.WhichOneof("request")
     if kind == "request_headers":
         message = request.request_headers
-        return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream)
+        return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
+                       route_metadata=_route_metadata(request))
     if kind == "request_body":
         body = request.request_body
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
@@ -95,6 +103,24 @@ def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
             if value.HasField("string_value"):
                 context[f"{METADATA_NAMESPACE}.{name}"] = value.string_value
     return context
+
+
+def _route_metadata(request: pb.ProcessingRequest) -> dict[str, object] | None:
+    """The route's `filter_metadata.asc` as plain data, or None when it has none."""
+    if _ATTRIBUTES_KEY not in request.attributes:
+        return None
+    attributes = request.attributes[_ATTRIBUTES_KEY].fields
+    if ROUTE_METADATA_ATTRIBUTE not in attributes:
+        return None
+    text = attributes[ROUTE_METADATA_ATTRIBUTE].string_value
+    if not text:
+        return None
+    metadata = text_format.Parse(text, base_pb2.Metadata())
+    if METADATA_NAMESPACE not in metadata.filter_metadata:
+        return None
+    result: dict[str, object] = json_format.MessageToDict(
+        metadata.filter_metadata[METADATA_NAMESPACE])
+    return result
 
 
 def _header_mutation(

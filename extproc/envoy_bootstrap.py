@@ -10,8 +10,8 @@ the gateway relies on are fixed here and asserted by tests against a real Envoy:
 * `metadata_options.receiving_namespaces.untyped: [asc]` - else Envoy drops our metadata;
 * `cluster_header: x-asc-cluster` routing, re-evaluated because we clear the route cache;
 * a request buffer limit, so an oversized body is answered 413 instead of hanging, and a
-  response buffer limit (`limits.max_response_bytes`), so an oversized non-streamed answer
-  is a prompt 500 instead of a stall;
+  response buffer limit (`limits.max_response_bytes`): the service reads non-streamed
+  answers BUFFERED_PARTIAL and answers a larger one 502 instead of a stall;
 * Envoy's own error replies rendered as OpenAI-shaped JSON;
 * `x-asc-cluster` internal-only, request trailers sent to the service (a client cannot
   pick a cluster, see docs/decisions/0050-route-decided-by-the-service-only.md);
@@ -44,7 +44,12 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format  # type: ignore[import-untyped]
 
 from extproc.config import FailoverSettings, GatewayConfig, Provider
-from extproc.envoy import METADATA_NAMESPACE, STAGE_HEADER, STAGE_UPSTREAM
+from extproc.envoy import (
+    METADATA_NAMESPACE,
+    ROUTE_METADATA_ATTRIBUTE,
+    STAGE_HEADER,
+    STAGE_UPSTREAM,
+)
 from extproc.failover import failover_cluster, has_failover_cluster, zone_deployments
 from extproc.phases import CLUSTER_HEADER
 
@@ -78,8 +83,6 @@ _PREVIOUS_PRIORITIES: Final = (
     ".PreviousPrioritiesConfig")
 _SOCKET_MATCH_KEY: Final = "asc_provider"
 _SYSTEM_CA: Final = "/etc/ssl/certs/ca-certificates.crt"
-_UPSTREAM_BUFFER_CAP: Final = 1 << 20
-"""Envoy's default per-connection buffer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +193,9 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
             "metadata_options": {
                 "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
             },
+            # A route's filter_metadata.asc (a mesh operator's pin) reaches the service
+            # with the request headers (docs/decisions/0060-route-metadata-to-the-service.md).
+            "request_attributes": [ROUTE_METADATA_ATTRIBUTE],
         },
     }
 
@@ -208,22 +214,12 @@ def _host_header(provider: Provider) -> str:
     return host if provider.port == default_port else f"{host}:{provider.port}"
 
 
-def _upstream_buffer_limit(max_response_bytes: int) -> int:
-    """A provider connection's buffer: a quarter of the response buffer, at most 1 MiB.
-
-    Measured on Envoy 1.40: with a connection buffer as large as half the response buffer
-    or more, an answer above the response buffer stalls (read-disabled upstream) until the
-    client gives up; at a quarter or less it is a prompt 500 `response_payload_too_large`.
-    """
-    return min(_UPSTREAM_BUFFER_CAP, max_response_bytes // 4)
-
-
-def _provider_cluster(provider: Provider, max_response_bytes: int) -> dict[str, Any]:
+def _provider_cluster(provider: Provider) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": provider.cluster,
         "type": "STATIC" if _is_ip(provider.host) else "STRICT_DNS",
         "connect_timeout": "5s",
-        "per_connection_buffer_limit_bytes": _upstream_buffer_limit(max_response_bytes),
+        # Envoy's default connection buffer: with BUFFERED_PARTIAL any size works (0055).
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {
             "cluster_name": provider.cluster,
@@ -326,8 +322,7 @@ def _failover_cluster(config: GatewayConfig, model_name: str, first_index: int,
         "name": name,
         "type": "STRICT_DNS" if any_dns else "STATIC",
         "connect_timeout": "5s",
-        "per_connection_buffer_limit_bytes": _upstream_buffer_limit(
-            config.limits.max_response_bytes),
+        # Envoy's default connection buffer, like the provider clusters (0055).
         "dns_lookup_family": "V4_PREFERRED",
         "load_assignment": {"cluster_name": name, "endpoints": endpoints},
         "outlier_detection": _outlier_detection(settings),
@@ -394,8 +389,7 @@ def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
 def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
     """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`."""
     # config validation guarantees that providers sharing a cluster share its upstream.
-    clusters = {p.cluster: _provider_cluster(p, config.limits.max_response_bytes)
-                for p in config.providers.values()}
+    clusters = {p.cluster: _provider_cluster(p) for p in config.providers.values()}
     extproc_cluster = {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
@@ -465,10 +459,9 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             "address": _socket(ports.listen_address, ports.listen_port),
             # Fail to start on a busy port instead of sharing it with another process.
             "enable_reuse_port": False,
-            # The response buffer for BUFFERED bodies: with the provider clusters' smaller
-            # buffers, a larger answer is Envoy's prompt 500 `response_payload_too_large`
-            # (measured; Envoy's defaults stall above ~2 MB instead, see
-            # docs/decisions/0052-response-buffer-limit.md).
+            # The response buffer: a non-streamed answer (BUFFERED_PARTIAL) reaches the
+            # service whole up to this size, and its first part above it (answered 502,
+            # docs/decisions/0055-oversized-answer-buffered-partial.md).
             "per_connection_buffer_limit_bytes": config.limits.max_response_bytes,
             "filter_chains": [{"filters": [{
                 "name": "envoy.filters.network.http_connection_manager",

@@ -39,6 +39,7 @@ class ErrorCode(enum.Enum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     RATE_LIMITED = "rate_limited"
     PROVIDER_ERROR = "provider_error"
+    RESPONSE_TOO_LARGE = "response_too_large"
     UNAVAILABLE = "gateway_unavailable"
     INTERNAL = "internal_error"
 
@@ -60,6 +61,7 @@ _SPECS: dict[ErrorCode, _ErrorSpec] = {
     ErrorCode.PAYLOAD_TOO_LARGE: _ErrorSpec(413, "invalid_request_error", "request_too_large"),
     ErrorCode.RATE_LIMITED: _ErrorSpec(429, "rate_limit_error", "rate_limit_error"),
     ErrorCode.PROVIDER_ERROR: _ErrorSpec(502, "upstream_error", "api_error"),
+    ErrorCode.RESPONSE_TOO_LARGE: _ErrorSpec(502, "upstream_error", "api_error"),
     ErrorCode.UNAVAILABLE: _ErrorSpec(503, "service_unavailable", "overloaded_error"),
     ErrorCode.INTERNAL: _ErrorSpec(500, "server_error", "api_error"),
 }

@@ -178,6 +178,15 @@ class Flight:
         elif status in (429, 529) or status >= 500 or status in (401, 403):
             attempt.left = f"status {status}"
 
+    def choice_status(self, final: int | None) -> int | None:
+        """What the chosen deployment answered, for its health verdict: attempt 1's
+        status when the request failed over (None: reset, refused, silent, or attempt 1
+        went elsewhere), else the final status."""
+        first = next((a for a in self.attempts if a.number == 1), None)
+        if first is None:
+            return final if not self.attempts else None
+        return first.status if first.provider == self.deployments[0][1].name else None
+
     @property
     def answered(self) -> Attempt | None:
         """The last attempt, if it answered (its response is what the client gets)."""

@@ -15,28 +15,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from extproc.budgets.ledger import redis_client
-from extproc.config import ConfigError, GatewayConfig, load_config
-from extproc.credentials.envelope import EnvelopeError, rewrap_sealed
-from extproc.credentials.kek import KekError, TransitKek, init_kek_file
-from extproc.credentials.keyring import Keyring, KeyStore, StoreUnavailable
+from extproc.cli_errors import CliError
+from extproc.config import GatewayConfig, load_config
+from extproc.credentials.envelope import SealedSecret, rewrap_sealed
+from extproc.credentials.kek import TransitKek, init_kek_file
+from extproc.credentials.keyring import Keyring, KeyStore
 from extproc.credentials.rotation import (
     KeyState,
-    RotationError,
     canary,
     promote,
     revoke,
     rollback,
 )
 from extproc.runtime import kek_from_settings, records_from_settings
-from extproc.secrets import Secret, SecretUnavailable
+from extproc.secrets import Secret
 
-__all__ = ["add_keys_commands"]
+__all__ = ["add_keys_commands", "kek_version"]
+
+# A Transit-wrapped DEK is Transit's ciphertext, `vault:v<N>:<base64>` (OpenBao too).
+_TRANSIT_WRAPPED = re.compile(rb"^[a-z]+:v([0-9]{1,9}):")
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
@@ -77,21 +81,25 @@ def _provider_of(config: GatewayConfig, scope: str, credential: str) -> str:
     for s, c, provider in _keyring_credentials(config):
         if (s, c) == (scope, credential):
             return provider
-    raise SystemExit(f"{credential!r} is not a keyring credential used in scope {scope!r} "
-                     "by this config")
+    raise CliError(f"{credential!r} is not a keyring credential used in scope {scope!r} "
+                   "by this config",
+                   "`extproc keys list --config FILE` shows the keyring credentials and scopes")
 
 
 def _open_store(config: GatewayConfig) -> KeyStore:
     """State in Redis, sealed records where `secrets.store` says (as the gateway does)."""
     if config.redis is None:
-        raise SystemExit("the config has no redis section")
+        raise CliError("the config has no redis section",
+                       "the keyring keeps its state in Redis: add redis: {url: ...}")
     client = redis_client(config.redis)
     return KeyStore(client, records_from_settings(config.secrets.store, client))
 
 
 async def _open_keyring(config: GatewayConfig) -> tuple[Keyring, object]:
     if config.redis is None or config.secrets.kek is None:
-        raise SystemExit("the config needs redis and secrets.kek for keyring operations")
+        raise CliError("the config needs redis and secrets.kek for keyring operations",
+                       "see docs/credentials.md#initial-setup-with-a-file-kek-development-"
+                       "single-host")
     store = _open_store(config)
     return Keyring(store, kek_from_settings(config.secrets.kek)), store
 
@@ -105,22 +113,25 @@ def _read_secret(args: argparse.Namespace) -> Secret:
         text = sys.stdin.readline()
     value = text.strip()
     if not value:
-        raise SystemExit("no key given (standard input or --from-file)")
+        raise CliError("no key given", "pipe it on standard input or use --from-file PATH")
     return Secret(value)
 
 
 def _cmd_init_kek(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    config = load_config(args.config)
     kek = config.secrets.kek
-    if kek is None or kek.backend != "file" or kek.path is None:
-        print("secrets.kek is not a file KEK; with Transit the KEK lives in Vault/OpenBao: "
-              "bao write -f transit/keys/asc-kek derived=true", file=sys.stderr)
-        return 1
-    path = init_kek_file(kek.path)
+    if kek is None:
+        raise CliError("the config has no secrets.kek",
+                       "add secrets: {kek: {backend: file, path: kek.key}}; see "
+                       "docs/credentials.md")
+    if kek.backend != "file" or kek.path is None:
+        raise CliError("secrets.kek is not a file KEK",
+                       "with Transit the KEK lives in Vault/OpenBao: "
+                       "bao write -f transit/keys/asc-kek derived=true")
+    target = Path(os.path.normpath(kek.path))  # `dir/../../var/x` reads as `var/x`
+    # A fresh clone has no var/ yet (the demo keeps its KEK there): make the directory.
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = init_kek_file(target)
     print(f"created KEK file {path} (mode 0600)")
     return 0
 
@@ -130,44 +141,80 @@ async def _add(args: argparse.Namespace) -> int:
     provider = _provider_of(config, args.scope, args.credential)
     secret = _read_secret(args)
     keyring, client = await _open_keyring(config)
-    if isinstance(keyring.kek, TransitKek):
-        # A Transit key created without derived=true ignores the context: refuse it.
-        await keyring.kek.verify_context_binding()
-    version = await keyring.add(args.scope, args.credential, provider, secret)
-    state = await keyring.store.state(args.scope, args.credential)
+    try:
+        await _refuse_revoked_material(keyring.store, args.scope, args.credential, secret)
+        if isinstance(keyring.kek, TransitKek):
+            # A Transit key created without derived=true ignores the context: refuse it.
+            await keyring.kek.verify_context_binding()
+        version = await keyring.add(args.scope, args.credential, provider, secret)
+        state = await keyring.store.state(args.scope, args.credential)
+    finally:
+        await _close(keyring, client)
     print(f"{args.scope}/{args.credential}@{version}: {state.state_of(version)}, "
           f"fingerprint {secret.fingerprint()}")
-    await _close(keyring, client)
     return 0
+
+
+async def _refuse_revoked_material(store: KeyStore, scope: str, credential: str,
+                                   secret: Secret) -> None:
+    """A key revoked at the gateway is usually being revoked at the provider too: sealing
+    the same material again would quietly bring it back. Compared by fingerprint only."""
+    fingerprint = secret.fingerprint()
+    state = await store.state(scope, credential)
+    for record in await store.records(scope, credential):
+        if record.fingerprint == fingerprint and record.version in state.revoked:
+            raise CliError(f"this key is {scope}/{credential}@{record.version}, which is "
+                           "revoked; refusing to seal it again",
+                           "a revoked key stays revoked: get a new key from the provider")
+
+
+def kek_version(record: SealedSecret) -> str:
+    """The KEK version that wrapped `record`'s DEK: `vN` for Transit (what
+    `min_decryption_version` is compared with), `-` for a file KEK (it has none)."""
+    match = _TRANSIT_WRAPPED.match(record.wrapped_dek)
+    return f"v{int(match.group(1))}" if match else "-"
 
 
 async def _list(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = _open_store(config) if config.redis else None
-    print(f"{'credential':<40} {'version':>7}  {'state':<24} {'fingerprint':<20} kek")
+    lines = [f"{'credential':<40} {'version':>7}  {'state':<24} {'fingerprint':<20} "
+             f"{'kek':<40} kek-version"]
     for cred_id, ref in config.credentials.items():
         if not ref.keyring:
             source = f"env {ref.env}" if ref.env else f"file {ref.file}"
-            print(f"{cred_id:<40} {'-':>7}  {'static (' + source + ')':<24}")
-    if store is None or config.redis is None:
-        return 0
-    for scope, credential, _ in _keyring_credentials(config):
-        state = await store.state(scope, credential)
-        for record in await store.records(scope, credential):
-            print(f"{scope + '/' + credential:<40} {record.version:>7}  "
-                  f"{state.state_of(record.version):<24} {record.fingerprint:<20} "
-                  f"{record.kek_id}")
-    await store.close()
+            lines.append(f"{cred_id:<40} {'-':>7}  {'static (' + source + ')':<24}")
+    if config.redis is not None:
+        lines += await _keyring_rows(config)
+    print("\n".join(lines))  # all or nothing: an unreachable store prints no half table
     return 0
+
+
+async def _keyring_rows(config: GatewayConfig) -> list[str]:
+    store = _open_store(config)
+    lines = []
+    try:
+        for scope, credential, _ in _keyring_credentials(config):
+            name = f"{scope}/{credential}"
+            state = await store.state(scope, credential)
+            records = await store.records(scope, credential)
+            if not records:  # configured but never added: the gateway answers 503 for it
+                lines.append(f"{name:<40} {'-':>7}  {'no versions (keys add)':<24}")
+            for record in records:
+                lines.append(f"{name:<40} {record.version:>7}  "
+                             f"{state.state_of(record.version):<24} {record.fingerprint:<20} "
+                             f"{record.kek_id:<40} {kek_version(record)}")
+    finally:
+        await store.close()
+    return lines
 
 
 async def _rotate(args: argparse.Namespace) -> int:
     if args.action == "stage":  # staging a version is sealing a new one
         return await _add(args)
+    if args.action in ("canary", "revoke"):
+        _version(args)  # before any connection: a usage error needs no Redis
     config = _config(args)
     _provider_of(config, args.scope, args.credential)
-    if config.redis is None:
-        raise SystemExit("the config has no redis section")
     store = _open_store(config)
     changes: dict[str, Callable[[KeyState], KeyState]] = {
         "canary": lambda s: canary(s, _version(args), args.percent),
@@ -186,7 +233,8 @@ async def _rotate(args: argparse.Namespace) -> int:
 
 def _version(args: argparse.Namespace) -> int:
     if args.version is None:
-        raise RotationError(f"{args.action} needs --version")
+        raise CliError(f"{args.action} needs --version",
+                       "`extproc keys list --config FILE` shows the versions")
     version: int = args.version
     return version
 
@@ -219,13 +267,10 @@ async def _close(keyring: Keyring, client: object) -> None:
 
 def _run(coroutine_factory: Callable[[argparse.Namespace], object]) -> Callable[
         [argparse.Namespace], int]:
+    """A command's coroutine run to its exit code; errors go up to `cli.main`, which
+    prints each as one `error: ... (hint: ...)` line."""
     def run(args: argparse.Namespace) -> int:
-        try:
-            code: int = asyncio.run(coroutine_factory(args))  # type: ignore[arg-type]
-        except (ConfigError, SecretUnavailable, KekError, EnvelopeError, StoreUnavailable,
-                RotationError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        code: int = asyncio.run(coroutine_factory(args))  # type: ignore[arg-type]
         return code
     return run
 

@@ -48,6 +48,8 @@ class Headers:
     phase: Phase
     headers: dict[str, str]
     end_of_stream: bool
+    route_metadata: dict[str, object] | None = None
+    """The Envoy route's `filter_metadata.asc` (request headers only; see envoy.py)."""
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ __all__ = [
     "CREDENTIAL_ROLLBACKS",
     "CREDENTIAL_STALE_SERVES",
     "CREDENTIAL_STATE",
+    "DEPLOYMENT_STATE",
     "PHASE_SECONDS",
     "POLICY_DENIALS",
     "REQUESTS",
@@ -88,6 +89,12 @@ CREDENTIAL_STATE: Final = Gauge(
     "open, half_open), else 0.",
     ["credential", "state"],
     # livemax: the supervisor drops a dead worker's file, so its states go with it.
+    multiprocess_mode="livemax",
+)
+DEPLOYMENT_STATE: Final = Gauge(
+    "asc_deployment_state",
+    "1 for the current circuit state of each deployment (closed, open, half_open), else 0.",
+    ["deployment", "state"],
     multiprocess_mode="livemax",
 )
 CREDENTIAL_ROLLBACKS: Final = Counter(

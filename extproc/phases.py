@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
+from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
 from extproc.config import Deployment, Price, Provider
 from extproc.credentials import ResolvedCredential
@@ -47,7 +48,7 @@ from extproc.messages import (
     Trailers,
 )
 from extproc.money import cost_micro_usd, format_usd, worst_case_cost
-from extproc.routing import Route, select_route
+from extproc.routing import Route, RouteDecision, RouteOverride, select
 from extproc.runtime import Runtime
 from extproc.secrets import SecretUnavailable
 from extproc.translate.base import (
@@ -140,6 +141,11 @@ class RequestProcessor:
         self.principal: Principal | None = None
         self.model_asked: str | None = None
         self.route: Route | None = None
+        self.route_decision: RouteDecision | None = None
+        self._route_override: RouteOverride | None = None
+        self._deployment_permit: Permit | None = None
+        """The chosen deployment's breaker permit until its verdict (or `finish()`)."""
+        self._sent_at: float | None = None
         self.credential: ResolvedCredential | None = None
         self.streaming = False
         self.upstream_status: int | None = None
@@ -165,7 +171,8 @@ class RequestProcessor:
         error event instead of a silent cut."""
         self._request: dict[str, Any] = {}
         self._output_limit: OutputLimit | None = None
-        self._response_chunks: list[bytes] = []
+        self._answer_cut = False
+        """True when the non-streamed answer was larger than max_response_bytes."""
         self._finished = False
         self._complete = False
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
@@ -210,6 +217,7 @@ class RequestProcessor:
         if principal is None:
             raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
         self.principal = principal
+        self._route_override = RouteOverride.from_metadata(message.route_metadata)
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -270,8 +278,14 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
-        route = select_route(self._config, principal.tenant, model)
-        self.route = route
+        decision = select(self._config, principal.tenant, model,
+                          health=self._runtime.health, route_override=self._route_override)
+        self.route_decision = decision
+        route = self.route = decision.choice
+        # In the same tick as select(), which saw the deployment available, so the permit
+        # is granted (the half-open probe, if it is one). A refusal below gives it back in
+        # finish().
+        self._deployment_permit = self._runtime.health.allow(route.key)
         backend = Backend(route.provider.kind)
         # Everything that can refuse the request without side effects comes first:
         # translation (400s), then the key (503); the budget hold is the last step.
@@ -302,7 +316,7 @@ class RequestProcessor:
         if budget is not None:
             self.estimated_input_tokens = translator.input_estimate(message.body)
             output_tokens = max_tokens * choices  # the provider bills every choice
-            price = route.model.price
+            price = route.price
             cost = worst_case_cost(self.estimated_input_tokens, output_tokens,
                                    price.input_micro_per_mtok, price.output_micro_per_mtok)
             self.hold = await self._runtime.budget_guard().reserve(
@@ -322,6 +336,7 @@ class RequestProcessor:
             *auth,
             ("content-length", str(len(upstream.body))),
         ]
+        self._sent_at = self._clock()
         extension = route.provider.forward_headers
         self.forwarded_extension_headers = any(
             name in self._client_headers for name in extension)
@@ -347,7 +362,16 @@ class RequestProcessor:
         if settings.max_attempts <= 1 or not has_failover_cluster(
                 self._config, route.model, route.deployment):
             return 0
-        retries = len(zone_deployments(self._config, route.model, route.deployment)) - 1
+        # Envoy's priority levels are the zone's deployments in config order; retries stop
+        # before the first one the routing decision does not allow (the tenant's
+        # allow-list, a route override, an open breaker): never a disallowed fallback.
+        allowed = {f.provider.name for f in self.route_decision.fallbacks} \
+            if self.route_decision is not None else set()
+        retries = 0
+        for _, provider in zone_deployments(self._config, route.model, route.deployment)[1:]:
+            if provider.name not in allowed:
+                break
+            retries += 1
         keyring = self._runtime.keys.keyring
         if (self._selected is not None and keyring is not None
                 and keyring.is_canary(self._selected.credential, self._selected.scope)):
@@ -440,7 +464,10 @@ class RequestProcessor:
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
         if self._flight is not None:
+            self._report_deployment(self._flight.choice_status(status))
             self._follow_failover()
+        else:
+            self._report_deployment(status)
         if self._selected is not None:
             # key_evidence: nothing client-controlled beyond the built-in header allow-list
             # reached the provider (False once extension headers are forwarded).
@@ -451,8 +478,9 @@ class RequestProcessor:
         if status >= 400:
             if message.end_of_stream:
                 return self._provider_error(b"")
-            # The error body decides the client's status and message: read it whole.
-            return Continue(response_body_mode=BodyMode.BUFFERED)
+            # The error body decides the client's status and message: read it whole (or
+            # its first max_response_bytes, see on_response_body).
+            return Continue(response_body_mode=BodyMode.BUFFERED_PARTIAL)
         tags = self._tag_headers()
         ours = {name for name, _ in tags}  # set (overwriting the provider's), not removed
         reply = Continue(set_headers=tags, remove_headers=[
@@ -463,7 +491,13 @@ class RequestProcessor:
             self._stream = self._translator.stream()
             reply.response_body_mode = BodyMode.STREAMED
         elif content_type.startswith("application/json"):
-            reply.response_body_mode = BodyMode.BUFFERED
+            # Not BUFFERED: Envoy stalls an answer larger than its buffer or answers 500,
+            # depending on timing. BUFFERED_PARTIAL hands over the whole answer, or its
+            # first max_response_bytes without end_of_stream, and holds the headers
+            # until the reply: decision 0055. In that mode Envoy drops a content-length set
+            # in the body reply, and may keep the provider's: the answer goes out chunked.
+            reply.response_body_mode = BodyMode.BUFFERED_PARTIAL
+            reply.remove_headers.append("content-length")
         else:
             self._complete = True  # the body passes through without us
         return reply
@@ -492,8 +526,24 @@ class RequestProcessor:
             self.credential = answered.selected.credential
             self._selected = answered.selected
 
+    def _report_deployment(self, status: int | None) -> None:
+        """The chosen deployment's verdict (once): what it answered and how fast.
+
+        Valid while a request makes one attempt: the answer is the choice's. Once Envoy
+        retries onto `route_decision.fallbacks`, each attempt's verdict belongs to the
+        deployment that attempt went to (the per-attempt ext_proc knows it), not to the
+        choice."""
+        permit, self._deployment_permit = self._deployment_permit, None
+        if permit is None or self.route is None:
+            return
+        latency = None if self._sent_at is None else self._clock() - self._sent_at
+        self._runtime.health.record(self.route.key, permit, status=status, latency_s=latency)
+
     def _tag_headers(self) -> list[tuple[str, str]]:
         tags = [("x-asc-request-id", self.request_id)]
+        if (self.route_decision is not None and self.principal is not None
+                and self.principal.tenant.debug):
+            tags.append(("x-asc-route-reason", self.route_decision.reason))
         if self.hold is not None:
             tags.extend(self.hold.response_headers())
         if self.route is not None:
@@ -526,24 +576,45 @@ class RequestProcessor:
             if out:
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
             return Continue() if out == message.body else Continue(body=out)
-        self._response_chunks.append(message.body)
-        if not message.end_of_stream:
-            return Continue()
-        body = b"".join(self._response_chunks)
-        self._response_chunks.clear()
+        # BUFFERED_PARTIAL sends one message: the whole body with end_of_stream, or the
+        # first part of a longer one, without it, once Envoy holds more than its buffer
+        # (max_response_bytes). A body that arrived whole before the headers reply may be
+        # longer than the buffer too: every answer above the limit is refused alike.
+        # (Envoy also omits end_of_stream when trailers follow; no provider sends them
+        # with JSON, and a body not known to be whole is never translated or billed by
+        # its usage. Decision 0055.)
+        body = message.body
+        self._complete = True
         if self.upstream_status is not None and self.upstream_status >= 400:
-            return self._provider_error(body)
+            return self._provider_error(body)  # scrubbed and cut short anyway
+        if not message.end_of_stream or len(body) > self._config.limits.max_response_bytes:
+            return self._answer_too_large()
         assert self._translator is not None
         translated = self._translator.response(self.upstream_status or 200, body)
         self.usage = translated.usage
-        # Buffered: the headers are still ours to change (length, cost).
-        set_headers = [] if translated.body == body else [
-            ("content-length", str(len(translated.body)))]
+        # The headers are still held, ours to change (the cost); content-length went in
+        # the headers reply.
+        set_headers = []
         if self.usage is not None and self.route is not None:
-            cost = _usage_cost(self.route.model.price, self.usage)
+            cost = _usage_cost(self.route.price, self.usage)
             set_headers.append(("x-asc-cost-usd", format_usd(cost)))
         return Continue(set_headers=set_headers,
                         body=None if translated.body == body else translated.body)
+
+    def _answer_too_large(self) -> Respond:
+        """A 502 for an answer the gateway cannot read whole; the whole hold is charged.
+
+        502: the provider answered, but not with something the gateway can relay (the
+        client's request was fine, and nothing in the gateway broke). `x-should-retry:
+        false` stops the OpenAI and Anthropic SDKs from retrying: the same request would
+        be answered (and billed) at the same size again.
+        """
+        self._answer_cut = True
+        limit = self._config.limits.max_response_bytes
+        return self._respond_error(GatewayError(
+            ErrorCode.RESPONSE_TOO_LARGE,
+            f"The provider's answer exceeds the gateway's limit of {limit} bytes.",
+            headers=(("x-should-retry", "false"),)))
 
     def _provider_error(self, body: bytes) -> Respond:
         """The provider's error, in the client's dialect, with the status the client gets."""
@@ -625,6 +696,9 @@ class RequestProcessor:
         try:
             if self._selected is not None:  # no verdict was reported: a probe goes back
                 self._runtime.keys.release(self._selected)
+            if self._deployment_permit is not None and self.route is not None:
+                self._runtime.health.release(self.route.key, self._deployment_permit)
+                self._deployment_permit = None
             if self.hold is not None and self.principal is not None and self.route is not None:
                 cost, tokens = self._real_cost(aborted)
                 self.charged_micro_usd = cost
@@ -675,7 +749,7 @@ class RequestProcessor:
             provider=route.provider.name if route else None,
             region=route.provider.region if route else None,
             upstream_model=route.deployment.model if route else None,
-            route_reason=route.reason if route else None,
+            route_reason=self.route_decision.reason if self.route_decision else None,
             credential=self.credential.label if self.credential else None,
             status=self.status,
             upstream_status=self.upstream_status,
@@ -683,6 +757,8 @@ class RequestProcessor:
             aborted=aborted,
             stream=self.streaming,
             charged_micro_usd=self.charged_micro_usd,
+            cost_micro_usd=(_usage_cost(route.price, self.usage)
+                            if route is not None and self.usage is not None else None),
             estimated_input_tokens=self.estimated_input_tokens or None,
             dialect=self.dialect.value,
             prompt_tokens=self.usage.input_tokens if self.usage else None,
@@ -703,13 +779,13 @@ class RequestProcessor:
         service tier) is charged at least the full hold, never just its priced part.
         Without usage: nothing for a provider error; an estimate for a stream cut short
         (prompt estimate + content chunks seen); the full hold when the client left before
-        any response, or when a non-streamed answer never reached the service whole (e.g.
-        Envoy's 500 `response_payload_too_large`): the provider did - and billed - work
-        whose size is unknown.
+        any response, or when a non-streamed answer was larger than max_response_bytes
+        (or never reached the service whole): the provider did - and billed - work whose
+        size is unknown.
         """
         assert self.route is not None
         assert self.hold is not None
-        price = self.route.model.price
+        price = self.route.price
         if self.usage is not None:
             usage = self.usage
             if usage.unpriced:
@@ -722,6 +798,8 @@ class RequestProcessor:
                 return max(cost, held_cost), max(tokens, held_tokens)
         elif self.upstream_status is not None and self.upstream_status >= 400:
             return 0, 0
+        elif self._answer_cut:
+            return self._held()
         elif (self.upstream_status is not None and self._stream is None and aborted
               and self.hold.reservation is not None):
             held = {g.unit: g.amount for g in self.hold.reservation.groups}
@@ -745,11 +823,14 @@ class RequestProcessor:
 
 
 def _usage_cost(price: Price, usage: Usage) -> int:
-    """Cached prompt tokens at the cached price, the rest of the prompt and the output at
-    theirs; each part rounded up to a micro-USD."""
+    """Prompt tokens read from the provider's cache at the cached price, those written to
+    it at the cache-write price, the rest of the prompt and the output at theirs; each
+    part rounded up to a micro-USD."""
     cached = min(usage.cached_input_tokens, usage.input_tokens)
-    return (cost_micro_usd(usage.input_tokens - cached, price.input_micro_per_mtok)
+    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
+    return (cost_micro_usd(usage.input_tokens - cached - written, price.input_micro_per_mtok)
             + cost_micro_usd(cached, price.cached_input_micro_per_mtok)
+            + cost_micro_usd(written, price.cache_write_rate)
             + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
 
 

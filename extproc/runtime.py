@@ -8,7 +8,7 @@ over to the new runtime when its settings did not change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.auth import TenantDirectory
@@ -33,6 +33,7 @@ from extproc.credentials.keyring import (
 )
 from extproc.credentials.pools import CredentialPool
 from extproc.credentials.selection import ProviderKeys
+from extproc.deployment_health import DeploymentHealth
 from extproc.secrets import SecretUnavailable, resolve_secret
 
 __all__ = ["Runtime", "RuntimeHolder", "kek_from_settings", "records_from_settings"]
@@ -49,6 +50,8 @@ class Runtime:
     keys: ProviderKeys
     budgets: BudgetGuard | None = None
     redis: Any = None
+    health: DeploymentHealth = field(default_factory=DeploymentHealth)
+    """Deployment breakers; carried over a reload whose health settings did not change."""
 
     @classmethod
     def build(cls, config: GatewayConfig, environ: dict[str, str] | None = None,
@@ -82,8 +85,12 @@ class Runtime:
         pool = previous.keys.pool if previous else CredentialPool()
         keys = ProviderKeys(config.credentials, StaticKeyProvider.from_config(config, environ),
                             keyring, pool)
+        keep_health = (previous is not None
+                       and previous.health.settings == config.deployment_health)
+        health = previous.health if keep_health and previous else DeploymentHealth(
+            config.deployment_health, pool=pool)
         return cls(config=config, tenants=TenantDirectory(config, pepper), keys=keys,
-                   budgets=budgets, redis=redis)
+                   budgets=budgets, redis=redis, health=health)
 
     def budget_guard(self) -> BudgetGuard:
         if self.budgets is None:  # config validation requires redis for any budget

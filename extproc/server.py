@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -38,6 +39,7 @@ from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, load_config
 from extproc.credentials.keyring import listen_for_changes
+from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
 from extproc.logs import log_event
 from extproc.messages import Phase
@@ -225,12 +227,32 @@ async def _sync_keys(holder: RuntimeHolder) -> None:
                 continue
             try:
                 await runtime.keys.pool.sync(runtime.redis)
+                await runtime.health.sync(runtime.redis)
             except REDIS_FAILURES as exc:
                 log_event(log, logging.WARNING, "key pool health sync failed",
                           error=describe_redis_failure(exc))
     finally:
         if listener is not None:
             listener.cancel()
+
+
+async def _probe_deployments(holder: RuntimeHolder) -> None:
+    """Active deployment probes (`deployments[].probe`), when any is configured."""
+    prober = ActiveProber()
+    session: aiohttp.ClientSession | None = None
+    try:
+        while True:
+            await asyncio.sleep(1.0)
+            runtime = holder.current
+            if not any(d.probe for m in runtime.config.models.values() for d in m.deployments):
+                continue
+            if session is None:
+                session = aiohttp.ClientSession()
+            await prober.tick(runtime.config, runtime.health, session)
+    finally:
+        await prober.close()
+        if session is not None:
+            await session.close()
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -272,6 +294,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     watcher = asyncio.create_task(reloader.watch(options.watch_interval))
     sweeper = asyncio.create_task(_sweep_holds(holder, options.sweep_interval))
     key_sync = asyncio.create_task(_sync_keys(holder))
+    prober = asyncio.create_task(_probe_deployments(holder))
     log_event(log, logging.INFO, "extproc serving", listen=options.listen, pid=os.getpid(),
               metrics=None if supervised else options.metrics_listen)
     await stop.wait()
@@ -280,6 +303,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     watcher.cancel()
     sweeper.cancel()
     key_sync.cancel()
+    prober.cancel()
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
     log_event(log, logging.INFO, "stopped")

@@ -139,6 +139,12 @@ class CredentialPool:
                 return "degraded"
         return "closed"
 
+    def breaker_state(self, credential: str) -> str:
+        """closed, open or half_open: the key's breaker alone, without the latency window
+        that `state` sorts (routing asks this for every candidate of every request)."""
+        health = self._health.get(credential)
+        return "closed" if health is None else health.breaker.state
+
     def cooling_until(self, credential: str) -> float | None:
         """When this credential's 429 cool-down ends (pool clock), or None."""
         until = self._of(credential).cool_until

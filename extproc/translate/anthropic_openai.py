@@ -494,7 +494,7 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
             }}))
             self._ended = True
             return
-        usage = usage_from_openai(chunk.get("usage"))
+        usage = usage_from_openai(chunk.get("usage"), service_tier=chunk.get("service_tier"))
         if usage is not None:
             self._usage = usage
         choices = chunk.get("choices")
@@ -596,7 +596,9 @@ class AnthropicToOpenAI(limits.AnthropicDoorRules):
         if not isinstance(completion, dict):
             raise _invalid_response()
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),
-                                  usage=usage_from_openai(completion.get("usage")))
+                                  usage=usage_from_openai(completion.get("usage"),
+                                                          service_tier=completion.get(
+                                                              "service_tier")))
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         return map_provider_error(Dialect.ANTHROPIC, status, body)

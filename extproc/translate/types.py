@@ -61,7 +61,9 @@ class Usage:
     `input_tokens` counts the whole prompt, cached parts included (OpenAI's
     `prompt_tokens`; Anthropic's `input_tokens + cache_read_input_tokens +
     cache_creation_input_tokens`); `cached_input_tokens` is the part of it read from the
-    provider's prompt cache, priced at the cached-input rate.
+    provider's prompt cache, priced at the cached-input rate; `cache_write_input_tokens`
+    the part written to it (Anthropic `cache_creation_input_tokens`), priced at the
+    cache-write rate.
     `unpriced` names billed usage the gateway has no price for (server tools, audio,
     a premium service tier): budgets charge such a request at least its full hold.
     """
@@ -70,6 +72,7 @@ class Usage:
     output_tokens: int
     cached_input_tokens: int = 0
     unpriced: tuple[str, ...] = ()
+    cache_write_input_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

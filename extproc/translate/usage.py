@@ -87,7 +87,8 @@ def usage_from_anthropic(usage: object) -> Usage | None:
     read = _count(usage.get("cache_read_input_tokens")) or 0
     created = _count(usage.get("cache_creation_input_tokens")) or 0
     return Usage(input_tokens=uncached + read + created, output_tokens=output,
-                 cached_input_tokens=read, unpriced=_unpriced_anthropic(usage))
+                 cached_input_tokens=read, unpriced=_unpriced_anthropic(usage),
+                 cache_write_input_tokens=created)
 
 
 def openai_usage_body(usage: Usage) -> dict[str, Any]:

@@ -309,13 +309,13 @@ def test_budget_cli_shows_resets_and_sets_live_state(
 
     assert main(["budget", "show", "acme", "--config", config]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["1", "tenant", "monthly", "budget", "0.008300", "USD",
-                                "0.000000", "USD", "0.991700", "USD"]
-    assert lines[2].split() == ["2", "requests", "per", "minute", "1", "requests",
+    assert lines[2].split() == ["acme", "1", "tenant:month", "tenant", "1.000000", "USD",
+                                "0.008300", "USD", "0.000000", "USD", "0.991700", "USD"]
+    assert lines[3].split() == ["acme", "2", "rpm", "rpm", "50", "requests", "1", "requests",
                                 "0", "requests", "49", "requests"]
 
     assert main(["budget", "set", "acme", "--config", config, "--limit", "1",
-                 "--spent-usd", "0.25"]) == 1  # refuses without --yes
+                 "--spent-usd", "0.25"]) == 2  # refuses without --yes
     assert main(["budget", "set", "acme", "--config", config, "--limit", "1",
                  "--spent-usd", "0.25", "--yes"]) == 0
     assert month_counter(redis_port) == (250_000, 0)

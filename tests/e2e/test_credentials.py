@@ -120,7 +120,7 @@ def list_rows(output: str) -> dict[tuple[str, int], tuple[str, str, str]]:
 
 
 _ROW = re.compile(r"^(?P<name>\S+)\s+(?P<version>\d+)  (?P<state>\S.*?)\s+"
-                  r"(?P<fingerprint>sha256:[0-9a-f]{12})\s+(?P<kek>\S+)$")
+                  r"(?P<fingerprint>sha256:[0-9a-f]{12})\s+(?P<kek>\S+)\s+(?:v\d+|-)$")
 
 
 # -- stacks -----------------------------------------------------------------------------
@@ -602,7 +602,7 @@ def test_a_tenant_own_key_is_used_only_for_it_and_still_budgeted(
         f"tenant:acme/acme-own@1: active, fingerprint {Secret(acme_key).fingerprint()}\n")
     # The tenant's credential is not a global one: refused, nothing sealed.
     refused = ring.keys("add", "acme-own", secret=acme_key)
-    assert refused.code == 1
+    assert refused.code == 2
     assert "'acme-own' is not a keyring credential used in scope 'global'" in refused.err
     gateway = ring.start()
     accept_keys(gateway, global_key, acme_key)

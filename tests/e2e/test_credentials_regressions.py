@@ -175,6 +175,6 @@ def test_bug_keys_add_does_not_check_that_the_transit_key_is_derived(
                   secret=canary_key("plain"))
 
     # Observed: CliResult(code=0, out='global/ring-eu@1: active, fingerprint ...', err='')
-    assert result.code == 1, result
+    assert result.code == 2, result
     assert "derived" in result.err
     assert t.records() == {}

@@ -45,7 +45,9 @@ from tests.openbao import KEK_NAME, TRANSIT_MOUNT, CountingProxy, OpenBao, start
 GATEWAY_TOKEN_ENV = "ASC_TEST_GATEWAY_BAO_TOKEN"
 OPERATOR_TOKEN_ENV = "ASC_TEST_KEY_OPERATOR_TOKEN"
 ADMIN_TOKEN_ENV = "ASC_TEST_KEK_ADMIN_TOKEN"
-DENIED = "error: transit encrypt failed: HTTP 403 (permission denied)\n"
+DENIED = ("error: transit encrypt failed: HTTP 403 (permission denied) (hint: sealing needs "
+          "a key-operator token (policy deploy/vault/key-operator.hcl): --token-env VAR "
+          "naming the variable that holds it)\n")
 
 
 @dataclass
@@ -262,7 +264,7 @@ def test_only_the_key_operator_token_can_add_provider_keys(
     # The KEK admin (and the gateway itself) may not seal provider keys.
     for token_env in (ADMIN_TOKEN_ENV, GATEWAY_TOKEN_ENV):
         refused = keys("add", CREDENTIAL, "--token-env", token_env, secret=refused_key)
-        assert (refused.code, refused.out, refused.err) == (1, "", DENIED)
+        assert (refused.code, refused.out, refused.err) == (2, "", DENIED)
     assert list(t.records()) == [1]  # nothing sealed by the refused attempts
 
     # Rewrap: the KEK admin's job; the shipped key-operator policy allows it too
@@ -272,7 +274,10 @@ def test_only_the_key_operator_token_can_add_provider_keys(
         "rewrapped 1 record(s) under the newest KEK version\n")
     gateway_rewrap = keys("rewrap", "--token-env", GATEWAY_TOKEN_ENV)
     assert (gateway_rewrap.code, gateway_rewrap.err) == (
-        1, "error: transit rewrap failed: HTTP 403 (permission denied)\n")
+        2, "error: transit rewrap failed: HTTP 403 (permission denied) (hint: rewrap needs a "
+           "kek-admin token (policy deploy/vault/kek-admin.hcl) for records in Redis, a "
+           "key-operator token (deploy/vault/key-operator.hcl) for records in Vault KV: "
+           "--token-env VAR)\n")
 
     # The key operator may not rotate or reconfigure the KEK (no CLI command does that;
     # it is `bao write transit/keys/asc-kek/rotate` with the admin's token).

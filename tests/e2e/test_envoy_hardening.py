@@ -187,30 +187,122 @@ def _ledger_settled(redis_port: int) -> tuple[int, int]:
     return month_counter(redis_port)
 
 
-def test_an_answer_over_max_response_bytes_is_500_and_charges_the_hold(stack: Stack) -> None:
+LIMIT = 1_048_576
+"""limits.max_response_bytes of the limited gateway."""
+HOLD = 19_300
+"""The hold of chat_body(max_tokens=8) at test_budgets.PRICE: 33 prompt tokens estimated
++ 8 output tokens."""
+TOO_LARGE = f"The provider's answer exceeds the gateway's limit of {LIMIT} bytes."
+
+
+def _limited_gateway(stack: Stack) -> tuple[Gateway, int]:
+    """A gateway with limits.max_response_bytes = 1 MiB and a Redis budget for acme."""
     _, redis_port = stack.start_redis()
     budget = budget_config(redis_port,
                            budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}])
 
     def document(emulator_port: int) -> dict[str, Any]:
         doc: dict[str, Any] = budget(emulator_port)
-        doc["limits"]["max_response_bytes"] = 1_048_576
+        doc["limits"]["max_response_bytes"] = LIMIT
         return doc
 
-    gateway = start_gateway(stack, stack.workdir / "config", document=document)
-    gateway.emulator.queue_fault(pad_bytes=1_000_000)
+    return start_gateway(stack, stack.workdir / "config", document=document), redis_port
+
+
+def _log_records(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
+    """Every extproc log record that names the request, once its last one is written."""
+    def records() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in gateway.extproc.log_text().splitlines()
+                if request_id in line]
+    deadline = time.monotonic() + 10
+    while (not any(r.get("msg") == "request finished" for r in records())
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    return records()
+
+
+def test_an_answer_over_max_response_bytes_is_502_and_charges_the_hold(stack: Stack) -> None:
+    gateway, redis_port = _limited_gateway(stack)
+    # An answer just under the limit passes whole, its usage read.
+    gateway.emulator.queue_fault(pad_bytes=LIMIT - 1_000)
     fits = gateway.chat(chat_body(max_tokens=8))
     assert (fits.status_code, fits.headers["x-asc-cost-usd"]) == (200, "0.008300")
+    assert fits.json()["emulator_padding"] == "x" * (LIMIT - 1_000)
     assert _ledger_settled(redis_port) == (8_300, 0)
 
-    # Envoy answers 500 above the buffer plus the provider connection's 256 KiB.
-    gateway.emulator.queue_fault(pad_bytes=1_500_000)
-    too_large = gateway.chat(chat_body(max_tokens=8))
+    # Just over the limit (it may reach the service whole) and far over it (Envoy hands
+    # over its first part): the same 502, whatever the timing was (decision 0055).
+    for pad in (LIMIT, 3 * LIMIT):
+        gateway.emulator.queue_fault(pad_bytes=pad)
+        too_large = gateway.chat(chat_body(max_tokens=8))
 
-    assert too_large.status_code == 500
-    assert too_large.json() == {"error": {
-        "message": "The gateway could not process the request.", "type": "gateway_error",
-        "param": None, "code": "response_payload_too_large"}}
-    # The provider answered (and billed) in full; the gateway never saw the usage: the
-    # whole hold is charged - 33 prompt tokens estimated + 8 output tokens = 19,300.
-    assert _ledger_settled(redis_port) == (8_300 + 19_300, 0)
+        assert too_large.status_code == 502
+        assert too_large.json() == {"error": {
+            "message": TOO_LARGE, "type": "upstream_error", "param": None,
+            "code": "response_too_large"}}
+        # The same request would be answered - and billed - at the same size again.
+        assert too_large.headers["x-should-retry"] == "false"
+        [record] = _log_records(gateway, too_large.headers["x-asc-request-id"])
+        assert (record["msg"], record["status"], record["upstream_status"], record["error"],
+                record["aborted"], record["charged_micro_usd"]) == (
+            "request finished", 502, 200, "response_too_large", False, HOLD)
+    # The provider answered (and billed) in full; the gateway cannot read the usage: the
+    # whole hold is charged each time.
+    assert _ledger_settled(redis_port) == (8_300 + 2 * HOLD, 0)
+
+    # Nothing stalled: the next answer passes whole.
+    gateway.emulator.queue_fault(pad_bytes=1_000)
+    again = gateway.chat(chat_body(max_tokens=8))
+    assert (again.status_code, again.json()["emulator_padding"]) == (200, "x" * 1_000)
+    assert _ledger_settled(redis_port) == (2 * 8_300 + 2 * HOLD, 0)
+
+
+def test_a_translated_answer_up_to_the_limit_passes_and_a_larger_one_is_an_anthropic_502(
+        stack: Stack) -> None:
+    gateway, redis_port = _limited_gateway(stack)
+    body = {"model": "gpt-4o-mini", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello there"}]}
+    headers = {"x-api-key": ACME_KEY, "anthropic-version": "2023-06-01"}
+
+    # Translated to Anthropic's shape, shorter than the provider's answer: the provider's
+    # content-length must not reach the client (it would wait for bytes that never come).
+    gateway.emulator.queue_fault(pad_bytes=LIMIT - 1_000)
+    fits = gateway.client.post("/v1/messages", json=body, headers=headers)
+    assert fits.status_code == 200
+    assert fits.json()["type"] == "message"
+    assert fits.json()["usage"] == {"input_tokens": 3, "output_tokens": 4,
+                                    "cache_creation_input_tokens": 0,
+                                    "cache_read_input_tokens": 0}
+    assert "emulator_padding" not in fits.json()
+    assert "content-length" not in fits.headers
+    assert fits.headers["transfer-encoding"] == "chunked"
+
+    gateway.emulator.queue_fault(pad_bytes=2 * LIMIT)
+    too_large = gateway.client.post("/v1/messages", json=body, headers=headers)
+    assert too_large.status_code == 502
+    assert too_large.json() == {"type": "error",
+                                "error": {"type": "api_error", "message": TOO_LARGE}}
+    assert too_large.headers["x-should-retry"] == "false"
+    [record] = _log_records(gateway, too_large.headers["x-asc-request-id"])
+    assert (record["status"], record["error"], record["charged_micro_usd"]) == (
+        502, "response_too_large", 19_100)
+    # 8,300 for the answer that fits (its usage), and the whole hold of the one that does
+    # not: 31 prompt tokens estimated (this body is shorter) + 8 output tokens = 19,100.
+    assert _ledger_settled(redis_port) == (8_300 + 19_100, 0)
+
+
+def test_a_provider_error_larger_than_the_limit_is_answered_not_stalled(stack: Stack) -> None:
+    gateway, redis_port = _limited_gateway(stack)
+    # A provider 400 echoing a 3 MB unknown field back: Envoy hands over its first MiB.
+    gateway.emulator.queue_fault(status=400, message="Unknown field: " + "x" * 3 * LIMIT)
+    error = gateway.chat(chat_body(max_tokens=8))
+
+    # Its first part is not JSON: the provider's status, in the gateway's words.
+    assert error.status_code == 502
+    assert error.json() == {"error": {
+        "message": "The provider failed with status 400.", "type": "upstream_error",
+        "param": None, "code": "provider_error"}}
+    [record] = _log_records(gateway, error.headers["x-asc-request-id"])
+    assert (record["status"], record["upstream_status"], record["error"],
+            record["charged_micro_usd"]) == (502, 400, "provider_error", 0)
+    assert _ledger_settled(redis_port) == (0, 0)  # a provider error charges nothing

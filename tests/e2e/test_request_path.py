@@ -289,7 +289,7 @@ def test_request_log_and_envoy_access_log_share_the_request_id(
     assert line["tenant"] == "acme"
     assert line["key_id"] == "acme-main"
     assert line["provider"] == "emu-eu"
-    assert line["route_reason"] == "zone eu: first deployment"
+    assert line["route_reason"] == "zone eu; first in order emu-eu"
     assert line["credential"] == "emu-eu-1@1"
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 4)
 

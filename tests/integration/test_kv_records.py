@@ -440,13 +440,16 @@ def test_keys_cli_and_runtime_use_the_configured_kv_store(
                      "--token-env", "OPERATOR_TOKEN", capsys=capsys)
     listed = keys_cli("list", "--config", str(config_path), capsys=capsys)
 
-    assert refused == (1, "", "error: vault kv write failed: HTTP 403 (permission denied)\n")
+    assert refused == (2, "", "error: vault kv write failed: HTTP 403 (permission denied) "
+                       "(hint: sealing needs a key-operator token (policy "
+                       "deploy/vault/key-operator.hcl): --token-env VAR naming the variable "
+                       "that holds it)\n")
     # The refused attempt used up version 1 of the counter (Redis), but stored nothing.
     fingerprint = Secret(CANARY).fingerprint()
     assert added == (0, f"global/{cred}@2: active, fingerprint {fingerprint}\n", "")
     assert listed[0] == 0
     [row] = [line for line in listed[1].splitlines() if line.startswith(f"global/{cred}")]
-    assert row.split() == [f"global/{cred}", "2", "active", fingerprint, kek_id(tmp_path)]
+    assert row.split() == [f"global/{cred}", "2", "active", fingerprint, kek_id(tmp_path), "-"]
     assert SealedSecret.from_json(
         kv_read(openbao, f"asc/global/{cred}/v2")["data"]["data"]["record"]).version == 2
     for text in (*refused, *added, *listed):

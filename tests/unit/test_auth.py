@@ -261,8 +261,9 @@ def test_keys_hash_empty_stdin(
 ) -> None:
     config = write_config(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
-    assert main(["keys", "hash", "--config", str(config)]) == 1
-    assert capsys.readouterr() == ("", "no key on standard input\n")
+    assert main(["keys", "hash", "--config", str(config)]) == 2
+    assert capsys.readouterr() == ("", "error: no key on standard input (hint: pipe the "
+                                       "virtual key in, or use --generate for a new one)\n")
 
 
 def test_keys_hash_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -283,7 +284,8 @@ def test_keys_hash_missing_pepper(
     config = write_config(tmp_path)
     (tmp_path / "pepper.txt").unlink()
     monkeypatch.setattr(sys, "stdin", io.StringIO(ACME_KEY + "\n"))
-    assert main(["keys", "hash", "--config", str(config)]) == 1
+    assert main(["keys", "hash", "--config", str(config)]) == 2
     pepper_path = tmp_path / "pepper.txt"
     assert capsys.readouterr() == (
-        "", f"secret 'pepper': cannot read {pepper_path}: No such file or directory\n")
+        "", f"error: secret 'pepper': cannot read {pepper_path}: No such file or directory "
+            "(hint: set the variable or create the file the config names)\n")

@@ -33,6 +33,7 @@ from extproc.config import (
     Provider,
     RecordStoreSettings,
     RedisSettings,
+    RoutePolicy,
     SecretsSettings,
     Tenant,
     TenantKey,
@@ -212,8 +213,8 @@ def test_issue_hints() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(CASES_DIR / "unknown_field_tenant.yaml")
     assert caught.value.issues[0].hint == (
-        "known fields: zone, keys, models, routing, org, budgets, rate_limits, "
-        "on_redis_error, fail_open_ceiling_usd, max_tokens, credentials")
+        "known fields: zone, keys, models, route_policy, routing, debug, org, budgets, "
+        "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials")
 
 
 VALID = f"""\
@@ -318,9 +319,10 @@ def test_valid_config_compiles_to_frozen_objects(tmp_path: Path) -> None:
         },
         tenants={
             "acme": Tenant(id="acme", zone="eu", keys=(TenantKey("acme-1", HASH_A),),
-                           models=frozenset({"gpt-4o-mini"}), pins={"gpt-4o-mini": "prov-eu"}),
+                           models=frozenset({"gpt-4o-mini"}),
+                           policies={"gpt-4o-mini": RoutePolicy(pin="prov-eu")}),
             "globex": Tenant(id="globex", zone=None, keys=(TenantKey("globex-1", HASH_B),),
-                             models=frozenset({"gpt-4o-mini", "gpt-4o"}), pins={}),
+                             models=frozenset({"gpt-4o-mini", "gpt-4o"})),
         },
     )
     for frozen in (config, config.pepper, config.providers["prov-us"],
@@ -520,7 +522,7 @@ STORE_CASES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     ]),
     "token_both": ('{backend: vault_kv, url: "https://bao", token: {env: T, file: t}}', [
         ("secrets.store.token", EXACTLY_ONE,
-         "e.g. {env: OPENAI_API_KEY} or {file: /run/secrets/openai}"),
+         "e.g. {file: /run/secrets/asc-vault-token} or {env: ASC_VAULT_TOKEN}"),
     ]),
     "token_bad_env": ('{backend: vault_kv, url: "https://bao", token: {env: 1BAD}}', [
         ("secrets.store.token.env", "must be an environment variable name", ""),

@@ -36,6 +36,7 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.PAYLOAD_TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
     ErrorCode.RATE_LIMITED: (429, "rate_limit_error", "rate_limit_error"),
     ErrorCode.PROVIDER_ERROR: (502, "upstream_error", "api_error"),
+    ErrorCode.RESPONSE_TOO_LARGE: (502, "upstream_error", "api_error"),
     ErrorCode.UNAVAILABLE: (503, "service_unavailable", "overloaded_error"),
     ErrorCode.INTERNAL: (500, "server_error", "api_error"),
 }
@@ -49,6 +50,7 @@ CODE_VALUES = {
     ErrorCode.PAYLOAD_TOO_LARGE: "payload_too_large",
     ErrorCode.RATE_LIMITED: "rate_limited",
     ErrorCode.PROVIDER_ERROR: "provider_error",
+    ErrorCode.RESPONSE_TOO_LARGE: "response_too_large",
     ErrorCode.UNAVAILABLE: "gateway_unavailable",
     ErrorCode.INTERNAL: "internal_error",
 }

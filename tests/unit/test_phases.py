@@ -483,7 +483,7 @@ async def test_good_body_routes_and_injects_the_provider_key() -> None:
     assert processor.streaming is True
     assert processor.dialect is Dialect.OPENAI
     assert processor.route is not None
-    assert processor.route.reason == "first deployment"
+    assert processor.route.reason == "first in order prov-us"
 
 
 async def test_residency_routes_eu_tenant_to_eu_and_rewrites_the_model() -> None:
@@ -506,7 +506,7 @@ async def test_residency_routes_eu_tenant_to_eu_and_rewrites_the_model() -> None
     )
     assert processor.streaming is False
     assert processor.route is not None
-    assert processor.route.reason == "zone eu: first deployment"
+    assert processor.route.reason == "first in order prov-eu"
 
 
 async def test_pin_is_honoured() -> None:
@@ -582,7 +582,8 @@ async def test_azure_response_is_tagged_and_its_usage_billed() -> None:
     assert reply == Continue(
         set_headers=[("x-asc-request-id", processor.request_id), ("x-asc-provider", "prov-az"),
                      ("x-asc-region", "eastus"), ("x-asc-credential", "cred-az@1")],
-        response_body_mode=BodyMode.BUFFERED)
+        remove_headers=["content-length"],
+        response_body_mode=BodyMode.BUFFERED_PARTIAL)
     reply = await processor.handle(response_body(
         b'{"usage":{"prompt_tokens":100,"completion_tokens":10}}', end_of_stream=True))
     # 100 x 2.5 + 10 x 10 micro-USD.
@@ -677,7 +678,8 @@ async def test_json_200_is_tagged_and_buffered() -> None:
     processor = await routed()
     reply = await processor.handle(response_headers("200", "application/json; charset=utf-8"))
     assert reply == Continue(set_headers=us_tags(processor),
-                             response_body_mode=BodyMode.BUFFERED)
+                             remove_headers=["content-length"],
+                             response_body_mode=BodyMode.BUFFERED_PARTIAL)
     assert (processor.status, processor.upstream_status) == (200, 200)
 
 
@@ -720,7 +722,7 @@ async def provider_answers(processor: RequestProcessor, status: str, body: bytes
     headers = {":status": status, "content-type": content_type,
                **{k.replace("_", "-"): v for k, v in extra.items()}}
     reply = await processor.handle(Headers(Phase.RESPONSE_HEADERS, headers, False))
-    assert reply == Continue(response_body_mode=BodyMode.BUFFERED)
+    assert reply == Continue(response_body_mode=BodyMode.BUFFERED_PARTIAL)
     return await processor.handle(response_body(body, end_of_stream=True))
 
 
@@ -734,14 +736,19 @@ async def test_provider_5xx_is_502() -> None:
     assert processor.error is ErrorCode.PROVIDER_ERROR
 
 
-async def test_provider_error_body_in_pieces_is_read_whole() -> None:
+async def test_provider_error_body_over_the_limit_is_answered_from_its_first_part() -> None:
+    # BUFFERED_PARTIAL hands over an error body longer than max_response_bytes cut short,
+    # without end_of_stream: it is answered from what arrived (decision 0055).
     processor = await routed()
     await processor.handle(response_headers("400"))
-    document = error_json("Invalid 'messages[0].role'.", "invalid_request_error", "bad")
-    assert await processor.handle(response_body(document[:15], end_of_stream=False)) == Continue()
-    reply = await processor.handle(response_body(document[15:], end_of_stream=True))
-    assert reply == provider_error(processor, 400, 400, "Invalid 'messages[0].role'.",
-                                   "invalid_request_error", "invalid_request")
+    limit = processor._config.limits.max_response_bytes
+    document = error_json("Invalid 'messages[0].role'." + " " * limit, "invalid_request_error",
+                          "bad")
+    reply = await processor.handle(response_body(document[:limit + 1], end_of_stream=False))
+    assert isinstance(reply, Respond)
+    assert (reply.status, processor.upstream_status, processor.error) == (
+        502, 400, ErrorCode.PROVIDER_ERROR)
+    assert json.loads(reply.body)["error"]["message"] == "The provider failed with status 400."
 
 
 async def test_headers_only_provider_error_is_answered_at_once() -> None:
@@ -836,7 +843,7 @@ async def test_provider_non_json_404_is_502() -> None:
 async def test_missing_status_counts_as_502() -> None:
     processor = await routed()
     reply = await processor.handle(Headers(Phase.RESPONSE_HEADERS, {}, False))
-    assert reply == Continue(response_body_mode=BodyMode.BUFFERED)
+    assert reply == Continue(response_body_mode=BodyMode.BUFFERED_PARTIAL)
     assert processor.upstream_status == 502
     reply = await processor.handle(response_body(b"upstream reset", end_of_stream=True))
     assert reply == provider_error(processor, 502, 502, "The provider failed with status 502.",
@@ -860,13 +867,25 @@ async def test_buffered_usage_is_read() -> None:
     document = json.dumps({"id": "c1", "choices": [],
                            "usage": {"prompt_tokens": 12, "completion_tokens": 34,
                                      "total_tokens": 46}}).encode()
-    assert await processor.handle(response_body(document[:20], end_of_stream=False)) == Continue()
-    assert usage_of(processor) is None
     # 12 x 0.15 + 34 x 0.60 USD per Mtok, each rounded up to a micro-USD: 2 + 21.
     # The body passes through unchanged, so only the cost header is set.
-    assert await processor.handle(response_body(document[20:], end_of_stream=True)) == Continue(
+    assert await processor.handle(response_body(document, end_of_stream=True)) == Continue(
         set_headers=[("x-asc-cost-usd", "0.000023")])
     assert processor.usage == Usage(input_tokens=12, output_tokens=34)
+
+
+async def test_a_body_without_end_of_stream_is_never_read_as_whole() -> None:
+    # Envoy omits end_of_stream for a cut body, or when trailers follow (no provider sends
+    # them with JSON); with an Envoy rendered for a smaller max_response_bytes than the
+    # service's, a cut body can be shorter than the service's limit. Never bill or pass it.
+    processor = await routed()
+    await processor.handle(response_headers("200"))
+    document = json.dumps({"id": "c1", "choices": [],
+                           "usage": {"prompt_tokens": 12, "completion_tokens": 34}}).encode()
+    reply = await processor.handle(response_body(document, end_of_stream=False))
+    assert isinstance(reply, Respond)
+    assert (reply.status, processor.error) == (502, ErrorCode.RESPONSE_TOO_LARGE)
+    assert processor.usage is None
 
 
 @pytest.mark.parametrize("document", [
@@ -981,6 +1000,66 @@ async def test_budget_is_settled_with_cached_tokens_at_the_cached_price(
             fields["cached_prompt_tokens"], fields["completion_tokens"]) == (3750, 1000, 600, 200)
 
 
+class HoldingGuard(RecordingGuard):
+    """Holds a fixed local amount, as a fail-open hold does."""
+
+    async def reserve(self, **request: Any) -> Hold:
+        self.reserved.append(request)
+        return Hold(reservation=None, mode="fail_open", local_amount=12_345)
+
+
+USAGE_DOCUMENT = json.dumps({"id": "c1", "choices": [], "usage": {
+    "prompt_tokens": 1000, "completion_tokens": 200}}).encode()
+
+
+@pytest.mark.parametrize("end_of_stream", [False, True])
+async def test_an_answer_over_max_response_bytes_is_502_and_charges_the_hold(
+    end_of_stream: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Without end_of_stream: Envoy's buffer filled (BUFFERED_PARTIAL). With it: the whole
+    # answer arrived before the headers reply. Either way it is over the limit: one answer.
+    guard = HoldingGuard()
+    processor = make_processor(budget_runtime(guard))
+    await processor.handle(request_headers("pinned"))
+    await processor.handle(request_body(chat("gpt-4o")))
+    await processor.handle(response_headers("200"))
+    limit = processor._config.limits.max_response_bytes
+    body = USAGE_DOCUMENT + b" " * (limit + 1 - len(USAGE_DOCUMENT))
+    reply = await processor.handle(response_body(body, end_of_stream=end_of_stream))
+
+    assert isinstance(reply, Respond)
+    assert (reply.status, reply.details) == (502, "asc_response_too_large")
+    assert json.loads(reply.body) == {"error": {
+        "message": f"The provider's answer exceeds the gateway's limit of {limit} bytes.",
+        "type": "upstream_error", "param": None, "code": "response_too_large"}}
+    assert ("x-should-retry", "false") in reply.headers
+    assert ("content-type", "application/json") in reply.headers
+    with caplog.at_level(logging.INFO, logger="extproc.request"):
+        await processor.finish()
+    # The usage in the body is not read: the whole hold is charged, whatever the timing.
+    assert guard.settled == [(12_345, 0)]
+    [record] = caplog.records
+    fields = fields_of(record)
+    assert (fields["status"], fields["upstream_status"], fields["error"], fields["aborted"],
+            fields["charged_micro_usd"], fields["completion_tokens"]) == (
+        502, 200, "response_too_large", False, 12_345, None)
+
+
+async def test_an_answer_of_exactly_max_response_bytes_passes_and_is_billed_by_usage() -> None:
+    guard = HoldingGuard()
+    processor = make_processor(budget_runtime(guard))
+    await processor.handle(request_headers("pinned"))
+    await processor.handle(request_body(chat("gpt-4o")))
+    await processor.handle(response_headers("200"))
+    limit = processor._config.limits.max_response_bytes
+    body = USAGE_DOCUMENT + b" " * (limit - len(USAGE_DOCUMENT))
+    reply = await processor.handle(response_body(body, end_of_stream=True))
+    # 1000 x 2.50 + 200 x 10 USD per Mtok.
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.004500")])
+    await processor.finish()
+    assert guard.settled == [(4_500, 1_200)]
+
+
 STREAM_CHUNK = b'data: {"id":"c1","choices":[{"delta":{"content":"hi"}}]}\n\n'
 STREAM_USAGE = (b'data: {"id":"c1","choices":[],'
                 b'"usage":{"prompt_tokens":9,"completion_tokens":21}}\n\n')
@@ -1056,7 +1135,7 @@ async def test_finish_twice_records_once(caplog: pytest.LogCaptureFixture) -> No
 async def test_response_cut_short_is_aborted(caplog: pytest.LogCaptureFixture) -> None:
     processor = await routed()
     await processor.handle(response_headers("200"))
-    await processor.handle(response_body(b'{"id":', end_of_stream=False))
+    # The provider reset the connection: Envoy resets the stream, no body message comes.
     before = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted")
     with caplog.at_level(logging.INFO, logger="extproc.request"):
         await processor.finish()
@@ -1105,7 +1184,6 @@ async def test_provider_error_body_cut_short_is_aborted(
 ) -> None:
     processor = await routed()
     await processor.handle(response_headers("500"))
-    await processor.handle(response_body(b'{"error":', end_of_stream=False))
     before = requests_total("acme", "prov-us", "us-east-1", "gpt-4o-mini", "aborted")
     with caplog.at_level(logging.INFO, logger="extproc.request"):
         await processor.finish()
@@ -1147,14 +1225,15 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "provider": "prov-us",
         "region": "us-east-1",
         "upstream_model": "gpt-4o-mini",
-        "route_reason": "first deployment",
+        "route_reason": "first in order prov-us; fallbacks prov-eu",
         "credential": "cred-us@1",
         "status": 200,
         "upstream_status": 200,
         "error": None,
         "aborted": False,
         "stream": False,
-        "charged_micro_usd": None,
+        "charged_micro_usd": None,  # no budget: nothing held or charged in the ledger
+        "cost_micro_usd": 4,  # the usage at the price: 3 x 0.15 -> 1, 4 x 0.6 -> 3 (rounded up)
         "estimated_input_tokens": None,
         "dialect": "openai",
         "prompt_tokens": 3,
@@ -1220,3 +1299,21 @@ async def test_no_key_ever_reaches_a_log_line_or_a_client(
     for text in [*lines, caplog.text, *(o.decode() for o in outputs)]:
         for secret in secrets:
             assert secret not in text
+
+
+async def test_a_deployment_with_its_own_price_is_charged_at_that_price() -> None:
+    """`deployments[].price` orders `prefer: cost`; the request is billed at it too."""
+    config = parse_config(CONFIG.replace(
+        "      - {provider: prov-eu, model: gpt-4o-mini-eu}",
+        "      - {provider: prov-eu, model: gpt-4o-mini-eu,\n"
+        "         price: {input_per_mtok: 1, output_per_mtok: 2}}"))
+    processor = RequestProcessor(Runtime.build(config, environ=ENVIRON), clock=FakeClock())
+    assert isinstance(await processor.handle(request_headers("euco")), Continue)
+    assert isinstance(await processor.handle(request_body(chat())), Continue)
+    assert processor.route is not None
+    assert processor.route.provider.name == "prov-eu"
+    await processor.handle(response_headers("200"))
+    reply = await processor.handle(response_body(
+        b'{"usage":{"prompt_tokens":100,"completion_tokens":10}}', end_of_stream=True))
+    # 100 x 1 + 10 x 2 micro-USD (the model's price would give 15 + 6 = 21).
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000120")])

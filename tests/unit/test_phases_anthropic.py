@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from extproc.auth import hash_key
-from extproc.config import parse_config
+from extproc.config import Price, parse_config
 from extproc.errors import Dialect
 from extproc.messages import Body, BodyMode, Continue, Headers, Phase, Respond
-from extproc.phases import RequestProcessor
+from extproc.phases import RequestProcessor, _usage_cost
 from extproc.runtime import Runtime
 from extproc.secrets import Secret
 from extproc.translate.base import TRANSLATORS, Backend, Usage
@@ -297,10 +297,9 @@ async def test_openai_completion_is_translated_back_to_an_anthropic_message() ->
     processor = await through_messages_door(messages())
     reply = await processor.handle(response_headers("200"))
     assert reply == Continue(set_headers=oai_tags(processor),
-                             response_body_mode=BodyMode.BUFFERED)
-    assert await processor.handle(response_body(COMPLETION[:40], end_of_stream=False)) \
-        == Continue()
-    reply = await processor.handle(response_body(COMPLETION[40:]))
+                             remove_headers=["content-length"],
+                             response_body_mode=BodyMode.BUFFERED_PARTIAL)
+    reply = await processor.handle(response_body(COMPLETION))
     message = (b'{"id":"chatcmpl-1","type":"message","role":"assistant",'
                b'"model":"gpt-4o-mini-2024-07-18","content":[{"type":"text","text":"Hi!"}],'
                b'"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12000,'
@@ -308,7 +307,7 @@ async def test_openai_completion_is_translated_back_to_an_anthropic_message() ->
                b'"cache_creation_input_tokens":0}}')
     # 12000 x 0.15 + 8000 x 0.075 (cached) + 500 x 0.60 = 1800 + 600 + 300 micro-USD.
     assert reply == Continue(
-        set_headers=[("content-length", str(len(message))), ("x-asc-cost-usd", "0.002700")],
+        set_headers=[("x-asc-cost-usd", "0.002700")],
         body=message)
     assert processor.usage == Usage(input_tokens=20000, output_tokens=500,
                                     cached_input_tokens=8000)
@@ -333,7 +332,7 @@ async def test_openai_tool_calls_become_tool_use_blocks() -> None:
                b'"cache_creation_input_tokens":0}}')
     # 10 x 0.15 -> 2, 5 x 0.60 -> 3 (each rounded up).
     assert reply == Continue(
-        set_headers=[("content-length", str(len(message))), ("x-asc-cost-usd", "0.000005")],
+        set_headers=[("x-asc-cost-usd", "0.000005")],
         body=message)
 
 
@@ -353,7 +352,7 @@ async def test_invalid_openai_completion_is_502_in_anthropic_shape() -> None:
 async def test_provider_429_is_an_anthropic_rate_limit_error_with_retry_after() -> None:
     processor = await through_messages_door(messages())
     reply = await processor.handle(response_headers("429", retry_after="20"))
-    assert reply == Continue(response_body_mode=BodyMode.BUFFERED)
+    assert reply == Continue(response_body_mode=BodyMode.BUFFERED_PARTIAL)
     reply = await processor.handle(response_body(openai_error(
         "Rate limit reached for requests", "requests", "rate_limit_exceeded")))
     assert reply == Respond(
@@ -508,16 +507,18 @@ async def test_anthropic_message_passes_through_and_is_billed_with_its_cache() -
     processor = await through_messages_door(messages("claude-haiku"))
     reply = await processor.handle(response_headers("200"))
     assert reply == Continue(set_headers=ant_tags(processor),
-                             response_body_mode=BodyMode.BUFFERED)
+                             remove_headers=["content-length"],
+                             response_body_mode=BodyMode.BUFFERED_PARTIAL)
     document = (b'{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text",'
                 b'"text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":10,'
                 b'"output_tokens":20,"cache_read_input_tokens":1000,'
                 b'"cache_creation_input_tokens":100}}')
     reply = await processor.handle(response_body(document))
-    # 110 x 0.8 + 1000 x 0.08 (cache reads) + 20 x 4 = 88 + 80 + 80 micro-USD.
-    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000248")])
+    # 10 x 0.8 + 1000 x 0.08 (cache reads) + 100 x 1.6 (cache writes, at the default of
+    # twice the input price) + 20 x 4 = 8 + 80 + 160 + 80 micro-USD.
+    assert reply == Continue(set_headers=[("x-asc-cost-usd", "0.000328")])
     assert processor.usage == Usage(input_tokens=1110, output_tokens=20,
-                                    cached_input_tokens=1000)
+                                    cached_input_tokens=1000, cache_write_input_tokens=100)
 
 
 async def test_anthropic_stream_passes_through_untouched() -> None:
@@ -617,7 +618,7 @@ async def test_anthropic_message_is_translated_to_a_chat_completion(fixed_clock:
         b'"prompt_tokens_details":{"cached_tokens":0}}}')
     # 10 x 0.8 + 3 x 4 micro-USD.
     assert reply == Continue(
-        set_headers=[("content-length", str(len(completion))), ("x-asc-cost-usd", "0.000020")],
+        set_headers=[("x-asc-cost-usd", "0.000020")],
         body=completion)
     assert processor.usage == Usage(10, 3)
 
@@ -635,7 +636,7 @@ async def test_anthropic_errors_are_rendered_for_the_openai_door(
     processor, _ = await through_chat_door({
         "model": "claude-haiku", "messages": [{"role": "user", "content": "hi"}]})
     assert await processor.handle(response_headers(upstream)) == Continue(
-        response_body_mode=BodyMode.BUFFERED)
+        response_body_mode=BodyMode.BUFFERED_PARTIAL)
     reply = await processor.handle(response_body(body))
     assert reply == Respond(
         status=status,
@@ -644,3 +645,24 @@ async def test_anthropic_errors_are_rendered_for_the_openai_door(
         details=f"asc_provider_status_{upstream}",
         metadata=ant_metadata(processor, error=json.loads(expected)["error"]["code"]),
     )
+
+
+@pytest.mark.parametrize(("cache_write", "expected"), [
+    (None, 8 + 80 + 160 + 80),      # default: twice the input price
+    (1_000_000, 8 + 80 + 100 + 80),  # configured: 1.25 x input (Anthropic's 5-minute write)
+])
+def test_cache_writes_are_priced_at_the_cache_write_price(
+        cache_write: int | None, expected: int) -> None:
+    price = Price(input_micro_per_mtok=800_000, output_micro_per_mtok=4_000_000,
+                  cached_input_micro_per_mtok=80_000, cache_write_micro_per_mtok=cache_write)
+    usage = Usage(input_tokens=1110, output_tokens=20, cached_input_tokens=1000,
+                  cache_write_input_tokens=100)
+    assert _usage_cost(price, usage) == expected
+
+
+def test_cache_write_price_is_read_from_config() -> None:
+    config = parse_config(CONFIG.replace(
+        "cached_input_per_mtok: 0.08}", "cached_input_per_mtok: 0.08, "
+        "cache_write_per_mtok: 1.0}"))
+    assert config.models["claude-haiku"].price.cache_write_rate == 1_000_000
+    assert parse_config(CONFIG).models["claude-haiku"].price.cache_write_rate == 1_600_000

@@ -364,3 +364,21 @@ def test_stream_error_chunk_becomes_error_event() -> None:
     assert events[-1] == e("error", error={"type": "api_error",
                                            "message": "Upstream overloaded"})
     assert all(kind != "message_stop" for kind, _ in events)
+
+
+def test_a_premium_service_tier_from_the_openai_backend_is_unpriced() -> None:
+    """Anthropic door -> OpenAI backend: an account billed at the priority tier must not
+    be charged at the configured (standard) prices (issue 8 item 5)."""
+    document = json.loads(completion({"role": "assistant", "content": "x"}, "stop",
+                                     {"prompt_tokens": 3, "completion_tokens": 4}))
+    document["service_tier"] = "priority"
+    result = AnthropicToOpenAI(Backend.OPENAI).response(200, json.dumps(document).encode())
+    assert result.usage == Usage(input_tokens=3, output_tokens=4,
+                                 unpriced=("service_tier:priority",))
+    stream = AnthropicToOpenAI(Backend.OPENAI).stream()
+    chunk = {"id": "c", "model": "gpt-up", "service_tier": "priority", "choices": [],
+             "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+    stream.feed(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+    stream.flush()
+    assert stream.usage == Usage(input_tokens=3, output_tokens=4,
+                                 unpriced=("service_tier:priority",))

@@ -25,7 +25,8 @@ def test_response_passes_bytes_and_counts_cache_tokens() -> None:
             b'"output_tokens":3,"cache_read_input_tokens":50,"cache_creation_input_tokens":7}}')
     result = AnthropicPassthrough().response(200, body)
     assert result.body is body
-    assert result.usage == Usage(input_tokens=67, output_tokens=3, cached_input_tokens=50)
+    assert result.usage == Usage(input_tokens=67, output_tokens=3, cached_input_tokens=50,
+                                 cache_write_input_tokens=7)
 
 
 def test_response_without_usage() -> None:

@@ -170,7 +170,8 @@ def test_golden_response_with_text_tools_and_cached_usage() -> None:
          "cache_creation_input_tokens": 5},
     )
     result = translator().response(200, body)
-    assert result.usage == Usage(input_tokens=115, output_tokens=20, cached_input_tokens=100)
+    assert result.usage == Usage(input_tokens=115, output_tokens=20, cached_input_tokens=100,
+                                 cache_write_input_tokens=5)
     completion = json.loads(result.body)
     assert completion == {
         "id": "msg_1", "object": "chat.completion", "created": CREATED, "model": "claude-up",
