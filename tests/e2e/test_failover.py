@@ -12,7 +12,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,9 @@ def _document(ports: dict[str, int], redis_port: int, *, outlier_errors: int = 1
         "version": 1,
         "auth": {"pepper": {"file": "pepper.txt"}},
         "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"},
+        # The routing policy's deployment breakers would move the choice away from a
+        # primary these tests fail on purpose; Envoy's failover is what is tested here.
+        "deployment_health": {"failures": 1000},
         "failover": {"max_attempts": MAX_ATTEMPTS,
                      "first_byte_timeout_ms": FIRST_BYTE_TIMEOUT_MS,
                      # Faults here are deliberate and many: keep every deployment in play
@@ -119,7 +122,8 @@ class FailoverStack:
 
 
 def _start(stack: Stack, workdir: Path, *, workers: int = 1, outlier_errors: int = 1000,
-           retry_budget: tuple[int, int] = (20, 100)) -> FailoverStack:
+           retry_budget: tuple[int, int] = (20, 100),
+           edit: Callable[[dict[str, Any]], None] | None = None) -> FailoverStack:
     emulators: dict[str, Emulator] = {}
     for name, key in KEYS.items():
         # oai-eu paces its stream, so that its first chunk surely reaches the client
@@ -128,10 +132,11 @@ def _start(stack: Stack, workdir: Path, *, workers: int = 1, outlier_errors: int
         process, port = stack.start_emulator([key], extra_args=extra)
         emulators[name] = Emulator(port, process)
     _, redis_port = stack.start_redis()
-    config_path: Path = write_config(workdir / "config",
-                                     _document({n: e.port for n, e in emulators.items()},
-                                               redis_port, outlier_errors=outlier_errors,
-                                               retry_budget=retry_budget))
+    document = _document({n: e.port for n, e in emulators.items()}, redis_port,
+                         outlier_errors=outlier_errors, retry_budget=retry_budget)
+    if edit is not None:
+        edit(document)
+    config_path: Path = write_config(workdir / "config", document)
     env = dict(stack.env, **{f"FO_KEY_{n.replace('-', '_').upper()}": k
                              for n, k in KEYS.items()})
     extproc, extproc_port, _ = stack.start_extproc(config_path, env=env, workers=workers)
@@ -447,3 +452,22 @@ def test_every_eu_deployment_refusing_connections_gives_the_zone_503(tmp_path: P
         "type": "overloaded_error",
         "message": "Every deployment of model 'gpt-4o-mini' in residency zone 'eu' failed; "
                    "no deployment outside the zone was tried."}}
+
+
+def test_a_fallback_the_routing_policy_does_not_allow_is_never_tried(tmp_path: Path) -> None:
+    """The tenant's allow-list leaves out anth-eu, the next priority level after the
+    primary: Envoy's priority order is static, so the service allows no retry past it
+    (never a disallowed provider), and the primary's error reaches the client."""
+    def allow_openai_only(document: dict[str, Any]) -> None:
+        document["tenants"]["acme"]["route_policy"] = {"providers": ["oai-eu", "oai-eu2"]}
+
+    with Stack(tmp_path / "stack") as stack:
+        narrow = _start(stack, tmp_path, edit=allow_openai_only)
+        with narrow.client:
+            narrow.emulators["oai-eu"].queue_fault(status=503)
+            response = narrow.chat()
+            assert narrow.emulators["anth-eu"].requests() == []
+            assert narrow.emulators["oai-eu2"].requests() == []
+            record = narrow.finished(response.headers["x-asc-request-id"])
+    assert response.status_code == 502
+    assert record["attempts"] is None  # no retry was possible: the plain path
