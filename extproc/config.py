@@ -46,6 +46,7 @@ from extproc.config_schema import (
     CredentialSpec,
     DeploymentHealthSettings,
     Document,
+    FailoverSettings,
     KekSpec,
     Limits,
     ModelSpec,
@@ -77,6 +78,7 @@ __all__ = [
     "CredentialRef",
     "Deployment",
     "DeploymentHealthSettings",
+    "FailoverSettings",
     "GatewayConfig",
     "KekSettings",
     "Limits",
@@ -300,6 +302,7 @@ class GatewayConfig:
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
     tenants: Mapping[str, Tenant]
+    failover: FailoverSettings = field(default_factory=FailoverSettings)
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
 
@@ -743,6 +746,7 @@ class _Compiler:
             providers=providers,
             models=models,
             tenants=tenants,
+            failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
         )
 

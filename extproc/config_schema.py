@@ -55,6 +55,7 @@ __all__ = [
     "DeploymentHealthSettings",
     "DeploymentSpec",
     "Document",
+    "FailoverSettings",
     "KekSpec",
     "KeySpec",
     "Limits",
@@ -246,6 +247,35 @@ class Limits(_Spec):  # also the runtime object
         default=8_388_608, description="Largest non-streamed provider answer the gateway "
         "reads whole (Envoy's response buffer is rendered from it); a larger one is "
         "answered 502 response_too_large and charged the whole budget hold.")
+
+
+class FailoverSettings(_Spec):  # also the runtime object
+    """How a request moves to the next deployment of its tenant's zone (docs/failover.md).
+
+    Envoy does the retrying (route retry_policy over a priority cluster per model and
+    first deployment); these numbers are rendered into the Envoy bootstrap.
+    """
+
+    max_attempts: Annotated[int, Field(ge=1, le=5)] = Field(
+        default=3, description="Most provider attempts per request, the first included "
+        "(1 turns failover off).")
+    first_byte_timeout_ms: Annotated[int, Field(ge=100, le=600_000)] = Field(
+        default=30_000, description="An attempt that sends nothing for this long is left "
+        "for the next deployment (Envoy per_try_idle_timeout); also the longest silence "
+        "allowed inside a stream.")
+    retry_budget_percent: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=20, description="Retries in flight at most this share of a provider "
+        "cluster's active requests (Envoy retry_budget), so an outage cannot become a "
+        "retry storm.")
+    min_retry_concurrency: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        default=3, description="Retries always allowed in flight per cluster, whatever "
+        "the budget share.")
+    outlier_consecutive_errors: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5, description="Consecutive 5xx/resets that eject a deployment from "
+        "failover clusters (Envoy outlier detection).")
+    outlier_ejection_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=30, description="Base time an ejected deployment stays out (Envoy grows "
+        "it with each ejection).")
 
 
 def _redis_url(url: str) -> str:
@@ -745,6 +775,8 @@ class Document(_Spec):
         description="Format version; only 1 exists.")
     auth: AuthSpec = Field(description="How virtual keys are checked.")
     limits: Limits | None = Field(default=None, description="Size limits.")
+    failover: FailoverSettings | None = Field(
+        default=None, description="Attempts, retry budget and outlier detection of failover.")
     redis: RedisSettings | None = Field(default=None, description="Redis; needed by budgets, rate "
                                         "limits and keyring credentials.")
     budgets: BudgetSettings | None = Field(default=None,

@@ -37,11 +37,15 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["METADATA_NAMESPACE", "ROUTE_METADATA_ATTRIBUTE", "decode", "encode"]
+__all__ = ["METADATA_NAMESPACE", "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER", "STAGE_UPSTREAM",
+           "attempt_context", "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
 _ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
+STAGE_HEADER: Final = "x-asc-stage"
+"""gRPC metadata the upstream (per-attempt) ext_proc sends; the router-level one does not."""
+STAGE_UPSTREAM: Final = "upstream"
 
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _MODES: Final = {
@@ -82,6 +86,23 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
     if kind == "response_trailers":
         return Trailers(Phase.RESPONSE_TRAILERS)
     raise ValueError(f"unknown ext_proc request kind {kind!r}")
+
+
+def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
+    """What the upstream (per-attempt) ext_proc needs beyond headers: the attempt's
+    upstream address (a request attribute) and the router-level stream's `asc` metadata
+    (forwarded by `metadata_options.forwarding_namespaces`). Strings only."""
+    context: dict[str, str] = {}
+    for attributes in request.attributes.values():
+        for name, value in attributes.fields.items():
+            if value.HasField("string_value"):
+                context[name] = value.string_value
+    namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+    if namespace is not None:
+        for name, value in namespace.fields.items():
+            if value.HasField("string_value"):
+                context[f"{METADATA_NAMESPACE}.{name}"] = value.string_value
+    return context
 
 
 def _route_metadata(request: pb.ProcessingRequest) -> dict[str, object] | None:

@@ -30,15 +30,27 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.upstream_codec.v3 import (  # noqa: F401 - @type
+    upstream_codec_pb2,
+)
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401 - @type
     http_connection_manager_pb2,
+)
+from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401 - @type
+    previous_priorities_config_pb2,
 )
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401 - @type
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 - @type
 from google.protobuf import json_format  # type: ignore[import-untyped]
 
-from extproc.config import GatewayConfig, Provider
-from extproc.envoy import METADATA_NAMESPACE, ROUTE_METADATA_ATTRIBUTE
+from extproc.config import FailoverSettings, GatewayConfig, Provider
+from extproc.envoy import (
+    METADATA_NAMESPACE,
+    ROUTE_METADATA_ATTRIBUTE,
+    STAGE_HEADER,
+    STAGE_UPSTREAM,
+)
+from extproc.failover import failover_cluster, has_failover_cluster, zone_deployments
 from extproc.phases import CLUSTER_HEADER
 
 __all__ = [
@@ -64,6 +76,12 @@ _TLS: Final = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Ups
 _STDOUT_LOG: Final = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 _BUFFER_SLACK: Final = 64 * 1024
 """Envoy buffers a little more than the body limit, so the service sees an oversized body."""
+_UPSTREAM_CODEC: Final = (
+    "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")
+_PREVIOUS_PRIORITIES: Final = (
+    "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3"
+    ".PreviousPrioritiesConfig")
+_SOCKET_MATCH_KEY: Final = "asc_provider"
 _SYSTEM_CA: Final = "/etc/ssl/certs/ca-certificates.crt"
 
 
@@ -219,20 +237,153 @@ def _provider_cluster(provider: Provider) -> dict[str, Any]:
         },
     }
     if provider.scheme == "https":
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": _TLS,
-                "sni": provider.host,
-                "common_tls_context": {"validation_context": {
-                    "trusted_ca": {"filename": _SYSTEM_CA},
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "DNS", "matcher": {"exact": provider.host}},
-                    ],
-                }},
-            },
-        }
+        cluster["transport_socket"] = _tls_socket(provider)
     return cluster
+
+
+def _tls_socket(provider: Provider) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TLS,
+            "sni": provider.host,
+            "common_tls_context": {"validation_context": {
+                "trusted_ca": {"filename": _SYSTEM_CA},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": provider.host}},
+                ],
+            }},
+        },
+    }
+
+
+def _upstream_ext_proc(ports: EnvoyPorts) -> dict[str, Any]:
+    """The per-attempt ext_proc: puts each attempt's deployment's key, path and body on it.
+
+    Envoy keeps attempt 1's header mutations on attempt 2 but resets the body
+    (ENVOY_FACTS.md), so the service overwrites every provider header and re-sends body
+    and content-length on each attempt that changes deployment.
+    """
+    return {
+        "name": "asc.ext_proc.upstream",
+        "typed_config": {
+            "@type": _EXT_PROC,
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+                "initial_metadata": [{"key": STAGE_HEADER, "value": STAGE_UPSTREAM}],
+            },
+            "failure_mode_allow": False,
+            "message_timeout": f"{ports.message_timeout_ms / 1000:g}s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "request_attributes": ["upstream.address"],
+            "mutation_rules": {"disallow_is_error": True},
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]},
+            },
+        },
+    }
+
+
+def _failover_cluster(config: GatewayConfig, model_name: str, first_index: int,
+                      ports: EnvoyPorts) -> dict[str, Any]:
+    """Priority 0 is one deployment of the model, priorities 1.. the model's other
+    deployments of the same zone in config order: a retry moves one level down
+    (previous_priorities) and never reaches another zone, because no other zone's
+    endpoint is in the cluster."""
+    model = config.models[model_name]
+    first = model.deployments[first_index]
+    chain = zone_deployments(config, model, first)
+    settings = config.failover
+    any_dns = any(not _is_ip(p.host) for _, p in chain)
+    endpoints = []
+    socket_matches = []
+    for priority, (_, provider) in enumerate(chain):
+        endpoint: dict[str, Any] = {"endpoint": {
+            "address": _socket(provider.host, provider.port),
+            "hostname": _host_header(provider),
+        }}
+        if provider.scheme == "https":
+            endpoint["metadata"] = {"filter_metadata": {
+                "envoy.transport_socket_match": {_SOCKET_MATCH_KEY: provider.name}}}
+            socket_matches.append({"name": provider.name,
+                                   "match": {_SOCKET_MATCH_KEY: provider.name},
+                                   "transport_socket": _tls_socket(provider)})
+        endpoints.append({"priority": priority, "lb_endpoints": [endpoint]})
+    name = failover_cluster(model_name, first.provider)
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STRICT_DNS" if any_dns else "STATIC",
+        "connect_timeout": "5s",
+        # Envoy's default connection buffer, like the provider clusters (0055).
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {"cluster_name": name, "endpoints": endpoints},
+        "outlier_detection": _outlier_detection(settings),
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            "retry_budget": {
+                "budget_percent": {"value": float(settings.retry_budget_percent)},
+                "min_retry_concurrency": settings.min_retry_concurrency,
+            },
+        }]},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [
+                    _upstream_ext_proc(ports),
+                    {"name": "envoy.filters.http.upstream_codec",
+                     "typed_config": {"@type": _UPSTREAM_CODEC}},
+                ],
+            },
+        },
+    }
+    if socket_matches:
+        cluster["transport_socket_matches"] = socket_matches
+    return cluster
+
+
+def _outlier_detection(settings: FailoverSettings) -> dict[str, Any]:
+    """Eject a deployment after consecutive 5xx/resets; with one host per priority level,
+    an ejected level sends its traffic to the next (max_ejection_percent 100)."""
+    return {
+        "consecutive_5xx": settings.outlier_consecutive_errors,
+        "consecutive_gateway_failure": settings.outlier_consecutive_errors,
+        "interval": "1s",
+        "base_ejection_time": f"{settings.outlier_ejection_s}s",
+        "max_ejection_percent": 100,
+        "enforcing_consecutive_5xx": 100,
+        "enforcing_consecutive_gateway_failure": 100,
+        "enforcing_success_rate": 0,
+    }
+
+
+def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
+    """Envoy retries a 5xx, 429, 529, 401/403 (a canary key version; the retry carries
+    the active one), a reset, a refused connection and a silent attempt, each on the next
+    priority level (the next deployment of the zone). How many retries a request gets is
+    the service's per-request `x-envoy-max-retries` (docs/failover.md)."""
+    return {
+        "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
+        "retriable_status_codes": [429, 529, 401, 403],
+        # The service sets x-envoy-max-retries on every request it routes (the zone's
+        # other deployments, bounded by failover.max_attempts); without it, no retry.
+        "num_retries": 0,
+        "per_try_idle_timeout": f"{settings.first_byte_timeout_ms / 1000:g}s",
+        # The next attempt goes to another deployment: waiting helps nobody.
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.02s"},
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {"@type": _PREVIOUS_PRIORITIES, "update_frequency": 1},
+        },
+    }
 
 
 def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
@@ -256,14 +407,25 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             },
         },
     }
+    route_action: dict[str, Any] = {
+        "cluster_header": CLUSTER_HEADER,
+        "auto_host_rewrite": True,
+        "timeout": f"{ports.route_timeout_s}s",
+    }
+    failover_clusters: list[dict[str, Any]] = []
+    if config.failover.max_attempts > 1:
+        failover_clusters = [
+            _failover_cluster(config, model_name, index, ports)
+            for model_name, model in config.models.items()
+            for index, deployment in enumerate(model.deployments)
+            if has_failover_cluster(config, model, deployment)
+        ]
+    if failover_clusters:
+        route_action["retry_policy"] = _retry_policy(config.failover)
     route = {
         "match": {"prefix": "/"},
         "request_headers_to_remove": [CLUSTER_HEADER],
-        "route": {
-            "cluster_header": CLUSTER_HEADER,
-            "auto_host_rewrite": True,
-            "timeout": f"{ports.route_timeout_s}s",
-        },
+        "route": route_action,
     }
     hcm = {
         "@type": _HCM,
@@ -306,7 +468,7 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
                 "typed_config": hcm,
             }]}],
         }],
-        "clusters": [extproc_cluster, *clusters.values()],
+        "clusters": [extproc_cluster, *clusters.values(), *failover_clusters],
     }
     check_typed(bootstrap)
     return bootstrap

@@ -23,10 +23,18 @@ from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
-from extproc.config import Price, Provider
+from extproc.config import Deployment, Price, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
+from extproc.failover import (
+    FLIGHTS,
+    Flight,
+    PreparedAttempt,
+    failover_cluster,
+    has_failover_cluster,
+    zone_deployments,
+)
 from extproc.logs import log_event
 from extproc.messages import (
     Body,
@@ -83,6 +91,31 @@ _AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
     Backend.ANTHROPIC: ("x-api-key", ""),
 }
 
+_PROVIDER_HEADERS: Final = frozenset({
+    *(name for name, _ in _AUTH_HEADER.values()), "anthropic-version", "anthropic-beta"})
+"""Headers one provider's attempt sets that must not reach another provider."""
+_ACTIVE_BUCKET: Final = 100
+"""A canary bucket no canary percentage reaches: the active key version."""
+
+_MAX_RETRIES_HEADER: Final = "x-envoy-max-retries"
+"""Overrides the route's num_retries (0) for a request that may fail over; a client's own
+value is removed with the other x-envoy-* headers (0040), so it never counts."""
+_STREAM_TAIL_BYTES: Final = 256
+_STREAM_ENDS: Final[dict[Dialect, tuple[bytes, ...]]] = {
+    Dialect.OPENAI: (b"data: [DONE]", b'"error"'),
+    Dialect.ANTHROPIC: (b"message_stop", b"event: error"),
+}
+"""What the end of a complete (or already failed) stream contains, per client dialect."""
+_STREAM_CUT_MESSAGE: Final = ("The provider ended the stream before it was complete; "
+                              "the answer is cut short.")
+_STREAM_CUT_EVENT: Final[dict[Dialect, bytes]] = {
+    Dialect.OPENAI: b"data: " + json.dumps({"error": {
+        "message": _STREAM_CUT_MESSAGE, "type": "server_error", "param": None,
+        "code": "stream_interrupted"}}).encode() + b"\n\n",
+    Dialect.ANTHROPIC: b"event: error\ndata: " + json.dumps({"type": "error", "error": {
+        "type": "api_error", "message": _STREAM_CUT_MESSAGE}}).encode() + b"\n\n",
+}
+
 _PROVIDER_ERROR_CODES: Final = {
     400: ErrorCode.INVALID_REQUEST,
     404: ErrorCode.NOT_FOUND,
@@ -131,6 +164,13 @@ class RequestProcessor:
         self._stream: StreamTranslator | None = None
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
+        self._flight: Flight | None = None
+        self._stream_tail = b""
+        self.stream_truncated = False
+        """The provider ended a stream without its terminal event; the client got an
+        error event instead of a silent cut."""
+        self._request: dict[str, Any] = {}
+        self._output_limit: OutputLimit | None = None
         self._answer_cut = False
         """True when the non-streamed answer was larger than max_response_bytes."""
         self._finished = False
@@ -283,8 +323,14 @@ class RequestProcessor:
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + output_tokens)
+        cluster, retries = route.provider.cluster, self._retries()
+        failover: list[tuple[str, str]] = []
+        if retries > 0:
+            cluster = self._start_flight(request, output_limit)
+            failover = [(_MAX_RETRIES_HEADER, str(retries))]
         set_headers = [
-            (CLUSTER_HEADER, route.provider.cluster),
+            (CLUSTER_HEADER, cluster),
+            *failover,
             (":path", route.provider.path_prefix + upstream.path),
             *upstream.headers,
             *auth,
@@ -304,6 +350,89 @@ class RequestProcessor:
             clear_route_cache=True,
             metadata=self._metadata(),
         )
+
+    def _retries(self) -> int:
+        """Retries Envoy may make for this request: one per other deployment of the zone
+        (each deployment is tried at most once, so a 429's retry-after is never ignored
+        by retrying it), one at least when the key is a canary version (the retry carries
+        the active version), never more than `failover.max_attempts` allows."""
+        route = self.route
+        assert route is not None
+        settings = self._config.failover
+        if settings.max_attempts <= 1 or not has_failover_cluster(
+                self._config, route.model, route.deployment):
+            return 0
+        # Envoy's priority levels are the zone's deployments in config order; retries stop
+        # before the first one the routing decision does not allow (the tenant's
+        # allow-list, a route override, an open breaker): never a disallowed fallback.
+        allowed = {f.provider.name for f in self.route_decision.fallbacks} \
+            if self.route_decision is not None else set()
+        retries = 0
+        for _, provider in zone_deployments(self._config, route.model, route.deployment)[1:]:
+            if provider.name not in allowed:
+                break
+            retries += 1
+        keyring = self._runtime.keys.keyring
+        if (self._selected is not None and keyring is not None
+                and keyring.is_canary(self._selected.credential, self._selected.scope)):
+            retries = max(retries, 1)
+        return min(retries, settings.max_attempts - 1)
+
+    def _start_flight(self, request: dict[str, Any], output_limit: OutputLimit) -> str:
+        """Register the request for the per-attempt processor; the failover cluster."""
+        route = self.route
+        assert route is not None
+        self._request = request
+        self._output_limit = output_limit
+        flight = Flight(
+            request_id=self.request_id,
+            deployments=zone_deployments(self._config, route.model, route.deployment),
+            prepare=self._prepare_attempt,
+            first_byte_timeout_s=self._config.failover.first_byte_timeout_ms / 1000,
+            dialect=self.dialect,
+            first_selected=self._selected,
+            extension_headers=self.forwarded_extension_headers,
+            clock=self._clock,
+        )
+        FLIGHTS.add(flight)
+        self._flight = flight
+        return failover_cluster(route.model.name, route.provider.name)
+
+    async def _prepare_attempt(self, provider: Provider, deployment: Deployment,
+                               active_only: bool) -> PreparedAttempt:
+        """An attempt at another deployment of the zone (or a canary refused by the
+        provider, again on the active key version): its key, path and body dialect."""
+        assert self.principal is not None
+        assert self.route is not None
+        backend = Backend(provider.kind)
+        translator = translator_for(self.dialect, backend)
+        upstream = translator.request(self._request, upstream_model=deployment.model,
+                                      api_version=provider.api_version,
+                                      output_limit=self._output_limit or OutputLimit(
+                                          field=self.route.model.output_limit_field))
+        selected = await self._runtime.keys.for_request(
+            provider, self.principal.tenant,
+            bucket=_ACTIVE_BUCKET if active_only else int(self.request_id[:8], 16) % 100)
+        auth: list[tuple[str, str]] = []
+        if selected is not None:
+            name, prefix = _AUTH_HEADER[backend]
+            auth = [(name, prefix + selected.credential.secret.reveal())]
+        set_headers = [
+            (":path", provider.path_prefix + upstream.path),
+            *upstream.headers,
+            *auth,
+            ("content-length", str(len(upstream.body))),
+        ]
+        ours = {name for name, _ in set_headers}
+        # Attempt 1's headers persist into this attempt (measured): another provider's
+        # key header or dialect header must go.
+        remove = {name for name in _PROVIDER_HEADERS if name not in ours}
+        # (x-envoy-* were removed at the router level; Envoy refuses to touch them here.)
+        remove.update(name for name in unforwarded_request_headers(
+            self._client_headers, backend, provider.forward_headers)
+            if name not in ours and not name.startswith("x-envoy-"))
+        return PreparedAttempt(set_headers=set_headers, remove_headers=sorted(remove),
+                               body=upstream.body, selected=selected)
 
     async def _provider_auth(self, provider: Provider,
                              principal: Principal) -> list[tuple[str, str]]:
@@ -334,7 +463,11 @@ class RequestProcessor:
             self._complete = True
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
-        self._report_deployment(status)
+        if self._flight is not None:
+            self._report_deployment(self._flight.choice_status(status))
+            self._follow_failover()
+        else:
+            self._report_deployment(status)
         if self._selected is not None:
             # key_evidence: nothing client-controlled beyond the built-in header allow-list
             # reached the provider (False once extension headers are forwarded).
@@ -368,6 +501,30 @@ class RequestProcessor:
         else:
             self._complete = True  # the body passes through without us
         return reply
+
+    def _follow_failover(self) -> None:
+        """The answer came from another attempt than the one this processor prepared: a
+        later attempt (another deployment, or the same one re-keyed after a canary
+        refusal), or attempt 1 at another deployment because Envoy's outlier detection
+        had ejected the chosen one. Read it as that attempt's answer."""
+        flight = self._flight
+        assert flight is not None
+        assert self.route is not None
+        answered = flight.answered
+        same_deployment = answered is not None and answered.provider == self.route.provider.name
+        if answered is None or (answered.number == 1 and same_deployment):
+            return
+        served = [(d, p) for d, p in flight.deployments if p.name == answered.provider]
+        if served and not same_deployment:
+            deployment, provider = served[0]
+            self.route = Route(model=self.route.model, deployment=deployment,
+                               provider=provider,
+                               reason=f"{self.route.reason}; served by {provider.name} "
+                                      f"(attempt {answered.number})")
+            self._translator = translator_for(self.dialect, Backend(provider.kind))
+        if answered.selected is not None:
+            self.credential = answered.selected.credential
+            self._selected = answered.selected
 
     def _report_deployment(self, status: int | None) -> None:
         """The chosen deployment's verdict (once): what it answered and how fast.
@@ -408,6 +565,16 @@ class RequestProcessor:
             if message.end_of_stream:
                 out += self._stream.flush()
                 self.usage = self._stream.usage
+                self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
+                if self.usage is None and not any(
+                        end in self._stream_tail for end in _STREAM_ENDS[self.dialect]):
+                    # The provider ended the stream early and cleanly (no final usage, no
+                    # terminal event): never let that pass as a complete answer.
+                    self.stream_truncated = True
+                    out += _STREAM_CUT_EVENT[self.dialect]
+                return Continue() if out == message.body else Continue(body=out)
+            if out:
+                self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
             return Continue() if out == message.body else Continue(body=out)
         # BUFFERED_PARTIAL sends one message: the whole body with end_of_stream, or the
         # first part of a longer one, without it, once Envoy holds more than its buffer
@@ -452,6 +619,19 @@ class RequestProcessor:
     def _provider_error(self, body: bytes) -> Respond:
         """The provider's error, in the client's dialect, with the status the client gets."""
         assert self._translator is not None
+        flight = self._flight
+        if (flight is not None and self.route is not None
+                and (len(flight.attempts) > 1 or flight.answered is None)):
+            # Several attempts failed, or none reached a provider's answer (refused
+            # connections, resets, silence: this is Envoy's own reply).
+            made = len(flight.records())
+            counted = f" ({made} attempts)" if made > 1 and flight.answered is not None else ""
+            return self._respond_error(GatewayError(
+                ErrorCode.UNAVAILABLE,
+                f"Every deployment of model '{self.route.model.name}' in residency zone "
+                f"'{self.route.provider.zone}' failed{counted}; no deployment outside the "
+                "zone was tried.",
+                headers=tuple(retry_after_headers(self._upstream_headers))))
         self._complete = True
         status, translated = self._translator.error(self.upstream_status or 502, body,
                                                     self._upstream_headers)
@@ -511,6 +691,8 @@ class RequestProcessor:
             return
         self._finished = True
         aborted = not self._complete
+        if self._flight is not None:
+            FLIGHTS.remove(self.request_id)
         try:
             if self._selected is not None:  # no verdict was reported: a probe goes back
                 self._runtime.keys.release(self._selected)
@@ -584,6 +766,8 @@ class RequestProcessor:
             completion_tokens=self.usage.output_tokens if self.usage else None,
             streamed_tokens=(self._stream.output_tokens_so_far
                              if self._stream is not None else None),
+            attempts=self._flight.records() if self._flight is not None else None,
+            stream_truncated=self.stream_truncated or None,
             duration_ms=round(duration * 1000, 3),
         )
 

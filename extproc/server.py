@@ -40,11 +40,13 @@ from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, load_config
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
+from extproc.failover import FLIGHTS
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime, RuntimeHolder
 from extproc.secrets import SecretUnavailable
+from extproc.upstream import AttemptProcessor
 
 __all__ = ["ExternalProcessorService", "RestartBackoff", "ServeOptions", "build_runtime", "serve"]
 
@@ -78,6 +80,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
     async def Process(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        if _is_upstream_stage(context):
+            await self._attempt(context)
+            return
         processor = RequestProcessor(self._holder.current)
         try:
             while True:
@@ -95,6 +100,22 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             self.finishing.add(task)
             task.add_done_callback(self._finished)
 
+    async def _attempt(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """An upstream (per-attempt) ext_proc stream: see extproc/upstream.py."""
+        processor = AttemptProcessor(self._holder.current, FLIGHTS)
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                inbound = envoy.decode(request)
+                attempt_context = (envoy.attempt_context(request)
+                                   if inbound.phase is Phase.REQUEST_HEADERS else {})
+                reply = await processor.handle(inbound, attempt_context)
+                await context.write(envoy.encode(inbound.phase, reply))
+        finally:
+            processor.finish()
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.finishing.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -103,6 +124,12 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
     async def drain(self, timeout_s: float) -> None:
         if self.finishing:
             await asyncio.wait(set(self.finishing), timeout=timeout_s)
+
+
+def _is_upstream_stage(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    metadata = context.invocation_metadata() or ()
+    return any(key == envoy.STAGE_HEADER and value == envoy.STAGE_UPSTREAM
+               for key, value in metadata)
 
 
 def build_runtime(config_path: Path, *, workers: int = 1,

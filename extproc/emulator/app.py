@@ -150,6 +150,9 @@ class Fault:
     delay_ms: int = 0
     reset: bool = False
     reset_after_chunks: int | None = None
+    end_after_chunks: int | None = None
+    """A streamed answer ends cleanly (complete HTTP body) after this many events, without
+    its terminal event: the silent truncation a gateway must not pass on as a 200."""
     retry_after: str | None = None
     pad_bytes: int = 0
     """Grow a non-streamed JSON answer by this many bytes (an `emulator_padding` field)."""
@@ -168,6 +171,7 @@ class Fault:
             and self.delay_ms == 0
             and not self.reset
             and self.reset_after_chunks is None
+            and self.end_after_chunks is None
             and self.pad_bytes == 0
             and self.stream_error is None
         )
@@ -186,6 +190,7 @@ class Fault:
             "delay_ms": self.delay_ms,
             "reset": self.reset,
             "reset_after_chunks": self.reset_after_chunks,
+            "end_after_chunks": self.end_after_chunks,
             "retry_after": self.retry_after,
             "pad_bytes": self.pad_bytes,
             "message": self.message,
@@ -255,6 +260,7 @@ class CallContext:
     state: EmulatorState
     reset_after_chunks: int | None = None
     stream_error: str | None = None
+    end_after_chunks: int | None = None
     events_sent: int = 0
 
     async def open_stream(self, content_type: str = "text/event-stream") -> web.StreamResponse:
@@ -286,6 +292,9 @@ class CallContext:
         self.events_sent += 1
         if self.reset_after_chunks is not None and self.events_sent >= self.reset_after_chunks:
             _abort(self.request)
+            return False
+        if self.end_after_chunks is not None and self.events_sent >= self.end_after_chunks:
+            await resp.write_eof()
             return False
         if self.stream_error is not None:
             await resp.write(_stream_error_event(self.request.path, self.stream_error))
@@ -557,6 +566,7 @@ def _wrap(
             config=config,
             state=state,
             reset_after_chunks=fault.reset_after_chunks,
+            end_after_chunks=fault.end_after_chunks,
             stream_error=fault.stream_error,
         )
         response = await handler(request, ctx)
@@ -647,7 +657,8 @@ async def _get_faults(request: web.Request) -> web.Response:
 
 
 _FAULT_FIELDS: Final = frozenset(
-    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "retry_after", "count",
+    {"status", "html", "delay_ms", "reset", "reset_after_chunks", "end_after_chunks",
+     "retry_after", "count",
      "pad_bytes", "message", "stream_error"}
 )
 _MAX_FAULT_MESSAGE: Final = 16 * 1024 * 1024
@@ -693,6 +704,7 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         delay_ms=_opt_int(body, "delay_ms", 0, 3_600_000) or 0,
         reset=_opt_bool(body, "reset"),
         reset_after_chunks=_opt_int(body, "reset_after_chunks", 0, 1_000_000),
+        end_after_chunks=_opt_int(body, "end_after_chunks", 1, 1_000_000),
         retry_after=retry_after,
         pad_bytes=_opt_int(body, "pad_bytes", 0, 1 << 30) or 0,
         message=message,
@@ -701,7 +713,7 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
     if fault.is_empty:
         raise ValueError(
             "a fault needs at least one of status, html, delay_ms, reset, reset_after_chunks,"
-            " pad_bytes, stream_error"
+            " end_after_chunks, pad_bytes, stream_error"
         )
     count = _opt_int(body, "count", 1, 1_000_000_000)
     return QueuedFault(fault=fault, remaining=1 if count is None else count)

@@ -459,8 +459,11 @@ def test_a_canary_the_provider_rejects_is_rolled_back_automatically(
     # test_credentials_regressions.py).
     rollback_after = 2
     v1, v2 = canary_key("v1"), canary_key("v2")
+    # Failover off: the canary's refusals reach the client (with failover on they are
+    # retried on the active version: tests/e2e/test_failover_canary.py).
     ring = prepare(stack, keyring_document(
-        redis_port, secrets={"rollback_after": rollback_after}), redis_port)
+        redis_port, secrets={"rollback_after": rollback_after},
+        change=lambda doc: doc.update(failover={"max_attempts": 1})), redis_port)
     ring.keys.ok("add", CREDENTIAL, secret=v1)
     gateway = ring.start()
     accept_keys(gateway, v1)  # v2 was never valid at the provider

@@ -47,7 +47,9 @@ def test_bug_canary_rollback_also_opens_the_credential_circuit(
         stack: Stack) -> None:
     _, redis_port = stack.start_redis()
     v1, v2 = canary_key("v1"), canary_key("v2")
-    ring = prepare(stack, keyring_document(redis_port), redis_port)  # rollback_after: 3
+    # Failover off, so that the canary's refusals reach the client and can be counted.
+    ring = prepare(stack, keyring_document(  # rollback_after: 3
+        redis_port, change=lambda doc: doc.update(failover={"max_attempts": 1})), redis_port)
     ring.keys.ok("add", CREDENTIAL, secret=v1)
     gateway = ring.start()
     accept_keys(gateway, v1)

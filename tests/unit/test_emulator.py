@@ -637,6 +637,7 @@ async def test_control_fault_count(client: TestClient[web.Request, web.Applicati
             "delay_ms": 0,
             "reset": False,
             "reset_after_chunks": None,
+            "end_after_chunks": None,
             "retry_after": None,
             "pad_bytes": 0,
             "message": None,

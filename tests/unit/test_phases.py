@@ -1240,6 +1240,8 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "cached_prompt_tokens": 0,
         "completion_tokens": 4,
         "streamed_tokens": None,
+        "attempts": None,
+        "stream_truncated": None,
         "duration_ms": 1500.0,
     }
 

@@ -1,0 +1,239 @@
+"""Failover inside a residency zone: which deployments a request may move to, which Envoy
+cluster carries them, and the record of every attempt.
+
+Envoy does the retrying (docs/decisions/0065-failover-envoy-retries-upstream-extproc.md):
+the router-level processor sends a request to the failover cluster of its model and first
+deployment, whose priority levels are the model's other deployments of the same zone;
+Envoy's retry policy moves each retry to the next level, and the upstream (per-attempt)
+ext_proc (`extproc/upstream.py`) puts that deployment's credential, path and body dialect
+on it. Both ext_proc streams of a request reach the same extproc process (one HTTP/2
+connection per Envoy worker to the extproc cluster), so they meet in a process-local
+`Flights` table keyed by the request id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from extproc.config import Deployment, GatewayConfig, Model, Provider
+from extproc.credentials.selection import Selected
+from extproc.errors import Dialect
+
+__all__ = [
+    "FAILOVER_CLUSTER_PREFIX",
+    "Attempt",
+    "Flight",
+    "Flights",
+    "PreparedAttempt",
+    "failover_cluster",
+    "has_failover_cluster",
+    "zone_deployments",
+]
+
+FAILOVER_CLUSTER_PREFIX: Final = "asc_failover."
+_TIMEOUT_SHARE: Final = 0.8
+"""An attempt that ended unanswered after this share of first_byte_timeout timed out."""
+
+
+def failover_cluster(model: str, provider: str) -> str:
+    """The Envoy cluster whose priority 0 is `provider`'s deployment of `model`."""
+    return f"{FAILOVER_CLUSTER_PREFIX}{model}.{provider}"
+
+
+def zone_deployments(config: GatewayConfig, model: Model,
+                     first: Deployment) -> tuple[tuple[Deployment, Provider], ...]:
+    """`first`, then the model's other deployments in `first`'s zone, in config order.
+
+    This is the priority order the Envoy failover cluster is rendered with; a failover
+    never leaves the zone of the deployment the route chose (the tenant's zone when it
+    has one). Stand-in for `routing.RouteDecision.fallbacks` until routing lands; Envoy's
+    priorities are static, so a per-tenant fallback order can only reorder inside this.
+    """
+    zone = config.providers[first.provider].zone
+    rest = tuple((d, config.providers[d.provider]) for d in model.deployments
+                 if d is not first and config.providers[d.provider].zone == zone)
+    return ((first, config.providers[first.provider]), *rest)
+
+
+def has_failover_cluster(config: GatewayConfig, model: Model, deployment: Deployment) -> bool:
+    """A request to this deployment can be retried: its zone has another deployment of
+    the model, or its key may be a canary version (keyring credentials, a tenant's own
+    keys), whose refusal is retried once on the active version. Other requests keep the
+    plain provider cluster and cost no per-attempt ext_proc stream."""
+    if len(zone_deployments(config, model, deployment)) > 1:
+        return True
+    return deployment.provider in _canary_capable(config)
+
+
+_CANARY_CAPABLE: dict[int, tuple[GatewayConfig, frozenset[str]]] = {}
+
+
+def _canary_capable(config: GatewayConfig) -> frozenset[str]:
+    """Providers whose keys may be canary versions (keyring or BYOK), per config: computed
+    once per loaded config, not per request (it looks at every tenant)."""
+    cached = _CANARY_CAPABLE.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    names = frozenset(
+        name for name, provider in config.providers.items()
+        if any(config.credentials[c].keyring for c in provider.credentials
+               if c in config.credentials)
+        or any(name in t.own_credentials for t in config.tenants.values()))
+    _CANARY_CAPABLE.clear()  # one config is current; keep no old ones alive
+    _CANARY_CAPABLE[id(config)] = (config, names)
+    return names
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at one deployment, as the request record shows it."""
+
+    number: int
+    provider: str
+    region: str
+    started: float
+    status: int | None = None
+    latency_ms: float | None = None
+    left: str | None = None
+    """Why the request moved on: `status 503`, `reset`, `timeout`; None for the answer."""
+    credential: str | None = None
+    selected: Selected | None = field(default=None, repr=False)
+    """The attempt's key and its breaker permit (reported on the answer)."""
+
+    def record(self) -> dict[str, str | int | float | None]:
+        return {"attempt": self.number, "provider": self.provider, "region": self.region,
+                "status": self.status, "latency_ms": self.latency_ms, "left": self.left,
+                "credential": self.credential}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedAttempt:
+    """What one attempt at one deployment carries: set and removed headers, body."""
+
+    set_headers: list[tuple[str, str]]
+    remove_headers: list[str]
+    body: bytes
+    selected: Selected | None
+
+
+Prepare = Callable[[Provider, Deployment, bool], Awaitable[PreparedAttempt]]
+"""(provider, deployment, active_only) -> the attempt's headers and body, in that
+provider's dialect and with its key. `active_only` skips a canary key version."""
+
+
+@dataclass(slots=True)
+class Flight:
+    """A request's way through its zone's deployments, shared by both ext_proc streams."""
+
+    request_id: str
+    deployments: tuple[tuple[Deployment, Provider], ...]
+    prepare: Prepare
+    first_byte_timeout_s: float
+    attempts: list[Attempt] = field(default_factory=list)
+    dialect: Dialect = Dialect.OPENAI
+    """The client's dialect: an attempt that cannot be made answers in it."""
+    first_selected: Selected | None = None
+    """The key the router-level processor put on attempt 1."""
+    extension_headers: bool = False
+    """Client extension headers reached the provider: a 401/403 may be the client's."""
+    canary_refused: set[str] = field(default_factory=set)
+    """Providers whose canary key version answered 401/403: retried on the active one."""
+    clock: Callable[[], float] = time.monotonic
+
+    def deployment_at(self, address: str,
+                      number: int) -> tuple[Deployment, Provider] | None:
+        """The deployment behind an upstream address (`host:port`, as Envoy reports it).
+
+        Deployments sharing an address (one host serving two regions) are told apart by
+        the attempt number: Envoy moves one priority level per retry.
+        """
+        matches = [(d, p) for d, p in self.deployments
+                   if address in (f"{p.host}:{p.port}", f"[{p.host}]:{p.port}")]
+        if len(matches) == 1:
+            return matches[0]
+        # Shared address, or a DNS name Envoy resolved: Envoy's retries move one
+        # priority level at a time (previous_priorities).
+        by_order = self.deployments[(number - 1) % len(self.deployments)]
+        return by_order if not matches or by_order in matches else matches[0]
+
+    def start(self, provider: Provider, number: int) -> Attempt:
+        attempt = Attempt(number=number, provider=provider.name, region=provider.region,
+                          started=self.clock())
+        self.attempts.append(attempt)
+        return attempt
+
+    def end(self, attempt: Attempt, status: int | None) -> None:
+        """An attempt's outcome: a status (response headers), or None (no answer)."""
+        elapsed = self.clock() - attempt.started
+        attempt.latency_ms = round(elapsed * 1000, 3)
+        attempt.status = status
+        if status is None:
+            # Envoy's idle timer starts before this process hears of the attempt (one
+            # gRPC hop, longer on a busy machine): "close to" the timeout is the timeout.
+            attempt.left = ("timeout" if elapsed >= _TIMEOUT_SHARE * self.first_byte_timeout_s
+                            else "reset")
+        elif status in (429, 529) or status >= 500 or status in (401, 403):
+            attempt.left = f"status {status}"
+
+    def choice_status(self, final: int | None) -> int | None:
+        """What the chosen deployment answered, for its health verdict: attempt 1's
+        status when the request failed over (None: reset, refused, silent, or attempt 1
+        went elsewhere), else the final status."""
+        first = next((a for a in self.attempts if a.number == 1), None)
+        if first is None:
+            return final if not self.attempts else None
+        return first.status if first.provider == self.deployments[0][1].name else None
+
+    @property
+    def answered(self) -> Attempt | None:
+        """The last attempt, if it answered (its response is what the client gets)."""
+        if self.attempts and self.attempts[-1].status is not None:
+            return self.attempts[-1]
+        return None
+
+    def records(self) -> list[dict[str, str | int | float | None]]:
+        """The attempts in order. An attempt whose connection failed never reached the
+        per-attempt ext_proc (measured: Envoy runs upstream filters once connected); it
+        shows as a gap in the attempt numbers and is listed at the deployment Envoy's
+        priority order gives it, as `connect failure`."""
+        seen = {a.number for a in self.attempts}
+        for number in range(1, max(seen, default=0)):
+            if number not in seen:
+                _, provider = self.deployments[(number - 1) % len(self.deployments)]
+                self.attempts.append(Attempt(number=number, provider=provider.name,
+                                             region=provider.region, started=0.0,
+                                             left="connect failure"))
+        self.attempts.sort(key=lambda a: a.number)
+        for attempt in self.attempts[:-1]:
+            if attempt.left is None and attempt.status is None:
+                attempt.left = "reset"
+        final = self.attempts[-1] if self.attempts else None
+        if final is not None and final.status is not None and final.status < 400:
+            final.left = None
+        return [a.record() for a in self.attempts]
+
+
+class Flights:
+    """Process-local table of the requests in flight that may fail over."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+
+    def add(self, flight: Flight) -> None:
+        self._flights[flight.request_id] = flight
+
+    def get(self, request_id: str) -> Flight | None:
+        return self._flights.get(request_id)
+
+    def remove(self, request_id: str) -> None:
+        self._flights.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+
+FLIGHTS: Final = Flights()
+"""The one table of this process (router-level and upstream streams share it)."""

@@ -1,0 +1,127 @@
+"""The upstream (per-attempt) ext_proc: one `AttemptProcessor` per attempt Envoy makes.
+
+Envoy runs this filter inside a failover cluster, once per attempt, after it picked the
+attempt's host. Attempt 1 at the deployment the route chose goes on as the router-level
+processor prepared it (one message, no body). Any other attempt gets the credential, path
+and body of the deployment it landed on, in that provider's dialect; Envoy keeps attempt
+1's header mutations and resets the body, so every provider header is overwritten or
+removed and body and content-length are re-sent. The attempt's outcome (status, latency,
+why it was left) goes into the request's `Flight`, which the router-level processor logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
+from extproc.failover import Attempt, Flight, Flights
+from extproc.logs import log_event
+from extproc.messages import Body, BodyMode, Continue, Headers, Inbound, Outbound, Phase, Respond
+from extproc.runtime import Runtime
+from extproc.secrets import SecretUnavailable
+
+__all__ = ["AttemptProcessor"]
+
+_ATTEMPT_HEADER: Final = "x-envoy-attempt-count"
+_ADDRESS: Final = "upstream.address"
+_REQUEST_ID: Final = "asc.request_id"
+
+log = logging.getLogger("extproc.upstream")
+
+
+class AttemptProcessor:
+    """One attempt of one request at one deployment."""
+
+    def __init__(self, runtime: Runtime, flights: Flights) -> None:
+        self._runtime = runtime
+        self._flights = flights
+        self._flight: Flight | None = None
+        self._attempt: Attempt | None = None
+        self._body: bytes | None = None
+
+    async def handle(self, message: Inbound, context: dict[str, str]) -> Outbound:
+        try:
+            if isinstance(message, Headers) and message.phase is Phase.REQUEST_HEADERS:
+                return await self._start(message, context)
+            if isinstance(message, Body) and message.phase is Phase.REQUEST_BODY:
+                return Continue(body=self._body) if self._body is not None else Continue()
+            if isinstance(message, Headers) and message.phase is Phase.RESPONSE_HEADERS:
+                return await self._answered(message)
+            return Continue()
+        except GatewayError as exc:
+            flight = self._flight
+            return _refuse(exc, flight.dialect if flight is not None else Dialect.OPENAI)
+
+    async def _start(self, message: Headers, context: dict[str, str]) -> Outbound:
+        flight = self._flights.get(context.get(_REQUEST_ID, ""))
+        if flight is None:
+            # Without the request's state this attempt could only go out with another
+            # provider's key (attempt 1's headers persist): refuse, never guess.
+            raise GatewayError(ErrorCode.UNAVAILABLE, "The request could not be retried.")
+        self._flight = flight
+        count = message.headers.get(_ATTEMPT_HEADER, "1")
+        number = int(count) if count.isdigit() else len(flight.attempts) + 1
+        landed = flight.deployment_at(context.get(_ADDRESS, ""), number)
+        if landed is None:
+            raise GatewayError(ErrorCode.UNAVAILABLE, "The request could not be retried.")
+        deployment, provider = landed
+        attempt = flight.start(provider, number)
+        self._attempt = attempt
+        first_deployment, _ = flight.deployments[0]
+        if number == 1 and deployment is first_deployment:
+            attempt.selected = flight.first_selected
+            attempt.credential = (flight.first_selected.credential.label
+                                  if flight.first_selected is not None else None)
+            return Continue()
+        try:
+            prepared = await flight.prepare(provider, deployment,
+                                            provider.name in flight.canary_refused)
+        except SecretUnavailable:
+            log_event(log, logging.ERROR, "provider credential unavailable",
+                      request_id=flight.request_id, provider=provider.name)
+            raise GatewayError(ErrorCode.UNAVAILABLE,
+                               "No usable credential for the fallback provider.") from None
+        attempt.selected = prepared.selected
+        attempt.credential = (prepared.selected.credential.label
+                              if prepared.selected is not None else None)
+        self._body = prepared.body
+        return Continue(set_headers=prepared.set_headers,
+                        remove_headers=prepared.remove_headers,
+                        request_body_mode=BodyMode.BUFFERED)
+
+    async def _answered(self, message: Headers) -> Outbound:
+        flight, attempt = self._flight, self._attempt
+        if flight is None or attempt is None:
+            return Continue()
+        status_text = message.headers.get(":status", "")
+        status = int(status_text) if status_text.isdigit() else 502
+        flight.end(attempt, status)
+        selected = attempt.selected
+        if selected is not None:
+            keys = self._runtime.keys
+            keyring = keys.keyring
+            if (status in (401, 403) and keyring is not None
+                    and keyring.is_canary(selected.credential, selected.scope)):
+                flight.canary_refused.add(attempt.provider)
+            await keys.report(selected, status, key_evidence=not flight.extension_headers,
+                              retry_after=message.headers.get("retry-after"))
+        return Continue()
+
+    def finish(self) -> None:
+        """The attempt's stream ended: without an answer it was reset or timed out."""
+        flight, attempt = self._flight, self._attempt
+        if flight is None or attempt is None:
+            return
+        if attempt.latency_ms is None:
+            flight.end(attempt, None)
+        if attempt.selected is not None:
+            self._runtime.keys.release(attempt.selected)  # no-op after a report
+
+
+def _refuse(error: GatewayError, dialect: Dialect) -> Respond:
+    """An attempt that cannot be made is answered here; Envoy does not retry it."""
+    return Respond(status=error.status, body=error_body(error, dialect),
+                   headers=[("content-type", "application/json")],
+                   details=f"asc_upstream_{error.code.value}",
+                   metadata={"error": error.code.value})
