@@ -55,7 +55,8 @@ def test_every_yaml_block_is_an_example_or_a_marked_fragment(block: Block) -> No
         return
     if block.marker.kind == "illustrative":
         shown = yaml.safe_load(block.text)
-        assert isinstance(shown, dict) and not GATEWAY_KEYS & set(shown), hint
+        assert isinstance(shown, dict), hint
+        assert not GATEWAY_KEYS & set(shown), hint
         return
     assert block.marker.kind in ("example", "fragment"), hint
     target = REPO / block.marker.target
