@@ -10,7 +10,8 @@ the doc describes in prose ("the same at the Anthropic door") are sent as descri
 §6's commands run with `/etc/asc` moved to a temporary directory.
 
 A few blocks of docs/operator-guide.md need the same running stack (the gRPC health
-check, the emulator and its fault API), so they are run here too.
+check, the emulator and its fault API), so they are run here too, and so is the curl of
+README.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +132,25 @@ def test_1_make_run_prints_the_stack_as_shown(quickstart: Quickstart) -> None:
         ["envoy.log", "extproc.log", f"emulator-{checkout.emulator_port}.log",
          f"redis-{checkout.redis_port}.log"])
     assert (checkout.root / "var/run/envoy.yaml").is_file()
+
+
+def test_readme_curl_is_the_printed_one_and_answers_as_described(
+        quickstart: Quickstart) -> None:
+    [block] = [block for block in blocks(REPO / "README.md", "sh")
+               if block.text.startswith("curl ")]
+    printed = quickstart.stack.output[0]
+    printed = printed[printed.index("  curl"):printed.index("\n\nCtrl-C")]
+    port = f"127.0.0.1:{quickstart.checkout.listen_port}"
+    assert block.text == printed.replace("\n  ", "\n").lstrip().replace(
+        port, "127.0.0.1:10000") + "\n"
+    answer = quickstart.run(block.text.replace("curl -s ", "curl -si ", 1))
+    head, _, body = answer.replace("\r\n", "\n").partition("\n\n")
+    assert head.startswith("HTTP/1.1 200 OK\n"), answer
+    # "carries x-asc-request-id, x-asc-provider, x-asc-region and x-asc-credential"
+    assert re.search(r"^x-asc-request-id: [0-9a-f]{32}$", head, re.MULTILINE), head
+    assert "\nx-asc-provider: emu-eu\nx-asc-region: eu-west-1\n" in head, head
+    assert "\nx-asc-credential: emu-eu-1@1\n" in head, head
+    assert '"content":"Hello from the emulator."' in body, body
 
 
 def test_2_a_successful_request(quickstart: Quickstart) -> None:
@@ -332,6 +353,37 @@ def test_operator_guide_emulator_fault_api(quickstart: Quickstart) -> None:
     curl = command(BLOCKS[14]).replace('"gpt-4o"', '"gpt-4o-mini"')
     seen = [quickstart.run(curl).rsplit(" ", 1)[1] for _ in range(3)]
     assert seen == ["502\n", "502\n", "200\n"]
+
+
+def test_6_hot_reload(quickstart: Quickstart) -> None:
+    """Step 8: the edit the doc describes, then its request until the reload is seen
+    (bounded poll); then the edit undone, as the doc says, and the 200 back."""
+    curl = command(block_at(36, "sh", "curl -s -w ' %{http_code}\\n' http://127.0.0.1:10000/"))
+    shown = block_at(37, "text", '{"error"').text
+    config = quickstart.checkout.root / "deploy/demo/asc.yaml"
+    original = config.read_text(encoding="utf-8")
+    line = "    models: [gpt-4o-mini, gpt-4o]\n"
+    assert original.count(line) == 1, "the globex line the doc edits"
+    assert quickstart.run(curl).endswith(" 200\n")
+    config.write_text(original.replace(line, "    models: [gpt-4o-mini]\n"), encoding="utf-8")
+    try:
+        assert poll(quickstart, curl, shown) == shown
+        log = (quickstart.checkout.root / "var/run/extproc.log").read_text(encoding="utf-8")
+        assert re.search(r'"msg":"config reloaded".*"reason":"file changed"', log), log[-2000:]
+    finally:
+        config.write_text(original, encoding="utf-8")
+    assert poll(quickstart, curl, " 200\n").endswith(" 200\n")
+
+
+def poll(quickstart: Quickstart, curl: str, until: str, timeout: float = 15) -> str:
+    """Run `curl` until its output ends with `until` (the watcher looks once a second),
+    or the time is up; the last output."""
+    deadline = time.monotonic() + timeout
+    seen = quickstart.run(curl)
+    while not seen.endswith(until) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen = quickstart.run(curl)
+    return seen
 
 
 def test_1_ctrl_c_stops_everything(quickstart: Quickstart) -> None:
