@@ -13,7 +13,9 @@ own line directly before a fenced block (blank lines between them are allowed):
 * `<!-- illustrative -->` -- shown for reading only (an output, a shape with
   placeholders); no test runs it.
 
-HTML comments do not render, so readers see plain blocks.
+HTML comments do not render, so readers see plain blocks. Every fenced block of
+docs/*.md, docs/decisions/*.md and README.md must carry one of these markers, with a real
+target: tests/docs/test_every_block_is_marked.py.
 """
 
 from __future__ import annotations
