@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from extproc.breaker import Permit
 from extproc.config import Deployment, GatewayConfig, Model, Provider
 from extproc.credentials.selection import Selected
+from extproc.deployment_health import DeploymentHealth, deployment_key
 from extproc.errors import Dialect
 
 __all__ = [
@@ -102,6 +104,12 @@ class Attempt:
     credential: str | None = None
     selected: Selected | None = field(default=None, repr=False)
     """The attempt's key and its breaker permit (reported on the answer)."""
+    deployment: str | None = None
+    """`deployment_key` of the deployment hit, when this attempt holds `permit`."""
+    permit: Permit | None = field(default=None, repr=False)
+    """The deployment breaker's permit of an attempt other than the choice's attempt 1
+    (the router-level processor holds that one): its verdict goes to the deployment the
+    attempt actually hit, not to the routing choice."""
 
     def record(self) -> dict[str, str | int | float | None]:
         return {"attempt": self.number, "provider": self.provider, "region": self.region,
@@ -177,6 +185,55 @@ class Flight:
                             else "reset")
         elif status in (429, 529) or status >= 500 or status in (401, 403):
             attempt.left = f"status {status}"
+
+    def verdict(self, health: DeploymentHealth, attempt: Attempt) -> None:
+        """An attempt answered (`status`, `latency_ms` set by `end`): the deployment it
+        hit learns it. No-op for an attempt without a permit of its own."""
+        permit, attempt.permit = attempt.permit, None
+        if permit is None or attempt.deployment is None:
+            return
+        latency = None if attempt.latency_ms is None else attempt.latency_ms / 1000
+        health.record(attempt.deployment, permit, status=attempt.status, latency_s=latency)
+
+    def settle(self, health: DeploymentHealth) -> None:
+        """Envoy stopped retrying (response headers reached the router-level processor):
+        every attempt still without an answer failed (reset, timed out), and so did a
+        fallback whose connection was refused (a gap in the attempt numbers, see
+        `records`). The choice's own attempt 1 is the router-level processor's verdict."""
+        for attempt in self.attempts:
+            if attempt.permit is not None and attempt.status is None:
+                self.verdict(health, attempt)
+        seen = {a.number for a in self.attempts}
+        for number in range(2, max(seen, default=0)):
+            if number not in seen:
+                deployment, _ = self.deployments[(number - 1) % len(self.deployments)]
+                key = deployment_key(deployment)
+                permit = health.allow(key)
+                if permit is not None:
+                    health.record(key, permit, status=None, latency_s=None)
+
+    def release(self, health: DeploymentHealth) -> None:
+        """The request ended before Envoy stopped retrying (the client left): attempts
+        still holding a permit give it back without a verdict."""
+        for attempt in self.attempts:
+            permit, attempt.permit = attempt.permit, None
+            if permit is not None and attempt.deployment is not None:
+                health.release(attempt.deployment, permit)
+
+    def choice_latency_s(self) -> float | None:
+        """Attempt 1's time to response headers when it went to the choice (the
+        request's own time would add every later attempt's to the choice's average)."""
+        first = next((a for a in self.attempts if a.number == 1), None)
+        if (first is None or first.latency_ms is None
+                or first.provider != self.deployments[0][1].name):
+            return None
+        return first.latency_ms / 1000
+
+    def choice_skipped(self) -> bool:
+        """Attempt 1 went to another deployment than the choice (Envoy's outlier
+        detection had ejected it): the choice was not tried, so it gets no verdict."""
+        first = next((a for a in self.attempts if a.number == 1), None)
+        return first is not None and first.provider != self.deployments[0][1].name
 
     def choice_status(self, final: int | None) -> int | None:
         """What the chosen deployment answered, for its health verdict: attempt 1's

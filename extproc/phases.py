@@ -464,7 +464,15 @@ class RequestProcessor:
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
         if self._flight is not None:
-            self._report_deployment(self._flight.choice_status(status))
+            # Each attempt's verdict goes to the deployment it hit (0066); the choice's is
+            # attempt 1's, with attempt 1's latency.
+            self._flight.settle(self._runtime.health)
+            if (self._flight.choice_skipped() and self._deployment_permit is not None
+                    and self.route is not None):
+                self._runtime.health.release(self.route.key, self._deployment_permit)
+                self._deployment_permit = None
+            self._report_deployment(self._flight.choice_status(status),
+                                    latency_s=self._flight.choice_latency_s())
             self._follow_failover()
         else:
             self._report_deployment(status)
@@ -526,17 +534,20 @@ class RequestProcessor:
             self.credential = answered.selected.credential
             self._selected = answered.selected
 
-    def _report_deployment(self, status: int | None) -> None:
+    def _report_deployment(self, status: int | None, *,
+                           latency_s: float | None = None) -> None:
         """The chosen deployment's verdict (once): what it answered and how fast.
 
-        Valid while a request makes one attempt: the answer is the choice's. Once Envoy
-        retries onto `route_decision.fallbacks`, each attempt's verdict belongs to the
-        deployment that attempt went to (the per-attempt ext_proc knows it), not to the
-        choice."""
+        On the plain path the answer is the choice's. On a failover cluster every other
+        attempt's verdict went to the deployment it hit (`extproc.upstream`, decision
+        0066); here only attempt 1 at the choice counts (`Flight.choice_status`), so a
+        fallback's 200 never closes the choice's breaker."""
         permit, self._deployment_permit = self._deployment_permit, None
         if permit is None or self.route is None:
             return
-        latency = None if self._sent_at is None else self._clock() - self._sent_at
+        latency = latency_s
+        if latency is None and self._flight is None and self._sent_at is not None:
+            latency = self._clock() - self._sent_at
         self._runtime.health.record(self.route.key, permit, status=status, latency_s=latency)
 
     def _tag_headers(self) -> list[tuple[str, str]]:
@@ -693,6 +704,7 @@ class RequestProcessor:
         aborted = not self._complete
         if self._flight is not None:
             FLIGHTS.remove(self.request_id)
+            self._flight.release(self._runtime.health)
         try:
             if self._selected is not None:  # no verdict was reported: a probe goes back
                 self._runtime.keys.release(self._selected)

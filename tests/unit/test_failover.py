@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.config import GatewayConfig, parse_config
+from extproc.config import DeploymentHealthSettings, GatewayConfig, parse_config
+from extproc.deployment_health import DeploymentHealth, deployment_key
 from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
 from extproc.failover import (
     Flight,
@@ -182,3 +183,91 @@ def test_deployment_is_found_by_address_or_by_attempt_order() -> None:
     by_order = flight.deployment_at("192.0.2.9:443", 2)
     assert by_order is not None
     assert by_order[1].name == "eu2"
+
+
+def _health() -> DeploymentHealth:
+    return DeploymentHealth(DeploymentHealthSettings(failures=1, cooldown_s=60),
+                            clock=lambda: 100.0)
+
+
+def test_each_attempt_is_the_verdict_of_the_deployment_it_hit() -> None:
+    """Decision 0066: a fallback's failure opens the fallback's breaker, its success
+    closes nothing else; a reset waits for `settle` (it may be the client leaving)."""
+    flight = _flight(_config(), [0.0])
+    (eu_deployment, eu), (eu2_deployment, eu2) = flight.deployments
+    eu_key, eu2_key = deployment_key(eu_deployment), deployment_key(eu2_deployment)
+    health = _health()
+    reset = flight.start(eu2, 2)
+    reset.deployment, reset.permit = eu2_key, health.allow(eu2_key)
+    flight.end(reset, None)
+    assert health.state(eu2_key) == "closed"  # no verdict before Envoy stops retrying
+    answered = flight.start(eu, 3)
+    answered.deployment, answered.permit = eu_key, health.allow(eu_key)
+    flight.end(answered, 200)
+    flight.verdict(health, answered)
+    flight.settle(health)
+    assert health.state(eu2_key) == "open"
+    assert health.state(eu_key) == "closed"
+    assert answered.permit is None
+    assert reset.permit is None
+
+
+def test_a_refused_fallback_connection_is_a_failure_of_that_fallback() -> None:
+    """Attempt 2 never reached the per-attempt ext_proc (a gap): its deployment, by
+    Envoy's priority order, fails; attempt 1 (the choice) is the router's verdict."""
+    flight = _flight(_config(), [0.0])
+    (eu_deployment, eu), (eu2_deployment, _) = flight.deployments
+    health = _health()
+    flight.end(flight.start(eu, 1), 503)
+    flight.end(flight.start(eu, 3), 200)
+    flight.settle(health)
+    assert health.state(deployment_key(eu2_deployment)) == "open"
+    assert health.state(deployment_key(eu_deployment)) == "closed"
+
+
+def test_a_request_that_ends_before_the_verdict_gives_the_permit_back() -> None:
+    """The client left during an attempt: no verdict, and a half-open probe permit is
+    not lost (the deployment stays available for the next probe)."""
+    now = [100.0]
+    health = DeploymentHealth(DeploymentHealthSettings(failures=1, cooldown_s=1),
+                              clock=lambda: now[0])
+    flight = _flight(_config(), [0.0])
+    _, (eu2_deployment, eu2) = flight.deployments
+    key = deployment_key(eu2_deployment)
+    opened = health.allow(key)
+    assert opened is not None
+    health.record(key, opened, status=503, latency_s=None)
+    now[0] = 102.0
+    attempt = flight.start(eu2, 2)
+    attempt.deployment, attempt.permit = key, health.allow(key)
+    assert attempt.permit is not None
+    assert attempt.permit.probe
+    assert not health.available(key)
+    flight.end(attempt, None)
+    flight.release(health)
+    assert health.available(key)
+    assert health.state(key) == "half_open"
+
+
+def test_the_choice_gets_attempt_1s_latency_not_the_whole_request() -> None:
+    now = [0.0]
+    flight = _flight(_config(), now)
+    (_, eu), (_, eu2) = flight.deployments
+    first = flight.start(eu, 1)
+    now[0] = 0.25
+    flight.end(first, 503)
+    second = flight.start(eu2, 2)
+    now[0] = 2.0
+    flight.end(second, 200)
+    assert flight.choice_status(200) == 503
+    assert flight.choice_latency_s() == 0.25
+    assert not flight.choice_skipped()
+
+
+def test_attempt_1_at_a_fallback_skips_the_choice() -> None:
+    """Envoy's outlier detection ejected the choice: it was not tried, no verdict."""
+    flight = _flight(_config(), [0.0])
+    _, (_, eu2) = flight.deployments
+    flight.end(flight.start(eu2, 1), 200)
+    assert flight.choice_skipped()
+    assert flight.choice_latency_s() is None
