@@ -13,8 +13,10 @@ connection per Envoy worker to the extproc cluster), so they meet in a process-l
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -27,15 +29,21 @@ from extproc.errors import Dialect
 __all__ = [
     "FAILOVER_CLUSTER_PREFIX",
     "Attempt",
+    "Chain",
     "Flight",
     "Flights",
     "PreparedAttempt",
+    "failover_chains",
     "failover_cluster",
     "has_failover_cluster",
+    "ordered_chain",
     "zone_deployments",
 ]
 
 FAILOVER_CLUSTER_PREFIX: Final = "asc_failover."
+MAX_ORDERS: Final = 24
+"""Most fallback orders rendered per deployment (one failover cluster each); a zone with
+more possible orders keeps config order only (decision 0067)."""
 _TIMEOUT_SHARE: Final = 0.8
 """An attempt that ended unanswered after this share of first_byte_timeout timed out."""
 
@@ -58,6 +66,70 @@ def zone_deployments(config: GatewayConfig, model: Model,
     rest = tuple((d, config.providers[d.provider]) for d in model.deployments
                  if d is not first and config.providers[d.provider].zone == zone)
     return ((first, config.providers[first.provider]), *rest)
+
+
+Chain = tuple[tuple[Deployment, Provider], ...]
+"""A failover cluster's deployments, priority 0 first."""
+
+
+def _ordered_name(model: str, chain: Chain) -> str:
+    """Cluster of one fallback order: `asc_failover.<model>.<first>><fb1>><fb2>` ('>'
+    is not allowed in config names, so it cannot collide with the config-order one)."""
+    return f"{FAILOVER_CLUSTER_PREFIX}{model}.{'>'.join(p.name for _, p in chain)}"
+
+
+def _orders(config: GatewayConfig, zone_size: int) -> int:
+    """How many fallback orders a deployment with `zone_size - 1` others in its zone has
+    (only the first `max_attempts - 1` fallbacks can ever be tried); 1 (config order
+    only) beyond MAX_ORDERS."""
+    depth = min(zone_size - 1, config.failover.max_attempts - 1)
+    orders = math.perm(zone_size - 1, depth) if depth > 0 else 1
+    return orders if orders <= MAX_ORDERS else 1
+
+
+def failover_chains(config: GatewayConfig, model: Model,
+                    first: Deployment) -> list[tuple[str, Chain]]:
+    """Every failover cluster of `first` (name, priority order): its zone in config order,
+    then each other order of the fallbacks that could be tried, so that a request's
+    attempts can follow its routing decision's `fallbacks` (decision 0067)."""
+    zone = zone_deployments(config, model, first)
+    chains = [(failover_cluster(model.name, first.provider), zone)]
+    if _orders(config, len(zone)) == 1:
+        return chains
+    depth = min(len(zone) - 1, config.failover.max_attempts - 1)
+    for tail in itertools.permutations(zone[1:], depth):
+        if tail != zone[1:1 + depth]:
+            chain = (zone[0], *tail)
+            chains.append((_ordered_name(model.name, chain), chain))
+    return chains
+
+
+def ordered_chain(config: GatewayConfig, model: Model, first: Deployment,
+                  fallbacks: Sequence[Deployment]) -> tuple[str, Chain, int]:
+    """The failover cluster whose priorities follow `fallbacks` (the routing decision's
+    order), its chain, and how many retries stay inside what the decision allows.
+
+    Fallbacks outside `first`'s zone are dropped (a failover never leaves it). Without a
+    rendered cluster for that order (more than MAX_ORDERS), the config-order cluster,
+    whose retries stop before the first level the decision does not allow."""
+    zone = zone_deployments(config, model, first)
+    in_zone = {id(d) for d, _ in zone[1:]}
+    wanted = [d for d in fallbacks if id(d) in in_zone]
+    depth = min(len(zone) - 1, config.failover.max_attempts - 1)
+    wanted = wanted[:depth]
+    if [d for d, _ in zone[1:1 + len(wanted)]] == wanted or _orders(config, len(zone)) == 1:
+        retries = 0
+        allowed = {id(d) for d in fallbacks}
+        for deployment, _ in zone[1:]:
+            if id(deployment) not in allowed:
+                break
+            retries += 1
+        return failover_cluster(model.name, first.provider), zone, min(retries, depth)
+    by_id = {id(d): (d, p) for d, p in zone}
+    rest = [by_id[id(d)] for d in wanted]
+    rest += [c for c in zone[1:] if id(c[0]) not in {id(d) for d in wanted}]
+    chain = (zone[0], *rest[:depth])
+    return _ordered_name(model.name, chain), chain, len(wanted)
 
 
 def has_failover_cluster(config: GatewayConfig, model: Model, deployment: Deployment) -> bool:

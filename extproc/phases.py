@@ -29,11 +29,11 @@ from extproc.credentials.selection import Selected
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.failover import (
     FLIGHTS,
+    Chain,
     Flight,
     PreparedAttempt,
-    failover_cluster,
     has_failover_cluster,
-    zone_deployments,
+    ordered_chain,
 )
 from extproc.logs import log_event
 from extproc.messages import (
@@ -323,10 +323,10 @@ class RequestProcessor:
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + output_tokens)
-        cluster, retries = route.provider.cluster, self._retries()
+        cluster, chain, retries = self._retries()
         failover: list[tuple[str, str]] = []
         if retries > 0:
-            cluster = self._start_flight(request, output_limit)
+            self._start_flight(request, output_limit, chain)
             failover = [(_MAX_RETRIES_HEADER, str(retries))]
         set_headers = [
             (CLUSTER_HEADER, cluster),
@@ -351,42 +351,40 @@ class RequestProcessor:
             metadata=self._metadata(),
         )
 
-    def _retries(self) -> int:
-        """Retries Envoy may make for this request: one per other deployment of the zone
-        (each deployment is tried at most once, so a 429's retry-after is never ignored
-        by retrying it), one at least when the key is a canary version (the retry carries
-        the active version), never more than `failover.max_attempts` allows."""
+    def _retries(self) -> tuple[str, Chain, int]:
+        """The failover cluster whose priorities follow the routing decision's fallbacks
+        (decision 0067), its chain, and the retries Envoy may make: one per allowed
+        fallback of the zone (each deployment is tried at most once, so a 429's
+        retry-after is never ignored by retrying it), one at least when the key is a
+        canary version (the retry carries the active version), never more than
+        `failover.max_attempts` allows. No retry: the plain provider cluster."""
         route = self.route
         assert route is not None
         settings = self._config.failover
         if settings.max_attempts <= 1 or not has_failover_cluster(
                 self._config, route.model, route.deployment):
-            return 0
-        # Envoy's priority levels are the zone's deployments in config order; retries stop
-        # before the first one the routing decision does not allow (the tenant's
-        # allow-list, a route override, an open breaker): never a disallowed fallback.
-        allowed = {f.provider.name for f in self.route_decision.fallbacks} \
-            if self.route_decision is not None else set()
-        retries = 0
-        for _, provider in zone_deployments(self._config, route.model, route.deployment)[1:]:
-            if provider.name not in allowed:
-                break
-            retries += 1
+            return route.provider.cluster, (), 0
+        fallbacks = [f.deployment for f in self.route_decision.fallbacks] \
+            if self.route_decision is not None else []
+        cluster, chain, retries = ordered_chain(self._config, route.model,
+                                                route.deployment, fallbacks)
         keyring = self._runtime.keys.keyring
         if (self._selected is not None and keyring is not None
                 and keyring.is_canary(self._selected.credential, self._selected.scope)):
             retries = max(retries, 1)
-        return min(retries, settings.max_attempts - 1)
+        retries = min(retries, settings.max_attempts - 1)
+        return (cluster, chain, retries) if retries > 0 else (route.provider.cluster, (), 0)
 
-    def _start_flight(self, request: dict[str, Any], output_limit: OutputLimit) -> str:
-        """Register the request for the per-attempt processor; the failover cluster."""
+    def _start_flight(self, request: dict[str, Any], output_limit: OutputLimit,
+                      chain: Chain) -> None:
+        """Register the request for the per-attempt processor."""
         route = self.route
         assert route is not None
         self._request = request
         self._output_limit = output_limit
         flight = Flight(
             request_id=self.request_id,
-            deployments=zone_deployments(self._config, route.model, route.deployment),
+            deployments=chain,
             prepare=self._prepare_attempt,
             first_byte_timeout_s=self._config.failover.first_byte_timeout_ms / 1000,
             dialect=self.dialect,
@@ -396,7 +394,6 @@ class RequestProcessor:
         )
         FLIGHTS.add(flight)
         self._flight = flight
-        return failover_cluster(route.model.name, route.provider.name)
 
     async def _prepare_attempt(self, provider: Provider, deployment: Deployment,
                                active_only: bool) -> PreparedAttempt:

@@ -460,9 +460,10 @@ def test_every_eu_deployment_refusing_connections_gives_the_zone_503(tmp_path: P
 
 
 def test_a_fallback_the_routing_policy_does_not_allow_is_never_tried(tmp_path: Path) -> None:
-    """The tenant's allow-list leaves out anth-eu, the next priority level after the
-    primary: Envoy's priority order is static, so the service allows no retry past it
-    (never a disallowed provider), and the primary's error reaches the client."""
+    """The tenant's allow-list leaves out anth-eu, the next level of the config-order
+    cluster after the primary: the request goes to the cluster of its routing decision's
+    order (oai-eu, then oai-eu2; decision 0067), so the retry skips the disallowed
+    provider instead of ending the request."""
     def allow_openai_only(document: dict[str, Any]) -> None:
         document["tenants"]["acme"]["route_policy"] = {"providers": ["oai-eu", "oai-eu2"]}
 
@@ -472,10 +473,35 @@ def test_a_fallback_the_routing_policy_does_not_allow_is_never_tried(tmp_path: P
             narrow.emulators["oai-eu"].queue_fault(status=503)
             response = narrow.chat()
             assert narrow.emulators["anth-eu"].requests() == []
-            assert narrow.emulators["oai-eu2"].requests() == []
+            assert narrow.emulators["oai-us"].requests() == []
+            assert len(narrow.emulators["oai-eu2"].requests()) == 1
             record = narrow.finished(response.headers["x-asc-request-id"])
-    assert response.status_code == 502
-    assert record["attempts"] is None  # no retry was possible: the plain path
+    assert response.status_code == 200, response.text
+    assert response.headers["x-asc-provider"] == "oai-eu2"
+    assert [(a["attempt"], a["provider"], a["status"]) for a in record["attempts"]] == [
+        (1, "oai-eu", 503), (2, "oai-eu2", 200)]
+
+
+def test_attempts_follow_the_listed_fallback_order(tmp_path: Path) -> None:
+    """The tenant lists oai-eu2 before anth-eu (config order is the reverse), with three
+    attempts: the primary and oai-eu2 fail, anth-eu answers; the us emulator gets
+    nothing."""
+    def eu2_first(document: dict[str, Any]) -> None:
+        document["failover"]["max_attempts"] = 3
+        document["tenants"]["acme"]["route_policy"] = {"fallbacks": ["oai-eu2", "anth-eu"]}
+
+    with Stack(tmp_path / "stack") as stack:
+        ordered = _start(stack, tmp_path, edit=eu2_first)
+        with ordered.client:
+            ordered.emulators["oai-eu"].queue_fault(status=503)
+            ordered.emulators["oai-eu2"].queue_fault(reset=True)
+            response = ordered.chat()
+            assert ordered.emulators["oai-us"].requests() == []
+            record = ordered.finished(response.headers["x-asc-request-id"])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-asc-provider"] == "anth-eu"
+    assert [(a["attempt"], a["provider"], a["left"]) for a in record["attempts"]] == [
+        (1, "oai-eu", "status 503"), (2, "oai-eu2", "reset"), (3, "anth-eu", None)]
 
 
 def _deployment_states(fo: FailoverStack) -> dict[str, str]:

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from extproc.config import DeploymentHealthSettings, GatewayConfig, parse_config
 from extproc.deployment_health import DeploymentHealth, deployment_key
 from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
 from extproc.failover import (
+    MAX_ORDERS,
     Flight,
     PreparedAttempt,
+    failover_chains,
     failover_cluster,
     has_failover_cluster,
+    ordered_chain,
     zone_deployments,
 )
 
@@ -271,3 +276,103 @@ def test_attempt_1_at_a_fallback_skips_the_choice() -> None:
     flight.end(flight.start(eu2, 1), 200)
     assert flight.choice_skipped()
     assert flight.choice_latency_s() is None
+
+
+def _three_in_eu(max_attempts: int = 3) -> GatewayConfig:
+    """Zone eu with three deployments (eu, eu2, eu3), us elsewhere."""
+    return parse_config(_THREE.format(max_attempts=max_attempts, hash=HASH))
+
+
+_THREE = """\
+version: 1
+auth: {{pepper: {{env: ASC_PEPPER}}}}
+failover: {{max_attempts: {max_attempts}}}
+credentials: {{c: {{env: K}}}}
+providers:
+  us: {{kind: openai, base_url: "http://10.0.0.1:8000", region: us-1, zone: us, cluster: us,
+       credentials: [c]}}
+  eu: {{kind: openai, base_url: "http://10.0.0.2:8000", region: eu-1, zone: eu, cluster: eu,
+       credentials: [c]}}
+  eu2: {{kind: openai, base_url: "http://10.0.0.3:8000", region: eu-2, zone: eu,
+        cluster: eu2, credentials: [c]}}
+  eu3: {{kind: anthropic, base_url: "http://10.0.0.5:8000", region: eu-3, zone: eu,
+        cluster: eu3, credentials: [c]}}
+models:
+  m:
+    price: {{input_per_mtok: 1, output_per_mtok: 1}}
+    deployments: [{{provider: us}}, {{provider: eu}}, {{provider: eu2}},
+                  {{provider: eu3, model: claude}}]
+tenants:
+  t:
+    zone: eu
+    keys: [{{id: k, hash: "{hash}"}}]
+    models: [m]
+"""
+
+
+def _priorities(cluster: dict[str, Any]) -> list[str]:
+    return [level["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
+            for level in cluster["load_assignment"]["endpoints"]]
+
+
+def test_every_fallback_order_of_the_zone_has_a_cluster() -> None:
+    """Decision 0067: besides config order, one cluster per other order of the fallbacks
+    that can be tried; none holds another zone's endpoint."""
+    config = _three_in_eu()
+    model = config.models["m"]
+    _, eu, _, _ = model.deployments
+    names = [name for name, _ in failover_chains(config, model, eu)]
+    assert names == [failover_cluster("m", "eu"), "asc_failover.m.eu>eu3>eu2"]
+    clusters = _clusters(config)
+    assert _priorities(clusters["asc_failover.m.eu>eu3>eu2"]) == [
+        "10.0.0.2", "10.0.0.5", "10.0.0.3"]
+    assert _priorities(clusters[failover_cluster("m", "eu")]) == [
+        "10.0.0.2", "10.0.0.3", "10.0.0.5"]
+    for name, cluster in clusters.items():
+        if name.startswith("asc_failover."):
+            assert "10.0.0.1" not in _priorities(cluster)
+
+
+def test_attempts_follow_the_routing_decisions_fallback_order() -> None:
+    config = _three_in_eu()
+    model = config.models["m"]
+    us, eu, eu2, eu3 = model.deployments
+    name, chain, retries = ordered_chain(config, model, eu, [eu3, eu2])
+    assert (name, [p.name for _, p in chain], retries) == (
+        "asc_failover.m.eu>eu3>eu2", ["eu", "eu3", "eu2"], 2)
+    name, chain, retries = ordered_chain(config, model, eu, [eu2, eu3])
+    assert (name, retries) == (failover_cluster("m", "eu"), 2)
+    # eu2 not allowed (allow-list, open breaker): only eu3 is tried, first.
+    name, chain, retries = ordered_chain(config, model, eu, [eu3])
+    assert (name, [p.name for _, p in chain], retries) == (
+        "asc_failover.m.eu>eu3>eu2", ["eu", "eu3", "eu2"], 1)
+    # A tenant without a zone: fallbacks of another zone are never in the chain.
+    name, chain, retries = ordered_chain(config, model, eu, [us, eu3])
+    assert (name, retries) == ("asc_failover.m.eu>eu3>eu2", 1)
+    assert ordered_chain(config, model, eu, [])[2] == 0
+
+
+def test_two_attempts_need_only_the_first_fallback_ordered() -> None:
+    """max_attempts 2: one retry, so only which fallback comes first matters."""
+    config = _three_in_eu(max_attempts=2)
+    model = config.models["m"]
+    _, eu, eu2, eu3 = model.deployments
+    assert [[p.name for _, p in chain] for _, chain in failover_chains(config, model, eu)] \
+        == [["eu", "eu2", "eu3"], ["eu", "eu3"]]
+    name, chain, retries = ordered_chain(config, model, eu, [eu3, eu2])
+    assert (name, [p.name for _, p in chain], retries) == (
+        "asc_failover.m.eu>eu3", ["eu", "eu3"], 1)
+
+
+def test_too_many_orders_keep_config_order_and_stop_at_a_disallowed_level(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _three_in_eu()
+    model = config.models["m"]
+    _, eu, eu2, eu3 = model.deployments
+    assert MAX_ORDERS == 24
+    monkeypatch.setattr("extproc.failover.MAX_ORDERS", 1)
+    assert len(failover_chains(config, model, eu)) == 1
+    name, _, retries = ordered_chain(config, model, eu, [eu3, eu2])
+    assert (name, retries) == (failover_cluster("m", "eu"), 2)
+    assert ordered_chain(config, model, eu, [eu3])[1:] == (
+        zone_deployments(config, model, eu), 0)
