@@ -365,7 +365,7 @@ def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
     """Envoy retries a 5xx, 429, 529, 401/403 (a canary key version; the retry carries
     the active one), a reset, a refused connection and a silent attempt, each on the next
     priority level (the next deployment of the zone). How many retries a request gets is
-    the service's per-request `x-envoy-max-retries` (docs/failover.md)."""
+    the service's per-request `x-envoy-max-retries` (docs/routing.md, Failover)."""
     return {
         "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
         "retriable_status_codes": [429, 529, 401, 403],
