@@ -10,8 +10,9 @@ failover). The same extproc and Envoy serve both, in interleaved rounds.
   `m-solo` vs `m-zone`, no faults;
 * latency (p50, p90) of `m-zone` with the primary healthy, answering 503 (fails fast),
   and stalling (times out after `failover.first_byte_timeout_ms`);
-* recovery: after the primary answered 503 long enough for outlier detection to eject it,
-  the time from clearing the fault until a request is served by the primary again.
+* recovery: after the primary answered 503 long enough for its deployment breaker to open
+  (and outlier detection to eject it), the time from clearing the fault until a request
+  is served by the primary again.
 
     .venv/bin/python bench/failover.py            # writes a section into bench/RESULTS.md
     .venv/bin/python bench/failover.py --no-write
@@ -45,6 +46,9 @@ from extproc.secrets import Secret  # noqa: E402
 
 FIRST_BYTE_TIMEOUT_MS: Final = 1000
 OUTLIER_EJECTION_S: Final = 5
+HEALTH_COOLDOWN_S: Final = 10
+"""deployment_health.cooldown_s (the default): how long an open deployment breaker
+keeps the routing policy off the primary before its half-open probe."""
 OUTLIER_ERRORS: Final = 5
 
 
@@ -84,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         document: dict[str, Any] = {
             "version": 1,
             "auth": {"pepper": {"file": "pepper.txt"}},
+            # The routing policy's deployment breaker opens after as many failures as
+            # outlier detection ejects after (docs/routing.md, Health).
+            "deployment_health": {"failures": OUTLIER_ERRORS, "cooldown_s": HEALTH_COOLDOWN_S},
             "failover": {"max_attempts": 2, "first_byte_timeout_ms": FIRST_BYTE_TIMEOUT_MS,
                          "outlier_consecutive_errors": OUTLIER_ERRORS,
                          "outlier_ejection_s": OUTLIER_EJECTION_S},
@@ -210,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         ]),
         "",
         "Before ejection every request makes a failed attempt first; after "
-        f"{OUTLIER_ERRORS} consecutive errors outlier detection ejects the primary and "
-        "requests go straight to the fallback.",
+        f"{OUTLIER_ERRORS} consecutive errors the routing policy's deployment breaker "
+        "opens (and outlier detection ejects the primary): requests go straight to the "
+        "fallback.",
         "",
         f"Recovery (primary serves again after its fault is cleared): after 503s "
-        f"{fast_recovery:.1f} s, after stalls {stall_recovery:.1f} s.",
+        f"{fast_recovery:.1f} s, after stalls {stall_recovery:.1f} s (the breaker's "
+        f"cool-down, deployment_health.cooldown_s {HEALTH_COOLDOWN_S} s, then its "
+        f"half-open probe; outlier_ejection_s is {OUTLIER_EJECTION_S} s).",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -50,7 +50,7 @@ from extproc.envoy import (
     STAGE_HEADER,
     STAGE_UPSTREAM,
 )
-from extproc.failover import failover_cluster, has_failover_cluster, zone_deployments
+from extproc.failover import Chain, failover_chains, has_failover_cluster
 from extproc.phases import CLUSTER_HEADER
 
 __all__ = [
@@ -292,15 +292,12 @@ def _upstream_ext_proc(ports: EnvoyPorts) -> dict[str, Any]:
     }
 
 
-def _failover_cluster(config: GatewayConfig, model_name: str, first_index: int,
+def _failover_cluster(config: GatewayConfig, name: str, chain: Chain,
                       ports: EnvoyPorts) -> dict[str, Any]:
-    """Priority 0 is one deployment of the model, priorities 1.. the model's other
-    deployments of the same zone in config order: a retry moves one level down
-    (previous_priorities) and never reaches another zone, because no other zone's
-    endpoint is in the cluster."""
-    model = config.models[model_name]
-    first = model.deployments[first_index]
-    chain = zone_deployments(config, model, first)
+    """Priority 0 is one deployment of the model, priorities 1.. other deployments of the
+    same zone, in config order or in one fallback order (`failover_chains`): a retry
+    moves one level down (previous_priorities) and never reaches another zone, because
+    no other zone's endpoint is in the cluster."""
     settings = config.failover
     any_dns = any(not _is_ip(p.host) for _, p in chain)
     endpoints = []
@@ -317,7 +314,6 @@ def _failover_cluster(config: GatewayConfig, model_name: str, first_index: int,
                                    "match": {_SOCKET_MATCH_KEY: provider.name},
                                    "transport_socket": _tls_socket(provider)})
         endpoints.append({"priority": priority, "lb_endpoints": [endpoint]})
-    name = failover_cluster(model_name, first.provider)
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STRICT_DNS" if any_dns else "STATIC",
@@ -369,7 +365,7 @@ def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
     """Envoy retries a 5xx, 429, 529, 401/403 (a canary key version; the retry carries
     the active one), a reset, a refused connection and a silent attempt, each on the next
     priority level (the next deployment of the zone). How many retries a request gets is
-    the service's per-request `x-envoy-max-retries` (docs/failover.md)."""
+    the service's per-request `x-envoy-max-retries` (docs/routing.md, Failover)."""
     return {
         "retry_on": "5xx,reset,connect-failure,retriable-status-codes",
         "retriable_status_codes": [429, 529, 401, 403],
@@ -415,10 +411,11 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
     failover_clusters: list[dict[str, Any]] = []
     if config.failover.max_attempts > 1:
         failover_clusters = [
-            _failover_cluster(config, model_name, index, ports)
-            for model_name, model in config.models.items()
-            for index, deployment in enumerate(model.deployments)
+            _failover_cluster(config, name, chain, ports)
+            for model in config.models.values()
+            for deployment in model.deployments
             if has_failover_cluster(config, model, deployment)
+            for name, chain in failover_chains(config, model, deployment)
         ]
     if failover_clusters:
         route_action["retry_policy"] = _retry_policy(config.failover)

@@ -13,27 +13,37 @@ connection per Envoy worker to the extproc cluster), so they meet in a process-l
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from extproc.breaker import Permit
 from extproc.config import Deployment, GatewayConfig, Model, Provider
 from extproc.credentials.selection import Selected
+from extproc.deployment_health import DeploymentHealth, deployment_key
 from extproc.errors import Dialect
 
 __all__ = [
     "FAILOVER_CLUSTER_PREFIX",
     "Attempt",
+    "Chain",
     "Flight",
     "Flights",
     "PreparedAttempt",
+    "failover_chains",
     "failover_cluster",
     "has_failover_cluster",
+    "ordered_chain",
     "zone_deployments",
 ]
 
 FAILOVER_CLUSTER_PREFIX: Final = "asc_failover."
+MAX_ORDERS: Final = 24
+"""Most fallback orders rendered per deployment (one failover cluster each); a zone with
+more possible orders keeps config order only (decision 0067)."""
 _TIMEOUT_SHARE: Final = 0.8
 """An attempt that ended unanswered after this share of first_byte_timeout timed out."""
 
@@ -56,6 +66,70 @@ def zone_deployments(config: GatewayConfig, model: Model,
     rest = tuple((d, config.providers[d.provider]) for d in model.deployments
                  if d is not first and config.providers[d.provider].zone == zone)
     return ((first, config.providers[first.provider]), *rest)
+
+
+Chain = tuple[tuple[Deployment, Provider], ...]
+"""A failover cluster's deployments, priority 0 first."""
+
+
+def _ordered_name(model: str, chain: Chain) -> str:
+    """Cluster of one fallback order: `asc_failover.<model>.<first>><fb1>><fb2>` ('>'
+    is not allowed in config names, so it cannot collide with the config-order one)."""
+    return f"{FAILOVER_CLUSTER_PREFIX}{model}.{'>'.join(p.name for _, p in chain)}"
+
+
+def _orders(config: GatewayConfig, zone_size: int) -> int:
+    """How many fallback orders a deployment with `zone_size - 1` others in its zone has
+    (only the first `max_attempts - 1` fallbacks can ever be tried); 1 (config order
+    only) beyond MAX_ORDERS."""
+    depth = min(zone_size - 1, config.failover.max_attempts - 1)
+    orders = math.perm(zone_size - 1, depth) if depth > 0 else 1
+    return orders if orders <= MAX_ORDERS else 1
+
+
+def failover_chains(config: GatewayConfig, model: Model,
+                    first: Deployment) -> list[tuple[str, Chain]]:
+    """Every failover cluster of `first` (name, priority order): its zone in config order,
+    then each other order of the fallbacks that could be tried, so that a request's
+    attempts can follow its routing decision's `fallbacks` (decision 0067)."""
+    zone = zone_deployments(config, model, first)
+    chains = [(failover_cluster(model.name, first.provider), zone)]
+    if _orders(config, len(zone)) == 1:
+        return chains
+    depth = min(len(zone) - 1, config.failover.max_attempts - 1)
+    for tail in itertools.permutations(zone[1:], depth):
+        if tail != zone[1:1 + depth]:
+            chain = (zone[0], *tail)
+            chains.append((_ordered_name(model.name, chain), chain))
+    return chains
+
+
+def ordered_chain(config: GatewayConfig, model: Model, first: Deployment,
+                  fallbacks: Sequence[Deployment]) -> tuple[str, Chain, int]:
+    """The failover cluster whose priorities follow `fallbacks` (the routing decision's
+    order), its chain, and how many retries stay inside what the decision allows.
+
+    Fallbacks outside `first`'s zone are dropped (a failover never leaves it). Without a
+    rendered cluster for that order (more than MAX_ORDERS), the config-order cluster,
+    whose retries stop before the first level the decision does not allow."""
+    zone = zone_deployments(config, model, first)
+    in_zone = {id(d) for d, _ in zone[1:]}
+    wanted = [d for d in fallbacks if id(d) in in_zone]
+    depth = min(len(zone) - 1, config.failover.max_attempts - 1)
+    wanted = wanted[:depth]
+    if [d for d, _ in zone[1:1 + len(wanted)]] == wanted or _orders(config, len(zone)) == 1:
+        retries = 0
+        allowed = {id(d) for d in fallbacks}
+        for deployment, _ in zone[1:]:
+            if id(deployment) not in allowed:
+                break
+            retries += 1
+        return failover_cluster(model.name, first.provider), zone, min(retries, depth)
+    by_id = {id(d): (d, p) for d, p in zone}
+    rest = [by_id[id(d)] for d in wanted]
+    rest += [c for c in zone[1:] if id(c[0]) not in {id(d) for d in wanted}]
+    chain = (zone[0], *rest[:depth])
+    return _ordered_name(model.name, chain), chain, len(wanted)
 
 
 def has_failover_cluster(config: GatewayConfig, model: Model, deployment: Deployment) -> bool:
@@ -102,6 +176,12 @@ class Attempt:
     credential: str | None = None
     selected: Selected | None = field(default=None, repr=False)
     """The attempt's key and its breaker permit (reported on the answer)."""
+    deployment: str | None = None
+    """`deployment_key` of the deployment hit, when this attempt holds `permit`."""
+    permit: Permit | None = field(default=None, repr=False)
+    """The deployment breaker's permit of an attempt other than the choice's attempt 1
+    (the router-level processor holds that one): its verdict goes to the deployment the
+    attempt actually hit, not to the routing choice."""
 
     def record(self) -> dict[str, str | int | float | None]:
         return {"attempt": self.number, "provider": self.provider, "region": self.region,
@@ -177,6 +257,55 @@ class Flight:
                             else "reset")
         elif status in (429, 529) or status >= 500 or status in (401, 403):
             attempt.left = f"status {status}"
+
+    def verdict(self, health: DeploymentHealth, attempt: Attempt) -> None:
+        """An attempt answered (`status`, `latency_ms` set by `end`): the deployment it
+        hit learns it. No-op for an attempt without a permit of its own."""
+        permit, attempt.permit = attempt.permit, None
+        if permit is None or attempt.deployment is None:
+            return
+        latency = None if attempt.latency_ms is None else attempt.latency_ms / 1000
+        health.record(attempt.deployment, permit, status=attempt.status, latency_s=latency)
+
+    def settle(self, health: DeploymentHealth) -> None:
+        """Envoy stopped retrying (response headers reached the router-level processor):
+        every attempt still without an answer failed (reset, timed out), and so did a
+        fallback whose connection was refused (a gap in the attempt numbers, see
+        `records`). The choice's own attempt 1 is the router-level processor's verdict."""
+        for attempt in self.attempts:
+            if attempt.permit is not None and attempt.status is None:
+                self.verdict(health, attempt)
+        seen = {a.number for a in self.attempts}
+        for number in range(2, max(seen, default=0)):
+            if number not in seen:
+                deployment, _ = self.deployments[(number - 1) % len(self.deployments)]
+                key = deployment_key(deployment)
+                permit = health.allow(key)
+                if permit is not None:
+                    health.record(key, permit, status=None, latency_s=None)
+
+    def release(self, health: DeploymentHealth) -> None:
+        """The request ended before Envoy stopped retrying (the client left): attempts
+        still holding a permit give it back without a verdict."""
+        for attempt in self.attempts:
+            permit, attempt.permit = attempt.permit, None
+            if permit is not None and attempt.deployment is not None:
+                health.release(attempt.deployment, permit)
+
+    def choice_latency_s(self) -> float | None:
+        """Attempt 1's time to response headers when it went to the choice (the
+        request's own time would add every later attempt's to the choice's average)."""
+        first = next((a for a in self.attempts if a.number == 1), None)
+        if (first is None or first.latency_ms is None
+                or first.provider != self.deployments[0][1].name):
+            return None
+        return first.latency_ms / 1000
+
+    def choice_skipped(self) -> bool:
+        """Attempt 1 went to another deployment than the choice (Envoy's outlier
+        detection had ejected it): the choice was not tried, so it gets no verdict."""
+        first = next((a for a in self.attempts if a.number == 1), None)
+        return first is not None and first.provider != self.deployments[0][1].name
 
     def choice_status(self, final: int | None) -> int | None:
         """What the chosen deployment answered, for its health verdict: attempt 1's

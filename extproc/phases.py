@@ -29,11 +29,11 @@ from extproc.credentials.selection import Selected
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.failover import (
     FLIGHTS,
+    Chain,
     Flight,
     PreparedAttempt,
-    failover_cluster,
     has_failover_cluster,
-    zone_deployments,
+    ordered_chain,
 )
 from extproc.logs import log_event
 from extproc.messages import (
@@ -323,10 +323,10 @@ class RequestProcessor:
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + output_tokens)
-        cluster, retries = route.provider.cluster, self._retries()
+        cluster, chain, retries = self._retries()
         failover: list[tuple[str, str]] = []
         if retries > 0:
-            cluster = self._start_flight(request, output_limit)
+            self._start_flight(request, output_limit, chain)
             failover = [(_MAX_RETRIES_HEADER, str(retries))]
         set_headers = [
             (CLUSTER_HEADER, cluster),
@@ -351,42 +351,40 @@ class RequestProcessor:
             metadata=self._metadata(),
         )
 
-    def _retries(self) -> int:
-        """Retries Envoy may make for this request: one per other deployment of the zone
-        (each deployment is tried at most once, so a 429's retry-after is never ignored
-        by retrying it), one at least when the key is a canary version (the retry carries
-        the active version), never more than `failover.max_attempts` allows."""
+    def _retries(self) -> tuple[str, Chain, int]:
+        """The failover cluster whose priorities follow the routing decision's fallbacks
+        (decision 0067), its chain, and the retries Envoy may make: one per allowed
+        fallback of the zone (each deployment is tried at most once, so a 429's
+        retry-after is never ignored by retrying it), one at least when the key is a
+        canary version (the retry carries the active version), never more than
+        `failover.max_attempts` allows. No retry: the plain provider cluster."""
         route = self.route
         assert route is not None
         settings = self._config.failover
         if settings.max_attempts <= 1 or not has_failover_cluster(
                 self._config, route.model, route.deployment):
-            return 0
-        # Envoy's priority levels are the zone's deployments in config order; retries stop
-        # before the first one the routing decision does not allow (the tenant's
-        # allow-list, a route override, an open breaker): never a disallowed fallback.
-        allowed = {f.provider.name for f in self.route_decision.fallbacks} \
-            if self.route_decision is not None else set()
-        retries = 0
-        for _, provider in zone_deployments(self._config, route.model, route.deployment)[1:]:
-            if provider.name not in allowed:
-                break
-            retries += 1
+            return route.provider.cluster, (), 0
+        fallbacks = [f.deployment for f in self.route_decision.fallbacks] \
+            if self.route_decision is not None else []
+        cluster, chain, retries = ordered_chain(self._config, route.model,
+                                                route.deployment, fallbacks)
         keyring = self._runtime.keys.keyring
         if (self._selected is not None and keyring is not None
                 and keyring.is_canary(self._selected.credential, self._selected.scope)):
             retries = max(retries, 1)
-        return min(retries, settings.max_attempts - 1)
+        retries = min(retries, settings.max_attempts - 1)
+        return (cluster, chain, retries) if retries > 0 else (route.provider.cluster, (), 0)
 
-    def _start_flight(self, request: dict[str, Any], output_limit: OutputLimit) -> str:
-        """Register the request for the per-attempt processor; the failover cluster."""
+    def _start_flight(self, request: dict[str, Any], output_limit: OutputLimit,
+                      chain: Chain) -> None:
+        """Register the request for the per-attempt processor."""
         route = self.route
         assert route is not None
         self._request = request
         self._output_limit = output_limit
         flight = Flight(
             request_id=self.request_id,
-            deployments=zone_deployments(self._config, route.model, route.deployment),
+            deployments=chain,
             prepare=self._prepare_attempt,
             first_byte_timeout_s=self._config.failover.first_byte_timeout_ms / 1000,
             dialect=self.dialect,
@@ -396,7 +394,6 @@ class RequestProcessor:
         )
         FLIGHTS.add(flight)
         self._flight = flight
-        return failover_cluster(route.model.name, route.provider.name)
 
     async def _prepare_attempt(self, provider: Provider, deployment: Deployment,
                                active_only: bool) -> PreparedAttempt:
@@ -464,7 +461,15 @@ class RequestProcessor:
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
         if self._flight is not None:
-            self._report_deployment(self._flight.choice_status(status))
+            # Each attempt's verdict goes to the deployment it hit (0066); the choice's is
+            # attempt 1's, with attempt 1's latency.
+            self._flight.settle(self._runtime.health)
+            if (self._flight.choice_skipped() and self._deployment_permit is not None
+                    and self.route is not None):
+                self._runtime.health.release(self.route.key, self._deployment_permit)
+                self._deployment_permit = None
+            self._report_deployment(self._flight.choice_status(status),
+                                    latency_s=self._flight.choice_latency_s())
             self._follow_failover()
         else:
             self._report_deployment(status)
@@ -526,17 +531,20 @@ class RequestProcessor:
             self.credential = answered.selected.credential
             self._selected = answered.selected
 
-    def _report_deployment(self, status: int | None) -> None:
+    def _report_deployment(self, status: int | None, *,
+                           latency_s: float | None = None) -> None:
         """The chosen deployment's verdict (once): what it answered and how fast.
 
-        Valid while a request makes one attempt: the answer is the choice's. Once Envoy
-        retries onto `route_decision.fallbacks`, each attempt's verdict belongs to the
-        deployment that attempt went to (the per-attempt ext_proc knows it), not to the
-        choice."""
+        On the plain path the answer is the choice's. On a failover cluster every other
+        attempt's verdict went to the deployment it hit (`extproc.upstream`, decision
+        0066); here only attempt 1 at the choice counts (`Flight.choice_status`), so a
+        fallback's 200 never closes the choice's breaker."""
         permit, self._deployment_permit = self._deployment_permit, None
         if permit is None or self.route is None:
             return
-        latency = None if self._sent_at is None else self._clock() - self._sent_at
+        latency = latency_s
+        if latency is None and self._flight is None and self._sent_at is not None:
+            latency = self._clock() - self._sent_at
         self._runtime.health.record(self.route.key, permit, status=status, latency_s=latency)
 
     def _tag_headers(self) -> list[tuple[str, str]]:
@@ -693,6 +701,7 @@ class RequestProcessor:
         aborted = not self._complete
         if self._flight is not None:
             FLIGHTS.remove(self.request_id)
+            self._flight.release(self._runtime.health)
         try:
             if self._selected is not None:  # no verdict was reported: a probe goes back
                 self._runtime.keys.release(self._selected)

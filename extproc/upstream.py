@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
+from extproc.deployment_health import deployment_key
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.failover import Attempt, Flight, Flights
 from extproc.logs import log_event
@@ -74,6 +75,12 @@ class AttemptProcessor:
             attempt.credential = (flight.first_selected.credential.label
                                   if flight.first_selected is not None else None)
             return Continue()
+        # Any other attempt (a fallback, a canary re-keyed, attempt 1 at a fallback when
+        # the choice was ejected) is the verdict of the deployment it hit (0066). Taken
+        # before the await, like the router-level permit (0061); a deployment that opened
+        # while this request was in flight still gets the attempt Envoy already made.
+        attempt.deployment = deployment_key(deployment)
+        attempt.permit = self._runtime.health.allow(attempt.deployment)
         try:
             prepared = await flight.prepare(provider, deployment,
                                             provider.name in flight.canary_refused)
@@ -97,6 +104,7 @@ class AttemptProcessor:
         status_text = message.headers.get(":status", "")
         status = int(status_text) if status_text.isdigit() else 502
         flight.end(attempt, status)
+        flight.verdict(self._runtime.health, attempt)
         selected = attempt.selected
         if selected is not None:
             keys = self._runtime.keys
@@ -114,6 +122,9 @@ class AttemptProcessor:
         if flight is None or attempt is None:
             return
         if attempt.latency_ms is None:
+            # No verdict yet: a reset may be the client leaving. The router-level
+            # processor settles it once Envoy stops retrying (`Flight.settle`), or gives
+            # the permit back (`Flight.release`).
             flight.end(attempt, None)
         if attempt.selected is not None:
             self._runtime.keys.release(attempt.selected)  # no-op after a report

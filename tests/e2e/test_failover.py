@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import yaml
 
 from extproc.auth import hash_key
@@ -94,6 +95,8 @@ class FailoverStack:
     listen_port: int
     client: httpx.Client
     admin_socket: Path
+    metrics_port: int = 0
+    redis_port: int = 0
 
     def clear(self) -> None:
         for emulator in self.emulators.values():
@@ -139,7 +142,8 @@ def _start(stack: Stack, workdir: Path, *, workers: int = 1, outlier_errors: int
     config_path: Path = write_config(workdir / "config", document)
     env = dict(stack.env, **{f"FO_KEY_{n.replace('-', '_').upper()}": k
                              for n, k in KEYS.items()})
-    extproc, extproc_port, _ = stack.start_extproc(config_path, env=env, workers=workers)
+    extproc, extproc_port, metrics_port = stack.start_extproc(config_path, env=env,
+                                                              workers=workers)
     listen_port, admin_socket = free_port(), stack.admin_socket()
     ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
                        extproc_port=extproc_port)
@@ -147,7 +151,8 @@ def _start(stack: Stack, workdir: Path, *, workers: int = 1, outlier_errors: int
     stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
                       listen_port=listen_port, admin_socket=admin_socket)
     client = httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=30)
-    return FailoverStack(stack, emulators, extproc, listen_port, client, admin_socket)
+    return FailoverStack(stack, emulators, extproc, listen_port, client, admin_socket,
+                         metrics_port, redis_port)
 
 
 @pytest.fixture(scope="module")
@@ -455,9 +460,10 @@ def test_every_eu_deployment_refusing_connections_gives_the_zone_503(tmp_path: P
 
 
 def test_a_fallback_the_routing_policy_does_not_allow_is_never_tried(tmp_path: Path) -> None:
-    """The tenant's allow-list leaves out anth-eu, the next priority level after the
-    primary: Envoy's priority order is static, so the service allows no retry past it
-    (never a disallowed provider), and the primary's error reaches the client."""
+    """The tenant's allow-list leaves out anth-eu, the next level of the config-order
+    cluster after the primary: the request goes to the cluster of its routing decision's
+    order (oai-eu, then oai-eu2; decision 0067), so the retry skips the disallowed
+    provider instead of ending the request."""
     def allow_openai_only(document: dict[str, Any]) -> None:
         document["tenants"]["acme"]["route_policy"] = {"providers": ["oai-eu", "oai-eu2"]}
 
@@ -467,7 +473,86 @@ def test_a_fallback_the_routing_policy_does_not_allow_is_never_tried(tmp_path: P
             narrow.emulators["oai-eu"].queue_fault(status=503)
             response = narrow.chat()
             assert narrow.emulators["anth-eu"].requests() == []
-            assert narrow.emulators["oai-eu2"].requests() == []
+            assert narrow.emulators["oai-us"].requests() == []
+            assert len(narrow.emulators["oai-eu2"].requests()) == 1
             record = narrow.finished(response.headers["x-asc-request-id"])
-    assert response.status_code == 502
-    assert record["attempts"] is None  # no retry was possible: the plain path
+    assert response.status_code == 200, response.text
+    assert response.headers["x-asc-provider"] == "oai-eu2"
+    assert [(a["attempt"], a["provider"], a["status"]) for a in record["attempts"]] == [
+        (1, "oai-eu", 503), (2, "oai-eu2", 200)]
+
+
+def test_attempts_follow_the_listed_fallback_order(tmp_path: Path) -> None:
+    """The tenant lists oai-eu2 before anth-eu (config order is the reverse), with three
+    attempts: the primary and oai-eu2 fail, anth-eu answers; the us emulator gets
+    nothing."""
+    def eu2_first(document: dict[str, Any]) -> None:
+        document["failover"]["max_attempts"] = 3
+        document["tenants"]["acme"]["route_policy"] = {"fallbacks": ["oai-eu2", "anth-eu"]}
+
+    with Stack(tmp_path / "stack") as stack:
+        ordered = _start(stack, tmp_path, edit=eu2_first)
+        with ordered.client:
+            ordered.emulators["oai-eu"].queue_fault(status=503)
+            ordered.emulators["oai-eu2"].queue_fault(reset=True)
+            response = ordered.chat()
+            assert ordered.emulators["oai-us"].requests() == []
+            record = ordered.finished(response.headers["x-asc-request-id"])
+    assert response.status_code == 200, response.text
+    assert response.headers["x-asc-provider"] == "anth-eu"
+    assert [(a["attempt"], a["provider"], a["left"]) for a in record["attempts"]] == [
+        (1, "oai-eu", "status 503"), (2, "oai-eu2", "reset"), (3, "anth-eu", None)]
+
+
+def _deployment_states(fo: FailoverStack) -> dict[str, str]:
+    """`asc_deployment_state` as exported: deployment -> the state whose gauge is 1."""
+    text = httpx.get(f"http://127.0.0.1:{fo.metrics_port}/metrics", timeout=5).text
+    states: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("asc_deployment_state{") and line.endswith(" 1.0"):
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:
+                                                              line.index("}")].split(","))
+            states[labels["deployment"].strip('"')] = labels["state"].strip('"')
+    return states
+
+
+def test_each_attempt_feeds_the_breaker_of_the_deployment_it_hit(tmp_path: Path) -> None:
+    """Decision 0066. oai-eu (the choice) and anth-eu (its first fallback) both answer
+    503 twice; oai-eu2 answers. The clients get 200 both times, yet each failing
+    deployment's breaker opens from the attempts Envoy's retries made at it (anth-eu was
+    never the routing choice), oai-eu2's 200s close no one else's breaker, the opens
+    reach the shared Redis hash, and the next request is routed to oai-eu2 directly."""
+    def three_attempts_two_failures(document: dict[str, Any]) -> None:
+        document["failover"]["max_attempts"] = 3
+        document["deployment_health"] = {"failures": 2, "cooldown_s": 300}
+
+    with Stack(tmp_path / "stack") as stack:
+        fo = _start(stack, tmp_path, edit=three_attempts_two_failures)
+        with fo.client:
+            fo.emulators["oai-eu"].queue_fault(status=503, count=2)
+            fo.emulators["anth-eu"].queue_fault(status=503, count=2)
+            for _ in range(2):
+                response = fo.chat()
+                assert response.status_code == 200, response.text
+                assert response.headers["x-asc-provider"] == "oai-eu2"
+                record = fo.finished(response.headers["x-asc-request-id"])
+                assert [(a["provider"], a["status"]) for a in record["attempts"]] == [
+                    ("oai-eu", 503), ("anth-eu", 503), ("oai-eu2", 200)]
+            assert _deployment_states(fo) == {"oai-eu/gpt-4o-mini-eu": "open",
+                                              "anth-eu/claude-haiku-eu": "open",
+                                              "oai-eu2/gpt-4o-mini-eu2": "closed"}
+            shared = redis.Redis(host="127.0.0.1", port=fo.redis_port)
+            deadline = time.monotonic() + 10
+            while set(shared.hgetall("asc:deploy:health")) != {
+                    b"oai-eu/gpt-4o-mini-eu", b"anth-eu/claude-haiku-eu"}:
+                assert time.monotonic() < deadline, shared.hgetall("asc:deploy:health")
+                time.sleep(0.1)
+            routed = fo.chat()
+            assert routed.status_code == 200
+            assert routed.headers["x-asc-provider"] == "oai-eu2"
+            record = fo.finished(routed.headers["x-asc-request-id"])
+            assert record["attempts"] is None  # no fallback left in the zone: plain path
+            assert len(fo.emulators["oai-eu"].requests()) == 2
+            assert len(fo.emulators["anth-eu"].requests()) == 2
+            assert fo.emulators["oai-us"].requests() == []
+

@@ -196,7 +196,7 @@ def test_route_reason_header_only_for_debug_tenants(routing_gateway: RoutingGate
 
 def test_eu_tenant_with_every_eu_deployment_down_gets_503_and_us_gets_nothing(
         stack: Stack) -> None:
-    # Failover off (docs/failover.md has it on): each provider 503 reaches the client.
+    # Failover off (docs/routing.md, Failover, has it on): each provider 503 reaches the client.
     gw = start_routing_gateway(stack, stack.workdir / "config",
                                lambda document: document.update(failover={"max_attempts": 1}))
     gw.eu.queue_fault(status=503, count=4)

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.config import GatewayConfig, parse_config
+import pytest
+
+from extproc.config import DeploymentHealthSettings, GatewayConfig, parse_config
+from extproc.deployment_health import DeploymentHealth, deployment_key
 from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
 from extproc.failover import (
+    MAX_ORDERS,
     Flight,
     PreparedAttempt,
+    failover_chains,
     failover_cluster,
     has_failover_cluster,
+    ordered_chain,
     zone_deployments,
 )
 
@@ -182,3 +188,191 @@ def test_deployment_is_found_by_address_or_by_attempt_order() -> None:
     by_order = flight.deployment_at("192.0.2.9:443", 2)
     assert by_order is not None
     assert by_order[1].name == "eu2"
+
+
+def _health() -> DeploymentHealth:
+    return DeploymentHealth(DeploymentHealthSettings(failures=1, cooldown_s=60),
+                            clock=lambda: 100.0)
+
+
+def test_each_attempt_is_the_verdict_of_the_deployment_it_hit() -> None:
+    """Decision 0066: a fallback's failure opens the fallback's breaker, its success
+    closes nothing else; a reset waits for `settle` (it may be the client leaving)."""
+    flight = _flight(_config(), [0.0])
+    (eu_deployment, eu), (eu2_deployment, eu2) = flight.deployments
+    eu_key, eu2_key = deployment_key(eu_deployment), deployment_key(eu2_deployment)
+    health = _health()
+    reset = flight.start(eu2, 2)
+    reset.deployment, reset.permit = eu2_key, health.allow(eu2_key)
+    flight.end(reset, None)
+    assert health.state(eu2_key) == "closed"  # no verdict before Envoy stops retrying
+    answered = flight.start(eu, 3)
+    answered.deployment, answered.permit = eu_key, health.allow(eu_key)
+    flight.end(answered, 200)
+    flight.verdict(health, answered)
+    flight.settle(health)
+    assert health.state(eu2_key) == "open"
+    assert health.state(eu_key) == "closed"
+    assert answered.permit is None
+    assert reset.permit is None
+
+
+def test_a_refused_fallback_connection_is_a_failure_of_that_fallback() -> None:
+    """Attempt 2 never reached the per-attempt ext_proc (a gap): its deployment, by
+    Envoy's priority order, fails; attempt 1 (the choice) is the router's verdict."""
+    flight = _flight(_config(), [0.0])
+    (eu_deployment, eu), (eu2_deployment, _) = flight.deployments
+    health = _health()
+    flight.end(flight.start(eu, 1), 503)
+    flight.end(flight.start(eu, 3), 200)
+    flight.settle(health)
+    assert health.state(deployment_key(eu2_deployment)) == "open"
+    assert health.state(deployment_key(eu_deployment)) == "closed"
+
+
+def test_a_request_that_ends_before_the_verdict_gives_the_permit_back() -> None:
+    """The client left during an attempt: no verdict, and a half-open probe permit is
+    not lost (the deployment stays available for the next probe)."""
+    now = [100.0]
+    health = DeploymentHealth(DeploymentHealthSettings(failures=1, cooldown_s=1),
+                              clock=lambda: now[0])
+    flight = _flight(_config(), [0.0])
+    _, (eu2_deployment, eu2) = flight.deployments
+    key = deployment_key(eu2_deployment)
+    opened = health.allow(key)
+    assert opened is not None
+    health.record(key, opened, status=503, latency_s=None)
+    now[0] = 102.0
+    attempt = flight.start(eu2, 2)
+    attempt.deployment, attempt.permit = key, health.allow(key)
+    assert attempt.permit is not None
+    assert attempt.permit.probe
+    assert not health.available(key)
+    flight.end(attempt, None)
+    flight.release(health)
+    assert health.available(key)
+    assert health.state(key) == "half_open"
+
+
+def test_the_choice_gets_attempt_1s_latency_not_the_whole_request() -> None:
+    now = [0.0]
+    flight = _flight(_config(), now)
+    (_, eu), (_, eu2) = flight.deployments
+    first = flight.start(eu, 1)
+    now[0] = 0.25
+    flight.end(first, 503)
+    second = flight.start(eu2, 2)
+    now[0] = 2.0
+    flight.end(second, 200)
+    assert flight.choice_status(200) == 503
+    assert flight.choice_latency_s() == 0.25
+    assert not flight.choice_skipped()
+
+
+def test_attempt_1_at_a_fallback_skips_the_choice() -> None:
+    """Envoy's outlier detection ejected the choice: it was not tried, no verdict."""
+    flight = _flight(_config(), [0.0])
+    _, (_, eu2) = flight.deployments
+    flight.end(flight.start(eu2, 1), 200)
+    assert flight.choice_skipped()
+    assert flight.choice_latency_s() is None
+
+
+def _three_in_eu(max_attempts: int = 3) -> GatewayConfig:
+    """Zone eu with three deployments (eu, eu2, eu3), us elsewhere."""
+    return parse_config(_THREE.format(max_attempts=max_attempts, hash=HASH))
+
+
+_THREE = """\
+version: 1
+auth: {{pepper: {{env: ASC_PEPPER}}}}
+failover: {{max_attempts: {max_attempts}}}
+credentials: {{c: {{env: K}}}}
+providers:
+  us: {{kind: openai, base_url: "http://10.0.0.1:8000", region: us-1, zone: us, cluster: us,
+       credentials: [c]}}
+  eu: {{kind: openai, base_url: "http://10.0.0.2:8000", region: eu-1, zone: eu, cluster: eu,
+       credentials: [c]}}
+  eu2: {{kind: openai, base_url: "http://10.0.0.3:8000", region: eu-2, zone: eu,
+        cluster: eu2, credentials: [c]}}
+  eu3: {{kind: anthropic, base_url: "http://10.0.0.5:8000", region: eu-3, zone: eu,
+        cluster: eu3, credentials: [c]}}
+models:
+  m:
+    price: {{input_per_mtok: 1, output_per_mtok: 1}}
+    deployments: [{{provider: us}}, {{provider: eu}}, {{provider: eu2}},
+                  {{provider: eu3, model: claude}}]
+tenants:
+  t:
+    zone: eu
+    keys: [{{id: k, hash: "{hash}"}}]
+    models: [m]
+"""
+
+
+def _priorities(cluster: dict[str, Any]) -> list[str]:
+    return [level["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
+            for level in cluster["load_assignment"]["endpoints"]]
+
+
+def test_every_fallback_order_of_the_zone_has_a_cluster() -> None:
+    """Decision 0067: besides config order, one cluster per other order of the fallbacks
+    that can be tried; none holds another zone's endpoint."""
+    config = _three_in_eu()
+    model = config.models["m"]
+    _, eu, _, _ = model.deployments
+    names = [name for name, _ in failover_chains(config, model, eu)]
+    assert names == [failover_cluster("m", "eu"), "asc_failover.m.eu>eu3>eu2"]
+    clusters = _clusters(config)
+    assert _priorities(clusters["asc_failover.m.eu>eu3>eu2"]) == [
+        "10.0.0.2", "10.0.0.5", "10.0.0.3"]
+    assert _priorities(clusters[failover_cluster("m", "eu")]) == [
+        "10.0.0.2", "10.0.0.3", "10.0.0.5"]
+    for name, cluster in clusters.items():
+        if name.startswith("asc_failover."):
+            assert "10.0.0.1" not in _priorities(cluster)
+
+
+def test_attempts_follow_the_routing_decisions_fallback_order() -> None:
+    config = _three_in_eu()
+    model = config.models["m"]
+    us, eu, eu2, eu3 = model.deployments
+    name, chain, retries = ordered_chain(config, model, eu, [eu3, eu2])
+    assert (name, [p.name for _, p in chain], retries) == (
+        "asc_failover.m.eu>eu3>eu2", ["eu", "eu3", "eu2"], 2)
+    name, chain, retries = ordered_chain(config, model, eu, [eu2, eu3])
+    assert (name, retries) == (failover_cluster("m", "eu"), 2)
+    # eu2 not allowed (allow-list, open breaker): only eu3 is tried, first.
+    name, chain, retries = ordered_chain(config, model, eu, [eu3])
+    assert (name, [p.name for _, p in chain], retries) == (
+        "asc_failover.m.eu>eu3>eu2", ["eu", "eu3", "eu2"], 1)
+    # A tenant without a zone: fallbacks of another zone are never in the chain.
+    name, chain, retries = ordered_chain(config, model, eu, [us, eu3])
+    assert (name, retries) == ("asc_failover.m.eu>eu3>eu2", 1)
+    assert ordered_chain(config, model, eu, [])[2] == 0
+
+
+def test_two_attempts_need_only_the_first_fallback_ordered() -> None:
+    """max_attempts 2: one retry, so only which fallback comes first matters."""
+    config = _three_in_eu(max_attempts=2)
+    model = config.models["m"]
+    _, eu, eu2, eu3 = model.deployments
+    assert [[p.name for _, p in chain] for _, chain in failover_chains(config, model, eu)] \
+        == [["eu", "eu2", "eu3"], ["eu", "eu3"]]
+    name, chain, retries = ordered_chain(config, model, eu, [eu3, eu2])
+    assert (name, [p.name for _, p in chain], retries) == (
+        "asc_failover.m.eu>eu3", ["eu", "eu3"], 1)
+
+
+def test_too_many_orders_keep_config_order_and_stop_at_a_disallowed_level(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _three_in_eu()
+    model = config.models["m"]
+    _, eu, eu2, eu3 = model.deployments
+    assert MAX_ORDERS == 24
+    monkeypatch.setattr("extproc.failover.MAX_ORDERS", 1)
+    assert len(failover_chains(config, model, eu)) == 1
+    name, _, retries = ordered_chain(config, model, eu, [eu3, eu2])
+    assert (name, retries) == (failover_cluster("m", "eu"), 2)
+    assert ordered_chain(config, model, eu, [eu3])[1:] == (
+        zone_deployments(config, model, eu), 0)
