@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Final
 
 import hvac
 
-from extproc.devstack import LOOPBACK, Stack, wait_for_http
+from extproc.devstack import LOOPBACK, Stack, serve_until_stopped, wait_for_http
 
 __all__ = ["POLICIES", "TOKEN_VARIABLES", "set_up"]
 
@@ -96,24 +94,7 @@ In another terminal:
   . {directory / 'env.sh'}
 
 Ctrl-C stops it (and forgets the Transit key).""", flush=True)
-    stopping = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    try:
-        while not stopping:
-            if not process.alive():
-                print(f"{process.name} exited; see {process.log_path}", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-    finally:
-        print("stopping...", flush=True)
-        stack.stop()
-    return 0
+    return serve_until_stopped(stack)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -441,6 +441,12 @@ Try it:
     -d {shlex.quote(body)}
 
 Ctrl-C stops everything.""", flush=True)
+    return serve_until_stopped(stack)
+
+
+def serve_until_stopped(stack: Stack) -> int:
+    """Keep `stack` running until Ctrl-C or SIGTERM (0), or until one of its processes
+    dies (1, naming its log); stop everything it started either way."""
     stopping = False
 
     def request_stop(_signum: int, _frame: object) -> None:
