@@ -17,11 +17,11 @@ permit, so the hot path allocates nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
-__all__ = ["CircuitBreaker", "Permit", "State"]
+__all__ = ["CircuitBreaker", "Permit", "State", "share_opens"]
 
 State = Literal["closed", "open", "half_open"]
 
@@ -104,3 +104,28 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.state}, failures={self._failures})"
+
+
+async def share_opens(client: Any, hash_key: str, breakers: Mapping[str, CircuitBreaker],
+                      now: float, adopt: Callable[[str], CircuitBreaker]) -> list[str]:
+    """Share open breakers with other replicas through one Redis hash: push ours (name ->
+    open-until, epoch seconds), adopt theirs. Returns the names whose breaker an other
+    replica's open just tripped here (for the caller's state gauges).
+
+    The breakers must run on the wall clock (`time.time`): open-until times are compared
+    across processes. One HSET (when something is open) and one HGETALL per call.
+    """
+    mine = {name: repr(until) for name, breaker in breakers.items()
+            if (until := breaker.open_until) is not None and until > now}
+    if mine:
+        await client.hset(hash_key, mapping=mine)
+    tripped = []
+    for raw_name, raw_until in (await client.hgetall(hash_key)).items():
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        until = float(raw_until)
+        breaker = adopt(name)
+        known = breaker.open_until
+        if until > now and (known is None or until > known):
+            breaker.trip(until)
+            tripped.append(name)
+    return tripped

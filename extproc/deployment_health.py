@@ -35,7 +35,7 @@ from typing import Any, Final
 import aiohttp
 
 from extproc import metrics
-from extproc.breaker import CircuitBreaker, Permit, State
+from extproc.breaker import CircuitBreaker, Permit, State, share_opens
 from extproc.config import Deployment, DeploymentHealthSettings, GatewayConfig, Probe, Provider
 from extproc.credentials.pools import CredentialPool
 from extproc.logs import log_event
@@ -151,18 +151,10 @@ class DeploymentHealth:
 
     async def sync(self, client: Any) -> None:
         """Push our opens, adopt other replicas' (one round trip each)."""
-        now = self._clock()
-        mine = {key: until for key, h in self._deployments.items()
-                if (until := h.breaker.open_until) is not None and until > now}
-        if mine:
-            await client.hset(_HEALTH_KEY, mapping={k: repr(t) for k, t in mine.items()})
-        theirs = await client.hgetall(_HEALTH_KEY)
-        for raw_key, raw_until in theirs.items():
-            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
-            until = float(raw_until)
-            if until > now:
-                self._of(key).breaker.trip(until)
-                self._publish(key)
+        breakers = {key: health.breaker for key, health in self._deployments.items()}
+        for key in await share_opens(client, _HEALTH_KEY, breakers, self._clock(),
+                                     lambda key: self._of(key).breaker):
+            self._publish(key)
 
     def _publish(self, key: str) -> None:
         current = self.state(key)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from extproc import metrics
-from extproc.breaker import CircuitBreaker, Permit
+from extproc.breaker import CircuitBreaker, Permit, share_opens
 
 __all__ = ["Choice", "CredentialPool", "NoUsableCredential", "retry_after_seconds"]
 
@@ -226,18 +226,7 @@ class CredentialPool:
 
     async def sync(self, client: Any) -> None:
         """Share opens with other replicas: push ours, adopt theirs (one round trip each)."""
-        now = self._clock()
-        mine = {c: until for c, h in self._health.items()
-                if (until := h.breaker.open_until) is not None and until > now}
-        if mine:
-            await client.hset(_HEALTH_KEY, mapping={c: str(t) for c, t in mine.items()})
-        theirs = await client.hgetall(_HEALTH_KEY)
-        for raw_credential, raw_until in theirs.items():
-            credential = (raw_credential.decode() if isinstance(raw_credential, bytes)
-                          else str(raw_credential))
-            until = float(raw_until)
-            breaker = self._of(credential).breaker
-            known = breaker.open_until
-            if until > now and (known is None or until > known):
-                breaker.trip(until)
-                self._publish_state(credential)
+        breakers = {name: health.breaker for name, health in self._health.items()}
+        for credential in await share_opens(client, _HEALTH_KEY, breakers, self._clock(),
+                                            lambda name: self._of(name).breaker):
+            self._publish_state(credential)
