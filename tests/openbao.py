@@ -37,6 +37,7 @@ __all__ = [
     "CountingProxy",
     "OpenBao",
     "bao_binary",
+    "pump",
     "start_openbao",
 ]
 
@@ -199,7 +200,7 @@ class CountingProxy:
 
     def _relay(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
         try:
             while data := client.recv(65536):
                 with self._lock:
@@ -211,7 +212,8 @@ class CountingProxy:
             pass
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def pump(source: socket.socket, sink: socket.socket) -> None:
+    """Copy `source` to `sink` until EOF, then half-close `sink` (a relay direction)."""
     try:
         while data := source.recv(65536):
             sink.sendall(data)

@@ -16,14 +16,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import hvac.exceptions
 import pytest
 
-from extproc.budgets.ledger import redis_client
-from extproc.config import RedisSettings
 from extproc.credentials.envelope import (
     DecryptionFailed,
     SealedSecret,
@@ -36,7 +34,8 @@ from extproc.credentials.kek import KekError, TransitKek
 from extproc.credentials.keyring import Keyring, KeyStore
 from extproc.devstack import Stack, free_port
 from extproc.secrets import Secret, SecretUnavailable
-from tests.openbao import KEK_NAME, TRANSIT_MOUNT, CountingProxy, OpenBao, start_openbao
+from tests.clock import StepClock
+from tests.openbao import KEK_NAME, TRANSIT_MOUNT, CountingProxy, OpenBao, pump, start_openbao
 
 CANARY = "sk-canary-transit-" + secrets.token_hex(12)
 NOW = 1_795_600_000.0
@@ -379,17 +378,8 @@ class DelayedProxy:
     def _relay(self, client: socket.socket) -> None:
         time.sleep(self._delay)
         upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-        sink.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
 
 
 async def ticks_during(call: Callable[[], Any]) -> tuple[int, Any]:
@@ -449,22 +439,6 @@ async def test_unreachable_server_is_a_transient_kek_error(openbao: OpenBao) -> 
 # --- issue 8 item 11: one unwrap per key version, on hvac's own threads ------------------------
 
 
-class StepClock:
-    def __init__(self) -> None:
-        self.now = 5_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def redis(redis_server: int) -> AsyncIterator[Any]:
-    client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0",
-                                        timeout_ms=2000))
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
 def proxy(openbao: OpenBao) -> Iterator[CountingProxy]:
     relay = CountingProxy(int(openbao.url.rsplit(":", 1)[1]), delay=1.0)
@@ -486,7 +460,7 @@ async def slow_keyring(openbao: OpenBao, redis: Any, proxy: CountingProxy,
 
 async def test_a_hundred_misses_on_an_expired_cache_unwrap_once(
         openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
-    clock = StepClock()
+    clock = StepClock(5_000.0)
     keyring, credential = await slow_keyring(openbao, redis, proxy, clock)
     first = await keyring.credential(credential)
     assert (first.label, first.secret.reveal(), proxy.decrypts) == (
@@ -515,7 +489,7 @@ async def wait_until(predicate: Callable[[], bool]) -> None:
 
 async def test_a_cancelled_waiter_does_not_cancel_the_shared_unwrap(
         openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
-    keyring, credential = await slow_keyring(openbao, redis, proxy, StepClock())
+    keyring, credential = await slow_keyring(openbao, redis, proxy, StepClock(5_000.0))
     waiters = [asyncio.create_task(keyring.credential(credential)) for _ in range(3)]
     await wait_until(lambda: proxy.decrypts == 1)  # the unwrap is on its way
     waiters[0].cancel()  # e.g. its client left
@@ -526,7 +500,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_unwrap(
     assert [r.secret.reveal() for r in results[1:]] == [CANARY, CANARY]  # type: ignore[union-attr]
     assert proxy.decrypts == 1
     # Cancelling every waiter still lets the unwrap finish and fill the cache.
-    clock_keyring, other = await slow_keyring(openbao, redis, proxy, StepClock())
+    clock_keyring, other = await slow_keyring(openbao, redis, proxy, StepClock(5_000.0))
     lone = asyncio.create_task(clock_keyring.credential(other))
     await wait_until(lambda: proxy.decrypts == 2)
     lone.cancel()
@@ -539,7 +513,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_unwrap(
 
 async def test_a_failed_unwrap_is_shared_but_not_cached(
         openbao: OpenBao, redis: Any, proxy: CountingProxy) -> None:
-    keyring, credential = await slow_keyring(openbao, redis, proxy, StepClock())
+    keyring, credential = await slow_keyring(openbao, redis, proxy, StepClock(5_000.0))
     proxy.refuse = True  # cold cache and an unreachable KMS: nothing to serve
 
     results = await asyncio.gather(*(keyring.credential(credential) for _ in range(10)),
@@ -560,7 +534,7 @@ async def test_the_cache_ttl_counts_from_when_the_key_arrived(
     # Found by the e2e stampede test: the cached key was stamped with the time the unwrap
     # *started*, so with a KMS as slow as the TTL it was stale on arrival and requests
     # queued behind the unwrap each unwrapped again.
-    clock = StepClock()
+    clock = StepClock(5_000.0)
     keyring, credential = await slow_keyring(openbao, redis, proxy, clock)
     unwrap = asyncio.create_task(keyring.credential(credential))
     await wait_until(lambda: proxy.decrypts == 1)

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from extproc.budgets.ledger import redis_client
-from extproc.config import GatewayConfig, RedisSettings, parse_config
+from extproc.config import GatewayConfig, parse_config
 from extproc.credentials.kek import FileKek, init_kek_file
 from extproc.credentials.keyring import Keyring, KeyStore
 from extproc.credentials.pools import CredentialPool
@@ -20,14 +16,7 @@ from extproc.credentials.rotation import KeyState, canary
 from extproc.credentials.selection import ProviderKeys
 from extproc.credentials.static import StaticKeyProvider
 from extproc.secrets import Secret
-
-
-@pytest.fixture
-async def redis(redis_server: int) -> AsyncIterator[Any]:
-    client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0",
-                                        timeout_ms=2000))
-    yield client
-    await client.aclose()
+from tests.clock import StepClock
 
 
 def config_for(credential: str) -> GatewayConfig:
@@ -84,14 +73,6 @@ async def test_only_key_evidence_401s_roll_a_canary_back(redis: Any, tmp_path: P
     state = await store.state("global", credential)
     assert (state.active, state.canary, state.failed) == (1, None, (2,))
     assert await answer(200, key_evidence=True) == 1
-
-
-class StepClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def hget_calls(info: dict[str, Any]) -> int:

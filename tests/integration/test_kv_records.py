@@ -21,7 +21,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,7 @@ import yaml
 
 from extproc import cli, metrics
 from extproc.auth import hash_key
-from extproc.budgets.ledger import redis_client
-from extproc.config import RedisSettings, load_config
+from extproc.config import load_config
 from extproc.credentials.envelope import EnvelopeError, SealedSecret, rewrap_sealed, seal
 from extproc.credentials.kek import FileKek, TokenAuth, init_kek_file
 from extproc.credentials.keyring import (
@@ -44,7 +43,7 @@ from extproc.credentials.keyring import (
 from extproc.devstack import Stack, free_port
 from extproc.runtime import Runtime
 from extproc.secrets import Secret, SecretUnavailable
-from tests.openbao import OpenBao, start_openbao
+from tests.openbao import OpenBao, pump, start_openbao
 
 CANARY = "sk-canary-kv-" + secrets.token_hex(12)
 CANARY_2 = "sk-canary-kv2-" + secrets.token_hex(12)
@@ -57,14 +56,6 @@ def openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
         bao = start_openbao(stack)
         assert bao.write_policies() == ["gateway", "kek-admin", "key-operator"]
         yield bao
-
-
-@pytest.fixture
-async def redis(redis_server: int) -> AsyncIterator[Any]:
-    client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0",
-                                        timeout_ms=2000))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -146,17 +137,8 @@ class Relay:
                 upstream.close()
                 return
             self._sockets += [client, upstream]
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-        sink.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
 
 
 def bao_port(bao: OpenBao) -> int:

@@ -5,23 +5,16 @@ from __future__ import annotations
 import pytest
 
 from extproc.breaker import CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import StepClock
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> StepClock:
+    return StepClock()
 
 
 @pytest.fixture
-def breaker(clock: Clock) -> CircuitBreaker:
+def breaker(clock: StepClock) -> CircuitBreaker:
     return CircuitBreaker(threshold=3, cooldown_s=2.0, clock=clock)
 
 
@@ -47,7 +40,7 @@ def test_closed_breaker_allows_and_counts_only_consecutive_failures(
 
 
 def test_after_cooldown_exactly_one_probe_then_its_verdict_decides(
-        breaker: CircuitBreaker, clock: Clock) -> None:
+        breaker: CircuitBreaker, clock: StepClock) -> None:
     fail(breaker, 3)
     clock.now += 1.999
     assert breaker.allow() is None
@@ -70,7 +63,7 @@ def test_after_cooldown_exactly_one_probe_then_its_verdict_decides(
 
 
 def test_released_probe_lets_the_next_caller_probe(
-        breaker: CircuitBreaker, clock: Clock) -> None:
+        breaker: CircuitBreaker, clock: StepClock) -> None:
     fail(breaker, 3)
     clock.now += 2.0
     probe = breaker.allow()
@@ -94,7 +87,7 @@ def test_releasing_a_plain_permit_changes_nothing(breaker: CircuitBreaker) -> No
 
 
 def test_trip_opens_until_the_shared_deadline_and_never_shortens_it(
-        breaker: CircuitBreaker, clock: Clock) -> None:
+        breaker: CircuitBreaker, clock: StepClock) -> None:
     breaker.trip(clock.now + 30)
     assert breaker.state == "open"
     breaker.trip(clock.now + 5)

@@ -23,26 +23,19 @@ from extproc.credentials.pools import (
 from extproc.credentials.selection import ProviderKeys, Selected
 from extproc.credentials.static import ResolvedCredential, StaticKeyProvider
 from extproc.secrets import Secret, SecretUnavailable
+from tests.clock import StepClock
 
 A, B = "global/a", "global/b"
 EPOCH = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = EPOCH
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> StepClock:
+    return StepClock(EPOCH)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def pool(clock: Clock) -> CredentialPool:
+def pool(clock: StepClock) -> CredentialPool:
     return CredentialPool(clock=clock, rng=random.Random(7))
 
 
@@ -63,7 +56,7 @@ def open_credential(pool: CredentialPool, credential: str) -> None:
 
 
 def test_open_credential_refuses_until_its_cooldown_then_gives_one_probe(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     open_credential(pool, A)
     with pytest.raises(NoUsableCredential):
         pool.choose([A], [1])
@@ -80,7 +73,7 @@ def test_open_credential_refuses_until_its_cooldown_then_gives_one_probe(
 
 
 def test_a_probe_released_without_verdict_goes_to_the_next_request(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     open_credential(pool, A)
     clock.now += 30.0
     probe = pool.choose([A], [1])
@@ -91,7 +84,7 @@ def test_a_probe_released_without_verdict_goes_to_the_next_request(
 
 
 def test_a_probe_that_gets_a_5xx_is_released_not_decided(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     open_credential(pool, A)
     clock.now += 30.0
     pool.record(pool.choose([A], [1]), 503, 0.1)
@@ -100,7 +93,7 @@ def test_a_probe_that_gets_a_5xx_is_released_not_decided(
 
 
 def test_a_failed_probe_opens_again_for_a_full_cooldown(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     open_credential(pool, A)
     clock.now += 30.0
     pool.record(pool.choose([A], [1]), 403, 0.1)
@@ -114,7 +107,7 @@ def test_a_failed_probe_opens_again_for_a_full_cooldown(
 # -- item 3: 429 cools down, never opens ------------------------------------------------------
 
 
-def test_429s_never_open_a_credential(pool: CredentialPool, clock: Clock) -> None:
+def test_429s_never_open_a_credential(pool: CredentialPool, clock: StepClock) -> None:
     for _ in range(10):
         assert answer(pool, [A], 429, retry_after="1") == A
         clock.now += 1.0
@@ -123,7 +116,7 @@ def test_429s_never_open_a_credential(pool: CredentialPool, clock: Clock) -> Non
 
 
 def test_429_prefers_other_credentials_until_retry_after(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     both = [A, B]
     choice = pool.choose([A], [1])
     pool.record(choice, 429, 0.05, retry_after="5")
@@ -137,7 +130,7 @@ def test_429_prefers_other_credentials_until_retry_after(
 
 
 def test_when_every_credential_cools_down_the_one_ending_first_serves(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     pool.record(pool.choose([A], [1]), 429, 0.05, retry_after="20")
     pool.record(pool.choose([B], [1]), 429, 0.05, retry_after="3")
     assert {pool.choose([A, B], [1, 1]).credential for _ in range(20)} == {B}
@@ -145,7 +138,7 @@ def test_when_every_credential_cools_down_the_one_ending_first_serves(
 
 
 def test_a_half_open_probe_goes_before_a_cooling_credential(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     open_credential(pool, A)
     pool.record(pool.choose([B], [1]), 429, 0.05, retry_after="60")
     clock.now += 30.0
@@ -167,7 +160,7 @@ def test_retry_after_seconds_or_http_date_bounded(header: str | None, seconds: f
 
 
 def test_429_cooldown_honours_an_http_date_and_the_bound(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     pool.record(pool.choose([A], [1]), 429, 0.05,
                 retry_after=formatdate(EPOCH + 9, usegmt=True))
     assert pool.cooling_until(A) == EPOCH + 9
@@ -178,7 +171,7 @@ def test_429_cooldown_honours_an_http_date_and_the_bound(
 
 
 def test_429_proves_the_key_works_and_closes_a_probe(
-        pool: CredentialPool, clock: Clock) -> None:
+        pool: CredentialPool, clock: StepClock) -> None:
     open_credential(pool, A)
     clock.now += 30.0
     pool.record(pool.choose([A], [1]), 429, 0.05, retry_after="2")
@@ -222,7 +215,7 @@ class FakeRedis:
         return {k.encode(): v.encode() for k, v in self.hashes.get(key, {}).items()}
 
 
-async def test_opens_are_shared_between_replicas_429s_are_not(clock: Clock) -> None:
+async def test_opens_are_shared_between_replicas_429s_are_not(clock: StepClock) -> None:
     redis = FakeRedis()
     one, two = CredentialPool(clock=clock), CredentialPool(clock=clock)
     for _ in range(3):
@@ -290,7 +283,7 @@ async def select(keys: ProviderKeys, config: GatewayConfig, provider: str) -> Se
 
 
 async def test_released_selection_gives_the_probe_back(
-        config: GatewayConfig, pool: CredentialPool, clock: Clock) -> None:
+        config: GatewayConfig, pool: CredentialPool, clock: StepClock) -> None:
     keys = static_keys(config, pool)
     open_credential(pool, "global/a")
     clock.now += 30.0
@@ -306,7 +299,7 @@ async def test_released_selection_gives_the_probe_back(
 
 
 async def test_release_after_report_does_not_free_another_request_probe(
-        config: GatewayConfig, pool: CredentialPool, clock: Clock) -> None:
+        config: GatewayConfig, pool: CredentialPool, clock: StepClock) -> None:
     keys = static_keys(config, pool)
     open_credential(pool, "global/a")
     clock.now += 30.0
@@ -322,7 +315,7 @@ async def test_release_after_report_does_not_free_another_request_probe(
 
 
 async def test_a_key_that_cannot_be_resolved_gives_the_probe_back(
-        config: GatewayConfig, pool: CredentialPool, clock: Clock) -> None:
+        config: GatewayConfig, pool: CredentialPool, clock: StepClock) -> None:
     keys = static_keys(config, pool)  # `ring` needs a keyring; there is none
     open_credential(pool, "global/ring")
     clock.now += 30.0
@@ -350,7 +343,7 @@ class CanaryKeyring:
 
 
 async def test_a_canary_answer_gives_the_probe_back(
-        config: GatewayConfig, pool: CredentialPool, clock: Clock) -> None:
+        config: GatewayConfig, pool: CredentialPool, clock: StepClock) -> None:
     keyring = CanaryKeyring()
     keys = static_keys(config, pool, keyring)
     open_credential(pool, "global/ring")

@@ -22,6 +22,7 @@ from extproc.phases import RequestProcessor
 from extproc.routing import select
 from extproc.runtime import Runtime
 from extproc.secrets import Secret
+from tests.clock import StepClock
 
 PEPPER = "pepper-routing-health"
 KEYS = {"plain": "sk-canary-tenant-plain-R1", "debug": "sk-canary-tenant-debug-R2"}
@@ -62,15 +63,7 @@ tenants:
 PARSED = parse_config(CONFIG)
 
 
-class Clock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def runtime_with(clock: Clock) -> Runtime:
+def runtime_with(clock: StepClock) -> Runtime:
     runtime = Runtime.build(PARSED, environ=ENVIRON)
     return Runtime(config=runtime.config, tenants=runtime.tenants, keys=runtime.keys,
                    health=DeploymentHealth(PARSED.deployment_health, pool=runtime.keys.pool,
@@ -78,8 +71,8 @@ def runtime_with(clock: Clock) -> Runtime:
 
 
 async def routed(runtime: Runtime, tenant: str = "plain",
-                 clock: Clock | None = None) -> RequestProcessor:
-    processor = RequestProcessor(runtime, clock=clock or Clock())
+                 clock: StepClock | None = None) -> RequestProcessor:
+    processor = RequestProcessor(runtime, clock=clock or StepClock())
     headers = {":method": "POST", ":path": "/v1/chat/completions",
                "content-type": "application/json", "authorization": f"Bearer {KEYS[tenant]}"}
     assert isinstance(await processor.handle(
@@ -102,7 +95,7 @@ async def answer(processor: RequestProcessor, status: int) -> None:
 
 
 async def test_breaker_opens_after_the_configured_failures_and_traffic_shifts() -> None:
-    clock = Clock()
+    clock = StepClock()
     runtime = runtime_with(clock)
     for _ in range(2):
         processor = await routed(runtime)
@@ -125,7 +118,7 @@ async def test_breaker_opens_after_the_configured_failures_and_traffic_shifts() 
 
 
 async def test_half_open_probe_brings_the_deployment_back() -> None:
-    clock = Clock()
+    clock = StepClock()
     runtime = runtime_with(clock)
     for _ in range(3):
         await answer(await routed(runtime), 502)
@@ -143,7 +136,7 @@ async def test_half_open_probe_brings_the_deployment_back() -> None:
 
 
 async def test_a_failed_probe_opens_it_again_for_a_full_cool_down() -> None:
-    clock = Clock()
+    clock = StepClock()
     runtime = runtime_with(clock)
     for _ in range(3):
         await answer(await routed(runtime), 500)
@@ -155,7 +148,7 @@ async def test_a_failed_probe_opens_it_again_for_a_full_cool_down() -> None:
 
 
 async def test_a_probe_that_ends_without_a_verdict_is_given_back() -> None:
-    clock = Clock()
+    clock = StepClock()
     runtime = runtime_with(clock)
     for _ in range(3):
         await answer(await routed(runtime), 503)
@@ -170,7 +163,7 @@ async def test_a_probe_that_ends_without_a_verdict_is_given_back() -> None:
 
 
 async def test_slow_answers_and_resets_count_429_does_not() -> None:
-    clock = Clock()
+    clock = StepClock()
     health = DeploymentHealth(DeploymentHealthSettings(failures=2, slow_ms=2000), clock=clock)
     key = "eu-1/m"
     for status, latency in ((429, 0.1), (429, 0.1), (429, 0.1)):
@@ -188,7 +181,7 @@ async def test_slow_answers_and_resets_count_429_does_not() -> None:
 
 
 async def test_every_in_zone_deployment_open_is_503_never_the_us_one() -> None:
-    clock = Clock()
+    clock = StepClock()
     runtime = runtime_with(clock)
     for key in ("eu-1/m", "eu-2/m"):
         for _ in range(3):
@@ -210,7 +203,7 @@ async def test_every_in_zone_deployment_open_is_503_never_the_us_one() -> None:
 
 
 async def test_route_reason_header_only_for_debug_tenants() -> None:
-    runtime = runtime_with(Clock())
+    runtime = runtime_with(StepClock())
     for tenant, expected in (("plain", None),
                              ("debug", "zone eu; pinned to eu-1; fallbacks eu-2")):
         processor = await routed(runtime, tenant)
@@ -232,7 +225,7 @@ async def redis(redis_server: int) -> AsyncIterator[Any]:
 
 
 async def test_opens_are_shared_between_replicas(redis: Any) -> None:
-    clock = Clock(now=2_000_000_000.0)
+    clock = StepClock(now=2_000_000_000.0)
     one = DeploymentHealth(DeploymentHealthSettings(failures=1, cooldown_s=10), clock=clock)
     two = DeploymentHealth(DeploymentHealthSettings(failures=1, cooldown_s=10), clock=clock)
     key = f"eu-1/{uuid.uuid4().hex[:6]}"
@@ -272,7 +265,7 @@ async def test_two_requests_racing_for_a_half_open_deployment_send_one_probe(
         "    routing: {m: {pin: eu-1}}\n"
         "    budgets: [{scope: tenant, window: day, limit_usd: 1000}]\n  debug:"))
     assert config.tenants["plain"].budget is not None
-    clock = Clock()
+    clock = StepClock()
     built = Runtime.build(config, environ=ENVIRON)
     runtime = Runtime(config=config, tenants=built.tenants, keys=built.keys,
                       budgets=built.budgets, redis=built.redis,

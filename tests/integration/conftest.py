@@ -1,0 +1,19 @@
+"""Fixtures shared by the integration tests (real redis-server, OpenBao)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from extproc.budgets.ledger import redis_client
+from extproc.config import RedisSettings
+
+
+@pytest.fixture
+async def redis(redis_server: int) -> AsyncIterator[Any]:
+    client = redis_client(RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0",
+                                        timeout_ms=2000))
+    yield client
+    await client.aclose()
