@@ -171,23 +171,33 @@ _ENVOY_ERROR_MESSAGES: Final = (
 )
 
 
+def _ext_proc_config(ports: EnvoyPorts, grpc_service: dict[str, Any], *,
+                     request_trailer_mode: str) -> dict[str, Any]:
+    """What both ext_proc filters (router level and per attempt) share: fail closed, an
+    explicit message timeout, mode overrides, and headers and bodies only on request."""
+    return {
+        "@type": _EXT_PROC,
+        "grpc_service": grpc_service,
+        "failure_mode_allow": False,
+        "message_timeout": f"{ports.message_timeout_ms / 1000:g}s",
+        "allow_mode_override": True,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "NONE",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": request_trailer_mode,
+            "response_trailer_mode": "SKIP",
+        },
+    }
+
+
 def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
     return {
         "name": "asc.ext_proc",
         "typed_config": {
-            "@type": _EXT_PROC,
-            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
-            "failure_mode_allow": False,
-            "message_timeout": f"{ports.message_timeout_ms / 1000:g}s",
-            "allow_mode_override": True,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SEND",
-                "response_trailer_mode": "SKIP",
-            },
+            **_ext_proc_config(ports, {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                               request_trailer_mode="SEND"),
             # allow_envoy: the body reply removes client-sent x-envoy-* headers (0040).
             "mutation_rules": {"disallow_is_error": True, "allow_envoy": True},
             "metadata_options": {
@@ -267,22 +277,10 @@ def _upstream_ext_proc(ports: EnvoyPorts) -> dict[str, Any]:
     return {
         "name": "asc.ext_proc.upstream",
         "typed_config": {
-            "@type": _EXT_PROC,
-            "grpc_service": {
+            **_ext_proc_config(ports, {
                 "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
                 "initial_metadata": [{"key": STAGE_HEADER, "value": STAGE_UPSTREAM}],
-            },
-            "failure_mode_allow": False,
-            "message_timeout": f"{ports.message_timeout_ms / 1000:g}s",
-            "allow_mode_override": True,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
+            }, request_trailer_mode="SKIP"),
             "request_attributes": ["upstream.address"],
             "mutation_rules": {"disallow_is_error": True},
             "metadata_options": {
