@@ -25,6 +25,7 @@ from tests.conftest import (
     provider_env,
     start_gateway,
 )
+from tests.polling import wait_for
 
 # Prices chosen so one emulator call (3 prompt + 4 completion tokens) costs 0.0083 USD
 # and a request asking max_tokens=8 holds about 0.02 USD.
@@ -90,7 +91,7 @@ def test_two_hundred_concurrent_requests_never_overspend(
     ok = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 429]
     # Let every finish() settle (they run just after each response).
-    assert _wait_for(lambda: month_counter(redis_port)[1] == 0)
+    assert wait_for(lambda: month_counter(redis_port)[1] == 0)
     spent, held = month_counter(redis_port)
     charged = sum(int(Decimal(r.headers["x-asc-cost-usd"]) * 1_000_000) for r in ok)
     assert held == 0
@@ -102,15 +103,6 @@ def test_two_hundred_concurrent_requests_never_overspend(
                    "(limit USD 1.00).",
         "type": "rate_limit_error", "param": None, "code": "rate_limited"}}
     assert int(refused[0].headers["retry-after"]) > 0
-
-
-def _wait_for(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_key_budget_and_rate_limit_headers(budget_stack: tuple[Stack, int]) -> None:
@@ -235,7 +227,7 @@ def test_killed_extproc_leaves_a_hold_that_the_sweeper_returns(
 
     caller = threading.Thread(target=slow_call)
     caller.start()
-    assert _wait_for(lambda: bool(ledger_state(redis_port)) and month_counter(redis_port)[1] > 0)
+    assert wait_for(lambda: bool(ledger_state(redis_port)) and month_counter(redis_port)[1] > 0)
     gateway.extproc.popen.send_signal(signal.SIGKILL)
     gateway.extproc.popen.wait(5)
     caller.join(15)
@@ -247,7 +239,7 @@ def test_killed_extproc_leaves_a_hold_that_the_sweeper_returns(
     # A new extproc (same config) sweeps the expired hold (hold_ttl_s is 2 s).
     stack.start_extproc(gateway.config_path, port=gateway.extproc_port,
                         env=dict(stack.env, **provider_env()), name="extproc-restarted")
-    assert _wait_for(lambda: month_counter(redis_port) == (0, 0), timeout=15)
+    assert wait_for(lambda: month_counter(redis_port) == (0, 0), timeout=15)
     assert gateway.chat(chat_body(max_tokens=8)).status_code == 200
 
 
@@ -279,7 +271,7 @@ def test_client_abort_mid_stream_settles_what_was_streamed(
                 return entry
         return None
 
-    assert _wait_for(lambda: finished() is not None)
+    assert wait_for(lambda: finished() is not None)
     entry = finished()
     assert entry is not None
     assert entry["aborted"] is True
@@ -304,7 +296,7 @@ def test_budget_cli_shows_resets_and_sets_live_state(
         redis_port, budgets=[{"scope": "tenant", "window": "month", "limit_usd": 1}],
         rate_limits={"rpm": 50}))
     assert gateway.chat(chat_body(max_tokens=8)).status_code == 200
-    assert _wait_for(lambda: month_counter(redis_port) == (8300, 0))
+    assert wait_for(lambda: month_counter(redis_port) == (8300, 0))
     config = str(gateway.config_path)
 
     assert main(["budget", "show", "acme", "--config", config]) == 0

@@ -46,6 +46,7 @@ from tests.conftest import (
     start_gateway,
     write_config,
 )
+from tests.polling import wait_for
 
 CREDENTIAL = "ring-eu"
 VERSIONS_KEY = f"asc:cred:{{global/{CREDENTIAL}}}:versions"
@@ -251,15 +252,6 @@ def access_logged(gateway: Gateway, *responses: httpx.Response) -> None:
     so that a leak check reads every line they caused."""
     ids = [r.headers["x-asc-request-id"] for r in responses]
     assert wait_for(lambda: all(i in gateway.envoy.log_text() for i in ids)), ids
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # -- a bounded background load ---------------------------------------------------------

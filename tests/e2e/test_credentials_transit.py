@@ -38,9 +38,9 @@ from tests.e2e.test_credentials import (
     list_rows,
     log_events,
     seen_keys,
-    wait_for,
 )
 from tests.openbao import KEK_NAME, TRANSIT_MOUNT, CountingProxy, OpenBao, start_openbao
+from tests.polling import wait_for
 
 GATEWAY_TOKEN_ENV = "ASC_TEST_GATEWAY_BAO_TOKEN"
 OPERATOR_TOKEN_ENV = "ASC_TEST_KEY_OPERATOR_TOKEN"

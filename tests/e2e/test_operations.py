@@ -32,6 +32,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.e2e.test_request_path import metric_value
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,26 +113,17 @@ def _reloads(gateway: Gateway, result: str) -> float:
     return metric_value(gateway.metrics(), "asc_config_reloads_total", result=result)
 
 
-def _wait_for(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_hot_reload_on_file_change_and_bad_config_keeps_the_old(stack: Stack) -> None:
     gateway = start_gateway(stack, stack.workdir / "config")
     assert gateway.chat(chat_body(), key=ACME_KEY_2).status_code == 401
 
     write_config(gateway.config_path.parent,
                  gateway_config(gateway.emulator.port, extra_acme_keys=True))
-    assert _wait_for(lambda: gateway.chat(chat_body(), key=ACME_KEY_2).status_code == 200)
+    assert wait_for(lambda: gateway.chat(chat_body(), key=ACME_KEY_2).status_code == 200)
     assert _reloads(gateway, "success") == 1
 
     gateway.config_path.write_text("version: 1\nproviders: [oops\n", encoding="utf-8")
-    assert _wait_for(lambda: _reloads(gateway, "failure") == 1)
+    assert wait_for(lambda: _reloads(gateway, "failure") == 1)
     assert gateway.chat(chat_body(), key=ACME_KEY_2).status_code == 200
     assert gateway.chat(chat_body(), key=ACME_KEY).status_code == 200
     log = gateway.extproc.log_text()
@@ -141,7 +133,7 @@ def test_hot_reload_on_file_change_and_bad_config_keeps_the_old(stack: Stack) ->
 def test_sighup_reloads(stack: Stack) -> None:
     gateway = start_gateway(stack, stack.workdir / "config")
     gateway.extproc.popen.send_signal(signal.SIGHUP)
-    assert _wait_for(lambda: _reloads(gateway, "success") == 1)
+    assert wait_for(lambda: _reloads(gateway, "success") == 1)
     assert '"reason":"SIGHUP"' in gateway.extproc.log_text()
     assert gateway.chat(chat_body()).status_code == 200
 
@@ -157,7 +149,7 @@ def test_graceful_drain_finishes_in_flight_requests(stack: Stack) -> None:
 
     caller = threading.Thread(target=slow_call)
     caller.start()
-    assert _wait_for(lambda: len(gateway.emulator.requests()) == 1, timeout=5)
+    assert wait_for(lambda: len(gateway.emulator.requests()) == 1, timeout=5)
     gateway.extproc.popen.send_signal(signal.SIGTERM)
     caller.join(15)
 
@@ -171,7 +163,7 @@ def test_workers_share_the_port_and_metrics_are_merged(stack: Stack) -> None:
     statuses = [gateway.chat(chat_body()).status_code for _ in range(20)]
     assert statuses == [200] * 20
     labels = {"tenant": "acme", "provider": "emu-eu", "status": "200"}
-    assert _wait_for(
+    assert wait_for(
         lambda: metric_value(gateway.metrics(), "asc_requests_total", **labels) == 20)
     log = gateway.extproc.log_text()
     pids = {json.loads(line)["pid"] for line in log.splitlines()

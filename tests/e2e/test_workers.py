@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,15 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from extproc.devstack import Stack
 from tests.conftest import Gateway, chat_body, start_gateway
 from tests.e2e.test_budgets import budget_config
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+from tests.polling import wait_for
 
 
 def log_records(gateway: Gateway, message: str) -> list[dict[str, Any]]:
@@ -48,7 +38,7 @@ def credential_states(gateway: Gateway, credential: str) -> dict[str, float]:
 
 def test_dead_workers_credential_state_leaves_the_merged_metrics(stack: Stack) -> None:
     gateway = start_gateway(stack, stack.workdir / "config", workers=2)
-    assert wait_for(lambda: len(worker_pids(gateway)) == 2)
+    assert wait_for(lambda: len(worker_pids(gateway)) == 2, timeout=30)
     gateway.emulator.queue_fault(status=401, count=1000)
     # 12 requests over 2 workers: one of them sees at least 3 x 401 and opens the key.
     for _ in range(12):
@@ -59,7 +49,7 @@ def test_dead_workers_credential_state_leaves_the_merged_metrics(stack: Stack) -
     first = worker_pids(gateway)
     for pid in first:
         os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: len(set(worker_pids(gateway)) - set(first)) == 2)
+    assert wait_for(lambda: len(set(worker_pids(gateway)) - set(first)) == 2, timeout=30)
     statuses = [gateway.chat(chat_body()).status_code for _ in range(4)]
 
     assert statuses == [200] * 4
@@ -70,12 +60,13 @@ def test_dead_workers_credential_state_leaves_the_merged_metrics(stack: Stack) -
 
 def test_a_worker_failing_on_its_config_is_restarted_with_backoff(stack: Stack) -> None:
     gateway = start_gateway(stack, stack.workdir / "config", workers=2)
-    assert wait_for(lambda: len(worker_pids(gateway)) == 2)
+    assert wait_for(lambda: len(worker_pids(gateway)) == 2, timeout=30)
     good = gateway.config_path.read_text(encoding="utf-8")
     gateway.config_path.write_text(good + "\nunknown_section: {}\n", encoding="utf-8")
 
     os.kill(worker_pids(gateway)[0], signal.SIGKILL)
-    assert wait_for(lambda: len(log_records(gateway, "worker exited; restarting it")) >= 4)
+    assert wait_for(lambda: len(log_records(gateway, "worker exited; restarting it")) >= 4,
+                    timeout=30)
     restarts = log_records(gateway, "worker exited; restarting it")[:4]
     assert [(r["code"], r["delay_s"]) for r in restarts] == [
         (-9, 0.5), (2, 1.0), (2, 2.0), (2, 4.0)]
@@ -83,7 +74,7 @@ def test_a_worker_failing_on_its_config_is_restarted_with_backoff(stack: Stack) 
 
     # Once the file is good again, the next restart serves; the other worker never stopped.
     gateway.config_path.write_text(good, encoding="utf-8")
-    assert wait_for(lambda: len(worker_pids(gateway)) == 3)
+    assert wait_for(lambda: len(worker_pids(gateway)) == 3, timeout=30)
     assert [gateway.chat(chat_body()).status_code for _ in range(4)] == [200] * 4
 
 
