@@ -81,7 +81,8 @@ __all__ = [
     "problem",
 ]
 
-ProviderKind = Literal["openai", "openai_compatible", "mistral", "azure", "anthropic"]
+ProviderKind = Literal[
+    "openai", "openai_compatible", "mistral", "azure", "anthropic", "gemini"]
 SUPPORTED_PROVIDER_KINDS: Final = get_args(ProviderKind)
 """Provider kinds (`translate.base.Backend` values). Only `openai_compatible` may run
 without a credential (self-hosted servers without auth)."""
