@@ -13,6 +13,7 @@ import anthropic
 import openai
 import pytest
 import redis
+from openai.types.chat import ChatCompletion
 
 from extproc.devstack import Stack
 from extproc.emulator.app import key_fingerprint
@@ -168,6 +169,7 @@ def test_openai_sdk_stream_charges_usage_metadata(gemini: tuple[Gateway, int],
 def test_openai_sdk_tools_round_trip(gw: Gateway, stream: bool) -> None:
     client = _openai(gw)
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    completion: ChatCompletion
     if stream:
         with client.chat.completions.stream(model="gemini-flash", messages=messages,
                                             tools=[WEATHER_TOOL]) as events:
