@@ -13,7 +13,7 @@ import anthropic
 import openai
 import pytest
 import redis
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
 from extproc.devstack import Stack
 from extproc.emulator.app import key_fingerprint
@@ -181,6 +181,7 @@ def test_openai_sdk_tools_round_trip(gw: Gateway, stream: bool) -> None:
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls is not None
     [call] = choice.message.tool_calls
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
     assert (call.function.name, json.loads(call.function.arguments)) == (
         "get_weather", {"city": "Paris"})
     body = _only_google_key(gw, STREAM if stream else GENERATE, "alt=sse" if stream else "")
