@@ -10,7 +10,15 @@ the two incremental translators the same way. Gemini-only mappings happen at the
 * `top_k` -> `generationConfig.topK` (Gemini has it; Chat Completions does not).
 * `max_tokens` -> `generationConfig.maxOutputTokens`.
 * `tool_use` ids: Gemini matches results to calls by function name, so a `tool_result`
-  must name a `tool_use` of an earlier assistant turn (400 otherwise).
+  must name a `tool_use` of an earlier assistant turn: 400 "'messages[i].content[j].
+  tool_use_id' does not name a tool_use block of an earlier assistant message."
+* Images: `base64` sources only; a `url` source is refused with 400 "Gemini accepts
+  images only as base64 sources." (param `messages[i].content[j].source`).
+* `tool_choice.disable_parallel_tool_use: true` is refused (Gemini has no such switch).
+* `metadata.user_id` is dropped.
+
+These Anthropic-side checks run before the conversion, so every 400 names the client's
+own fields and indices.
 * usage comes from `usageMetadata` itself (`gemini.usage_from_gemini`), not from the
   intermediate body, so budgets see thinking and tool-prompt tokens.
 
@@ -21,6 +29,7 @@ the Messages API does not define.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -50,13 +59,49 @@ from extproc.translate.types import (
 )
 from extproc.translate.validation import (
     compact_json,
+    invalid,
     optional_positive_int,
+    unsupported,
     validate_anthropic_door,
 )
 
 __all__ = ["AnthropicToGemini", "GeminiChunksToAnthropicEvents"]
 
 _GEMINI: Final = Backend.GEMINI
+_MEDIA_TYPE: Final = re.compile(r"[a-z]+/[A-Za-z0-9.+\-]+")
+_BASE64: Final = re.compile(r"[A-Za-z0-9+/=\s]+")
+
+
+def _check_blocks(body: Mapping[str, Any]) -> None:
+    """What Gemini needs of a Messages body beyond the OpenAI-shaped checks, named in the
+    client's own fields: results that name an earlier call, base64 images."""
+    calls: set[str] = set()
+    messages = body.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            if not isinstance(block, dict):
+                continue
+            where = f"messages[{i}].content[{j}]"
+            kind = block.get("type")
+            if kind == "tool_use" and isinstance(block.get("id"), str):
+                calls.add(block["id"])
+            elif kind == "tool_result" and isinstance(block.get("tool_use_id"), str) \
+                    and block["tool_use_id"] not in calls:
+                raise invalid(f"'{where}.tool_use_id' does not name a tool_use block of an "
+                              "earlier assistant message.", f"{where}.tool_use_id")
+            elif kind == "image":
+                source = block.get("source")
+                if not (isinstance(source, dict) and source.get("type") == "base64"
+                        and isinstance(source.get("media_type"), str)
+                        and _MEDIA_TYPE.fullmatch(source["media_type"])
+                        and isinstance(source.get("data"), str)
+                        and _BASE64.fullmatch(source["data"])):
+                    raise invalid("Gemini accepts images only as base64 sources.",
+                                  f"{where}.source")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True:
+        raise unsupported("tool_choice.disable_parallel_tool_use", _GEMINI)
 
 
 class GeminiChunksToAnthropicEvents:
@@ -100,6 +145,7 @@ class AnthropicToGemini(limits.AnthropicDoorRules):
         output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = validate_anthropic_door(body)
+        _check_blocks(request)
         top_k = optional_positive_int(request, "top_k")
         chat = build_openai_request({k: v for k, v in request.items() if k != "top_k"},
                                     _GEMINI, upstream_model, limit_field="max_tokens")

@@ -225,10 +225,18 @@ def test_golden_anthropic_request() -> None:
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}},
      "The parameter 'thinking' is not supported by Gemini.", "thinking"),
     ({"top_k": 0}, "'top_k' must be a positive integer.", "top_k"),
-    ({"messages": [{"role": "user", "content": [
+    ({"system": "s", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"},
         {"type": "tool_result", "tool_use_id": "toolu_9", "content": "x"}]}]},
-     "'messages[0].tool_call_id' does not name a tool call of an earlier assistant message.",
-     "messages[0].tool_call_id"),
+     "'messages[0].content[1].tool_use_id' does not name a tool_use block of an earlier "
+     "assistant message.", "messages[0].content[1].tool_use_id"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://x/cat.png"}}]}]},
+     "Gemini accepts images only as base64 sources.", "messages[0].content[0].source"),
+    ({"tools": [{"name": "f", "input_schema": {"type": "object"}}],
+      "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}},
+     "The parameter 'tool_choice.disable_parallel_tool_use' is not supported by Gemini.",
+     "tool_choice.disable_parallel_tool_use"),
 ])
 def test_anthropic_door_refusals(extra: dict[str, Any], message: str, param: str) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], **extra}
@@ -516,3 +524,13 @@ def test_streams_are_the_same_however_the_bytes_split(texts: list[str], call: bo
         assert events(out) == events(expected)
         assert (pieces.usage, pieces.output_tokens_so_far) == (
             whole.usage, whole.output_tokens_so_far)
+
+
+def test_anthropic_base64_image_becomes_inline_data() -> None:
+    _, body = anthropic_request({"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/webp",
+                                     "data": "UklGRg=="}},
+        {"type": "text", "text": "What is it?"}]}]})
+    assert body["contents"] == [{"role": "user", "parts": [
+        {"inlineData": {"mimeType": "image/webp", "data": "UklGRg=="}},
+        {"text": "What is it?"}]}]
