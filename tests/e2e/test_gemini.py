@@ -15,6 +15,7 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletion, ChatCompletionMessageFunctionToolCall
 
+from extproc.budgets.policy import estimate_input_tokens
 from extproc.devstack import Stack
 from extproc.emulator.app import key_fingerprint
 from tests.conftest import (
@@ -299,3 +300,43 @@ def test_untranslatable_request_is_refused_before_google(gw: Gateway) -> None:
         "type": "invalid_request_error", "param": "logit_bias", "code": "invalid_request"}
     assert gw.emulator.requests() == []
 
+
+
+CUT = "The provider ended the stream before it was complete; the answer is cut short."
+
+
+@pytest.mark.parametrize(("path", "payload", "expected"), [
+    ("/v1/chat/completions", {}, 'data: {"error": {"message": "' + CUT + '", "type": '
+     '"server_error", "param": null, "code": "stream_interrupted"}}\n\n'),
+    ("/v1/messages", {"max_tokens": 50}, 'event: error\ndata: {"type": "error", "error": '
+     '{"type": "api_error", "message": "' + CUT + '"}}\n\n'),
+], ids=["openai", "anthropic"])
+def test_gemini_stream_cut_short_is_an_error_event_and_charged_as_seen(
+        gemini: tuple[Gateway, int], gw: Gateway, path: str, payload: dict[str, Any],
+        expected: str) -> None:
+    """Gemini has no terminal event and repeats usageMetadata in every event: a stream
+    that ends before a finishReason must still read as cut short, and is charged the
+    prompt estimate plus the words that arrived, not the partial usage."""
+    redis_port = gemini[1]
+    before = _spent_before(redis_port)
+    gw.emulator.queue_fault(end_after_chunks=2)
+    body = json.dumps({"model": "gemini-flash", "stream": True, **payload,
+                       "messages": [{"role": "user", "content": PROMPT}]}).encode()
+    response = gw.client.post(path, content=body, headers={
+        "authorization": f"Bearer {ACME_KEY}", "content-type": "application/json"})
+    assert response.status_code == 200
+    assert response.text.endswith(expected), response.text
+    assert "[DONE]" not in response.text
+    assert "message_stop" not in response.text
+    estimate = estimate_input_tokens(len(body))
+    assert wait_for(lambda: _settled(redis_port, before + estimate * 100 + 2 * 2000))
+
+
+def test_gemini_in_stream_error_reaches_the_client_in_its_dialect(gw: Gateway) -> None:
+    gw.emulator.queue_fault(stream_error="The model is overloaded.")
+    with pytest.raises(openai.APIError) as caught:
+        for _ in _openai(gw).chat.completions.create(
+                model="gemini-flash", messages=[{"role": "user", "content": PROMPT}],
+                stream=True):
+            pass
+    assert caught.value.message == "The model is overloaded."
