@@ -340,3 +340,14 @@ def test_gemini_in_stream_error_reaches_the_client_in_its_dialect(gw: Gateway) -
                 stream=True):
             pass
     assert caught.value.message == "The model is overloaded."
+
+
+def test_no_canary_in_logs_or_metrics(gw: Gateway) -> None:
+    """Last in the file, so it runs last: every Gemini call above, including the
+    wrong-key and error cases, left no tenant or provider key in a log or metric."""
+    places = {"metrics": gw.metrics(),
+              **{f"log {p.name}": p.log_text() for p in gw.stack.processes}}
+    leaks = [(where, canary[:16]) for where, text in places.items()
+             for canary in CANARIES if canary in text]
+    assert leaks == []
+    assert "request finished" in places["log extproc"]
