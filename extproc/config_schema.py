@@ -455,6 +455,9 @@ def _base_url(url: str) -> str:
     if parts.path.rstrip("/").endswith("/v1"):
         raise problem(((), "must not end in /v1",
                        "the gateway appends the API path (/v1/chat/completions) itself"))
+    if parts.path.rstrip("/").endswith("/v1beta"):
+        raise problem(((), "must not end in /v1beta",
+                       "the gateway appends Gemini's API path (/v1beta/models/...) itself"))
     return url
 
 
