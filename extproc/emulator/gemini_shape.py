@@ -28,13 +28,16 @@ are an OBJECT schema has non-empty ``properties``.
 
 Reply: the configured reply text split into words, cut to ``maxOutputTokens`` words
 (``finishReason: MAX_TOKENS``, else ``STOP``), once per candidate
-(``candidateCount``). Usage (deterministic):
+(``candidateCount``). ``gemini-2.5*`` models think first, as Google's do by default:
+:data:`THOUGHTS_TOKENS` (8) thinking tokens, which count within ``maxOutputTokens``
+like Google's (a limit of 8 or less leaves no words and ends with ``MAX_TOKENS``).
+Usage (deterministic):
 
 * ``promptTokenCount = max(1, ceil(chars / 4))`` over the ``text`` of ``contents`` parts
   and of ``systemInstruction``; function calls, results and images count nothing;
 * ``candidatesTokenCount`` = words returned, times the candidates;
-* ``thoughtsTokenCount`` = :data:`THOUGHTS_TOKENS` (8) for ``gemini-2.5*`` models,
-  which think by default; absent for others;
+* ``thoughtsTokenCount`` = the thinking tokens spent (``gemini-2.5*`` only; absent for
+  others);
 * ``totalTokenCount`` = the sum. No ``cachedContentTokenCount`` (nothing is cached).
 
 Streamed: one event per word (each word after the first with a leading space, every
@@ -336,6 +339,10 @@ async def _reply(ctx: CallContext, body: Mapping[str, Any], config: Mapping[str,
     words = ctx.config.reply.split()
     finish = "STOP"
     limit = config.get("maxOutputTokens")
+    thoughts = 0
+    if model.startswith("gemini-2.5"):
+        thoughts = THOUGHTS_TOKENS if limit is None else min(THOUGHTS_TOKENS, limit)
+        limit = None if limit is None else limit - thoughts
     if function is not None:
         words = []
         output = math.ceil(len(json.dumps(WEATHER_ARGS, separators=(",", ":"))) / 4)
@@ -347,7 +354,7 @@ async def _reply(ctx: CallContext, body: Mapping[str, Any], config: Mapping[str,
     usage: dict[str, Any] = {"promptTokenCount": prompt,
                              "candidatesTokenCount": output * candidates}
     if model.startswith("gemini-2.5"):
-        usage["thoughtsTokenCount"] = THOUGHTS_TOKENS
+        usage["thoughtsTokenCount"] = thoughts
     usage["totalTokenCount"] = sum(usage.values())
     usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": prompt}]
     response_id = f"emu-gemini-{ctx.state.next_id()}"

@@ -210,17 +210,18 @@ def test_anthropic_sdk_plain(gemini: tuple[Gateway, int], gw: Gateway) -> None:
     redis_port = gemini[1]
     before = _spent_before(redis_port)
     message = _anthropic(gw).messages.create(
-        model="gemini-flash", max_tokens=3, system="Be brief.", extra_body={"top_k": 5},
+        model="gemini-flash", max_tokens=11, system="Be brief.", extra_body={"top_k": 5},
         messages=[{"role": "user", "content": PROMPT}])
     assert [block.type for block in message.content] == ["text"]
     assert message.content[0].text == "Hello from the"  # type: ignore[union-attr]
     assert message.stop_reason == "max_tokens"
-    # "Be brief." + "Hello there" = 20 characters: 5 tokens; 3 words + 8 thoughts.
+    # "Be brief." + "Hello there" = 20 characters: 5 tokens; 8 thoughts (within the
+    # limit, as at Google) + 3 words.
     assert (message.usage.input_tokens, message.usage.output_tokens) == (5, 11)
     body = _only_google_key(gw, GENERATE)
     assert body == {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}],
                     "systemInstruction": {"parts": [{"text": "Be brief."}]},
-                    "generationConfig": {"maxOutputTokens": 3, "topK": 5}}
+                    "generationConfig": {"maxOutputTokens": 11, "topK": 5}}
     assert wait_for(lambda: _settled(redis_port, before + 5 * 100 + 11 * 2000))
 
 

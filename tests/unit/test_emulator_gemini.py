@@ -99,7 +99,7 @@ async def test_generate_content_reply_and_usage(client: Client) -> None:
 async def test_max_output_tokens_candidates_and_thinking_models(client: Client) -> None:
     status, answer = await post(
         client, "/v1beta/models/gemini-2.5-pro:generateContent",
-        body(generationConfig={"maxOutputTokens": 2, "candidateCount": 3}))
+        body(generationConfig={"maxOutputTokens": 10, "candidateCount": 3}))
     assert status == 200
     assert [(c["index"], c["content"]["parts"], c["finishReason"])
             for c in answer["candidates"]] == [
@@ -107,6 +107,13 @@ async def test_max_output_tokens_candidates_and_thinking_models(client: Client) 
     assert answer["usageMetadata"] == {
         "promptTokenCount": 3, "candidatesTokenCount": 6, "thoughtsTokenCount": 8,
         "totalTokenCount": 17, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 3}]}
+    # Thinking counts within maxOutputTokens, as at Google: nothing is left for words.
+    _, spent = await post(client, "/v1beta/models/gemini-2.5-flash:generateContent",
+                          body(generationConfig={"maxOutputTokens": 5}))
+    assert spent["candidates"][0]["finishReason"] == "MAX_TOKENS"
+    assert spent["candidates"][0]["content"]["parts"] == [{"text": ""}]
+    assert (spent["usageMetadata"]["candidatesTokenCount"],
+            spent["usageMetadata"]["thoughtsTokenCount"]) == (0, 5)
 
 
 @pytest.mark.parametrize(("payload", "message"), [
