@@ -5,8 +5,8 @@ behaves like a real LLM provider (auth, validation, streaming, error shapes) but
 deterministic, free, offline and able to misbehave on demand.  Everything that is
 *not* specific to one provider's wire format lives here, so each provider shape
 (``openai_shape``, ``anthropic_shape``, ``azure_shape``, ``mistral_shape``,
-``gemini_shape``) is a small
-module that only knows how to authenticate, validate and answer in its own format.
+``gemini_shape``) is a small module that only knows how to authenticate, validate and
+answer in its own format.
 
 Shapes plug in through the explicit registration table :data:`SHAPE_REGISTRY` (name ->
 :class:`ProviderShape` built from plain functions of the shape module).  A process
