@@ -497,3 +497,101 @@ def render_yaml(config: GatewayConfig, ports: EnvoyPorts) -> str:
         "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n"
     )
     return header + yaml.safe_dump(render_bootstrap(config, ports), sort_keys=False)
+
+
+# -- the fast path (docs/decisions/0120-0123) -------------------------------------------
+
+FAST_REQUEST_NAMESPACE: Final = "asc.request"
+"""Where json_to_metadata puts the request body's fields the fast path needs."""
+FAST_USAGE_NAMESPACE: Final = "asc.usage"
+"""Where Envoy puts the provider's token counts (json_to_metadata on a JSON answer, the
+Lua filter on an SSE answer); the access-log service reads them from there."""
+_JSON_TO_METADATA: Final = (
+    "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata")
+_LUA: Final = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+_FAST_REQUEST_FIELDS: Final = (
+    (("model",), "model"),
+    (("stream",), "stream"),
+    (("max_tokens",), "max_tokens"),
+    (("max_completion_tokens",), "max_completion_tokens"),
+    (("n",), "n"),
+    (("stream_options", "include_usage"), "include_usage"),
+)
+USAGE_FIELDS: Final = (
+    "prompt_tokens", "completion_tokens", "cached_tokens", "audio_tokens",
+    "input_tokens", "output_tokens", "cache_read_input_tokens",
+    "cache_creation_input_tokens", "web_search_requests",
+)
+"""Usage counts Envoy copies out of answers, under their providers' own names (OpenAI and
+Anthropic shapes); `extproc.fastpath` turns them into a `Usage`."""
+_FAST_USAGE_PATHS: Final = (
+    ("usage", "prompt_tokens"), ("usage", "completion_tokens"),
+    ("usage", "prompt_tokens_details", "cached_tokens"),
+    ("usage", "prompt_tokens_details", "audio_tokens"),
+    ("usage", "input_tokens"), ("usage", "output_tokens"),
+    ("usage", "cache_read_input_tokens"), ("usage", "cache_creation_input_tokens"),
+    ("usage", "server_tool_use", "web_search_requests"),
+)
+
+
+def _json_rule(path: tuple[str, ...], namespace: str, key: str) -> dict[str, Any]:
+    return {"selectors": [{"key": part} for part in path],
+            "on_present": {"metadata_namespace": namespace, "key": key}}
+
+
+def json_to_metadata_filter() -> dict[str, Any]:
+    """Envoy parses the request body (before ext_proc: it holds the headers until the body
+    is whole) and a JSON answer's usage into dynamic metadata (0120, 0122)."""
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": _JSON_TO_METADATA,
+            "request_rules": {"rules": [
+                _json_rule(path, FAST_REQUEST_NAMESPACE, key)
+                for path, key in _FAST_REQUEST_FIELDS]},
+            "response_rules": {"rules": [
+                _json_rule(path, FAST_USAGE_NAMESPACE, path[-1])
+                for path in _FAST_USAGE_PATHS]},
+        },
+    }
+
+
+_LUA_SSE_USAGE: Final = """
+-- Usage of a streamed (SSE) answer, read chunk by chunk as it passes: nothing is held
+-- back, nothing goes to ext_proc. A count split across two chunks is found in the
+-- overlap kept from the previous one; the last value of a name wins (Anthropic's final
+-- message_delta carries the cumulative output_tokens).
+local NAMES = {%s}
+function envoy_on_response(handle)
+  local content_type = handle:headers():get("content-type") or ""
+  if string.find(content_type, "text/event-stream", 1, true) == nil then
+    return
+  end
+  local found = {}
+  local tail = ""
+  for chunk in handle:bodyChunks() do
+    local text = tail .. chunk:getBytes(0, chunk:length())
+    for name, value in string.gmatch(text, '"([a-z_]+)":(%%d+)') do
+      if NAMES[name] then found[name] = value end
+    end
+    tail = string.sub(text, -160)
+  end
+  local metadata = handle:streamInfo():dynamicMetadata()
+  for name, value in pairs(found) do
+    metadata:set("%s", name, tonumber(value))
+  end
+end
+"""
+
+
+def fast_path_lua_usage_filter() -> dict[str, Any]:
+    """A Lua filter that reads usage out of SSE answers into `asc.usage` (0122)."""
+    names = ", ".join(f"{name} = true" for name in USAGE_FIELDS)
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": _LUA,
+            "default_source_code": {
+                "inline_string": _LUA_SSE_USAGE % (names, FAST_USAGE_NAMESPACE)},
+        },
+    }
