@@ -47,8 +47,10 @@ from extproc.config_schema import (
     DeploymentHealthSettings,
     Document,
     FailoverSettings,
+    FastPathSettings,
     KekSpec,
     Limits,
+    LoggingSettings,
     ModelSpec,
     OrgBudgetSpec,
     PriceSpec,
@@ -79,9 +81,11 @@ __all__ = [
     "Deployment",
     "DeploymentHealthSettings",
     "FailoverSettings",
+    "FastPathSettings",
     "GatewayConfig",
     "KekSettings",
     "Limits",
+    "LoggingSettings",
     "Model",
     "Price",
     "Probe",
@@ -305,6 +309,8 @@ class GatewayConfig:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
+    fast_path: FastPathSettings = field(default_factory=FastPathSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -748,6 +754,8 @@ class _Compiler:
             tenants=tenants,
             failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
+            fast_path=doc.fast_path or FastPathSettings(),
+            logging=doc.logging or LoggingSettings(),
         )
 
     def file(self, name: str) -> Path:

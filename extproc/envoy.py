@@ -37,10 +37,15 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["METADATA_NAMESPACE", "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER", "STAGE_UPSTREAM",
-           "attempt_context", "decode", "encode"]
+__all__ = ["BODY_FIELDS_NAMESPACE", "METADATA_NAMESPACE", "RESPONSE_HEADERS_NAMESPACE",
+           "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context",
+           "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
+BODY_FIELDS_NAMESPACE: Final = "asc.request"
+"""Request body fields read by Envoy's json_to_metadata for the fast path."""
+RESPONSE_HEADERS_NAMESPACE: Final = "asc.response_headers"
+"""Answer headers the fast path leaves to Envoy (its Lua filter sets them)."""
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
 _ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
 STAGE_HEADER: Final = "x-asc-stage"
@@ -71,7 +76,8 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
     if kind == "request_headers":
         message = request.request_headers
         return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
-                       route_metadata=_route_metadata(request))
+                       route_metadata=_route_metadata(request),
+                       body_fields=_body_fields(request))
     if kind == "request_body":
         body = request.request_body
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
@@ -103,6 +109,26 @@ def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
             if value.HasField("string_value"):
                 context[f"{METADATA_NAMESPACE}.{name}"] = value.string_value
     return context
+
+
+def _body_fields(request: pb.ProcessingRequest) -> dict[str, object] | None:
+    """The body fields json_to_metadata read (`metadata_options.forwarding_namespaces`),
+    as plain values (numbers arrive as floats); None when Envoy read none."""
+    namespace = request.metadata_context.filter_metadata.get(BODY_FIELDS_NAMESPACE)
+    if namespace is None:
+        return None
+    fields: dict[str, object] = {}
+    for name, value in namespace.fields.items():
+        kind = value.WhichOneof("kind")
+        if kind == "string_value":
+            fields[name] = value.string_value
+        elif kind == "number_value":
+            fields[name] = value.number_value
+        elif kind == "bool_value":
+            fields[name] = value.bool_value
+        else:  # null, list, object: not what the fast path reads; keep its presence
+            fields[name] = None
+    return fields
 
 
 def _route_metadata(request: pb.ProcessingRequest) -> dict[str, object] | None:
@@ -169,7 +195,22 @@ def encode(phase: Phase, reply: Outbound) -> pb.ProcessingResponse:
         response.mode_override.response_body_mode = _MODES[reply.response_body_mode]
     if reply.metadata:
         _metadata(response, reply.metadata)
+    if reply.skip_rest:
+        _skip_rest(response.mode_override)
+    if reply.response_headers:
+        response.dynamic_metadata.fields[RESPONSE_HEADERS_NAMESPACE].struct_value.update(
+            reply.response_headers)
     return response
+
+
+def _skip_rest(mode: processing_mode_pb2.ProcessingMode) -> None:
+    """The rest of the request without the service: the stream ends after this reply
+    (measured, tests/e2e/test_fastpath_envoy_facts.py)."""
+    mode.request_body_mode = processing_mode_pb2.ProcessingMode.NONE
+    mode.request_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP
+    mode.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
+    mode.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
+    mode.response_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP
 
 
 def _status_names() -> dict[int, str]:

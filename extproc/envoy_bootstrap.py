@@ -27,8 +27,13 @@ from typing import Any, Final
 
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401 - @type
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.json_to_metadata.v3 import (  # noqa: F401 - @type
+    json_to_metadata_pb2,
+)
+from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.upstream_codec.v3 import (  # noqa: F401 - @type
     upstream_codec_pb2,
@@ -45,7 +50,9 @@ from google.protobuf import json_format  # type: ignore[import-untyped]
 
 from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import (
+    BODY_FIELDS_NAMESPACE,
     METADATA_NAMESPACE,
+    RESPONSE_HEADERS_NAMESPACE,
     ROUTE_METADATA_ATTRIBUTE,
     STAGE_HEADER,
     STAGE_UPSTREAM,
@@ -58,7 +65,10 @@ __all__ = [
     "BootstrapError",
     "EnvoyPorts",
     "admin_address",
+    "bootstrap_yaml",
     "check_typed",
+    "fast_path_lua_usage_filter",
+    "json_to_metadata_filter",
     "render_bootstrap",
     "render_yaml",
 ]
@@ -445,6 +455,8 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }
+    if config.fast_path.rendered:
+        _with_fast_path(config, hcm)
     bootstrap: dict[str, Any] = {}
     if ports.admin_socket is not None:
         bootstrap["admin"] = {"address": admin_address(ports.admin_socket)}
@@ -496,12 +508,31 @@ def render_yaml(config: GatewayConfig, ports: EnvoyPorts) -> str:
     header = (
         "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n"
     )
-    return header + yaml.safe_dump(render_bootstrap(config, ports), sort_keys=False)
+    return header + bootstrap_yaml(render_bootstrap(config, ports))
+
+
+class _EnvoyYamlDumper(yaml.SafeDumper):
+    """Quotes the strings Envoy's YAML reader (YAML 1.1 style) takes for booleans: PyYAML
+    writes `n` and `y` bare, and Envoy then reads json_to_metadata's selector `n` as
+    false (measured)."""
+
+
+def _quoted_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "'" if value.lower() in ("y", "n") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_EnvoyYamlDumper.add_representer(str, _quoted_str)
+
+
+def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
+    """A rendered bootstrap as YAML Envoy reads back exactly."""
+    return yaml.dump(bootstrap, Dumper=_EnvoyYamlDumper, sort_keys=False)
 
 
 # -- the fast path (docs/decisions/0120-0123) -------------------------------------------
 
-FAST_REQUEST_NAMESPACE: Final = "asc.request"
+FAST_REQUEST_NAMESPACE: Final = BODY_FIELDS_NAMESPACE
 """Where json_to_metadata puts the request body's fields the fast path needs."""
 FAST_USAGE_NAMESPACE: Final = "asc.usage"
 """Where Envoy puts the provider's token counts (json_to_metadata on a JSON answer, the
@@ -509,6 +540,8 @@ Lua filter on an SSE answer); the access-log service reads them from there."""
 _JSON_TO_METADATA: Final = (
     "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata")
 _LUA: Final = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+_HTTP_GRPC_LOG: Final = (
+    "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig")
 _FAST_REQUEST_FIELDS: Final = (
     (("model",), "model"),
     (("stream",), "stream"),
@@ -516,6 +549,7 @@ _FAST_REQUEST_FIELDS: Final = (
     (("max_completion_tokens",), "max_completion_tokens"),
     (("n",), "n"),
     (("stream_options", "include_usage"), "include_usage"),
+    (("service_tier",), "service_tier"),
 )
 USAGE_FIELDS: Final = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "audio_tokens",
@@ -556,14 +590,40 @@ def json_to_metadata_filter() -> dict[str, Any]:
     }
 
 
-_LUA_SSE_USAGE: Final = """
--- Usage of a streamed (SSE) answer, read chunk by chunk as it passes: nothing is held
--- back, nothing goes to ext_proc. A count split across two chunks is found in the
--- overlap kept from the previous one; the last value of a name wins (Anthropic's final
--- message_delta carries the cumulative output_tokens).
-local NAMES = {%s}
+_LUA_FAST_ANSWER: Final = """
+-- The fast path's answer, in Envoy (docs/decisions/0122, 0123): on a request the service
+-- answered with its one fast-path reply (metadata asc.fast), remove the provider's
+-- account headers, put the service's x-asc-* headers on (asc.response_headers), and read
+-- the usage of an SSE answer chunk by chunk as it passes (nothing is held back, nothing
+-- goes to ext_proc). A count split across two chunks is found in the overlap kept from
+-- the previous one; the last value of a name wins (Anthropic's final message_delta
+-- carries the cumulative output_tokens). Every other request returns at once.
+local NAMES = {%(names)s}
+local ACCOUNT = {%(account)s}
 function envoy_on_response(handle)
-  local content_type = handle:headers():get("content-type") or ""
+  local metadata = handle:streamInfo():dynamicMetadata()
+  local asc = metadata:get("asc")
+  if asc == nil or asc["fast"] ~= true then
+    return
+  end
+  local headers = handle:headers()
+  local drop = {}
+  for name, _ in pairs(headers) do
+    if ACCOUNT[name] or string.find(name, "^x%%-ratelimit%%-")
+        or string.find(name, "^anthropic%%-ratelimit%%-") then
+      drop[#drop + 1] = name
+    end
+  end
+  for _, name in ipairs(drop) do
+    headers:remove(name)
+  end
+  local tags = metadata:get("%(headers_ns)s")
+  if tags ~= nil then
+    for name, value in pairs(tags) do
+      headers:replace(name, tostring(value))
+    end
+  end
+  local content_type = headers:get("content-type") or ""
   if string.find(content_type, "text/event-stream", 1, true) == nil then
     return
   end
@@ -576,22 +636,60 @@ function envoy_on_response(handle)
     end
     tail = string.sub(text, -160)
   end
-  local metadata = handle:streamInfo():dynamicMetadata()
   for name, value in pairs(found) do
-    metadata:set("%s", name, tonumber(value))
+    metadata:set("%(usage_ns)s", name, tonumber(value))
   end
 end
 """
+_ACCOUNT_HEADERS: Final = ("openai-organization", "openai-project",
+                           "anthropic-organization-id")
+"""Provider response headers that describe its account (with the x-ratelimit-* and
+anthropic-ratelimit-* families); as `translate.headers.provider_account_headers`."""
 
 
 def fast_path_lua_usage_filter() -> dict[str, Any]:
-    """A Lua filter that reads usage out of SSE answers into `asc.usage` (0122)."""
-    names = ", ".join(f"{name} = true" for name in USAGE_FIELDS)
+    """The Lua filter that finishes a fast-path answer in Envoy (see `_LUA_FAST_ANSWER`)."""
+    source = _LUA_FAST_ANSWER % {
+        "names": ", ".join(f"{name} = true" for name in USAGE_FIELDS),
+        "account": ", ".join(f'["{name}"] = true' for name in _ACCOUNT_HEADERS),
+        "headers_ns": RESPONSE_HEADERS_NAMESPACE,
+        "usage_ns": FAST_USAGE_NAMESPACE,
+    }
     return {
         "name": "envoy.filters.http.lua",
+        "typed_config": {"@type": _LUA, "default_source_code": {"inline_string": source}},
+    }
+
+
+def _fast_path_access_log(config: GatewayConfig) -> dict[str, Any]:
+    """Finished fast-path requests, in batches, to the service (extproc/usage_log.py)."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"metadata_filter": {
+            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "fast"}],
+                        "value": {"bool_match": True}},
+            "match_if_key_not_found": False,
+        }},
         "typed_config": {
-            "@type": _LUA,
-            "default_source_code": {
-                "inline_string": _LUA_SSE_USAGE % (names, FAST_USAGE_NAMESPACE)},
+            "@type": _HTTP_GRPC_LOG,
+            "common_config": {
+                "log_name": "asc_fast_path",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": f"{config.fast_path.flush_interval_ms / 1000:g}s",
+            },
         },
     }
+
+
+def _with_fast_path(config: GatewayConfig, hcm: dict[str, Any]) -> None:
+    """Add the fast path's Envoy pieces around the router-level ext_proc (in place)."""
+    filters = hcm["http_filters"]
+    ext_proc = filters[0]["typed_config"]
+    ext_proc["metadata_options"]["forwarding_namespaces"] = {
+        "untyped": [FAST_REQUEST_NAMESPACE]}
+    ext_proc["metadata_options"]["receiving_namespaces"]["untyped"].append(
+        RESPONSE_HEADERS_NAMESPACE)
+    hcm["http_filters"] = [json_to_metadata_filter(), filters[0],
+                           fast_path_lua_usage_filter(), *filters[1:]]
+    hcm["access_log"] = [*hcm["access_log"], _fast_path_access_log(config)]

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from extproc import metrics
+from extproc import fastpath, metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
@@ -176,6 +176,9 @@ class RequestProcessor:
         """True when the non-streamed answer was larger than max_response_bytes."""
         self._finished = False
         self._complete = False
+        self.fast_path = False
+        """The one fast-path reply went out: Envoy's access log brings the answer, and
+        `fastpath.complete_from_log` settles and records it (not this finish())."""
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
             Phase.REQUEST_HEADERS: self.on_request_headers,
             Phase.REQUEST_BODY: self.on_request_body,
@@ -230,6 +233,10 @@ class RequestProcessor:
                   if name in _CLIENT_ONLY_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)]
         # The provider (and so its allow-list) is known with the body: the rest goes there.
         self._client_headers = tuple(name for name in headers if name not in remove)
+        if message.body_fields is not None:  # Envoy read the body: maybe one message
+            fast = await fastpath.take(self, message, remove)
+            if fast is not None:
+                return fast
         # Envoy chose a route before this reply, from the headers as the client sent them:
         # clearing the cache makes it choose again without the headers removed here.
         return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED,
@@ -709,7 +716,8 @@ class RequestProcessor:
             if self._deployment_permit is not None and self.route is not None:
                 self._runtime.health.release(self.route.key, self._deployment_permit)
                 self._deployment_permit = None
-            if self.hold is not None and self.principal is not None and self.route is not None:
+            if (self.hold is not None and self.principal is not None
+                    and self.route is not None and not self.fast_path):
                 cost, tokens = self._real_cost(aborted)
                 self.charged_micro_usd = cost
                 settled = await self._runtime.budget_guard().settle(
@@ -725,8 +733,9 @@ class RequestProcessor:
                 "request_id": self.request_id}})
         finally:
             # Also when settling was cancelled (shutdown): every request is measured
-            # and logged exactly once.
-            self._measure_and_log(aborted)
+            # and logged exactly once (a fast-path request by complete_from_log).
+            if not self.fast_path:
+                self._measure_and_log(aborted)
 
     def _measure_and_log(self, aborted: bool) -> None:
         """The request's metrics and its one log line (see finish)."""
@@ -750,6 +759,8 @@ class RequestProcessor:
             if self.usage is not None:
                 metrics.TOKEN_USAGE.labels(*labels, "input").inc(self.usage.input_tokens)
                 metrics.TOKEN_USAGE.labels(*labels, "output").inc(self.usage.output_tokens)
+        if not self._config.logging.request_log:
+            return
         log_event(
             log, logging.INFO, "request finished",
             request_id=self.request_id,
@@ -781,6 +792,46 @@ class RequestProcessor:
             duration_ms=round(duration * 1000, 3),
         )
 
+
+    # -- fast path hooks (extproc/fastpath.py) ----------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @property
+    def route_override(self) -> RouteOverride | None:
+        return self._route_override
+
+    @property
+    def client_headers(self) -> tuple[str, ...]:
+        return self._client_headers
+
+    def clock(self) -> float:
+        return self._clock()
+
+    def take_deployment_permit(self) -> None:
+        assert self.route is not None
+        self._deployment_permit = self._runtime.health.allow(self.route.key)
+
+    async def provider_auth(self, provider: Provider,
+                            principal: Principal) -> list[tuple[str, str]]:
+        return await self._provider_auth(provider, principal)
+
+    def metadata(self) -> dict[str, str | int | float | bool]:
+        return self._metadata()
+
+    def tag_headers(self) -> list[tuple[str, str]]:
+        return self._tag_headers()
+
+    def restore(self, *, request_id: str, started: float, first_byte_at: float | None) -> None:
+        """A fast-path request rebuilt from Envoy's access log: its id and timings."""
+        self.request_id = request_id
+        self._started = started
+        self._first_byte_at = first_byte_at
+
+    def mark_complete(self, complete: bool) -> None:
+        self._complete = complete
 
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.

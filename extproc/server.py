@@ -29,6 +29,7 @@ from typing import Any, Final
 
 import aiohttp
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,6 +48,7 @@ from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime, RuntimeHolder
 from extproc.secrets import SecretUnavailable
 from extproc.upstream import AttemptProcessor
+from extproc.usage_log import AccessLogReceiver
 
 __all__ = ["ExternalProcessorService", "RestartBackoff", "ServeOptions", "build_runtime", "serve"]
 
@@ -274,6 +276,8 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     ])
     service = ExternalProcessorService(holder)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
+    usage_log = AccessLogReceiver(holder)  # fast-path answers (extproc/usage_log.py)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_log, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(options.listen)
@@ -306,6 +310,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     prober.cancel()
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
+    await usage_log.drain(options.drain_seconds)
     log_event(log, logging.INFO, "stopped")
 
 

@@ -114,6 +114,10 @@ class Reservation:
     request_id: str
     tag: str
     groups: tuple[CounterGroup, ...]
+    charge_on_expiry: bool = False
+    """The sweeper charges this hold in full instead of returning it: the fast path's
+    usage comes from Envoy's best-effort access log, and a lost one must never become a
+    free request (docs/decisions/0122-usage-by-access-log.md)."""
 
     @property
     def record_key(self) -> str:
@@ -191,6 +195,8 @@ class RedisLedger:
         for group in reservation.groups:
             keys.extend(group.keys)
             args.extend((len(group.keys), group.limit, group.amount, group.ttl_s))
+        if reservation.charge_on_expiry:
+            args.append(1)
         reply = await self._call(self._reserve, keys, args)
         status = int(reply[0])
         if status == 2:

@@ -124,7 +124,7 @@ def _one_shot_reply(number: int) -> pb.ProcessingResponse:
         option.append_action = _OVERWRITE
     common.clear_route_cache = True
     response.dynamic_metadata.fields["asc"].struct_value.update(
-        {"request_id": f"fast-{number}"})
+        {"request_id": f"fast-{number}", "fast": True})
     mode = response.mode_override
     mode.request_body_mode = _MODE.NONE
     mode.response_header_mode = _MODE.SKIP
@@ -294,7 +294,7 @@ def test_usage_of_a_json_answer_reaches_the_access_log_service(facts: Facts) -> 
     assert wait_for(lambda: len(facts.rig.logs) == 1)
     [entry] = facts.rig.logs
     metadata = entry["commonProperties"]["metadata"]["filterMetadata"]
-    assert metadata["asc"] == {"request_id": "fast-1"}
+    assert metadata["asc"] == {"request_id": "fast-1", "fast": True}
     assert _usage_of(entry) == {"prompt_tokens": float(usage["prompt_tokens"]),
                                 "completion_tokens": float(usage["completion_tokens"])}
     assert entry["response"]["responseCode"] == 200
