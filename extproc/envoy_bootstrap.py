@@ -636,8 +636,10 @@ function envoy_on_response(handle)
     end
     tail = string.sub(text, -160)
   end
+  -- Objects taken before the chunks yielded are out of scope now (measured): ask again.
+  local after = handle:streamInfo():dynamicMetadata()
   for name, value in pairs(found) do
-    metadata:set("%(usage_ns)s", name, tonumber(value))
+    after:set("%(usage_ns)s", name, tonumber(value))
   end
 end
 """
