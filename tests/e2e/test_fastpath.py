@@ -20,7 +20,6 @@ from extproc.budgets.ledger import RedisLedger
 from extproc.devstack import Stack
 from extproc.emulator.app import OPENAI_ACCOUNT_HEADERS
 from tests.conftest import (
-    ACME_KEY,
     CANARIES,
     GLOBEX_KEY,
     PROVIDER_KEY_EU,
