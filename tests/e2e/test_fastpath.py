@@ -20,6 +20,7 @@ from extproc.budgets.ledger import RedisLedger
 from extproc.devstack import Stack
 from extproc.emulator.app import OPENAI_ACCOUNT_HEADERS
 from tests.conftest import (
+    ACME_KEY,
     CANARIES,
     GLOBEX_KEY,
     PROVIDER_KEY_EU,
@@ -50,6 +51,12 @@ def fast_config(redis_port: int, *, flush_interval_ms: int = 20,
         model["deployments"] = [{"provider": "emu-us"}, {"provider": "emu-eu"}]
         doc["tenants"]["acme"]["budgets"] = [
             {"scope": "tenant", "window": "month", "limit_usd": 100}]
+        doc["providers"]["emu-claude"] = {
+            "kind": "anthropic", "base_url": f"http://127.0.0.1:{emulator_port}",
+            "region": "eu-central-1", "zone": "eu", "cluster": "emu_claude",
+            "credentials": ["emu-eu-1"]}
+        doc["models"]["claude-x"] = {"price": PRICE, "deployments": [{"provider": "emu-claude"}]}
+        doc["tenants"]["acme"]["models"].append("claude-x")
         doc["fast_path"] = {"enabled": True, "flush_interval_ms": flush_interval_ms,
                             **fast_path}
         return doc
@@ -233,3 +240,38 @@ def test_a_lost_access_log_charges_the_whole_hold_and_fails_closed(
 
     assert wait_for(lambda: asyncio.run(sweep()) == 1, timeout=HOLD_TTL_S + 5)
     assert month_counter(redis_port) == (held, 0)
+
+
+def test_anthropic_door_to_anthropic_is_one_message_plain_and_streamed(
+        fast: tuple[Gateway, int]) -> None:
+    gateway, redis_port = fast
+    gateway.chat(chat_body(max_tokens=8))
+    assert wait_for(lambda: month_counter(redis_port)[1] == 0)
+    spent_before, _ = month_counter(redis_port)
+    before = {p: phase_count(gateway, p) for p in ("request_body", "response_body")}
+    gateway.emulator.clear()
+    body = {"model": "claude-x", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello there"}]}
+    headers = {"x-api-key": ACME_KEY, "anthropic-version": "2023-06-01"}
+
+    plain = gateway.client.post("/v1/messages", json=body, headers=headers)
+    streamed = gateway.client.post("/v1/messages", json={**body, "stream": True},
+                                   headers=headers)
+
+    assert plain.status_code == 200
+    assert plain.headers["x-asc-provider"] == "emu-claude"
+    assert streamed.status_code == 200
+    assert "event: message_stop" in streamed.text
+    assert {p: phase_count(gateway, p) for p in before} == before
+    for upstream in gateway.emulator.requests():
+        assert upstream["path"] == "/v1/messages"
+        assert upstream["headers"]["x-api-key"] == provider_fingerprint(PROVIDER_KEY_EU)
+    usage = plain.json()["usage"]
+    plain_cost = usage["input_tokens"] * 100 + usage["output_tokens"] * 2000
+    final = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines()
+             if line.startswith("data: ")]
+    started = next(e for e in final if e["type"] == "message_start")["message"]["usage"]
+    ended = [e for e in final if e["type"] == "message_delta"][-1]["usage"]
+    streamed_cost = started["input_tokens"] * 100 + ended["output_tokens"] * 2000
+    assert wait_for(lambda: month_counter(redis_port) == (
+        spent_before + plain_cost + streamed_cost, 0))
