@@ -738,6 +738,10 @@ class _Compiler:
             if tenant.budget is not None and not self.present("redis"):
                 self.add(_join("tenants", tenant_id), "budgets and rate limits need Redis",
                          "set redis.url")
+        for index, name in enumerate(doc.fast_path.tenants if doc.fast_path else ()):
+            if name not in tenants:
+                self.add(f"fast_path.tenants[{index}]", f"unknown tenant {name!r}",
+                         f"tenants: {', '.join(sorted(tenants))}")
         auth: AuthSpec | None = doc.auth  # (None in a document with its auth left out)
         if auth is None:
             return None
