@@ -833,6 +833,12 @@ class RequestProcessor:
     def mark_complete(self, complete: bool) -> None:
         self._complete = complete
 
+    @property
+    def finishes_without_waiting(self) -> bool:
+        """finish() has nothing to await: no hold to settle here (server.py runs it
+        inline instead of as a task)."""
+        return self.hold is None or self.fast_path
+
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.
 

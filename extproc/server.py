@@ -98,9 +98,18 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 _PHASE_TIMERS[inbound.phase].observe(time.perf_counter() - started)
                 await context.write(response)
         finally:
-            task = asyncio.get_running_loop().create_task(processor.finish())
-            self.finishing.add(task)
-            task.add_done_callback(self._finished)
+            if processor.finishes_without_waiting:
+                # Nothing to await (no hold to settle, or a fast-path request settled
+                # from the access log): run it here, without a task per request. It
+                # never suspends, so a cancelled handler cannot cut it short.
+                try:
+                    await processor.finish()
+                except Exception:
+                    log.exception("finish failed")
+            else:
+                task = asyncio.get_running_loop().create_task(processor.finish())
+                self.finishing.add(task)
+                task.add_done_callback(self._finished)
 
     async def _attempt(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """An upstream (per-attempt) ext_proc stream: see extproc/upstream.py."""

@@ -174,6 +174,10 @@ class RedisLedger:
         self._sweep = client.register_script((_SCRIPTS / "sweep.lua").read_text())
         self._loaded = False
         self._loading = asyncio.Lock()
+        self._batching = not isinstance(client, RedisCluster)
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._pending: list[_PendingSettle] = []
+        """Settles asked for in this event-loop turn: sent together in one pipeline."""
 
     async def _load_scripts(self) -> None:
         """SCRIPT LOAD once (on every primary of a cluster) before the first EVALSHA.
@@ -215,9 +219,73 @@ class RedisLedger:
                               len(reservation.groups)]
         for group, amount in zip(reservation.groups, actual, strict=True):
             args.extend((amount, group.limit, len(group.keys), *group.keys))
-        reply = await self._call(self._settle, [reservation.record_key, reservation.holds_key],
-                                 args)
+        keys = [reservation.record_key, reservation.holds_key]
+        if self._batching and self._loaded:
+            reply = await self._batched_settle(keys, args)
+        else:
+            reply = await self._call(self._settle, keys, args)
         return SettleResult(status=int(reply[0]), overrun=tuple(int(v) for v in reply[1:]))
+
+    async def _batched_settle(self, keys: list[str], args: Sequence[object]) -> Any:
+        """Settles are off the request path and often come together (a batch of Envoy
+        access-log entries, requests finishing in the same turn): every settle asked for
+        in one event-loop turn goes to Redis in one pipeline (one round trip, one slot),
+        measured in bench/fastpath.py. Each still gets its own reply or error."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingSettle(keys, list(args), future))
+        if len(self._pending) == 1:
+            task = asyncio.get_running_loop().create_task(self._flush_settles())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        return await future
+
+    async def _flush_settles(self) -> None:
+        await asyncio.sleep(0)  # let this turn's other settles join the batch
+        batch, self._pending = self._pending, []
+        try:
+            replies = await self._call_pipeline(batch)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else LedgerUnavailable("redis: cancelled")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for pending, reply in zip(batch, replies, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(reply, redis_errors.NoScriptError):
+                self._loaded = False  # Redis lost its scripts: the single path reloads
+                pending.future.set_exception(LedgerUnavailable("redis: NOSCRIPT"))
+            elif isinstance(reply, Exception):
+                pending.future.set_exception(LedgerUnavailable(describe_redis_failure(reply))
+                                             if isinstance(reply, REDIS_FAILURES)
+                                             else LedgerUnavailable("redis: error reply"))
+            else:
+                pending.future.set_result(reply)
+
+    async def _call_pipeline(self, batch: list[_PendingSettle]) -> list[Any]:
+        await self._acquire_slot()
+        deadline: _IoDeadline | None = None
+        try:
+            deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
+            pipe = self._client.pipeline(transaction=False)
+            for pending in batch:
+                pipe.evalsha(self._settle.sha, len(pending.keys), *pending.keys,
+                             *pending.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        except asyncio.CancelledError:
+            if deadline is not None and deadline.expired and deadline.task.uncancel() == 0:
+                raise LedgerUnavailable("redis: TimeoutError") from None
+            raise
+        except REDIS_FAILURES as exc:
+            raise LedgerUnavailable(describe_redis_failure(exc)) from None
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+            self._slots.release()
 
     async def sweep(self, tag: str, limit: int = 100) -> int:
         reply = await self._call(self._sweep, [holds_key(tag)], [int(time.time() * 1000), limit])
@@ -259,6 +327,13 @@ class RedisLedger:
         except TimeoutError:
             raise LedgerOverloaded("redis: no free connection within queue_timeout_ms"
                                    ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingSettle:
+    keys: list[str]
+    args: list[object]
+    future: asyncio.Future[Any]
 
 
 def _busy_ns() -> int:
