@@ -180,7 +180,7 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 
 def render(results: list[Result], *, machine: str, command: str, workers: int,
-           concurrency: int) -> str:
+           concurrency: int, streams: int | None) -> str:
     base = {r.body: r.rps for r in results if r.target == "direct"}
     rows = [[r.target, r.body, _fmt(r.rps), f"{r.rps / base[r.body]:.2f}" if base.get(r.body)
              else "-", _fmt(r.p50_ms, 2), _fmt(r.p99_ms, 2), _fmt(r.extproc_us),
@@ -189,7 +189,8 @@ def render(results: list[Result], *, machine: str, command: str, workers: int,
     lines = [
         f"## Fast path ({common.utc_now():%Y-%m-%d %H:%M} UTC)",
         "",
-        f"Machine: {machine}. extproc workers: {workers}; closed loop c={concurrency}.",
+        f"Machine: {machine}. extproc workers: {workers} (Envoy streams per extproc "
+        f"connection: {streams or 'no limit'}); closed loop c={concurrency}.",
         f"Command: `{command}`",
         "",
         *common.table(["target", "body", "rps", "vs direct", "p50 ms", "p99 ms",
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--streams-per-connection", type=int, default=None,
+                        help="Envoy's HTTP/2 max_concurrent_streams towards extproc "
+                        "(default: 4 with --workers > 1, else no limit)")
     parser.add_argument("--request-log", action="store_true",
                         help="keep the per-request log line (logging.request_log)")
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up")
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 3, 1
+    if args.streams_per_connection is None and args.workers > 1:
+        args.streams_per_connection = 4
     keys = {name: f"sk-asc-bench-{_tenant_id(name)}-" + secrets.token_hex(12)
             for name in TENANTS}
     provider_key = "sk-emu-bench-" + secrets.token_hex(16)
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         gateway_port, gateway_admin = free_port(), stack.admin_socket("envoy-gateway")
         bootstrap = render_bootstrap(load_config(config_path), EnvoyPorts(
             listen_port=gateway_port, admin_socket=str(gateway_admin),
-            extproc_port=extproc_port))
+            extproc_port=extproc_port,
+            extproc_streams_per_connection=args.streams_per_connection))
         gateway = stack.start_envoy(bootstrap_yaml(bootstrap), listen_port=gateway_port,
                                     admin_socket=gateway_admin, name="envoy-gateway")
         direct_port, direct_admin = free_port(), stack.admin_socket("envoy-direct")
@@ -270,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"errors={result.errors or 0}", flush=True)
     text = render(results, machine=common.machine_line(envoy=True),
                   command=common.display_command("bench/fastpath.py", sys.argv[1:]),
-                  workers=args.workers, concurrency=args.concurrency)
+                  workers=args.workers, concurrency=args.concurrency,
+                  streams=args.streams_per_connection)
     print(text)
     if not args.no_write:
         common.append_section("fastpath", text)

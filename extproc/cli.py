@@ -88,6 +88,7 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
         admin_socket=args.admin_socket,
         extproc_address=args.extproc_address,
         extproc_port=args.extproc_port,
+        extproc_streams_per_connection=args.extproc_streams_per_connection,
     )
     text = render_yaml(config, ports)
     if args.output == "-":
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Unix socket for Envoy admin (mode 0600); default: no admin")
     render.add_argument("--extproc-address", default="127.0.0.1")
     render.add_argument("--extproc-port", type=int, default=50051)
+    render.add_argument("--extproc-streams-per-connection", type=int, default=None,
+                        help="HTTP/2 streams per connection to extproc: a small number makes "
+                        "each Envoy worker open several connections, which the kernel "
+                        "spreads over `serve --workers` processes (default: no limit)")
     render.set_defaults(func=_cmd_envoy_render)
     return parser
 

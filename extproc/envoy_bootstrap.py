@@ -105,6 +105,12 @@ class EnvoyPorts:
     extproc_port: int = 50051
     message_timeout_ms: int = 2000
     route_timeout_s: int = 300
+    extproc_streams_per_connection: int | None = None
+    """HTTP/2 `max_concurrent_streams` towards extproc. Envoy opens one connection per
+    worker thread to a cluster without a limit, so `serve --workers N` (SO_REUSEPORT
+    shares connections, not streams) gets at most as many connections as Envoy has
+    threads; a small limit makes Envoy open more, which the kernel spreads (bench:
+    bench/fastpath.py --workers 2)."""
 
 
 def _socket(address: str, port: int) -> dict[str, Any]:
@@ -390,6 +396,12 @@ def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
     }
 
 
+def _extproc_http2(ports: EnvoyPorts) -> dict[str, Any]:
+    if ports.extproc_streams_per_connection is None:
+        return {}
+    return {"max_concurrent_streams": ports.extproc_streams_per_connection}
+
+
 def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
     """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`."""
     # config validation guarantees that providers sharing a cluster share its upstream.
@@ -407,7 +419,7 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {"http2_protocol_options": _extproc_http2(ports)},
             },
         },
     }
