@@ -222,7 +222,10 @@ async def take(processor: RequestProcessor, message: Headers,
     processor.fast_path = True
     return Continue(
         set_headers=set_headers,
-        remove_headers=[*remove, *(n for n in unforwarded if n not in remove)],
+        # One mutation sets the provider's key and removes the client's: never name a
+        # header in both.
+        remove_headers=[name for name in dict.fromkeys([*remove, *unforwarded])
+                        if name not in ours],
         clear_route_cache=True,
         metadata=metadata,
         skip_rest=True,
