@@ -176,8 +176,8 @@ class RedisLedger:
         self._loading = asyncio.Lock()
         self._batching = not isinstance(client, RedisCluster)
         self._flushing: set[asyncio.Task[None]] = set()
-        self._pending: list[_PendingSettle] = []
-        """Settles asked for in this event-loop turn: sent together in one pipeline."""
+        self._pending: list[_PendingCall] = []
+        """Calls asked for in this event-loop turn: sent together in one pipeline."""
 
     async def _load_scripts(self) -> None:
         """SCRIPT LOAD once (on every primary of a cluster) before the first EVALSHA.
@@ -201,7 +201,10 @@ class RedisLedger:
             args.extend((len(group.keys), group.limit, group.amount, group.ttl_s))
         if reservation.charge_on_expiry:
             args.append(1)
-        reply = await self._call(self._reserve, keys, args)
+        if self._batching and self._loaded:
+            reply = await self._batched(self._reserve, keys, args)
+        else:
+            reply = await self._call(self._reserve, keys, args)
         status = int(reply[0])
         if status == 2:
             return ReserveResult(held=True, replay=True)
@@ -221,18 +224,19 @@ class RedisLedger:
             args.extend((amount, group.limit, len(group.keys), *group.keys))
         keys = [reservation.record_key, reservation.holds_key]
         if self._batching and self._loaded:
-            reply = await self._batched_settle(keys, args)
+            reply = await self._batched(self._settle, keys, args)
         else:
             reply = await self._call(self._settle, keys, args)
         return SettleResult(status=int(reply[0]), overrun=tuple(int(v) for v in reply[1:]))
 
-    async def _batched_settle(self, keys: list[str], args: Sequence[object]) -> Any:
-        """Settles are off the request path and often come together (a batch of Envoy
-        access-log entries, requests finishing in the same turn): every settle asked for
-        in one event-loop turn goes to Redis in one pipeline (one round trip, one slot),
-        measured in bench/fastpath.py. Each still gets its own reply or error."""
+    async def _batched(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
+        """Every reserve and settle asked for in one event-loop turn goes to Redis in one
+        pipeline (one round trip, one slot, one deadline): settles come in batches (Envoy's
+        access-log entries, requests finishing together) and concurrent requests reserve
+        together. Each call still gets its own reply or error; a failed pipeline fails
+        each of its calls as `LedgerUnavailable`. Measured in bench/fastpath.py."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_PendingSettle(keys, list(args), future))
+        self._pending.append(_PendingCall(script, keys, list(args), future))
         if len(self._pending) == 1:
             task = asyncio.get_running_loop().create_task(self._flush_settles())
             self._flushing.add(task)
@@ -240,6 +244,7 @@ class RedisLedger:
         return await future
 
     async def _flush_settles(self) -> None:
+        """Send this turn's calls (see `_batched`)."""
         await asyncio.sleep(0)  # let this turn's other settles join the batch
         batch, self._pending = self._pending, []
         try:
@@ -265,14 +270,14 @@ class RedisLedger:
             else:
                 pending.future.set_result(reply)
 
-    async def _call_pipeline(self, batch: list[_PendingSettle]) -> list[Any]:
+    async def _call_pipeline(self, batch: list[_PendingCall]) -> list[Any]:
         await self._acquire_slot()
         deadline: _IoDeadline | None = None
         try:
             deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
             pipe = self._client.pipeline(transaction=False)
             for pending in batch:
-                pipe.evalsha(self._settle.sha, len(pending.keys), *pending.keys,
+                pipe.evalsha(pending.script.sha, len(pending.keys), *pending.keys,
                              *pending.args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
@@ -330,7 +335,8 @@ class RedisLedger:
 
 
 @dataclass(frozen=True, slots=True)
-class _PendingSettle:
+class _PendingCall:
+    script: Any
     keys: list[str]
     args: list[object]
     future: asyncio.Future[Any]

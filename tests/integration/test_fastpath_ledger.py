@@ -66,3 +66,38 @@ async def test_settles_of_one_turn_share_one_pipeline(redis: Any) -> None:
     assert sent == [20, 1]
     key = reservations[0].groups[0].keys[0]
     assert await counter(redis, key) == (sum(1_000 + i for i in range(20)), 0)
+
+
+async def test_reserves_of_one_turn_share_one_pipeline_with_their_own_verdicts(
+        redis: Any) -> None:
+    budget = make_budget(tenant_usd=0.05)  # room for 5 holds of 10,000 micro-USD
+    ledger = RedisLedger(redis)
+    first = make_reservation(budget, 10_000)
+    assert (await ledger.reserve(first)).held  # loads the scripts; batching starts after
+    sent: list[int] = []
+    real_pipeline = redis.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        async def execute(*a: Any, **k: Any) -> Any:
+            sent.append(len(pipe.command_stack))
+            return await real_execute(*a, **k)
+
+        pipe.execute = execute
+        return pipe
+
+    redis.pipeline = counting_pipeline
+    try:
+        results = await asyncio.gather(*(
+            ledger.reserve(make_reservation(budget, 10_000)) for _ in range(6)))
+        replay = await ledger.reserve(first)
+    finally:
+        redis.pipeline = real_pipeline
+
+    assert sent == [6, 1]
+    assert [r.held for r in results] == [True] * 4 + [False] * 2  # all or nothing each
+    assert replay.replay is True
+    key = first.groups[0].keys[0]
+    assert await counter(redis, key) == (0, 50_000)
