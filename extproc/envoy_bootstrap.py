@@ -547,8 +547,8 @@ def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
 FAST_REQUEST_NAMESPACE: Final = BODY_FIELDS_NAMESPACE
 """Where json_to_metadata puts the request body's fields the fast path needs."""
 FAST_USAGE_NAMESPACE: Final = "asc.usage"
-"""Where Envoy puts the provider's token counts (json_to_metadata on a JSON answer, the
-Lua filter on an SSE answer); the access-log service reads them from there."""
+"""Where Envoy's Lua filter puts the provider's token counts (JSON and SSE answers); the
+access-log service reads them from there."""
 _JSON_TO_METADATA: Final = (
     "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata")
 _LUA: Final = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
@@ -568,16 +568,8 @@ USAGE_FIELDS: Final = (
     "input_tokens", "output_tokens", "cache_read_input_tokens",
     "cache_creation_input_tokens", "web_search_requests",
 )
-"""Usage counts Envoy copies out of answers, under their providers' own names (OpenAI and
-Anthropic shapes); `extproc.fastpath` turns them into a `Usage`."""
-_FAST_USAGE_PATHS: Final = (
-    ("usage", "prompt_tokens"), ("usage", "completion_tokens"),
-    ("usage", "prompt_tokens_details", "cached_tokens"),
-    ("usage", "prompt_tokens_details", "audio_tokens"),
-    ("usage", "input_tokens"), ("usage", "output_tokens"),
-    ("usage", "cache_read_input_tokens"), ("usage", "cache_creation_input_tokens"),
-    ("usage", "server_tool_use", "web_search_requests"),
-)
+"""Usage counts the Lua filter copies out of fast-path answers, under their providers' own
+names (OpenAI and Anthropic shapes); `extproc.fastpath` turns them into a `Usage`."""
 
 
 def _json_rule(path: tuple[str, ...], namespace: str, key: str) -> dict[str, Any]:
@@ -586,8 +578,9 @@ def _json_rule(path: tuple[str, ...], namespace: str, key: str) -> dict[str, Any
 
 
 def json_to_metadata_filter() -> dict[str, Any]:
-    """Envoy parses the request body (before ext_proc: it holds the headers until the body
-    is whole) and a JSON answer's usage into dynamic metadata (0120, 0122)."""
+    """Envoy parses the request body into dynamic metadata before ext_proc (it holds the
+    headers until the body is whole: 0120). No response rules: they would hold back
+    every JSON answer, full path included, within Envoy's buffer (0122)."""
     return {
         "name": "envoy.filters.http.json_to_metadata",
         "typed_config": {
@@ -595,9 +588,6 @@ def json_to_metadata_filter() -> dict[str, Any]:
             "request_rules": {"rules": [
                 _json_rule(path, FAST_REQUEST_NAMESPACE, key)
                 for path, key in _FAST_REQUEST_FIELDS]},
-            "response_rules": {"rules": [
-                _json_rule(path, FAST_USAGE_NAMESPACE, path[-1])
-                for path in _FAST_USAGE_PATHS]},
         },
     }
 
@@ -606,10 +596,12 @@ _LUA_FAST_ANSWER: Final = """
 -- The fast path's answer, in Envoy (docs/decisions/0122, 0123): on a request the service
 -- answered with its one fast-path reply (metadata asc.fast), remove the provider's
 -- account headers, put the service's x-asc-* headers on (asc.response_headers), and read
--- the usage of an SSE answer chunk by chunk as it passes (nothing is held back, nothing
--- goes to ext_proc). A count split across two chunks is found in the overlap kept from
--- the previous one; the last value of a name wins (Anthropic's final message_delta
--- carries the cumulative output_tokens). Every other request returns at once.
+-- the usage of the answer (JSON or SSE) chunk by chunk as it passes: nothing is held
+-- back, nothing goes to ext_proc, any size works. A count split across two chunks is
+-- found in the overlap kept from the previous one; the last value of a name wins
+-- (Anthropic's final message_delta carries the cumulative output_tokens). A JSON string
+-- cannot hold an unescaped quote, so a name in quotes followed by a colon and digits is a
+-- key of the answer, never text the model wrote. Every other request returns at once.
 local NAMES = {%(names)s}
 local ACCOUNT = {%(account)s}
 function envoy_on_response(handle)
@@ -635,15 +627,11 @@ function envoy_on_response(handle)
       headers:replace(name, tostring(value))
     end
   end
-  local content_type = headers:get("content-type") or ""
-  if string.find(content_type, "text/event-stream", 1, true) == nil then
-    return
-  end
   local found = {}
   local tail = ""
   for chunk in handle:bodyChunks() do
     local text = tail .. chunk:getBytes(0, chunk:length())
-    for name, value in string.gmatch(text, '"([a-z_]+)":(%%d+)') do
+    for name, value in string.gmatch(text, '"([a-z_]+)"%%s*:%%s*(%%d+)') do
       if NAMES[name] then found[name] = value end
     end
     tail = string.sub(text, -160)

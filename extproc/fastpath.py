@@ -9,8 +9,8 @@ its one reply, and tells Envoy that nothing more of the request comes to it
 (`mode_override` NONE/SKIP): the gRPC stream ends there, and streamed chunks never reach
 Python (measured: tests/e2e/test_fastpath_envoy_facts.py, decisions 0120-0123).
 
-What the full path learns from the answer arrives later, from Envoy: usage (json_to_metadata
-on a JSON answer, the rendered Lua filter on SSE), status and timings, in batches on the
+What the full path learns from the answer arrives later, from Envoy: usage (read by the
+rendered Lua filter from the answer's chunks as they pass), status and timings, in batches on the
 gRPC access-log stream (`extproc.usage_log`). `complete_from_log` rebuilds the request's
 `RequestProcessor` from the reply's own dynamic metadata and runs its one `finish()`:
 settle, metrics and the request record go through the same code as on the full path, in

@@ -12,8 +12,9 @@ records 0120-0123 cite these tests.
   and streamed (0 per chunk), and Envoy closes the stream itself (no need to wait);
 * ext_authz with `with_request_body` costs one unary Check and can do the same routing
   and key injection;
-* usage is read by Envoy (json_to_metadata on JSON answers, a Lua filter on SSE) and
-  reaches the service through the gRPC access-log stream with the service's own metadata;
+* usage is read by Envoy (a Lua filter reading the answer's chunks as they pass, JSON or
+  SSE) and reaches the service through the gRPC access-log stream with the service's own
+  metadata;
 * `x-asc-*` response headers can come from the service's dynamic metadata through
   `response_headers_to_add`, without a response-headers message.
 """
