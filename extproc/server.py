@@ -97,6 +97,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 response: pb.ProcessingResponse = envoy.encode(inbound.phase, reply)
                 _PHASE_TIMERS[inbound.phase].observe(time.perf_counter() - started)
                 await context.write(response)
+                if processor.fast_path:
+                    # Nothing more of this request comes (mode_override SKIP): end the
+                    # RPC now instead of waiting for Envoy's half-close (measured,
+                    # tests/e2e/test_fastpath_envoy_facts.py).
+                    return
         finally:
             if processor.finishes_without_waiting:
                 # Nothing to await (no hold to settle, or a fast-path request settled

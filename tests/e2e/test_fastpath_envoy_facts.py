@@ -65,6 +65,8 @@ class Rig(pb_grpc.ExternalProcessorServicer,  # type: ignore[misc]
     """ext_proc + ext_authz + access-log service that records what Envoy sends."""
 
     streams: list[StreamSeen] = field(default_factory=list)
+    end_after_reply: bool = False
+    """End the RPC right after the one reply instead of waiting for Envoy's half-close."""
     checks: list[external_auth_pb2.CheckRequest] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,6 +83,8 @@ class Rig(pb_grpc.ExternalProcessorServicer,  # type: ignore[misc]
                 if kind == "request_headers":
                     seen.metadata = json_format.MessageToDict(request.metadata_context)
                     yield _one_shot_reply(len(self.streams))
+                    if self.end_after_reply:
+                        return
                 else:  # never expected on the fast path: answer it so nothing hangs
                     response = pb.ProcessingResponse()
                     getattr(response, kind).SetInParent()
@@ -347,3 +351,18 @@ def test_ext_authz_with_body_is_one_unary_check(authz_facts: Facts) -> None:
     assert wait_for(lambda: len(authz_facts.rig.logs) == 1)
     metadata = authz_facts.rig.logs[0]["commonProperties"]["metadata"]["filterMetadata"]
     assert metadata["envoy.filters.http.ext_authz"]["request_id"] == "authz-1"
+
+
+def test_the_service_may_end_the_stream_right_after_its_one_reply(facts: Facts) -> None:
+    facts.rig.end_after_reply = True
+
+    plain = facts.chat()
+    streamed = facts.chat(stream=True, stream_options={"include_usage": True})
+
+    assert plain.status_code == 200
+    assert plain.json()["usage"]["completion_tokens"] > 0
+    assert streamed.status_code == 200
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    assert [s.kinds for s in facts.rig.streams] == [["request_headers"]] * 2
+    assert wait_for(lambda: len(facts.rig.logs) == 2)
+    assert [e["response"]["responseCode"] for e in facts.rig.logs] == [200, 200]
