@@ -275,3 +275,38 @@ def test_anthropic_door_to_anthropic_is_one_message_plain_and_streamed(
     streamed_cost = started["input_tokens"] * 100 + ended["output_tokens"] * 2000
     assert wait_for(lambda: month_counter(redis_port) == (
         spent_before + plain_cost + streamed_cost, 0))
+
+
+def _extproc_connections(gateway: Gateway) -> int:
+    stats = gateway.admin("GET", "/stats?filter=^cluster.asc_extproc.upstream_cx_total$").text
+    return int(stats.strip().rsplit(": ", 1)[1])
+
+
+@pytest.mark.parametrize(("streams", "more_than_threads"), [(None, False), (2, True)])
+def test_a_stream_limit_makes_envoy_open_connections_for_the_workers(
+        stack: Stack, streams: int | None, more_than_threads: bool) -> None:
+    """Envoy (2 threads) opens one extproc connection per thread without a limit; with
+    `max_concurrent_streams` it opens more, which SO_REUSEPORT spreads over workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def limit(bootstrap: dict[str, Any]) -> None:
+        if streams is not None:
+            options = bootstrap["static_resources"]["clusters"][0][
+                "typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options["explicit_http_config"]["http2_protocol_options"] = {
+                "max_concurrent_streams": streams}
+
+    gateway = start_gateway(stack, stack.workdir / "config", workers=2,
+                            edit_bootstrap=limit)
+
+    def call(_: int) -> int:
+        with httpx.Client(base_url=gateway.base_url, timeout=15) as client:
+            return client.post("/v1/chat/completions", json=chat_body(stream=True),
+                               headers={"authorization": f"Bearer {ACME_KEY}"}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(call, range(64))) == {200}
+    assert (_extproc_connections(gateway) > 2) is more_than_threads
