@@ -310,3 +310,22 @@ def test_a_stream_limit_makes_envoy_open_connections_for_the_workers(
     with ThreadPoolExecutor(16) as pool:
         assert set(pool.map(call, range(64))) == {200}
     assert (_extproc_connections(gateway) > 2) is more_than_threads
+
+
+def test_oversized_bodies_are_refused_with_413(fast: tuple[Gateway, int]) -> None:
+    gateway, _ = fast
+    gateway.emulator.clear()
+    just_over = chat_body(max_tokens=8)
+    just_over["messages"][0]["content"] = "x" * 70_000  # over 65,536, within Envoy's slack
+    far_over = chat_body(max_tokens=8)
+    far_over["messages"][0]["content"] = "x" * 200_000  # over Envoy's buffer too
+
+    service = gateway.chat(just_over)
+    envoy_itself = gateway.chat(far_over)
+
+    assert service.status_code == 413
+    assert service.json()["error"]["code"] == "payload_too_large"
+    assert envoy_itself.status_code == 413
+    assert envoy_itself.headers["content-type"] == "application/json"
+    assert "error" in envoy_itself.json()
+    assert gateway.emulator.requests() == []
