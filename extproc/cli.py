@@ -14,7 +14,14 @@ from extproc.auth import hash_key
 from extproc.budget_cli import add_budget_commands
 from extproc.cli_errors import CliError, describe, report
 from extproc.config import ConfigError, GatewayConfig, load_config
-from extproc.envoy_bootstrap import SYSTEM_CA, EdgeLimits, EnvoyPorts, Shape, render_yaml
+from extproc.envoy_bootstrap import (
+    SYSTEM_CA,
+    EdgeLimits,
+    EnvoyPorts,
+    Shape,
+    ShapeError,
+    render_yaml,
+)
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, resolve_secret
@@ -114,7 +121,10 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     ports = EnvoyPorts(**{**_SHAPE_DEFAULTS[shape], **chosen})
     edge = (EdgeLimits() if args.max_downstream_connections is None
             else EdgeLimits(max_downstream_connections=args.max_downstream_connections))
-    text = render_yaml(config, ports, shape=shape, edge=edge, command=_render_command(args))
+    try:
+        text = render_yaml(config, ports, shape=shape, edge=edge, command=_render_command(args))
+    except ShapeError as exc:
+        raise CliError(str(exc), "`extproc envoy render --help` lists the options") from None
     if args.output == "-":
         sys.stdout.write(text)
     else:

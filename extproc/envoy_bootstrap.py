@@ -541,19 +541,23 @@ class ShapeError(ValueError):
     """A shape rendered without what it needs (e.g. a sidecar without its sockets)."""
 
 
-def _check_shape(shape: Shape, ports: EnvoyPorts) -> None:
+def _check_shape(shape: Shape, ports: EnvoyPorts, edge: EdgeLimits) -> None:
     if shape is Shape.SIDECAR and (ports.extproc_socket is None or ports.admin_socket is None):
         raise ShapeError("the sidecar shape needs the service's Unix socket (extproc_socket)"
                          " and an admin socket (admin_socket)")
     if ports.extproc_workers < 1:
         raise ShapeError("extproc_workers must be at least 1")
+    if shape is Shape.EDGE and min(edge.max_downstream_connections, edge.max_concurrent_streams,
+                                   edge.request_headers_timeout_s, edge.stream_idle_timeout_s,
+                                   edge.connection_idle_timeout_s) < 1:
+        raise ShapeError("edge limits must be at least 1")
 
 
 def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape = Shape.FRONT,
                      edge: EdgeLimits = EdgeLimits()) -> dict[str, Any]:
     """The Envoy bootstrap of `shape` as plain data, ready for `yaml.safe_dump`; `edge`
     applies to the edge shape only."""
-    _check_shape(shape, ports)
+    _check_shape(shape, ports, edge)
     # config validation guarantees that providers sharing a cluster share its upstream.
     clusters = {p.cluster: _provider_cluster(p, ports, shape, edge)
                 for p in config.providers.values()}

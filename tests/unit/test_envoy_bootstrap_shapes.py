@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
+from extproc.cli import main as extproc_cli
 from extproc.config import GatewayConfig, load_config, parse_config
 from extproc.envoy_bootstrap import (
     SYSTEM_CA,
@@ -236,3 +238,55 @@ def test_every_shape_keeps_the_access_log_with_the_asc_metadata(shape: Shape) ->
         assert fields[key] == f"%DYNAMIC_METADATA(asc:{key})%"
     assert hcm(bootstrap)["local_reply_config"]["body_format"]["json_format"]["error"][
         "type"] == "gateway_error"
+
+
+def _render(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = extproc_cli(["envoy", "render", "--config", str(DEMO_CONFIG), *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_sidecar_defaults_and_the_regenerate_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _render(capsys, "--shape", "sidecar", "--listen-port", "8080")
+    assert (code, err) == (0, "")
+    first, second, _ = out.split("\n", 2)
+    assert first == ("# Rendered by `extproc envoy render` from the gateway config; "
+                     "do not edit by hand.")
+    assert second == (f"# Regenerate: extproc envoy render --shape sidecar --config {DEMO_CONFIG}"
+                      " --listen-port 8080")
+    bootstrap = yaml.safe_load(out)
+    assert bootstrap == render_bootstrap(load_config(DEMO_CONFIG), EnvoyPorts(
+        listen_address="0.0.0.0", listen_port=8080, admin_socket="/run/asc/envoy-admin.sock",
+        extproc_socket="/run/asc/extproc.sock"), shape=Shape.SIDECAR)
+
+
+def test_cli_front_keeps_todays_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _render(capsys)
+    assert code == 0
+    assert yaml.safe_load(out) == render_bootstrap(load_config(DEMO_CONFIG), EnvoyPorts())
+    assert out.split("\n")[1] == (
+        f"# Regenerate: extproc envoy render --shape front --config {DEMO_CONFIG}")
+
+
+def test_cli_edge_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _render(capsys, "--shape", "edge", "--max-downstream-connections", "50",
+                           "--trusted-ca", "/etc/pki/ca.pem")
+    assert code == 0
+    assert yaml.safe_load(out) == render_bootstrap(
+        load_config(DEMO_CONFIG), EnvoyPorts(listen_address="0.0.0.0",
+                                             trusted_ca="/etc/pki/ca.pem"),
+        shape=Shape.EDGE, edge=EdgeLimits(max_downstream_connections=50))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--shape", "edge", "--max-downstream-connections", "0"),
+     "error: edge limits must be at least 1"),
+    (("--shape", "sidecar", "--extproc-workers", "0"),
+     "error: extproc_workers must be at least 1"),
+])
+def test_cli_refuses_impossible_limits(capsys: pytest.CaptureFixture[str],
+                                       argv: tuple[str, ...], message: str) -> None:
+    code, out, err = _render(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err == f"{message} (hint: `extproc envoy render --help` lists the options)\n"
