@@ -12,6 +12,7 @@ import stat
 import sys
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -68,9 +69,15 @@ def _health(path: str) -> int:
 
 def _serving(path: str) -> bool:
     try:
-        return _health(path) == health_pb2.HealthCheckResponse.SERVING
+        status = _health(path)
     except grpc.RpcError:
         return False
+    return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _up(path: str, service: ManagedProcess) -> bool:
+    """Serving on `path`, or dead (the caller then shows its log)."""
+    return _serving(path) or not service.alive()
 
 
 def start_sidecar(stack: Stack, *, workers: int = 1) -> Sidecar:
@@ -85,7 +92,7 @@ def start_sidecar(stack: Stack, *, workers: int = 1) -> Sidecar:
         "--workers", str(workers), "--drain-seconds", "10",
     ], env=dict(stack.env, **provider_env()))
     for path in worker_socket_paths(str(socket), workers):
-        assert wait_for(lambda path=path: _serving(path) or not service.alive(), timeout=30)
+        assert wait_for(partial(_up, path, service), timeout=30)
         assert service.alive(), service.log_text()[-3000:]
 
     listen_port = free_port()
@@ -228,3 +235,23 @@ def test_workers_get_one_socket_each_and_envoy_spreads_streams(stack: Stack) -> 
     serving = [json.loads(line)["listen"] for line in sidecar.service.log_text().splitlines()
                if '"msg":"extproc serving"' in line]
     assert sorted(serving) == [f"unix:{p}" for p in sockets]
+
+
+def test_a_killed_service_leaves_a_stale_socket_that_its_successor_replaces(
+        stack: Stack) -> None:
+    sidecar = start_sidecar(stack)
+    sidecar.service.kill()  # SIGKILL: no cleanup, the socket file stays
+    assert stat.S_ISSOCK(sidecar.socket.lstat().st_mode)
+    sidecar.emulator.clear()
+
+    refused = sidecar.chat()
+    assert refused.status_code == 500
+    assert refused.json()["error"]["message"] == "The gateway could not process the request."
+    assert sidecar.emulator.requests() == []
+
+    command = [str(word) for word in sidecar.service.popen.args]  # type: ignore[union-attr]
+    successor = stack.spawn("extproc-successor", command, env=dict(stack.env, **provider_env()))
+    assert wait_for(partial(_up, str(sidecar.socket), successor), timeout=30)
+    assert successor.alive(), successor.log_text()[-3000:]
+    # Envoy reconnects to the new socket at the same path: no Envoy restart.
+    _assert_completed(sidecar.chat())
