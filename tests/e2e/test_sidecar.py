@@ -147,6 +147,21 @@ def test_a_request_flows_over_the_unix_socket(stack: Stack) -> None:
     assert envoy_admin(sidecar.admin_socket, "GET", "/ready").status_code == 200
 
 
+def test_a_second_service_never_takes_over_a_live_socket(stack: Stack) -> None:
+    sidecar = start_sidecar(stack)
+    command = [str(word) for word in sidecar.service.popen.args]  # type: ignore[union-attr]
+    # The same command on its own metrics port: only the socket is contested.
+    command[command.index("--metrics-listen") + 1] = f"127.0.0.1:{free_port()}"
+    second = stack.spawn("extproc-second", command, env=dict(stack.env, **provider_env()))
+
+    assert second.popen.wait(30) == 2
+    assert '"msg":"cannot start: listen address unusable"' in second.log_text()
+    assert f"another process is serving on '{sidecar.socket}'" in second.log_text()
+    # gRPC alone would have unlinked the first service's socket and bound its own.
+    assert sidecar.service.alive()
+    _assert_completed(sidecar.chat())
+
+
 def test_fails_closed_when_the_socket_is_gone(stack: Stack) -> None:
     sidecar = start_sidecar(stack)
     _assert_completed(sidecar.chat())
