@@ -95,12 +95,12 @@ _SHAPE_DEFAULTS: dict[Shape, dict[str, object]] = {
                     "extproc_socket": "/run/asc/extproc.sock"},
     Shape.EDGE: {"listen_address": "0.0.0.0"},
 }
-_RENDER_OPTIONS: Final = ("listen_address", "listen_port", "admin_socket", "extproc_address",
-                   "extproc_port", "extproc_socket", "extproc_workers", "trusted_ca",
-                   "max_downstream_connections")
+_PORTS_OPTIONS: Final = ("listen_address", "listen_port", "admin_socket", "extproc_address",
+                         "extproc_port", "extproc_socket", "extproc_workers", "trusted_ca")
+"""`envoy render` options that are `EnvoyPorts` fields."""
+_RENDER_OPTIONS: Final = (*_PORTS_OPTIONS, "max_downstream_connections")
 """`envoy render` options that shape the output, in the order the regenerate line names
-them (options left unset are not named: their default is part of the shape); all but the
-last are `EnvoyPorts` fields."""
+them (options left unset are not named: their default is part of the shape)."""
 
 
 def _render_command(args: argparse.Namespace) -> str:
@@ -116,7 +116,7 @@ def _render_command(args: argparse.Namespace) -> str:
 def _cmd_envoy_render(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.config)
     shape = Shape(args.shape)
-    chosen = {name: getattr(args, name) for name in _RENDER_OPTIONS[:-1]
+    chosen = {name: getattr(args, name) for name in _PORTS_OPTIONS
               if getattr(args, name) is not None}
     ports = EnvoyPorts(**{**_SHAPE_DEFAULTS[shape], **chosen})
     edge = (EdgeLimits() if args.max_downstream_connections is None

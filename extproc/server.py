@@ -5,9 +5,9 @@ it holds no policy. `finish()` runs in a `finally`, so it also runs when Envoy r
 stream (client abort, timeout) and the handler is cancelled.
 
 With `--workers N > 1` a supervisor starts N worker processes that all bind the same port
-(SO_REUSEPORT, the kernel spreads connections) or, on `--listen unix:PATH`, one socket each
-(extproc/listen.py: Unix sockets have no SO_REUSEPORT), serves the merged Prometheus metrics, and
-forwards SIGTERM / SIGHUP to the workers. A worker that dies is restarted after an
+(SO_REUSEPORT, the kernel spreads connections) or, on `--listen unix:PATH`, one socket
+each (extproc/listen.py: Unix sockets have no SO_REUSEPORT), serves the merged Prometheus
+metrics, and forwards SIGTERM / SIGHUP to the workers. A worker that dies is restarted after an
 exponential back-off (a broken config must not fork a process every half second), and
 its live gauges leave the merged metrics with it. Each worker holds 1/N of every
 `fail_open` ceiling, so a replica as a whole never admits more than the configured one.
