@@ -108,7 +108,7 @@ _DOWNSTREAM_CONNECTIONS: Final = (
     "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3"
     ".DownstreamConnectionsConfig")
 _HEALTH_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
-_H2_KINDS: Final = frozenset({"openai", "anthropic", "azure", "mistral"})
+_H2_KINDS: Final = frozenset({"openai", "anthropic", "azure", "mistral", "gemini"})
 """Provider kinds whose public endpoints speak HTTP/2 over TLS; a self-hosted
 `openai_compatible` server over TLS gets ALPN (`auto_config`) instead."""
 

@@ -290,3 +290,12 @@ def test_cli_refuses_impossible_limits(capsys: pytest.CaptureFixture[str],
     code, out, err = _render(capsys, *argv)
     assert (code, out) == (2, "")
     assert err == f"{message} (hint: `extproc envoy render --help` lists the options)\n"
+
+
+def test_every_hosted_provider_kind_gets_http2_at_the_edge() -> None:
+    """A new provider kind must be placed: its public API speaks h2 (explicit pools), or
+    it is self-hosted and ALPN decides (`openai_compatible`)."""
+    from extproc.config_schema import SUPPORTED_PROVIDER_KINDS
+    from extproc.envoy_bootstrap import _H2_KINDS
+
+    assert set(SUPPORTED_PROVIDER_KINDS) - {"openai_compatible"} == _H2_KINDS
