@@ -11,9 +11,11 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -80,9 +82,10 @@ def _up(path: str, service: ManagedProcess) -> bool:
     return _serving(path) or not service.alive()
 
 
-def start_sidecar(stack: Stack, *, workers: int = 1) -> Sidecar:
+def start_sidecar(stack: Stack, *, workers: int = 1,
+                  document: Callable[[int], dict[str, Any]] = gateway_config) -> Sidecar:
     emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US])
-    config_path = write_config(stack.workdir / "config", gateway_config(emulator_port))
+    config_path = write_config(stack.workdir / "config", document(emulator_port))
     # The pod's shared volume: a private, short directory (socket paths hold 107 bytes).
     admin_socket = stack.admin_socket()
     socket = admin_socket.parent / "extproc.sock"
@@ -270,3 +273,35 @@ def test_a_killed_service_leaves_a_stale_socket_that_its_successor_replaces(
     assert successor.alive(), successor.log_text()[-3000:]
     # Envoy reconnects to the new socket at the same path: no Envoy restart.
     _assert_completed(sidecar.chat())
+
+
+def _two_eu_deployments(emulator_port: int) -> dict[str, Any]:
+    """acme's model on two eu deployments with their own keys: a failed attempt on the
+    first is retried on the second, re-keyed by the per-attempt ext_proc."""
+    document = gateway_config(emulator_port)
+    document["failover"] = {"max_attempts": 2}
+    document["credentials"]["emu-eu2-1"] = {"env": "TEST_PROVIDER_KEY_US"}
+    document["providers"]["emu-eu2"] = {
+        "kind": "openai", "base_url": f"http://127.0.0.1:{emulator_port}",
+        "region": "eu-west-2", "zone": "eu", "cluster": "emu_eu2", "credentials": ["emu-eu2-1"]}
+    document["models"]["gpt-4o-mini"]["deployments"].append(
+        {"provider": "emu-eu2", "model": "gpt-4o-mini-eu2"})
+    return document
+
+
+def test_the_per_attempt_ext_proc_also_goes_over_the_socket(stack: Stack) -> None:
+    sidecar = start_sidecar(stack, document=_two_eu_deployments)
+    sidecar.emulator.queue_fault(status=503, count=1)
+
+    response = sidecar.chat()
+
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "gpt-4o-mini-eu2"
+    assert response.headers["x-asc-provider"] == "emu-eu2"
+    first, second = sidecar.emulator.requests()
+    # Each attempt carried its own deployment's key and model: the upstream ext_proc
+    # stream of attempt 2 reached the service over the Unix socket.
+    assert first["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_EU)
+    assert json.loads(first["body"])["model"] == "gpt-4o-mini-eu"
+    assert second["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_US)
+    assert json.loads(second["body"])["model"] == "gpt-4o-mini-eu2"
