@@ -59,6 +59,7 @@ __all__ = [
     "KekSpec",
     "KeySpec",
     "Limits",
+    "MetricsSettings",
     "ModelSpec",
     "OrgBudgetSpec",
     "OrgSpec",
@@ -678,6 +679,15 @@ class DeploymentHealthSettings(_Spec):  # also the runtime object
         "null: latency never opens a breaker.")
 
 
+class MetricsSettings(_Spec):
+    """Prometheus metrics (docs/observability.md)."""
+
+    max_tenant_labels: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        default=100, description="Cardinality guard: only the first N tenants of `tenants` "
+        "(file order) keep their id as the `tenant` label of request metrics; the others "
+        "are counted as `other`.")
+
+
 class RateLimitsSpec(_Spec):
     rpm: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         default=None, description="Requests per minute.")
@@ -783,6 +793,8 @@ class Document(_Spec):
                                            description="Gateway-wide budget settings.")
     deployment_health: DeploymentHealthSettings | None = Field(
         default=None, description="Circuit breakers of deployments.")
+    metrics: MetricsSettings | None = Field(
+        default=None, description="Prometheus metrics: the tenant label cardinality guard.")
     secrets: SecretsSpec | None = Field(default=None, description="KEK, record store and keyring "
                                         "cache; needed by keyring credentials.")
     credentials: dict[Name, CredentialSpec] | None = Field(

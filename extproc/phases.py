@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from extproc import metrics
+from extproc import metrics, request_metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
@@ -116,6 +116,10 @@ _STREAM_CUT_EVENT: Final[dict[Dialect, bytes]] = {
         "type": "api_error", "message": _STREAM_CUT_MESSAGE}}).encode() + b"\n\n",
 }
 
+_DENIAL_STATUSES: Final = frozenset({400, 401, 403, 404, 413, 429})
+"""Statuses of the gateway's own refusals that count as policy denials (a 429 of ours is a
+budget or rate limit; a provider's 429 is relayed by `_provider_error`, not counted)."""
+
 _PROVIDER_ERROR_CODES: Final = {
     400: ErrorCode.INVALID_REQUEST,
     404: ErrorCode.NOT_FOUND,
@@ -173,6 +177,8 @@ class RequestProcessor:
         self._output_limit: OutputLimit | None = None
         self._answer_cut = False
         """True when the non-streamed answer was larger than max_response_bytes."""
+        self.guardrail_actions: list[tuple[str, str, int]] = []
+        """(rule id, action, count) of the guardrails that acted on this request."""
         self._finished = False
         self._complete = False
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
@@ -660,9 +666,8 @@ class RequestProcessor:
         self._complete = True
         self.status = error.status
         self.error = error.code
-        if error.status in (401, 403, 404, 413, 400):
-            tenant = self.principal.tenant.id if self.principal else "-"
-            metrics.POLICY_DENIALS.labels(tenant, error.code.value).inc()
+        if error.status in _DENIAL_STATUSES:
+            request_metrics.observe_denial(self._tenant_label(), error.code.value)
         return Respond(
             status=error.status,
             body=error_body(error, self.dialect),
@@ -727,28 +732,20 @@ class RequestProcessor:
             # and logged exactly once.
             self._measure_and_log(aborted)
 
+    def _tenant_label(self) -> str:
+        """The request's tenant as a metric label (cardinality guard: `metrics` config)."""
+        if self.principal is None:
+            return request_metrics.NO_LABEL
+        return self._config.metrics.tenant_label(self.principal.tenant.id)
+
     def _measure_and_log(self, aborted: bool) -> None:
         """The request's metrics and its one log line (see finish)."""
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"
         route = self.route
-        labels = (
-            tenant,
-            route.provider.name if route else "-",
-            route.provider.region if route else "-",
-            self.model_asked if route else "-",
-        )
-        outcome = "aborted" if aborted and self.error is None else str(self.status or 0)
-        metrics.REQUESTS.labels(*labels, outcome).inc()
-        if route is not None:
-            metrics.REQUEST_DURATION.labels(*labels).observe(duration)
-            if self._first_byte_at is not None:
-                metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(
-                    self._first_byte_at - self._started)
-            if self.usage is not None:
-                metrics.TOKEN_USAGE.labels(*labels, "input").inc(self.usage.input_tokens)
-                metrics.TOKEN_USAGE.labels(*labels, "output").inc(self.usage.output_tokens)
+        attempts = self._flight.records() if self._flight is not None else None
+        self._measure(aborted, duration, attempts)
         log_event(
             log, logging.INFO, "request finished",
             request_id=self.request_id,
@@ -775,11 +772,35 @@ class RequestProcessor:
             completion_tokens=self.usage.output_tokens if self.usage else None,
             streamed_tokens=(self._stream.output_tokens_so_far
                              if self._stream is not None else None),
-            attempts=self._flight.records() if self._flight is not None else None,
+            attempts=attempts,
             stream_truncated=self.stream_truncated or None,
             duration_ms=round(duration * 1000, 3),
         )
 
+    def _measure(self, aborted: bool, duration: float,
+                 attempts: list[dict[str, str | int | float | None]] | None) -> None:
+        """The request's Prometheus samples (`extproc.request_metrics`)."""
+        tenant = self._tenant_label()
+        route = self.route
+        model = self.model_asked if route is not None and self.model_asked else "-"
+        labels = (tenant, route.provider.name, route.provider.region, model) \
+            if route is not None else (tenant, "-", "-", "-")
+        usage = self.usage
+        request_metrics.observe_request(
+            labels, "aborted" if aborted and self.error is None else str(self.status or 0),
+            routed=route is not None, duration_s=duration,
+            ttft_s=(self._first_byte_at - self._started
+                    if self._first_byte_at is not None else None),
+            streamed=self._stream is not None,
+            input_tokens=usage.input_tokens if usage is not None else None,
+            output_tokens=usage.output_tokens if usage is not None else None)
+        if self.guardrail_actions:
+            request_metrics.observe_guardrail_actions(tenant, self.guardrail_actions)
+        if attempts is not None and len(attempts) > 1:
+            request_metrics.observe_fallbacks(tenant, model, attempts)
+        if self.hold is not None and self.hold.remaining:
+            request_metrics.observe_budget_remaining(tenant, self.hold.remaining,
+                                                     self.charged_micro_usd)
 
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.
