@@ -16,6 +16,7 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "BUDGET_LIMIT",
     "BUDGET_OVERRUN",
     "BUDGET_REMAINING",
     "BUDGET_RESERVATIONS",
@@ -110,6 +111,13 @@ BUDGET_REMAINING: Final = Gauge(
     "approximate (`extproc budget show` reads the ledger).",
     ["tenant", "scope", "window"],
     # Every worker writes the value it last learnt; the newest one is the best knowledge.
+    multiprocess_mode="livemostrecent",
+)
+BUDGET_LIMIT: Final = Gauge(
+    "asc_budget_limit_usd",
+    "The limit of the budget window `asc_budget_remaining_usd` is part of (the alert on a "
+    "nearly exhausted budget divides one by the other).",
+    ["tenant", "scope", "window"],
     multiprocess_mode="livemostrecent",
 )
 BUDGET_SETTLE_FAILURES: Final = Counter(

@@ -135,6 +135,6 @@ def observe_budget_remaining(tenant: str,
         if group.unit != "usd":
             continue
         returned = group.amount - charged_micro_usd if charged_micro_usd is not None else 0
-        metrics.BUDGET_REMAINING.labels(tenant, group.scope or NO_LABEL,
-                                        group.window or NO_LABEL).set(
-            max(0, left + returned) / 1_000_000)
+        labels = (tenant, group.scope or NO_LABEL, group.window or NO_LABEL)
+        metrics.BUDGET_REMAINING.labels(*labels).set(max(0, left + returned) / 1_000_000)
+        metrics.BUDGET_LIMIT.labels(*labels).set(group.limit / 1_000_000)

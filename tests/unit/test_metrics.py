@@ -307,6 +307,7 @@ async def test_budget_remaining_is_the_ledgers_answer_plus_what_settle_gave_back
                   window="day") == (7_000_000 + returned) / 1_000_000
     assert sample("asc_budget_remaining_usd", tenant="pinned", scope="org",
                   window="month") == (1_234_567 + returned) / 1_000_000
+    assert sample("asc_budget_limit_usd", tenant="pinned", scope="org", window="month") == 50.0
     # Rate limits are not money.
     assert REGISTRY.get_sample_value("asc_budget_remaining_usd", {
         "tenant": "pinned", "scope": "-", "window": "-"}) is None
