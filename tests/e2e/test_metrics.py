@@ -1,4 +1,5 @@
-"""`/metrics` after a known traffic mix, merged by the supervisor of `serve --workers 2`.
+"""`/metrics` after a known traffic mix, merged by the supervisor of `serve --workers 2`;
+fallbacks and budget gauges after real failovers.
 
 Real Envoy, real worker processes, the emulator. Envoy opens one connection per request to
 the extproc cluster, so the kernel spreads the requests over both workers (SO_REUSEPORT
@@ -11,26 +12,34 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.devstack import Stack
 from tests.conftest import GLOBEX_KEY, Gateway, chat_body, gateway_config, start_gateway
+from tests.e2e.test_failover import _start
 from tests.e2e.test_workers import _one_stream_per_connection, worker_pids
 from tests.polling import wait_for
 
 Labels = frozenset[tuple[str, str]]
 
 
-def samples(gateway: Gateway) -> dict[str, dict[Labels, float]]:
-    """Every sample of the merged /metrics: name -> labels -> value."""
+def parse(text: str) -> dict[str, dict[Labels, float]]:
+    """Every sample of a /metrics text: name -> labels -> value."""
     found: dict[str, dict[Labels, float]] = defaultdict(dict)
-    for family in text_string_to_metric_families(gateway.metrics()):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             found[sample.name][frozenset(sample.labels.items())] = sample.value
     return found
+
+
+def samples(gateway: Gateway) -> dict[str, dict[Labels, float]]:
+    """Every sample of the supervisor's merged /metrics."""
+    return parse(gateway.metrics())
 
 
 def value(found: dict[str, dict[Labels, float]], name: str, **labels: str) -> float:
@@ -110,3 +119,37 @@ def test_traffic_mix_is_counted_exactly_across_two_workers(stack: Stack) -> None
     assert sum(usage["completion_tokens"] > 1 for usage in usages[8:]) == 2
     assert value(found, "gen_ai_server_time_per_output_token_seconds_count", **acme) == 2
     assert sum(found["gen_ai_server_time_per_output_token_seconds_count"].values()) == 2
+
+
+def test_fallbacks_and_budget_remaining_on_a_real_failover(tmp_path: Path) -> None:
+    """Zone eu of tests/e2e/test_failover.py: oai-eu, then anth-eu; a daily budget of
+    USD 100 on the tenant, so every request reserves and settles on a real Redis."""
+    with Stack(tmp_path / "stack") as stack:
+        fo = _start(stack, tmp_path)
+        with fo.client:
+            assert fo.chat().status_code == 200
+            fo.emulators["oai-eu"].queue_fault(status=503)
+            assert fo.chat().headers["x-asc-provider"] == "anth-eu"
+            fo.emulators["oai-eu"].queue_fault(reset=True)
+            assert fo.chat().headers["x-asc-provider"] == "anth-eu"
+            metrics_url = f"http://127.0.0.1:{fo.metrics_port}/metrics"
+
+            def found() -> dict[str, dict[Labels, float]]:
+                return parse(httpx.get(metrics_url, timeout=5).text)
+
+            assert wait_for(lambda: sum(found()["asc_requests_total"].values()) == 3,
+                            timeout=10)
+            metrics = found()
+    moved = {"tenant": "acme", "model": "gpt-4o-mini", "from_provider": "oai-eu",
+             "to_provider": "anth-eu"}
+    assert metrics["asc_fallbacks_total"] == {
+        frozenset({**moved, "reason": "status_503"}.items()): 1.0,
+        frozenset({**moved, "reason": "reset"}.items()): 1.0,
+    }
+    spent = sum(metrics["asc_budget_spent_micro_usd_total"].values())
+    assert spent > 0
+    window = {"tenant": "acme", "scope": "tenant", "window": "day"}
+    assert value(metrics, "asc_budget_limit_usd", **window) == 100.0
+    # Requests one after the other: what the ledger had left is the limit less every charge.
+    assert value(metrics, "asc_budget_remaining_usd", **window) == pytest.approx(
+        100 - spent / 1_000_000, abs=1e-9)
