@@ -62,6 +62,7 @@ from extproc.config_schema import (
     SecretsSpec,
     TenantBudgetSpec,
     TenantSpec,
+    TracingSettings,
     field_paths,
     json_schema,
     kind_of,
@@ -330,6 +331,7 @@ class GatewayConfig:
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingSettings | None = None
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -779,6 +781,7 @@ class _Compiler:
             failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
             metrics=_metrics_config(doc.metrics or MetricsSettings(), tenants),
+            tracing=doc.tracing,
         )
 
     def file(self, name: str) -> Path:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from extproc import metrics, request_metrics
+from extproc import metrics, request_metrics, tracing
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
@@ -179,6 +179,9 @@ class RequestProcessor:
         """True when the non-streamed answer was larger than max_response_bytes."""
         self.guardrail_actions: list[tuple[str, str, int]] = []
         """(rule id, action, count) of the guardrails that acted on this request."""
+        self._trace_context: dict[str, str] = {}
+        """The client's W3C trace headers, kept only when `tracing` is configured."""
+        self._span: tracing.RequestSpan | None = None
         self._finished = False
         self._complete = False
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
@@ -224,6 +227,9 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
         self.principal = principal
         self._route_override = RouteOverride.from_metadata(message.route_metadata)
+        if self._config.tracing is not None:
+            self._trace_context = {name: headers[name] for name in tracing.TRACE_HEADERS
+                                   if name in headers}
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -342,6 +348,11 @@ class RequestProcessor:
             *auth,
             ("content-length", str(len(upstream.body))),
         ]
+        if self._config.tracing is not None:
+            self._span = tracing.start_request_span(
+                self._config.tracing, self._trace_context, model_name,
+                age_s=self._clock() - self._started)
+            set_headers.extend(self._span.headers())
         self._sent_at = self._clock()
         extension = route.provider.forward_headers
         self.forwarded_extension_headers = any(
@@ -746,6 +757,8 @@ class RequestProcessor:
         route = self.route
         attempts = self._flight.records() if self._flight is not None else None
         self._measure(aborted, duration, attempts)
+        if self._config.tracing is not None:
+            self._end_span(aborted, duration)
         log_event(
             log, logging.INFO, "request finished",
             request_id=self.request_id,
@@ -801,6 +814,32 @@ class RequestProcessor:
         if self.hold is not None and self.hold.remaining:
             request_metrics.observe_budget_remaining(tenant, self.hold.remaining,
                                                      self.charged_micro_usd)
+
+    def _end_span(self, aborted: bool, duration: float) -> None:
+        """The request's span (`extproc.tracing`), made now for a request refused before
+        its route was chosen."""
+        assert self._config.tracing is not None
+        span = self._span or tracing.start_request_span(
+            self._config.tracing, self._trace_context, self.model_asked or "", age_s=duration)
+        self._span = None
+        route = self.route
+        status = self.status
+        span.end(tracing.request_attributes(
+            request_id=self.request_id,
+            tenant=self.principal.tenant.id if self.principal else None,
+            model=self.model_asked,
+            provider_kind=route.provider.kind if route else None,
+            provider=route.provider.name if route else None,
+            region=route.provider.region if route else None,
+            upstream_model=route.deployment.model if route else None,
+            host=route.provider.host if route else None,
+            port=route.provider.port if route else None,
+            status=status, error=self.error.value if self.error else None,
+            input_tokens=self.usage.input_tokens if self.usage else None,
+            output_tokens=self.usage.output_tokens if self.usage else None,
+            credential=self.credential.label if self.credential else None,
+            stream=self.streaming, aborted=aborted and self.error is None),
+            failed=(aborted and self.error is None) or (status is not None and status >= 500))
 
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.
