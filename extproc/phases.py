@@ -819,8 +819,9 @@ class RequestProcessor:
         """The request's span (`extproc.tracing`), made now for a request refused before
         its route was chosen."""
         assert self._config.tracing is not None
+        # No model in the name of a refused request's span: it may be any client input.
         span = self._span or tracing.start_request_span(
-            self._config.tracing, self._trace_context, self.model_asked or "", age_s=duration)
+            self._config.tracing, self._trace_context, "", age_s=duration)
         self._span = None
         route = self.route
         status = self.status
