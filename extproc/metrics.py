@@ -75,12 +75,6 @@ POLICY_DENIALS: Final = Counter(
     "and rate limits), by reason (the error code).",
     ["tenant", "reason"],
 )
-GUARDRAIL_ACTIONS: Final = Counter(
-    "asc_guardrail_actions",
-    "Guardrail rule actions taken on requests and responses (block, redact, ...), by rule "
-    "id; a rule that matched several times in one request adds its count.",
-    ["tenant", "rule", "action"],
-)
 FALLBACKS: Final = Counter(
     "asc_fallbacks",
     "Moves from one deployment attempt to the next (Envoy retries on the failover cluster), "
@@ -158,4 +152,10 @@ CONFIG_RELOADS: Final = Counter(
     "asc_config_reloads",
     "Config reload attempts; a failed reload keeps the previous config.",
     ["result"],
+)
+GUARDRAIL_ACTIONS: Final = Counter(
+    "asc_guardrail_actions",
+    "Guardrail actions (deny, redact) by rule id (`pii.email`, `params.n`, ...); counts "
+    "matches, never their text.",
+    ["tenant", "rule", "action"],
 )

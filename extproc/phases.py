@@ -807,8 +807,6 @@ class RequestProcessor:
             streamed=self._stream is not None,
             input_tokens=usage.input_tokens if usage is not None else None,
             output_tokens=usage.output_tokens if usage is not None else None)
-        if self.guardrail_actions:
-            request_metrics.observe_guardrail_actions(tenant, self.guardrail_actions)
         if attempts is not None and len(attempts) > 1:
             request_metrics.observe_fallbacks(tenant, model, attempts)
         if self.hold is not None and self.hold.remaining:

@@ -30,7 +30,6 @@ __all__ = [
     "observe_budget_remaining",
     "observe_denial",
     "observe_fallbacks",
-    "observe_guardrail_actions",
     "observe_request",
 ]
 
@@ -98,13 +97,6 @@ def observe_request(labels: RouteLabels, outcome: str, *, routed: bool, duration
 def observe_denial(tenant: str, reason: str) -> None:
     """A request the gateway refused itself (the reason is its error code)."""
     metrics.POLICY_DENIALS.labels(tenant, reason).inc()
-
-
-def observe_guardrail_actions(tenant: str, actions: Iterable[tuple[str, str, int]]) -> None:
-    """(rule id, action, count) triples a request's guardrails reported."""
-    for rule, action, count in actions:
-        if count > 0:
-            metrics.GUARDRAIL_ACTIONS.labels(tenant, rule, action).inc(count)
 
 
 def fallback_reason(left: str) -> str:

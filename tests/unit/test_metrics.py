@@ -212,22 +212,7 @@ async def test_a_provider_error_is_not_a_policy_denial() -> None:
     assert delta.of() == [0.0, 1.0]
 
 
-# -- guardrails, fallbacks, budgets -------------------------------------------------------
-
-
-async def test_guardrail_actions_are_counted_with_their_counts() -> None:
-    processor = make_processor()
-    delta = Delta(
-        ("asc_guardrail_actions_total", {"tenant": "acme", "rule": "pii-email",
-                                         "action": "redact"}),
-        ("asc_guardrail_actions_total", {"tenant": "acme", "rule": "jailbreak",
-                                         "action": "block"}),
-    )
-    await processor.handle(request_headers())
-    processor.guardrail_actions.append(("pii-email", "redact", 3))
-    processor.guardrail_actions.append(("jailbreak", "block", 1))
-    await processor.finish()
-    assert delta.of() == [3.0, 1.0]
+# -- fallbacks and budgets -------------------------------------------------------
 
 
 def flight_of(*attempts: tuple[str, int | None]) -> Flight:
