@@ -209,6 +209,9 @@ class RequestProcessor:
 
     async def on_request_headers(self, message: Headers) -> Outbound:
         headers = message.headers
+        if self._config.tracing is not None:
+            self._trace_context = {name: headers[name] for name in tracing.TRACE_HEADERS
+                                   if name in headers}
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
         dialect = front_door_for(path)
@@ -227,9 +230,6 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
         self.principal = principal
         self._route_override = RouteOverride.from_metadata(message.route_metadata)
-        if self._config.tracing is not None:
-            self._trace_context = {name: headers[name] for name in tracing.TRACE_HEADERS
-                                   if name in headers}
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
