@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from extproc import metrics, request_metrics, tracing
+from extproc import metrics
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
@@ -48,9 +48,17 @@ from extproc.messages import (
     Trailers,
 )
 from extproc.money import cost_micro_usd, format_usd, worst_case_cost
+from extproc.request_metrics import (
+    NO_LABEL,
+    observe_budget_remaining,
+    observe_denial,
+    observe_fallbacks,
+    observe_request,
+)
 from extproc.routing import Route, RouteDecision, RouteOverride, select
 from extproc.runtime import Runtime
 from extproc.secrets import SecretUnavailable
+from extproc.tracing import TRACE_HEADERS, RequestSpan, request_attributes, start_request_span
 from extproc.translate.base import (
     Backend,
     StreamTranslator,
@@ -181,7 +189,7 @@ class RequestProcessor:
         """(rule id, action, count) of the guardrails that acted on this request."""
         self._trace_context: dict[str, str] = {}
         """The client's W3C trace headers, kept only when `tracing` is configured."""
-        self._span: tracing.RequestSpan | None = None
+        self._span: RequestSpan | None = None
         self._finished = False
         self._complete = False
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
@@ -210,7 +218,7 @@ class RequestProcessor:
     async def on_request_headers(self, message: Headers) -> Outbound:
         headers = message.headers
         if self._config.tracing is not None:
-            self._trace_context = {name: headers[name] for name in tracing.TRACE_HEADERS
+            self._trace_context = {name: headers[name] for name in TRACE_HEADERS
                                    if name in headers}
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
@@ -349,7 +357,7 @@ class RequestProcessor:
             ("content-length", str(len(upstream.body))),
         ]
         if self._config.tracing is not None:
-            self._span = tracing.start_request_span(
+            self._span = start_request_span(
                 self._config.tracing, self._trace_context, model_name,
                 age_s=self._clock() - self._started)
             set_headers.extend(self._span.headers())
@@ -678,7 +686,7 @@ class RequestProcessor:
         self.status = error.status
         self.error = error.code
         if error.status in _DENIAL_STATUSES:
-            request_metrics.observe_denial(self._tenant_label(), error.code.value)
+            observe_denial(self._tenant_label(), error.code.value)
         return Respond(
             status=error.status,
             body=error_body(error, self.dialect),
@@ -746,7 +754,7 @@ class RequestProcessor:
     def _tenant_label(self) -> str:
         """The request's tenant as a metric label (cardinality guard: `metrics` config)."""
         if self.principal is None:
-            return request_metrics.NO_LABEL
+            return NO_LABEL
         return self._config.metrics.tenant_label(self.principal.tenant.id)
 
     def _measure_and_log(self, aborted: bool) -> None:
@@ -799,7 +807,7 @@ class RequestProcessor:
         labels = (tenant, route.provider.name, route.provider.region, model) \
             if route is not None else (tenant, "-", "-", "-")
         usage = self.usage
-        request_metrics.observe_request(
+        observe_request(
             labels, "aborted" if aborted and self.error is None else str(self.status or 0),
             routed=route is not None, duration_s=duration,
             ttft_s=(self._first_byte_at - self._started
@@ -808,9 +816,9 @@ class RequestProcessor:
             input_tokens=usage.input_tokens if usage is not None else None,
             output_tokens=usage.output_tokens if usage is not None else None)
         if attempts is not None and len(attempts) > 1:
-            request_metrics.observe_fallbacks(tenant, model, attempts)
+            observe_fallbacks(tenant, model, attempts)
         if self.hold is not None and self.hold.remaining:
-            request_metrics.observe_budget_remaining(tenant, self.hold.remaining,
+            observe_budget_remaining(tenant, self.hold.remaining,
                                                      self.charged_micro_usd)
 
     def _end_span(self, aborted: bool, duration: float) -> None:
@@ -818,12 +826,12 @@ class RequestProcessor:
         its route was chosen."""
         assert self._config.tracing is not None
         # No model in the name of a refused request's span: it may be any client input.
-        span = self._span or tracing.start_request_span(
+        span = self._span or start_request_span(
             self._config.tracing, self._trace_context, "", age_s=duration)
         self._span = None
         route = self.route
         status = self.status
-        span.end(tracing.request_attributes(
+        span.end(request_attributes(
             request_id=self.request_id,
             tenant=self.principal.tenant.id if self.principal else None,
             model=self.model_asked,
