@@ -185,8 +185,6 @@ class RequestProcessor:
         self._output_limit: OutputLimit | None = None
         self._answer_cut = False
         """True when the non-streamed answer was larger than max_response_bytes."""
-        self.guardrail_actions: list[tuple[str, str, int]] = []
-        """(rule id, action, count) of the guardrails that acted on this request."""
         self._trace_context: dict[str, str] = {}
         """The client's W3C trace headers, kept only when `tracing` is configured."""
         self._span: RequestSpan | None = None
