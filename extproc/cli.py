@@ -14,6 +14,7 @@ from extproc.budget_cli import add_budget_commands
 from extproc.cli_errors import CliError, describe, report
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from extproc.envoy_identity import IdentityOptionError, MeshListener, identity_options
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, resolve_secret
@@ -89,7 +90,18 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
         extproc_address=args.extproc_address,
         extproc_port=args.extproc_port,
     )
-    text = render_yaml(config, ports)
+    mesh = None
+    if args.mesh_port is not None and args.mesh_cert and args.mesh_key and args.mesh_client_ca:
+        mesh = MeshListener(port=args.mesh_port, address=args.mesh_address,
+                            cert_chain=args.mesh_cert, private_key=args.mesh_key,
+                            client_ca=args.mesh_client_ca)
+    sources = [name.strip() for name in args.identity.split(",") if name.strip()]
+    try:
+        identity = identity_options(config, sources, mesh) if sources else None
+    except IdentityOptionError as exc:
+        sys.stderr.write(f"extproc envoy render: {exc}\n")
+        return 2
+    text = render_yaml(config, ports, identity=identity)
     if args.output == "-":
         sys.stdout.write(text)
     else:
@@ -154,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Unix socket for Envoy admin (mode 0600); default: no admin")
     render.add_argument("--extproc-address", default="127.0.0.1")
     render.add_argument("--extproc-port", type=int, default=50051)
+    render.add_argument("--identity", default="",
+                        help="identity sources to enable in Envoy: jwt, mesh (comma-separated)")
+    render.add_argument("--mesh-address", default="127.0.0.1",
+                        help="address of the mTLS listener (--identity mesh)")
+    render.add_argument("--mesh-port", type=int, default=None,
+                        help="port of the mTLS listener (--identity mesh)")
+    render.add_argument("--mesh-cert", default=None, help="server certificate chain (PEM)")
+    render.add_argument("--mesh-key", default=None, help="server private key (PEM)")
+    render.add_argument("--mesh-client-ca", default=None,
+                        help="CA (PEM) that signs the workloads' client certificates")
     render.set_defaults(func=_cmd_envoy_render)
     return parser
 

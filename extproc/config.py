@@ -778,6 +778,7 @@ class _Compiler:
             if tenant.budget is not None and not self.present("redis"):
                 self.add(_join("tenants", tenant_id), "budgets and rate limits need Redis",
                          "set redis.url")
+        self.check_workloads(tenants)
         auth: AuthSpec | None = doc.auth  # (None in a document with its auth left out)
         if auth is None:
             return None
@@ -796,6 +797,18 @@ class _Compiler:
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
             identity=self.identity(doc.identity),
         )
+
+    def check_workloads(self, tenants: Mapping[str, Tenant]) -> None:
+        """A SPIFFE id (or prefix) names one principal: two tenants claiming the same one
+        would make the tenant depend on config order."""
+        seen: dict[tuple[str, bool], str] = {}
+        for tenant_id, tenant in tenants.items():
+            for index, mesh in enumerate(tenant.mesh_identities):
+                where = _join(_join(_join("tenants", tenant_id), "mesh_identities"), index)
+                owner = seen.setdefault((mesh.spiffe, mesh.prefix), where)
+                if owner != where:
+                    self.add(_join(where, "spiffe"), f"same SPIFFE id already used by {owner}",
+                             "every workload belongs to one tenant")
 
     def identity(self, spec: IdentitySpec | None) -> IdentitySettings:
         if spec is None:

@@ -50,6 +50,7 @@ from extproc.envoy import (
     STAGE_HEADER,
     STAGE_UPSTREAM,
 )
+from extproc.envoy_identity import IdentityEnvoy, apply_identity
 from extproc.failover import Chain, failover_chains, has_failover_cluster
 from extproc.phases import CLUSTER_HEADER
 
@@ -380,8 +381,10 @@ def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
     }
 
 
-def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
-    """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`."""
+def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *,
+                     identity: IdentityEnvoy | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`; `identity` adds the
+    pieces of the jwt and mesh identity sources (extproc/envoy_identity.py)."""
     # config validation guarantees that providers sharing a cluster share its upstream.
     clusters = {p.cluster: _provider_cluster(p) for p in config.providers.values()}
     extproc_cluster = {
@@ -465,6 +468,8 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
         }],
         "clusters": [extproc_cluster, *clusters.values(), *failover_clusters],
     }
+    if identity is not None:
+        apply_identity(bootstrap, identity)
     check_typed(bootstrap)
     return bootstrap
 
@@ -492,8 +497,10 @@ def admin_address(path: str) -> dict[str, Any]:
     return {"pipe": {"path": path, "mode": ADMIN_SOCKET_MODE}}
 
 
-def render_yaml(config: GatewayConfig, ports: EnvoyPorts) -> str:
+def render_yaml(config: GatewayConfig, ports: EnvoyPorts, *,
+                identity: IdentityEnvoy | None = None) -> str:
     header = (
         "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n"
     )
-    return header + yaml.safe_dump(render_bootstrap(config, ports), sort_keys=False)
+    return header + yaml.safe_dump(render_bootstrap(config, ports, identity=identity),
+                                   sort_keys=False)
