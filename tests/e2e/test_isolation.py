@@ -1,0 +1,124 @@
+"""Tenant isolation through a real Envoy: the header-injection corpus
+(tests/corpus/header_injection.py, 400+ cases) sent beside acme's valid key. No case may
+change the resolved tenant, team, route, cluster or provider key, and no injected header
+may reach the provider; the cases Envoy's codec refuses never get an answer."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from extproc.devstack import Stack
+from tests.conftest import (
+    ACME_KEY,
+    CANARIES,
+    CHAT,
+    PROVIDER_KEY_EU,
+    chat_body,
+    provider_fingerprint,
+)
+from tests.corpus.header_injection import REFUSED_BY_ENVOY, cases, injected_names
+from tests.identity_material import IdentityGateway, start_identity_gateway
+from tests.polling import wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+CASES = list(cases())
+BODY = json.dumps(chat_body()).encode()
+
+
+@pytest.fixture(scope="module")
+def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityGateway]:
+    workdir = tmp_path_factory.mktemp("isolation")
+    with Stack(workdir / "stack") as stack:
+        yield start_identity_gateway(stack, workdir)
+
+
+def send_raw(port: int, extra: list[tuple[str, str]]) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request with the headers exactly as given (any bytes, any order)."""
+    lines = [f"POST {CHAT} HTTP/1.1", "host: gateway.test", "content-type: application/json",
+             f"content-length: {len(BODY)}", f"x-api-key: {ACME_KEY}", "connection: close"]
+    lines += [f"{name}: {value}" for name, value in extra]
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + BODY
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(raw)
+        response = http.client.HTTPResponse(sock)
+        try:
+            response.begin()
+        except http.client.RemoteDisconnected:
+            return 0, {}, b""  # closed without an answer
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+
+def _records(text: str, key: str) -> dict[str, dict[str, Any]]:
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("{") and key in line:
+            record = json.loads(line)
+            if record.get("request_id"):
+                found[record["request_id"]] = record
+    return found
+
+
+def test_corpus_is_large_and_named_uniquely() -> None:
+    names = [name for name, _ in CASES]
+    assert len(names) >= 200
+    assert len(set(names)) == len(names)
+    assert set(names) >= REFUSED_BY_ENVOY
+
+
+def test_no_injected_header_changes_the_tenant_or_reaches_the_provider(
+        identity: IdentityGateway) -> None:
+    gateway = identity.gateway
+    gateway.emulator.clear()
+    served: dict[str, str] = {}  # request id -> case
+    wrong: list[str] = []
+    for name, extra in CASES:
+        before = len(gateway.emulator.requests())
+        status, headers, body = send_raw(gateway.listen_port, extra)
+        seen = gateway.emulator.requests()[before:]
+        if name in REFUSED_BY_ENVOY:
+            if status != 0 or seen:
+                wrong.append(f"{name}: expected Envoy to close the connection, got "
+                             f"{status}, provider saw {len(seen)}")
+            continue
+        if status != 200 or len(seen) != 1:
+            wrong.append(f"{name}: status {status}, provider saw {len(seen)}: {body[:200]!r}")
+            continue
+        if headers.get("x-asc-provider") != "emu-eu":  # acme's zone; globex is emu-us
+            wrong.append(f"{name}: served by {headers.get('x-asc-provider')}")
+        upstream = seen[0]["headers"]
+        if upstream.get("authorization") != f"Bearer {provider_fingerprint(PROVIDER_KEY_EU)}":
+            wrong.append(f"{name}: provider got another key")
+        leaked = injected_names(extra) & set(upstream)
+        if leaked:
+            wrong.append(f"{name}: provider received {sorted(leaked)}")
+        served[headers["x-asc-request-id"]] = name
+    assert wrong == [], "\n".join(wrong)
+    assert len(served) == len(CASES) - len(REFUSED_BY_ENVOY)
+
+    # The service's record and Envoy's access log agree: acme, no team, acme's cluster.
+    def all_logged() -> bool:
+        return (set(served) <= set(_records(gateway.extproc.log_text(), "request finished"))
+                and set(served) <= set(_records(gateway.envoy.log_text(), "upstream_cluster")))
+
+    assert wait_for(all_logged, timeout=20)
+    finished = _records(gateway.extproc.log_text(), "request finished")
+    access = _records(gateway.envoy.log_text(), "upstream_cluster")
+    for request_id, name in served.items():
+        record = finished[request_id]
+        assert (record["tenant"], record["identity_source"], record["subject"],
+                record["team"]) == ("acme", "virtual_key", "acme-main", None), name
+        assert (access[request_id]["tenant"], access[request_id]["upstream_cluster"]) == (
+            "acme", "emu_eu"), name
+
+
+def test_no_canary_after_the_corpus(identity: IdentityGateway) -> None:
+    logs = identity.gateway.extproc.log_text() + identity.gateway.envoy.log_text()
+    for canary in CANARIES:
+        assert canary not in logs
