@@ -122,5 +122,6 @@ class TenantDirectory:
         return self._tenants.get(tenant_id)
 
     def __repr__(self) -> str:
-        return (f"TenantDirectory({len(self._by_hash)} keys, "
-                f"{len(self._spiffe_exact) + len(self._spiffe_prefixes)} workloads)")
+        workloads = len(self._spiffe_exact) + len(self._spiffe_prefixes)
+        shown = f", {workloads} workloads" if workloads else ""
+        return f"TenantDirectory({len(self._by_hash)} keys{shown})"
