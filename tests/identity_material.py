@@ -3,6 +3,7 @@ SANs), and a JWT issuer with its local JWKS file. Nothing is fetched; keys live 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import ipaddress
 import json
@@ -136,6 +137,24 @@ def identity_config(emulator_port: int, jwks_file: Path) -> dict[str, Any]:
     return document
 
 
+ROUTE_SOURCES = {"jwt-only.test": ["jwt"], "mesh-only.test": ["mesh"]}
+"""Virtual hosts whose route accepts only these identity sources (route metadata)."""
+
+
+def add_identity_routes(bootstrap: dict[str, Any]) -> None:
+    """One virtual host per `ROUTE_SOURCES` entry, its route a copy of the catch-all one
+    with `filter_metadata.asc.identity` (before the mTLS listener copies the routes)."""
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    route_config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    (catch_all,) = route_config["virtual_hosts"]
+    for domain, sources in ROUTE_SOURCES.items():
+        host = copy.deepcopy(catch_all)
+        host["name"], host["domains"] = domain, [domain]
+        for route in host["routes"]:
+            route["metadata"] = {"filter_metadata": {"asc": {"identity": sources}}}
+        route_config["virtual_hosts"].insert(0, host)
+
+
 @dataclass
 class IdentityGateway:
     gateway: Gateway
@@ -161,6 +180,7 @@ def start_identity_gateway(stack: Stack, workdir: Path) -> IdentityGateway:
 
     def add_identity(bootstrap: dict[str, Any]) -> None:
         config = load_config(workdir / "config" / "asc.yaml")
+        add_identity_routes(bootstrap)
         apply_identity(bootstrap, identity_options(config, ["jwt", "mesh"], mesh))
 
     gateway = start_gateway(stack, workdir / "config",

@@ -269,3 +269,30 @@ def test_no_canary_in_identity_logs(identity: IdentityGateway) -> None:
     logs = identity.gateway.extproc.log_text() + identity.gateway.envoy.log_text()
     for canary in CANARIES:
         assert canary not in logs
+
+
+# -- per route (filter_metadata.asc.identity) --------------------------------------------
+
+def test_route_accepting_only_jwt_refuses_a_valid_key(ident: IdentityGateway) -> None:
+    response = _post(ident.gateway.client, {"host": "jwt-only.test", "x-api-key": ACME_KEY})
+
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == (
+        "Missing credentials: send a bearer JWT of the configured issuer.")
+    token = ident.issuer.token(tenant="acme")
+    ok = _post(ident.gateway.client, {"host": "jwt-only.test", **_bearer(token)})
+    assert ok.status_code == 200, ok.text
+    assert len(ident.gateway.emulator.requests()) == 1
+
+
+def test_route_accepting_only_mesh(ident: IdentityGateway) -> None:
+    refused = _post(ident.gateway.client, {"host": "mesh-only.test", "x-api-key": ACME_KEY})
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == (
+        "Missing credentials: send a client certificate with a SPIFFE id (mTLS listener).")
+    with ident.mesh_client(ident.pki.workload("acme-route", ACME_WORKLOAD)) as client:
+        ok = _post(client, {"host": "mesh-only.test", "x-api-key": ACME_KEY})
+    assert ok.status_code == 200, ok.text
+    record = _finished(ident, ok.headers["x-asc-request-id"])
+    assert (record["tenant"], record["identity_source"]) == ("acme", "mesh")
+    assert len(ident.gateway.emulator.requests()) == 1

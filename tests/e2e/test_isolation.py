@@ -5,9 +5,11 @@ may reach the provider; the cases Envoy's codec refuses never get an answer."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +25,7 @@ from tests.conftest import (
     provider_fingerprint,
 )
 from tests.corpus.header_injection import REFUSED_BY_ENVOY, cases, injected_names
-from tests.identity_material import IdentityGateway, start_identity_gateway
+from tests.identity_material import ACME_WORKLOAD, IdentityGateway, start_identity_gateway
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,13 +41,20 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityGatew
         yield start_identity_gateway(stack, workdir)
 
 
-def send_raw(port: int, extra: list[tuple[str, str]]) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request with the headers exactly as given (any bytes, any order)."""
+def send_raw(port: int, extra: list[tuple[str, str]], *,
+             tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request with the headers exactly as given (any bytes, any order);
+    with `tls`, over a TLS connection (the mTLS listener, a client certificate)."""
     lines = [f"POST {CHAT} HTTP/1.1", "host: gateway.test", "content-type: application/json",
-             f"content-length: {len(BODY)}", f"x-api-key: {ACME_KEY}", "connection: close"]
+             f"content-length: {len(BODY)}", "connection: close"]
+    if tls is None:
+        lines.append(f"x-api-key: {ACME_KEY}")
     lines += [f"{name}: {value}" for name, value in extra]
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + BODY
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=15))
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname="127.0.0.1"))
         sock.sendall(raw)
         response = http.client.HTTPResponse(sock)
         try:
@@ -116,6 +125,46 @@ def test_no_injected_header_changes_the_tenant_or_reaches_the_provider(
                 record["team"]) == ("acme", "virtual_key", "acme-main", None), name
         assert (access[request_id]["tenant"], access[request_id]["upstream_cluster"]) == (
             "acme", "emu_eu"), name
+
+
+MESH_PREFIXES = ("forged-xfcc/", "forged-jwt-payload/", "crlf/split-", "duplicate/",
+                 "value/x-asc-tenant/", "value/x-forwarded-client-cert/", "value/x-asc-team/")
+MESH_CASES = [(name, extra) for name, extra in CASES if name.startswith(MESH_PREFIXES)]
+
+
+def test_injections_on_the_mtls_listener_keep_the_workloads_identity(
+        identity: IdentityGateway) -> None:
+    """The same corpus' identity cases beside acme's workload certificate: still acme's
+    billing workload, whatever XFCC, JWT payload or x-asc-* header comes with it."""
+    gateway = identity.gateway
+    gateway.emulator.clear()
+    tls = ssl.create_default_context(cafile=str(identity.pki.ca))
+    tls.load_cert_chain(*identity.pki.workload("acme-corpus", ACME_WORKLOAD))
+    assert len(MESH_CASES) >= 60
+    served: dict[str, str] = {}
+    wrong = []
+    for name, extra in MESH_CASES:
+        before = len(gateway.emulator.requests())
+        status, headers, body = send_raw(identity.mesh_port, extra, tls=tls)
+        seen = gateway.emulator.requests()[before:]
+        if status != 200 or len(seen) != 1 or headers.get("x-asc-provider") != "emu-eu":
+            wrong.append(f"{name}: status {status}, provider saw {len(seen)}: {body[:200]!r}")
+            continue
+        leaked = injected_names(extra) & set(seen[0]["headers"])
+        if leaked:
+            wrong.append(f"{name}: provider received {sorted(leaked)}")
+        served[headers["x-asc-request-id"]] = name
+    assert wrong == [], "\n".join(wrong)
+
+    def all_logged() -> bool:
+        return set(served) <= set(_records(gateway.extproc.log_text(), "request finished"))
+
+    assert wait_for(all_logged, timeout=20)
+    finished = _records(gateway.extproc.log_text(), "request finished")
+    for request_id, name in served.items():
+        record = finished[request_id]
+        assert (record["tenant"], record["identity_source"], record["subject"],
+                record["team"]) == ("acme", "mesh", ACME_WORKLOAD, "billing"), name
 
 
 def test_no_canary_after_the_corpus(identity: IdentityGateway) -> None:
