@@ -66,12 +66,17 @@ class Principal:
     key_id: str
     """The virtual key's id; for mesh and JWT principals their `subject`, which can never
     equal a key id (key ids have no ':' or '/'), so no key budget applies to them."""
-    subject: str
-    """Who: a virtual key id, a SPIFFE id, or `<iss>#<sub>` of a verified JWT."""
-    source: str
+    subject: str = ""
+    """Who: a virtual key id, a SPIFFE id, or `<iss>#<sub>` of a verified JWT. Left empty,
+    it is `key_id` (a principal built from a key id alone is that virtual key)."""
+    source: str = "virtual_key"
     """How: "virtual_key" | "mesh" | "jwt"."""
     team: str | None = None
     """The principal's team or app inside the tenant (`tenants.<t>.teams`), if any."""
+
+    def __post_init__(self) -> None:
+        if not self.subject:
+            object.__setattr__(self, "subject", self.key_id)
 
 
 class TenantDirectory:

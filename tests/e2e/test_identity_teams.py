@@ -3,13 +3,14 @@ budget is one more scope of the same all-or-nothing reservation as the tenant's.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from extproc.devstack import Stack
 from tests.conftest import ACME_KEY, ACME_KEY_2, chat_body, start_gateway
-from tests.e2e.test_budgets import budget_config, ledger_state
+from tests.e2e.test_budgets import PRICE, budget_config, ledger_state
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -21,8 +22,9 @@ TENANT_COUNTER = "asc:{t:acme}:b:tenant:acme:m"
 
 
 def teams_document(redis_port: int) -> Any:
-    """acme: key acme-main in team billing (0.03 USD a day), key acme-second in team
-    research (no budget of its own), the tenant 0.05 USD a month."""
+    """acme: key acme-main in team billing (0.03 USD a day, gpt-4o-mini only), key
+    acme-second in team research (no budget or model list of its own), the tenant 0.05 USD
+    a month."""
     base = budget_config(redis_port,
                          budgets=[{"scope": "tenant", "window": "month",
                                    "limit_usd": TENANT_LIMIT_USD}],
@@ -32,7 +34,12 @@ def teams_document(redis_port: int) -> Any:
 
     def document(emulator_port: int) -> dict[str, Any]:
         doc: dict[str, Any] = base(emulator_port)
-        main, second = doc["tenants"]["acme"]["keys"]
+        doc["models"]["gpt-4o-eu"] = {"price": PRICE,
+                                      "deployments": [{"provider": "emu-eu", "model": "gpt-4o"}]}
+        acme = doc["tenants"]["acme"]
+        acme["models"] = ["gpt-4o-mini", "gpt-4o-eu"]
+        acme["teams"]["billing"]["models"] = ["gpt-4o-mini"]
+        main, second = acme["keys"]
         main["team"], second["team"] = "billing", "research"
         return doc
     return document
@@ -91,3 +98,20 @@ def test_team_budget_denies_only_its_team_and_reserves_nothing_elsewhere(stack: 
     spent, held = counters(redis_port)[TENANT_COUNTER]
     assert (spent <= TENANT_LIMIT_USD * 1_000_000, held) == (True, 0)
     assert counters(redis_port)[TEAM_COUNTER] == before[TEAM_COUNTER]
+
+
+def test_team_models_narrow_the_tenants(stack: Stack) -> None:
+    _, redis_port = stack.start_redis()
+    gateway = start_gateway(stack, stack.workdir / "config",
+                            document=teams_document(redis_port))
+
+    refused = gateway.chat(chat_body("gpt-4o-eu", max_tokens=8), key=ACME_KEY)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == {
+        "message": "Your key is not allowed to use the model 'gpt-4o-eu'.",
+        "type": "permission_error", "param": "model", "code": "model_not_allowed"}
+    assert gateway.emulator.requests() == []
+    served = gateway.chat(chat_body("gpt-4o-eu", max_tokens=8), key=ACME_KEY_2)
+    assert served.status_code == 200, served.text
+    (seen,) = gateway.emulator.requests()
+    assert json.loads(seen["body"])["model"] == "gpt-4o"

@@ -14,6 +14,7 @@ import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.auth import Principal, TenantDirectory, hash_key
+from extproc.budget_cli import tenant_limit_rows
 from extproc.budgets.policy import Scope, plan_reservation
 from extproc.config import ConfigError, GatewayConfig, parse_config
 from extproc.envoy import decode
@@ -377,3 +378,16 @@ def test_identity_option_errors(config: GatewayConfig) -> None:
     plain = parse_config(config_text())
     with pytest.raises(IdentityOptionError, match=r"needs `identity\.jwt`"):
         identity_options(plain, ["jwt"])
+
+
+def test_principal_of_a_key_id_alone_is_that_virtual_key(config: GatewayConfig) -> None:
+    principal = Principal(tenant=config.tenants["acme"], key_id="acme-main")
+    assert (principal.subject, principal.source, principal.team) == (
+        "acme-main", "virtual_key", None)
+
+
+def test_budget_cli_names_a_team_limit(config: GatewayConfig) -> None:
+    rows = tenant_limit_rows(config, config.tenants["acme"],
+                             now=datetime(2026, 11, 30, 12, tzinfo=UTC))
+    assert [(row.number, row.name, row.scope) for row in rows] == [
+        (1, "team:billing:day", "team")]
