@@ -10,7 +10,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.auth import Principal, TenantDirectory, hash_key
@@ -363,11 +362,16 @@ def test_jwt_authn_reads_only_the_bearer_header_and_lets_a_missing_token_pass(
         "requirements": [{"provider_name": "asc"}, {"allow_missing": {}}]}}}]
 
 
-def test_render_without_identity_is_unchanged(config: GatewayConfig) -> None:
+def test_render_without_identity_adds_no_identity_piece(config: GatewayConfig) -> None:
     bootstrap = render_bootstrap(config, EnvoyPorts())
     (listener,) = bootstrap["static_resources"]["listeners"]
-    assert "forward_client_cert_details" not in _hcm(listener)
-    assert yaml.safe_dump(bootstrap) == yaml.safe_dump(render_bootstrap(config, EnvoyPorts()))
+    hcm = _hcm(listener)
+    assert "forward_client_cert_details" not in hcm
+    assert [f["name"] for f in hcm["http_filters"]] == ["asc.ext_proc",
+                                                        "envoy.filters.http.router"]
+    ext_proc = hcm["http_filters"][0]["typed_config"]
+    assert ext_proc["request_attributes"] == ["xds.route_metadata"]
+    assert "forwarding_namespaces" not in ext_proc["metadata_options"]
 
 
 def test_identity_option_errors(config: GatewayConfig) -> None:
