@@ -1,6 +1,7 @@
 """Tenant isolation through a real Envoy: the header-injection corpus
-(tests/corpus/header_injection.py, 400+ cases) sent beside acme's valid key. No case may
-change the resolved tenant, team, route, cluster or provider key, and no injected header
+(tests/corpus/header_injection.py, 400+ cases) sent beside acme's valid key, and its
+identity cases beside a workload certificate and a JWT of acme. No case may change the
+resolved tenant, team, principal, route, cluster or provider key, and no injected header
 may reach the provider; the cases Envoy's codec refuses never get an answer."""
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from tests.conftest import (
     provider_fingerprint,
 )
 from tests.corpus.header_injection import REFUSED_BY_ENVOY, cases, injected_names
-from tests.identity_material import ACME_WORKLOAD, IdentityGateway, start_identity_gateway
+from tests.identity_material import (
+    ACME_WORKLOAD,
+    ISSUER,
+    IdentityGateway,
+    start_identity_gateway,
+)
 from tests.polling import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -43,13 +49,14 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdentityGatew
 
 
 def send_raw(port: int, extra: list[tuple[str, str]], *,
+             credential: tuple[str, str] | None = ("x-api-key", ACME_KEY),
              tls: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request with the headers exactly as given (any bytes, any order);
-    with `tls`, over a TLS connection (the mTLS listener, a client certificate)."""
+    """One HTTP/1.1 request with the headers exactly as given (any bytes, any order),
+    after `credential`; with `tls`, over a TLS connection (the mTLS listener)."""
     lines = [f"POST {CHAT} HTTP/1.1", "host: gateway.test", "content-type: application/json",
              f"content-length: {len(BODY)}", "connection: close"]
-    if tls is None:
-        lines.append(f"x-api-key: {ACME_KEY}")
+    if credential is not None:
+        lines.append(f"{credential[0]}: {credential[1]}")
     lines += [f"{name}: {value}" for name, value in extra]
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + BODY
     with contextlib.ExitStack() as stack:
@@ -135,24 +142,37 @@ def test_no_injected_header_changes_the_tenant_or_reaches_the_provider(
             "acme", "emu_eu"), name
 
 
-MESH_PREFIXES = ("forged-xfcc/", "forged-jwt-payload/", "crlf/split-", "duplicate/",
+IDENTITY_PREFIXES = ("forged-xfcc/", "forged-jwt-payload/", "crlf/split-", "duplicate/",
                  "value/x-asc-tenant/", "value/x-forwarded-client-cert/", "value/x-asc-team/")
-MESH_CASES = [(name, extra) for name, extra in CASES if name.startswith(MESH_PREFIXES)]
+IDENTITY_CASES = [(name, extra) for name, extra in CASES
+                  if name.startswith(IDENTITY_PREFIXES)]
 
 
-def test_injections_on_the_mtls_listener_keep_the_workloads_identity(
-        identity: IdentityGateway) -> None:
-    """The same corpus' identity cases beside acme's workload certificate: still acme's
-    billing workload, whatever XFCC, JWT payload or x-asc-* header comes with it."""
+@pytest.mark.parametrize("source", ["mesh", "jwt"])
+def test_injections_beside_a_workload_or_a_jwt_keep_that_identity(
+        identity: IdentityGateway, source: str) -> None:
+    """The corpus' identity cases beside acme's billing workload certificate (mTLS
+    listener) or a JWT of acme's billing team: still that principal, whatever XFCC, JWT
+    payload or x-asc-* header comes with it."""
     gateway = identity.gateway
     gateway.emulator.clear()
-    tls = ssl.create_default_context(cafile=str(identity.pki.ca))
-    tls.load_cert_chain(*identity.pki.workload("acme-corpus", ACME_WORKLOAD))
-    assert len(MESH_CASES) >= 60
+    tls = None
+    credential = None
+    port = gateway.listen_port
+    expected = ("acme", "jwt", f"{ISSUER}#bob", "billing")
+    if source == "mesh":
+        tls = ssl.create_default_context(cafile=str(identity.pki.ca))
+        tls.load_cert_chain(*identity.pki.workload("acme-corpus", ACME_WORKLOAD))
+        port = identity.mesh_port
+        expected = ("acme", "mesh", ACME_WORKLOAD, "billing")
+    else:
+        token = identity.issuer.token(tenant="acme", team="billing", sub="bob")
+        credential = ("authorization", f"Bearer {token}")
+    assert len(IDENTITY_CASES) >= 60
     served: dict[str, str] = {}
     wrong = []
-    for name, extra in MESH_CASES:
-        status, headers, body = send_raw(identity.mesh_port, extra, tls=tls)
+    for name, extra in IDENTITY_CASES:
+        status, headers, body = send_raw(port, extra, credential=credential, tls=tls)
         seen = provider_saw(gateway)
         if status != 200 or len(seen) != 1 or headers.get("x-asc-provider") != "emu-eu":
             wrong.append(f"{name}: status {status}, provider saw {len(seen)}: {body[:200]!r}")
@@ -171,7 +191,7 @@ def test_injections_on_the_mtls_listener_keep_the_workloads_identity(
     for request_id, name in served.items():
         record = finished[request_id]
         assert (record["tenant"], record["identity_source"], record["subject"],
-                record["team"]) == ("acme", "mesh", ACME_WORKLOAD, "billing"), name
+                record["team"]) == expected, name
 
 
 def test_no_canary_after_the_corpus(identity: IdentityGateway) -> None:
