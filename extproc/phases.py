@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import metrics
-from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
+from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
 from extproc.config import Deployment, Price, Provider
@@ -35,6 +35,7 @@ from extproc.failover import (
     has_failover_cluster,
     ordered_chain,
 )
+from extproc.identity import IDENTITY_HEADERS, allowed_models, authenticate, route_identity
 from extproc.logs import log_event
 from extproc.messages import (
     Body,
@@ -77,6 +78,7 @@ CLUSTER_HEADER: Final = "x-asc-cluster"
 _GATEWAY_HEADER_PREFIX: Final = "x-asc-"
 _CLIENT_ONLY_HEADERS: Final = frozenset({
     *CLIENT_CREDENTIAL_HEADERS,
+    *IDENTITY_HEADERS,
     # These would pick an account or API version of the *gateway's* provider key.
     "openai-organization", "openai-project", "anthropic-version",
     # The gateway reads and translates bodies: providers must answer uncompressed.
@@ -226,17 +228,10 @@ class RequestProcessor:
             self.dialect = dialect
         if dialect is None or method != "POST":
             raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
-        key = presented_key(headers)
-        if key is None:
-            raise GatewayError(
-                ErrorCode.UNAUTHENTICATED,
-                "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
-            )
-        principal = self._runtime.tenants.authenticate(key)
-        if principal is None:
-            raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
-        self.principal = principal
-        self._route_override = RouteOverride.from_metadata(message.route_metadata)
+        route_sources, route_metadata = route_identity(message.route_metadata)
+        self.principal = authenticate(self._runtime.tenants, self._config.identity, message,
+                                      route_sources)
+        self._route_override = RouteOverride.from_metadata(route_metadata)
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -293,7 +288,7 @@ class RequestProcessor:
                                f"The model '{shown}' does not exist.", param="model")
         self.model_asked = model_name
         self.streaming = request.get("stream") is True
-        if model_name not in principal.tenant.models:
+        if model_name not in allowed_models(principal):
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
@@ -341,7 +336,8 @@ class RequestProcessor:
             self.hold = await self._runtime.budget_guard().reserve(
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
-                estimated_tokens=self.estimated_input_tokens + output_tokens)
+                estimated_tokens=self.estimated_input_tokens + output_tokens,
+                team=principal.team)
         cluster, chain, retries = self._retries()
         failover: list[tuple[str, str]] = []
         if retries > 0:
@@ -771,6 +767,9 @@ class RequestProcessor:
             request_id=self.request_id,
             tenant=tenant,
             key_id=self.principal.key_id if self.principal else None,
+            subject=self.principal.subject if self.principal else None,
+            identity_source=self.principal.source if self.principal else None,
+            team=self.principal.team if self.principal else None,
             model=self.model_asked,
             provider=route.provider.name if route else None,
             region=route.provider.region if route else None,
