@@ -47,6 +47,7 @@ from extproc.config_schema import (
     DeploymentHealthSettings,
     Document,
     FailoverSettings,
+    GuardrailsSpec,
     KekSpec,
     Limits,
     ModelSpec,
@@ -65,6 +66,7 @@ from extproc.config_schema import (
     json_schema,
     kind_of,
 )
+from extproc.guardrails.settings import GuardrailPolicy, policy_from_spec
 
 __all__ = [
     "KEY_HASH_PATTERN",
@@ -288,6 +290,8 @@ class Tenant:
     """BYOK: provider name -> this tenant's own keyring credentials (scope tenant:<id>)."""
     max_tokens: int | None = None
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
+    guardrails: GuardrailPolicy | None = None
+    """Model, parameter, prompt size and PII rules (extproc.guardrails)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +309,8 @@ class GatewayConfig:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
+    guardrail_profiles: Mapping[str, GuardrailPolicy] = field(default_factory=dict)
+    """Guardrails a route names in `filter_metadata.asc.guardrails`."""
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -748,6 +754,9 @@ class _Compiler:
             tenants=tenants,
             failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
+            guardrail_profiles={
+                name: self.guardrails(_join("guardrail_profiles", name), spec, models)
+                for name, spec in (doc.guardrail_profiles or {}).items()},
         )
 
     def file(self, name: str) -> Path:
@@ -896,7 +905,22 @@ class _Compiler:
                       keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in keys),
                       models=frozenset(allowed & set(models)), policies=policies,
                       default_policy=default_policy, budget=budget,
-                      own_credentials=own, **_shared(spec, Tenant, "keys", "models"))
+                      own_credentials=own,
+                      guardrails=(self.guardrails(_join(path, "guardrails"), spec.guardrails,
+                                                  models) if spec.guardrails else None),
+                      **_shared(spec, Tenant, "keys", "models", "guardrails"))
+
+    def guardrails(self, path: str, spec: GuardrailsSpec,
+                   models: Mapping[str, Model]) -> GuardrailPolicy:
+        """A guardrails section; its model lists must name models of `models:`."""
+        for kind in ("allow", "deny"):
+            names = getattr(spec.models, kind) if spec.models is not None else None
+            for index, name in enumerate(names or ()):
+                if name not in models:
+                    self.add(_join(_join(_join(path, "models"), kind), index),
+                             f"unknown model {name!r}",
+                             f"known models: {', '.join(models) or '-'}")
+        return policy_from_spec(spec)
 
     def policies(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
                  providers: Mapping[str, Provider]

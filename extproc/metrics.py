@@ -19,6 +19,7 @@ __all__ = [
     "CREDENTIAL_STALE_SERVES",
     "CREDENTIAL_STATE",
     "DEPLOYMENT_STATE",
+    "GUARDRAIL_ACTIONS",
     "PHASE_SECONDS",
     "POLICY_DENIALS",
     "REQUESTS",
@@ -111,4 +112,10 @@ CONFIG_RELOADS: Final = Counter(
     "asc_config_reloads",
     "Config reload attempts; a failed reload keeps the previous config.",
     ["result"],
+)
+GUARDRAIL_ACTIONS: Final = Counter(
+    "asc_guardrail_actions",
+    "Guardrail actions (deny, redact) by rule id (`pii.email`, `params.n`, ...); counts "
+    "matches, never their text.",
+    ["tenant", "rule", "action"],
 )

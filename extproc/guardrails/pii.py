@@ -1,0 +1,279 @@
+"""PII and secret detectors: linear-time regular expressions, then a validity check.
+
+Each detector is one or more candidate patterns plus a check that rejects near misses:
+the Luhn sum and issuer prefixes of card numbers, the country length and mod-97 checksum
+of IBANs (`python-stdnum`), the stdlib's parser for IPv6, octet ranges for IPv4, the
+reserved ranges of SSNs, digit counts of phone numbers.
+
+Speed (bench/guardrails.py): Python's regex engine scans a character class at roughly
+7 ns a character, but jumps to a literal prefix at memchr speed. So number-like
+detectors run on the text's *shape* (one `translate`: every ASCII digit becomes `0`,
+upper-case letter `A`, lower-case `a`, the rest stays), where each pattern starts with
+a literal (`0`, `AA00`, `000-00-0000`, `+0`, `(000)`); emails start at `@`, secrets at
+`sk-`, `AKIA`, `ASIA`, `-----BEGIN`, IPv6 at a `:` between hex digits. Look-behinds
+come after that literal, so the scan never enters the matcher elsewhere.
+
+Every pattern is free of nested unbounded quantifiers over overlapping classes: the cost
+is linear in the text (tests/unit/test_guardrails_pii.py feeds adversarial inputs). Not
+found on purpose (docs/guardrails.md): SSNs and phone numbers written without
+separators, lower-case IBANs, non-ASCII digits, names and street addresses.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import re
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from stdnum import iban as _iban
+
+__all__ = ["Found", "find", "luhn_valid"]
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    detector: str
+    start: int
+    end: int
+
+
+_SHAPE_FROM: Final = string.digits + string.ascii_uppercase + string.ascii_lowercase
+_SHAPE_TO: Final = "0" * 10 + "A" * 26 + "a" * 26
+_SHAPE_BYTES: Final = bytes.maketrans(_SHAPE_FROM.encode(), _SHAPE_TO.encode())
+_SHAPE_STR: Final = str.maketrans(_SHAPE_FROM, _SHAPE_TO)
+
+
+def shape(text: str) -> str:
+    """`text` with digits as `0`, ASCII letters as `A`/`a`: same length, same offsets."""
+    if text.isascii():
+        return text.encode().translate(_SHAPE_BYTES).decode()
+    return text.translate(_SHAPE_STR)
+
+
+# --- patterns over the shape (W = a word character of the shape) -------------------------
+_W: Final = "A0a_"
+_CARD: Final = re.compile(rf"0(?<![{_W}.-]0)(?:[ -]?0){{12,18}}(?![{_W}-]|\.0)")
+_SSN: Final = re.compile(rf"000-00-0000(?<![{_W}-]000-00-0000)(?![{_W}-])")
+_IBAN: Final = re.compile(
+    rf"AA00(?<![{_W}]AA00)(?: ?[A0]{{4}}){{2,7}}(?: ?[A0]{{1,3}})?(?![{_W}])")
+_IPV4: Final = re.compile(rf"0(?<![{_W}.]0)0{{0,2}}(?:\.0{{1,3}}){{3}}(?![{_W}]|\.0)")
+_PHONE_INTERNATIONAL: Final = re.compile(
+    rf"\+0(?<![{_W}+.-]\+0)0{{0,2}}(?:[ .-]?\(?0{{1,4}}\)?){{2,5}}(?![{_W}-]|\.0)")
+_PHONE_PARENS: Final = re.compile(rf"\(000\)(?<![{_W}]\(000\)) ?000[ .-]0000(?![{_W}-]|\.0)")
+_PHONE_DIGITS: Final = re.compile(
+    rf"0(?<![{_W}+.-]0)(?:[ .-]000[ .-]000[ .-]0000|00[ .-]000[ .-]0000"
+    rf"|0{{0,3}}(?:[ -]0{{2,4}}){{2,4}})(?![{_W}-]|\.0)")
+
+# --- patterns over the text ---------------------------------------------------------------
+_EMAIL_DOMAIN: Final = re.compile(
+    r"@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){0,8}\.([A-Za-z]{2,24})(?![\w-])")
+_EMAIL_LOCAL_REVERSED: Final = re.compile(r"[\w.%+-]{1,64}")
+_FILE_SUFFIXES: Final = frozenset({
+    "png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "txt", "md", "js", "ts",
+    "json", "yaml", "yml", "css", "html", "htm", "pdf", "lock", "toml", "cfg", "ini",
+})
+"""`icon@2x.png`, `pkg@1.2.json`: an @ before a file name, not an address."""
+_SECRET_PATTERNS: Final = (
+    ("sk-", re.compile(r"sk-(?<![\w-]sk-)(?:[A-Za-z0-9]{1,12}-){0,3}[A-Za-z0-9_-]{20,}")),
+    ("AKIA", re.compile(r"AKIA(?<![A-Za-z0-9]AKIA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
+    ("ASIA", re.compile(r"ASIA(?<![A-Za-z0-9]ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
+    ("-----BEGIN ", re.compile(
+        r"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY-----(?:[^-]|-(?!----END))*"
+        r"(?:-----END [A-Z0-9 ]{0,40}PRIVATE KEY-----)?")),
+)
+_IPV6_HINT: Final = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_IPV6: Final = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}|:)?:(?:[0-9A-Fa-f]{0,4}:){1,7}"
+    r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)")
+_HEX_OR_COLON: Final = frozenset("0123456789abcdefABCDEF:")
+
+_CARD_PREFIX: Final = re.compile(
+    r"4|5[1-5]|2(?:2[2-9]|[3-6]\d|7[01]|720)|3[47]|3(?:0[0-5]|[68])|6(?:011|5|4[4-9])"
+    r"|35(?:2[89]|[3-8]\d)|62")
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum of a string of ASCII digits."""
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = ord(char) - 48
+        if index % 2:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return total % 10 == 0
+
+
+def _card(value: str) -> bool:
+    digits = value.replace(" ", "").replace("-", "")
+    return (13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None
+            and luhn_valid(digits))
+
+
+def _ssn(value: str) -> bool:
+    area, group, serial = value.split("-")
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def _iban_valid(value: str) -> bool:
+    return bool(_iban.is_valid(value))
+
+
+def _ipv4(value: str) -> bool:
+    return all(int(octet) <= 255 and (octet == "0" or octet[0] != "0")
+               for octet in value.split("."))
+
+
+def _phone(value: str) -> bool:
+    digits = [char for char in value if char.isdigit()]
+    if not 8 <= len(digits) <= 15:
+        return False
+    first = value[0]
+    if first == "+":
+        return digits[0] != "0"
+    if first == "(":
+        return digits[0] not in "01"
+    if len(digits) == 11 and value[1] in " .-":  # 1-NNN-NNN-NNNN
+        return first == "1" and digits[1] not in "01"
+    if len(digits) == 10 and value[3] in " .-" and value[7] in " .-":  # NNN-NNN-NNNN
+        return first not in "01"
+    return first == "0" and digits[1] != "0"  # national: 0 then an area code
+
+
+_NUMBER_START: Final = re.compile(rf"0(?<![{_W}]0)[0 .()-]{{6}}")
+"""Where a number-like detector can start: a digit not inside a word, then six more
+characters of digits or separators (the shortest match, an IPv4 address, has seven)."""
+_AT_NUMBER: Final[tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...]] = (
+    ("credit_card", _CARD, _card),
+    ("us_ssn", _SSN, _ssn),
+    ("ipv4", _IPV4, _ipv4),
+    ("phone", _PHONE_DIGITS, _phone),
+)
+"""Tried in this order at each number start (the first that matches and checks wins)."""
+_SHAPE_DETECTORS: Final = frozenset({"iban", "credit_card", "us_ssn", "ipv4", "phone"})
+
+
+class _Taken:
+    """Spans already claimed by a detector of higher priority (sorted, disjoint)."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.found: list[Found] = []
+
+    def free(self, start: int, end: int) -> bool:
+        index = bisect.bisect_left(self.starts, end)
+        return index == 0 or self.found[index - 1].end <= start
+
+    def add(self, detector: str, start: int, end: int) -> None:
+        index = bisect.bisect_left(self.starts, start)
+        self.starts.insert(index, start)
+        self.found.insert(index, Found(detector, start, end))
+
+
+def _numbers(text: str, taken: _Taken, active: frozenset[str]) -> None:
+    """IBANs, phone numbers that open with `+` or `(`, then card numbers, SSNs, IPv4
+    addresses and other phone numbers at each number start."""
+    shaped = shape(text)
+    if "0" not in shaped:
+        return
+    if "iban" in active:
+        for match in _IBAN.finditer(shaped):
+            start, end = match.span()
+            if taken.free(start, end) and _iban_valid(text[start:end]):
+                taken.add("iban", start, end)
+    if "phone" in active:
+        for pattern in (_PHONE_INTERNATIONAL, _PHONE_PARENS):
+            for match in pattern.finditer(shaped):
+                start, end = match.span()
+                if taken.free(start, end) and _phone(text[start:end]):
+                    taken.add("phone", start, end)
+    tried = [entry for entry in _AT_NUMBER if entry[0] in active]
+    position = 0
+    while tried:
+        candidate = _NUMBER_START.search(shaped, position)
+        if candidate is None:
+            break
+        position = candidate.start() + 1
+        for name, pattern, check in tried:
+            hit = pattern.match(shaped, candidate.start())
+            if hit is None:
+                continue
+            start, end = hit.span()
+            if taken.free(start, end) and check(text[start:end]):
+                taken.add(name, start, end)
+                position = end
+                break
+
+
+def _emails(text: str, taken: _Taken) -> None:
+    if "@" not in text:
+        return
+    for match in _EMAIL_DOMAIN.finditer(text):
+        at = match.start()
+        if match.group(1).lower() in _FILE_SUFFIXES:
+            continue
+        local = _EMAIL_LOCAL_REVERSED.match(text[max(0, at - 64):at][::-1])
+        if local is None:
+            continue
+        start = at - local.end()
+        if start > 0 and _EMAIL_LOCAL_REVERSED.match(text[start - 1]):
+            continue  # a local part longer than 64 characters: not an address
+        if taken.free(start, match.end()):
+            taken.add("email", start, match.end())
+
+
+def _secrets(text: str, taken: _Taken) -> None:
+    for literal, pattern in _SECRET_PATTERNS:
+        if literal not in text:
+            continue
+        for match in pattern.finditer(text):
+            if taken.free(*match.span()):
+                taken.add("secret", *match.span())
+
+
+def _ipv6(text: str, taken: _Taken) -> None:
+    if ":" not in text:
+        return
+    after = 0
+    for hint in _IPV6_HINT.finditer(text):
+        start = hint.start()
+        if start < after:
+            continue
+        floor = max(0, start - 45)
+        while start > floor and text[start - 1] in _HEX_OR_COLON:
+            start -= 1
+        match = _IPV6.match(text, start)
+        if match is None or match.end() <= hint.start():
+            continue
+        after = match.end()
+        value = match.group()
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            continue
+        if taken.free(match.start(), match.end()):
+            taken.add("ipv6", match.start(), match.end())
+
+
+_ON_TEXT: Final[dict[str, Callable[[str, _Taken], None]]] = {
+    "secret": _secrets,
+    "email": _emails,
+    "ipv6": _ipv6,
+}
+
+
+def find(text: str, detectors: Iterable[str]) -> list[Found]:
+    """Every match of `detectors` in `text`, in text order, without overlaps: of two
+    overlapping matches the one of the detector earlier in `settings.DETECTORS` wins
+    (secret, email, ipv6, then the number-like ones)."""
+    taken = _Taken()
+    active = frozenset(detectors)
+    for name, scan in _ON_TEXT.items():
+        if name in active:
+            scan(text, taken)
+    if active & _SHAPE_DETECTORS:
+        _numbers(text, taken, active)
+    return taken.found
