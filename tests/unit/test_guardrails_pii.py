@@ -115,3 +115,18 @@ def test_adversarial_inputs_finish(name: str) -> None:
     all, no timing assertion."""
     found = find(_ADVERSARIAL[name], DETECTORS)
     assert isinstance(found, list)
+
+
+def test_iban_check_agrees_with_stdnum() -> None:
+    """Our fast check (registry format + mod 97) against python-stdnum's `is_valid`
+    without national checks, on valid IBANs and every single-character change of them."""
+    from stdnum import iban
+
+    from extproc.guardrails.pii import _iban_valid
+    from tests.unit.pii_corpus import _BAD_IBANS, _IBANS
+
+    values = [v.replace(" ", "") for v in _IBANS + _BAD_IBANS]
+    mutated = [v[:i] + c + v[i + 1:] for v in values[:8] for i in range(len(v))
+               for c in "0A9Z"]
+    for value in values + mutated:
+        assert _iban_valid(value) == iban.is_valid(value, check_country=False), value
