@@ -156,7 +156,7 @@ def _ipv4(value: str) -> bool:
 
 
 def _phone(value: str) -> bool:
-    digits = [char for char in value if char.isdigit()]
+    digits = "".join(filter(str.isdigit, value))
     if not 8 <= len(digits) <= 15:
         return False
     first = value[0]
