@@ -178,11 +178,12 @@ def screen_request(policy: GuardrailPolicy, request: dict[str, Any], model: str)
     refusal = _check_size(policy, redactor.prompt_bytes)
     if refusal is not None:
         return _deny(screening, refusal)
-    for name, count in sorted(redactor.redacted.items()):
-        screening.actions.append((f"pii.{name}", "redact", count))
-    if redactor.denied:
-        for name, count in sorted(redactor.denied.items()):
-            screening.actions.append((f"pii.{name}", "deny", count))
+    if not redactor.denied:
+        screening.actions.extend((f"pii.{name}", "redact", count)
+                                 for name, count in sorted(redactor.redacted.items()))
+    else:  # refused: what would have been redacted was not sent at all
+        screening.actions.extend((f"pii.{name}", "deny", count)
+                                 for name, count in sorted(redactor.denied.items()))
         names = sorted(redactor.denied)
         _, screening.denial = _denied(
             f"pii.{names[0]}", f"the prompt contains {_DETECTOR_NAMES[names[0]]}, which this "

@@ -126,13 +126,15 @@ def test_rules_within_limits_pass() -> None:
 def test_pii_deny_names_the_rule_never_the_data() -> None:
     policy = GuardrailPolicy(pii={"credit_card": Action.DENY, "email": Action.DENY,
                                   "phone": Action.REDACT})
-    request = chat("card 4111 1111 1111 1111, mail a@example.com, b@example.com")
+    request = chat("card 4111 1111 1111 1111, mail a@example.com, b@example.com, "
+                   "call +1 415 555 0132")
     screening = screen_request(policy, request, "gpt-4o-mini")
     assert screening.denial is not None
     assert screening.denial.code is ErrorCode.GUARDRAIL_DENIED
     assert screening.denial.message == (
         "Guardrail 'pii.credit_card': the prompt contains a payment card number, which this "
         "key may not send. (also denied: pii.email)")
+    # The phone number would have been redacted, but nothing was sent: only denials count.
     assert screening.actions == [("pii.credit_card", "deny", 1), ("pii.email", "deny", 2)]
     for dialect in Dialect:
         body = error_body(screening.denial, dialect).decode()
