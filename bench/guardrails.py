@@ -96,6 +96,9 @@ class Row:
     p50_us: float
     mean_us: float
     p99_us: float
+    cpu_us: float
+    """Process CPU time per call over batches of prepared inputs: steadier than wall time
+    on a machine shared with other processes."""
 
 
 def _time(case: str, calls: int, prepare: Callable[[], Any],
@@ -112,8 +115,21 @@ def _time(case: str, calls: int, prepare: Callable[[], Any],
             samples.append((time.perf_counter_ns() - start) / 1000)
     finally:
         gc.enable()
+    cpu_ns = 0
+    batch = min(1_000, calls)
+    for _ in range(max(1, calls // batch)):
+        values = [prepare() for _ in range(batch)]
+        gc.disable()
+        try:
+            start = time.process_time_ns()
+            for value in values:
+                run(value)
+            cpu_ns += time.process_time_ns() - start
+        finally:
+            gc.enable()
+    cpu_us = cpu_ns / 1000 / (max(1, calls // batch) * batch)
     return Row(case, calls, common.percentile(samples, 50), statistics.fmean(samples),
-               common.percentile(samples, 99))
+               common.percentile(samples, 99), cpu_us)
 
 
 def _stream_chunks(text: str, parts: int) -> list[bytes]:
@@ -154,17 +170,17 @@ def run(calls: int) -> list[Row]:
 
 def result_table(rows: Sequence[Row]) -> list[str]:
     return common.table(
-        ["case", "calls", "p50 µs", "mean µs", "p99 µs"],
-        [[r.case, f"{r.calls:,}", f"{r.p50_us:.1f}", f"{r.mean_us:.1f}", f"{r.p99_us:.1f}"]
-         for r in rows])
+        ["case", "calls", "p50 µs", "mean µs", "p99 µs", "CPU µs/call"],
+        [[r.case, f"{r.calls:,}", f"{r.p50_us:.1f}", f"{r.mean_us:.1f}", f"{r.p99_us:.1f}",
+          f"{r.cpu_us:.1f}"] for r in rows])
 
 
 def render(command: str, machine: str, started: Any, rows: Sequence[Row]) -> str:
     load = " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
     target = next(r for r in rows if r.case.startswith("all detectors, clean"))
     dirty = next(r for r in rows if r.case.startswith("all detectors, 4 KB prompt with"))
-    clean_verdict = "met" if target.p50_us <= TARGET_US else "NOT met"
-    dirty_verdict = "met" if dirty.p50_us <= TARGET_US else "NOT met"
+    clean_verdict = "met" if target.cpu_us <= TARGET_US else "NOT met"
+    dirty_verdict = "met" if dirty.cpu_us <= TARGET_US else "NOT met"
     return "\n".join([
         f"## Guardrails {started:%Y-%m-%d %H:%M:%S} UTC",
         "",
@@ -174,16 +190,19 @@ def render(command: str, machine: str, started: Any, rows: Sequence[Row]) -> str
         "",
         "In-process `screen_request()` (and the answer/stream redactors), one call at a time, "
         "`time.perf_counter_ns`, the request parsed untimed before each call; gc off while "
-        "timing. Every detector on with action redact.",
+        "timing. Every detector on with action redact. *CPU µs/call*: process CPU time "
+        "(`time.process_time_ns`) over batches of 1,000 calls on inputs prepared before "
+        "the batch, divided by the calls: the figure least disturbed by other processes.",
         "",
         *result_table(rows),
         "",
-        f"- Target <= {TARGET_US:g} µs per request, 4 KB prompt, every detector on: p50 "
-        f"{target.p50_us:.1f} µs on a prompt with nothing to redact ({clean_verdict}), "
-        f"{dirty.p50_us:.1f} µs with 12 values redacted ({dirty_verdict}: each match costs "
-        "its check, a placeholder and a copy of the text).",
+        f"- Target <= {TARGET_US:g} µs per request, 4 KB prompt, every detector on: "
+        f"{target.cpu_us:.1f} µs CPU (p50 {target.p50_us:.1f} µs) on a prompt with nothing "
+        f"to redact ({clean_verdict}), {dirty.cpu_us:.1f} µs CPU (p50 {dirty.p50_us:.1f} µs) "
+        f"with 12 values redacted ({dirty_verdict}: each match costs its check, a "
+        "placeholder and a copy of the text).",
         f"- Load average at the end: {load}; mean and p99 include other processes' time "
-        "slices on the shared cores: p50 is the comparable figure.",
+        "slices on the shared cores: CPU µs/call and p50 are the comparable figures.",
         "",
     ])
 
