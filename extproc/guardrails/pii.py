@@ -97,14 +97,13 @@ _CARD_PREFIX: Final = re.compile(
     r"|35(?:2[89]|[3-8]\d)|62")
 
 
+_LUHN_DOUBLED: Final = {str(digit): (2 * digit) - 9 * (digit > 4) for digit in range(10)}
+
+
 def luhn_valid(digits: str) -> bool:
-    """The Luhn checksum of a string of ASCII digits."""
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = ord(char) - 48
-        if index % 2:
-            value = value * 2 - 9 if value > 4 else value * 2
-        total += value
+    """The Luhn checksum of a string of ASCII digits (every second digit from the right
+    doubled, its digits summed)."""
+    total = sum(map(int, digits[::-2])) + sum(map(_LUHN_DOUBLED.__getitem__, digits[-2::-2]))
     return total % 10 == 0
 
 
@@ -171,7 +170,7 @@ def _phone(value: str) -> bool:
     return first == "0" and digits[1] != "0"  # national: 0 then an area code
 
 
-_NUMBER_START: Final = re.compile(rf"0(?<![{_W}]0)[0 .()-]{{6}}")
+_NUMBER_START: Final = re.compile(rf"0(?<![{_W}]0)(?=[0 .()-]{{6}})")
 """Where a number-like detector can start: a digit not inside a word, then six more
 characters of digits or separators (the shortest match, an IPv4 address, has seven)."""
 _AT_NUMBER: Final[tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...]] = (
@@ -224,14 +223,10 @@ def _numbers(text: str, taken: _Taken, active: frozenset[str]) -> None:
     names = tuple(name for name, _, _ in tried)
     either = _either(names)
     position = 0
-    while True:
-        candidate = _NUMBER_START.search(shaped, position)
-        if candidate is None:
-            break
+    for candidate in _NUMBER_START.finditer(shaped):
         at = candidate.start()
-        position = at + 1
-        if not taken.free(at, at + 1):
-            continue  # inside an IBAN or a phone number found already
+        if at < position or not taken.free(at, at + 1):
+            continue  # inside a match of this loop, an IBAN or a phone number found already
         first = either.match(shaped, at)  # one call for the usual case: nothing here
         if first is None or first.lastgroup is None:
             continue

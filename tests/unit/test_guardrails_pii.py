@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extproc.guardrails.pii import find, luhn_valid, shape
 from extproc.guardrails.settings import DETECTORS
@@ -61,6 +63,15 @@ def test_luhn() -> None:
     assert luhn_valid("378282246310005")
     assert not luhn_valid("4111111111111112")
     assert luhn_valid("0")
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=19))
+def test_luhn_matches_the_textbook_algorithm(digits: str) -> None:
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char) * (2 if index % 2 else 1)
+        total += value - 9 if value > 9 else value
+    assert luhn_valid(digits) == (total % 10 == 0)
 
 
 def test_shape_keeps_offsets_for_non_ascii_text() -> None:
