@@ -74,6 +74,7 @@ bench: install redis-server wrk
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/keys.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/guardrails.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

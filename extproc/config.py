@@ -47,6 +47,7 @@ from extproc.config_schema import (
     DeploymentHealthSettings,
     Document,
     FailoverSettings,
+    GuardrailsSpec,
     IdentitySpec,
     KekSpec,
     Limits,
@@ -68,6 +69,7 @@ from extproc.config_schema import (
     json_schema,
     kind_of,
 )
+from extproc.guardrails.settings import GuardrailPolicy, policy_from_spec
 
 __all__ = [
     "KEY_HASH_PATTERN",
@@ -288,6 +290,8 @@ class Team:
     id: str
     models: frozenset[str] | None = None
     """Models the team may use; None: the tenant's."""
+    guardrails: GuardrailPolicy | None = None
+    """Rules that tighten the tenant's guardrails for this team (extproc.guardrails)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +340,8 @@ class Tenant:
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
     teams: Mapping[str, Team] = field(default_factory=dict)
     mesh_identities: tuple[MeshIdentity, ...] = ()
+    guardrails: GuardrailPolicy | None = None
+    """Model, parameter, prompt size and PII rules (extproc.guardrails)."""
 
 
 OTHER_TENANT_LABEL: Final = "other"
@@ -378,6 +384,8 @@ class GatewayConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingSettings | None = None
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    guardrail_profiles: Mapping[str, GuardrailPolicy] = field(default_factory=dict)
+    """Guardrails a route names in `filter_metadata.asc.guardrails`."""
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -830,6 +838,9 @@ class _Compiler:
             metrics=_metrics_config(doc.metrics or MetricsSettings(), tenants),
             tracing=doc.tracing,
             identity=self.identity(doc.identity),
+            guardrail_profiles={
+                name: self.guardrails(_join("guardrail_profiles", name), spec, models)
+                for name, spec in (doc.guardrail_profiles or {}).items()},
         )
 
     def check_workloads(self, tenants: Mapping[str, Tenant]) -> None:
@@ -1002,8 +1013,12 @@ class _Compiler:
                 tenant=tenant_id, org=spec.org, rules=rules, rate_limits=rate_limits,
                 fail_open=spec.on_redis_error == "fail_open",
                 fail_open_ceiling_micro_usd=spec.fail_open_ceiling_usd or 0)
-        teams = {team_id: Team(id=team_id, models=frozenset(team.models)
-                               if team.models is not None else None)
+        teams = {team_id: Team(
+                     id=team_id,
+                     models=frozenset(team.models) if team.models is not None else None,
+                     guardrails=(self.guardrails(_join(_join(_join(path, "teams"), team_id),
+                                                       "guardrails"), team.guardrails, models)
+                                 if team.guardrails is not None else None))
                  for team_id, team in (spec.teams or {}).items()}
         mesh = tuple(MeshIdentity(spiffe=m.spiffe, prefix=m.match == "prefix", team=m.team)
                      for m in spec.mesh_identities or ())
@@ -1012,7 +1027,22 @@ class _Compiler:
                       models=frozenset(allowed & set(models)), policies=policies,
                       default_policy=default_policy, budget=budget,
                       own_credentials=own, teams=teams, mesh_identities=mesh,
-                      **_shared(spec, Tenant, "keys", "models", "teams", "mesh_identities"))
+                      guardrails=(self.guardrails(_join(path, "guardrails"), spec.guardrails,
+                                                  models) if spec.guardrails else None),
+                      **_shared(spec, Tenant, "keys", "models", "teams", "mesh_identities",
+                                "guardrails"))
+
+    def guardrails(self, path: str, spec: GuardrailsSpec,
+                   models: Mapping[str, Model]) -> GuardrailPolicy:
+        """A guardrails section; its model lists must name models of `models:`."""
+        for kind in ("allow", "deny"):
+            names = getattr(spec.models, kind) if spec.models is not None else None
+            for index, name in enumerate(names or ()):
+                if name not in models:
+                    self.add(_join(_join(_join(path, "models"), kind), index),
+                             f"unknown model {name!r}",
+                             f"known models: {', '.join(models) or '-'}")
+        return policy_from_spec(spec)
 
     def policies(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
                  providers: Mapping[str, Provider]

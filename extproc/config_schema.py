@@ -56,6 +56,8 @@ __all__ = [
     "DeploymentSpec",
     "Document",
     "FailoverSettings",
+    "GuardrailModelsSpec",
+    "GuardrailsSpec",
     "IdentitySpec",
     "JwtIdentitySpec",
     "KekSpec",
@@ -66,18 +68,22 @@ __all__ = [
     "ModelSpec",
     "OrgBudgetSpec",
     "OrgSpec",
+    "PiiSpec",
     "PriceSpec",
     "ProbeSpec",
+    "PromptCapSpec",
     "ProviderSpec",
     "RateLimitsSpec",
     "RecordStoreSpec",
     "RedisSettings",
+    "ResponseRedactionSpec",
     "RouteSpec",
     "Rule",
     "SecretRefSpec",
     "SecretsSpec",
     "TeamBudgetSpec",
     "TeamSpec",
+    "TemperatureRangeSpec",
     "TenantBudgetSpec",
     "TenantSpec",
     "TracingSettings",
@@ -676,6 +682,89 @@ class RouteSpec(_Spec):
         return self
 
 
+# --- guardrails (extproc.guardrails; docs/guardrails.md) -----------------------------------
+
+PiiAction = Annotated[Literal["allow", "redact", "deny"], Rule(
+    invalid="unknown action {value!r}", hint="allow, redact or deny")]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+
+
+class GuardrailModelsSpec(_Spec):
+    allow: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of model names")] | None = Field(
+        default=None, description="Only these models (also within the tenant's `models`).")
+    deny: list[Text] | None = Field(default=None, description="Never these models.")
+
+
+class TemperatureRangeSpec(_Spec):
+    min: Temperature | None = Field(default=None, description="Lowest temperature allowed.")
+    max: Temperature | None = Field(default=None, description="Highest temperature allowed.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TemperatureRangeSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise problem(((), "min is above max", ""))
+        return self
+
+
+class PromptCapSpec(_Spec):
+    max_bytes: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        default=None, description="Most UTF-8 bytes of prompt text (messages, system, tool "
+        "results).")
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        default=None, description="Most estimated prompt tokens (text bytes / 3).")
+
+
+class PiiSpec(_Spec):
+    """One action per detector; a detector not named is `allow` (not run)."""
+
+    email: PiiAction | None = Field(default=None, description="Email addresses.")
+    phone: PiiAction | None = Field(default=None, description="Phone numbers with separators "
+                                    "(+CC, North American, 0-prefixed national).")
+    credit_card: PiiAction | None = Field(default=None, description="Payment card numbers "
+                                          "(issuer prefix and Luhn checksum).")
+    iban: PiiAction | None = Field(default=None, description="IBANs (country length and mod-97 "
+                                   "checksum).")
+    us_ssn: PiiAction | None = Field(default=None, description="US social security numbers "
+                                     "(NNN-NN-NNNN, valid ranges).")
+    ipv4: PiiAction | None = Field(default=None, description="IPv4 addresses.")
+    ipv6: PiiAction | None = Field(default=None, description="IPv6 addresses.")
+    secret: PiiAction | None = Field(default=None, description="Secret-looking tokens: `sk-...` "
+                                     "API keys, AWS access key ids, private-key blocks.")
+
+
+class ResponseRedactionSpec(_Spec):
+    redact: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Redact answers with the detectors whose action is redact "
+        "or deny (an answer is cleaned, never refused), with the request's placeholders.")
+    stream_window: Annotated[int, Field(ge=8, le=4096)] = Field(
+        default=64, description="Characters of a streamed answer held back so a value split "
+        "across chunks is seen whole.")
+
+
+class GuardrailsSpec(_Spec):
+    """Guardrails of a tenant, or a profile a route names; a route's profile and a team's
+    rules can only tighten the tenant's."""
+
+    models: GuardrailModelsSpec | None = Field(default=None,
+                                               description="Model allow and deny lists.")
+    max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="Largest max_tokens / max_completion_tokens a request may ask "
+        "for (also the default when it asks none).")
+    n: Annotated[int, Field(ge=1, le=128)] | None = Field(
+        default=None, description="Largest `n` (choices) a request may ask for.")
+    temperature: TemperatureRangeSpec | None = Field(
+        default=None, description="Allowed temperature range.")
+    tools: Annotated[bool, Rule(invalid="must be true or false")] | None = Field(
+        default=None, description="false: requests that offer tools or functions are refused.")
+    response_format: list[Literal["text", "json_object", "json_schema"]] | None = Field(
+        default=None, description="Allowed `response_format.type` values.")
+    prompt: PromptCapSpec | None = Field(default=None, description="Prompt size caps.")
+    pii: PiiSpec | None = Field(default=None, description="PII detectors and their actions.")
+    responses: ResponseRedactionSpec | None = Field(
+        default=None, description="Redaction of answers (non-streamed and streamed).")
+
+
 class DeploymentHealthSettings(_Spec):  # also the runtime object
     """Passive health of deployments: a circuit breaker per deployment (provider x
     upstream model), shared across replicas through Redis."""
@@ -812,6 +901,8 @@ class TeamSpec(_Spec):
         invalid="must be a list of budget rules",
         hint="e.g. [{window: day, limit_usd: 20}]")] | None = Field(
         default=None, description="USD budgets of the team (scope team).")
+    guardrails: GuardrailsSpec | None = Field(
+        default=None, description="Guardrails of the team; they tighten the tenant's.")
 
 
 class TenantSpec(_Spec):
@@ -853,6 +944,8 @@ class TenantSpec(_Spec):
         required="must be a non-empty list of credential ids")]] | None = Field(
         default=None, description="BYOK: provider name -> this tenant's own keyring credentials.",
         json_schema_extra={"x-key": "<provider>"})
+    guardrails: GuardrailsSpec | None = Field(
+        default=None, description="Model, parameter, prompt size and PII rules.")
     teams: dict[Name, TeamSpec] | None = Field(
         default=None, description="Teams and apps of the tenant.",
         json_schema_extra={"x-key": "<team>"})
@@ -958,6 +1051,10 @@ class Document(_Spec):
         description="Tenants by id.", json_schema_extra={"x-key": "<id>"})
     identity: IdentitySpec | None = Field(
         default=None, description="Identity sources (default: virtual keys only).")
+    guardrail_profiles: dict[Name, GuardrailsSpec] | None = Field(
+        default=None, description="Guardrails an Envoy route names in its metadata "
+        "(`filter_metadata.asc.guardrails`); they tighten the tenant's.",
+        json_schema_extra={"x-key": "<name>"})
 
 
 class _AscJsonSchema(GenerateJsonSchema):

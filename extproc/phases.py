@@ -35,6 +35,16 @@ from extproc.failover import (
     has_failover_cluster,
     ordered_chain,
 )
+from extproc.guardrails import (
+    GuardrailAction,
+    GuardrailPolicy,
+    Screening,
+    StreamRedactor,
+    effective,
+    route_guardrails,
+    screen_request,
+    tighter,
+)
 from extproc.identity import IDENTITY_HEADERS, allowed_models, authenticate, route_identity
 from extproc.logs import log_event
 from extproc.messages import (
@@ -193,6 +203,11 @@ class RequestProcessor:
         self._span: RequestSpan | None = None
         self._finished = False
         self._complete = False
+        self.guardrail_actions: list[tuple[str, str, int]] = []
+        """(rule id, action, count) of every guardrail that acted (extproc.guardrails)."""
+        self._route_guardrails: GuardrailPolicy | None = None
+        self._screening: Screening | None = None
+        self._stream_redactor: StreamRedactor | None = None
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
             Phase.REQUEST_HEADERS: self.on_request_headers,
             Phase.REQUEST_BODY: self.on_request_body,
@@ -232,6 +247,8 @@ class RequestProcessor:
         self.principal = authenticate(self._runtime.tenants, self._config.identity, message,
                                       route_sources)
         self._route_override = RouteOverride.from_metadata(route_metadata)
+        self._route_guardrails = route_guardrails(self._config.guardrail_profiles,
+                                                  message.route_metadata)
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -292,6 +309,15 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
+        team = (principal.tenant.teams.get(principal.team)
+                if principal.team is not None else None)
+        policy = effective(principal.tenant.guardrails,
+                           team.guardrails if team is not None else None,
+                           self._route_guardrails)
+        screening = self._screening = screen_request(policy, request, model_name)
+        self._note_guardrails(screening.actions)
+        if screening.denial is not None:
+            raise screening.denial
         decision = select(self._config, principal.tenant, model,
                           health=self._runtime.health, route_override=self._route_override)
         self.route_decision = decision
@@ -305,7 +331,7 @@ class RequestProcessor:
         # translation (400s), then the key (503); the budget hold is the last step.
         translator = translator_for(self.dialect, backend)
         self._translator = translator
-        tenant_cap = principal.tenant.max_tokens
+        tenant_cap = tighter(principal.tenant.max_tokens, policy.max_tokens)
         asked = translator.output_limit(request, cap=tenant_cap or _MAX_TOKENS_SANITY_BOUND)
         max_tokens = asked or tenant_cap or self._config.budgets.default_max_tokens
         choices = translator.choices(request)
@@ -514,6 +540,8 @@ class RequestProcessor:
             self._complete = True
         elif content_type.startswith("text/event-stream"):
             self._stream = self._translator.stream()
+            if self._screening is not None:
+                self._stream_redactor = self._screening.stream(self.dialect)
             reply.response_body_mode = BodyMode.STREAMED
         elif content_type.startswith("application/json"):
             # Not BUFFERED: Envoy stalls an answer larger than its buffer or answers 500,
@@ -592,6 +620,7 @@ class RequestProcessor:
             out = self._stream.feed(message.body)
             if message.end_of_stream:
                 out += self._stream.flush()
+                out = self._redact_stream(out, end=True)
                 self.usage = self._stream.usage
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
                 if self.usage is None and not any(
@@ -601,6 +630,7 @@ class RequestProcessor:
                     self.stream_truncated = True
                     out += _STREAM_CUT_EVENT[self.dialect]
                 return Continue() if out == message.body else Continue(body=out)
+            out = self._redact_stream(out, end=False)
             if out:
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
             return Continue() if out == message.body else Continue(body=out)
@@ -620,14 +650,37 @@ class RequestProcessor:
         assert self._translator is not None
         translated = self._translator.response(self.upstream_status or 200, body)
         self.usage = translated.usage
+        answer = translated.body
+        if self._screening is not None:
+            answer, actions = self._screening.answer(answer)
+            self._note_guardrails(actions)
         # The headers are still held, ours to change (the cost); content-length went in
         # the headers reply.
         set_headers = []
         if self.usage is not None and self.route is not None:
             cost = _usage_cost(self.route.price, self.usage)
             set_headers.append(("x-asc-cost-usd", format_usd(cost)))
-        return Continue(set_headers=set_headers,
-                        body=None if translated.body == body else translated.body)
+        return Continue(set_headers=set_headers, body=None if answer == body else answer)
+
+    def _redact_stream(self, out: bytes, *, end: bool) -> bytes:
+        """Translated stream bytes through the guardrails' stream redactor, if any."""
+        redactor = self._stream_redactor
+        if redactor is None:
+            return out
+        out = redactor.feed(out)
+        if end:
+            out += redactor.flush()
+            if self._screening is not None:
+                self._note_guardrails(self._screening.stream_actions(redactor))
+        return out
+
+    def _note_guardrails(self, actions: list[GuardrailAction]) -> None:
+        """Record guardrail actions: on the request (log line, audit) and in the metric,
+        which counts requests a rule acted on (the count of matches is in the record)."""
+        tenant = self._tenant_label()
+        for rule, action, count in actions:
+            self.guardrail_actions.append((rule, action, count))
+            metrics.GUARDRAIL_ACTIONS.labels(tenant, rule, action).inc()
 
     def _answer_too_large(self) -> Respond:
         """A 502 for an answer the gateway cannot read whole; the whole hold is charged.
@@ -793,6 +846,8 @@ class RequestProcessor:
                              if self._stream is not None else None),
             attempts=attempts,
             stream_truncated=self.stream_truncated or None,
+            guardrails=[f"{rule}:{action}:{count}"
+                        for rule, action, count in self.guardrail_actions] or None,
             duration_ms=round(duration * 1000, 3),
         )
 

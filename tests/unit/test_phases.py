@@ -1245,6 +1245,7 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "streamed_tokens": None,
         "attempts": None,
         "stream_truncated": None,
+        "guardrails": None,
         "duration_ms": 1500.0,
     }
 
