@@ -14,6 +14,7 @@ from extproc.budget_cli import add_budget_commands
 from extproc.cli_errors import CliError, describe, report
 from extproc.config import ConfigError, GatewayConfig, load_config
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from extproc.health_probe import add_health_command
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, resolve_secret
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(key_commands)
 
     add_budget_commands(commands)
+    add_health_command(commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
