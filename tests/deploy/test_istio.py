@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from extproc.config import load_config
-from extproc.envoy_bootstrap import EXTPROC_CLUSTER, EnvoyPorts, check_typed, render_bootstrap
 from extproc.devstack import envoy_binary
+from extproc.envoy_bootstrap import EXTPROC_CLUSTER, EnvoyPorts, check_typed, render_bootstrap
 from tests.deploy.envoyfilter import (
     ISTIO,
     MeshProxy,
