@@ -69,6 +69,14 @@ def test_standalone_pod_shares_the_socket_between_envoy_and_extproc() -> None:
         assert mounts["asc-socket"] == "/var/run/asc"
     args = containers["extproc"]["args"]
     assert args[args.index("--listen") + 1] == f"unix:{SOCKET}"
+    # The pepper and the Transit token: files of the Secret, where asc.yaml reads them.
+    secrets = {volume["name"]: volume for volume in pod["volumes"]}["asc-secrets"]
+    assert secrets["secret"] == {"secretName": "asc-secrets", "defaultMode": 0o444}
+    extproc_mounts = {m["name"]: m["mountPath"] for m in containers["extproc"]["volumeMounts"]}
+    assert extproc_mounts["asc-secrets"] == "/etc/asc/secrets"
+    assert "asc-secrets" not in {m["name"] for m in containers["envoy"]["volumeMounts"]}
+    config = load_config(K8S / "base" / "asc.yaml")
+    assert str(config.pepper.file) == "/etc/asc/secrets/pepper"
     # The Envoy bootstrap in the ConfigMap points at that socket, admin beside it.
     config_map = next(doc for doc in rendered if doc["kind"] == "ConfigMap"
                       and doc["metadata"]["name"].startswith("asc-envoy-"))
@@ -182,7 +190,10 @@ def test_vault_agent_overlay_reads_secrets_from_the_agent() -> None:
     assert annotations["vault.hashicorp.com/agent-inject"] == "true"
     assert annotations["vault.hashicorp.com/agent-inject-token"] == "true"
     assert annotations["vault.hashicorp.com/agent-run-as-user"] == "10001"
-    assert not _containers(deployment)["extproc"].get("env")  # no Secret asc-secrets
+    pod = deployment["spec"]["template"]["spec"]
+    assert "asc-secrets" not in {volume["name"] for volume in pod["volumes"]}
+    assert "/etc/asc/secrets" not in {mount["mountPath"] for mount in
+                                      _containers(deployment)["extproc"]["volumeMounts"]}
     config_map = next(doc for doc in rendered if doc["kind"] == "ConfigMap"
                       and doc["metadata"]["name"].startswith("asc-config-"))
     config = yaml.safe_load(config_map["data"]["asc.yaml"])
@@ -221,7 +232,7 @@ def test_deployment_patches_apply_to_a_deployment(patch: Path, tmp_path: Path) -
     assert containers["extproc"]["readinessProbe"]["exec"]["command"] == HEALTH_PROBE
     assert containers["extproc"]["securityContext"]["runAsUser"] == 1337
     volumes = {volume["name"] for volume in merged["spec"]["template"]["spec"]["volumes"]}
-    assert {"asc-socket", "asc-config", "asc-tmp"} <= volumes
+    assert {"asc-socket", "asc-config", "asc-secrets", "asc-tmp"} <= volumes
     if "gateway" in name:
         assert containers["istio-proxy"]["image"] == "example/app:1"
         assert containers["istio-proxy"]["volumeMounts"] == [
