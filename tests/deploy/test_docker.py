@@ -61,7 +61,7 @@ def test_image_is_multi_stage_non_root_and_checks_health() -> None:
     assert ("USER", "10001:10001") in final
     (healthcheck,) = [args for name, args in final if name == "HEALTHCHECK"]
     assert healthcheck.endswith(
-        'CMD ["extproc", "health", "--socket", "/var/run/asc/extproc.sock"]')
+        'CMD ["python", "-m", "extproc.health_probe", "--socket", "/var/run/asc/extproc.sock"]')
     (cmd,) = [args for name, args in final if name == "CMD"]
     assert f'"unix:{SOCKET}"' in cmd
     copies = [args for name, args in instructions if name == "COPY"]
@@ -109,7 +109,8 @@ def test_compose_stack_has_every_part_wired() -> None:
         assert "asc-socket:/var/run/asc" in services[name]["volumes"]
     extproc = services["extproc"]
     assert extproc["command"][extproc["command"].index("--listen") + 1] == f"unix:{SOCKET}"
-    assert extproc["healthcheck"]["test"] == ["CMD", "extproc", "health", "--socket", SOCKET]
+    assert extproc["healthcheck"]["test"] == ["CMD", "python", "-m", "extproc.health_probe",
+                                              "--socket", SOCKET]
     assert services["envoy"]["depends_on"]["extproc"] == {"condition": "service_healthy"}
     published = [port for service in services.values() for port in service.get("ports", [])]
     assert published == ["127.0.0.1:10000:10000", "127.0.0.1:9464:9464"]

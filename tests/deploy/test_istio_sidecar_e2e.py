@@ -7,6 +7,7 @@ mesh cluster, and a missing service fails closed."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,12 +114,23 @@ class Mesh:
         return self.client.post(CHAT, content=json.dumps(body).encode(), headers=headers)
 
 
+def _health_cli(socket: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """The probe of the pods and the image's HEALTHCHECK, as they run it (or the
+    operator's `extproc health`)."""
+    return subprocess.run([sys.executable, "-m", *(command or ("extproc.health_probe",)),
+                           "--socket", str(socket)],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
 @pytest.fixture
 def mesh(stack: Stack, tmp_path: Path) -> Mesh:
     return Mesh(stack, tmp_path)
 
 
 def test_provider_host_goes_through_the_service(mesh: Mesh) -> None:
+    for command in (("extproc.health_probe",), ("extproc", "health")):
+        probe = _health_cli(mesh.socket, *command)
+        assert (probe.returncode, probe.stdout) == (0, f"unix:{mesh.socket}: SERVING\n")
     mesh.emulator.clear()
     response = mesh.chat("api.openai.com", chat_body())
     assert response.status_code == 200, response.text
@@ -165,7 +177,11 @@ def test_other_hosts_bypass_the_service_and_fail_closed_only_for_providers(
     assert seen["path"] == "/healthz"
     assert seen["headers"]["host"] == "intranet.example"
 
+    assert _health_cli(mesh.socket).returncode == 0
     mesh.extproc.stop()
+    probe = _health_cli(mesh.socket)
+    assert (probe.returncode, probe.stdout, probe.stderr) == (
+        1, "", f"unix:{mesh.socket}: no answer (UNAVAILABLE)\n")
     assert mesh.chat("api.openai.com", chat_body()).status_code == 500
     mesh.emulator.clear()
     again = mesh.client.get("/healthz", headers={"host": "intranet.example"})

@@ -21,7 +21,7 @@ from tests.deploy.kustomize import K8S, kustomize, problems
 OVERLAYS = ["standalone", "istio-sidecar", "vault-agent"]
 SOCKET = "/var/run/asc/extproc.sock"
 ADMIN_SOCKET = "/var/run/asc/envoy-admin.sock"
-HEALTH_PROBE = ["extproc", "health", "--socket", SOCKET]
+HEALTH_PROBE = ["python", "-m", "extproc.health_probe", "--socket", SOCKET]
 
 
 def _render(overlay: str) -> list[dict[str, Any]]:
