@@ -39,7 +39,8 @@ def test_prestop_hook_drains_envoy(stack: Stack, tmp_path: Path) -> None:
     command = envoy["lifecycle"]["preStop"]["exec"]["command"]
     assert command[:2] == ["python", "-c"]
     hook = command[2]
-    assert ADMIN_SOCKET in hook and "time.sleep(15)" in hook
+    assert ADMIN_SOCKET in hook
+    assert "time.sleep(15)" in hook
 
     port, admin = free_port(), stack.admin_socket("drain")
     bootstrap = {
