@@ -133,6 +133,11 @@ def test_pod_is_hardened_probed_and_scraped(overlay: str) -> None:
     assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in extproc["ports"]
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1,
                                                                "maxUnavailable": 0}
+    # extproc outlives the proxy's 15 s drain, then drains 20 s, inside the grace period.
+    assert extproc["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "15"]
+    args = extproc["args"]
+    assert args[args.index("--drain-seconds") + 1] == "20"
+    assert pod["terminationGracePeriodSeconds"] == 45
 
 
 def _policy_ports(rendered: list[dict[str, Any]], direction: str) -> set[int]:
