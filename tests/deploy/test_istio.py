@@ -122,8 +122,8 @@ def _envoy_validate(bootstrap: dict[str, Any], tmp_path: Path) -> subprocess.Com
 
 def test_sidecar_patches_land_where_istio_puts_them(tmp_path: Path) -> None:
     proxy = _patched("SIDECAR_OUTBOUND", SIDECAR_FILTER)
-    # cluster, filter, one vhost each for 4 providers, 3 routes into the 5 vhosts of :80
-    assert proxy.applied == [1, 1, 1, 1, 1, 1, 5, 5, 5]
+    # cluster, filter, one vhost each for 4 providers, 3 routes into each provider vhost
+    assert proxy.applied == [1] * 18
     filters = [item["name"] for item in proxy.hcm["http_filters"]]
     assert filters == ["asc.ext_proc", "envoy.filters.http.router"]
     assert proxy.hcm["http_filters"][0]["disabled"] is True
@@ -133,6 +133,7 @@ def test_sidecar_patches_land_where_istio_puts_them(tmp_path: Path) -> None:
     assert enabled == sorted(f"{host}:80" for host in PROVIDER_HOSTS)
     assert [route["name"] for route in vhosts["api.openai.com:80"]["routes"]] == [
         "asc-mistral", "asc-anthropic", "asc-openai", "default"]
+    assert [route["name"] for route in vhosts["allow_any"]["routes"]] == ["allow_any"]
     result = _envoy_validate(proxy.bootstrap, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout

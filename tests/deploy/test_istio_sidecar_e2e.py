@@ -177,6 +177,14 @@ def test_other_hosts_bypass_the_service_and_fail_closed_only_for_providers(
     assert seen["path"] == "/healthz"
     assert seen["headers"]["host"] == "intranet.example"
 
+    # A client's own x-asc-cluster picks nothing on another host (no provider route).
+    mesh.emulator.clear()
+    chosen = mesh.client.get("/healthz", headers={"host": "intranet.example",
+                                                  "x-asc-cluster": "anthropic"})
+    assert chosen.status_code == other.status_code
+    (seen,) = mesh.emulator.requests()
+    assert seen["headers"]["host"] == "intranet.example"
+
     assert _health_cli(mesh.socket).returncode == 0
     mesh.extproc.stop()
     probe = _health_cli(mesh.socket)
