@@ -181,7 +181,7 @@ def test_istio_sidecar_overlay_joins_the_envoy_filter() -> None:
     assert template["metadata"]["labels"]["sidecar.istio.io/inject"] == "true"
     mount = yaml.safe_load(template["metadata"]["annotations"][
         "sidecar.istio.io/userVolumeMount"])
-    assert mount == {"asc-socket": {"mountPath": "/var/run/asc"}}
+    assert mount == [{"name": "asc-socket", "mountPath": "/var/run/asc"}]
     containers = _containers(deployment)
     assert sorted(containers) == ["app", "extproc"]  # Istio injects the proxy
     assert containers["extproc"]["securityContext"]["runAsUser"] == 1337
