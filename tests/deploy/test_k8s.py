@@ -4,6 +4,7 @@ the pod has the shape the docs promise (shared socket, probes, hardening, policy
 from __future__ import annotations
 
 import copy
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,8 +25,14 @@ ADMIN_SOCKET = "/var/run/asc/envoy-admin.sock"
 HEALTH_PROBE = ["python", "-m", "extproc.health_probe", "--socket", SOCKET]
 
 
-def _render(overlay: str) -> list[dict[str, Any]]:
+@functools.cache
+def _rendered(overlay: str) -> list[dict[str, Any]]:
     return kustomize(K8S / "overlays" / overlay)
+
+
+def _render(overlay: str) -> list[dict[str, Any]]:
+    """One kustomize run per overlay and session; each test gets its own copy."""
+    return copy.deepcopy(_rendered(overlay))
 
 
 def _one(documents_: list[dict[str, Any]], kind: str, name: str = "asc-gateway") -> Any:
