@@ -1,8 +1,9 @@
-"""The sidecar EnvoyFilter on a running Envoy: a real Envoy with the Istio-shaped outbound
-listener and the patches applied, the real service on a Unix socket, the emulator as
-every provider. Shows what the patches do, not just that Envoy accepts them: ext_proc
+"""The EnvoyFilters on a running Envoy: a real Envoy with the Istio-shaped listener and
+the patches applied, the real service on a Unix socket, the emulator as every provider.
+Shows what the patches do, not just that Envoy accepts them: in the sidecar, ext_proc
 runs for provider hosts only, the service's x-asc-cluster choice picks the provider's
-mesh cluster, and a missing service fails closed."""
+mesh cluster, and a missing service fails closed; in the ingress gateway, every request
+goes through the service."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def _to_emulator(cluster: dict[str, Any], port: int) -> None:
 
 
 class Mesh:
-    def __init__(self, stack: Stack, tmp_path: Path) -> None:
+    def __init__(self, stack: Stack, tmp_path: Path, context: str = "SIDECAR_OUTBOUND",
+                 envoy_filter_path: Path = ISTIO / "sidecar" / "envoyfilter.yaml") -> None:
         emulator_process, emulator_port = stack.start_emulator(
             [PROVIDER_KEY_US, PROVIDER_KEY_EU])
         self.emulator = Emulator(emulator_port, emulator_process)
@@ -90,8 +92,8 @@ class Mesh:
         ], env=dict(stack.env, **provider_env()))
         assert wait_for(lambda: check_health(f"unix:{self.socket}").serving, timeout=30), (
             self.extproc.log_text())
-        (envoy_filter,) = documents(ISTIO / "sidecar" / "envoyfilter.yaml")
-        proxy = apply_envoy_filter(mesh_proxy("SIDECAR_OUTBOUND"), envoy_filter)
+        (envoy_filter,) = documents(envoy_filter_path)
+        proxy = apply_envoy_filter(mesh_proxy(context), envoy_filter)
         self.listen_port = free_port()
         proxy.listener["address"]["socket_address"].update(
             address="127.0.0.1", port_value=self.listen_port)
@@ -197,3 +199,21 @@ def test_other_hosts_bypass_the_service_and_fail_closed_only_for_providers(
     assert [seen["path"] for seen in mesh.emulator.requests()] == ["/healthz"]
     log = mesh.envoy.log_text() + mesh.extproc.log_text()
     assert not [canary for canary in CANARIES if canary in log]
+
+
+def test_ingress_gateway_runs_every_request_through_the_service(
+        stack: Stack, tmp_path: Path) -> None:
+    """The GATEWAY filter on a running Envoy: any host, the service's provider choice
+    routed to that provider's mesh cluster, no key refused before any upstream."""
+    gateway = Mesh(stack, tmp_path, "GATEWAY", ISTIO / "gateway" / "envoyfilter.yaml")
+    gateway.emulator.clear()
+    refused = gateway.chat("llm.example.com", chat_body(), key=None)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["type"] == "authentication_error"
+    assert gateway.emulator.requests() == []
+    answered = gateway.chat("llm.example.com", chat_body("claude-test"))
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["x-asc-provider"] == "anthropic"
+    (seen,) = gateway.emulator.requests()
+    assert (seen["path"], seen["headers"]["host"]) == ("/v1/messages", "api.anthropic.com")
+    assert seen["headers"]["x-api-key"] == provider_fingerprint(PROVIDER_KEY_EU)
