@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 __all__ = ["DEFAULT_SOCKET", "HealthVerdict", "add_health_command", "check_health", "main"]
 
-DEFAULT_SOCKET: Final = "/var/run/asc/extproc.sock"
+DEFAULT_SOCKET: Final = "/run/asc/extproc.sock"
 _EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 

@@ -27,7 +27,7 @@ from tests.deploy.istio_schema import check
 REPO = Path(__file__).resolve().parents[2]
 SIDECAR_FILTER = ISTIO / "sidecar" / "envoyfilter.yaml"
 GATEWAY_FILTER = ISTIO / "gateway" / "envoyfilter.yaml"
-SOCKET = "/var/run/asc/extproc.sock"
+SOCKET = "/run/asc/extproc.sock"
 PROVIDER_HOSTS = ["api.openai.com", "api.anthropic.com", "api.mistral.ai", "*.openai.azure.com"]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import functools
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,15 @@ import pytest
 import yaml
 
 from extproc.config import load_config
-from extproc.devstack import envoy_binary
-from extproc.envoy_bootstrap import EXTPROC_CLUSTER, EnvoyPorts, render_bootstrap
+from extproc.envoy_bootstrap import EXTPROC_CLUSTER
 from tests.deploy.envoyfilter import ISTIO, documents
+from tests.deploy.golden import assert_rendered
 from tests.deploy.kustomize import K8S, kustomize, problems
+from tests.integration.test_render_shapes import regenerate_command
 
 OVERLAYS = ["standalone", "istio-sidecar", "vault-agent"]
-SOCKET = "/var/run/asc/extproc.sock"
-ADMIN_SOCKET = "/var/run/asc/envoy-admin.sock"
+SOCKET = "/run/asc/extproc.sock"
+ADMIN_SOCKET = "/run/asc/envoy-admin.sock"
 HEALTH_PROBE = ["python", "-m", "extproc.health_probe", "--socket", SOCKET]
 
 
@@ -73,7 +73,7 @@ def test_standalone_pod_shares_the_socket_between_envoy_and_extproc() -> None:
     assert socket_volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
     for container in containers.values():
         mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
-        assert mounts["asc-socket"] == "/var/run/asc"
+        assert mounts["asc-socket"] == "/run/asc"
     args = containers["extproc"]["args"]
     assert args[args.index("--listen") + 1] == f"unix:{SOCKET}"
     # The pepper and the Transit token: files of the Secret, where asc.yaml reads them.
@@ -101,22 +101,12 @@ def test_standalone_pod_shares_the_socket_between_envoy_and_extproc() -> None:
             "port_value"])
 
 
-def test_envoy_bootstrap_is_the_rendered_sidecar_shape_and_valid(tmp_path: Path) -> None:
-    """Hand-written until `envoy render --shape sidecar` exists: it must equal today's
-    render with the ext_proc cluster on the socket, and a real Envoy must accept it."""
+def test_envoy_bootstrap_is_the_rendered_sidecar_shape(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`extproc envoy render --shape sidecar` for the base asc.yaml, accepted by Envoy."""
     path = K8S / "overlays" / "standalone" / "envoy.yaml"
-    written = yaml.safe_load(path.read_text(encoding="utf-8"))
-    expected = render_bootstrap(load_config(K8S / "base" / "asc.yaml"), EnvoyPorts(
-        listen_address="0.0.0.0", listen_port=10000, admin_socket=ADMIN_SOCKET))
-    for cluster in expected["static_resources"]["clusters"]:
-        if cluster["name"] == EXTPROC_CLUSTER:
-            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
-                "address"] = {"pipe": {"path": SOCKET}}
-    assert written == expected
-    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path),
-                             "--log-level", "error"],
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert regenerate_command(path)[4:] == ["--config", "deploy/k8s/base/asc.yaml"]
+    assert_rendered(path, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -188,10 +178,14 @@ def test_istio_sidecar_overlay_joins_the_envoy_filter() -> None:
     assert template["metadata"]["labels"]["sidecar.istio.io/inject"] == "true"
     mount = yaml.safe_load(template["metadata"]["annotations"][
         "sidecar.istio.io/userVolumeMount"])
-    assert mount == [{"name": "asc-socket", "mountPath": "/var/run/asc"}]
+    assert mount == [{"name": "asc-socket", "mountPath": "/run/asc"}]
     containers = _containers(deployment)
     assert sorted(containers) == ["app", "extproc"]  # Istio injects the proxy
-    assert containers["extproc"]["securityContext"]["runAsUser"] == 1337
+    # istio-proxy opens the 0660 socket as a member of the pod's fsGroup, the service's
+    # group; extproc keeps its uid (1337 would bypass the sidecar for its own calls).
+    assert "runAsUser" not in containers["extproc"]["securityContext"]
+    assert template["spec"]["securityContext"]["runAsUser"] == 10001
+    assert template["spec"]["securityContext"]["fsGroup"] == 10001
     assert {doc["kind"] for doc in rendered} >= {"ServiceEntry", "DestinationRule"}
 
 
@@ -242,10 +236,13 @@ def test_deployment_patches_apply_to_a_deployment(patch: Path, tmp_path: Path) -
     assert problems(merged) == []
     containers = _containers(merged)
     assert containers["extproc"]["readinessProbe"]["exec"]["command"] == HEALTH_PROBE
-    assert containers["extproc"]["securityContext"]["runAsUser"] == 1337
+    assert containers["extproc"]["securityContext"]["runAsUser"] == 10001
+    assert containers["extproc"]["securityContext"]["runAsGroup"] == 10001
+    assert merged["spec"]["template"]["spec"]["securityContext"] == {
+        "supplementalGroups": [10001]}
     volumes = {volume["name"] for volume in merged["spec"]["template"]["spec"]["volumes"]}
     assert {"asc-socket", "asc-config", "asc-secrets", "asc-tmp"} <= volumes
     if "gateway" in name:
         assert containers["istio-proxy"]["image"] == "example/app:1"
         assert containers["istio-proxy"]["volumeMounts"] == [
-            {"name": "asc-socket", "mountPath": "/var/run/asc"}]
+            {"name": "asc-socket", "mountPath": "/run/asc"}]

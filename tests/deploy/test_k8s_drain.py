@@ -19,7 +19,7 @@ from tests.deploy.kustomize import K8S, kustomize
 
 pytestmark = pytest.mark.e2e
 
-ADMIN_SOCKET = "/var/run/asc/envoy-admin.sock"
+ADMIN_SOCKET = "/run/asc/envoy-admin.sock"
 
 
 def _envoy_container() -> dict[str, Any]:

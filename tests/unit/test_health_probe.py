@@ -33,4 +33,4 @@ def test_socket_and_target_exclude_each_other(capsys: pytest.CaptureFixture[str]
 
 
 def test_default_socket_is_the_pods() -> None:
-    assert health_probe.DEFAULT_SOCKET == "/var/run/asc/extproc.sock"
+    assert health_probe.DEFAULT_SOCKET == "/run/asc/extproc.sock"
