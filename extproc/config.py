@@ -49,6 +49,7 @@ from extproc.config_schema import (
     FailoverSettings,
     KekSpec,
     Limits,
+    MetricsSettings,
     ModelSpec,
     OrgBudgetSpec,
     PriceSpec,
@@ -61,6 +62,7 @@ from extproc.config_schema import (
     SecretsSpec,
     TenantBudgetSpec,
     TenantSpec,
+    TracingSettings,
     field_paths,
     json_schema,
     kind_of,
@@ -82,6 +84,7 @@ __all__ = [
     "GatewayConfig",
     "KekSettings",
     "Limits",
+    "MetricsConfig",
     "Model",
     "Price",
     "Probe",
@@ -290,6 +293,28 @@ class Tenant:
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
 
 
+OTHER_TENANT_LABEL: Final = "other"
+"""The `tenant` label of tenants past `metrics.max_tenant_labels`."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The tenant label cardinality guard, compiled: which tenant ids may be a label value.
+
+    Every tenant label multiplies the series of each request metric (by provider, region,
+    model, status, histogram buckets), so a config with thousands of tenants keeps only the
+    first `max_tenant_labels` (file order: the operator chooses who is named); the others
+    share `other`. Tenants are known from the config, so there is no first-come choice that
+    a reload or a restart would shuffle.
+    """
+
+    max_tenant_labels: int = 100
+    labelled_tenants: frozenset[str] = frozenset()
+
+    def tenant_label(self, tenant: str) -> str:
+        return tenant if tenant in self.labelled_tenants else OTHER_TENANT_LABEL
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     source: str
@@ -305,6 +330,8 @@ class GatewayConfig:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingSettings | None = None
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -668,6 +695,11 @@ def _policy(spec: RouteSpec) -> RoutePolicy:
 _T = typing.TypeVar("_T")
 
 
+def _metrics_config(spec: MetricsSettings, tenants: Mapping[str, Tenant]) -> MetricsConfig:
+    named = frozenset(list(tenants)[:spec.max_tenant_labels])
+    return MetricsConfig(max_tenant_labels=spec.max_tenant_labels, labelled_tenants=named)
+
+
 def _absent_or(value: _T) -> _T | None:
     """A required field of a spec that may be a partial entry (`_partial`): None there."""
     return value
@@ -748,6 +780,8 @@ class _Compiler:
             tenants=tenants,
             failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
+            metrics=_metrics_config(doc.metrics or MetricsSettings(), tenants),
+            tracing=doc.tracing,
         )
 
     def file(self, name: str) -> Path:

@@ -59,6 +59,7 @@ __all__ = [
     "KekSpec",
     "KeySpec",
     "Limits",
+    "MetricsSettings",
     "ModelSpec",
     "OrgBudgetSpec",
     "OrgSpec",
@@ -74,6 +75,7 @@ __all__ = [
     "SecretsSpec",
     "TenantBudgetSpec",
     "TenantSpec",
+    "TracingSettings",
     "field_paths",
     "json_schema",
     "json_schema_text",
@@ -682,6 +684,38 @@ class DeploymentHealthSettings(_Spec):  # also the runtime object
         "null: latency never opens a breaker.")
 
 
+class MetricsSettings(_Spec):
+    """Prometheus metrics (docs/observability.md)."""
+
+    max_tenant_labels: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        default=100, description="Cardinality guard: only the first N tenants of `tenants` "
+        "(file order) keep their id as the `tenant` label of request metrics; the others "
+        "are counted as `other`.")
+
+
+def _otlp_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise problem(((), "not an http(s) URL with a host", "e.g. http://127.0.0.1:4318/v1/traces"))
+    if parts.username or parts.password:
+        raise problem(((), "must not carry credentials", ""))
+    return url
+
+
+class TracingSettings(_Spec):  # also the runtime object
+    """OpenTelemetry spans per request, exported over OTLP/HTTP (docs/observability.md).
+    Without this section nothing is traced or exported."""
+
+    otlp_endpoint: Annotated[Text, AfterValidator(_otlp_url)] = Field(
+        description="OTLP/HTTP traces endpoint of the collector, e.g. "
+        "http://127.0.0.1:4318/v1/traces.")
+    service_name: Text = Field(default="asc-extproc",
+                               description="The `service.name` resource attribute.")
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=1.0, description="Share of new traces recorded (a client's sampled "
+        "`traceparent` is always followed).")
+
+
 class RateLimitsSpec(_Spec):
     rpm: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         default=None, description="Requests per minute.")
@@ -787,6 +821,10 @@ class Document(_Spec):
                                            description="Gateway-wide budget settings.")
     deployment_health: DeploymentHealthSettings | None = Field(
         default=None, description="Circuit breakers of deployments.")
+    metrics: MetricsSettings | None = Field(
+        default=None, description="Prometheus metrics: the tenant label cardinality guard.")
+    tracing: TracingSettings | None = Field(
+        default=None, description="OpenTelemetry tracing; off without this section.")
     secrets: SecretsSpec | None = Field(default=None, description="KEK, record store and keyring "
                                         "cache; needed by keyring credentials.")
     credentials: dict[Name, CredentialSpec] | None = Field(

@@ -103,6 +103,10 @@ class CounterGroup:
     amount: int
     resets_at: datetime
     ttl_s: int
+    scope: str = ""
+    """A budget rule's scope (`org`, `tenant`, `key`, `model`); "" for rate limits."""
+    window: str = ""
+    """A budget rule's window (`day`, `month`, `rolling`); "" for rate limits."""
 
     def retry_after_s(self, now: datetime) -> int:
         return max(1, math.ceil((self.resets_at - now).total_seconds()))
@@ -148,11 +152,13 @@ def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now
         keys = tuple(f"{base}:r{period}:{current - i}" for i in range(count))
         resets = datetime.fromtimestamp((current + 1) * bucket_s, tz=UTC)
         return CounterGroup(rule.describe(), "usd", keys, rule.limit_micro_usd, cost, resets,
-                            ttl_s=period + 2 * bucket_s)
+                            ttl_s=period + 2 * bucket_s, scope=rule.scope.value,
+                            window=rule.window.value)
     window_id, resets = _calendar(rule.window, now.astimezone(zone))
     ttl = int((resets - now).total_seconds()) + 7 * 86400  # kept a week for `budget show`
     return CounterGroup(rule.describe(), "usd", (f"{base}:{window_id}",),
-                        rule.limit_micro_usd, cost, resets, ttl_s=ttl)
+                        rule.limit_micro_usd, cost, resets, ttl_s=ttl, scope=rule.scope.value,
+                        window=rule.window.value)
 
 
 def tenant_limits(budget: TenantBudget, *, now: datetime,
