@@ -23,6 +23,7 @@ from extproc.envoy_bootstrap import (
     render_yaml,
 )
 from extproc.envoy_identity import IdentityOptionError, MeshListener, identity_options
+from extproc.health_probe import add_health_command
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, resolve_secret
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(key_commands)
 
     add_budget_commands(commands)
+    add_health_command(commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
