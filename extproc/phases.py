@@ -79,6 +79,7 @@ from extproc.translate.base import (
     retry_after_headers,
     translator_for,
 )
+from extproc.translate.gemini import key_verdict_status
 from extproc.translate.headers import provider_account_headers, unforwarded_request_headers
 from extproc.translate.limits import OutputLimit
 
@@ -519,12 +520,8 @@ class RequestProcessor:
             self._follow_failover()
         else:
             self._report_deployment(status)
-        if self._selected is not None:
-            # key_evidence: nothing client-controlled beyond the built-in header allow-list
-            # reached the provider (False once extension headers are forwarded).
-            await self._runtime.keys.report(
-                self._selected, status, key_evidence=not self.forwarded_extension_headers,
-                retry_after=headers.get("retry-after"))
+        if self._selected is not None and not self._key_verdict_in_body(status, message):
+            await self._report_key(status)
         content_type = headers.get("content-type", "")
         if status >= 400:
             if message.end_of_stream:
@@ -554,6 +551,22 @@ class RequestProcessor:
         else:
             self._complete = True  # the body passes through without us
         return reply
+
+    def _key_verdict_in_body(self, status: int, message: Headers | None) -> bool:
+        """True when only the error body tells whether the key failed: Gemini answers an
+        invalid key with 400 (`key_verdict_status`), so its 400s wait for their body."""
+        return (status == 400 and self.route is not None
+                and Backend(self.route.provider.kind) is Backend.GEMINI
+                and (message is None or not message.end_of_stream))
+
+    async def _report_key(self, status: int) -> None:
+        """The provider's answer with this key, for pool health and canary rollback.
+        key_evidence: nothing client-controlled beyond the built-in header allow-list
+        reached the provider (False once extension headers are forwarded)."""
+        assert self._selected is not None
+        await self._runtime.keys.report(
+            self._selected, status, key_evidence=not self.forwarded_extension_headers,
+            retry_after=self._upstream_headers.get("retry-after"))
 
     def _follow_failover(self) -> None:
         """The answer came from another attempt than the one this processor prepared: a
@@ -644,6 +657,9 @@ class RequestProcessor:
         body = message.body
         self._complete = True
         if self.upstream_status is not None and self.upstream_status >= 400:
+            if self._selected is not None and self._key_verdict_in_body(
+                    self.upstream_status, None):
+                await self._report_key(key_verdict_status(self.upstream_status, body))
             return self._provider_error(body)  # scrubbed and cut short anyway
         if not message.end_of_stream or len(body) > self._config.limits.max_response_bytes:
             return self._answer_too_large()
