@@ -263,6 +263,8 @@ class Model:
     deployments: tuple[Deployment, ...]
     output_limit_field: str | None = None
     """`max_tokens` or `max_completion_tokens` on the wire; None: by model family."""
+    kind: str = "chat"
+    """chat, or embedding (POST /v1/embeddings only; see `extproc.endpoints`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +290,8 @@ class Tenant:
     """BYOK: provider name -> this tenant's own keyring credentials (scope tenant:<id>)."""
     max_tokens: int | None = None
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
+    responses_store: bool = False
+    """POST /v1/responses may keep `store: true` / `previous_response_id` (decision 0112)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,7 +654,7 @@ def _issues(error: Any, lines: Mapping[str, int]) -> list[ConfigIssue]:
 
 def _price(spec: PriceSpec) -> Price:
     return Price(input_micro_per_mtok=spec.input_per_mtok,
-                 output_micro_per_mtok=spec.output_per_mtok,
+                 output_micro_per_mtok=spec.output_per_mtok or 0,
                  cached_input_micro_per_mtok=(spec.input_per_mtok
                                               if spec.cached_input_per_mtok is None
                                               else spec.cached_input_per_mtok),
