@@ -326,7 +326,8 @@ def test_responses_streamed_is_charged_its_usage(matrix: Matrix, backend: str) -
     assert "".join(pieces) == REPLY
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[-1] == "response.completed"
-    assert final is not None and final.usage is not None
+    assert final is not None
+    assert final.usage is not None
     assert final.output_text == REPLY
     assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 4)
     assert matrix.charged(before) == CHAT_COST
@@ -368,7 +369,7 @@ def test_responses_store_is_refused_without_the_tenant_flag(matrix: Matrix) -> N
     for field, value in (("store", True), ("previous_response_id", "resp_other")):
         with pytest.raises(openai.BadRequestError) as caught:
             matrix.openai().responses.create(model="m-openai", input=PROMPT,
-                                             **{field: value})  # type: ignore[arg-type]
+                                             extra_body={field: value})
         assert caught.value.body["param"] == field  # type: ignore[index]
     assert matrix.recorded("openai") == []
     stored = matrix.openai("t3").responses.create(model="m-openai", input=PROMPT, store=True)
