@@ -49,6 +49,7 @@ class Matrix:
     base_url: str
     emulators: dict[str, int]
     redis_port: int
+    stack: Stack
 
     def recorded(self, backend: str) -> list[dict[str, Any]]:
         port = self.emulators["mistral" if backend == "mistral" else "main"]
@@ -146,7 +147,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         stack.start_envoy(render_yaml(load_config(config_path), ports),
                           listen_port=listen_port, admin_socket=admin_socket)
         yield Matrix(f"http://127.0.0.1:{listen_port}",
-                     {"main": main_port, "mistral": mistral_port}, redis_port)
+                     {"main": main_port, "mistral": mistral_port}, redis_port, stack)
 
 
 def _only_request(matrix: Matrix, backend: str) -> dict[str, Any]:
@@ -425,3 +426,13 @@ def test_base64_embedding_bytes_are_the_providers(matrix: Matrix) -> None:
     encoded = response.json()["data"][0]["embedding"]
     vector = embedding_vector(0, "abc", DEFAULT_DIMENSIONS)
     assert base64.b64decode(encoded) == struct.pack(f"<{DEFAULT_DIMENSIONS}f", *vector)
+
+
+def test_no_secret_in_any_log_after_the_matrix(matrix: Matrix) -> None:
+    """Last in the file: every endpoint above ran; no process logged a key or the pepper."""
+    canaries = [PEPPER, *KEYS.values(), *PROVIDER_KEYS.values()]
+    leaks = [(process.name, canary[:14]) for process in matrix.stack.processes
+             for canary in canaries if canary in process.log_text()]
+    assert leaks == []
+    assert any("embeddings" in p.log_text() for p in matrix.stack.processes
+               if p.name.startswith("extproc"))
