@@ -291,3 +291,46 @@ async def test_responses_hold_max_output_tokens_and_force_store_off() -> None:
     assert dict(reply.set_headers)[":path"] == "/v1/responses"
     [held] = guard.reserved
     assert held["estimated_tokens"] == request.estimated_input_tokens + 100
+
+
+# -- config -------------------------------------------------------------------------------
+
+def test_a_chat_model_needs_an_output_price_an_embedding_model_does_not() -> None:
+    from extproc.config import ConfigError
+
+    broken = CONFIG.replace("  chat-o:\n    price: {input_per_mtok: 100, output_per_mtok: 2000}",
+                            "  chat-o:\n    price: {input_per_mtok: 100}")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(broken)
+    assert [(i.path, i.message, i.hint) for i in caught.value.issues] == [
+        ("models.chat-o.price.output_per_mtok", "is required for a chat model",
+         "embedding models set kind: embedding")]
+    model = parse_config(CONFIG).models["emb-o"]
+    assert (model.kind, model.price.input_micro_per_mtok, model.price.output_micro_per_mtok) == (
+        "embedding", 50_000_000, 0)
+
+
+def test_an_unknown_model_kind_is_refused() -> None:
+    from extproc.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(CONFIG.replace("kind: embedding", "kind: rerank", 1))
+    assert [(i.path, i.message) for i in caught.value.issues] == [
+        ("models.emb-o.kind", "must be chat or embedding, got 'rerank'")]
+
+
+async def test_new_endpoints_keep_residency() -> None:
+    """A zone-eu tenant's Responses request goes to the eu deployment (tests/unit/
+    test_phases.py config: gpt-4o-mini in us and eu)."""
+    from tests.unit.test_phases import make_processor, request_headers
+
+    request = make_processor()
+    await request.handle(dataclasses.replace(
+        request_headers("euco"), headers={**request_headers("euco").headers,
+                                          ":path": "/v1/responses"}))
+    reply = await request.handle(body({"model": "gpt-4o-mini", "input": "hi"}))
+    assert isinstance(reply, Continue)
+    sent = dict(reply.set_headers)
+    assert (sent["x-asc-cluster"], sent[":path"]) == ("prov_eu", "/openai/v1/responses")
+    assert reply.body is not None
+    assert json.loads(reply.body)["model"] == "gpt-4o-mini-eu"
