@@ -81,7 +81,8 @@ __all__ = [
     "problem",
 ]
 
-ProviderKind = Literal["openai", "openai_compatible", "mistral", "azure", "anthropic"]
+ProviderKind = Literal[
+    "openai", "openai_compatible", "mistral", "azure", "anthropic", "gemini"]
 SUPPORTED_PROVIDER_KINDS: Final = get_args(ProviderKind)
 """Provider kinds (`translate.base.Backend` values). Only `openai_compatible` may run
 without a credential (self-hosted servers without auth)."""
@@ -454,6 +455,9 @@ def _base_url(url: str) -> str:
     if parts.path.rstrip("/").endswith("/v1"):
         raise problem(((), "must not end in /v1",
                        "the gateway appends the API path (/v1/chat/completions) itself"))
+    if parts.path.rstrip("/").endswith("/v1beta"):
+        raise problem(((), "must not end in /v1beta",
+                       "the gateway appends Gemini's API path (/v1beta/models/...) itself"))
     return url
 
 

@@ -100,6 +100,7 @@ _AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
     Backend.MISTRAL: ("authorization", "Bearer "),
     Backend.AZURE: ("api-key", ""),
     Backend.ANTHROPIC: ("x-api-key", ""),
+    Backend.GEMINI: ("x-goog-api-key", ""),
 }
 
 _PROVIDER_HEADERS: Final = frozenset({

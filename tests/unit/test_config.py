@@ -108,6 +108,7 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "base_url_query": [(BASE_URL, NO_QUERY)],
     "base_url_credentials": [(BASE_URL, NO_QUERY)],
     "base_url_v1": [(BASE_URL, "must not end in /v1")],
+    "base_url_v1beta": [(BASE_URL, "must not end in /v1beta")],
     # providers
     "unsupported_provider_kind": [
         ("providers.prov-us.kind", "provider kind 'bedrock' is not supported yet"),
