@@ -110,18 +110,23 @@ _OPENAI_SHAPED: Final = (Backend.OPENAI, Backend.OPENAI_COMPATIBLE, Backend.MIST
 SUPPORT: Final[Mapping[tuple[Endpoint, Backend], Support]] = {
     **{(Endpoint.CHAT, b): Support.SERVED for b in _OPENAI_SHAPED},
     (Endpoint.CHAT, Backend.ANTHROPIC): Support.TRANSLATED,
+    (Endpoint.CHAT, Backend.GEMINI): Support.TRANSLATED,
     **{(Endpoint.MESSAGES, b): Support.TRANSLATED for b in _OPENAI_SHAPED},
     (Endpoint.MESSAGES, Backend.ANTHROPIC): Support.SERVED,
+    (Endpoint.MESSAGES, Backend.GEMINI): Support.TRANSLATED,
     **{(Endpoint.EMBEDDINGS, b): Support.SERVED for b in _OPENAI_SHAPED},
     (Endpoint.EMBEDDINGS, Backend.ANTHROPIC): Support.REFUSED,
+    # Gemini's embedContent is another API shape, not translated yet.
+    (Endpoint.EMBEDDINGS, Backend.GEMINI): Support.REFUSED,
     (Endpoint.RESPONSES, Backend.OPENAI): Support.SERVED,
     (Endpoint.RESPONSES, Backend.AZURE): Support.SERVED,
     (Endpoint.RESPONSES, Backend.MISTRAL): Support.TRANSLATED,
     (Endpoint.RESPONSES, Backend.OPENAI_COMPATIBLE): Support.TRANSLATED,
     (Endpoint.RESPONSES, Backend.ANTHROPIC): Support.TRANSLATED,
+    (Endpoint.RESPONSES, Backend.GEMINI): Support.TRANSLATED,
     (Endpoint.COUNT_TOKENS, Backend.ANTHROPIC): Support.SERVED,
-    **{(Endpoint.COUNT_TOKENS, b): Support.GATEWAY for b in _OPENAI_SHAPED},
-    **{(Endpoint.MODELS, b): Support.GATEWAY for b in (*_OPENAI_SHAPED, Backend.ANTHROPIC)},
+    **{(Endpoint.COUNT_TOKENS, b): Support.GATEWAY for b in (*_OPENAI_SHAPED, Backend.GEMINI)},
+    **{(Endpoint.MODELS, b): Support.GATEWAY for b in Backend},
 }
 
 

@@ -17,7 +17,7 @@ shares: any tenant that learns a response id could read or continue it through
 * `previous_response_id` and `conversation` are refused with 400 naming the field: they
   read stored state; send the whole conversation in `input` instead.
 
-Translation (`ResponsesToChat`: Anthropic, Mistral, OpenAI-compatible): the request is
+Translation (`ResponsesToChat`: Anthropic, Gemini, Mistral, OpenAI-compatible): the request is
 rewritten as a Chat Completions request and handed to the OpenAI door's translator for
 the backend (`translator_for(Dialect.OPENAI, backend)`), whose answer (JSON or Chat SSE)
 is rewritten as a Responses object or as `response.*` events. Translated:
@@ -47,8 +47,7 @@ from typing import Any, Final
 
 from extproc.errors import Dialect
 from extproc.translate import limits
-from extproc.translate.openai_anthropic import OpenAIToAnthropic
-from extproc.translate.openai_passthrough import OpenAIPassthrough
+from extproc.translate.base import translator_for
 from extproc.translate.provider_errors import map_provider_error, scrubbed_stream_error
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
 from extproc.translate.types import (
@@ -598,8 +597,7 @@ class ResponsesToChat(_ResponsesDoorRules):
         del store_allowed  # nothing is stored on a translated backend: store is refused
         self.backend = backend
         self._clock = clock
-        self._inner: Translator = (OpenAIToAnthropic() if backend is Backend.ANTHROPIC
-                                   else OpenAIPassthrough(backend))
+        self._inner: Translator = translator_for(Dialect.OPENAI, backend)
         self._shell: _Shell | None = None
 
     def request(

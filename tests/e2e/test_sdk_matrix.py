@@ -34,8 +34,8 @@ PEPPER = "sdk-matrix-pepper-" + secrets.token_hex(6)
 KEYS = {tenant: f"sk-canary-tenant-{tenant}-" + secrets.token_hex(8)
         for tenant in ("t1", "t2", "t3")}
 PROVIDER_KEYS = {kind: f"sk-canary-{kind}-" + secrets.token_hex(8)
-                 for kind in ("openai", "anthropic", "azure", "mistral", "compat")}
-BACKENDS = ("openai", "anthropic", "azure", "mistral", "compat")
+                 for kind in ("openai", "anthropic", "azure", "mistral", "compat", "gemini")}
+BACKENDS = ("openai", "anthropic", "azure", "mistral", "compat", "gemini")
 EMBEDDING_BACKENDS = ("openai", "azure", "mistral", "compat")
 REPLY = "Hello from the emulator."
 PROMPT = "Hello there"  # 11 characters: 3 prompt tokens in every emulator shape
@@ -52,7 +52,7 @@ class Matrix:
     stack: Stack
 
     def recorded(self, backend: str) -> list[dict[str, Any]]:
-        port = self.emulators["mistral" if backend == "mistral" else "main"]
+        port = self.emulators[backend if backend in ("mistral", "gemini") else "main"]
         found: list[dict[str, Any]] = httpx.get(
             f"http://127.0.0.1:{port}/_emulator/requests", timeout=5).json()["requests"]
         return found
@@ -85,11 +85,13 @@ class Matrix:
         return anthropic.Anthropic(base_url=self.base_url, api_key=KEYS[tenant], max_retries=0)
 
 
-def _config(main_port: int, mistral_port: int, redis_port: int) -> dict[str, Any]:
+def _config(main_port: int, mistral_port: int, gemini_port: int,
+            redis_port: int) -> dict[str, Any]:
     main, mistral = f"http://127.0.0.1:{main_port}", f"http://127.0.0.1:{mistral_port}"
     kinds = {"openai": ("openai", main), "anthropic": ("anthropic", main),
              "azure": ("azure", main), "mistral": ("mistral", mistral),
-             "compat": ("openai_compatible", main)}
+             "compat": ("openai_compatible", main),
+             "gemini": ("gemini", f"http://127.0.0.1:{gemini_port}")}
     providers = {f"p-{name}": {"kind": kind, "base_url": url, "region": "eu-west-1",
                                "zone": "eu", "cluster": f"c_{name}",
                                "credentials": [f"k-{name}"]}
@@ -132,11 +134,13 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         _, redis_port = stack.start_redis()
         _, main_port = stack.start_emulator(keys)
         _, mistral_port = stack.start_emulator(keys, extra_args=("--shape", "mistral"))
+        _, gemini_port = stack.start_emulator(keys, extra_args=("--shape", "gemini"))
         config_dir = workdir / "config"
         config_dir.mkdir()
         (config_dir / "pepper.txt").write_text(PEPPER, encoding="utf-8")
         config_path = config_dir / "asc.yaml"
-        config_path.write_text(yaml.safe_dump(_config(main_port, mistral_port, redis_port)),
+        config_path.write_text(yaml.safe_dump(_config(main_port, mistral_port, gemini_port,
+                                                       redis_port)),
                                encoding="utf-8")
         env = dict(stack.env, **{f"MATRIX_KEY_{k.upper()}": v
                                  for k, v in PROVIDER_KEYS.items()})
@@ -147,7 +151,8 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         stack.start_envoy(render_yaml(load_config(config_path), ports),
                           listen_port=listen_port, admin_socket=admin_socket)
         yield Matrix(f"http://127.0.0.1:{listen_port}",
-                     {"main": main_port, "mistral": mistral_port}, redis_port, stack)
+                     {"main": main_port, "mistral": mistral_port, "gemini": gemini_port},
+                     redis_port, stack)
 
 
 def _only_request(matrix: Matrix, backend: str) -> dict[str, Any]:
@@ -155,10 +160,12 @@ def _only_request(matrix: Matrix, backend: str) -> dict[str, Any]:
     from extproc.emulator.app import key_fingerprint
 
     [seen] = matrix.recorded(backend)
-    auth = {"anthropic": "x-api-key", "azure": "api-key"}.get(backend, "authorization")
+    auth = {"anthropic": "x-api-key", "azure": "api-key",
+            "gemini": "x-goog-api-key"}.get(backend, "authorization")
     prefix = "Bearer " if auth == "authorization" else ""
     assert seen["headers"][auth] == prefix + key_fingerprint(PROVIDER_KEYS[backend])
-    assert not ({"authorization", "x-api-key", "api-key"} - {auth}) & set(seen["headers"])
+    others = {"authorization", "x-api-key", "api-key", "x-goog-api-key"} - {auth}
+    assert not others & set(seen["headers"])
     return seen
 
 
@@ -230,16 +237,20 @@ def test_embeddings_token_arrays_are_held_and_charged_by_count(matrix: Matrix) -
     assert matrix.charged(before) == 5 * 50
 
 
-def test_embeddings_on_anthropic_is_refused_and_sent_nowhere(matrix: Matrix) -> None:
+@pytest.mark.parametrize(("backend", "name"), [("anthropic", "Anthropic"),
+                                               ("gemini", "Gemini")])
+def test_embeddings_on_a_backend_without_them_are_refused_and_sent_nowhere(
+    matrix: Matrix, backend: str, name: str,
+) -> None:
     matrix.clear()
     with pytest.raises(openai.BadRequestError) as caught:
-        matrix.openai().embeddings.create(model="e-anthropic", input=PROMPT)
+        matrix.openai().embeddings.create(model=f"e-{backend}", input=PROMPT)
     assert caught.value.status_code == 400
     assert caught.value.body == {
         "message": "The endpoint POST /v1/embeddings is not available for the model "
-                   "'e-anthropic': Anthropic does not serve it.",
+                   f"'e-{backend}': {name} does not serve it.",
         "type": "invalid_request_error", "param": "model", "code": "invalid_request"}
-    assert matrix.recorded("anthropic") == []
+    assert matrix.recorded(backend) == []
 
 
 def test_a_chat_model_at_the_embeddings_endpoint_is_refused(matrix: Matrix) -> None:
@@ -305,7 +316,9 @@ def test_responses_plain_is_charged_its_usage(matrix: Matrix, backend: str) -> N
     assert matrix.charged(before) == CHAT_COST
     seen = _only_request(matrix, backend)
     expected_path = {"openai": "/v1/responses", "azure": "/openai/v1/responses",
-                     "anthropic": "/v1/messages"}.get(backend, "/v1/chat/completions")
+                     "anthropic": "/v1/messages",
+                     "gemini": "/v1beta/models/up-gemini:generateContent"}.get(
+                         backend, "/v1/chat/completions")
     assert seen["path"] == expected_path
     if backend in ("openai", "azure"):
         assert json.loads(seen["body"])["store"] is False  # forced for this tenant
@@ -335,7 +348,7 @@ def test_responses_streamed_is_charged_its_usage(matrix: Matrix, backend: str) -
     _only_request(matrix, backend)
 
 
-@pytest.mark.parametrize("backend", ["anthropic", "mistral", "openai"])
+@pytest.mark.parametrize("backend", ["anthropic", "mistral", "openai", "gemini"])
 def test_responses_function_tool_call(matrix: Matrix, backend: str) -> None:
     matrix.clear()
     tool = {"type": "function", "name": "get_weather", "description": "Weather for a city",
@@ -392,7 +405,7 @@ def test_count_tokens_by_anthropic_is_passed_through_and_not_charged(matrix: Mat
     assert matrix.charged(before) == 0
 
 
-@pytest.mark.parametrize("backend", ["openai", "mistral", "azure"])
+@pytest.mark.parametrize("backend", ["openai", "mistral", "azure", "gemini"])
 def test_count_tokens_elsewhere_is_the_gateways_estimate(matrix: Matrix, backend: str) -> None:
     matrix.clear()
     before = matrix.ledger()
