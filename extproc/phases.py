@@ -572,7 +572,15 @@ class RequestProcessor:
                                provider=provider,
                                reason=f"{self.route.reason}; served by {provider.name} "
                                       f"(attempt {answered.number})")
-            self._translator = self._translator_for(Backend(provider.kind))
+            translator = self._translator_for(Backend(provider.kind))
+            # Translators keep what the answer's translation needs from request() (a
+            # Responses request's echo, whether a client asked for usage): the same call
+            # that prepared this attempt, which did not raise then.
+            translator.request(self._request, upstream_model=deployment.model,
+                               api_version=provider.api_version,
+                               output_limit=self._output_limit or OutputLimit(
+                                   field=self.route.model.output_limit_field))
+            self._translator = translator
         if answered.selected is not None:
             self.credential = answered.selected.credential
             self._selected = answered.selected
