@@ -173,11 +173,12 @@ class UnknownEndpoint(GatewayError):
         self.dialect = dialect
 
 
-def models_answer(match: EndpointMatch, tenant: Tenant) -> bytes:
-    """The `GET /v1/models[/{id}]` answer for `tenant`, in the match's dialect."""
+def models_answer(match: EndpointMatch, allowed: frozenset[str]) -> bytes:
+    """The `GET /v1/models[/{id}]` answer for a principal that may use `allowed` (its
+    team's models, else its tenant's: `identity.allowed_models`), in the match's dialect."""
     if match.model_id is not None:
-        return model_body(match.model_id, tenant.models, match.dialect)
-    return models_body(tenant.models, match.dialect)
+        return model_body(match.model_id, allowed, match.dialect)
+    return models_body(allowed, match.dialect)
 
 
 def check_model(spec: EndpointSpec, model: Model, backend: Backend) -> None:
