@@ -31,7 +31,8 @@ from extproc.translate.embeddings import embedding_input_tokens
 from tests.unit.test_phases import FakeClock, RecordingGuard
 
 PEPPER = "pepper-endpoints-tests"
-KEYS = {"big": "sk-canary-tenant-big-XYZ", "small": "sk-canary-tenant-small-XYZ"}
+KEYS = {"big": "sk-canary-tenant-big-XYZ", "small": "sk-canary-tenant-small-XYZ",
+        "narrow": "sk-canary-tenant-big-narrow-XYZ"}
 ENVIRON = {"ASC_PEPPER": PEPPER, "KEY_O": "sk-canary-openai-XYZ", "KEY_A": "sk-canary-anth-XYZ"}
 CONFIG = f"""\
 version: 1
@@ -62,8 +63,11 @@ models:
     deployments: [{{provider: p-anthropic}}]
 tenants:
   big:
-    keys: [{{id: big-1, hash: "{hash_key(Secret(PEPPER), KEYS["big"])}"}}]
+    keys:
+      - {{id: big-1, hash: "{hash_key(Secret(PEPPER), KEYS["big"])}"}}
+      - {{id: big-2, team: narrow, hash: "{hash_key(Secret(PEPPER), KEYS["narrow"])}"}}
     models: [chat-o, chat-a, emb-o, emb-a]
+    teams: {{narrow: {{models: [chat-o]}}}}
     budgets: [{{scope: tenant, window: day, limit_usd: 10}}]
   small:
     keys: [{{id: small-1, hash: "{hash_key(Secret(PEPPER), KEYS["small"])}"}}]
@@ -173,6 +177,15 @@ async def test_models_list_is_answered_from_the_tenants_config() -> None:
         {"id": "emb-o", "object": "model", "created": 0, "owned_by": "asc"}]}
     assert reply.metadata is not None
     assert reply.metadata["answered"] == "models"
+
+
+async def test_a_teams_key_sees_its_teams_models_only() -> None:
+    reply = await processor().handle(headers("/v1/models", "GET", tenant="narrow"))
+    assert isinstance(reply, Respond)
+    assert [m["id"] for m in json.loads(reply.body)["data"]] == ["chat-o"]
+    refused = await processor().handle(headers("/v1/models/chat-a", "GET", tenant="narrow"))
+    assert isinstance(refused, Respond)
+    assert refused.status == 404
 
 
 async def test_anthropic_models_list_for_the_anthropic_sdk() -> None:
