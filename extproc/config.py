@@ -273,6 +273,8 @@ class Model:
     deployments: tuple[Deployment, ...]
     output_limit_field: str | None = None
     """`max_tokens` or `max_completion_tokens` on the wire; None: by model family."""
+    kind: str = "chat"
+    """chat, or embedding (POST /v1/embeddings only; see `extproc.endpoints`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +344,8 @@ class Tenant:
     mesh_identities: tuple[MeshIdentity, ...] = ()
     guardrails: GuardrailPolicy | None = None
     """Model, parameter, prompt size and PII rules (extproc.guardrails)."""
+    responses_store: bool = False
+    """POST /v1/responses may keep `store: true` / `previous_response_id` (decision 0112)."""
 
 
 OTHER_TENANT_LABEL: Final = "other"
@@ -731,7 +735,7 @@ def _issues(error: Any, lines: Mapping[str, int]) -> list[ConfigIssue]:
 
 def _price(spec: PriceSpec) -> Price:
     return Price(input_micro_per_mtok=spec.input_per_mtok,
-                 output_micro_per_mtok=spec.output_per_mtok,
+                 output_micro_per_mtok=spec.output_per_mtok or 0,
                  cached_input_micro_per_mtok=(spec.input_per_mtok
                                               if spec.cached_input_per_mtok is None
                                               else spec.cached_input_per_mtok),

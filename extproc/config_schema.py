@@ -534,7 +534,9 @@ class PriceSpec(_Spec):
     """USD per million tokens."""
 
     input_per_mtok: PerMtok = Field(description="Input (prompt) tokens.")
-    output_per_mtok: PerMtok = Field(description="Output (completion) tokens.")
+    output_per_mtok: PerMtok | None = Field(
+        default=None, description="Output (completion) tokens; required for chat models, "
+        "absent for embedding models (which produce no output tokens).")
     cached_input_per_mtok: PerMtok | None = Field(
         default=None, description="Cached input tokens (default: the input price).")
     cache_write_per_mtok: PerMtok | None = Field(
@@ -587,6 +589,26 @@ class ModelSpec(_Spec):
         "the gateway pick by model family")] | None = Field(
         default=None, description="Field that carries the output-token limit on the wire for this "
         "model; null: the translator decides by model family.")
+    kind: Annotated[Literal["chat", "embedding"], Rule(
+        invalid="must be chat or embedding, got {value!r}",
+        hint="embedding models serve POST /v1/embeddings only")] = Field(
+        default="chat", description="chat: served by the chat, messages and responses "
+        "endpoints; embedding: served by /v1/embeddings only, priced per input token.")
+
+    @model_validator(mode="after")
+    def _output_price(self) -> ModelSpec:
+        if self.kind == "chat":
+            issues: list[Issue] = []
+            if self.price.output_per_mtok is None:
+                issues.append((("price", "output_per_mtok"), "is required for a chat model",
+                               "embedding models set kind: embedding"))
+            for index, dep in enumerate(self.deployments):
+                if dep.price is not None and dep.price.output_per_mtok is None:
+                    issues.append((("deployments", index, "price", "output_per_mtok"),
+                                   "is required for a chat model", ""))
+            if issues:
+                raise problem(*issues)
+        return self
 
 
 # --- orgs, tenants -----------------------------------------------------------------------
@@ -951,6 +973,10 @@ class TenantSpec(_Spec):
         json_schema_extra={"x-key": "<team>"})
     mesh_identities: list[MeshIdentitySpec] | None = Field(
         default=None, description="Workloads (SPIFFE ids of mTLS peers) of the tenant.")
+    responses_store: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="POST /v1/responses may store responses upstream "
+        "(`store: true`, `previous_response_id`). Stored responses live on the gateway's "
+        "provider account, shared by every tenant: off by default (decision 0112).")
 
     @model_validator(mode="after")
     def _teams_known(self) -> TenantSpec:

@@ -193,24 +193,34 @@ def _local_reply_config() -> dict[str, Any]:
     are passed through unchanged by the first mapper.
     """
     return {
-        "mappers": [{
-            "filter": {"metadata_filter": {
-                "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "error"}],
-                            "value": {"present_match": True}},
-                # The default (true) would match every reply that lacks the key.
-                "match_if_key_not_found": False,
-            }},
-            "body_format_override": {
-                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                "content_type": "application/json",
-            },
-        }, *(
+        "mappers": [*(_own_reply_mapper(key) for key in _OWN_REPLY_KEYS), *(
             {"filter": {"status_code_filter": {"comparison": {
                 "op": "EQ", "value": {"default_value": status, "runtime_key": "asc.unused"}}}},
              "body_format_override": _openai_error_format(message)}
             for status, message in _ENVOY_ERROR_MESSAGES
         )],
         "body_format": _openai_error_format("%LOCAL_REPLY_BODY%"),
+    }
+
+
+_OWN_REPLY_KEYS: Final = ("error", "answered")
+"""Metadata keys of the gateway's own replies: `error` on errors, `answered` on the 200s
+it answers itself (model lists, estimated token counts; `extproc.endpoints`)."""
+
+
+def _own_reply_mapper(key: str) -> dict[str, Any]:
+    """Passes a reply of the gateway (it carries `asc.<key>`) through unchanged."""
+    return {
+        "filter": {"metadata_filter": {
+            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": key}],
+                        "value": {"present_match": True}},
+            # The default (true) would match every reply that lacks the key.
+            "match_if_key_not_found": False,
+        }},
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        },
     }
 
 

@@ -26,6 +26,19 @@ from extproc.budgets.guard import Hold
 from extproc.config import Deployment, Price, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
+from extproc.endpoints import (
+    ENDPOINTS,
+    SUPPORT,
+    Endpoint,
+    EndpointSpec,
+    Support,
+    UnknownEndpoint,
+    check_model,
+    gateway_answer,
+    match_endpoint,
+    models_answer,
+    translator_for_endpoint,
+)
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.failover import (
     FLIGHTS,
@@ -75,9 +88,7 @@ from extproc.translate.base import (
     StreamTranslator,
     Translator,
     Usage,
-    front_door_for,
     retry_after_headers,
-    translator_for,
 )
 from extproc.translate.gemini import key_verdict_status
 from extproc.translate.headers import provider_account_headers, unforwarded_request_headers
@@ -164,6 +175,9 @@ class RequestProcessor:
         self._started = clock()
         self.request_id = uuid.uuid4().hex
         self.dialect = Dialect.OPENAI
+        self.endpoint: str = Endpoint.CHAT.value
+        """What the client called (`extproc.endpoints.Endpoint` values)."""
+        self._endpoint: EndpointSpec = ENDPOINTS[("POST", "/v1/chat/completions")]
         self.principal: Principal | None = None
         self.model_asked: str | None = None
         self.route: Route | None = None
@@ -239,14 +253,19 @@ class RequestProcessor:
                                    if name in headers}
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
-        dialect = front_door_for(path)
-        if dialect is not None:
-            self.dialect = dialect
-        if dialect is None or method != "POST":
-            raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
+        try:
+            match = match_endpoint(method, path, headers)
+        except UnknownEndpoint as exc:
+            self.dialect = exc.dialect
+            raise
+        self.dialect = match.dialect
+        self._endpoint = match.spec
+        self.endpoint = match.spec.endpoint.value
         route_sources, route_metadata = route_identity(message.route_metadata)
         self.principal = authenticate(self._runtime.tenants, self._config.identity, message,
                                       route_sources)
+        if match.spec.endpoint is Endpoint.MODELS:  # from config: no provider, no budget
+            return self._answer(models_answer(match, allowed_models(self.principal)))
         self._route_override = RouteOverride.from_metadata(route_metadata)
         self._route_guardrails = route_guardrails(self._config.guardrail_profiles,
                                                   message.route_metadata)
@@ -296,7 +315,8 @@ class RequestProcessor:
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"Request body exceeds the limit of {self._config.limits.max_body_bytes} bytes.",
             )
-        request = _parse_chat_request(message.body)
+        spec = self._endpoint
+        request = _parse_chat_request(message.body, spec.body_field or "messages")
         model_name: str = request["model"]
         model = self._config.models.get(model_name)
         if model is None:
@@ -328,9 +348,14 @@ class RequestProcessor:
         # finish().
         self._deployment_permit = self._runtime.health.allow(route.key)
         backend = Backend(route.provider.kind)
+        check_model(spec, model, backend)
+        answer = gateway_answer(spec, backend, message.body)
+        if answer is not None:
+            return self._answer(answer)
         # Everything that can refuse the request without side effects comes first:
         # translation (400s), then the key (503); the budget hold is the last step.
-        translator = translator_for(self.dialect, backend)
+        translator = translator_for_endpoint(spec, self.dialect, backend,
+                                             tenant=principal.tenant)
         self._translator = translator
         tenant_cap = tighter(principal.tenant.max_tokens, policy.max_tokens)
         asked = translator.output_limit(request, cap=tenant_cap or _MAX_TOKENS_SANITY_BOUND)
@@ -354,7 +379,7 @@ class RequestProcessor:
         except RecursionError:
             raise GatewayError(ErrorCode.INVALID_REQUEST, _TOO_DEEP) from None
         auth = await self._provider_auth(route.provider, principal)
-        if budget is not None:
+        if budget is not None and spec.budgeted:
             self.estimated_input_tokens = translator.input_estimate(message.body)
             output_tokens = max_tokens * choices  # the provider bills every choice
             price = route.price
@@ -408,13 +433,16 @@ class RequestProcessor:
         route = self.route
         assert route is not None
         settings = self._config.failover
-        if settings.max_attempts <= 1 or not has_failover_cluster(
+        if settings.max_attempts <= 1 or not self._endpoint.failover or not has_failover_cluster(
                 self._config, route.model, route.deployment):
             return route.provider.cluster, (), 0
         fallbacks = [f.deployment for f in self.route_decision.fallbacks] \
             if self.route_decision is not None else []
         cluster, chain, retries = ordered_chain(self._config, route.model,
                                                 route.deployment, fallbacks)
+        if any(self._support(Backend(provider.kind)) is Support.REFUSED
+               for _, provider in chain):  # one deployment's backend could not take it
+            return route.provider.cluster, (), 0
         keyring = self._runtime.keys.keyring
         if (self._selected is not None and keyring is not None
                 and keyring.is_canary(self._selected.credential, self._selected.scope)):
@@ -449,7 +477,7 @@ class RequestProcessor:
         assert self.principal is not None
         assert self.route is not None
         backend = Backend(provider.kind)
-        translator = translator_for(self.dialect, backend)
+        translator = self._translator_for(backend)
         upstream = translator.request(self._request, upstream_model=deployment.model,
                                       api_version=provider.api_version,
                                       output_limit=self._output_limit or OutputLimit(
@@ -477,6 +505,23 @@ class RequestProcessor:
             if name not in ours and not name.startswith("x-envoy-"))
         return PreparedAttempt(set_headers=set_headers, remove_headers=sorted(remove),
                                body=upstream.body, selected=selected)
+
+    def _support(self, backend: Backend) -> Support:
+        return SUPPORT.get((self._endpoint.endpoint, backend), Support.REFUSED)
+
+    def _translator_for(self, backend: Backend) -> Translator:
+        assert self.principal is not None
+        return translator_for_endpoint(self._endpoint, self.dialect, backend,
+                                       tenant=self.principal.tenant)
+
+    def _answer(self, body: bytes) -> Respond:
+        """The gateway's own 200 answer (model lists, estimated token counts)."""
+        self._complete = True
+        self.status = 200
+        # `answered` tells Envoy's local_reply_config to pass the body through unchanged.
+        return Respond(status=200, body=body, headers=[_JSON, *self._tag_headers()],
+                       details="asc_answered_by_gateway",
+                       metadata={**self._metadata(), "answered": self.endpoint})
 
     async def _provider_auth(self, provider: Provider,
                              principal: Principal) -> list[tuple[str, str]]:
@@ -587,7 +632,15 @@ class RequestProcessor:
                                provider=provider,
                                reason=f"{self.route.reason}; served by {provider.name} "
                                       f"(attempt {answered.number})")
-            self._translator = translator_for(self.dialect, Backend(provider.kind))
+            translator = self._translator_for(Backend(provider.kind))
+            # Translators keep what the answer's translation needs from request() (a
+            # Responses request's echo, whether a client asked for usage): the same call
+            # that prepared this attempt, which did not raise then.
+            translator.request(self._request, upstream_model=deployment.model,
+                               api_version=provider.api_version,
+                               output_limit=self._output_limit or OutputLimit(
+                                   field=self.route.model.output_limit_field))
+            self._translator = translator
         if answered.selected is not None:
             self.credential = answered.selected.credential
             self._selected = answered.selected
@@ -855,6 +908,7 @@ class RequestProcessor:
                             if route is not None and self.usage is not None else None),
             estimated_input_tokens=self.estimated_input_tokens or None,
             dialect=self.dialect.value,
+            endpoint=self.endpoint,
             prompt_tokens=self.usage.input_tokens if self.usage else None,
             cached_prompt_tokens=self.usage.cached_input_tokens if self.usage else None,
             completion_tokens=self.usage.output_tokens if self.usage else None,
@@ -986,7 +1040,7 @@ def _shown_model(name: str) -> str:
     return name[:_SHOWN_MODEL_CHARS] + "..."
 
 
-def _parse_chat_request(body: bytes) -> dict[str, Any]:
+def _parse_chat_request(body: bytes, required: str = "messages") -> dict[str, Any]:
     if not body:
         raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
     try:
@@ -1013,10 +1067,13 @@ def _parse_chat_request(body: bytes) -> dict[str, Any]:
     if not isinstance(model, str) or not model:
         raise GatewayError(ErrorCode.INVALID_REQUEST, "'model' must be a non-empty string.",
                            param="model")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
+    messages = request.get(required)
+    if required == "messages" and (not isinstance(messages, list) or not messages):
         raise GatewayError(ErrorCode.INVALID_REQUEST, "'messages' must be a non-empty array.",
                            param="messages")
+    if messages is None:
+        raise GatewayError(ErrorCode.INVALID_REQUEST, f"'{required}' is required.",
+                           param=required)
     stream = request.get("stream", False)
     if not isinstance(stream, bool):
         raise GatewayError(ErrorCode.INVALID_REQUEST, "'stream' must be a boolean.",

@@ -192,7 +192,7 @@ def _error_cases() -> list[tuple[int, str]]:
         (13, not_allowed.replace('"gpt-4o"', '"gpt-5"')),
         (15, not_allowed),
         (16, no_max_tokens),
-        (17, "curl -s -w ' %{http_code}\\n' http://127.0.0.1:10000/v1/models "
+        (17, "curl -s -w ' %{http_code}\\n' http://127.0.0.1:10000/v1/files "
              "-H 'Authorization: Bearer sk-asc-demo-acme-key'"),
     ]
 

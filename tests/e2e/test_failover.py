@@ -556,3 +556,30 @@ def test_each_attempt_feeds_the_breaker_of_the_deployment_it_hit(tmp_path: Path)
             assert len(fo.emulators["anth-eu"].requests()) == 2
             assert fo.emulators["oai-us"].requests() == []
 
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_responses_fail_over_from_passthrough_to_translation(clean: FailoverStack,
+                                                             stream: bool) -> None:
+    """The Responses API passes through to OpenAI and is translated for Anthropic: a
+    failover between them answers in the Responses shape, from the fallback's usage."""
+    clean.emulators["oai-eu"].queue_fault(status=503)
+    response = clean.client.post("/v1/responses", json={
+        "model": "gpt-4o-mini", "input": "Hi", "stream": stream},
+        headers={"authorization": f"Bearer {TENANT_KEY}"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-asc-provider"] == "anth-eu"
+    if stream:
+        kinds = [json.loads(line[6:])["type"] for line in response.text.splitlines()
+                 if line.startswith("data: ")]
+        assert (kinds[0], kinds[-1]) == ("response.created", "response.completed")
+    else:
+        body = response.json()
+        assert (body["object"], body["status"]) == ("response", "completed")
+        assert body["output"][0]["content"][0]["text"] == "Hello from the emulator."
+    [first] = clean.emulators["oai-eu"].requests()
+    assert first["path"] == "/v1/responses"
+    (call,) = clean.emulators["anth-eu"].requests()
+    assert call["path"] == "/v1/messages"
+    assert json.loads(call["body"])["model"] == "claude-haiku-eu"
+    _assert_own_keys(clean)

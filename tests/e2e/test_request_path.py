@@ -180,11 +180,11 @@ def test_chunked_body_over_limit_is_413_not_a_hang(
 
 
 def test_unknown_endpoint_is_404(gateway: Gateway, emulator_clean: Emulator) -> None:
-    response = gateway.client.get("/v1/models", headers={"authorization": f"Bearer {ACME_KEY}"})
+    response = gateway.client.get("/v1/files", headers={"authorization": f"Bearer {ACME_KEY}"})
 
     assert response.status_code == 404
     assert response.json() == openai_error(
-        "Unknown endpoint: GET /v1/models", "not_found_error", "not_found")
+        "Unknown endpoint: GET /v1/files", "not_found_error", "not_found")
     assert emulator_clean.requests() == []
 
 

@@ -221,7 +221,8 @@ def test_issue_hints() -> None:
     assert caught.value.issues[0].hint == (
         "known fields: zone, keys, models, route_policy, routing, debug, org, budgets, "
         "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials, "
-        "guardrails, teams, mesh_identities")
+        "guardrails, teams, mesh_identities, "
+        "responses_store")
 
 
 VALID = f"""\
