@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import types
 import typing
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from extproc.config_schema import (
     MULTIPLE_CHOICES_MODES,
     OUTPUT_LIMIT_FIELDS,
     SUPPORTED_PROVIDER_KINDS,
+    AuditSpec,
     AuthSpec,
     BudgetSettings,
     CredentialSpec,
@@ -72,6 +74,7 @@ __all__ = [
     "OUTPUT_LIMIT_FIELDS",
     "SCHEMA",
     "SUPPORTED_PROVIDER_KINDS",
+    "AuditSettings",
     "BudgetSettings",
     "ConfigError",
     "ConfigIssue",
@@ -291,6 +294,28 @@ class Tenant:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """`audit:` compiled: paths resolved against the config file (docs/audit.md)."""
+
+    sinks: tuple[str, ...] = tuple(_default(AuditSpec, "sinks"))
+    dir: Path | None = None
+    """None: `audit/` under the working directory of the serving process."""
+    rotate_bytes: int = _default(AuditSpec, "rotate_bytes")
+    rotate_s: int = _default(AuditSpec, "rotate_s")
+    fsync: str = _default(AuditSpec, "fsync")
+    queue_size: int = _default(AuditSpec, "queue_size")
+    batch_records: int = _default(AuditSpec, "batch_records")
+    on_failure: str = _default(AuditSpec, "on_failure")
+    buffer_records: int = _default(AuditSpec, "buffer_records")
+    checkpoint_every: int = _default(AuditSpec, "checkpoint_every")
+    checkpoint_interval_s: int = _default(AuditSpec, "checkpoint_interval_s")
+    signing_key: Path | None = None
+    hmac_key: str = _default(AuditSpec, "hmac_key")
+    redis_stream: str = _default(AuditSpec, "redis_stream")
+    redis_maxlen: int = _default(AuditSpec, "redis_maxlen")
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     source: str
     pepper: CredentialRef
@@ -305,6 +330,9 @@ class GatewayConfig:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    digest: str = ""
+    """SHA-256 of the config file's bytes (hex): the audit record's `config_version`."""
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -313,10 +341,16 @@ def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate `path`; raises `ConfigError` listing every problem."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(source, [ConfigIssue("", f"cannot read file: {exc.strerror}")]) from None
-    return parse_config(text, source=source, base_dir=Path(path).resolve().parent)
+    except UnicodeDecodeError:
+        raise ConfigError(source, [ConfigIssue("", "cannot read file: not UTF-8")]) from None
+    config = parse_config(text.replace("\r\n", "\n").replace("\r", "\n"), source=source,
+                          base_dir=Path(path).resolve().parent)
+    # The file's own bytes, hashed once per load: the audit record's config version.
+    return dataclasses.replace(config, digest=hashlib.sha256(data).hexdigest())
 
 
 def parse_config(
@@ -748,7 +782,18 @@ class _Compiler:
             tenants=tenants,
             failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
+            audit=self.audit(doc.audit),
         )
+
+    def audit(self, spec: AuditSpec | None) -> AuditSettings:
+        if spec is None:
+            return AuditSettings()
+        if "redis" in spec.sinks and not self.present("redis"):
+            self.add("audit.sinks", "the redis sink needs Redis", "set redis.url")
+        return AuditSettings(**{
+            **_shared(spec, AuditSettings, "dir", "signing_key"),
+            "dir": self.file(spec.dir) if spec.dir else None,
+            "signing_key": self.file(spec.signing_key) if spec.signing_key else None})
 
     def file(self, name: str) -> Path:
         """A file reference: relative paths are relative to the config file."""

@@ -10,6 +10,10 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "AUDIT_BUFFERED",
+    "AUDIT_DROPPED",
+    "AUDIT_RECORDS",
+    "AUDIT_SINK_FAILURES",
     "BUDGET_OVERRUN",
     "BUDGET_RESERVATIONS",
     "BUDGET_SETTLE_FAILURES",
@@ -111,4 +115,24 @@ CONFIG_RELOADS: Final = Counter(
     "asc_config_reloads",
     "Config reload attempts; a failed reload keeps the previous config.",
     ["result"],
+)
+AUDIT_RECORDS: Final = Counter(
+    "asc_audit_records",
+    "Audit records (and checkpoints) written, by sink and entry type.",
+    ["sink", "type"],
+)
+AUDIT_SINK_FAILURES: Final = Counter(
+    "asc_audit_sink_failures",
+    "Audit sink writes that failed (the batch is kept and retried).",
+    ["sink"],
+)
+AUDIT_DROPPED: Final = Counter(
+    "asc_audit_dropped",
+    "Audit records lost because every buffer was full (policy buffer); each is also logged.",
+    ["reason"],
+)
+AUDIT_BUFFERED: Final = Gauge(
+    "asc_audit_buffered_records",
+    "Audit records waiting in memory for a sink (queue plus backlog).",
+    multiprocess_mode="livesum",
 )

@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import metrics
+from extproc.audit.record import record_from, source_address
+from extproc.audit.writer import AuditWriter
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
@@ -131,14 +133,20 @@ log = logging.getLogger("extproc.request")
 class RequestProcessor:
     """The gateway's decisions for one HTTP request."""
 
-    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
+                 audit: AuditWriter | None = None) -> None:
         self._runtime = runtime
+        self._audit = audit
         self._config = runtime.config
         self._clock = clock
         self._started = clock()
         self.request_id = uuid.uuid4().hex
         self.dialect = Dialect.OPENAI
         self.principal: Principal | None = None
+        self.source_address: str | None = None
+        self.guardrail_actions: list[tuple[str, str, int]] = []
+        """(rule id, action, count) of each guardrail that acted: the audit records it."""
+        self.budget_settled: bool | None = None
         self.model_asked: str | None = None
         self.route: Route | None = None
         self.route_decision: RouteDecision | None = None
@@ -205,6 +213,11 @@ class RequestProcessor:
         dialect = front_door_for(path)
         if dialect is not None:
             self.dialect = dialect
+        self.source_address = source_address(headers)
+        if self._audit is not None and self._audit.saturated:
+            # Audit policy block: no request is served that could not be recorded.
+            raise GatewayError(ErrorCode.UNAVAILABLE,
+                               "The gateway cannot record requests right now; retry later.")
         if dialect is None or method != "POST":
             raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
         key = presented_key(headers)
@@ -714,6 +727,7 @@ class RequestProcessor:
                 settled = await self._runtime.budget_guard().settle(
                     self.hold, cost_micro_usd=cost, tokens=tokens,
                     budget=self.principal.tenant.budget)
+                self.budget_settled = bool(settled)
                 if settled:  # the metric follows the ledger: a lost settle is not spend
                     metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
                                                 self.model_asked or "-").inc(cost)
@@ -723,9 +737,22 @@ class RequestProcessor:
             log.exception("finish failed", extra={"fields": {
                 "request_id": self.request_id}})
         finally:
-            # Also when settling was cancelled (shutdown): every request is measured
-            # and logged exactly once.
+            # Also when settling was cancelled (shutdown): every request is measured,
+            # logged and audited exactly once.
             self._measure_and_log(aborted)
+            if self._audit is not None:
+                await self._submit_audit(aborted)
+
+    async def _submit_audit(self, aborted: bool) -> None:
+        assert self._audit is not None
+        try:
+            record = record_from(self, aborted=aborted)
+        except Exception:
+            log.exception("audit record failed", extra={"fields": {
+                "request_id": self.request_id}})
+            metrics.AUDIT_DROPPED.labels("record_error").inc()
+            return
+        await self._audit.submit(record)
 
     def _measure_and_log(self, aborted: bool) -> None:
         """The request's metrics and its one log line (see finish)."""
