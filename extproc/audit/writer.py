@@ -179,6 +179,8 @@ class AuditWriter:
             batch = await self._take(room, self._wait_s()) if room else []
             for record in batch:
                 self._append(self.chain.seal(record))
+                if self.chain.since_checkpoint >= self.settings.checkpoint_every:
+                    await self._checkpoint_if_due()
             await self._checkpoint_if_due()
             jsonl = self._jsonl()
             if jsonl is not None and not jsonl.rotate_after and jsonl.sink.due_for_rotation():
