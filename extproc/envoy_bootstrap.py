@@ -119,6 +119,8 @@ def _access_log() -> list[dict[str, Any]]:
         "upstream_cluster": "%UPSTREAM_CLUSTER%",
         "duration_ms": "%DURATION%",
         "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        # The peer address Envoy appends to x-forwarded-for: the audit's source_address.
+        "client_address": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
     }
     return [{
         "name": "envoy.access_loggers.stdout",

@@ -21,6 +21,7 @@ from tests.conftest import (
     Gateway,
     chat_body,
 )
+from tests.e2e.audit_check import assert_one_record
 
 EMULATOR_REPLY = "Hello from the emulator."
 
@@ -54,6 +55,13 @@ def test_completion_is_routed_in_zone_with_the_provider_key(
     assert json.loads(seen["body"])["model"] == "gpt-4o-mini-eu"
     assert int(seen["headers"]["content-length"]) == len(seen["body"].encode())
     assert not [name for name in seen["headers"] if name.startswith("x-asc-")]
+    assert_one_record(
+        gateway, response.headers["x-asc-request-id"], tenant="acme",
+        principal__key_id="acme-main", front_door="openai", endpoint="chat",
+        model_asked="gpt-4o-mini", model_served="gpt-4o-mini-eu", route__provider="emu-eu",
+        route__region="eu-west-1", route__cluster="emu_eu", credential="emu-eu-1@1",
+        status=200, error=None, aborted=False, tokens={"input": 3, "output": 4, "cached": 0},
+        cost_micro_usd=4)
 
 
 def test_us_tenant_goes_to_the_us_deployment_unchanged(
