@@ -37,11 +37,14 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["METADATA_NAMESPACE", "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER", "STAGE_UPSTREAM",
-           "attempt_context", "decode", "encode"]
+__all__ = ["METADATA_NAMESPACE", "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE",
+           "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
+SOURCE_ADDRESS_ATTRIBUTE: Final = "source.address"
+"""The downstream peer (ip:port) Envoy accepted the connection from: the audit's
+`source_address` (docs/decisions/0081-audit-source-address.md)."""
 _ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
 STAGE_HEADER: Final = "x-asc-stage"
 """gRPC metadata the upstream (per-attempt) ext_proc sends; the router-level one does not."""
@@ -71,7 +74,8 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
     if kind == "request_headers":
         message = request.request_headers
         return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
-                       route_metadata=_route_metadata(request))
+                       route_metadata=_route_metadata(request),
+                       source_address=_string_attribute(request, SOURCE_ADDRESS_ATTRIBUTE))
     if kind == "request_body":
         body = request.request_body
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
@@ -103,6 +107,15 @@ def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
             if value.HasField("string_value"):
                 context[f"{METADATA_NAMESPACE}.{name}"] = value.string_value
     return context
+
+
+def _string_attribute(request: pb.ProcessingRequest, name: str) -> str | None:
+    if _ATTRIBUTES_KEY not in request.attributes:
+        return None
+    value = request.attributes[_ATTRIBUTES_KEY].fields.get(name)
+    if value is None or not value.HasField("string_value"):
+        return None
+    return value.string_value or None
 
 
 def _route_metadata(request: pb.ProcessingRequest) -> dict[str, object] | None:

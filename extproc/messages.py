@@ -50,6 +50,8 @@ class Headers:
     end_of_stream: bool
     route_metadata: dict[str, object] | None = None
     """The Envoy route's `filter_metadata.asc` (request headers only; see envoy.py)."""
+    source_address: str | None = None
+    """The downstream peer `ip:port` Envoy saw (request headers only; see envoy.py)."""
 
 
 @dataclass(slots=True)

@@ -213,7 +213,7 @@ class RequestProcessor:
         dialect = front_door_for(path)
         if dialect is not None:
             self.dialect = dialect
-        self.source_address = source_address(headers)
+        self.source_address = message.source_address or source_address(headers)
         if self._audit is not None and self._audit.saturated:
             # Audit policy block: no request is served that could not be recorded.
             raise GatewayError(ErrorCode.UNAVAILABLE,

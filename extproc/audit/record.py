@@ -37,11 +37,13 @@ GATEWAY_VERSION: Final = _gateway_version()
 
 
 def source_address(headers: dict[str, str] | Any) -> str | None:
-    """The client's address as Envoy saw it.
+    """The client's address from `x-forwarded-for`, when Envoy did not send the
+    `source.address` attribute (a bootstrap rendered before it did).
 
-    The listener runs with `use_remote_address: true`, so Envoy appends the peer address
-    of the connection to `x-forwarded-for`: the *last* entry is Envoy's own observation;
-    earlier entries are client-supplied and never trusted (decision 0081).
+    With `use_remote_address: true` Envoy appends the peer to `x-forwarded-for`, so the
+    *last* entry is Envoy's own; earlier ones are client-supplied and never used. For a
+    loopback peer Envoy appends its own local address instead (measured), which is why the
+    attribute is preferred (decision 0081).
     """
     value = headers.get("x-forwarded-for")
     if not value:

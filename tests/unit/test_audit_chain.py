@@ -243,7 +243,7 @@ async def test_mac_names_the_edited_record_after_the_last_checkpoint(
     lines[i] = json.dumps(entry, separators=(",", ":")) + "\n"
     path.write_text("".join(lines), encoding="utf-8")
     report = await verify(directory, kek=kek)
-    assert [(p.position.line, p.seq) for p in report.problems][0] == (i + 1, 10)
+    assert (report.problems[0].position.line, report.problems[0].seq) == (i + 1, 10)
     assert "MAC mismatch" in report.problems[0].message
 
 

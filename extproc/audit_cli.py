@@ -1,0 +1,178 @@
+"""`extproc audit ...`: verify, query, index, pubkey, rotate-key (docs/audit.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from extproc.audit.chain import SigningKey, load_public_keys
+from extproc.audit.keys import create_key, load_keys
+from extproc.audit.query import Query, index_file, parse_time, query
+from extproc.audit.verify import log_files, verify_paths
+from extproc.audit.writer import audit_dir, public_key_path
+from extproc.cli_errors import CliError
+from extproc.config import GatewayConfig, load_config
+from extproc.credentials.kek import KekBackend
+
+__all__ = ["add_audit_commands"]
+
+_TABLE_COLUMNS = (("time", 24), ("request_id", 32), ("tenant", 12), ("model_asked", 16),
+                  ("provider", 12), ("region", 12), ("credential", 18), ("status", 6))
+
+
+def _kek(config: GatewayConfig) -> KekBackend | None:
+    from extproc.runtime import kek_from_settings
+
+    if config.secrets.kek is None or config.audit.hmac_key == "local":
+        return None
+    return kek_from_settings(config.secrets.kek)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.paths]
+    if not log_files(paths):
+        raise CliError(f"no audit files in {' '.join(args.paths)}",
+                       "give the audit directory or audit-*.jsonl files")
+    pubkeys = [Path(p) for p in args.pubkey] or [
+        p / "audit.pub" for p in paths if p.is_dir() and (p / "audit.pub").exists()]
+    if not pubkeys:
+        raise CliError("no public key", "pass --pubkey FILE (`extproc audit pubkey` prints it)")
+    public = load_public_keys(*pubkeys)
+    hmac_keys: dict[str, bytes] | None = None
+    if args.config:  # the KEK that opens the keys in <audit dir>/keys
+        kek = _kek(load_config(args.config))
+        hmac_keys = {}
+        for directory in {p if p.is_dir() else p.parent for p in paths}:
+            hmac_keys.update(asyncio.run(load_keys(directory, kek)))
+        if not hmac_keys:
+            raise CliError("no HMAC key could be opened",
+                           "the keys are in <audit dir>/keys; --config names the KEK")
+    report = verify_paths(paths, public, hmac_keys, allow_open=args.allow_open)
+    for problem in report.problems:
+        print(f"FAIL {problem}")
+    mode = "checkpoint signatures, linkage and MACs" if report.macs_checked else \
+        "checkpoint signatures and linkage (no HMAC key: --config)"
+    verdict = "ok" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{verdict}: {report.records} records, {report.checkpoints} checkpoints, "
+          f"{report.writers} writers; checked {mode}"
+          + (f"; still open: {', '.join(report.open_writers)}" if report.open_writers else ""))
+    return 0 if report.ok else 1
+
+
+def _paths_or_config(args: argparse.Namespace) -> list[Path]:
+    if args.paths:
+        return [Path(p) for p in args.paths]
+    if args.config:
+        return [audit_dir(load_config(args.config).audit)]
+    raise CliError("no audit files given", "pass the audit directory, or --config asc.yaml")
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    try:
+        question = Query(
+            tenant=args.tenant, request_id=args.request_id, credential=args.credential,
+            model=args.model, provider=args.provider, region=args.region,
+            at=parse_time(args.at) if args.at else None,
+            since=parse_time(args.since) if args.since else None,
+            until=parse_time(args.until) if args.until else None, limit=args.limit)
+    except ValueError as exc:
+        raise CliError(str(exc), "times are ISO 8601 in UTC, e.g. 2026-11-25T10:00Z") from None
+    found = query(_paths_or_config(args), question)
+    if args.table:
+        print("  ".join(name.ljust(width) for name, width in _TABLE_COLUMNS))
+        for record in found:
+            print("  ".join(_cell(record, name).ljust(width)
+                            for name, width in _TABLE_COLUMNS))
+    else:
+        for record in found:
+            print(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+    return 0
+
+
+def _cell(record: dict[str, Any], name: str) -> str:
+    if name == "time":
+        ns = int(record.get("time_ns") or 0)
+        return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    if name in ("provider", "region"):
+        return str((record.get("route") or {}).get(name) or "-")
+    value = record.get(name)
+    return "-" if value is None else str(value)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    files = log_files(_paths_or_config(args))
+    for path in files:
+        index_file(path).close()
+    print(f"indexed {len(files)} file(s)")
+    return 0
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    settings = config.audit
+    path = public_key_path(settings)
+    if path.exists():
+        sys.stdout.write(path.read_text(encoding="ascii"))
+        return 0
+    signer = SigningKey.load_or_create(settings.signing_key or audit_dir(settings) / "signing.key")
+    sys.stdout.write(signer.public_pem().decode("ascii"))
+    return 0
+
+
+def _cmd_rotate_key(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    key = asyncio.run(create_key(audit_dir(config.audit), _kek(config)))
+    print(f"new audit HMAC key {key.kid}: writers use it from their next checkpoint")
+    return 0
+
+
+def add_audit_commands(commands: Any) -> None:
+    """`extproc audit ...` on the top-level subparsers."""
+    audit = commands.add_parser("audit", help="audit records: verify, query, keys")
+    sub = audit.add_subparsers(dest="audit_command", required=True)
+
+    verify = sub.add_parser("verify", help="check the chain and checkpoints; exit 1 naming "
+                            "each problem (file:line, writer, seq)")
+    verify.add_argument("paths", nargs="+", help="audit directory or audit-*.jsonl files")
+    verify.add_argument("--pubkey", action="append", default=[],
+                        help="public key PEM bundle (default: audit.pub in the directory)")
+    verify.add_argument("--config", help="asc.yaml whose secrets.kek opens the HMAC keys "
+                        "in <audit dir>/keys: also check every MAC")
+    verify.add_argument("--allow-open", action="store_true",
+                        help="accept writers still running (no final checkpoint yet)")
+    verify.set_defaults(func=_cmd_verify)
+
+    ask = sub.add_parser("query", help="records by tenant and time, request id, ...")
+    ask.add_argument("paths", nargs="*", help="audit directory or files (or --config)")
+    ask.add_argument("--config", help="asc.yaml whose audit.dir to read")
+    ask.add_argument("--tenant")
+    ask.add_argument("--at", help="requests running at this time, e.g. 2026-11-25T10:00Z "
+                                  "(the whole minute)")
+    ask.add_argument("--from", dest="since", help="started at or after")
+    ask.add_argument("--to", dest="until", help="started before the end of")
+    ask.add_argument("--request-id")
+    ask.add_argument("--credential", help="id@version")
+    ask.add_argument("--model", help="asked or served")
+    ask.add_argument("--provider")
+    ask.add_argument("--region")
+    ask.add_argument("--limit", type=int, default=1000)
+    ask.add_argument("--table", action="store_true", help="a table instead of JSON lines")
+    ask.set_defaults(func=_cmd_query)
+
+    index = sub.add_parser("index", help="build or extend the query index of each file")
+    index.add_argument("paths", nargs="*")
+    index.add_argument("--config")
+    index.set_defaults(func=_cmd_index)
+
+    pubkey = sub.add_parser("pubkey", help="print the checkpoint public key(s) (PEM)")
+    pubkey.add_argument("--config", required=True)
+    pubkey.set_defaults(func=_cmd_pubkey)
+
+    rotate = sub.add_parser("rotate-key", help="make a new chain HMAC key")
+    rotate.add_argument("--config", required=True)
+    rotate.set_defaults(func=_cmd_rotate_key)
