@@ -331,8 +331,9 @@ class GatewayConfig:
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
-    digest: str = ""
-    """SHA-256 of the config file's bytes (hex): the audit record's `config_version`."""
+    digest: str = field(default="", compare=False)
+    """SHA-256 of the config file's bytes (hex): the audit record's `config_version`.
+    Not compared: two files that compile alike are the same config."""
 
 
 # --- entry points ------------------------------------------------------------------------
