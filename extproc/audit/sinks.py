@@ -62,6 +62,8 @@ class JsonlAuditSink:
         self._stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self._part = 0
         self._fd: int | None = None
+        self._rotated = False
+        """The current part was closed by rotation (not by a failure): open the next."""
         self._opened_at = 0.0
         self._size = 0
         self.path: Path | None = None
@@ -71,12 +73,17 @@ class JsonlAuditSink:
             self._size >= self._rotate_bytes
             or self._clock() - self._opened_at >= self._rotate_s)
 
-    def _open_next(self) -> None:
-        self._close_file()
-        self._part += 1
+    def path_for(self, part: int) -> Path:
+        return self.directory / f"{_FILE_PREFIX}{self._stamp}-{self.writer}-{part:05d}.jsonl"
+
+    def _open(self) -> None:
+        """The next part after a rotation (or the first); the same part after a failure
+        (its directory may have been recreated meanwhile)."""
+        if self.path is None or self._rotated:
+            self._part += 1
+            self._rotated = False
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / (
-            f"{_FILE_PREFIX}{self._stamp}-{self.writer}-{self._part:05d}.jsonl")
+        self.path = self.path_for(self._part)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._size = os.fstat(self._fd).st_size
         self._opened_at = self._clock()
@@ -94,7 +101,7 @@ class JsonlAuditSink:
 
     def _write_sync(self, data: bytes, rotate_after: bool) -> None:
         if self._fd is None:
-            self._open_next()
+            self._open()
         assert self._fd is not None
         before = self._size
         try:
@@ -113,6 +120,7 @@ class JsonlAuditSink:
         self._size = before + len(data)
         if rotate_after:
             self._close_file()
+            self._rotated = True
 
     async def write(self, entries: Sequence[dict[str, Any]], *,
                     rotate_after: bool = False) -> None:
