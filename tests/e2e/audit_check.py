@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from tests.conftest import CANARIES, Gateway
+from extproc.devstack import Stack
+from tests.conftest import CANARIES
 from tests.polling import wait_for
+
+
+class HasStack(Protocol):
+    """A gateway of tests/conftest.py, or any other harness whose extproc runs in
+    `stack.workdir` (e.g. the failover suite's stack)."""
+
+    @property
+    def stack(self) -> Stack: ...
 
 __all__ = ["assert_one_record", "audit_dir", "records", "records_for"]
 
 
-def audit_dir(gateway: Gateway) -> Path:
+def audit_dir(gateway: HasStack) -> Path:
     return gateway.stack.workdir / "audit"
 
 
@@ -35,7 +44,7 @@ def records(directory: Path) -> list[dict[str, Any]]:
     return found
 
 
-def records_for(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
+def records_for(gateway: HasStack, request_id: str) -> list[dict[str, Any]]:
     return [r for r in records(audit_dir(gateway)) if r.get("request_id") == request_id]
 
 
@@ -47,7 +56,7 @@ def _field(record: dict[str, Any], name: str) -> Any:
     return value
 
 
-def assert_one_record(gateway: Gateway, request_id: str, **expected: Any) -> dict[str, Any]:
+def assert_one_record(gateway: HasStack, request_id: str, **expected: Any) -> dict[str, Any]:
     """The request's one audit record, with each `expected` field equal; no secret in it."""
     directory = audit_dir(gateway)
     assert wait_for(lambda: records_for(gateway, request_id), timeout=10), (
