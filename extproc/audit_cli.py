@@ -8,16 +8,16 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from extproc.audit.chain import SigningKey, load_public_keys
-from extproc.audit.keys import create_key, load_keys
-from extproc.audit.query import Query, index_file, parse_time, query
-from extproc.audit.verify import log_files, verify_paths
-from extproc.audit.writer import audit_dir, public_key_path
 from extproc.cli_errors import CliError
 from extproc.config import GatewayConfig, load_config
-from extproc.credentials.kek import KekBackend
+
+if TYPE_CHECKING:
+    from extproc.credentials.kek import KekBackend
+
+# The commands import what they use when they run: `extproc audit query` starts fast
+# (no KMS client, no server modules).
 
 __all__ = ["add_audit_commands"]
 
@@ -34,6 +34,10 @@ def _kek(config: GatewayConfig) -> KekBackend | None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from extproc.audit.chain import load_public_keys
+    from extproc.audit.keys import load_keys
+    from extproc.audit.verify import log_files, verify_paths
+
     paths = [Path(p) for p in args.paths]
     if not log_files(paths):
         raise CliError(f"no audit files in {' '.join(args.paths)}",
@@ -68,11 +72,13 @@ def _paths_or_config(args: argparse.Namespace) -> list[Path]:
     if args.paths:
         return [Path(p) for p in args.paths]
     if args.config:
-        return [audit_dir(load_config(args.config).audit)]
+        return [load_config(args.config).audit.directory]
     raise CliError("no audit files given", "pass the audit directory, or --config asc.yaml")
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
+    from extproc.audit.query import Query, parse_time, query
+
     try:
         question = Query(
             tenant=args.tenant, request_id=args.request_id, credential=args.credential,
@@ -105,6 +111,9 @@ def _cell(record: dict[str, Any], name: str) -> str:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    from extproc.audit.query import index_file
+    from extproc.audit.verify import log_files
+
     files = log_files(_paths_or_config(args))
     for path in files:
         index_file(path).close()
@@ -113,20 +122,25 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_pubkey(args: argparse.Namespace) -> int:
+    from extproc.audit.chain import SigningKey
+
     config = load_config(args.config)
     settings = config.audit
-    path = public_key_path(settings)
+    path = settings.directory / "audit.pub"
     if path.exists():
         sys.stdout.write(path.read_text(encoding="ascii"))
         return 0
-    signer = SigningKey.load_or_create(settings.signing_key or audit_dir(settings) / "signing.key")
+    signer = SigningKey.load_or_create(settings.signing_key
+                                       or settings.directory / "signing.key")
     sys.stdout.write(signer.public_pem().decode("ascii"))
     return 0
 
 
 def _cmd_rotate_key(args: argparse.Namespace) -> int:
+    from extproc.audit.keys import create_key
+
     config = load_config(args.config)
-    key = asyncio.run(create_key(audit_dir(config.audit), _kek(config)))
+    key = asyncio.run(create_key(config.audit.directory, _kek(config)))
     print(f"new audit HMAC key {key.kid}: writers use it from their next checkpoint")
     return 0
 

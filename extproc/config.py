@@ -314,6 +314,11 @@ class AuditSettings:
     redis_stream: str = _default(AuditSpec, "redis_stream")
     redis_maxlen: int = _default(AuditSpec, "redis_maxlen")
 
+    @property
+    def directory(self) -> Path:
+        """`dir`, or `audit/` under the working directory of the running process."""
+        return self.dir if self.dir is not None else Path.cwd() / "audit"
+
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:

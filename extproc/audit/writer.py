@@ -45,7 +45,7 @@ _PUBLIC_KEY_FILE: Final = "audit.pub"
 
 
 def audit_dir(settings: AuditSettings) -> Path:
-    return settings.dir if settings.dir is not None else Path.cwd() / "audit"
+    return settings.directory
 
 
 def public_key_path(settings: AuditSettings) -> Path:
