@@ -1,4 +1,4 @@
-"""`extproc audit ...`: verify, query, index, pubkey, rotate-key (docs/audit.md)."""
+"""`extproc audit ...`: verify, query, index, unseal, pubkey, rotate-key (docs/audit.md)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,31 @@ def _cell(record: dict[str, Any], name: str) -> str:
     return "-" if value is None else str(value)
 
 
+def _cmd_unseal(args: argparse.Namespace) -> int:
+    from extproc.audit.capture import CaptureError, open_capture
+    from extproc.audit.query import Query, query
+
+    config = load_config(args.config)
+    if config.secrets.kek is None:
+        raise CliError("no KEK in the config", "captured text is sealed with secrets.kek")
+    from extproc.runtime import kek_from_settings
+
+    kek = kek_from_settings(config.secrets.kek)
+    paths = [Path(p) for p in args.paths] or [config.audit.directory]
+    found = list(query(paths, Query(request_id=args.request_id)))
+    if not found:
+        raise CliError(f"no record for request {args.request_id}",
+                       "give the audit directory that holds it")
+    try:
+        opened = asyncio.run(open_capture(kek, found[0]))
+    except CaptureError as exc:
+        raise CliError(str(exc), "the record's capture opens only with the KEK it was "
+                       "sealed under") from None
+    print(json.dumps({"request_id": args.request_id, "tenant": found[0].get("tenant"),
+                      **opened}, ensure_ascii=False))
+    return 0
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from extproc.audit.query import index_file
     from extproc.audit.verify import log_files
@@ -182,6 +207,13 @@ def add_audit_commands(commands: Any) -> None:
     index.add_argument("paths", nargs="*")
     index.add_argument("--config")
     index.set_defaults(func=_cmd_index)
+
+    unseal = sub.add_parser("unseal", help="print a record's captured text (needs the KEK; "
+                            "tenants with audit.capture only)")
+    unseal.add_argument("paths", nargs="*")
+    unseal.add_argument("--config", required=True, help="asc.yaml whose secrets.kek opens it")
+    unseal.add_argument("--request-id", required=True)
+    unseal.set_defaults(func=_cmd_unseal)
 
     pubkey = sub.add_parser("pubkey", help="print the checkpoint public key(s) (PEM)")
     pubkey.add_argument("--config", required=True)

@@ -291,6 +291,8 @@ class Tenant:
     """BYOK: provider name -> this tenant's own keyring credentials (scope tenant:<id>)."""
     max_tokens: int | None = None
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
+    audit_capture: bool = False
+    """Audit records keep the request/response text, sealed under `tenant:<id>`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -904,6 +906,9 @@ class _Compiler:
                orgs: Mapping[str, tuple[BudgetRule, ...]],
                seen_hashes: dict[str, str]) -> Tenant:
         path = _join("tenants", tenant_id)
+        if spec.audit is not None and spec.audit.capture and not self.present("secrets", "kek"):
+            self.add(_join(_join(path, "audit"), "capture"), "text capture needs a KEK",
+                     "set secrets.kek (captured text is sealed with it)")
         keys = _absent_or(spec.keys) or []
         for index, key in enumerate(keys):
             key_path = _join(_join(path, "keys"), index)
@@ -947,7 +952,9 @@ class _Compiler:
                       keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in keys),
                       models=frozenset(allowed & set(models)), policies=policies,
                       default_policy=default_policy, budget=budget,
-                      own_credentials=own, **_shared(spec, Tenant, "keys", "models"))
+                      own_credentials=own,
+                      audit_capture=bool(spec.audit is not None and spec.audit.capture),
+                      **_shared(spec, Tenant, "keys", "models"))
 
     def policies(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
                  providers: Mapping[str, Provider]

@@ -73,6 +73,7 @@ __all__ = [
     "Rule",
     "SecretRefSpec",
     "SecretsSpec",
+    "TenantAuditSpec",
     "TenantBudgetSpec",
     "TenantSpec",
     "field_paths",
@@ -686,6 +687,12 @@ class RateLimitsSpec(_Spec):
         default=None, description="Tokens per minute (estimate held, real usage settled).")
 
 
+class TenantAuditSpec(_Spec):
+    capture: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Keep the request and response text in the audit record, "
+        "sealed with the KEK under this tenant's scope (needs `secrets.kek`; docs/audit.md).")
+
+
 class TenantSpec(_Spec):
     """A tenant: who may call, which models, where (residency) and for how much."""
 
@@ -711,6 +718,8 @@ class TenantSpec(_Spec):
         invalid="must be a list of budget rules",
         hint="e.g. [{scope: tenant, window: month, limit_usd: 500}]")] | None = Field(
         default=None, description="USD budgets of the tenant, its keys and models.")
+    audit: TenantAuditSpec | None = Field(
+        default=None, description="Per-tenant audit options (text capture).")
     rate_limits: RateLimitsSpec | None = Field(default=None, description="RPM / TPM limits.")
     on_redis_error: Annotated[Literal["fail_closed", "fail_open"], Rule(
         invalid="unknown mode {value!r}", hint="fail_closed (default) or fail_open")] = Field(

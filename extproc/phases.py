@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import metrics
+from extproc.audit.capture import Capture
 from extproc.audit.record import record_from, source_address
 from extproc.audit.writer import AuditWriter
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
@@ -147,6 +148,8 @@ class RequestProcessor:
         self.guardrail_actions: list[tuple[str, str, int]] = []
         """(rule id, action, count) of each guardrail that acted: the audit records it."""
         self.budget_settled: bool | None = None
+        self.capture: Capture | None = None
+        """The request's text, for a tenant with `audit.capture` (sealed by the writer)."""
         self.model_asked: str | None = None
         self.route: Route | None = None
         self.route_decision: RouteDecision | None = None
@@ -277,6 +280,9 @@ class RequestProcessor:
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"Request body exceeds the limit of {self._config.limits.max_body_bytes} bytes.",
             )
+        if principal.tenant.audit_capture and self._audit is not None:
+            self.capture = Capture(principal.tenant.id)
+            self.capture.keep_request(message.body)
         request = _parse_chat_request(message.body)
         model_name: str = request["model"]
         model = self._config.models.get(model_name)
@@ -577,6 +583,8 @@ class RequestProcessor:
     # -- response body ----------------------------------------------------------------
 
     async def on_response_body(self, message: Body) -> Outbound:
+        if self.capture is not None:
+            self.capture.keep_response(message.body)
         if self._first_byte_at is None and message.body:
             self._first_byte_at = self._clock()
         if message.end_of_stream:

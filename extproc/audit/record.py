@@ -113,7 +113,7 @@ def record_from(processor: RequestProcessor, *, aborted: bool) -> dict[str, Any]
         cost = _usage_cost(route.price, usage)
     endpoint = getattr(p, "endpoint", None) or _ENDPOINT_BY_DIALECT.get(p.dialect, "chat")
     decision = p.route_decision
-    return {
+    record: dict[str, Any] = {
         "v": RECORD_VERSION,
         "time_ns": started_ns,
         "request_id": p.request_id,
@@ -153,3 +153,6 @@ def record_from(processor: RequestProcessor, *, aborted: bool) -> dict[str, Any]
         "gateway_version": GATEWAY_VERSION,
         "config_version": config.digest[:16] or None,
     }
+    if p.capture is not None:  # sealed by the writer, off the request path
+        record["capture"] = p.capture
+    return record

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from extproc import metrics
+from extproc.audit.capture import Capture, seal_capture
 from extproc.audit.chain import Chain, HmacKey, SigningKey
 from extproc.audit.keys import create_key, newest_key
 from extproc.audit.sinks import AuditSink, JsonlAuditSink, RedisStreamAuditSink
@@ -65,8 +66,11 @@ class _Backlog:
 class AuditWriter:
     def __init__(self, settings: AuditSettings, chain: Chain, sinks: list[AuditSink], *,
                  next_key: Callable[[], Awaitable[HmacKey | None]] | None = None,
+                 kek: KekBackend | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self._kek = kek
+        """Seals captured text (`tenants.<id>.audit.capture`)."""
         self.chain = chain
         self._backlogs = [_Backlog(sink) for sink in sinks]
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(settings.queue_size)
@@ -145,6 +149,22 @@ class AuditWriter:
             items.append(self._queue.get_nowait())
         return items
 
+    async def _seal_capture(self, record: dict[str, Any]) -> None:
+        """Captured text becomes ciphertext before the record enters the chain; if it
+        cannot be sealed, it is left out (never written in the clear)."""
+        capture = record.get("capture")
+        if not isinstance(capture, Capture):
+            return
+        if self._kek is None:
+            record["capture"] = {"error": "no KEK"}
+            return
+        try:
+            record["capture"] = await seal_capture(self._kek, capture, str(record["request_id"]))
+        except Exception as exc:
+            record["capture"] = {"error": "seal failed"}
+            log_event(log, logging.ERROR, "audit capture not sealed; left out",
+                      request_id=record.get("request_id"), error=type(exc).__name__)
+
     async def _checkpoint_if_due(self, *, force: bool = False) -> None:
         chain = self.chain
         now = self._clock()
@@ -178,6 +198,7 @@ class AuditWriter:
             room = self._room()
             batch = await self._take(room, self._wait_s()) if room else []
             for record in batch:
+                await self._seal_capture(record)
                 self._append(self.chain.seal(record))
                 if self.chain.since_checkpoint >= self.settings.checkpoint_every:
                     await self._checkpoint_if_due()
@@ -248,6 +269,7 @@ class AuditWriter:
         self._closed = True
         while not self._queue.empty():  # only after a timeout: sinks still failing
             record = self._queue.get_nowait()
+            await self._seal_capture(record)
             self._append(self.chain.seal(record))
         self._append(self.chain.checkpoint(final=True))
         await self._flush(force=True)
@@ -283,6 +305,6 @@ async def open_writer(config: GatewayConfig, *, kek: KekBackend | None = None,
     async def next_key() -> HmacKey | None:
         return await newest_key(directory, use_kek)
 
-    writer = AuditWriter(settings, chain, sinks, next_key=next_key)
+    writer = AuditWriter(settings, chain, sinks, next_key=next_key, kek=kek)
     writer.start()
     return writer

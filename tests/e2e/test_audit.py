@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from extproc.credentials.kek import init_kek_file
 from extproc.devstack import Stack
 from tests.conftest import (
     ACME_KEY,
@@ -21,6 +22,7 @@ from tests.conftest import (
     Emulator,
     Gateway,
     chat_body,
+    gateway_config,
     provider_env,
     start_gateway,
 )
@@ -157,3 +159,39 @@ def test_query_by_tenant_and_time_on_a_live_gateway(gateway: Gateway,
                               "region", "credential", "status"]
     assert row.split()[1:] == [request_id, "acme", "gpt-4o-mini", "emu-eu", "eu-west-1",
                                "emu-eu-1@1", "200"]
+
+
+def test_captured_text_is_sealed_for_the_opted_in_tenant_only(stack: Stack,
+                                                              tmp_path: Path) -> None:
+    kek_path = init_kek_file(tmp_path / "kek.key")
+
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = gateway_config(emulator_port)
+        doc["secrets"] = {"kek": {"backend": "file", "path": str(kek_path)}}
+        doc["tenants"]["acme"]["audit"] = {"capture": True}
+        return doc
+
+    gateway = start_gateway(stack, tmp_path / "config", document=document)
+    marker = "capture-marker-" + "7" * 8
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": marker}]}
+    captured = gateway.chat(body).headers["x-asc-request-id"]
+    plain = gateway.chat(body, key=GLOBEX_KEY).headers["x-asc-request-id"]
+
+    sealed = assert_one_record(gateway, captured, tenant="acme", capture__scope="tenant:acme")
+    assert "capture" not in assert_one_record(gateway, plain, tenant="globex")
+    files = list(audit_dir(gateway).glob("audit-*.jsonl"))
+    assert marker not in "".join(f.read_text(encoding="utf-8") for f in files)
+    assert marker not in gateway.extproc.log_text()
+    jsonschema.validate(sealed, SCHEMA)
+
+    opened = audit_cli("unseal", str(audit_dir(gateway)), "--config",
+                       str(gateway.config_path), "--request-id", captured)
+    assert opened.returncode == 0, opened.stderr
+    text = json.loads(opened.stdout)
+    assert json.loads(text["request"]) == body
+    assert json.loads(text["response"])["choices"][0]["message"]["content"] == (
+        "Hello from the emulator.")
+    refused = audit_cli("unseal", str(audit_dir(gateway)), "--config",
+                        str(gateway.config_path), "--request-id", plain)
+    assert refused.returncode == 2
+    assert f"record {plain} has no sealed capture" in refused.stderr
