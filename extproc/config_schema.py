@@ -718,8 +718,6 @@ class TenantSpec(_Spec):
         invalid="must be a list of budget rules",
         hint="e.g. [{scope: tenant, window: month, limit_usd: 500}]")] | None = Field(
         default=None, description="USD budgets of the tenant, its keys and models.")
-    audit: TenantAuditSpec | None = Field(
-        default=None, description="Per-tenant audit options (text capture).")
     rate_limits: RateLimitsSpec | None = Field(default=None, description="RPM / TPM limits.")
     on_redis_error: Annotated[Literal["fail_closed", "fail_open"], Rule(
         invalid="unknown mode {value!r}", hint="fail_closed (default) or fail_open")] = Field(
@@ -734,6 +732,8 @@ class TenantSpec(_Spec):
         required="must be a non-empty list of credential ids")]] | None = Field(
         default=None, description="BYOK: provider name -> this tenant's own keyring credentials.",
         json_schema_extra={"x-key": "<provider>"})
+    audit: TenantAuditSpec | None = Field(
+        default=None, description="Per-tenant audit options (text capture).")
 
     @model_validator(mode="after")
     def _local_rules(self) -> TenantSpec:

@@ -33,7 +33,7 @@ from extproc.audit.chain import Chain, HmacKey, SigningKey
 from extproc.audit.keys import create_key, newest_key
 from extproc.audit.sinks import AuditSink, JsonlAuditSink, RedisStreamAuditSink
 from extproc.config import AuditSettings, GatewayConfig
-from extproc.credentials.kek import KekBackend
+from extproc.credentials.kek import KekBackend, KekError
 from extproc.logs import log_event
 
 __all__ = ["AuditWriter", "audit_dir", "open_writer", "public_key_path"]
@@ -280,6 +280,30 @@ class AuditWriter:
             await backlog.sink.close()
 
 
+async def _chain_key(settings: AuditSettings, directory: Path,
+                     kek: KekBackend | None) -> HmacKey:
+    """The writer's HMAC key and the KEK that opens its key files (decision 0080).
+
+    A gateway's Transit token may only decrypt (deploy/vault/gateway.hcl): it opens keys a
+    key operator wrapped (`extproc audit rotate-key`) but cannot wrap one itself. With
+    `hmac_key: auto` the writer then falls back to a local key and says so; with `kek` it
+    refuses to start.
+    """
+    if settings.hmac_key == "kek" and kek is None:
+        raise ValueError("audit.hmac_key is kek but secrets.kek is not set")
+    use_kek = kek if settings.hmac_key != "local" else None
+    try:
+        key = await newest_key(directory, use_kek) or await create_key(directory, use_kek)
+    except (KekError, LookupError) as exc:
+        if settings.hmac_key == "kek" or use_kek is None:
+            raise
+        log_event(log, logging.WARNING, "audit HMAC key not wrapped by the KEK; using a "
+                  "local key (run `extproc audit rotate-key` with a token that may "
+                  "encrypt, see docs/audit.md)", error=type(exc).__name__)
+        return await create_key(directory, None)
+    return key
+
+
 async def open_writer(config: GatewayConfig, *, kek: KekBackend | None = None,
                       redis: Any = None) -> AuditWriter:
     """The process's writer for `config.audit`: keys loaded (or made), task started."""
@@ -288,11 +312,8 @@ async def open_writer(config: GatewayConfig, *, kek: KekBackend | None = None,
     directory.mkdir(parents=True, exist_ok=True)
     signer = SigningKey.load_or_create(settings.signing_key or directory / "signing.key")
     signer.publish(directory / _PUBLIC_KEY_FILE)
+    chain = Chain(await _chain_key(settings, directory, kek), signer)
     use_kek = kek if settings.hmac_key != "local" else None
-    if settings.hmac_key == "kek" and kek is None:
-        raise ValueError("audit.hmac_key is kek but secrets.kek is not set")
-    key = await newest_key(directory, use_kek) or await create_key(directory, use_kek)
-    chain = Chain(key, signer)
     sinks: list[AuditSink] = []
     if "jsonl" in settings.sinks:
         sinks.append(JsonlAuditSink(directory, chain.writer, rotate_bytes=settings.rotate_bytes,

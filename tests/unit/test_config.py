@@ -214,7 +214,7 @@ def test_issue_hints() -> None:
         load_config(CASES_DIR / "unknown_field_tenant.yaml")
     assert caught.value.issues[0].hint == (
         "known fields: zone, keys, models, route_policy, routing, debug, org, budgets, "
-        "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials")
+        "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials, audit")
 
 
 VALID = f"""\
