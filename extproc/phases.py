@@ -175,6 +175,8 @@ class RequestProcessor:
         self._stream: StreamTranslator | None = None
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
+        self.answered_at: float | None = None
+        """When the response headers arrived (the audit's attempt latency)."""
         self._flight: Flight | None = None
         self._stream_tail = b""
         self.stream_truncated = False
@@ -474,6 +476,7 @@ class RequestProcessor:
         status_text = headers.get(":status", "")
         status = int(status_text) if status_text.isdigit() else 502
         self.upstream_status = status
+        self.answered_at = self._clock()
         self.status = status
         if self._translator is None:  # Envoy's own reply (no route was chosen): tag it only.
             self._complete = True

@@ -88,8 +88,8 @@ def record_from(processor: RequestProcessor, *, aborted: bool) -> dict[str, Any]
         attempts.append({
             "attempt": 1, "provider": route.provider.name, "region": route.provider.region,
             "cluster": route.provider.cluster, "status": p.upstream_status,
-            "latency_ms": _ms(p._first_byte_at - p._sent_at
-                              if p._first_byte_at is not None else None),
+            "latency_ms": _ms(p.answered_at - p._sent_at
+                              if p.answered_at is not None else None),
             "left": None if p.upstream_status is not None else "no answer",
             "credential": p.credential.label if p.credential is not None else None,
         })
