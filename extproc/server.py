@@ -39,6 +39,7 @@ from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, load_config
+from extproc.credentials.kek import KekError
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
@@ -276,7 +277,13 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     ])
     kek = (kek_from_settings(runtime.config.secrets.kek)
            if runtime.config.secrets.kek is not None else None)
-    audit = await open_writer(runtime.config, kek=kek, redis=runtime.redis)
+    try:
+        audit = await open_writer(runtime.config, kek=kek, redis=runtime.redis)
+    except (OSError, ValueError, LookupError, KekError) as exc:
+        # No request is served that could not be recorded.
+        log_event(log, logging.ERROR, "cannot start: audit log unavailable",
+                  error=str(exc) or type(exc).__name__)
+        raise SystemExit(2) from None
     service = ExternalProcessorService(holder, audit)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

@@ -132,6 +132,9 @@ class SigningKey:
                 pass  # another worker's key won
             finally:
                 temporary.unlink()
+        if path.stat().st_mode & 0o077:
+            raise ValueError(f"{path}: the audit signing key must be readable by its owner "
+                             "only (chmod 600)")
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(loaded, Ed25519PrivateKey):
             raise ValueError(f"{path}: not an Ed25519 private key")

@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import jsonschema
 import pytest
 
 from extproc.credentials.kek import init_kek_file
-from extproc.devstack import Stack
+from extproc.devstack import Stack, free_port
 from tests.conftest import (
     ACME_KEY,
     GLOBEX_KEY,
@@ -25,6 +26,7 @@ from tests.conftest import (
     gateway_config,
     provider_env,
     start_gateway,
+    write_config,
 )
 from tests.e2e.audit_check import assert_one_record, audit_dir, records
 from tests.polling import wait_for
@@ -146,8 +148,6 @@ def test_query_by_tenant_and_time_on_a_live_gateway(gateway: Gateway,
     response = gateway.chat(chat_body(), key=ACME_KEY)
     request_id = response.headers["x-asc-request-id"]
     record = assert_one_record(gateway, request_id, tenant="acme")
-    from datetime import UTC, datetime
-
     started = datetime.fromtimestamp(record["time_ns"] / 1e9, UTC)
     at = started.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
     result = audit_cli("query", str(audit_dir(gateway)), "--tenant", "acme", "--at", at)
@@ -195,3 +195,21 @@ def test_captured_text_is_sealed_for_the_opted_in_tenant_only(stack: Stack,
                         str(gateway.config_path), "--request-id", plain)
     assert refused.returncode == 2
     assert f"record {plain} has no sealed capture" in refused.stderr
+
+
+def test_extproc_refuses_to_start_without_a_writable_audit_log(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("", encoding="utf-8")
+    document = gateway_config(free_port())
+    document["audit"] = {"dir": str(blocker / "audit")}
+    config = write_config(tmp_path / "config", document)
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(config), "--listen",
+         f"127.0.0.1:{free_port()}", "--metrics-listen", ""],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=dict(provider_env(), PATH="/usr/bin:/bin"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    [line] = [json.loads(raw) for raw in result.stderr.splitlines()
+              if "cannot start" in raw]
+    assert line["msg"] == "cannot start: audit log unavailable"
+    assert "Not a directory" in line["error"]

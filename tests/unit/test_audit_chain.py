@@ -256,3 +256,12 @@ async def test_open_writer_is_reported_unless_allowed(tmp_path: Path) -> None:
     report = await verify(directory, allow_open=True)
     assert report.ok
     assert len(report.open_writers) == 1
+
+
+def test_a_signing_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "signing.key"
+    SigningKey.load_or_create(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="must be readable by its owner only"):
+        SigningKey.load_or_create(path)
