@@ -71,10 +71,11 @@ def genesis_digest(writer: str) -> str:
     return hashlib.sha256(b"asc-audit-v1|" + writer.encode("utf-8")).hexdigest()
 
 
-def next_digest(digest: str, entry: dict[str, Any]) -> str:
-    """The accumulator after `entry` (a record with its `mac`)."""
+def next_digest(digest: str, entry: dict[str, Any], body: bytes | None = None) -> str:
+    """The accumulator after `entry` (a record with its `mac`); `body` is its canonical
+    bytes when the caller has them already."""
     h = hashlib.sha256(bytes.fromhex(digest))
-    h.update(canonical(entry, without="mac"))
+    h.update(canonical(entry, without="mac") if body is None else body)
     h.update(str(entry.get("mac", "")).encode("ascii", "replace"))
     return h.hexdigest()
 
@@ -210,9 +211,10 @@ class Chain:
         self.seq += 1
         entry = {**record, "type": "record", "writer": self.writer, "seq": self.seq,
                  "kid": self.key.kid, "prev": self.head}
-        entry["mac"] = record_mac(self.key.key, entry)
+        body = canonical(entry, without="mac")
+        entry["mac"] = hmac.new(self.key.key, body, hashlib.sha256).hexdigest()
         self.head = entry["mac"]
-        self.digest = next_digest(self.digest, entry)
+        self.digest = next_digest(self.digest, entry, body)
         self.since_checkpoint += 1
         return entry
 
