@@ -165,7 +165,8 @@ def _cmd_rotate_key(args: argparse.Namespace) -> int:
     from extproc.audit.keys import create_key
 
     config = load_config(args.config)
-    key = asyncio.run(create_key(config.audit.directory, _kek(config)))
+    directory = Path(args.dir) if args.dir else config.audit.directory
+    key = asyncio.run(create_key(directory, _kek(config)))
     print(f"new audit HMAC key {key.kid}: writers use it from their next checkpoint")
     return 0
 
@@ -220,5 +221,7 @@ def add_audit_commands(commands: Any) -> None:
     pubkey.set_defaults(func=_cmd_pubkey)
 
     rotate = sub.add_parser("rotate-key", help="make a new chain HMAC key")
-    rotate.add_argument("--config", required=True)
+    rotate.add_argument("--config", required=True, help="asc.yaml whose secrets.kek wraps it")
+    rotate.add_argument("--dir", help="the audit directory (default: audit.dir; with no "
+                        "audit.dir, `audit/` under the current directory)")
     rotate.set_defaults(func=_cmd_rotate_key)

@@ -97,18 +97,32 @@ def test_every_record_matches_the_published_schema(
 
 def test_live_log_verifies_restart_and_shutdown_close_each_writer(stack: Stack,
                                                                   tmp_path: Path) -> None:
-    gateway = start_gateway(stack, tmp_path / "config")
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = gateway_config(emulator_port)
+        doc["audit"] = {"checkpoint_every": 2}
+        return doc
+
+    gateway = start_gateway(stack, tmp_path / "config", document=document)
     ids = [gateway.chat(chat_body()).headers["x-asc-request-id"] for _ in range(3)]
     for request_id in ids:
         assert_one_record(gateway, request_id, status=200)
     directory = audit_dir(gateway)
+    # A new HMAC key while it runs: the writer takes it at its next checkpoint (after
+    # record 4), records carry its id from record 5 on.
+    rotated = audit_cli("rotate-key", "--config", str(gateway.config_path), "--dir",
+                        str(directory))
+    assert rotated.returncode == 0, rotated.stderr
+    new_kid = rotated.stdout.split()[4].rstrip(":")
+    later = [gateway.chat(chat_body()).headers["x-asc-request-id"] for _ in range(2)]
+    assert assert_one_record(gateway, later[0], status=200)["kid"] != new_kid
+    assert assert_one_record(gateway, later[1], status=200)["kid"] == new_kid
 
     live = audit_cli("verify", str(directory), "--allow-open")
     assert live.returncode == 0, live.stdout + live.stderr
-    assert "ok: 3 records" in live.stdout
+    assert "ok: 5 records" in live.stdout
     closed_check = audit_cli("verify", str(directory))
     assert closed_check.returncode == 1  # still running: no final checkpoint yet
-    assert "no final checkpoint after seq 3" in closed_check.stdout
+    assert "no final checkpoint after seq 5" in closed_check.stdout
 
     # SIGTERM: the writer drains and seals; a new process is a new writer segment.
     assert gateway.extproc.stop(sig=signal.SIGTERM) == 0
@@ -124,7 +138,7 @@ def test_live_log_verifies_restart_and_shutdown_close_each_writer(stack: Stack,
     result = audit_cli("verify", str(directory), "--config", str(gateway.config_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith(
-        "ok: 4 records, 4 checkpoints, 2 writers; checked checkpoint signatures, linkage "
+        "ok: 6 records, 6 checkpoints, 2 writers; checked checkpoint signatures, linkage "
         "and MACs")
 
     # One record edited: verify names its file and line, exit 1.
