@@ -23,7 +23,7 @@ from extproc import metrics
 from extproc.audit.capture import Capture
 from extproc.audit.record import record_from, source_address
 from extproc.audit.writer import AuditWriter
-from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
+from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
 from extproc.config import Deployment, Price, Provider
@@ -38,6 +38,17 @@ from extproc.failover import (
     has_failover_cluster,
     ordered_chain,
 )
+from extproc.guardrails import (
+    GuardrailAction,
+    GuardrailPolicy,
+    Screening,
+    StreamRedactor,
+    effective,
+    route_guardrails,
+    screen_request,
+    tighter,
+)
+from extproc.identity import IDENTITY_HEADERS, allowed_models, authenticate, route_identity
 from extproc.logs import log_event
 from extproc.messages import (
     Body,
@@ -51,9 +62,17 @@ from extproc.messages import (
     Trailers,
 )
 from extproc.money import cost_micro_usd, format_usd, worst_case_cost
+from extproc.request_metrics import (
+    NO_LABEL,
+    observe_budget_remaining,
+    observe_denial,
+    observe_fallbacks,
+    observe_request,
+)
 from extproc.routing import Route, RouteDecision, RouteOverride, select
 from extproc.runtime import Runtime
 from extproc.secrets import SecretUnavailable
+from extproc.tracing import TRACE_HEADERS, RequestSpan, request_attributes, start_request_span
 from extproc.translate.base import (
     Backend,
     StreamTranslator,
@@ -72,6 +91,7 @@ CLUSTER_HEADER: Final = "x-asc-cluster"
 _GATEWAY_HEADER_PREFIX: Final = "x-asc-"
 _CLIENT_ONLY_HEADERS: Final = frozenset({
     *CLIENT_CREDENTIAL_HEADERS,
+    *IDENTITY_HEADERS,
     # These would pick an account or API version of the *gateway's* provider key.
     "openai-organization", "openai-project", "anthropic-version",
     # The gateway reads and translates bodies: providers must answer uncompressed.
@@ -92,6 +112,7 @@ _AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
     Backend.MISTRAL: ("authorization", "Bearer "),
     Backend.AZURE: ("api-key", ""),
     Backend.ANTHROPIC: ("x-api-key", ""),
+    Backend.GEMINI: ("x-goog-api-key", ""),
 }
 
 _PROVIDER_HEADERS: Final = frozenset({
@@ -119,6 +140,10 @@ _STREAM_CUT_EVENT: Final[dict[Dialect, bytes]] = {
         "type": "api_error", "message": _STREAM_CUT_MESSAGE}}).encode() + b"\n\n",
 }
 
+_DENIAL_STATUSES: Final = frozenset({400, 401, 403, 404, 413, 429})
+"""Statuses of the gateway's own refusals that count as policy denials (a 429 of ours is a
+budget or rate limit; a provider's 429 is relayed by `_provider_error`, not counted)."""
+
 _PROVIDER_ERROR_CODES: Final = {
     400: ErrorCode.INVALID_REQUEST,
     404: ErrorCode.NOT_FOUND,
@@ -145,8 +170,6 @@ class RequestProcessor:
         self.dialect = Dialect.OPENAI
         self.principal: Principal | None = None
         self.source_address: str | None = None
-        self.guardrail_actions: list[tuple[str, str, int]] = []
-        """(rule id, action, count) of each guardrail that acted: the audit records it."""
         self.budget_settled: bool | None = None
         self.capture: Capture | None = None
         """The request's text, for a tenant with `audit.capture` (sealed by the writer)."""
@@ -186,8 +209,16 @@ class RequestProcessor:
         self._output_limit: OutputLimit | None = None
         self._answer_cut = False
         """True when the non-streamed answer was larger than max_response_bytes."""
+        self._trace_context: dict[str, str] = {}
+        """The client's W3C trace headers, kept only when `tracing` is configured."""
+        self._span: RequestSpan | None = None
         self._finished = False
         self._complete = False
+        self.guardrail_actions: list[tuple[str, str, int]] = []
+        """(rule id, action, count) of every guardrail that acted (extproc.guardrails)."""
+        self._route_guardrails: GuardrailPolicy | None = None
+        self._screening: Screening | None = None
+        self._stream_redactor: StreamRedactor | None = None
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
             Phase.REQUEST_HEADERS: self.on_request_headers,
             Phase.REQUEST_BODY: self.on_request_body,
@@ -213,6 +244,9 @@ class RequestProcessor:
 
     async def on_request_headers(self, message: Headers) -> Outbound:
         headers = message.headers
+        if self._config.tracing is not None:
+            self._trace_context = {name: headers[name] for name in TRACE_HEADERS
+                                   if name in headers}
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
         dialect = front_door_for(path)
@@ -225,17 +259,12 @@ class RequestProcessor:
                                "The gateway cannot record requests right now; retry later.")
         if dialect is None or method != "POST":
             raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
-        key = presented_key(headers)
-        if key is None:
-            raise GatewayError(
-                ErrorCode.UNAUTHENTICATED,
-                "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
-            )
-        principal = self._runtime.tenants.authenticate(key)
-        if principal is None:
-            raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
-        self.principal = principal
-        self._route_override = RouteOverride.from_metadata(message.route_metadata)
+        route_sources, route_metadata = route_identity(message.route_metadata)
+        self.principal = authenticate(self._runtime.tenants, self._config.identity, message,
+                                      route_sources)
+        self._route_override = RouteOverride.from_metadata(route_metadata)
+        self._route_guardrails = route_guardrails(self._config.guardrail_profiles,
+                                                  message.route_metadata)
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -295,10 +324,19 @@ class RequestProcessor:
                                f"The model '{shown}' does not exist.", param="model")
         self.model_asked = model_name
         self.streaming = request.get("stream") is True
-        if model_name not in principal.tenant.models:
+        if model_name not in allowed_models(principal):
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
+        team = (principal.tenant.teams.get(principal.team)
+                if principal.team is not None else None)
+        policy = effective(principal.tenant.guardrails,
+                           team.guardrails if team is not None else None,
+                           self._route_guardrails)
+        screening = self._screening = screen_request(policy, request, model_name)
+        self._note_guardrails(screening.actions)
+        if screening.denial is not None:
+            raise screening.denial
         decision = select(self._config, principal.tenant, model,
                           health=self._runtime.health, route_override=self._route_override)
         self.route_decision = decision
@@ -312,7 +350,7 @@ class RequestProcessor:
         # translation (400s), then the key (503); the budget hold is the last step.
         translator = translator_for(self.dialect, backend)
         self._translator = translator
-        tenant_cap = principal.tenant.max_tokens
+        tenant_cap = tighter(principal.tenant.max_tokens, policy.max_tokens)
         asked = translator.output_limit(request, cap=tenant_cap or _MAX_TOKENS_SANITY_BOUND)
         max_tokens = asked or tenant_cap or self._config.budgets.default_max_tokens
         choices = translator.choices(request)
@@ -343,7 +381,8 @@ class RequestProcessor:
             self.hold = await self._runtime.budget_guard().reserve(
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
-                estimated_tokens=self.estimated_input_tokens + output_tokens)
+                estimated_tokens=self.estimated_input_tokens + output_tokens,
+                team=principal.team)
         cluster, chain, retries = self._retries()
         failover: list[tuple[str, str]] = []
         if retries > 0:
@@ -357,6 +396,11 @@ class RequestProcessor:
             *auth,
             ("content-length", str(len(upstream.body))),
         ]
+        if self._config.tracing is not None:
+            self._span = start_request_span(
+                self._config.tracing, self._trace_context, model_name,
+                age_s=self._clock() - self._started)
+            set_headers.extend(self._span.headers())
         self._sent_at = self._clock()
         extension = route.provider.forward_headers
         self.forwarded_extension_headers = any(
@@ -516,6 +560,8 @@ class RequestProcessor:
             self._complete = True
         elif content_type.startswith("text/event-stream"):
             self._stream = self._translator.stream()
+            if self._screening is not None:
+                self._stream_redactor = self._screening.stream(self.dialect)
             reply.response_body_mode = BodyMode.STREAMED
         elif content_type.startswith("application/json"):
             # Not BUFFERED: Envoy stalls an answer larger than its buffer or answers 500,
@@ -596,6 +642,7 @@ class RequestProcessor:
             out = self._stream.feed(message.body)
             if message.end_of_stream:
                 out += self._stream.flush()
+                out = self._redact_stream(out, end=True)
                 self.usage = self._stream.usage
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
                 if self.usage is None and not any(
@@ -605,6 +652,7 @@ class RequestProcessor:
                     self.stream_truncated = True
                     out += _STREAM_CUT_EVENT[self.dialect]
                 return Continue() if out == message.body else Continue(body=out)
+            out = self._redact_stream(out, end=False)
             if out:
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
             return Continue() if out == message.body else Continue(body=out)
@@ -624,14 +672,37 @@ class RequestProcessor:
         assert self._translator is not None
         translated = self._translator.response(self.upstream_status or 200, body)
         self.usage = translated.usage
+        answer = translated.body
+        if self._screening is not None:
+            answer, actions = self._screening.answer(answer)
+            self._note_guardrails(actions)
         # The headers are still held, ours to change (the cost); content-length went in
         # the headers reply.
         set_headers = []
         if self.usage is not None and self.route is not None:
             cost = _usage_cost(self.route.price, self.usage)
             set_headers.append(("x-asc-cost-usd", format_usd(cost)))
-        return Continue(set_headers=set_headers,
-                        body=None if translated.body == body else translated.body)
+        return Continue(set_headers=set_headers, body=None if answer == body else answer)
+
+    def _redact_stream(self, out: bytes, *, end: bool) -> bytes:
+        """Translated stream bytes through the guardrails' stream redactor, if any."""
+        redactor = self._stream_redactor
+        if redactor is None:
+            return out
+        out = redactor.feed(out)
+        if end:
+            out += redactor.flush()
+            if self._screening is not None:
+                self._note_guardrails(self._screening.stream_actions(redactor))
+        return out
+
+    def _note_guardrails(self, actions: list[GuardrailAction]) -> None:
+        """Record guardrail actions: on the request (log line, audit) and in the metric,
+        which counts requests a rule acted on (the count of matches is in the record)."""
+        tenant = self._tenant_label()
+        for rule, action, count in actions:
+            self.guardrail_actions.append((rule, action, count))
+            metrics.GUARDRAIL_ACTIONS.labels(tenant, rule, action).inc()
 
     def _answer_too_large(self) -> Respond:
         """A 502 for an answer the gateway cannot read whole; the whole hold is charged.
@@ -684,9 +755,8 @@ class RequestProcessor:
         self._complete = True
         self.status = error.status
         self.error = error.code
-        if error.status in (401, 403, 404, 413, 400):
-            tenant = self.principal.tenant.id if self.principal else "-"
-            metrics.POLICY_DENIALS.labels(tenant, error.code.value).inc()
+        if error.status in _DENIAL_STATUSES:
+            observe_denial(self._tenant_label(), error.code.value)
         return Respond(
             status=error.status,
             body=error_body(error, self.dialect),
@@ -765,33 +835,30 @@ class RequestProcessor:
             return
         await self._audit.submit(record)
 
+    def _tenant_label(self) -> str:
+        """The request's tenant as a metric label (cardinality guard: `metrics` config)."""
+        if self.principal is None:
+            return NO_LABEL
+        return self._config.metrics.tenant_label(self.principal.tenant.id)
+
     def _measure_and_log(self, aborted: bool) -> None:
         """The request's metrics and its one log line (see finish)."""
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"
         route = self.route
-        labels = (
-            tenant,
-            route.provider.name if route else "-",
-            route.provider.region if route else "-",
-            self.model_asked if route else "-",
-        )
-        outcome = "aborted" if aborted and self.error is None else str(self.status or 0)
-        metrics.REQUESTS.labels(*labels, outcome).inc()
-        if route is not None:
-            metrics.REQUEST_DURATION.labels(*labels).observe(duration)
-            if self._first_byte_at is not None:
-                metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(
-                    self._first_byte_at - self._started)
-            if self.usage is not None:
-                metrics.TOKEN_USAGE.labels(*labels, "input").inc(self.usage.input_tokens)
-                metrics.TOKEN_USAGE.labels(*labels, "output").inc(self.usage.output_tokens)
+        attempts = self._flight.records() if self._flight is not None else None
+        self._measure(aborted, duration, attempts)
+        if self._config.tracing is not None:
+            self._end_span(aborted, duration)
         log_event(
             log, logging.INFO, "request finished",
             request_id=self.request_id,
             tenant=tenant,
             key_id=self.principal.key_id if self.principal else None,
+            subject=self.principal.subject if self.principal else None,
+            identity_source=self.principal.source if self.principal else None,
+            team=self.principal.team if self.principal else None,
             model=self.model_asked,
             provider=route.provider.name if route else None,
             region=route.provider.region if route else None,
@@ -813,11 +880,62 @@ class RequestProcessor:
             completion_tokens=self.usage.output_tokens if self.usage else None,
             streamed_tokens=(self._stream.output_tokens_so_far
                              if self._stream is not None else None),
-            attempts=self._flight.records() if self._flight is not None else None,
+            attempts=attempts,
             stream_truncated=self.stream_truncated or None,
+            guardrails=[f"{rule}:{action}:{count}"
+                        for rule, action, count in self.guardrail_actions] or None,
             duration_ms=round(duration * 1000, 3),
         )
 
+    def _measure(self, aborted: bool, duration: float,
+                 attempts: list[dict[str, str | int | float | None]] | None) -> None:
+        """The request's Prometheus samples (`extproc.request_metrics`)."""
+        tenant = self._tenant_label()
+        route = self.route
+        model = self.model_asked if route is not None and self.model_asked else "-"
+        labels = (tenant, route.provider.name, route.provider.region, model) \
+            if route is not None else (tenant, "-", "-", "-")
+        usage = self.usage
+        observe_request(
+            labels, "aborted" if aborted and self.error is None else str(self.status or 0),
+            routed=route is not None, duration_s=duration,
+            ttft_s=(self._first_byte_at - self._started
+                    if self._first_byte_at is not None else None),
+            streamed=self._stream is not None,
+            input_tokens=usage.input_tokens if usage is not None else None,
+            output_tokens=usage.output_tokens if usage is not None else None)
+        if attempts is not None and len(attempts) > 1:
+            observe_fallbacks(tenant, model, attempts)
+        if self.hold is not None and self.hold.remaining:
+            observe_budget_remaining(tenant, self.hold.remaining,
+                                                     self.charged_micro_usd)
+
+    def _end_span(self, aborted: bool, duration: float) -> None:
+        """The request's span (`extproc.tracing`), made now for a request refused before
+        its route was chosen."""
+        assert self._config.tracing is not None
+        # No model in the name of a refused request's span: it may be any client input.
+        span = self._span or start_request_span(
+            self._config.tracing, self._trace_context, "", age_s=duration)
+        self._span = None
+        route = self.route
+        status = self.status
+        span.end(request_attributes(
+            request_id=self.request_id,
+            tenant=self.principal.tenant.id if self.principal else None,
+            model=self.model_asked,
+            provider_kind=route.provider.kind if route else None,
+            provider=route.provider.name if route else None,
+            region=route.provider.region if route else None,
+            upstream_model=route.deployment.model if route else None,
+            host=route.provider.host if route else None,
+            port=route.provider.port if route else None,
+            status=status, error=self.error.value if self.error else None,
+            input_tokens=self.usage.input_tokens if self.usage else None,
+            output_tokens=self.usage.output_tokens if self.usage else None,
+            credential=self.credential.label if self.credential else None,
+            stream=self.streaming, aborted=aborted and self.error is None),
+            failed=(aborted and self.error is None) or (status is not None and status >= 500))
 
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.

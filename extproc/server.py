@@ -5,8 +5,9 @@ it holds no policy. `finish()` runs in a `finally`, so it also runs when Envoy r
 stream (client abort, timeout) and the handler is cancelled.
 
 With `--workers N > 1` a supervisor starts N worker processes that all bind the same port
-(SO_REUSEPORT, the kernel spreads connections), serves the merged Prometheus metrics, and
-forwards SIGTERM / SIGHUP to the workers. A worker that dies is restarted after an
+(SO_REUSEPORT, the kernel spreads connections) or, on `--listen unix:PATH`, one socket
+each (extproc/listen.py: Unix sockets have no SO_REUSEPORT), serves the merged Prometheus
+metrics, and forwards SIGTERM / SIGHUP to the workers. A worker that dies is restarted after an
 exponential back-off (a broken config must not fork a process every half second), and
 its live gauges leave the merged metrics with it. Each worker holds 1/N of every
 `fail_open` ceiling, so a replica as a whole never admits more than the configured one.
@@ -33,16 +34,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc import envoy, metrics
+from extproc import envoy, metrics, tracing
 from extproc.audit.writer import AuditWriter, open_writer
 from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
-from extproc.config import ConfigError, load_config
+from extproc.config import ConfigError, ConfigIssue, load_config
 from extproc.credentials.kek import KekError
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
+from extproc.listen import ListenError, bind_listen, unix_path, worker_listen
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
@@ -143,6 +145,11 @@ def build_runtime(config_path: Path, *, workers: int = 1,
     in-memory tally, so each gets 1/`workers` of every ceiling.
     """
     runtime = Runtime.build(load_config(config_path), previous=previous)
+    if runtime.config.tracing is not None:
+        try:
+            tracing.install(runtime.config.tracing)
+        except tracing.TracingUnavailable as exc:
+            raise ConfigError(str(config_path), [ConfigIssue("tracing", str(exc))]) from None
     if runtime.budgets is not None:
         runtime.budgets.fail_open_share = max(1, workers)
     return runtime
@@ -288,7 +295,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(options.listen)
+    bind_listen(server, options.listen)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -319,19 +326,24 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
     await audit.close(options.drain_seconds)  # every finished request's record, then the seal
+    tracing.shutdown()  # the last batched spans leave before the process does
     log_event(log, logging.INFO, "stopped")
 
 
 def serve(options: ServeOptions) -> int:
     """Run the service until SIGTERM/SIGINT; returns the process exit code."""
     try:
+        unix_path(options.listen)
+    except ListenError as exc:
+        log_event(log, logging.ERROR, "cannot start: listen address unusable", error=str(exc))
+        return 2
+    try:
         runtime = build_runtime(options.config_path)
     except (ConfigError, SecretUnavailable) as exc:
         log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
         return 2
     if options.workers <= 1:
-        asyncio.run(_serve_worker(options, runtime, supervised=False))
-        return 0
+        return _run_worker(options, runtime, supervised=False)
     return _supervise(options)
 
 
@@ -343,7 +355,15 @@ def serve_as_worker(options: ServeOptions) -> int:
     except (ConfigError, SecretUnavailable) as exc:
         log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
         return 2
-    asyncio.run(_serve_worker(options, runtime, supervised=True))
+    return _run_worker(options, runtime, supervised=True)
+
+
+def _run_worker(options: ServeOptions, runtime: Runtime, *, supervised: bool) -> int:
+    try:
+        asyncio.run(_serve_worker(options, runtime, supervised=supervised))
+    except ListenError as exc:
+        log_event(log, logging.ERROR, "cannot start: listen address unusable", error=str(exc))
+        return 2
     return 0
 
 
@@ -387,13 +407,14 @@ def _supervise(options: ServeOptions) -> int:
 
     with tempfile.TemporaryDirectory(prefix="asc-metrics-") as metrics_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
-        command = [sys.executable, "-m", "extproc", "serve", "--worker",
-                   "--workers", str(options.workers),
-                   "--config", str(options.config_path), "--listen", options.listen,
-                   "--drain-seconds", str(options.drain_seconds),
-                   "--log-level", options.log_level]
+        commands = [[sys.executable, "-m", "extproc", "serve", "--worker",
+                     "--workers", str(options.workers), "--config", str(options.config_path),
+                     "--listen", worker_listen(options.listen, index, options.workers),
+                     "--drain-seconds", str(options.drain_seconds),
+                     "--log-level", options.log_level]
+                    for index in range(options.workers)]
         slots = [_WorkerSlot(subprocess.Popen(command, env=env), time.monotonic())
-                 for _ in range(options.workers)]
+                 for command in commands]
         if options.metrics_listen:
             registry = CollectorRegistry()
             collector = multiprocess.MultiProcessCollector
@@ -416,7 +437,7 @@ def _supervise(options: ServeOptions) -> int:
                   listen=options.listen, metrics=options.metrics_listen)
         codes: list[int] = []
         while not stopping:
-            for slot in slots:
+            for slot, command in zip(slots, commands, strict=True):
                 _tend(slot, command, env, metrics_dir, stopping=lambda: stopping)
             time.sleep(_SUPERVISOR_POLL_S)
         codes = [slot.process.wait() for slot in slots if slot.process is not None]

@@ -53,15 +53,15 @@ def source_address(headers: dict[str, str] | Any) -> str | None:
 
 
 def principal_fields(principal: Principal | None) -> dict[str, Any] | None:
-    """Who called. Until the identity work lands, a virtual key is the only source, and its
-    key id is the subject (the one place that knows the `Principal` shape)."""
+    """Who called: subject (virtual key id, SPIFFE id or JWT issuer#sub), how it was
+    authenticated, the virtual key id (virtual keys only) and the team."""
     if principal is None:
         return None
     return {
-        "subject": getattr(principal, "subject", None) or principal.key_id,
-        "source": getattr(principal, "source", None) or "virtual_key",
-        "key_id": principal.key_id,
-        "team": getattr(principal, "team", None),
+        "subject": principal.subject,
+        "source": principal.source,
+        "key_id": principal.key_id if principal.source == "virtual_key" else None,
+        "team": principal.team,
     }
 
 

@@ -13,7 +13,8 @@ keys nor query strings end up in logs.
 
 Shapes: ``--shape openai,anthropic,azure`` is the default set; ``--shape mistral`` (alone
 or with ``anthropic`` / ``azure``) serves Mistral on ``/v1/chat/completions`` instead of
-OpenAI.  The first shape answers unknown paths.
+OpenAI; ``gemini`` (Google's ``/v1beta/models/...`` paths) combines with any set.  The
+first shape answers unknown paths.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m extproc.emulator",
         description=(
-            "Deterministic LLM provider emulator (OpenAI, Anthropic, Azure OpenAI and "
-            "Mistral shapes)."
+            "Deterministic LLM provider emulator (OpenAI, Anthropic, Azure OpenAI, "
+            "Mistral and Gemini shapes)."
         ),
         epilog=f"Prefer {KEYS_ENV}=k1,k2 or --keys-file over --key: argv is visible in ps.",
     )

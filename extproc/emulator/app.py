@@ -4,8 +4,9 @@ Why this exists: demos, tests and benchmarks of the gateway need an upstream tha
 behaves like a real LLM provider (auth, validation, streaming, error shapes) but is
 deterministic, free, offline and able to misbehave on demand.  Everything that is
 *not* specific to one provider's wire format lives here, so each provider shape
-(``openai_shape``, ``anthropic_shape``, ``azure_shape``, ``mistral_shape``) is a small
-module that only knows how to authenticate, validate and answer in its own format.
+(``openai_shape``, ``anthropic_shape``, ``azure_shape``, ``mistral_shape``,
+``gemini_shape``) is a small module that only knows how to authenticate, validate and
+answer in its own format.
 
 Shapes plug in through the explicit registration table :data:`SHAPE_REGISTRY` (name ->
 :class:`ProviderShape` built from plain functions of the shape module).  A process
@@ -60,7 +61,13 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from extproc.emulator import anthropic_shape, azure_shape, mistral_shape, openai_shape
+from extproc.emulator import (
+    anthropic_shape,
+    azure_shape,
+    gemini_shape,
+    mistral_shape,
+    openai_shape,
+)
 
 __all__ = [
     "ANTHROPIC_ACCOUNT_HEADERS",
@@ -316,6 +323,9 @@ class ProviderShape:
     * ``error_body(status, message) -> body``: the shape's error body for injected
       faults and generic errors (``message=None`` means "pick a realistic one").
     * ``not_found(method, path) -> body``: the shape's 404 body.
+    * ``auth_failure(request) -> (status, body)``: optional; the answer to a request
+      without a valid key when it is not the usual 401 (Gemini: 403 without a key, 400
+      ``API_KEY_INVALID`` with a wrong one, as Google answers).
     """
 
     name: str
@@ -324,6 +334,7 @@ class ProviderShape:
     auth_error: Callable[[], dict[str, Any]]
     error_body: ErrorBody
     not_found: Callable[[str, str], dict[str, Any]]
+    auth_failure: Callable[[web.Request], tuple[int, dict[str, Any]]] | None = None
 
 
 # The registration table.  Adding a provider = one module + one entry here.
@@ -336,13 +347,15 @@ def _shape_of(name: str, module: ModuleType) -> ProviderShape:
         auth_error=module.auth_error,
         error_body=module.error_body,
         not_found=module.not_found,
+        auth_failure=getattr(module, "auth_failure", None),
     )
 
 
 SHAPE_REGISTRY: Final[dict[str, ProviderShape]] = {
     name: _shape_of(name, module)
     for name, module in (("openai", openai_shape), ("anthropic", anthropic_shape),
-                         ("azure", azure_shape), ("mistral", mistral_shape))
+                         ("azure", azure_shape), ("mistral", mistral_shape),
+                         ("gemini", gemini_shape))
 }
 DEFAULT_SHAPE_NAMES: Final = ("openai", "anthropic", "azure")
 
@@ -382,6 +395,8 @@ _SHAPES_KEY: Final = web.AppKey("emulator_shapes", tuple[ProviderShape, ...])
 
 def _stream_error_event(path: str, message: str) -> bytes:
     """An in-stream error event in the format of the path's provider."""
+    if path.startswith(gemini_shape.PATH_PREFIX):
+        return gemini_shape.stream_error_event(message)
     if path == _ANTHROPIC_PATH:
         data = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
@@ -560,6 +575,9 @@ def _wrap(
         if config.latency_ms:
             await asyncio.sleep(config.latency_ms / 1000)
         if not shape.authenticate(request, state):
+            if shape.auth_failure is not None:
+                auth_status, auth_body = shape.auth_failure(request)
+                return _json_response(auth_body, status=auth_status)
             return _json_response(shape.auth_error(), status=401)
         ctx = CallContext(
             request=request,
@@ -612,8 +630,8 @@ async def _core_middleware(
 
 async def _account_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Name the (emulated) provider account on every provider answer, as providers do."""
-    if request.path.startswith(CONTROL_PREFIX):
-        return
+    if request.path.startswith((CONTROL_PREFIX, gemini_shape.PATH_PREFIX)):
+        return  # Google names no account in its answers
     account = (ANTHROPIC_ACCOUNT_HEADERS if request.path == _ANTHROPIC_PATH
                else OPENAI_ACCOUNT_HEADERS)
     for name, value in account.items():

@@ -110,6 +110,7 @@ _MAX_TOKENS_FIELD: Final = {
     Backend.AZURE: "max_completion_tokens",
     Backend.MISTRAL: "max_tokens",
     Backend.OPENAI_COMPATIBLE: "max_tokens",
+    Backend.GEMINI: "max_tokens",  # read back into maxOutputTokens (anthropic_gemini)
 }
 
 

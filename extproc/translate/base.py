@@ -6,6 +6,8 @@
 * Anthropic door (`/v1/messages`) -> openai, openai_compatible, mistral, azure:
   `anthropic_openai.AnthropicToOpenAI`
 * Anthropic door -> anthropic: `anthropic_passthrough.AnthropicPassthrough`
+* OpenAI door -> gemini: `gemini.OpenAIToGemini`
+* Anthropic door -> gemini: `anthropic_gemini.AnthropicToGemini`
 
 `translator_for()` returns a new translator per request. Use it in this order:
 
@@ -29,8 +31,10 @@ from collections.abc import Callable
 from typing import Final
 
 from extproc.errors import Dialect
+from extproc.translate.anthropic_gemini import AnthropicToGemini
 from extproc.translate.anthropic_openai import AnthropicToOpenAI
 from extproc.translate.anthropic_passthrough import AnthropicPassthrough
+from extproc.translate.gemini import OpenAIToGemini
 from extproc.translate.openai_anthropic import (
     ANTHROPIC_VERSION,
     DEFAULT_MAX_TOKENS,
@@ -82,6 +86,8 @@ TRANSLATORS: Final[dict[tuple[Dialect, Backend], Callable[[], Translator]]] = {
     **{(Dialect.ANTHROPIC, backend): functools.partial(AnthropicToOpenAI, backend)
        for backend in _OPENAI_SHAPED},
     (Dialect.ANTHROPIC, Backend.ANTHROPIC): AnthropicPassthrough,
+    (Dialect.OPENAI, Backend.GEMINI): OpenAIToGemini,
+    (Dialect.ANTHROPIC, Backend.GEMINI): AnthropicToGemini,
 }
 
 _FRONT_DOORS: Final = {

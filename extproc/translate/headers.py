@@ -39,6 +39,7 @@ FORWARDED_REQUEST_HEADERS: Final[Mapping[Backend, frozenset[str]]] = {
     Backend.MISTRAL: _COMMON,
     Backend.AZURE: _COMMON,
     Backend.ANTHROPIC: _COMMON,
+    Backend.GEMINI: _COMMON,
 }
 """Client headers every provider of a kind receives (lower case)."""
 _ENVOY_OWNED: Final = frozenset({

@@ -38,6 +38,7 @@ class Backend(enum.Enum):
     MISTRAL = "mistral"
     AZURE = "azure"
     ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
 
     @property
     def display_name(self) -> str:
@@ -51,6 +52,7 @@ _DISPLAY_NAMES = {
     Backend.MISTRAL: "Mistral",
     Backend.AZURE: "Azure OpenAI",
     Backend.ANTHROPIC: "Anthropic",
+    Backend.GEMINI: "Gemini",
 }
 
 

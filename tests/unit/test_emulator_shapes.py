@@ -95,8 +95,8 @@ def test_default_shapes_and_selection() -> None:
     assert [s.name for s in shapes_named(["mistral", "anthropic"])] == ["mistral", "anthropic"]
     with pytest.raises(ValueError, match="both serve POST /v1/chat/completions"):
         shapes_named(["openai", "mistral"])
-    with pytest.raises(ValueError, match="unknown shape 'gemini'"):
-        shapes_named(["gemini"])
+    with pytest.raises(ValueError, match="unknown shape 'bedrock'"):
+        shapes_named(["bedrock"])
     with pytest.raises(ValueError, match="listed twice"):
         shapes_named(["azure", "azure"])
     with pytest.raises(ValueError, match="at least one"):

@@ -1221,6 +1221,9 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "request_id": processor.request_id,
         "tenant": "acme",
         "key_id": "acme-1",
+        "subject": "acme-1",
+        "identity_source": "virtual_key",
+        "team": None,
         "model": "gpt-4o-mini",
         "provider": "prov-us",
         "region": "us-east-1",
@@ -1242,6 +1245,7 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "streamed_tokens": None,
         "attempts": None,
         "stream_truncated": None,
+        "guardrails": None,
         "duration_ms": 1500.0,
     }
 

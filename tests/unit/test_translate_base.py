@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from extproc.errors import Dialect, GatewayError, error_body
+from extproc.translate.anthropic_gemini import AnthropicToGemini
 from extproc.translate.anthropic_openai import AnthropicToOpenAI
 from extproc.translate.anthropic_passthrough import AnthropicPassthrough
 from extproc.translate.base import (
@@ -18,6 +19,7 @@ from extproc.translate.base import (
     retry_after_headers,
     translator_for,
 )
+from extproc.translate.gemini import OpenAIToGemini
 from extproc.translate.openai_anthropic import OpenAIToAnthropic
 from extproc.translate.openai_passthrough import OpenAIPassthrough
 from extproc.translate.provider_errors import scrub
@@ -46,7 +48,7 @@ def rejected(front: Dialect, backend: Backend, body: dict[str, Any]) -> tuple[in
 
 def test_backend_values_are_config_provider_kinds() -> None:
     assert [b.value for b in Backend] == [
-        "openai", "openai_compatible", "mistral", "azure", "anthropic"]
+        "openai", "openai_compatible", "mistral", "azure", "anthropic", "gemini"]
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,8 @@ def test_backend_values_are_config_provider_kinds() -> None:
         (Dialect.ANTHROPIC, Backend.MISTRAL, AnthropicToOpenAI),
         (Dialect.ANTHROPIC, Backend.AZURE, AnthropicToOpenAI),
         (Dialect.ANTHROPIC, Backend.ANTHROPIC, AnthropicPassthrough),
+        (Dialect.OPENAI, Backend.GEMINI, OpenAIToGemini),
+        (Dialect.ANTHROPIC, Backend.GEMINI, AnthropicToGemini),
     ],
 )
 def test_selection_table(front: Dialect, backend: Backend, kind: type) -> None:

@@ -68,6 +68,8 @@ class Gateway:
                 headers["x-api-key"] = KEY
             elif backend is Backend.AZURE:
                 headers["api-key"] = KEY
+            elif backend is Backend.GEMINI:
+                headers["x-goog-api-key"] = KEY
             else:
                 headers["authorization"] = f"Bearer {KEY}"
             emulator = self.mistral if backend is Backend.MISTRAL else self.default
@@ -105,7 +107,9 @@ class Gateway:
 @pytest.fixture
 async def gateway() -> AsyncIterator[Gateway]:
     config = EmulatorConfig(keys=frozenset({KEY}))
-    default: Client = TestClient(TestServer(make_app(config, SHAPES)))
+    # Gemini's paths are its own: it shares the default process.
+    default: Client = TestClient(TestServer(make_app(
+        config, (*SHAPES, *shapes_named(["gemini"])))))
     mistral: Client = TestClient(TestServer(make_app(config, shapes_named(["mistral"]))))
     await default.start_server()
     await mistral.start_server()
