@@ -49,6 +49,7 @@ __all__ = [
     "OUTPUT_LIMIT_FIELDS",
     "SUPPORTED_PROVIDER_KINDS",
     "UNFORWARDABLE_HEADERS",
+    "AuditSpec",
     "AuthSpec",
     "BudgetSettings",
     "CredentialSpec",
@@ -84,6 +85,7 @@ __all__ = [
     "TeamBudgetSpec",
     "TeamSpec",
     "TemperatureRangeSpec",
+    "TenantAuditSpec",
     "TenantBudgetSpec",
     "TenantSpec",
     "TracingSettings",
@@ -927,6 +929,12 @@ class TeamSpec(_Spec):
         default=None, description="Guardrails of the team; they tighten the tenant's.")
 
 
+class TenantAuditSpec(_Spec):
+    capture: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Keep the request and response text in the audit record, "
+        "sealed with the KEK under this tenant's scope (needs `secrets.kek`; docs/audit.md).")
+
+
 class TenantSpec(_Spec):
     """A tenant: who may call, which models, where (residency) and for how much."""
 
@@ -977,6 +985,8 @@ class TenantSpec(_Spec):
         default=False, description="POST /v1/responses may store responses upstream "
         "(`store: true`, `previous_response_id`). Stored responses live on the gateway's "
         "provider account, shared by every tenant: off by default (decision 0112).")
+    audit: TenantAuditSpec | None = Field(
+        default=None, description="Per-tenant audit options (text capture).")
 
     @model_validator(mode="after")
     def _teams_known(self) -> TenantSpec:
@@ -1025,6 +1035,59 @@ class TenantSpec(_Spec):
 
 
 # --- the document ------------------------------------------------------------------------
+
+class AuditSpec(_Spec):
+    """Per-request audit records: sinks, rotation, queue, failure policy, chain keys
+    (docs/audit.md). Read at start; a reload does not change them."""
+
+    sinks: Annotated[list[Literal["jsonl", "redis"]], Field(min_length=1), Rule(
+        invalid="unknown sink {value!r}", hint="one or both of: jsonl, redis")] = Field(
+        default=["jsonl"], description="Where records go: append-only JSONL files in `dir` "
+        "and/or a Redis Stream (`redis_stream`, needs `redis`).")
+    dir: FilePath | None = Field(
+        default=None, description="Directory of the JSONL files, the public key and the "
+        "chain keys; relative to the config file. Default: `audit/` under the working "
+        "directory of `extproc serve` (`make run`: var/run/audit).")
+    rotate_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = Field(
+        default=64 << 20, description="A JSONL file is closed and a new one opened past "
+        "this size.")
+    rotate_s: Annotated[int, Field(ge=1, le=31 * 86_400)] = Field(
+        default=86_400, description="... or past this age (seconds).")
+    fsync: Annotated[Literal["batch", "none"], Rule(
+        invalid="must be batch or none, got {value!r}")] = Field(
+        default="batch", description="batch: fsync after every batch written (a record "
+        "is on disk before the next batch starts); none: leave it to the OS.")
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10_000, description="Records waiting for the writer; when full, "
+        "`on_failure` applies.")
+    batch_records: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=512, description="Most records written (and fsynced) in one batch.")
+    on_failure: Annotated[Literal["block", "buffer"], Rule(
+        invalid="must be block or buffer, got {value!r}")] = Field(
+        default="block", description="A failing sink: block (finishing requests wait for "
+        "queue room, new requests get 503 while the queue is full) or buffer (keep up to "
+        "`buffer_records` in memory, then count and log each record dropped).")
+    buffer_records: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        default=100_000, description="on_failure buffer: records kept in memory per sink.")
+    checkpoint_every: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=1000, description="A signed checkpoint after this many records ...")
+    checkpoint_interval_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=60, description="... or this many seconds with new records.")
+    signing_key: FilePath | None = Field(
+        default=None, description="Ed25519 private key (PEM, mode 0600) that signs "
+        "checkpoints; relative to the config file. Default: `<dir>/signing.key`, made on "
+        "first start.")
+    hmac_key: Annotated[Literal["auto", "kek", "local"], Rule(
+        invalid="must be auto, kek or local, got {value!r}")] = Field(
+        default="auto", description="Chain HMAC key: kek (a random key wrapped by "
+        "`secrets.kek`), local (a 0600 file in `<dir>/keys`), auto (kek when "
+        "`secrets.kek` is set).")
+    redis_stream: Text = Field(default="asc:audit",
+                               description="Redis sink: the stream key.")
+    redis_maxlen: Annotated[int, Field(ge=1000, le=1_000_000_000)] = Field(
+        default=10_000_000, description="Redis sink: approximate MAXLEN of the stream "
+        "(oldest entries trimmed; the JSONL files are the archive).")
+
 
 class AuthSpec(_Spec):
     pepper: PepperRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
@@ -1081,6 +1144,7 @@ class Document(_Spec):
         default=None, description="Guardrails an Envoy route names in its metadata "
         "(`filter_metadata.asc.guardrails`); they tighten the tenant's.",
         json_schema_extra={"x-key": "<name>"})
+    audit: AuditSpec | None = Field(default=None, description="Audit records (docs/audit.md).")
 
 
 class _AscJsonSchema(GenerateJsonSchema):

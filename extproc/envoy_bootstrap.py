@@ -62,6 +62,7 @@ from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import (
     METADATA_NAMESPACE,
     ROUTE_METADATA_ATTRIBUTE,
+    SOURCE_ADDRESS_ATTRIBUTE,
     STAGE_HEADER,
     STAGE_UPSTREAM,
 )
@@ -179,6 +180,8 @@ def _access_log() -> list[dict[str, Any]]:
         "upstream_cluster": "%UPSTREAM_CLUSTER%",
         "duration_ms": "%DURATION%",
         "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        # The peer Envoy accepted the connection from: the audit's source_address (0081).
+        "client_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
     }
     return [{
         "name": "envoy.access_loggers.stdout",
@@ -275,7 +278,8 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
             },
             # A route's filter_metadata.asc (a mesh operator's pin) reaches the service
             # with the request headers (docs/decisions/0060-route-metadata-to-the-service.md).
-            "request_attributes": [ROUTE_METADATA_ATTRIBUTE],
+            # source.address: the client's peer address for the audit record (0081).
+            "request_attributes": [ROUTE_METADATA_ATTRIBUTE, SOURCE_ADDRESS_ATTRIBUTE],
         },
     }
 

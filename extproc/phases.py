@@ -20,6 +20,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import metrics
+from extproc.audit.capture import Capture
+from extproc.audit.record import record_from, source_address
+from extproc.audit.writer import AuditWriter
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
@@ -168,8 +171,10 @@ log = logging.getLogger("extproc.request")
 class RequestProcessor:
     """The gateway's decisions for one HTTP request."""
 
-    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
+                 audit: AuditWriter | None = None) -> None:
         self._runtime = runtime
+        self._audit = audit
         self._config = runtime.config
         self._clock = clock
         self._started = clock()
@@ -179,6 +184,10 @@ class RequestProcessor:
         """What the client called (`extproc.endpoints.Endpoint` values)."""
         self._endpoint: EndpointSpec = ENDPOINTS[("POST", "/v1/chat/completions")]
         self.principal: Principal | None = None
+        self.source_address: str | None = None
+        self.budget_settled: bool | None = None
+        self.capture: Capture | None = None
+        """The request's text, for a tenant with `audit.capture` (sealed by the writer)."""
         self.model_asked: str | None = None
         self.route: Route | None = None
         self.route_decision: RouteDecision | None = None
@@ -204,6 +213,8 @@ class RequestProcessor:
         self._stream: StreamTranslator | None = None
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
+        self.answered_at: float | None = None
+        """When the response headers arrived (the audit's attempt latency)."""
         self._flight: Flight | None = None
         self._stream_tail = b""
         self.stream_truncated = False
@@ -253,6 +264,7 @@ class RequestProcessor:
                                    if name in headers}
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
+        self.source_address = message.source_address or source_address(headers)
         try:
             match = match_endpoint(method, path, headers)
         except UnknownEndpoint as exc:
@@ -261,6 +273,10 @@ class RequestProcessor:
         self.dialect = match.dialect
         self._endpoint = match.spec
         self.endpoint = match.spec.endpoint.value
+        if self._audit is not None and self._audit.saturated:
+            # Audit policy block: no request is served that could not be recorded.
+            raise GatewayError(ErrorCode.UNAVAILABLE,
+                               "The gateway cannot record requests right now; retry later.")
         route_sources, route_metadata = route_identity(message.route_metadata)
         self.principal = authenticate(self._runtime.tenants, self._config.identity, message,
                                       route_sources)
@@ -316,6 +332,9 @@ class RequestProcessor:
                 f"Request body exceeds the limit of {self._config.limits.max_body_bytes} bytes.",
             )
         spec = self._endpoint
+        if principal.tenant.audit_capture and self._audit is not None:
+            self.capture = Capture(principal.tenant.id)
+            self.capture.keep_request(message.body)
         request = _parse_chat_request(message.body, spec.body_field or "messages")
         model_name: str = request["model"]
         model = self._config.models.get(model_name)
@@ -547,6 +566,7 @@ class RequestProcessor:
         status_text = headers.get(":status", "")
         status = int(status_text) if status_text.isdigit() else 502
         self.upstream_status = status
+        self.answered_at = self._clock()
         self.status = status
         if self._translator is None:  # Envoy's own reply (no route was chosen): tag it only.
             self._complete = True
@@ -678,6 +698,8 @@ class RequestProcessor:
     # -- response body ----------------------------------------------------------------
 
     async def on_response_body(self, message: Body) -> Outbound:
+        if self.capture is not None:
+            self.capture.keep_response(message.body)
         if self._first_byte_at is None and message.body:
             self._first_byte_at = self._clock()
         if message.end_of_stream:
@@ -855,6 +877,7 @@ class RequestProcessor:
                 settled = await self._runtime.budget_guard().settle(
                     self.hold, cost_micro_usd=cost, tokens=tokens,
                     budget=self.principal.tenant.budget)
+                self.budget_settled = bool(settled)
                 if settled:  # the metric follows the ledger: a lost settle is not spend
                     metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
                                                 self.model_asked or "-").inc(cost)
@@ -864,9 +887,22 @@ class RequestProcessor:
             log.exception("finish failed", extra={"fields": {
                 "request_id": self.request_id}})
         finally:
-            # Also when settling was cancelled (shutdown): every request is measured
-            # and logged exactly once.
+            # Also when settling was cancelled (shutdown): every request is measured,
+            # logged and audited exactly once.
             self._measure_and_log(aborted)
+            if self._audit is not None:
+                await self._submit_audit(aborted)
+
+    async def _submit_audit(self, aborted: bool) -> None:
+        assert self._audit is not None
+        try:
+            record = record_from(self, aborted=aborted)
+        except Exception:
+            log.exception("audit record failed", extra={"fields": {
+                "request_id": self.request_id}})
+            metrics.AUDIT_DROPPED.labels("record_error").inc()
+            return
+        await self._audit.submit(record)
 
     def _tenant_label(self) -> str:
         """The request's tenant as a metric label (cardinality guard: `metrics` config)."""

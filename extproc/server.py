@@ -36,10 +36,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from extproc import envoy, metrics, tracing
+from extproc.audit.writer import AuditWriter, open_writer
 from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, ConfigIssue, load_config
+from extproc.credentials.kek import KekError
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
@@ -47,7 +49,7 @@ from extproc.listen import ListenError, bind_listen, unix_path, worker_listen
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
-from extproc.runtime import Runtime, RuntimeHolder
+from extproc.runtime import Runtime, RuntimeHolder, kek_from_settings
 from extproc.secrets import SecretUnavailable
 from extproc.upstream import AttemptProcessor
 
@@ -75,8 +77,9 @@ class ServeOptions:
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, holder: RuntimeHolder) -> None:
+    def __init__(self, holder: RuntimeHolder, audit: AuditWriter | None = None) -> None:
         self._holder = holder
+        self._audit = audit
         self.finishing: set[asyncio.Task[None]] = set()
         """finish() runs as its own task: a cancelled stream handler cannot cut it short."""
 
@@ -86,7 +89,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if _is_upstream_stage(context):
             await self._attempt(context)
             return
-        processor = RequestProcessor(self._holder.current)
+        processor = RequestProcessor(self._holder.current, audit=self._audit)
         try:
             while True:
                 request = await context.read()
@@ -294,7 +297,16 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ])
-    service = ExternalProcessorService(holder)
+    kek = (kek_from_settings(runtime.config.secrets.kek)
+           if runtime.config.secrets.kek is not None else None)
+    try:
+        audit = await open_writer(runtime.config, kek=kek, redis=runtime.redis)
+    except (OSError, ValueError, LookupError, KekError) as exc:
+        # No request is served that could not be recorded.
+        log_event(log, logging.ERROR, "cannot start: audit log unavailable",
+                  error=str(exc) or type(exc).__name__)
+        raise SystemExit(2) from None
+    service = ExternalProcessorService(holder, audit)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -326,6 +338,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     prober.cancel()
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
+    await audit.close(options.drain_seconds)  # every finished request's record, then the seal
     tracing.shutdown()  # the last batched spans leave before the process does
     log_event(log, logging.INFO, "stopped")
 

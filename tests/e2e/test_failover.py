@@ -30,6 +30,7 @@ from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
 from extproc.money import cost_micro_usd
 from extproc.secrets import Secret
 from tests.conftest import PEPPER, Emulator, envoy_admin, provider_fingerprint, write_config
+from tests.e2e.audit_check import assert_one_record
 
 TENANT_KEY = "sk-canary-tenant-fo-" + secrets.token_hex(8)
 KEYS = {name: f"sk-canary-provider-{name}-" + secrets.token_hex(8)
@@ -221,6 +222,13 @@ def test_primary_fails_request_succeeds_on_anthropic_fallback(
     assert all(isinstance(a["latency_ms"], float) for a in attempts)
     assert record["provider"] == "anth-eu"
     assert record["status"] == 200
+    audit = assert_one_record(
+        clean, response.headers["x-asc-request-id"], status=200, route__provider="anth-eu",
+        model_served="claude-haiku-eu", credential="anth-eu-1@1", front_door="openai")
+    assert [(a["attempt"], a["provider"], a["cluster"], a["status"] == 200, a["left"])
+            for a in audit["attempts"]] == [
+        (1, "oai-eu", "oai_eu", False, attempts[0]["left"]), (2, "anth-eu", "anth_eu", True, None)]
+    assert audit["route"]["served_reason"].endswith("; served by anth-eu (attempt 2)")
 
 
 def test_streamed_fallback_speaks_the_clients_dialect(clean: FailoverStack) -> None:
@@ -258,6 +266,10 @@ def test_every_eu_deployment_down_gives_503_json_and_us_gets_nothing(
     record = clean.finished(response.headers["x-asc-request-id"])
     assert len(record["attempts"]) == MAX_ATTEMPTS
     assert {a["provider"] for a in record["attempts"]} == {"oai-eu", "anth-eu"}
+    audit = assert_one_record(clean, response.headers["x-asc-request-id"], status=503,
+                              error="gateway_unavailable")
+    assert [a["provider"] for a in audit["attempts"]] == [
+        a["provider"] for a in record["attempts"]]
 
 
 def test_anthropic_front_door_gets_its_dialect_back(clean: FailoverStack) -> None:

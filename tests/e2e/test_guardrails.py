@@ -21,6 +21,7 @@ from tests.conftest import (
     gateway_config,
     start_gateway,
 )
+from tests.e2e.audit_check import assert_one_record
 from tests.e2e.test_credentials import log_events
 from tests.e2e.test_request_path import metric_value
 from tests.polling import wait_for
@@ -124,6 +125,12 @@ def test_redaction_happens_before_the_provider_sees_the_prompt(
                                   "response.pii.phone:redact:1"]
     assert "bob@example.com" not in json.dumps(line)
     assert held(redis_port) == 0
+    record = assert_one_record(gateway, request_id, tenant="acme", status=200, guardrails=[
+        {"rule": "pii.email", "action": "redact", "count": 3},
+        {"rule": "pii.phone", "action": "redact", "count": 1},
+        {"rule": "response.pii.email", "action": "redact", "count": 1},
+        {"rule": "response.pii.phone", "action": "redact", "count": 1}])
+    assert "bob@example.com" not in json.dumps(record)
 
 
 def test_denied_openai_request_never_reaches_the_provider(
@@ -143,6 +150,9 @@ def test_denied_openai_request_never_reaches_the_provider(
     assert gateway.emulator.requests() == []
     assert held(redis_port) == 0
     assert guardrail_count(gateway, "pii.credit_card", "deny") == before + 1
+    assert_one_record(gateway, response.headers["x-asc-request-id"], status=403,
+                      error="guardrail_denied", attempts=[], guardrails=[
+                          {"rule": "pii.credit_card", "action": "deny", "count": 1}])
 
 
 def test_denied_anthropic_request_answers_in_its_dialect(guarded: tuple[Gateway, int]) -> None:

@@ -222,7 +222,7 @@ def test_issue_hints() -> None:
         "known fields: zone, keys, models, route_policy, routing, debug, org, budgets, "
         "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials, "
         "guardrails, teams, mesh_identities, "
-        "responses_store")
+        "responses_store, audit")
 
 
 VALID = f"""\
