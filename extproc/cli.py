@@ -1,19 +1,30 @@
-"""`extproc` command line: serve, check-config, config schema, keys hash, budget, envoy
-render."""
+"""`extproc` command line: serve, check-config, config schema, keys hash, budget, audit,
+envoy render."""
 
 from __future__ import annotations
 
 import argparse
 import secrets
+import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Final, NoReturn
 
+from extproc.audit_cli import add_audit_commands
 from extproc.auth import hash_key
 from extproc.budget_cli import add_budget_commands
 from extproc.cli_errors import CliError, describe, report
 from extproc.config import ConfigError, GatewayConfig, load_config
-from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
+from extproc.envoy_bootstrap import (
+    SYSTEM_CA,
+    EdgeLimits,
+    EnvoyPorts,
+    Shape,
+    ShapeError,
+    render_yaml,
+)
+from extproc.envoy_identity import IdentityOptionError, MeshListener, identity_options
+from extproc.health_probe import add_health_command
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, resolve_secret
@@ -80,17 +91,56 @@ def _cmd_keys_hash(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHAPE_DEFAULTS: dict[Shape, dict[str, object]] = {
+    Shape.FRONT: {},
+    # In a pod: the listener serves the pod port; service and admin on a shared volume.
+    Shape.SIDECAR: {"listen_address": "0.0.0.0", "admin_socket": "/run/asc/envoy-admin.sock",
+                    "extproc_socket": "/run/asc/extproc.sock"},
+    Shape.EDGE: {"listen_address": "0.0.0.0"},
+}
+_PORTS_OPTIONS: Final = ("listen_address", "listen_port", "admin_socket", "extproc_address",
+                         "extproc_port", "extproc_socket", "extproc_workers", "trusted_ca",
+                         "extproc_streams_per_connection")
+"""`envoy render` options that are `EnvoyPorts` fields."""
+_RENDER_OPTIONS: Final = (*_PORTS_OPTIONS, "max_downstream_connections", "identity",
+                           "mesh_address", "mesh_port", "mesh_cert", "mesh_key",
+                           "mesh_client_ca")
+"""`envoy render` options that shape the output, in the order the regenerate line names
+them (options left unset are not named: their default is part of the shape)."""
+
+
+def _render_command(args: argparse.Namespace) -> str:
+    """The command line that renders this output again (for the file's header)."""
+    words = ["extproc", "envoy", "render", "--shape", args.shape, "--config", args.config]
+    for name in _RENDER_OPTIONS:
+        value = getattr(args, name)
+        if value is not None:
+            words += ["--" + name.replace("_", "-"), str(value)]
+    return shlex.join(words)
+
+
 def _cmd_envoy_render(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.config)
-    ports = EnvoyPorts(
-        listen_address=args.listen_address,
-        listen_port=args.listen_port,
-        admin_socket=args.admin_socket,
-        extproc_address=args.extproc_address,
-        extproc_port=args.extproc_port,
-        extproc_streams_per_connection=args.extproc_streams_per_connection,
-    )
-    text = render_yaml(config, ports)
+    shape = Shape(args.shape)
+    chosen = {name: getattr(args, name) for name in _PORTS_OPTIONS
+              if getattr(args, name) is not None}
+    ports = EnvoyPorts(**{**_SHAPE_DEFAULTS[shape], **chosen})
+    edge = (EdgeLimits() if args.max_downstream_connections is None
+            else EdgeLimits(max_downstream_connections=args.max_downstream_connections))
+    mesh = None
+    if args.mesh_port is not None and args.mesh_cert and args.mesh_key and args.mesh_client_ca:
+        mesh = MeshListener(port=args.mesh_port, address=args.mesh_address or "127.0.0.1",
+                            cert_chain=args.mesh_cert, private_key=args.mesh_key,
+                            client_ca=args.mesh_client_ca)
+    sources = [name.strip() for name in (args.identity or "").split(",") if name.strip()]
+    try:
+        identity = identity_options(config, sources, mesh) if sources else None
+        text = render_yaml(config, ports, shape=shape, edge=edge, command=_render_command(args),
+                           identity=identity)
+    except IdentityOptionError as exc:
+        raise CliError(str(exc), "`extproc envoy render --help` lists the options") from None
+    except ShapeError as exc:
+        raise CliError(str(exc), "`extproc envoy render --help` lists the options") from None
     if args.output == "-":
         sys.stdout.write(text)
     else:
@@ -112,10 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the ext_proc gRPC service")
     serve.add_argument("--config", required=True, help="gateway config (asc.yaml)")
-    serve.add_argument("--listen", default="127.0.0.1:50051", help="gRPC address host:port")
+    serve.add_argument("--listen", default="127.0.0.1:50051",
+                       help="gRPC address host:port, or unix:/path (a socket with mode 0660)")
     serve.add_argument("--metrics-listen", default="127.0.0.1:9464",
                        help="Prometheus /metrics address host:port ('' to disable)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (SO_REUSEPORT)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes (SO_REUSEPORT on host:port; with unix:/path "
+                            "one socket each, NAME-0.sock, NAME-1.sock, ...)")
     serve.add_argument("--drain-seconds", type=float, default=10.0,
                        help="grace period for in-flight streams on SIGTERM")
     serve.add_argument("--log-level", default="info")
@@ -143,18 +196,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(key_commands)
 
     add_budget_commands(commands)
+    add_health_command(commands)
+    add_audit_commands(commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
     render = envoy_commands.add_parser("render", help="render the Envoy bootstrap YAML")
+    render.add_argument("--shape", choices=[s.value for s in Shape], default=Shape.FRONT.value,
+                        help="front: local front proxy; sidecar: beside the service, "
+                             "ext_proc and admin on Unix sockets; edge: TLS/HTTP2 to "
+                             "providers, connection limits, timeouts")
     render.add_argument("--config", required=True)
     render.add_argument("--output", default="-")
-    render.add_argument("--listen-address", default="127.0.0.1")
-    render.add_argument("--listen-port", type=int, default=10000)
+    render.add_argument("--listen-address", default=None,
+                        help="default 127.0.0.1; 0.0.0.0 for sidecar and edge")
+    render.add_argument("--listen-port", type=int, default=None, help="default 10000")
     render.add_argument("--admin-socket", default=None,
-                        help="Unix socket for Envoy admin (mode 0600); default: no admin")
-    render.add_argument("--extproc-address", default="127.0.0.1")
-    render.add_argument("--extproc-port", type=int, default=50051)
+                        help="Unix socket for Envoy admin (mode 0600); default: no admin "
+                             "(sidecar: /run/asc/envoy-admin.sock)")
+    render.add_argument("--extproc-address", default=None, help="default 127.0.0.1")
+    render.add_argument("--extproc-port", type=int, default=None, help="default 50051")
+    render.add_argument("--extproc-socket", default=None,
+                        help="the service's Unix socket (extproc serve --listen unix:PATH); "
+                             "default: TCP (sidecar: /run/asc/extproc.sock)")
+    render.add_argument("--extproc-workers", type=int, default=None,
+                        help="the service's --workers on that socket (one socket each); "
+                             "default 1")
+    render.add_argument("--trusted-ca", default=None,
+                        help=f"CA bundle for provider TLS; default {SYSTEM_CA}")
+    render.add_argument("--max-downstream-connections", type=int, default=None,
+                        help="edge: overload manager connection limit; default "
+                             f"{EdgeLimits().max_downstream_connections}")
+    render.add_argument("--identity", default=None,
+                        help="identity sources to enable in Envoy: jwt, mesh (comma-separated)")
+    render.add_argument("--mesh-address", default=None,
+                        help="address of the mTLS listener (--identity mesh); default 127.0.0.1")
+    render.add_argument("--mesh-port", type=int, default=None,
+                        help="port of the mTLS listener (--identity mesh)")
+    render.add_argument("--mesh-cert", default=None, help="server certificate chain (PEM)")
+    render.add_argument("--mesh-key", default=None, help="server private key (PEM)")
+    render.add_argument("--mesh-client-ca", default=None,
+                        help="CA (PEM) that signs the workloads' client certificates")
     render.add_argument("--extproc-streams-per-connection", type=int, default=None,
                         help="HTTP/2 streams per connection to extproc: a small number makes "
                         "each Envoy worker open several connections, which the kernel "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import types
 import typing
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from extproc.config_schema import (
     MULTIPLE_CHOICES_MODES,
     OUTPUT_LIMIT_FIELDS,
     SUPPORTED_PROVIDER_KINDS,
+    AuditSpec,
     AuthSpec,
     BudgetSettings,
     CredentialSpec,
@@ -48,9 +50,12 @@ from extproc.config_schema import (
     Document,
     FailoverSettings,
     FastPathSettings,
+    GuardrailsSpec,
+    IdentitySpec,
     KekSpec,
     Limits,
     LoggingSettings,
+    MetricsSettings,
     ModelSpec,
     OrgBudgetSpec,
     PriceSpec,
@@ -63,10 +68,12 @@ from extproc.config_schema import (
     SecretsSpec,
     TenantBudgetSpec,
     TenantSpec,
+    TracingSettings,
     field_paths,
     json_schema,
     kind_of,
 )
+from extproc.guardrails.settings import GuardrailPolicy, policy_from_spec
 
 __all__ = [
     "KEY_HASH_PATTERN",
@@ -74,6 +81,7 @@ __all__ = [
     "OUTPUT_LIMIT_FIELDS",
     "SCHEMA",
     "SUPPORTED_PROVIDER_KINDS",
+    "AuditSettings",
     "BudgetSettings",
     "ConfigError",
     "ConfigIssue",
@@ -83,9 +91,13 @@ __all__ = [
     "FailoverSettings",
     "FastPathSettings",
     "GatewayConfig",
+    "IdentitySettings",
+    "JwtIdentity",
     "KekSettings",
     "Limits",
     "LoggingSettings",
+    "MeshIdentity",
+    "MetricsConfig",
     "Model",
     "Price",
     "Probe",
@@ -94,6 +106,7 @@ __all__ = [
     "RedisSettings",
     "RoutePolicy",
     "SecretsSettings",
+    "Team",
     "Tenant",
     "TenantKey",
     "load_config",
@@ -267,12 +280,54 @@ class Model:
     deployments: tuple[Deployment, ...]
     output_limit_field: str | None = None
     """`max_tokens` or `max_completion_tokens` on the wire; None: by model family."""
+    kind: str = "chat"
+    """chat, or embedding (POST /v1/embeddings only; see `extproc.endpoints`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class TenantKey:
     id: str
     hash: str
+    team: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A team or app inside a tenant. Its budgets are `Scope.TEAM` rules in the tenant's
+    `TenantBudget` (one Lua call reserves them with the tenant's)."""
+
+    id: str
+    models: frozenset[str] | None = None
+    """Models the team may use; None: the tenant's."""
+    guardrails: GuardrailPolicy | None = None
+    """Rules that tighten the tenant's guardrails for this team (extproc.guardrails)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshIdentity:
+    """A SPIFFE id (or, with `prefix`, every id under a path) that authenticates as a
+    tenant on an mTLS listener."""
+
+    spiffe: str
+    prefix: bool = False
+    team: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIdentity:
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_file: Path
+    tenant_claim: str = "tenant"
+    team_claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    """Identity sources in order of precedence (docs/tenancy.md)."""
+
+    sources: tuple[str, ...] = ("virtual_key",)
+    jwt: JwtIdentity | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +347,63 @@ class Tenant:
     """BYOK: provider name -> this tenant's own keyring credentials (scope tenant:<id>)."""
     max_tokens: int | None = None
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
+    teams: Mapping[str, Team] = field(default_factory=dict)
+    mesh_identities: tuple[MeshIdentity, ...] = ()
+    guardrails: GuardrailPolicy | None = None
+    """Model, parameter, prompt size and PII rules (extproc.guardrails)."""
+    responses_store: bool = False
+    """POST /v1/responses may keep `store: true` / `previous_response_id` (decision 0112)."""
+    audit_capture: bool = False
+    """Audit records keep the request/response text, sealed under `tenant:<id>`."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """`audit:` compiled: paths resolved against the config file (docs/audit.md)."""
+
+    sinks: tuple[str, ...] = tuple(_default(AuditSpec, "sinks"))
+    dir: Path | None = None
+    """None: `audit/` under the working directory of the serving process."""
+    rotate_bytes: int = _default(AuditSpec, "rotate_bytes")
+    rotate_s: int = _default(AuditSpec, "rotate_s")
+    fsync: str = _default(AuditSpec, "fsync")
+    queue_size: int = _default(AuditSpec, "queue_size")
+    batch_records: int = _default(AuditSpec, "batch_records")
+    on_failure: str = _default(AuditSpec, "on_failure")
+    buffer_records: int = _default(AuditSpec, "buffer_records")
+    checkpoint_every: int = _default(AuditSpec, "checkpoint_every")
+    checkpoint_interval_s: int = _default(AuditSpec, "checkpoint_interval_s")
+    signing_key: Path | None = None
+    hmac_key: str = _default(AuditSpec, "hmac_key")
+    redis_stream: str = _default(AuditSpec, "redis_stream")
+    redis_maxlen: int = _default(AuditSpec, "redis_maxlen")
+
+    @property
+    def directory(self) -> Path:
+        """`dir`, or `audit/` under the working directory of the running process."""
+        return self.dir if self.dir is not None else Path.cwd() / "audit"
+
+
+OTHER_TENANT_LABEL: Final = "other"
+"""The `tenant` label of tenants past `metrics.max_tenant_labels`."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The tenant label cardinality guard, compiled: which tenant ids may be a label value.
+
+    Every tenant label multiplies the series of each request metric (by provider, region,
+    model, status, histogram buckets), so a config with thousands of tenants keeps only the
+    first `max_tenant_labels` (file order: the operator chooses who is named); the others
+    share `other`. Tenants are known from the config, so there is no first-come choice that
+    a reload or a restart would shuffle.
+    """
+
+    max_tenant_labels: int = 100
+    labelled_tenants: frozenset[str] = frozenset()
+
+    def tenant_label(self, tenant: str) -> str:
+        return tenant if tenant in self.labelled_tenants else OTHER_TENANT_LABEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +421,15 @@ class GatewayConfig:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingSettings | None = None
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+    guardrail_profiles: Mapping[str, GuardrailPolicy] = field(default_factory=dict)
+    """Guardrails a route names in `filter_metadata.asc.guardrails`."""
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    digest: str = field(default="", compare=False)
+    """SHA-256 of the config file's bytes (hex): the audit record's `config_version`.
+    Not compared: two files that compile alike are the same config."""
     fast_path: FastPathSettings = field(default_factory=FastPathSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -319,10 +440,16 @@ def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate `path`; raises `ConfigError` listing every problem."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(source, [ConfigIssue("", f"cannot read file: {exc.strerror}")]) from None
-    return parse_config(text, source=source, base_dir=Path(path).resolve().parent)
+    except UnicodeDecodeError:
+        raise ConfigError(source, [ConfigIssue("", "cannot read file: not UTF-8")]) from None
+    config = parse_config(text.replace("\r\n", "\n").replace("\r", "\n"), source=source,
+                          base_dir=Path(path).resolve().parent)
+    # The file's own bytes, hashed once per load: the audit record's config version.
+    return dataclasses.replace(config, digest=hashlib.sha256(data).hexdigest())
 
 
 def parse_config(
@@ -656,7 +783,7 @@ def _issues(error: Any, lines: Mapping[str, int]) -> list[ConfigIssue]:
 
 def _price(spec: PriceSpec) -> Price:
     return Price(input_micro_per_mtok=spec.input_per_mtok,
-                 output_micro_per_mtok=spec.output_per_mtok,
+                 output_micro_per_mtok=spec.output_per_mtok or 0,
                  cached_input_micro_per_mtok=(spec.input_per_mtok
                                               if spec.cached_input_per_mtok is None
                                               else spec.cached_input_per_mtok),
@@ -672,6 +799,11 @@ def _policy(spec: RouteSpec) -> RoutePolicy:
 
 
 _T = typing.TypeVar("_T")
+
+
+def _metrics_config(spec: MetricsSettings, tenants: Mapping[str, Tenant]) -> MetricsConfig:
+    named = frozenset(list(tenants)[:spec.max_tenant_labels])
+    return MetricsConfig(max_tenant_labels=spec.max_tenant_labels, labelled_tenants=named)
 
 
 def _absent_or(value: _T) -> _T | None:
@@ -738,6 +870,7 @@ class _Compiler:
             if tenant.budget is not None and not self.present("redis"):
                 self.add(_join("tenants", tenant_id), "budgets and rate limits need Redis",
                          "set redis.url")
+        self.check_workloads(tenants)
         for index, name in enumerate(doc.fast_path.tenants if doc.fast_path else ()):
             if name not in tenants:
                 self.add(f"fast_path.tenants[{index}]", f"unknown tenant {name!r}",
@@ -758,9 +891,49 @@ class _Compiler:
             tenants=tenants,
             failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
+            metrics=_metrics_config(doc.metrics or MetricsSettings(), tenants),
+            tracing=doc.tracing,
+            identity=self.identity(doc.identity),
+            guardrail_profiles={
+                name: self.guardrails(_join("guardrail_profiles", name), spec, models)
+                for name, spec in (doc.guardrail_profiles or {}).items()},
+            audit=self.audit(doc.audit),
             fast_path=doc.fast_path or FastPathSettings(),
             logging=doc.logging or LoggingSettings(),
         )
+
+    def check_workloads(self, tenants: Mapping[str, Tenant]) -> None:
+        """A SPIFFE id (or prefix) names one principal: two tenants claiming the same one
+        would make the tenant depend on config order."""
+        seen: dict[tuple[str, bool], str] = {}
+        for tenant_id, tenant in tenants.items():
+            for index, mesh in enumerate(tenant.mesh_identities):
+                where = _join(_join(_join("tenants", tenant_id), "mesh_identities"), index)
+                owner = seen.setdefault((mesh.spiffe, mesh.prefix), where)
+                if owner != where:
+                    self.add(_join(where, "spiffe"), f"same SPIFFE id already used by {owner}",
+                             "every workload belongs to one tenant")
+
+    def identity(self, spec: IdentitySpec | None) -> IdentitySettings:
+        if spec is None:
+            return IdentitySettings()
+        jwt = None
+        if spec.jwt is not None:
+            jwt = JwtIdentity(issuer=spec.jwt.issuer, audiences=tuple(spec.jwt.audiences),
+                              jwks_file=self.file(spec.jwt.jwks_file),
+                              tenant_claim=spec.jwt.tenant_claim,
+                              team_claim=spec.jwt.team_claim)
+        return IdentitySettings(sources=tuple(spec.sources), jwt=jwt)
+
+    def audit(self, spec: AuditSpec | None) -> AuditSettings:
+        if spec is None:
+            return AuditSettings()
+        if "redis" in spec.sinks and not self.present("redis"):
+            self.add("audit.sinks", "the redis sink needs Redis", "set redis.url")
+        return AuditSettings(**{
+            **_shared(spec, AuditSettings, "dir", "signing_key"),
+            "dir": self.file(spec.dir) if spec.dir else None,
+            "signing_key": self.file(spec.signing_key) if spec.signing_key else None})
 
     def file(self, name: str) -> Path:
         """A file reference: relative paths are relative to the config file."""
@@ -865,6 +1038,9 @@ class _Compiler:
                orgs: Mapping[str, tuple[BudgetRule, ...]],
                seen_hashes: dict[str, str]) -> Tenant:
         path = _join("tenants", tenant_id)
+        if spec.audit is not None and spec.audit.capture and not self.present("secrets", "kek"):
+            self.add(_join(_join(path, "audit"), "capture"), "text capture needs a KEK",
+                     "set secrets.kek (captured text is sealed with it)")
         keys = _absent_or(spec.keys) or []
         for index, key in enumerate(keys):
             key_path = _join(_join(path, "keys"), index)
@@ -896,6 +1072,11 @@ class _Compiler:
         own = self.own_credentials(path, spec, credentials)
         rules = orgs.get(spec.org, ()) if spec.org else ()
         rules += self.rules(spec.budgets or ())
+        rules += tuple(BudgetRule(scope=Scope.TEAM, window=Window(rule.window),
+                                  limit_micro_usd=rule.limit_usd, subject=team_id,
+                                  period_s=rule.period_s)
+                       for team_id, team in (spec.teams or {}).items()
+                       for rule in team.budgets or ())
         rate_limits = RateLimits(rpm=spec.rate_limits.rpm if spec.rate_limits else None,
                                  tpm=spec.rate_limits.tpm if spec.rate_limits else None)
         budget = None
@@ -904,11 +1085,37 @@ class _Compiler:
                 tenant=tenant_id, org=spec.org, rules=rules, rate_limits=rate_limits,
                 fail_open=spec.on_redis_error == "fail_open",
                 fail_open_ceiling_micro_usd=spec.fail_open_ceiling_usd or 0)
+        teams = {team_id: Team(
+                     id=team_id,
+                     models=frozenset(team.models) if team.models is not None else None,
+                     guardrails=(self.guardrails(_join(_join(_join(path, "teams"), team_id),
+                                                       "guardrails"), team.guardrails, models)
+                                 if team.guardrails is not None else None))
+                 for team_id, team in (spec.teams or {}).items()}
+        mesh = tuple(MeshIdentity(spiffe=m.spiffe, prefix=m.match == "prefix", team=m.team)
+                     for m in spec.mesh_identities or ())
         return Tenant(id=tenant_id,
-                      keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in keys),
+                      keys=tuple(TenantKey(id=k.id, hash=k.hash, team=k.team) for k in keys),
                       models=frozenset(allowed & set(models)), policies=policies,
                       default_policy=default_policy, budget=budget,
-                      own_credentials=own, **_shared(spec, Tenant, "keys", "models"))
+                      own_credentials=own, teams=teams, mesh_identities=mesh,
+                      guardrails=(self.guardrails(_join(path, "guardrails"), spec.guardrails,
+                                                  models) if spec.guardrails else None),
+                      audit_capture=bool(spec.audit is not None and spec.audit.capture),
+                      **_shared(spec, Tenant, "keys", "models", "teams", "mesh_identities",
+                                "guardrails"))
+
+    def guardrails(self, path: str, spec: GuardrailsSpec,
+                   models: Mapping[str, Model]) -> GuardrailPolicy:
+        """A guardrails section; its model lists must name models of `models:`."""
+        for kind in ("allow", "deny"):
+            names = getattr(spec.models, kind) if spec.models is not None else None
+            for index, name in enumerate(names or ()):
+                if name not in models:
+                    self.add(_join(_join(_join(path, "models"), kind), index),
+                             f"unknown model {name!r}",
+                             f"known models: {', '.join(models) or '-'}")
+        return policy_from_spec(spec)
 
     def policies(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
                  providers: Mapping[str, Provider]

@@ -49,6 +49,7 @@ __all__ = [
     "OUTPUT_LIMIT_FIELDS",
     "SUPPORTED_PROVIDER_KINDS",
     "UNFORWARDABLE_HEADERS",
+    "AuditSpec",
     "AuthSpec",
     "BudgetSettings",
     "CredentialSpec",
@@ -56,24 +57,38 @@ __all__ = [
     "DeploymentSpec",
     "Document",
     "FailoverSettings",
+    "GuardrailModelsSpec",
+    "GuardrailsSpec",
+    "IdentitySpec",
+    "JwtIdentitySpec",
     "KekSpec",
     "KeySpec",
     "Limits",
+    "MeshIdentitySpec",
+    "MetricsSettings",
     "ModelSpec",
     "OrgBudgetSpec",
     "OrgSpec",
+    "PiiSpec",
     "PriceSpec",
     "ProbeSpec",
+    "PromptCapSpec",
     "ProviderSpec",
     "RateLimitsSpec",
     "RecordStoreSpec",
     "RedisSettings",
+    "ResponseRedactionSpec",
     "RouteSpec",
     "Rule",
     "SecretRefSpec",
     "SecretsSpec",
+    "TeamBudgetSpec",
+    "TeamSpec",
+    "TemperatureRangeSpec",
+    "TenantAuditSpec",
     "TenantBudgetSpec",
     "TenantSpec",
+    "TracingSettings",
     "field_paths",
     "json_schema",
     "json_schema_text",
@@ -557,7 +572,9 @@ class PriceSpec(_Spec):
     """USD per million tokens."""
 
     input_per_mtok: PerMtok = Field(description="Input (prompt) tokens.")
-    output_per_mtok: PerMtok = Field(description="Output (completion) tokens.")
+    output_per_mtok: PerMtok | None = Field(
+        default=None, description="Output (completion) tokens; required for chat models, "
+        "absent for embedding models (which produce no output tokens).")
     cached_input_per_mtok: PerMtok | None = Field(
         default=None, description="Cached input tokens (default: the input price).")
     cache_write_per_mtok: PerMtok | None = Field(
@@ -610,6 +627,26 @@ class ModelSpec(_Spec):
         "the gateway pick by model family")] | None = Field(
         default=None, description="Field that carries the output-token limit on the wire for this "
         "model; null: the translator decides by model family.")
+    kind: Annotated[Literal["chat", "embedding"], Rule(
+        invalid="must be chat or embedding, got {value!r}",
+        hint="embedding models serve POST /v1/embeddings only")] = Field(
+        default="chat", description="chat: served by the chat, messages and responses "
+        "endpoints; embedding: served by /v1/embeddings only, priced per input token.")
+
+    @model_validator(mode="after")
+    def _output_price(self) -> ModelSpec:
+        if self.kind == "chat":
+            issues: list[Issue] = []
+            if self.price.output_per_mtok is None:
+                issues.append((("price", "output_per_mtok"), "is required for a chat model",
+                               "embedding models set kind: embedding"))
+            for index, dep in enumerate(self.deployments):
+                if dep.price is not None and dep.price.output_per_mtok is None:
+                    issues.append((("deployments", index, "price", "output_per_mtok"),
+                                   "is required for a chat model", ""))
+            if issues:
+                raise problem(*issues)
+        return self
 
 
 # --- orgs, tenants -----------------------------------------------------------------------
@@ -669,6 +706,8 @@ class KeySpec(_Spec):
         invalid="not a key hash", hint="expected hmac-sha256:v1:<64 hex>, from `extproc "
         "keys hash`; never put a plaintext key here")] = Field(
         description="HMAC-SHA256(pepper, key) from `extproc keys hash`.")
+    team: Name | None = Field(default=None, description="Team (or app) of the tenant this key "
+                              "belongs to (`teams.<id>`).")
 
 
 Prefer = Literal["cost", "latency"]
@@ -703,6 +742,89 @@ class RouteSpec(_Spec):
         return self
 
 
+# --- guardrails (extproc.guardrails; docs/guardrails.md) -----------------------------------
+
+PiiAction = Annotated[Literal["allow", "redact", "deny"], Rule(
+    invalid="unknown action {value!r}", hint="allow, redact or deny")]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+
+
+class GuardrailModelsSpec(_Spec):
+    allow: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of model names")] | None = Field(
+        default=None, description="Only these models (also within the tenant's `models`).")
+    deny: list[Text] | None = Field(default=None, description="Never these models.")
+
+
+class TemperatureRangeSpec(_Spec):
+    min: Temperature | None = Field(default=None, description="Lowest temperature allowed.")
+    max: Temperature | None = Field(default=None, description="Highest temperature allowed.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TemperatureRangeSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise problem(((), "min is above max", ""))
+        return self
+
+
+class PromptCapSpec(_Spec):
+    max_bytes: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        default=None, description="Most UTF-8 bytes of prompt text (messages, system, tool "
+        "results).")
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        default=None, description="Most estimated prompt tokens (text bytes / 3).")
+
+
+class PiiSpec(_Spec):
+    """One action per detector; a detector not named is `allow` (not run)."""
+
+    email: PiiAction | None = Field(default=None, description="Email addresses.")
+    phone: PiiAction | None = Field(default=None, description="Phone numbers with separators "
+                                    "(+CC, North American, 0-prefixed national).")
+    credit_card: PiiAction | None = Field(default=None, description="Payment card numbers "
+                                          "(issuer prefix and Luhn checksum).")
+    iban: PiiAction | None = Field(default=None, description="IBANs (country length and mod-97 "
+                                   "checksum).")
+    us_ssn: PiiAction | None = Field(default=None, description="US social security numbers "
+                                     "(NNN-NN-NNNN, valid ranges).")
+    ipv4: PiiAction | None = Field(default=None, description="IPv4 addresses.")
+    ipv6: PiiAction | None = Field(default=None, description="IPv6 addresses.")
+    secret: PiiAction | None = Field(default=None, description="Secret-looking tokens: `sk-...` "
+                                     "API keys, AWS access key ids, private-key blocks.")
+
+
+class ResponseRedactionSpec(_Spec):
+    redact: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Redact answers with the detectors whose action is redact "
+        "or deny (an answer is cleaned, never refused), with the request's placeholders.")
+    stream_window: Annotated[int, Field(ge=8, le=4096)] = Field(
+        default=64, description="Characters of a streamed answer held back so a value split "
+        "across chunks is seen whole.")
+
+
+class GuardrailsSpec(_Spec):
+    """Guardrails of a tenant, or a profile a route names; a route's profile and a team's
+    rules can only tighten the tenant's."""
+
+    models: GuardrailModelsSpec | None = Field(default=None,
+                                               description="Model allow and deny lists.")
+    max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="Largest max_tokens / max_completion_tokens a request may ask "
+        "for (also the default when it asks none).")
+    n: Annotated[int, Field(ge=1, le=128)] | None = Field(
+        default=None, description="Largest `n` (choices) a request may ask for.")
+    temperature: TemperatureRangeSpec | None = Field(
+        default=None, description="Allowed temperature range.")
+    tools: Annotated[bool, Rule(invalid="must be true or false")] | None = Field(
+        default=None, description="false: requests that offer tools or functions are refused.")
+    response_format: list[Literal["text", "json_object", "json_schema"]] | None = Field(
+        default=None, description="Allowed `response_format.type` values.")
+    prompt: PromptCapSpec | None = Field(default=None, description="Prompt size caps.")
+    pii: PiiSpec | None = Field(default=None, description="PII detectors and their actions.")
+    responses: ResponseRedactionSpec | None = Field(
+        default=None, description="Redaction of answers (non-streamed and streamed).")
+
+
 class DeploymentHealthSettings(_Spec):  # also the runtime object
     """Passive health of deployments: a circuit breaker per deployment (provider x
     upstream model), shared across replicas through Redis."""
@@ -718,11 +840,135 @@ class DeploymentHealthSettings(_Spec):  # also the runtime object
         "null: latency never opens a breaker.")
 
 
+class MetricsSettings(_Spec):
+    """Prometheus metrics (docs/observability.md)."""
+
+    max_tenant_labels: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        default=100, description="Cardinality guard: only the first N tenants of `tenants` "
+        "(file order) keep their id as the `tenant` label of request metrics; the others "
+        "are counted as `other`.")
+
+
+def _otlp_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise problem(((), "not an http(s) URL with a host", "e.g. http://127.0.0.1:4318/v1/traces"))
+    if parts.username or parts.password:
+        raise problem(((), "must not carry credentials", ""))
+    return url
+
+
+class TracingSettings(_Spec):  # also the runtime object
+    """OpenTelemetry spans per request, exported over OTLP/HTTP (docs/observability.md).
+    Without this section nothing is traced or exported."""
+
+    otlp_endpoint: Annotated[Text, AfterValidator(_otlp_url)] = Field(
+        description="OTLP/HTTP traces endpoint of the collector, e.g. "
+        "http://127.0.0.1:4318/v1/traces.")
+    service_name: Text = Field(default="asc-extproc",
+                               description="The `service.name` resource attribute.")
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=1.0, description="Share of new traces recorded (a client's sampled "
+        "`traceparent` is always followed).")
+
+
 class RateLimitsSpec(_Spec):
     rpm: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         default=None, description="Requests per minute.")
     tpm: Annotated[int, Field(ge=1, le=10_000_000_000)] | None = Field(
         default=None, description="Tokens per minute (estimate held, real usage settled).")
+
+
+# --- identity: who a principal is, and its team (docs/tenancy.md) -----------------------
+
+IdentitySourceName = Annotated[
+    Literal["virtual_key", "mesh", "jwt"],
+    Rule(invalid="unknown identity source {value!r}", hint="one of: virtual_key, mesh, jwt"),
+]
+SPIFFE_PATTERN: Final = r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~%!$&'()*+,;=:@-]*)*$"
+
+
+class JwtIdentitySpec(_Spec):
+    """A JWT issuer whose tokens Envoy's jwt_authn verifies (signature, expiry, issuer,
+    audience); the service maps the verified claims to a tenant, principal and team."""
+
+    issuer: Text = Field(description="Expected `iss`; Envoy rejects tokens of other issuers.")
+    audiences: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of audiences")] = Field(
+        description="Accepted `aud` values; Envoy answers 403 to any other.")
+    jwks_file: FilePath = Field(description="Local JWKS file Envoy verifies signatures with "
+                                "(relative to the config file).")
+    tenant_claim: Text = Field(default="tenant", description="Claim naming the tenant id.")
+    team_claim: Text | None = Field(default=None, description="Claim naming the principal's "
+                                    "team (a `teams.<id>` of that tenant); absent: no team.")
+
+
+class IdentitySpec(_Spec):
+    """Which identity sources authenticate a request, in order of precedence; an Envoy
+    route's `filter_metadata.asc.identity` replaces the list for that route."""
+
+    sources: Annotated[list[IdentitySourceName], Field(min_length=1), Rule(
+        required="must be a non-empty list of identity sources")] = Field(
+        default=["virtual_key"], description="virtual_key, mesh (SPIFFE id of an mTLS peer) "
+        "and/or jwt (claims verified by Envoy's jwt_authn), first presented wins.")
+    jwt: JwtIdentitySpec | None = Field(default=None, description="The JWT issuer; required "
+                                        "when `jwt` is a source.")
+
+    @model_validator(mode="after")
+    def _jwt_needs_issuer(self) -> IdentitySpec:
+        if "jwt" in self.sources and self.jwt is None:
+            raise problem((("jwt",), "is required when `jwt` is a source",
+                           "e.g. {issuer: https://idp.example, audiences: [asc], "
+                           "jwks_file: jwks.json}"))
+        if len(set(self.sources)) != len(self.sources):
+            raise problem((("sources",), "lists a source twice", ""))
+        return self
+
+
+class MeshIdentitySpec(_Spec):
+    """A workload (SPIFFE id of an mTLS peer) that authenticates as this tenant."""
+
+    spiffe: Annotated[str, Field(pattern=SPIFFE_PATTERN), Rule(
+        invalid="not a SPIFFE id", hint="e.g. spiffe://acme.example/ns/billing/sa/api")] = Field(
+        description="SPIFFE id (exact), or with `match: prefix` a prefix ending in '/' "
+        "(e.g. a trust domain `spiffe://acme.example/`).")
+    match: Annotated[Literal["exact", "prefix"], Rule(
+        invalid="unknown match {value!r}", hint="exact or prefix")] = Field(
+        default="exact", description="exact: the whole id; prefix: every id under it.")
+    team: Name | None = Field(default=None, description="Team (or app) of these workloads.")
+
+    @model_validator(mode="after")
+    def _prefix_ends_at_a_segment(self) -> MeshIdentitySpec:
+        if self.match == "prefix" and not self.spiffe.endswith("/"):
+            raise problem((("spiffe",), "a prefix must end with '/'",
+                           "spiffe://acme.example/ would otherwise also match "
+                           "spiffe://acme.example.evil/"))
+        return self
+
+
+class TeamBudgetSpec(_WindowSpec):
+    """A USD limit of one team (or app), reserved with the tenant's and key's limits."""
+
+
+class TeamSpec(_Spec):
+    """A team or app inside a tenant: its own models and budgets."""
+
+    models: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of model names")] | None = Field(
+        default=None, description="Models the team may use (among the tenant's); "
+        "absent: the tenant's.")
+    budgets: Annotated[list[TeamBudgetSpec], Rule(
+        invalid="must be a list of budget rules",
+        hint="e.g. [{window: day, limit_usd: 20}]")] | None = Field(
+        default=None, description="USD budgets of the team (scope team).")
+    guardrails: GuardrailsSpec | None = Field(
+        default=None, description="Guardrails of the team; they tighten the tenant's.")
+
+
+class TenantAuditSpec(_Spec):
+    capture: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Keep the request and response text in the audit record, "
+        "sealed with the KEK under this tenant's scope (needs `secrets.kek`; docs/audit.md).")
 
 
 class TenantSpec(_Spec):
@@ -764,6 +1010,39 @@ class TenantSpec(_Spec):
         required="must be a non-empty list of credential ids")]] | None = Field(
         default=None, description="BYOK: provider name -> this tenant's own keyring credentials.",
         json_schema_extra={"x-key": "<provider>"})
+    guardrails: GuardrailsSpec | None = Field(
+        default=None, description="Model, parameter, prompt size and PII rules.")
+    teams: dict[Name, TeamSpec] | None = Field(
+        default=None, description="Teams and apps of the tenant.",
+        json_schema_extra={"x-key": "<team>"})
+    mesh_identities: list[MeshIdentitySpec] | None = Field(
+        default=None, description="Workloads (SPIFFE ids of mTLS peers) of the tenant.")
+    responses_store: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="POST /v1/responses may store responses upstream "
+        "(`store: true`, `previous_response_id`). Stored responses live on the gateway's "
+        "provider account, shared by every tenant: off by default (decision 0112).")
+    audit: TenantAuditSpec | None = Field(
+        default=None, description="Per-tenant audit options (text capture).")
+
+    @model_validator(mode="after")
+    def _teams_known(self) -> TenantSpec:
+        teams = set(self.teams or ())
+        issues: list[Issue] = []
+        named = [(("keys", i, "team"), k.team) for i, k in enumerate(self.keys)]
+        named += [(("mesh_identities", i, "team"), m.team)
+                  for i, m in enumerate(self.mesh_identities or ())]
+        for where, team in named:
+            if team is not None and team not in teams:
+                issues.append((where, f"unknown team {team!r}",
+                               f"teams: {', '.join(sorted(teams)) or '-'}"))
+        for team_id, team_spec in (self.teams or {}).items():
+            for index, model in enumerate(team_spec.models or ()):
+                if model not in self.models:
+                    issues.append((("teams", team_id, "models", index),
+                                   f"model {model!r} is not allowed for this tenant", ""))
+        if issues:
+            raise problem(*issues)
+        return self
 
     @model_validator(mode="after")
     def _local_rules(self) -> TenantSpec:
@@ -792,6 +1071,59 @@ class TenantSpec(_Spec):
 
 
 # --- the document ------------------------------------------------------------------------
+
+class AuditSpec(_Spec):
+    """Per-request audit records: sinks, rotation, queue, failure policy, chain keys
+    (docs/audit.md). Read at start; a reload does not change them."""
+
+    sinks: Annotated[list[Literal["jsonl", "redis"]], Field(min_length=1), Rule(
+        invalid="unknown sink {value!r}", hint="one or both of: jsonl, redis")] = Field(
+        default=["jsonl"], description="Where records go: append-only JSONL files in `dir` "
+        "and/or a Redis Stream (`redis_stream`, needs `redis`).")
+    dir: FilePath | None = Field(
+        default=None, description="Directory of the JSONL files, the public key and the "
+        "chain keys; relative to the config file. Default: `audit/` under the working "
+        "directory of `extproc serve` (`make run`: var/run/audit).")
+    rotate_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = Field(
+        default=64 << 20, description="A JSONL file is closed and a new one opened past "
+        "this size.")
+    rotate_s: Annotated[int, Field(ge=1, le=31 * 86_400)] = Field(
+        default=86_400, description="... or past this age (seconds).")
+    fsync: Annotated[Literal["batch", "none"], Rule(
+        invalid="must be batch or none, got {value!r}")] = Field(
+        default="batch", description="batch: fsync after every batch written (a record "
+        "is on disk before the next batch starts); none: leave it to the OS.")
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10_000, description="Records waiting for the writer; when full, "
+        "`on_failure` applies.")
+    batch_records: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=512, description="Most records written (and fsynced) in one batch.")
+    on_failure: Annotated[Literal["block", "buffer"], Rule(
+        invalid="must be block or buffer, got {value!r}")] = Field(
+        default="block", description="A failing sink: block (finishing requests wait for "
+        "queue room, new requests get 503 while the queue is full) or buffer (keep up to "
+        "`buffer_records` in memory, then count and log each record dropped).")
+    buffer_records: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        default=100_000, description="on_failure buffer: records kept in memory per sink.")
+    checkpoint_every: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=1000, description="A signed checkpoint after this many records ...")
+    checkpoint_interval_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=60, description="... or this many seconds with new records.")
+    signing_key: FilePath | None = Field(
+        default=None, description="Ed25519 private key (PEM, mode 0600) that signs "
+        "checkpoints; relative to the config file. Default: `<dir>/signing.key`, made on "
+        "first start.")
+    hmac_key: Annotated[Literal["auto", "kek", "local"], Rule(
+        invalid="must be auto, kek or local, got {value!r}")] = Field(
+        default="auto", description="Chain HMAC key: kek (a random key wrapped by "
+        "`secrets.kek`), local (a 0600 file in `<dir>/keys`), auto (kek when "
+        "`secrets.kek` is set).")
+    redis_stream: Text = Field(default="asc:audit",
+                               description="Redis sink: the stream key.")
+    redis_maxlen: Annotated[int, Field(ge=1000, le=1_000_000_000)] = Field(
+        default=10_000_000, description="Redis sink: approximate MAXLEN of the stream "
+        "(oldest entries trimmed; the JSONL files are the archive).")
+
 
 class AuthSpec(_Spec):
     pepper: PepperRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
@@ -827,6 +1159,10 @@ class Document(_Spec):
         default=None, description="One ext_proc message per same-dialect request.")
     logging: LoggingSettings | None = Field(
         default=None, description="Per-request logging.")
+    metrics: MetricsSettings | None = Field(
+        default=None, description="Prometheus metrics: the tenant label cardinality guard.")
+    tracing: TracingSettings | None = Field(
+        default=None, description="OpenTelemetry tracing; off without this section.")
     secrets: SecretsSpec | None = Field(default=None, description="KEK, record store and keyring "
                                         "cache; needed by keyring credentials.")
     credentials: dict[Name, CredentialSpec] | None = Field(
@@ -842,6 +1178,13 @@ class Document(_Spec):
         json_schema_extra={"x-key": "<id>"})
     tenants: dict[Name, TenantSpec] = Field(
         description="Tenants by id.", json_schema_extra={"x-key": "<id>"})
+    identity: IdentitySpec | None = Field(
+        default=None, description="Identity sources (default: virtual keys only).")
+    guardrail_profiles: dict[Name, GuardrailsSpec] | None = Field(
+        default=None, description="Guardrails an Envoy route names in its metadata "
+        "(`filter_metadata.asc.guardrails`); they tighten the tenant's.",
+        json_schema_extra={"x-key": "<name>"})
+    audit: AuditSpec | None = Field(default=None, description="Audit records (docs/audit.md).")
 
 
 class _AscJsonSchema(GenerateJsonSchema):

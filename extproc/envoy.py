@@ -37,9 +37,10 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["BODY_FIELDS_NAMESPACE", "METADATA_NAMESPACE", "RESPONSE_HEADERS_NAMESPACE",
-           "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context",
-           "decode", "encode"]
+__all__ = ["BODY_FIELDS_NAMESPACE", "JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE",
+           "MTLS_ATTRIBUTE", "PEER_URI_SAN_ATTRIBUTE", "RESPONSE_HEADERS_NAMESPACE",
+           "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE", "STAGE_HEADER",
+           "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
 BODY_FIELDS_NAMESPACE: Final = "asc.request"
@@ -47,7 +48,18 @@ BODY_FIELDS_NAMESPACE: Final = "asc.request"
 RESPONSE_HEADERS_NAMESPACE: Final = "asc.response_headers"
 """Answer headers the fast path leaves to Envoy (its Lua filter sets them)."""
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
+SOURCE_ADDRESS_ATTRIBUTE: Final = "source.address"
+"""The downstream peer (ip:port) Envoy accepted the connection from: the audit's
+`source_address` (docs/decisions/0081-audit-source-address.md)."""
 _ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
+MTLS_ATTRIBUTE: Final = "connection.mtls"
+PEER_URI_SAN_ATTRIBUTE: Final = "connection.uri_san_peer_certificate"
+"""Computed by Envoy from the TLS connection (a bool and a string, measured): no header a
+client sends can change them (docs/decisions/0100-identity-from-envoy-attributes.md)."""
+JWT_NAMESPACE: Final = "envoy.filters.http.jwt_authn"
+JWT_PAYLOAD_KEY: Final = "claims"
+"""jwt_authn's `payload_in_metadata`: verified claims arrive as a Struct under this key
+in the forwarded `envoy.filters.http.jwt_authn` namespace."""
 STAGE_HEADER: Final = "x-asc-stage"
 """gRPC metadata the upstream (per-attempt) ext_proc sends; the router-level one does not."""
 STAGE_UPSTREAM: Final = "upstream"
@@ -75,8 +87,11 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
     kind = request.WhichOneof("request")
     if kind == "request_headers":
         message = request.request_headers
+        mtls, peer = _peer(request)
         return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
-                       route_metadata=_route_metadata(request),
+                       route_metadata=_route_metadata(request), mtls=mtls,
+                       peer_uri_san=peer, jwt_claims=_jwt_claims(request),
+                       source_address=_string_attribute(request, SOURCE_ADDRESS_ATTRIBUTE),
                        body_fields=_body_fields(request))
     if kind == "request_body":
         body = request.request_body
@@ -129,6 +144,39 @@ def _body_fields(request: pb.ProcessingRequest) -> dict[str, object] | None:
         else:  # null, list, object: not what the fast path reads; keep its presence
             fields[name] = None
     return fields
+
+
+def _peer(request: pb.ProcessingRequest) -> tuple[bool, str | None]:
+    """`connection.mtls` and the peer's URI SAN, as Envoy computed them."""
+    if _ATTRIBUTES_KEY not in request.attributes:
+        return False, None
+    attributes = request.attributes[_ATTRIBUTES_KEY].fields
+    mtls = MTLS_ATTRIBUTE in attributes and attributes[MTLS_ATTRIBUTE].bool_value is True
+    peer = None
+    if PEER_URI_SAN_ATTRIBUTE in attributes:
+        peer = attributes[PEER_URI_SAN_ATTRIBUTE].string_value or None
+    return mtls, peer
+
+
+def _jwt_claims(request: pb.ProcessingRequest) -> dict[str, object] | None:
+    """The verified JWT payload jwt_authn wrote (`payload_in_metadata`), if any."""
+    namespace = request.metadata_context.filter_metadata.get(JWT_NAMESPACE)
+    if namespace is None or JWT_PAYLOAD_KEY not in namespace.fields:
+        return None
+    payload = namespace.fields[JWT_PAYLOAD_KEY]
+    if not payload.HasField("struct_value"):
+        return None
+    claims: dict[str, object] = json_format.MessageToDict(payload.struct_value)
+    return claims
+
+
+def _string_attribute(request: pb.ProcessingRequest, name: str) -> str | None:
+    if _ATTRIBUTES_KEY not in request.attributes:
+        return None
+    value = request.attributes[_ATTRIBUTES_KEY].fields.get(name)
+    if value is None or not value.HasField("string_value"):
+        return None
+    return value.string_value or None
 
 
 def _route_metadata(request: pb.ProcessingRequest) -> dict[str, object] | None:

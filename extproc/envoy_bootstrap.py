@@ -17,12 +17,24 @@ the gateway relies on are fixed here and asserted by tests against a real Envoy:
   pick a cluster, see docs/decisions/0050-route-decided-by-the-service-only.md);
 * the admin interface on a Unix socket with mode 0600, or none at all: admin has no
   authentication and can raise the log level until provider keys are printed.
+
+Three shapes (`Shape`, `extproc envoy render --shape`), all with the settings above and the
+same JSON access log (the `asc` metadata joins Envoy's line to the audit record):
+
+* `front` - a local front proxy, ext_proc over TCP (what `make run` starts);
+* `sidecar` - beside the service in one pod: both ext_proc filters reach it over a Unix
+  socket (a STATIC cluster of `pipe` endpoints, one per service worker), admin on a Unix
+  socket (docs/decisions/0090-sidecar-ext-proc-over-a-unix-socket.md);
+* `edge` - facing clients and the internet: TLS to providers with SNI and CA checks,
+  HTTP/2 pools where the provider speaks it, an overload manager capping downstream
+  connections, header and idle timeouts (docs/decisions/0092-edge-shape.md).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
 
 import yaml
@@ -41,6 +53,9 @@ from envoy.extensions.filters.http.upstream_codec.v3 import (  # noqa: F401 - @t
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401 - @type
     http_connection_manager_pb2,
 )
+from envoy.extensions.resource_monitors.downstream_connections.v3 import (  # noqa: F401 - @type
+    downstream_connections_pb2,
+)
 from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401 - @type
     previous_priorities_config_pb2,
 )
@@ -54,16 +69,23 @@ from extproc.envoy import (
     METADATA_NAMESPACE,
     RESPONSE_HEADERS_NAMESPACE,
     ROUTE_METADATA_ATTRIBUTE,
+    SOURCE_ADDRESS_ATTRIBUTE,
     STAGE_HEADER,
     STAGE_UPSTREAM,
 )
+from extproc.envoy_identity import IdentityEnvoy, apply_identity
 from extproc.failover import Chain, failover_chains, has_failover_cluster
+from extproc.listen import worker_socket_paths
 from extproc.phases import CLUSTER_HEADER
 
 __all__ = [
     "ADMIN_SOCKET_MODE",
+    "SYSTEM_CA",
     "BootstrapError",
+    "EdgeLimits",
     "EnvoyPorts",
+    "Shape",
+    "ShapeError",
     "admin_address",
     "bootstrap_yaml",
     "check_typed",
@@ -92,7 +114,23 @@ _PREVIOUS_PRIORITIES: Final = (
     "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3"
     ".PreviousPrioritiesConfig")
 _SOCKET_MATCH_KEY: Final = "asc_provider"
-_SYSTEM_CA: Final = "/etc/ssl/certs/ca-certificates.crt"
+SYSTEM_CA: Final = "/etc/ssl/certs/ca-certificates.crt"
+"""Debian/Ubuntu's CA bundle (also Alpine's, via ca-certificates)."""
+_DOWNSTREAM_CONNECTIONS: Final = (
+    "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3"
+    ".DownstreamConnectionsConfig")
+_HEALTH_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
+_H2_KINDS: Final = frozenset({"openai", "anthropic", "azure", "mistral", "gemini"})
+"""Provider kinds whose public endpoints speak HTTP/2 over TLS; a self-hosted
+`openai_compatible` server over TLS gets ALPN (`auto_config`) instead."""
+
+
+class Shape(StrEnum):
+    """Where the rendered Envoy runs (module docstring)."""
+
+    FRONT = "front"
+    SIDECAR = "sidecar"
+    EDGE = "edge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +149,29 @@ class EnvoyPorts:
     shares connections, not streams) gets at most as many connections as Envoy has
     threads; a small limit makes Envoy open more, which the kernel spreads (bench:
     bench/fastpath.py --workers 2)."""
+    extproc_socket: str | None = None
+    """The service's Unix socket (`extproc serve --listen unix:PATH`); when set, ext_proc
+    goes over it instead of `extproc_address:extproc_port`."""
+    extproc_workers: int = 1
+    """The service's `--workers` on `extproc_socket`: one socket per worker (Unix sockets
+    have no SO_REUSEPORT), all listed, so Envoy spreads streams across them."""
+    trusted_ca: str = SYSTEM_CA
+    """CA bundle that provider certificates must chain to."""
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    """What the edge shape bounds, so a flood of idle or slow clients cannot take Envoy
+    down (Envoy's edge best practices)."""
+
+    max_downstream_connections: int = 10000
+    request_headers_timeout_s: int = 10
+    """A client must send its headers within this (slowloris)."""
+    stream_idle_timeout_s: int = 300
+    """A stream with no bytes either way for this long is reset; an LLM answer that
+    streams keeps it alive, a first token may take long, so not shorter."""
+    connection_idle_timeout_s: int = 900
+    max_concurrent_streams: int = 100
 
 
 def _socket(address: str, port: int) -> dict[str, Any]:
@@ -135,6 +196,8 @@ def _access_log() -> list[dict[str, Any]]:
         "upstream_cluster": "%UPSTREAM_CLUSTER%",
         "duration_ms": "%DURATION%",
         "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        # The peer Envoy accepted the connection from: the audit's source_address (0081).
+        "client_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
     }
     return [{
         "name": "envoy.access_loggers.stdout",
@@ -149,24 +212,34 @@ def _local_reply_config() -> dict[str, Any]:
     are passed through unchanged by the first mapper.
     """
     return {
-        "mappers": [{
-            "filter": {"metadata_filter": {
-                "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "error"}],
-                            "value": {"present_match": True}},
-                # The default (true) would match every reply that lacks the key.
-                "match_if_key_not_found": False,
-            }},
-            "body_format_override": {
-                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                "content_type": "application/json",
-            },
-        }, *(
+        "mappers": [*(_own_reply_mapper(key) for key in _OWN_REPLY_KEYS), *(
             {"filter": {"status_code_filter": {"comparison": {
                 "op": "EQ", "value": {"default_value": status, "runtime_key": "asc.unused"}}}},
              "body_format_override": _openai_error_format(message)}
             for status, message in _ENVOY_ERROR_MESSAGES
         )],
         "body_format": _openai_error_format("%LOCAL_REPLY_BODY%"),
+    }
+
+
+_OWN_REPLY_KEYS: Final = ("error", "answered")
+"""Metadata keys of the gateway's own replies: `error` on errors, `answered` on the 200s
+it answers itself (model lists, estimated token counts; `extproc.endpoints`)."""
+
+
+def _own_reply_mapper(key: str) -> dict[str, Any]:
+    """Passes a reply of the gateway (it carries `asc.<key>`) through unchanged."""
+    return {
+        "filter": {"metadata_filter": {
+            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": key}],
+                        "value": {"present_match": True}},
+            # The default (true) would match every reply that lacks the key.
+            "match_if_key_not_found": False,
+        }},
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        },
     }
 
 
@@ -221,7 +294,8 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
             },
             # A route's filter_metadata.asc (a mesh operator's pin) reaches the service
             # with the request headers (docs/decisions/0060-route-metadata-to-the-service.md).
-            "request_attributes": [ROUTE_METADATA_ATTRIBUTE],
+            # source.address: the client's peer address for the audit record (0081).
+            "request_attributes": [ROUTE_METADATA_ATTRIBUTE, SOURCE_ADDRESS_ATTRIBUTE],
         },
     }
 
@@ -240,7 +314,33 @@ def _host_header(provider: Provider) -> str:
     return host if provider.port == default_port else f"{host}:{provider.port}"
 
 
-def _provider_cluster(provider: Provider) -> dict[str, Any]:
+def _upstream_protocol(providers: list[Provider], shape: Shape) -> str:
+    """`http1`, `http2` or `auto` (ALPN) for a cluster of these providers: HTTP/2 pools
+    only at the edge, only over TLS, explicit where every provider's kind speaks it."""
+    if shape is not Shape.EDGE or any(p.scheme != "https" for p in providers):
+        return "http1"
+    return "http2" if all(p.kind in _H2_KINDS for p in providers) else "auto"
+
+
+def _protocol_options(protocol: str, limits: EdgeLimits) -> dict[str, Any]:
+    h2 = {
+        "max_concurrent_streams": limits.max_concurrent_streams,
+        # A provider connection that went silent (NAT, LB) is noticed and replaced.
+        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+    }
+    if protocol == "http2":
+        return {"explicit_http_config": {"http2_protocol_options": h2}}
+    if protocol == "auto":
+        return {"auto_config": {"http_protocol_options": {}, "http2_protocol_options": h2}}
+    return {"explicit_http_config": {"http_protocol_options": {}}}
+
+
+_ALPN: Final = {"http2": ["h2"], "auto": ["h2", "http/1.1"]}
+
+
+def _provider_cluster(provider: Provider, ports: EnvoyPorts, shape: Shape,
+                      limits: EdgeLimits) -> dict[str, Any]:
+    protocol = _upstream_protocol([provider], shape)
     cluster: dict[str, Any] = {
         "name": provider.cluster,
         "type": "STATIC" if _is_ip(provider.host) else "STRICT_DNS",
@@ -258,28 +358,27 @@ def _provider_cluster(provider: Provider) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http_protocol_options": {}},
+                **_protocol_options(protocol, limits),
             },
         },
     }
     if provider.scheme == "https":
-        cluster["transport_socket"] = _tls_socket(provider)
+        cluster["transport_socket"] = _tls_socket(provider, ports, protocol)
     return cluster
 
 
-def _tls_socket(provider: Provider) -> dict[str, Any]:
+def _tls_socket(provider: Provider, ports: EnvoyPorts, protocol: str) -> dict[str, Any]:
+    context: dict[str, Any] = {"validation_context": {
+        "trusted_ca": {"filename": ports.trusted_ca},
+        "match_typed_subject_alt_names": [
+            {"san_type": "DNS", "matcher": {"exact": provider.host}},
+        ],
+    }}
+    if protocol in _ALPN:
+        context["alpn_protocols"] = _ALPN[protocol]
     return {
         "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": _TLS,
-            "sni": provider.host,
-            "common_tls_context": {"validation_context": {
-                "trusted_ca": {"filename": _SYSTEM_CA},
-                "match_typed_subject_alt_names": [
-                    {"san_type": "DNS", "matcher": {"exact": provider.host}},
-                ],
-            }},
-        },
+        "typed_config": {"@type": _TLS, "sni": provider.host, "common_tls_context": context},
     }
 
 
@@ -307,13 +406,14 @@ def _upstream_ext_proc(ports: EnvoyPorts) -> dict[str, Any]:
 
 
 def _failover_cluster(config: GatewayConfig, name: str, chain: Chain,
-                      ports: EnvoyPorts) -> dict[str, Any]:
+                      ports: EnvoyPorts, shape: Shape, limits: EdgeLimits) -> dict[str, Any]:
     """Priority 0 is one deployment of the model, priorities 1.. other deployments of the
     same zone, in config order or in one fallback order (`failover_chains`): a retry
     moves one level down (previous_priorities) and never reaches another zone, because
     no other zone's endpoint is in the cluster."""
     settings = config.failover
     any_dns = any(not _is_ip(p.host) for _, p in chain)
+    protocol = _upstream_protocol([p for _, p in chain], shape)
     endpoints = []
     socket_matches = []
     for priority, (_, provider) in enumerate(chain):
@@ -326,7 +426,7 @@ def _failover_cluster(config: GatewayConfig, name: str, chain: Chain,
                 "envoy.transport_socket_match": {_SOCKET_MATCH_KEY: provider.name}}}
             socket_matches.append({"name": provider.name,
                                    "match": {_SOCKET_MATCH_KEY: provider.name},
-                                   "transport_socket": _tls_socket(provider)})
+                                   "transport_socket": _tls_socket(provider, ports, protocol)})
         endpoints.append({"priority": priority, "lb_endpoints": [endpoint]})
     cluster: dict[str, Any] = {
         "name": name,
@@ -346,7 +446,7 @@ def _failover_cluster(config: GatewayConfig, name: str, chain: Chain,
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http_protocol_options": {}},
+                **_protocol_options(protocol, limits),
                 "http_filters": [
                     _upstream_ext_proc(ports),
                     {"name": "envoy.filters.http.upstream_codec",
@@ -402,19 +502,27 @@ def _extproc_http2(ports: EnvoyPorts) -> dict[str, Any]:
     return {"max_concurrent_streams": ports.extproc_streams_per_connection}
 
 
-def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
-    """The Envoy bootstrap as plain data, ready for `yaml.safe_dump`."""
-    # config validation guarantees that providers sharing a cluster share its upstream.
-    clusters = {p.cluster: _provider_cluster(p) for p in config.providers.values()}
-    extproc_cluster = {
+def _extproc_cluster(ports: EnvoyPorts) -> dict[str, Any]:
+    """The service, over TCP or over its Unix socket(s).
+
+    Both ext_proc filters use `envoy_grpc` to this cluster: a STATIC cluster accepts
+    `pipe` endpoints, so a sidecar needs no other gRPC client (decision 0090). With one
+    socket per worker, Envoy health-checks each (gRPC health) so a worker that died and
+    waits for its restart gets no streams meanwhile.
+    """
+    if ports.extproc_socket is None:
+        addresses = [_socket(ports.extproc_address, ports.extproc_port)]
+    else:
+        addresses = [{"pipe": {"path": path}}
+                     for path in worker_socket_paths(ports.extproc_socket, ports.extproc_workers)]
+    cluster: dict[str, Any] = {
         "name": EXTPROC_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": _socket(ports.extproc_address, ports.extproc_port),
-            }}]}],
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": address}} for address in addresses]}],
         },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -423,6 +531,76 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             },
         },
     }
+    if len(addresses) > 1:
+        cluster["lb_policy"] = "LEAST_REQUEST"
+        cluster["health_checks"] = [{
+            "timeout": "1s",
+            "interval": "2s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": _HEALTH_SERVICE},
+        }]
+    return cluster
+
+
+def _edge_http_options(limits: EdgeLimits) -> dict[str, Any]:
+    """HCM settings of the edge shape: bounded header wait, idle streams and connections,
+    HTTP/2 stream limits, and the paths normalised before anything matches on them."""
+    return {
+        "request_headers_timeout": f"{limits.request_headers_timeout_s}s",
+        "stream_idle_timeout": f"{limits.stream_idle_timeout_s}s",
+        "common_http_protocol_options": {
+            "idle_timeout": f"{limits.connection_idle_timeout_s}s",
+            "headers_with_underscores_action": "REJECT_REQUEST",
+        },
+        "http2_protocol_options": {
+            "max_concurrent_streams": limits.max_concurrent_streams,
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1048576,
+        },
+        "normalize_path": True,
+        "merge_slashes": True,
+    }
+
+
+def _overload_manager(limits: EdgeLimits) -> dict[str, Any]:
+    """Envoy refuses connections above the limit (and stops warning that none is set)."""
+    return {"resource_monitors": [{
+        "name": "envoy.resource_monitors.global_downstream_max_connections",
+        "typed_config": {
+            "@type": _DOWNSTREAM_CONNECTIONS,
+            "max_active_downstream_connections": limits.max_downstream_connections,
+        },
+    }]}
+
+
+class ShapeError(ValueError):
+    """A shape rendered without what it needs (e.g. a sidecar without its sockets)."""
+
+
+def _check_shape(shape: Shape, ports: EnvoyPorts, edge: EdgeLimits) -> None:
+    if shape is Shape.SIDECAR and (ports.extproc_socket is None or ports.admin_socket is None):
+        raise ShapeError("the sidecar shape needs the service's Unix socket (extproc_socket)"
+                         " and an admin socket (admin_socket)")
+    if ports.extproc_workers < 1:
+        raise ShapeError("extproc_workers must be at least 1")
+    if shape is Shape.EDGE and min(edge.max_downstream_connections, edge.max_concurrent_streams,
+                                   edge.request_headers_timeout_s, edge.stream_idle_timeout_s,
+                                   edge.connection_idle_timeout_s) < 1:
+        raise ShapeError("edge limits must be at least 1")
+
+
+def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape = Shape.FRONT,
+                     edge: EdgeLimits = EdgeLimits(),
+                     identity: IdentityEnvoy | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap of `shape` as plain data, ready for `yaml.safe_dump`; `edge`
+    applies to the edge shape only; `identity` adds the pieces of the jwt and mesh identity
+    sources (extproc/envoy_identity.py)."""
+    _check_shape(shape, ports, edge)
+    # config validation guarantees that providers sharing a cluster share its upstream.
+    clusters = {p.cluster: _provider_cluster(p, ports, shape, edge)
+                for p in config.providers.values()}
+    extproc_cluster = _extproc_cluster(ports)
     route_action: dict[str, Any] = {
         "cluster_header": CLUSTER_HEADER,
         "auto_host_rewrite": True,
@@ -431,7 +609,7 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
     failover_clusters: list[dict[str, Any]] = []
     if config.failover.max_attempts > 1:
         failover_clusters = [
-            _failover_cluster(config, name, chain, ports)
+            _failover_cluster(config, name, chain, ports, shape, edge)
             for model in config.models.values()
             for deployment in model.deployments
             if has_failover_cluster(config, model, deployment)
@@ -469,9 +647,13 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
     }
     if config.fast_path.rendered:
         _with_fast_path(config, hcm)
+    if shape is Shape.EDGE:
+        hcm.update(_edge_http_options(edge))
     bootstrap: dict[str, Any] = {}
     if ports.admin_socket is not None:
         bootstrap["admin"] = {"address": admin_address(ports.admin_socket)}
+    if shape is Shape.EDGE:
+        bootstrap["overload_manager"] = _overload_manager(edge)
     bootstrap["static_resources"] = {
         "listeners": [{
             "name": "asc_ingress",
@@ -489,6 +671,8 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
         }],
         "clusters": [extproc_cluster, *clusters.values(), *failover_clusters],
     }
+    if identity is not None:
+        apply_identity(bootstrap, identity)
     check_typed(bootstrap)
     return bootstrap
 
@@ -516,11 +700,18 @@ def admin_address(path: str) -> dict[str, Any]:
     return {"pipe": {"path": path, "mode": ADMIN_SOCKET_MODE}}
 
 
-def render_yaml(config: GatewayConfig, ports: EnvoyPorts) -> str:
+def render_yaml(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape = Shape.FRONT,
+                edge: EdgeLimits = EdgeLimits(), command: str | None = None,
+                identity: IdentityEnvoy | None = None) -> str:
+    """The bootstrap as YAML; `command`, the render command line that produced it, goes
+    in a comment at the top so a committed file says how to regenerate it."""
     header = (
         "# Rendered by `extproc envoy render` from the gateway config; do not edit by hand.\n"
     )
-    return header + bootstrap_yaml(render_bootstrap(config, ports))
+    if command is not None:
+        header += f"# Regenerate: {command}\n"
+    bootstrap = render_bootstrap(config, ports, shape=shape, edge=edge, identity=identity)
+    return header + bootstrap_yaml(bootstrap)
 
 
 class _EnvoyYamlDumper(yaml.SafeDumper):
@@ -686,12 +877,14 @@ def _fast_path_access_log(config: GatewayConfig) -> dict[str, Any]:
 
 def _with_fast_path(config: GatewayConfig, hcm: dict[str, Any]) -> None:
     """Add the fast path's Envoy pieces around the router-level ext_proc (in place)."""
-    filters = hcm["http_filters"]
-    ext_proc = filters[0]["typed_config"]
-    ext_proc["metadata_options"]["forwarding_namespaces"] = {
-        "untyped": [FAST_REQUEST_NAMESPACE]}
-    ext_proc["metadata_options"]["receiving_namespaces"]["untyped"].append(
+    filters: list[dict[str, Any]] = hcm["http_filters"]
+    ext_proc_filter = next(f for f in filters if f["name"] == "asc.ext_proc")
+    options = ext_proc_filter["typed_config"].setdefault("metadata_options", {})
+    options.setdefault("forwarding_namespaces", {}).setdefault("untyped", []).append(
+        FAST_REQUEST_NAMESPACE)
+    options.setdefault("receiving_namespaces", {}).setdefault("untyped", []).append(
         RESPONSE_HEADERS_NAMESPACE)
-    hcm["http_filters"] = [json_to_metadata_filter(), filters[0],
-                           fast_path_lua_usage_filter(), *filters[1:]]
+    at = filters.index(ext_proc_filter)
+    hcm["http_filters"] = [*filters[:at], json_to_metadata_filter(), ext_proc_filter,
+                           fast_path_lua_usage_filter(), *filters[at + 1:]]
     hcm["access_log"] = [*hcm["access_log"], _fast_path_access_log(config)]

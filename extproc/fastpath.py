@@ -39,8 +39,11 @@ from extproc.budgets.guard import Hold
 from extproc.budgets.ledger import Reservation
 from extproc.budgets.policy import CounterGroup, estimate_input_tokens
 from extproc.credentials.static import ResolvedCredential
+from extproc.endpoints import Endpoint
 from extproc.errors import Dialect, ErrorCode, GatewayError
 from extproc.failover import has_failover_cluster
+from extproc.guardrails.settings import GuardrailPolicy, effective
+from extproc.identity import allowed_models
 from extproc.messages import Continue, Headers
 from extproc.money import worst_case_cost
 from extproc.routing import Route, RouteDecision, select
@@ -58,6 +61,7 @@ from extproc.translate.types import Usage
 from extproc.translate.usage import usage_from_anthropic, usage_from_openai
 
 if TYPE_CHECKING:
+    from extproc.audit.writer import AuditWriter
     from extproc.phases import RequestProcessor
     from extproc.runtime import Runtime
 
@@ -78,6 +82,8 @@ _DOOR_HEADERS: Final[dict[Dialect, tuple[tuple[str, str], ...]]] = {
     Dialect.ANTHROPIC: (("anthropic-version", ANTHROPIC_VERSION),),
 }
 _STANDARD_TIERS: Final = frozenset({"default", "auto", "standard"})
+_FAST_ENDPOINTS: Final = frozenset({Endpoint.CHAT.value, Endpoint.MESSAGES.value})
+_NO_GUARDRAILS: Final = GuardrailPolicy()
 _MAX_TOKENS_SANITY_BOUND: Final = 1_000_000
 _LIMIT_FIELDS: Final = {Dialect.OPENAI: OPENAI_LIMIT_FIELDS, Dialect.ANTHROPIC: (MAX_TOKENS,)}
 
@@ -145,8 +151,16 @@ async def take(processor: RequestProcessor, message: Headers,
     if body is None:
         return None
     tenant = principal.tenant
+    if processor.endpoint not in _FAST_ENDPOINTS or tenant.audit_capture:
+        return None  # other endpoints, and captured text, need the body
+    if config.tracing is not None:
+        return None  # the request span starts with the body message (extproc.tracing)
+    team = tenant.teams.get(principal.team) if principal.team is not None else None
+    if effective(tenant.guardrails, team.guardrails if team is not None else None,
+                 processor.route_guardrails) != _NO_GUARDRAILS:
+        return None  # guardrails read (and may rewrite) the body
     model = config.models.get(body.model)
-    if model is None or body.model not in tenant.models:
+    if model is None or body.model not in allowed_models(principal):
         return None  # the full path answers the 404 / 403 (with its model-name cut)
     dialect = processor.dialect
     if body.stream and dialect is Dialect.OPENAI and not body.include_usage:
@@ -196,7 +210,7 @@ async def take(processor: RequestProcessor, message: Headers,
             request_id=processor.request_id, budget=budget, key_id=principal.key_id,
             model=body.model, cost_micro_usd=cost,
             estimated_tokens=processor.estimated_input_tokens + output_tokens,
-            charge_on_expiry=True)
+            team=principal.team, charge_on_expiry=True)
     set_headers = [
         ("x-asc-cluster", route.provider.cluster),
         (":path", route.provider.path_prefix + _DOOR_PATH[dialect]),
@@ -212,6 +226,13 @@ async def take(processor: RequestProcessor, message: Headers,
     metadata = processor.metadata()
     metadata[FAST_MARK] = True
     metadata["stream"] = body.stream
+    metadata["endpoint"] = processor.endpoint
+    metadata["subject"] = principal.subject
+    metadata["source"] = principal.source
+    if principal.team is not None:
+        metadata["team"] = principal.team
+    if processor.source_address is not None:
+        metadata["source_address"] = processor.source_address
     metadata["dialect"] = dialect.value
     metadata["route_reason"] = decision.reason
     if processor.estimated_input_tokens:
@@ -310,8 +331,10 @@ def usage_from_fields(usage: Mapping[str, float], dialect: Dialect) -> Usage | N
     return usage_from_openai({**document, "prompt_tokens_details": details})
 
 
-async def complete_from_log(runtime: Runtime, entry: LogEntry) -> None:
-    """Rebuild the request from its reply's metadata and run its one `finish()`."""
+async def complete_from_log(runtime: Runtime, entry: LogEntry, *,
+                            audit: AuditWriter | None = None) -> None:
+    """Rebuild the request from its reply's metadata and run its one `finish()` (settle,
+    metrics, the request log line and the audit record, as on the full path)."""
     from extproc.phases import RequestProcessor
 
     asc = entry.asc
@@ -327,7 +350,7 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry) -> None:
     deployment = next((d for d in model.deployments if d.provider == provider.name), None)
     if deployment is None:
         return
-    processor = RequestProcessor(runtime)
+    processor = RequestProcessor(runtime, audit=audit)
     now = processor.clock()
     processor.restore(
         request_id=str(asc["request_id"]),
@@ -335,7 +358,14 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry) -> None:
         first_byte_at=(now - entry.duration_s + entry.first_byte_s
                        if entry.first_byte_s is not None else None))
     processor.dialect = Dialect(str(asc.get("dialect", Dialect.OPENAI.value)))
-    processor.principal = Principal(tenant=tenant, key_id=str(asc.get("key_id")))
+    team = asc.get("team")
+    processor.principal = Principal(tenant=tenant, key_id=str(asc.get("key_id")),
+                                    subject=str(asc.get("subject", "")),
+                                    source=str(asc.get("source", "virtual_key")),
+                                    team=team if isinstance(team, str) else None)
+    processor.endpoint = str(asc.get("endpoint", Endpoint.CHAT.value))
+    address = asc.get("source_address")
+    processor.source_address = address if isinstance(address, str) else None
     processor.model_asked = model.name
     reason = str(asc.get("route_reason", ""))
     route = Route(model=model, deployment=deployment, provider=provider, reason=reason)

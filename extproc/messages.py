@@ -53,6 +53,14 @@ class Headers:
     body_fields: dict[str, object] | None = None
     """The request body's fields Envoy read for the fast path (json_to_metadata, namespace
     `asc.request`), when it read any (request headers only; see extproc/fastpath.py)."""
+    mtls: bool = False
+    """Envoy's `connection.mtls` attribute: the client presented a verified certificate."""
+    peer_uri_san: str | None = None
+    """Envoy's `connection.uri_san_peer_certificate` (the peer's SPIFFE id), if any."""
+    jwt_claims: dict[str, object] | None = None
+    """Claims of a JWT Envoy's jwt_authn verified (forwarded dynamic metadata), if any."""
+    source_address: str | None = None
+    """The downstream peer `ip:port` Envoy saw (request headers only; see envoy.py)."""
 
 
 @dataclass(slots=True)

@@ -5,8 +5,9 @@ it holds no policy. `finish()` runs in a `finally`, so it also runs when Envoy r
 stream (client abort, timeout) and the handler is cancelled.
 
 With `--workers N > 1` a supervisor starts N worker processes that all bind the same port
-(SO_REUSEPORT, the kernel spreads connections), serves the merged Prometheus metrics, and
-forwards SIGTERM / SIGHUP to the workers. A worker that dies is restarted after an
+(SO_REUSEPORT, the kernel spreads connections) or, on `--listen unix:PATH`, one socket
+each (extproc/listen.py: Unix sockets have no SO_REUSEPORT), serves the merged Prometheus
+metrics, and forwards SIGTERM / SIGHUP to the workers. A worker that dies is restarted after an
 exponential back-off (a broken config must not fork a process every half second), and
 its live gauges leave the merged metrics with it. Each worker holds 1/N of every
 `fail_open` ceiling, so a replica as a whole never admits more than the configured one.
@@ -33,19 +34,23 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
-from extproc import envoy, metrics
+from extproc import envoy, metrics, tracing
+from extproc.audit.writer import AuditWriter, open_writer
 from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
-from extproc.config import ConfigError, load_config
+from extproc.config import ConfigError, ConfigIssue, load_config
+from extproc.credentials.kek import KekError
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
+from extproc.listen import ListenError, bind_listen, unix_path, worker_listen
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
-from extproc.runtime import Runtime, RuntimeHolder
+from extproc.runtime import Runtime, RuntimeHolder, kek_from_settings
 from extproc.secrets import SecretUnavailable
 from extproc.upstream import AttemptProcessor
 from extproc.usage_log import AccessLogReceiver
@@ -74,8 +79,9 @@ class ServeOptions:
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, holder: RuntimeHolder) -> None:
+    def __init__(self, holder: RuntimeHolder, audit: AuditWriter | None = None) -> None:
         self._holder = holder
+        self._audit = audit
         self.finishing: set[asyncio.Task[None]] = set()
         """finish() runs as its own task: a cancelled stream handler cannot cut it short."""
 
@@ -85,7 +91,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if _is_upstream_stage(context):
             await self._attempt(context)
             return
-        processor = RequestProcessor(self._holder.current)
+        processor = RequestProcessor(self._holder.current, audit=self._audit)
         try:
             while True:
                 request = await context.read()
@@ -156,6 +162,11 @@ def build_runtime(config_path: Path, *, workers: int = 1,
     in-memory tally, so each gets 1/`workers` of every ceiling.
     """
     runtime = Runtime.build(load_config(config_path), previous=previous)
+    if runtime.config.tracing is not None:
+        try:
+            tracing.install(runtime.config.tracing)
+        except tracing.TracingUnavailable as exc:
+            raise ConfigError(str(config_path), [ConfigIssue("tracing", str(exc))]) from None
     if runtime.budgets is not None:
         runtime.budgets.fail_open_share = max(1, workers)
     return runtime
@@ -271,6 +282,20 @@ async def _probe_deployments(holder: RuntimeHolder) -> None:
             await session.close()
 
 
+def start_metrics(listen: str, registry: CollectorRegistry | None = None) -> None:
+    """Serve /metrics on `listen` (HOST:PORT); a port that cannot be bound is an operator
+    error naming the option, not a traceback after the gRPC server already started."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    host, port = _split_listen(listen)
+    try:
+        start_http_server(port, addr=host, registry=registry or REGISTRY)
+    except OSError as exc:
+        raise ListenError(f"cannot serve /metrics on {listen}: {exc.strerror or exc} (pass "
+                          "--metrics-listen HOST:PORT with a free port, or --metrics-listen "
+                          "'' to turn /metrics off)") from None
+
+
 def _split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
@@ -288,21 +313,28 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ])
-    service = ExternalProcessorService(holder)
+    kek = (kek_from_settings(runtime.config.secrets.kek)
+           if runtime.config.secrets.kek is not None else None)
+    try:
+        audit = await open_writer(runtime.config, kek=kek, redis=runtime.redis)
+    except (OSError, ValueError, LookupError, KekError) as exc:
+        # No request is served that could not be recorded.
+        log_event(log, logging.ERROR, "cannot start: audit log unavailable",
+                  error=str(exc) or type(exc).__name__)
+        raise SystemExit(2) from None
+    service = ExternalProcessorService(holder, audit)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
-    usage_log = AccessLogReceiver(holder)  # fast-path answers (extproc/usage_log.py)
+    usage_log = AccessLogReceiver(holder, audit)  # fast-path answers (extproc/usage_log.py)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_log, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(options.listen)
+    # /metrics first: a busy metrics port stops the start before the gRPC server runs.
+    if not supervised and options.metrics_listen:
+        start_metrics(options.metrics_listen)
+    bind_listen(server, options.listen)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if not supervised and options.metrics_listen:
-        from prometheus_client import start_http_server
-
-        host, port = _split_listen(options.metrics_listen)
-        start_http_server(port, addr=host)
     reloader = ConfigReloader(options.config_path, holder, options.workers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -325,20 +357,30 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
     await usage_log.drain(options.drain_seconds)
+    await audit.close(options.drain_seconds)  # every finished request's record, then the seal
+    tracing.shutdown()  # the last batched spans leave before the process does
     log_event(log, logging.INFO, "stopped")
 
 
 def serve(options: ServeOptions) -> int:
     """Run the service until SIGTERM/SIGINT; returns the process exit code."""
     try:
+        unix_path(options.listen)
+    except ListenError as exc:
+        log_event(log, logging.ERROR, "cannot start: listen address unusable", error=str(exc))
+        return 2
+    try:
         runtime = build_runtime(options.config_path)
     except (ConfigError, SecretUnavailable) as exc:
         log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
         return 2
     if options.workers <= 1:
-        asyncio.run(_serve_worker(options, runtime, supervised=False))
-        return 0
-    return _supervise(options)
+        return _run_worker(options, runtime, supervised=False)
+    try:
+        return _supervise(options)
+    except ListenError as exc:
+        log_event(log, logging.ERROR, "cannot start: listen address unusable", error=str(exc))
+        return 2
 
 
 def serve_as_worker(options: ServeOptions) -> int:
@@ -349,7 +391,15 @@ def serve_as_worker(options: ServeOptions) -> int:
     except (ConfigError, SecretUnavailable) as exc:
         log_event(log, logging.ERROR, "cannot start: invalid config", error=str(exc))
         return 2
-    asyncio.run(_serve_worker(options, runtime, supervised=True))
+    return _run_worker(options, runtime, supervised=True)
+
+
+def _run_worker(options: ServeOptions, runtime: Runtime, *, supervised: bool) -> int:
+    try:
+        asyncio.run(_serve_worker(options, runtime, supervised=supervised))
+    except ListenError as exc:
+        log_event(log, logging.ERROR, "cannot start: listen address unusable", error=str(exc))
+        return 2
     return 0
 
 
@@ -389,23 +439,23 @@ _SUPERVISOR_POLL_S: Final = 0.1
 
 def _supervise(options: ServeOptions) -> int:
     """Run `options.workers` worker processes; restart one that dies until told to stop."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import multiprocess
 
     with tempfile.TemporaryDirectory(prefix="asc-metrics-") as metrics_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
-        command = [sys.executable, "-m", "extproc", "serve", "--worker",
-                   "--workers", str(options.workers),
-                   "--config", str(options.config_path), "--listen", options.listen,
-                   "--drain-seconds", str(options.drain_seconds),
-                   "--log-level", options.log_level]
-        slots = [_WorkerSlot(subprocess.Popen(command, env=env), time.monotonic())
-                 for _ in range(options.workers)]
-        if options.metrics_listen:
+        if options.metrics_listen:  # before any worker starts: a busy port stops it all
             registry = CollectorRegistry()
             collector = multiprocess.MultiProcessCollector
             collector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-            host, port = _split_listen(options.metrics_listen)
-            start_http_server(port, addr=host, registry=registry)
+            start_metrics(options.metrics_listen, registry)
+        commands = [[sys.executable, "-m", "extproc", "serve", "--worker",
+                     "--workers", str(options.workers), "--config", str(options.config_path),
+                     "--listen", worker_listen(options.listen, index, options.workers),
+                     "--drain-seconds", str(options.drain_seconds),
+                     "--log-level", options.log_level]
+                    for index in range(options.workers)]
+        slots = [_WorkerSlot(subprocess.Popen(command, env=env), time.monotonic())
+                 for command in commands]
         stopping = False
 
         def forward(signum: int, _frame: object) -> None:
@@ -422,7 +472,7 @@ def _supervise(options: ServeOptions) -> int:
                   listen=options.listen, metrics=options.metrics_listen)
         codes: list[int] = []
         while not stopping:
-            for slot in slots:
+            for slot, command in zip(slots, commands, strict=True):
                 _tend(slot, command, env, metrics_dir, stopping=lambda: stopping)
             time.sleep(_SUPERVISOR_POLL_S)
         codes = [slot.process.wait() for slot in slots if slot.process is not None]

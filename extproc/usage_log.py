@@ -23,6 +23,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from extproc.audit.writer import AuditWriter
 from extproc.envoy import METADATA_NAMESPACE
 from extproc.fastpath import FAST_MARK, LogEntry, complete_from_log
 from extproc.runtime import RuntimeHolder
@@ -89,8 +90,9 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Settles and records each fast-path request of a batch, off the request path."""
 
-    def __init__(self, holder: RuntimeHolder) -> None:
+    def __init__(self, holder: RuntimeHolder, audit: AuditWriter | None = None) -> None:
         self._holder = holder
+        self._audit = audit
         self.finishing: set[asyncio.Task[None]] = set()
 
     async def StreamAccessLogs(
@@ -103,7 +105,7 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                 if entry is None:
                     continue
                 task = asyncio.get_running_loop().create_task(
-                    complete_from_log(self._holder.current, entry))
+                    complete_from_log(self._holder.current, entry, audit=self._audit))
                 self.finishing.add(task)
                 task.add_done_callback(self._finished)
         return als_pb2.StreamAccessLogsResponse()

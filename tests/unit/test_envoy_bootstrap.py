@@ -259,17 +259,17 @@ def test_providers_sharing_an_identical_cluster_are_merged() -> None:
 
 def test_local_replies_are_openai_json(demo: dict[str, Any]) -> None:
     local_reply = hcm(demo)["local_reply_config"]
-    first = local_reply["mappers"][0]
-    assert first["filter"] == {"metadata_filter": {
-        "matcher": {"filter": "asc", "path": [{"key": "error"}],
+    own = [m["filter"] for m in local_reply["mappers"][:2]]
+    assert own == [{"metadata_filter": {
+        "matcher": {"filter": "asc", "path": [{"key": key}],
                     "value": {"present_match": True}},
         "match_if_key_not_found": False,
-    }}
+    }} for key in ("error", "answered")]
     assert local_reply["body_format"] == {"json_format": {"error": {
         "message": "%LOCAL_REPLY_BODY%", "type": "gateway_error", "param": None,
         "code": "%RESPONSE_CODE_DETAILS%"}}}
     statuses = [m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
-                for m in local_reply["mappers"][1:]]
+                for m in local_reply["mappers"][2:]]
     assert statuses == [500, 503, 504]
 
 

@@ -31,6 +31,7 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.INVALID_REQUEST: (400, "invalid_request_error", "invalid_request_error"),
     ErrorCode.UNAUTHENTICATED: (401, "authentication_error", "authentication_error"),
     ErrorCode.MODEL_NOT_ALLOWED: (403, "permission_error", "permission_error"),
+    ErrorCode.FORBIDDEN: (403, "permission_error", "permission_error"),
     ErrorCode.NOT_FOUND: (404, "not_found_error", "not_found_error"),
     ErrorCode.MODEL_NOT_FOUND: (404, "not_found_error", "not_found_error"),
     ErrorCode.PAYLOAD_TOO_LARGE: (413, "invalid_request_error", "request_too_large"),
@@ -39,12 +40,15 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.RESPONSE_TOO_LARGE: (502, "upstream_error", "api_error"),
     ErrorCode.UNAVAILABLE: (503, "service_unavailable", "overloaded_error"),
     ErrorCode.INTERNAL: (500, "server_error", "api_error"),
+    ErrorCode.GUARDRAIL_DENIED: (403, "permission_error", "permission_error"),
+    ErrorCode.GUARDRAIL_LIMIT: (400, "invalid_request_error", "invalid_request_error"),
 }
 
 CODE_VALUES = {
     ErrorCode.INVALID_REQUEST: "invalid_request",
     ErrorCode.UNAUTHENTICATED: "invalid_api_key",
     ErrorCode.MODEL_NOT_ALLOWED: "model_not_allowed",
+    ErrorCode.FORBIDDEN: "permission_denied",
     ErrorCode.NOT_FOUND: "not_found",
     ErrorCode.MODEL_NOT_FOUND: "model_not_found",
     ErrorCode.PAYLOAD_TOO_LARGE: "payload_too_large",
@@ -53,6 +57,8 @@ CODE_VALUES = {
     ErrorCode.RESPONSE_TOO_LARGE: "response_too_large",
     ErrorCode.UNAVAILABLE: "gateway_unavailable",
     ErrorCode.INTERNAL: "internal_error",
+    ErrorCode.GUARDRAIL_DENIED: "guardrail_denied",
+    ErrorCode.GUARDRAIL_LIMIT: "guardrail_limit_exceeded",
 }
 
 
