@@ -31,6 +31,7 @@ from tests.conftest import (
     provider_fingerprint,
     start_gateway,
 )
+from tests.e2e.audit_check import assert_one_record
 from tests.e2e.test_budgets import PRICE, month_counter
 from tests.polling import wait_for
 
@@ -142,6 +143,14 @@ def test_plain_request_is_one_message_and_settles_from_the_access_log(
     assert record["provider"] == "emu-eu"
     assert record["credential"] == "emu-eu-1@1"
     assert record["aborted"] is False
+    # ... and exactly one audit record, through the same finish().
+    assert_one_record(gateway, request_id, tenant="acme", endpoint="chat",
+                      front_door="openai", route__provider="emu-eu",
+                      credential="emu-eu-1@1", status=200, upstream_status=200,
+                      tokens__input=usage["prompt_tokens"],
+                      tokens__output=usage["completion_tokens"],
+                      charged_micro_usd=cost, budget__settled=True,
+                      principal__subject="acme-main", principal__source="virtual_key")
 
 
 def _has_counter(redis_port: int) -> bool:
