@@ -237,3 +237,30 @@ def test_unknown_fast_path_tenant_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(CONFIG + "fast_path: {tenants: [nobody]}\n")
     assert "fast_path.tenants[0] (line 69): unknown tenant 'nobody'" in str(caught.value)
+
+
+async def test_a_tenant_with_guardrails_keeps_the_full_path() -> None:
+    guarded = parse_config(CONFIG.replace(
+        "    models: [gpt-4o-mini]\n  euco:",
+        "    models: [gpt-4o-mini]\n    guardrails: {pii: {email: redact}}\n  euco:", 1)
+        + "fast_path: {enabled: true}\n")
+    assert guarded.tenants["acme"].guardrails is not None
+    proc = RequestProcessor(Runtime.build(guarded, environ=ENVIRON))
+
+    reply = await proc.handle(headers(max_tokens=16.0))
+
+    assert isinstance(reply, Continue)
+    assert reply.skip_rest is False
+    assert reply.request_body_mode is BodyMode.BUFFERED
+
+
+async def test_only_chat_and_messages_take_the_fast_path() -> None:
+    proc = processor()
+    message = headers(max_tokens=16.0)
+    message.headers[":path"] = "/v1/embeddings"
+    message.body_fields = {"model": "gpt-4o-mini"}
+
+    reply = await proc.handle(message)
+
+    assert not (isinstance(reply, Continue) and reply.skip_rest)
+    assert proc.fast_path is False
