@@ -79,13 +79,13 @@ _FILE_SUFFIXES: Final = frozenset({
 })
 """`icon@2x.png`, `pkg@1.2.json`: an @ before a file name, not an address."""
 _SECRET_PATTERNS: Final = (
-    ("sk-", re.compile(r"sk-(?<![\w-]sk-)(?:[A-Za-z0-9]{1,12}-){0,3}[A-Za-z0-9_-]{20,}")),
-    ("AKIA", re.compile(r"AKIA(?<![A-Za-z0-9]AKIA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
-    ("ASIA", re.compile(r"ASIA(?<![A-Za-z0-9]ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
+    (None, re.compile(r"sk-(?<![\w-]sk-)(?:[A-Za-z0-9]{1,12}-){0,3}[A-Za-z0-9_-]{20,}")),
+    (None, re.compile(r"A[KS]IA(?<![A-Za-z0-9]A[KS]IA)[0-9A-Z]{16}(?![A-Za-z0-9])")),
     ("-----BEGIN ", re.compile(
         r"-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY-----(?:[^-]|-(?!----END))*"
         r"(?:-----END [A-Z0-9 ]{0,40}PRIVATE KEY-----)?")),
 )
+"""(a literal to test with `in` first, or None: the pattern's own scan is as cheap)."""
 _IPV6_HINT: Final = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _IPV6: Final = re.compile(
     r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}|:)?:(?:[0-9A-Fa-f]{0,4}:){1,7}"
@@ -184,71 +184,108 @@ _SHAPE_DETECTORS: Final = frozenset({"iban", "credit_card", "us_ssn", "ipv4", "p
 
 
 class _Taken:
-    """Spans already claimed by a detector of higher priority (sorted, disjoint)."""
+    """Spans already claimed by a detector of higher priority (sorted, disjoint), kept
+    as three parallel lists: no object per span until `found()`."""
+
+    __slots__ = ("ends", "names", "starts")
 
     def __init__(self) -> None:
         self.starts: list[int] = []
-        self.found: list[Found] = []
+        self.ends: list[int] = []
+        self.names: list[str] = []
 
     def free(self, start: int, end: int) -> bool:
-        index = bisect.bisect_left(self.starts, end)
-        return index == 0 or self.found[index - 1].end <= start
+        starts = self.starts
+        if not starts:
+            return True  # the usual case: nothing found yet
+        index = bisect.bisect_left(starts, end)
+        return index == 0 or self.ends[index - 1] <= start
 
     def add(self, detector: str, start: int, end: int) -> None:
         index = bisect.bisect_left(self.starts, start)
         self.starts.insert(index, start)
-        self.found.insert(index, Found(detector, start, end))
+        self.ends.insert(index, end)
+        self.names.insert(index, detector)
+
+    def found(self) -> list[Found]:
+        return list(map(Found, self.names, self.starts, self.ends))
 
 
-def _numbers(text: str, taken: _Taken, active: frozenset[str]) -> None:
+def _numbers(text: str, taken: _Taken, plan: _Plan) -> None:
     """IBANs, phone numbers that open with `+` or `(`, then card numbers, SSNs, IPv4
     addresses and other phone numbers at each number start."""
     shaped = shape(text)
     if "0" not in shaped:
         return
-    if "iban" in active:
+    if plan.iban:
         for match in _IBAN.finditer(shaped):
             start, end = match.span()
             if taken.free(start, end) and _iban_valid(text[start:end]):
                 taken.add("iban", start, end)
-    if "phone" in active:
+    if plan.phone:
         for pattern in (_PHONE_INTERNATIONAL, _PHONE_PARENS):
             for match in pattern.finditer(shaped):
                 start, end = match.span()
                 if taken.free(start, end) and _phone(text[start:end]):
                     taken.add("phone", start, end)
-    tried = tuple(entry for entry in _AT_NUMBER if entry[0] in active)
-    if not tried:
+    either = plan.either
+    if either is None:
         return
-    names = tuple(name for name, _, _ in tried)
-    either = _either(names)
+    tried, order, free = plan.tried, plan.order, taken.free
     position = 0
     for candidate in _NUMBER_START.finditer(shaped):
         at = candidate.start()
-        if at < position or not taken.free(at, at + 1):
+        if at < position or not free(at, at + 1):
             continue  # inside a match of this loop, an IBAN or a phone number found already
         first = either.match(shaped, at)  # one call for the usual case: nothing here
         if first is None or first.lastgroup is None:
             continue
+        index = order[first.lastgroup]
+        start, end = first.span()
+        if free(start, end) and tried[index][2](text[start:end]):
+            taken.add(first.lastgroup, start, end)
+            position = end
+            continue
         # The alternation tried the earlier patterns already; a later one gets its turn
         # when the first match fails its check (a 16-digit number that is no card may
         # still be a phone number).
-        for name, pattern, check in tried[names.index(first.lastgroup):]:
-            hit = first if name == first.lastgroup else pattern.match(shaped, at)
+        for name, pattern, check in tried[index + 1:]:
+            hit = pattern.match(shaped, at)
             if hit is None:
                 continue
             start, end = hit.span()
-            if taken.free(start, end) and check(text[start:end]):
+            if free(start, end) and check(text[start:end]):
                 taken.add(name, start, end)
                 position = end
                 break
 
 
-@functools.cache
-def _either(names: tuple[str, ...]) -> re.Pattern[str]:
-    """One pattern that tries `names`' number patterns in order at one position."""
-    patterns = {name: pattern.pattern for name, pattern, _ in _AT_NUMBER}
-    return re.compile("|".join(f"(?P<{name}>{patterns[name]})" for name in names))
+class _Plan(NamedTuple):
+    """What `find` runs for one set of detectors, worked out once per set (a policy's
+    set is the same on every request)."""
+
+    on_text: tuple[Callable[[str, _Taken], None], ...]
+    numbers: bool
+    """Whether any detector runs on the text's shape."""
+    iban: bool
+    phone: bool
+    tried: tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...]
+    order: dict[str, int]
+    either: re.Pattern[str] | None
+    """One pattern that tries `tried`'s patterns in order at one position."""
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(detectors: tuple[str, ...]) -> _Plan:
+    active = frozenset(detectors)
+    tried = tuple(entry for entry in _AT_NUMBER if entry[0] in active)
+    either = re.compile("|".join(f"(?P<{name}>{pattern.pattern})"
+                                 for name, pattern, _ in tried)) if tried else None
+    return _Plan(
+        on_text=tuple(scan for name, scan in _ON_TEXT.items() if name in active),
+        numbers=bool(active & _SHAPE_DETECTORS), iban="iban" in active,
+        phone="phone" in active, tried=tried,
+        order={name: index for index, (name, _, _) in enumerate(tried)}, either=either)
 
 
 def _emails(text: str, taken: _Taken) -> None:
@@ -270,7 +307,7 @@ def _emails(text: str, taken: _Taken) -> None:
 
 def _secrets(text: str, taken: _Taken) -> None:
     for literal, pattern in _SECRET_PATTERNS:
-        if literal not in text:
+        if literal is not None and literal not in text:
             continue
         for match in pattern.finditer(text):
             if taken.free(*match.span()):
@@ -312,11 +349,10 @@ def find(text: str, detectors: Iterable[str]) -> list[Found]:
     """Every match of `detectors` in `text`, in text order, without overlaps: of two
     overlapping matches the one of the detector earlier in `settings.DETECTORS` wins
     (secret, email, ipv6, then the number-like ones)."""
+    plan = _plan(detectors if isinstance(detectors, tuple) else tuple(detectors))
     taken = _Taken()
-    active = frozenset(detectors)
-    for name, scan in _ON_TEXT.items():
-        if name in active:
-            scan(text, taken)
-    if active & _SHAPE_DETECTORS:
-        _numbers(text, taken, active)
-    return taken.found
+    for scan in plan.on_text:
+        scan(text, taken)
+    if plan.numbers:
+        _numbers(text, taken, plan)
+    return taken.found()
