@@ -13,6 +13,7 @@ base64 image does not cost a scan and cannot produce matches.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Final
@@ -33,15 +34,29 @@ _SKIPPED_KEYS: Final = frozenset({
 """Keys whose values are identifiers, enums or binary payloads, never free text."""
 
 
+_LABELS: Final = {name: f"[{name.upper()}_" for name in DETECTORS}
+"""The start of each detector's placeholders (`[EMAIL_`), built once."""
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(actions: tuple[tuple[str, Action], ...]) -> tuple[dict[str, Action],
+                                                                 tuple[str, ...], bool]:
+    """(the detectors that act, in `DETECTORS` order, and their actions; their names;
+    whether any denies), once per policy: a policy's actions are the same on every
+    request. The dict is shared by every `Redactor` of the policy: read only."""
+    given = dict(actions)
+    acting: dict[str, Action] = {name: given[name] for name in DETECTORS
+              if name in given and given[name] is not Action.ALLOW}
+    return acting, tuple(acting), Action.DENY in acting.values()
+
+
 class Redactor:
     """PII actions and placeholders for one request."""
 
     def __init__(self, actions: Mapping[str, Action]) -> None:
-        self._actions = {name: actions[name] for name in DETECTORS
-                         if name in actions and actions[name] is not Action.ALLOW}
-        self._names = tuple(self._actions)
+        self._actions, self._names, self._denies = _compiled(tuple(actions.items()))
         self._placeholders: dict[tuple[str, str], str] = {}
-        self._numbers: Counter[str] = Counter()
+        self._numbers: dict[str, int] = {}
         self.redacted: Counter[str] = Counter()
         """Matches replaced, by detector."""
         self.denied: Counter[str] = Counter()
@@ -57,8 +72,9 @@ class Redactor:
         key = (detector, value)
         known = self._placeholders.get(key)
         if known is None:
-            self._numbers[detector] += 1
-            known = f"[{detector.upper()}_{self._numbers[detector]}]"
+            number = self._numbers.get(detector, 0) + 1
+            self._numbers[detector] = number
+            known = f"{_LABELS[detector]}{number}]"
             self._placeholders[key] = known
         return known
 
@@ -86,20 +102,29 @@ class Redactor:
         return head, text[cut:]
 
     def _replace(self, text: str, found: list[Found], *, deny_as_redact: bool) -> str:
+        """`text` rebuilt with one join; the counts go into the counters once per call."""
         parts: list[str] = []
+        append = parts.append
+        counts: dict[str, int] = {}
+        denied: dict[str, int] = {}
+        check_deny = self._denies and not deny_as_redact
+        actions, known, placeholder = self._actions, self._placeholders, self.placeholder
         position = 0
-        for match in found:
-            action = self._actions[match.detector]
-            if action is Action.DENY and not deny_as_redact:
-                self.denied[match.detector] += 1
+        for detector, start, end in found:
+            if check_deny and actions[detector] is Action.DENY:
+                denied[detector] = denied.get(detector, 0) + 1
                 continue
-            self.redacted[match.detector] += 1
-            parts.append(text[position:match.start])
-            parts.append(self.placeholder(match.detector, text[match.start:match.end]))
-            position = match.end
+            counts[detector] = counts.get(detector, 0) + 1
+            value = text[start:end]
+            append(text[position:start])
+            append(known.get((detector, value)) or placeholder(detector, value))
+            position = end
+        if denied:
+            self.denied.update(denied)
         if not parts:
             return text
-        parts.append(text[position:])
+        self.redacted.update(counts)
+        append(text[position:])
         return "".join(parts)
 
     def scan_request(self, request: dict[str, Any]) -> None:
