@@ -154,8 +154,12 @@ def _ipv4(value: str) -> bool:
                for octet in value.split("."))
 
 
+_PHONE_SEPARATORS: Final = b" .()+-"
+
+
 def _phone(value: str) -> bool:
-    digits = "".join(filter(str.isdigit, value))
+    # `value` is ASCII digits and separators (its shape matched a phone pattern)
+    digits = value.encode().translate(None, _PHONE_SEPARATORS).decode()
     if not 8 <= len(digits) <= 15:
         return False
     first = value[0]
@@ -179,7 +183,8 @@ _AT_NUMBER: Final[tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...]
     ("ipv4", _IPV4, _ipv4),
     ("phone", _PHONE_DIGITS, _phone),
 )
-"""Tried in this order at each number start (the first that matches and checks wins)."""
+"""Tried in this order at each number start (the first that matches and checks wins).
+Each pattern begins with the start's digit, `0`, which `_Plan.either` shares."""
 _SHAPE_DETECTORS: Final = frozenset({"iban", "credit_card", "us_ssn", "ipv4", "phone"})
 
 
@@ -207,6 +212,10 @@ class _Taken:
         self.ends.insert(index, end)
         self.names.insert(index, detector)
 
+    def end_at(self, at: int) -> int:
+        """The end of the span that holds `at` (one does: `free(at, at + 1)` was False)."""
+        return self.ends[bisect.bisect_right(self.starts, at) - 1]
+
     def found(self) -> list[Found]:
         return list(map(Found, self.names, self.starts, self.ends))
 
@@ -231,21 +240,25 @@ def _numbers(text: str, taken: _Taken, plan: _Plan) -> None:
     either = plan.either
     if either is None:
         return
-    tried, order, free = plan.tried, plan.order, taken.free
+    tried, order, free, search = plan.tried, plan.order, taken.free, either.search
     position = 0
-    for candidate in _NUMBER_START.finditer(shaped):
-        at = candidate.start()
-        if at < position or not free(at, at + 1):
-            continue  # inside a match of this loop, an IBAN or a phone number found already
-        first = either.match(shaped, at)  # one call for the usual case: nothing here
-        if first is None or first.lastgroup is None:
+    # One search runs in C from one number start where a pattern matches to the next;
+    # Python only sees those (and the ones inside a span found already, skipped whole).
+    while (first := search(shaped, position)) is not None:
+        at = first.start()
+        if not free(at, at + 1):
+            position = taken.end_at(at)  # inside an IBAN or a phone number found already
             continue
-        index = order[first.lastgroup]
+        name = first.lastgroup
+        if name is None:  # pragma: no cover - every alternative is a named group
+            break
+        index = order[name]
         start, end = first.span()
         if free(start, end) and tried[index][2](text[start:end]):
-            taken.add(first.lastgroup, start, end)
+            taken.add(name, start, end)
             position = end
             continue
+        position = at + 1
         # The alternation tried the earlier patterns already; a later one gets its turn
         # when the first match fails its check (a 16-digit number that is no card may
         # still be a phone number).
@@ -272,15 +285,18 @@ class _Plan(NamedTuple):
     tried: tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...]
     order: dict[str, int]
     either: re.Pattern[str] | None
-    """One pattern that tries `tried`'s patterns in order at one position."""
+    """A number start (`_NUMBER_START`) where one of `tried`'s patterns matches: their
+    alternation, in order, after the start's digit (every pattern begins with it)."""
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(detectors: tuple[str, ...]) -> _Plan:
     active = frozenset(detectors)
     tried = tuple(entry for entry in _AT_NUMBER if entry[0] in active)
-    either = re.compile("|".join(f"(?P<{name}>{pattern.pattern})"
-                                 for name, pattern, _ in tried)) if tried else None
+    either = None
+    if tried:
+        either = re.compile(_NUMBER_START.pattern + "(?:" + "|".join(
+            f"(?P<{name}>{pattern.pattern[1:]})" for name, pattern, _ in tried) + ")")
     return _Plan(
         on_text=tuple(scan for name, scan in _ON_TEXT.items() if name in active),
         numbers=bool(active & _SHAPE_DETECTORS), iban="iban" in active,

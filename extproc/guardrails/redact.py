@@ -46,7 +46,7 @@ def _compiled(actions: tuple[tuple[str, Action], ...]) -> tuple[dict[str, Action
     request. The dict is shared by every `Redactor` of the policy: read only."""
     given = dict(actions)
     acting: dict[str, Action] = {name: given[name] for name in DETECTORS
-              if name in given and given[name] is not Action.ALLOW}
+                                 if name in given and given[name] is not Action.ALLOW}
     return acting, tuple(acting), Action.DENY in acting.values()
 
 
