@@ -62,9 +62,13 @@ _SSN: Final = re.compile(rf"000-00-0000(?<![{_W}-]000-00-0000)(?![{_W}-])")
 _IBAN: Final = re.compile(
     rf"AA00(?<![{_W}]AA00)(?: ?[A0]{{4}}){{2,7}}(?: ?[A0]{{1,3}})?(?![{_W}])")
 _IPV4: Final = re.compile(rf"0(?<![{_W}.]0)0{{0,2}}(?:\.0{{1,3}}){{3}}(?![{_W}]|\.0)")
-_PHONE_INTERNATIONAL: Final = re.compile(
-    rf"\+0(?<![{_W}+.-]\+0)0{{0,2}}(?:[ .-]?\(?0{{1,4}}\)?){{2,5}}(?![{_W}-]|\.0)")
-_PHONE_PARENS: Final = re.compile(rf"\(000\)(?<![{_W}]\(000\)) ?000[ .-]0000(?![{_W}-]|\.0)")
+# The two phone patterns that open with `+` or `(`, from their first digit on: the number
+# start search (`_Plan.either`) finds them at that digit.
+_PHONE_INTERNATIONAL_TAIL: Final = (
+    rf"(?<=\+0)(?<![{_W}+.-]\+0)0{{0,2}}(?:[ .-]?\(?0{{1,4}}\)?){{2,5}}(?![{_W}-]|\.0)")
+_PHONE_PARENS_TAIL: Final = rf"(?<=\(0)00\)(?<![{_W}]\(000\)) ?000[ .-]0000(?![{_W}-]|\.0)"
+_PHONE_INTERNATIONAL: Final = re.compile(r"\+0" + _PHONE_INTERNATIONAL_TAIL)
+_PHONE_PARENS: Final = re.compile(r"\(0" + _PHONE_PARENS_TAIL)
 _PHONE_DIGITS: Final = re.compile(
     rf"0(?<![{_W}+.-]0)(?:[ .-]000[ .-]000[ .-]0000|00[ .-]000[ .-]0000"
     rf"|0{{0,3}}(?:[ -]0{{2,4}}){{2,4}})(?![{_W}-]|\.0)")
@@ -177,14 +181,39 @@ def _phone(value: str) -> bool:
 _NUMBER_START: Final = re.compile(rf"0(?<![{_W}]0)(?=[0 .()-]{{6}})")
 """Where a number-like detector can start: a digit not inside a word, then six more
 characters of digits or separators (the shortest match, an IPv4 address, has seven)."""
-_AT_NUMBER: Final[tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...]] = (
-    ("credit_card", _CARD, _card),
-    ("us_ssn", _SSN, _ssn),
-    ("ipv4", _IPV4, _ipv4),
-    ("phone", _PHONE_DIGITS, _phone),
+
+
+class _AtNumber(NamedTuple):
+    """A pattern tried at a number start."""
+
+    group: str
+    """Its group's name in `_Plan.either`."""
+    detector: str
+    pattern: re.Pattern[str]
+    """The whole pattern: it matches `lead` characters before the number start."""
+    tail: str
+    """The pattern from the number start's digit on (that digit excluded)."""
+    check: Callable[[str], bool]
+    lead: int
+    """Characters of a match before the number start's digit: the `+` or `(`."""
+
+
+_AT_NUMBER: Final = (
+    _AtNumber("phone_international", "phone", _PHONE_INTERNATIONAL, _PHONE_INTERNATIONAL_TAIL,
+              _phone, 1),
+    _AtNumber("phone_parens", "phone", _PHONE_PARENS, _PHONE_PARENS_TAIL, _phone, 1),
+    *(_AtNumber(name, name, pattern, pattern.pattern[1:], check, 0) for name, pattern, check in (
+        ("credit_card", _CARD, _card),
+        ("us_ssn", _SSN, _ssn),
+        ("ipv4", _IPV4, _ipv4),
+        ("phone", _PHONE_DIGITS, _phone),
+    )),
 )
 """Tried in this order at each number start (the first that matches and checks wins).
-Each pattern begins with the start's digit, `0`, which `_Plan.either` shares."""
+A phone number that opens with `+` or `(` has its first digit at a number start (eight
+digits or more, nothing but digits and separators), and no other pattern can hold a `+`
+or a `(`: trying those two first gives them priority over the rest, as their own scan of
+the whole text did. The others begin with the start's digit (`0`)."""
 _SHAPE_DETECTORS: Final = frozenset({"iban", "credit_card", "us_ssn", "ipv4", "phone"})
 
 
@@ -231,12 +260,6 @@ def _numbers(text: str, taken: _Taken, plan: _Plan) -> None:
             start, end = match.span()
             if taken.free(start, end) and _iban_valid(text[start:end]):
                 taken.add("iban", start, end)
-    if plan.phone:
-        for pattern in (_PHONE_INTERNATIONAL, _PHONE_PARENS):
-            for match in pattern.finditer(shaped):
-                start, end = match.span()
-                if taken.free(start, end) and _phone(text[start:end]):
-                    taken.add("phone", start, end)
     either = plan.either
     if either is None:
         return
@@ -245,30 +268,31 @@ def _numbers(text: str, taken: _Taken, plan: _Plan) -> None:
     # One search runs in C from one number start where a pattern matches to the next;
     # Python only sees those (and the ones inside a span found already, skipped whole).
     while (first := search(shaped, position)) is not None:
-        at = first.start()
+        at, end = first.span()
         if not free(at, at + 1):
             position = taken.end_at(at)  # inside an IBAN or a phone number found already
             continue
-        name = first.lastgroup
-        if name is None:  # pragma: no cover - every alternative is a named group
+        group = first.lastgroup
+        if group is None:  # pragma: no cover - every alternative is a named group
             break
-        index = order[name]
-        start, end = first.span()
-        if free(start, end) and tried[index][2](text[start:end]):
-            taken.add(name, start, end)
+        index = order[group]
+        entry = tried[index]
+        start = at - entry.lead
+        if free(start, end) and entry.check(text[start:end]):
+            taken.add(entry.detector, start, end)
             position = end
             continue
         position = at + 1
         # The alternation tried the earlier patterns already; a later one gets its turn
         # when the first match fails its check (a 16-digit number that is no card may
         # still be a phone number).
-        for name, pattern, check in tried[index + 1:]:
-            hit = pattern.match(shaped, at)
+        for entry in tried[index + 1:]:
+            hit = entry.pattern.match(shaped, at - entry.lead)
             if hit is None:
                 continue
             start, end = hit.span()
-            if free(start, end) and check(text[start:end]):
-                taken.add(name, start, end)
+            if free(start, end) and entry.check(text[start:end]):
+                taken.add(entry.detector, start, end)
                 position = end
                 break
 
@@ -281,8 +305,7 @@ class _Plan(NamedTuple):
     numbers: bool
     """Whether any detector runs on the text's shape."""
     iban: bool
-    phone: bool
-    tried: tuple[tuple[str, re.Pattern[str], Callable[[str], bool]], ...]
+    tried: tuple[_AtNumber, ...]
     order: dict[str, int]
     either: re.Pattern[str] | None
     """A number start (`_NUMBER_START`) where one of `tried`'s patterns matches: their
@@ -292,16 +315,15 @@ class _Plan(NamedTuple):
 @functools.lru_cache(maxsize=256)
 def _plan(detectors: tuple[str, ...]) -> _Plan:
     active = frozenset(detectors)
-    tried = tuple(entry for entry in _AT_NUMBER if entry[0] in active)
+    tried = tuple(entry for entry in _AT_NUMBER if entry.detector in active)
     either = None
     if tried:
         either = re.compile(_NUMBER_START.pattern + "(?:" + "|".join(
-            f"(?P<{name}>{pattern.pattern[1:]})" for name, pattern, _ in tried) + ")")
+            f"(?P<{entry.group}>{entry.tail})" for entry in tried) + ")")
     return _Plan(
         on_text=tuple(scan for name, scan in _ON_TEXT.items() if name in active),
-        numbers=bool(active & _SHAPE_DETECTORS), iban="iban" in active,
-        phone="phone" in active, tried=tried,
-        order={name: index for index, (name, _, _) in enumerate(tried)}, either=either)
+        numbers=bool(active & _SHAPE_DETECTORS), iban="iban" in active, tried=tried,
+        order={entry.group: index for index, entry in enumerate(tried)}, either=either)
 
 
 def _emails(text: str, taken: _Taken) -> None:
