@@ -13,7 +13,6 @@ base64 image does not cost a scan and cannot produce matches.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Final
@@ -38,23 +37,35 @@ _LABELS: Final = {name: f"[{name.upper()}_" for name in DETECTORS}
 """The start of each detector's placeholders (`[EMAIL_`), built once."""
 
 
-@functools.lru_cache(maxsize=256)
-def _compiled(actions: tuple[tuple[str, Action], ...]) -> tuple[dict[str, Action],
-                                                                 tuple[str, ...], bool]:
+_Compiled = tuple[dict[str, Action], tuple[str, ...], bool]
+_COMPILED: dict[int, tuple[Mapping[str, Action], _Compiled]] = {}
+"""id(a policy's actions) -> (those actions, kept so the id stays theirs; compiled)."""
+_COMPILED_MAX: Final = 256
+
+
+def _compiled(actions: Mapping[str, Action]) -> _Compiled:
     """(the detectors that act, in `DETECTORS` order, and their actions; their names;
     whether any denies), once per policy: a policy's actions are the same on every
-    request. The dict is shared by every `Redactor` of the policy: read only."""
-    given = dict(actions)
-    acting: dict[str, Action] = {name: given[name] for name in DETECTORS
-                                 if name in given and given[name] is not Action.ALLOW}
-    return acting, tuple(acting), Action.DENY in acting.values()
+    request. Keyed by identity (hashing the actions would cost more than building them
+    for a merged, per-request policy). The dict is shared by every `Redactor` of the
+    policy: read only."""
+    cached = _COMPILED.get(id(actions))
+    if cached is not None and cached[0] is actions:
+        return cached[1]
+    acting: dict[str, Action] = {name: actions[name] for name in DETECTORS
+                                 if name in actions and actions[name] is not Action.ALLOW}
+    compiled = acting, tuple(acting), Action.DENY in acting.values()
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()  # merged per-request policies: never reused, never piling up
+    _COMPILED[id(actions)] = actions, compiled
+    return compiled
 
 
 class Redactor:
     """PII actions and placeholders for one request."""
 
     def __init__(self, actions: Mapping[str, Action]) -> None:
-        self._actions, self._names, self._denies = _compiled(tuple(actions.items()))
+        self._actions, self._names, self._denies = _compiled(actions)
         self._placeholders: dict[tuple[str, str], str] = {}
         self._numbers: dict[str, int] = {}
         self.redacted: Counter[str] = Counter()
