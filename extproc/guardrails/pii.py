@@ -2,8 +2,10 @@
 
 Each detector is one or more candidate patterns plus a check that rejects near misses:
 the Luhn sum and issuer prefixes of card numbers, the country length and mod-97 checksum
-of IBANs (`python-stdnum`), the stdlib's parser for IPv6, octet ranges for IPv4, the
-reserved ranges of SSNs, digit counts of phone numbers.
+of IBANs (`python-stdnum`), the C library's parser for IPv6 (`inet_pton`: on what the
+pattern lets through it accepts what `ipaddress` does, at a twentieth of the cost;
+tests/unit/test_guardrails_pii.py holds the two to each other), octet ranges for IPv4,
+the reserved ranges of SSNs, digit counts of phone numbers.
 
 Speed (bench/guardrails.py): Python's regex engine scans a character class at roughly
 7 ns a character, but jumps to a literal prefix at memchr speed. So number-like
@@ -23,8 +25,8 @@ from __future__ import annotations
 
 import bisect
 import functools
-import ipaddress
 import re
+import socket
 import string
 from collections.abc import Callable, Iterable
 from typing import Final, NamedTuple
@@ -101,14 +103,19 @@ _CARD_PREFIX: Final = re.compile(
     r"|35(?:2[89]|[3-8]\d)|62")
 
 
-_LUHN_DOUBLED: Final = {str(digit): (2 * digit) - 9 * (digit > 4) for digit in range(10)}
+_LUHN_DOUBLED: Final = bytes.maketrans(
+    b"0123456789", bytes(ord("0") + 2 * digit - 9 * (digit > 4) for digit in range(10)))
+"""A digit -> the digit sum of its double, as a digit (`7` -> 14 -> `5`)."""
 
 
 def luhn_valid(digits: str) -> bool:
     """The Luhn checksum of a string of ASCII digits (every second digit from the right
-    doubled, its digits summed)."""
-    total = sum(map(int, digits[::-2])) + sum(map(_LUHN_DOUBLED.__getitem__, digits[-2::-2]))
-    return total % 10 == 0
+    doubled, its digits summed). Sums bytes: `sum()` over a bytes object runs in C."""
+    if digits and not (digits.isdigit() and digits.isascii()):
+        raise ValueError("luhn_valid takes ASCII digits")
+    encoded = digits.encode()
+    total = sum(encoded[::-2]) + sum(encoded[-2::-2].translate(_LUHN_DOUBLED))
+    return (total - ord("0") * len(encoded)) % 10 == 0
 
 
 def _card(value: str) -> bool:
@@ -368,12 +375,20 @@ def _ipv6(text: str, taken: _Taken) -> None:
             continue
         after = match.end()
         value = match.group()
-        try:
-            ipaddress.IPv6Address(value)
-        except ValueError:
+        if not _ipv6_valid(value):
             continue
         if taken.free(match.start(), match.end()):
             taken.add("ipv6", match.start(), match.end())
+
+
+def _ipv6_valid(value: str) -> bool:
+    """Whether the C library parses `value` as an IPv6 address: 0.1 µs, where
+    `ipaddress.IPv6Address` takes 2 µs (the unit tests check that they agree)."""
+    try:
+        socket.inet_pton(socket.AF_INET6, value)
+    except OSError:
+        return False
+    return True
 
 
 _ON_TEXT: Final[dict[str, Callable[[str, _Taken], None]]] = {
