@@ -61,6 +61,12 @@ def _compiled(actions: Mapping[str, Action]) -> _Compiled:
     return compiled
 
 
+def _add(counter: Counter[str], counts: dict[str, int]) -> None:
+    """`counter.update(counts)` without its generic Python-level path."""
+    for name, count in counts.items():
+        counter[name] = counter.get(name, 0) + count
+
+
 class Redactor:
     """PII actions and placeholders for one request."""
 
@@ -131,10 +137,10 @@ class Redactor:
             append(known.get((detector, value)) or placeholder(detector, value))
             position = end
         if denied:
-            self.denied.update(denied)
+            _add(self.denied, denied)
         if not parts:
             return text
-        self.redacted.update(counts)
+        _add(self.redacted, counts)
         append(text[position:])
         return "".join(parts)
 
