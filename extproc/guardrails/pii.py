@@ -8,12 +8,17 @@ tests/unit/test_guardrails_pii.py holds the two to each other), octet ranges for
 the reserved ranges of SSNs, digit counts of phone numbers.
 
 Speed (bench/guardrails.py): Python's regex engine scans a character class at roughly
-7 ns a character, but jumps to a literal prefix at memchr speed. So number-like
-detectors run on the text's *shape* (one `translate`: every ASCII digit becomes `0`,
-upper-case letter `A`, lower-case `a`, the rest stays), where each pattern starts with
-a literal (`0`, `AA00`, `000-00-0000`, `+0`, `(000)`); emails start at `@`, secrets at
-`sk-`, `AKIA`, `ASIA`, `-----BEGIN`, IPv6 at a `:` between hex digits. Look-behinds
-come after that literal, so the scan never enters the matcher elsewhere.
+7 ns a character (3.5 ns for a set of two or three characters), but jumps to a literal
+prefix at memchr speed. So number-like detectors run on the text's *shape* (one
+`translate`: every ASCII digit becomes `0`, upper-case letter `A`, lower-case `a`, the
+rest stays), where each pattern starts with a literal; emails start at `@`, secrets at
+`sk-`, `AKIA`/`ASIA` and `-----BEGIN`, IPv6 at a `:` between hex digits. Look-behinds
+come after that literal, so the scan never enters the matcher elsewhere. One pre-filter
+scan with an alternation of all those anchors would lose the literal jump and cost more
+than the scans it replaces (measured: 14 µs on 4 KB against 1.5 µs a literal scan).
+Card numbers, SSNs, IPv4 addresses and phone numbers share one search from number start
+to number start (`_Plan.either`): Python only sees the starts where a pattern matched.
+What a set of detectors needs is worked out once (`_plan`), not on every call.
 
 Every pattern is free of nested unbounded quantifiers over overlapping classes: the cost
 is linear in the text (tests/unit/test_guardrails_pii.py feeds adversarial inputs). Not
