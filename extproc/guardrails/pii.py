@@ -279,7 +279,7 @@ def _numbers(text: str, taken: _Taken, plan: _Plan) -> None:
     either = plan.either
     if either is None:
         return
-    tried, order, free, search = plan.tried, plan.order, taken.free, either.search
+    steps, free, search = plan.steps, taken.free, either.search
     position = 0
     # One search runs in C from one number start where a pattern matches to the next;
     # Python only sees those (and the ones inside a span found already, skipped whole).
@@ -291,26 +291,31 @@ def _numbers(text: str, taken: _Taken, plan: _Plan) -> None:
         group = first.lastgroup
         if group is None:  # pragma: no cover - every alternative is a named group
             break
-        index = order[group]
-        entry = tried[index]
-        start = at - entry.lead
-        if free(start, end) and entry.check(text[start:end]):
-            taken.add(entry.detector, start, end)
+        detector, check, lead, later = steps[group]
+        start = at - lead
+        if free(start, end) and check(text[start:end]):
+            taken.add(detector, start, end)
             position = end
             continue
         position = at + 1
         # The alternation tried the earlier patterns already; a later one gets its turn
         # when the first match fails its check (a 16-digit number that is no card may
         # still be a phone number).
-        for entry in tried[index + 1:]:
-            hit = entry.pattern.match(shaped, at - entry.lead)
+        for detector, pattern, check, lead in later:
+            hit = pattern.match(shaped, at - lead)
             if hit is None:
                 continue
             start, end = hit.span()
-            if free(start, end) and entry.check(text[start:end]):
-                taken.add(entry.detector, start, end)
+            if free(start, end) and check(text[start:end]):
+                taken.add(detector, start, end)
                 position = end
                 break
+
+
+_Later = tuple[str, re.Pattern[str], Callable[[str], bool], int]
+"""(detector, whole pattern, check, lead) of a pattern tried after another failed."""
+_Step = tuple[str, Callable[[str], bool], int, tuple[_Later, ...]]
+"""(detector, check, lead, the patterns after it) of a group of `_Plan.either`."""
 
 
 class _Plan(NamedTuple):
@@ -321,10 +326,10 @@ class _Plan(NamedTuple):
     numbers: bool
     """Whether any detector runs on the text's shape."""
     iban: bool
-    tried: tuple[_AtNumber, ...]
-    order: dict[str, int]
+    steps: dict[str, _Step]
+    """Group name -> what to do when its pattern matched at a number start."""
     either: re.Pattern[str] | None
-    """A number start (`_NUMBER_START`) where one of `tried`'s patterns matches: their
+    """A number start (`_NUMBER_START`) where one of the patterns asked for matches: their
     alternation, in order, after the start's digit (every pattern begins with it)."""
 
 
@@ -338,8 +343,10 @@ def _plan(detectors: tuple[str, ...]) -> _Plan:
             f"(?P<{entry.group}>{entry.tail})" for entry in tried) + ")")
     return _Plan(
         on_text=tuple(scan for name, scan in _ON_TEXT.items() if name in active),
-        numbers=bool(active & _SHAPE_DETECTORS), iban="iban" in active, tried=tried,
-        order={entry.group: index for index, entry in enumerate(tried)}, either=either)
+        numbers=bool(active & _SHAPE_DETECTORS), iban="iban" in active, either=either,
+        steps={entry.group: (entry.detector, entry.check, entry.lead, tuple(
+            (after.detector, after.pattern, after.check, after.lead)
+            for after in tried[index + 1:])) for index, entry in enumerate(tried)})
 
 
 def _emails(text: str, taken: _Taken) -> None:
