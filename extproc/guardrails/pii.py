@@ -285,17 +285,18 @@ def _numbers(text: str, taken: _Taken, plan: _Plan) -> None:
     # Python only sees those (and the ones inside a span found already, skipped whole).
     while (first := search(shaped, position)) is not None:
         at, end = first.span()
-        if not free(at, at + 1):
-            position = taken.end_at(at)  # inside an IBAN or a phone number found already
-            continue
         group = first.lastgroup
         if group is None:  # pragma: no cover - every alternative is a named group
             break
         detector, check, lead, later = steps[group]
         start = at - lead
-        if free(start, end) and check(text[start:end]):
-            taken.add(detector, start, end)
-            position = end
+        if free(start, end):  # the usual case: then the start's digit is free too
+            if check(text[start:end]):
+                taken.add(detector, start, end)
+                position = end
+                continue
+        elif not free(at, at + 1):
+            position = taken.end_at(at)  # inside an IBAN or a phone number found already
             continue
         position = at + 1
         # The alternation tried the earlier patterns already; a later one gets its turn
