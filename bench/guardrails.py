@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,8 @@ def _body(text: str) -> bytes:
         {"role": "user", "content": text}]}).encode()
 
 
-ALL_DETECTORS = GuardrailPolicy(pii={name: Action.REDACT for name in DETECTORS},
+# Read-only actions, as a compiled config's policy has them (cached by identity).
+ALL_DETECTORS = GuardrailPolicy(pii=MappingProxyType({name: Action.REDACT for name in DETECTORS}),
                                 responses=ResponseRedaction(enabled=True, stream_window=64))
 CAPS_ONLY = GuardrailPolicy(models_deny=frozenset({"gpt-4o"}), max_n=1, temperature_max=1.0,
                             tools_allowed=False, response_formats=frozenset({"text"}))

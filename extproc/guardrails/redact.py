@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 from extproc.guardrails.pii import Found, find
@@ -47,14 +48,18 @@ def _compiled(actions: Mapping[str, Action]) -> _Compiled:
     """(the detectors that act, in `DETECTORS` order, and their actions; their names;
     whether any denies), once per policy: a policy's actions are the same on every
     request. Keyed by identity (hashing the actions would cost more than building them
-    for a merged, per-request policy). The dict is shared by every `Redactor` of the
-    policy: read only."""
-    cached = _COMPILED.get(id(actions))
+    for a merged, per-request policy), and only for a policy's read-only mapping
+    (`GuardrailPolicy.pii`, whose dict nothing else holds). The dict is shared by every
+    `Redactor` of the policy: read only."""
+    frozen = type(actions) is MappingProxyType  # a policy's: nothing can change it
+    cached = _COMPILED.get(id(actions)) if frozen else None
     if cached is not None and cached[0] is actions:
         return cached[1]
     acting: dict[str, Action] = {name: actions[name] for name in DETECTORS
                                  if name in actions and actions[name] is not Action.ALLOW}
     compiled = acting, tuple(acting), Action.DENY in acting.values()
+    if not frozen:
+        return compiled  # a caller's mapping may change: never cached
     if len(_COMPILED) >= _COMPILED_MAX:
         _COMPILED.clear()  # merged per-request policies: never reused, never piling up
     _COMPILED[id(actions)] = actions, compiled
