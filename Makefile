@@ -20,7 +20,8 @@ REDIS_PERSIST ?= 1
 BAO_PORT ?= 8200
 BAO_DIR ?= var/openbao
 
-.PHONY: install run openbao test lint typecheck unit integration bench redis-server wrk kubectl clean
+.PHONY: install run openbao test lint typecheck unit integration bench bench-peers redis-server wrk \
+	h2load node kubectl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,7 +77,35 @@ integration: install redis-server kubectl
 # nothing; that fails the target like any other non-zero exit.
 test: lint typecheck unit integration
 
-bench: install redis-server wrk
+# The peers live outside the project venv: LiteLLM in its own venv, Portkey under
+# bench/node_modules (both pinned, both git-ignored); h2load drives the open-loop run.
+BENCH_STAMP := $(VENV)/.bench-installed
+LITELLM_VENV := bench/.venv-litellm
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+h2load:
+	@command -v h2load >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client; }
+
+node:
+	@command -v npm >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+
+$(LITELLM_VENV)/.installed: bench/requirements-litellm.txt
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet -r bench/requirements-litellm.txt
+	touch $@
+
+bench/node_modules/.installed: bench/package.json
+	npm install --prefix bench --no-audit --no-fund --silent
+	touch $@
+
+bench-peers: node $(LITELLM_VENV)/.installed bench/node_modules/.installed
+
+bench: install redis-server wrk h2load $(BENCH_STAMP) bench-peers
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/keys.py
