@@ -21,7 +21,7 @@ BAO_PORT ?= 8200
 BAO_DIR ?= var/openbao
 
 .PHONY: install run openbao test lint typecheck unit integration bench bench-peers redis-server wrk \
-	h2load node kubectl clean
+	node kubectl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,17 +78,13 @@ integration: install redis-server kubectl
 test: lint typecheck unit integration
 
 # The peers live outside the project venv: LiteLLM in its own venv, Portkey under
-# bench/node_modules (both pinned, both git-ignored); h2load drives the open-loop run.
+# bench/node_modules (both pinned, both git-ignored).
 BENCH_STAMP := $(VENV)/.bench-installed
 LITELLM_VENV := bench/.venv-litellm
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
-
-h2load:
-	@command -v h2load >/dev/null 2>&1 || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client; }
 
 node:
 	@command -v npm >/dev/null 2>&1 || { \
@@ -105,7 +101,7 @@ bench/node_modules/.installed: bench/package.json
 
 bench-peers: node $(LITELLM_VENV)/.installed bench/node_modules/.installed
 
-bench: install redis-server wrk h2load $(BENCH_STAMP) bench-peers
+bench: install redis-server wrk $(BENCH_STAMP) bench-peers
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/keys.py

@@ -27,11 +27,14 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), in seconds; 0 if it is gone."""
+    """CPU seconds of one process (all its threads) and of its reaped children; 0 if gone."""
     fields = _proc_stat(pid)
     if fields is None:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat
+    # utime + stime (fields 14, 15) + cutime + cstime (16, 17): the children it has reaped,
+    # so a worker that exits and is replaced (uvicorn's supervisor does that) keeps its
+    # CPU in the tree instead of making the tree's total go down.
+    return sum(int(v) for v in fields[11:15]) / CLK_TCK
 
 
 def _children(pid: int) -> list[int]:

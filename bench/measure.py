@@ -1,6 +1,6 @@
 """One measured load run per target: latency from the load driver, CPU from /proc.
 
-Closed loop (`measure`): wrk at one concurrency. Open loop (`measure_open_loop`): h2load
+Closed loop (`measure`): wrk at one concurrency. Open loop (`measure_open_loop`): a client
 at a fixed rate. Both charge each target's process trees (utime+stime before/after) and
 note how busy the whole machine was, so a run on a shared machine says how noisy it was.
 """

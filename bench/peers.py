@@ -27,7 +27,7 @@ from typing import Final
 import yaml
 from stack import MODEL, PROVIDER_KEY_ENV, BenchStack, Target
 
-from extproc.devstack import LOOPBACK, Stack, free_port, wait_for_port
+from extproc.devstack import LOOPBACK, ManagedProcess, Stack, free_port, wait_for_port
 
 __all__ = ["LITELLM", "PORTKEY", "litellm_name", "start_litellm", "start_portkey"]
 
@@ -37,12 +37,24 @@ PORTKEY_SERVER: Final = (BENCH_DIR / "node_modules" / "@portkey-ai" / "gateway" 
                          / "start-server.js")
 LITELLM: Final = "litellm"
 PORTKEY: Final = "portkey"
-START_TIMEOUT_S: Final = 120.0
+START_TIMEOUT_S: Final = 240.0
 """LiteLLM imports for tens of seconds on a busy 2-core machine."""
 
 
 def litellm_name(workers: int) -> str:
     return f"{LITELLM}-{workers}w"
+
+
+def _drop(stack: Stack, process: ManagedProcess) -> None:
+    """Stop a peer that failed to start and forget it: the run goes on without it."""
+    process.stop()
+    if process in stack.processes:
+        stack.processes.remove(process)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def start_litellm(bench: BenchStack, *, workers: int) -> None:
@@ -82,8 +94,8 @@ def start_litellm(bench: BenchStack, *, workers: int) -> None:
     try:
         wait_for_port(port, process=process, timeout=START_TIMEOUT_S)
     except (RuntimeError, TimeoutError) as exc:
-        process.stop()
-        bench.skip(name, f"did not start: {str(exc)[-300:]}")
+        _drop(stack, process)
+        bench.skip(name, f"did not start: {_last_line(exc)}")
         return
     emulator = bench.targets["direct"].pids["emulator"]
     bench.add(Target(name, port, master_key, {"peer": process.popen.pid,
@@ -106,8 +118,8 @@ def start_portkey(bench: BenchStack) -> None:
     try:
         wait_for_port(port, process=process, timeout=START_TIMEOUT_S)
     except (RuntimeError, TimeoutError) as exc:
-        process.stop()
-        bench.skip(PORTKEY, f"did not start: {str(exc)[-300:]}")
+        _drop(stack, process)
+        bench.skip(PORTKEY, f"did not start: {_last_line(exc)}")
         return
     emulator = bench.targets["direct"].pids["emulator"]
     bench.add(Target(PORTKEY, port, bench.provider_key,

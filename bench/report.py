@@ -26,7 +26,7 @@ from ledger import (
     ROUND_TRIP_COMMANDS,
     Probe,
 )
-from load import OPEN_LOOP_CLIENTS
+from load import OPEN_LOOP_CONNECTIONS
 from measure import Level, OpenRun, Run
 from stack import (
     BODY,
@@ -105,7 +105,6 @@ def machine_info() -> dict[str, str]:
         "Python": platform.python_version(),
         "Envoy": envoy_version,
         "wrk": wrk_version,
-        "h2load": _first_line(["h2load", "--version"]),
         "node": _first_line(["node", "--version"]),
         "LiteLLM": _first_line([str(Path(__file__).resolve().parent / ".venv-litellm" / "bin"
                                     / "python"), "-c",
@@ -583,14 +582,15 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
         *ratios_table(levels),
         "",
         *([
-            "### Open loop, fixed rate (h2load)",
+            "### Open loop, fixed rate",
             "",
-            f"h2load --h1, {args.open_loop:,} requests/s asked, spread over "
-            f"{OPEN_LOOP_CLIENTS} connections (one request in flight each), "
-            f"{args.duration} s per target after {args.warmup} s warm-up; percentiles are "
-            "nearest-rank over every request's time in h2load's --log-file. A target that "
-            "cannot keep the rate is marked: its latencies then include queueing at the "
-            "client and are not open-loop figures.",
+            f"{args.open_loop:,} requests/s asked (bench/load.py: request i starts at "
+            f"start + i/rate on a free keep-alive connection, up to {OPEN_LOOP_CONNECTIONS}; "
+            f"aiohttp, HTTP/1.1), {args.duration} s per target after {args.warmup} s "
+            "warm-up. Latency is from each request's *scheduled* start to its last byte, so "
+            "a server that falls behind shows its queue (no coordinated omission); "
+            "percentiles are nearest-rank. *achieved* = responses / (last response - first "
+            "start): a target below 95 % of the asked rate is marked `rate not held`.",
             "",
             *open_loop_table(open_runs),
             "",

@@ -11,7 +11,7 @@ redis' `INFO commandstats`); the fast-path row is skipped, with the reason, unti
 gateway config has the setting.
 
 For every concurrency level wrk POSTs a small OpenAI chat body to every target
-(bench/load.py); then h2load drives each target at a fixed 500 requests/s (open loop)
+(bench/load.py); then a fixed-rate client drives each target at 500 requests/s (open loop)
 for p50/p99/p99.9. CPU per request comes from /proc per process tree (bench/cpu.py),
 which is stable on a noisy machine, unlike wall time. After the load runs the bench
 redis-server is stopped and sequential requests check that the budgets tenant gets a
@@ -186,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except (OSError, RuntimeError, ValueError) as exc:
                 if name in (DIRECT, GATEWAY, BUDGETS):
                     raise
-                del bench.targets[name]
-                bench.skip(name, f"smoke request failed: {exc}")
+                bench.drop(name, f"smoke request failed: {exc}")
         skipped, notes = bench.skipped, {n: t.note for n, t in bench.targets.items()}
         for concurrency in args.concurrency:
             runs: dict[str, Run] = {}

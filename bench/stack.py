@@ -130,6 +130,15 @@ class BenchStack:
     def add(self, target: Target) -> None:
         self.targets[target.name] = target
 
+    def drop(self, name: str, reason: str) -> None:
+        """A peer that started but does not answer: stop it, report it skipped."""
+        target = self.targets.pop(name)
+        peer = target.pids.get("peer")
+        for process in [p for p in self.stack.processes if p.popen.pid == peer]:
+            process.stop()
+            self.stack.processes.remove(process)
+        self.skip(name, reason)
+
     def skip(self, name: str, reason: str) -> None:
         self.skipped[name] = reason
         print(f"bench: {name} skipped: {reason}", flush=True)
