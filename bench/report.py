@@ -45,7 +45,8 @@ from stack import (
 
 from extproc.devstack import envoy_binary
 
-__all__ = ["machine_info", "main_table", "print_summary", "render_run", "write_chart",
+__all__ = ["anomalies", "is_peer", "machine_info", "main_table", "open_loop_table",
+           "print_summary", "ratios_table", "render_run", "targets_table", "write_chart",
            "write_results"]
 
 RUN_MARKER: Final = "<!-- bench-run -->"
@@ -648,7 +649,8 @@ def write_results(path: Path, run_text: str) -> None:
 # --------------------------------------------------------------------------- peers
 
 
-def _is_peer(name: str) -> bool:
+def is_peer(name: str) -> bool:
+    """LiteLLM or Portkey (a target named after its peer)."""
     return name.startswith(PEER_PREFIXES)
 
 
@@ -689,7 +691,7 @@ def targets_table(levels: Sequence[Level]) -> list[str]:
 
 def ratios_table(levels: Sequence[Level]) -> list[str]:
     """rps of each gateway row over each peer, per level (>1: the gateway is faster)."""
-    peers = sorted({name for lv in levels for name in lv.by_target if _is_peer(name)})
+    peers = sorted({name for lv in levels for name in lv.by_target if is_peer(name)})
     mine = [name for name in GATEWAY_ROWS if any(name in lv.by_target for lv in levels)]
     if not peers:
         return ["No peer was measured in this run."]
