@@ -61,6 +61,9 @@ class WrkResult:
                 + self.status_errors + self.timeouts)
 
     def error_text(self) -> str:
+        if self.requests == 0:  # every connection timed out or was refused: no figures
+            return "no request completed" + (f", wrk exit {self.exit_code}"
+                                             if self.exit_code else "")
         if self.error_count == 0 and self.exit_code == 0:
             return ""
         parts = [f"{name}={value}" for name, value in (
@@ -177,7 +180,8 @@ class OpenLoopResult:
 
     def error_text(self) -> str:
         return ", ".join(f"{name}={n}" for name, n in (("non-2xx", self.non_2xx),
-                                                       ("failed", self.failed)) if n)
+                                                       ("failed (no response in 5 s)",
+                                                        self.failed)) if n)
 
 
 async def _open_loop(url: str, *, rate: int, duration_s: int, body: bytes,

@@ -184,6 +184,9 @@ class OpenRun:
     target: str
     result: OpenLoopResult
     cpu_s: Mapping[str, float]
+    """Per component of the target, as for closed-loop runs (no client in it)."""
+    client_cpu_s: float = 0.0
+    """The open-loop client's own CPU (this process): it shares the cores with the rest."""
 
     def cpu_us_per_request(self, component: str | None = None) -> float | None:
         if self.result.requests <= 0:
@@ -200,7 +203,16 @@ def measure_open_loop(bench: BenchStack, target: str, *, rate: int, duration_s: 
         run_open_loop(spec.port, rate=rate, duration_s=warmup_s, key=spec.key,
                       path=spec.path, body=spec.body, headers=spec.headers)
     before = spec.cpu_snapshot()
+    client_before = _own_cpu_seconds()
     result = run_open_loop(spec.port, rate=rate, duration_s=duration_s, key=spec.key,
                            path=spec.path, body=spec.body, headers=spec.headers)
+    client = _own_cpu_seconds() - client_before
     after = spec.cpu_snapshot()
-    return OpenRun(target, result, {name: after[name] - before[name] for name in before})
+    return OpenRun(target, result, {name: after[name] - before[name] for name in before},
+                   client)
+
+
+def _own_cpu_seconds() -> float:
+    """This process' CPU: the open-loop client runs in it."""
+    times = os.times()
+    return times.user + times.system

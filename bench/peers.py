@@ -84,7 +84,7 @@ def start_litellm(bench: BenchStack, *, workers: int) -> None:
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     port = free_port()
     env = {k: v for k, v in stack.env.items() if k != "DATABASE_URL"}
-    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR",
+    env.update(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR", PYTHONUNBUFFERED="1",
                LITELLM_MODE="PRODUCTION", NO_DOCS="True", DISABLE_ADMIN_UI="True",
                LITELLM_DONT_SHOW_FEEDBACK_BOX="True")
     env.pop("PYTHONPATH", None)

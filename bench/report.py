@@ -591,7 +591,9 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
             "warm-up. Latency is from each request's *scheduled* start to its last byte, so "
             "a server that falls behind shows its queue (no coordinated omission); "
             "percentiles are nearest-rank. *achieved* = responses / (last response - first "
-            "start): a target below 95 % of the asked rate is marked `rate not held`.",
+            "start): a target below 95 % of the asked rate is marked `rate not held`. *client* "
+            "is the open-loop client's own CPU per request: it runs in the bench process and "
+            "shares the cores with the target.",
             "",
             *open_loop_table(open_runs),
             "",
@@ -726,8 +728,9 @@ def open_loop_table(open_runs: Sequence[OpenRun]) -> list[str]:
     direct = next((run for run in open_runs if run.target == DIRECT), None)
     rows = [
         "| target | asked rps | achieved rps | requests | p50 ms | p99 ms | p99.9 ms | max ms "
-        "| Δp99 vs direct ms | extproc µs/req | peer µs/req | total µs/req | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| Δp99 vs direct ms | extproc µs/req | peer µs/req | total µs/req "
+        "| client µs/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in open_runs:
         r = run.result
@@ -741,7 +744,9 @@ def open_loop_table(open_runs: Sequence[OpenRun]) -> list[str]:
             f"| {max(r.latencies_ms, default=float('nan')):.2f} | {_signed(delta, 2)} "
             f"| {_fmt(run.cpu_us_per_request('extproc'), 0) if 'extproc' in run.cpu_s else '—'} "
             f"| {_fmt(run.cpu_us_per_request('peer'), 0) if 'peer' in run.cpu_s else '—'} "
-            f"| {_fmt(run.cpu_us_per_request(), 0)} | {errors} |")
+            f"| {_fmt(run.cpu_us_per_request(), 0)} "
+            f"| {_fmt(run.client_cpu_s * 1e6 / r.requests if r.requests else None, 0)} "
+            f"| {errors} |")
     return rows
 
 
@@ -770,7 +775,8 @@ def write_chart(path: Path, levels: Sequence[Level], open_runs: Sequence[OpenRun
                     label=f"c={lv.concurrency}")
     axes[0].set_xticks([p + width * (len(levels) - 1) / 2 for p in positions])
     axes[0].set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    axes[0].set_ylabel("requests/s (closed loop, wrk)")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("requests/s (closed loop, wrk; log scale)")
     axes[0].legend(fontsize=8)
     axes[0].set_title("throughput")
     middle = levels[len(levels) // 2]

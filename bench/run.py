@@ -236,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stack.stop()
     if levels:
+        info["load average at end"] = " ".join(
+            Path("/proc/loadavg").read_text(encoding="ascii").split()[:3])
         title = (f"make bench {started:%Y-%m-%d %H:%M} UTC, {ncpu} cores, load average "
                  f"{info['load average at start']}")
         chart_path = write_chart(CHART_DIR / f"bench-{started:%Y%m%d-%H%M%S}.png", levels,

@@ -54,6 +54,11 @@ def test_wrk_line_is_parsed_exactly() -> None:
     assert (result.p50_ms, result.p99_ms, result.p999_ms) == (1.5, 4.0, 9.0)
     assert result.status_errors == 3  # the larger of the two counters
     assert result.error_text() == "non-2xx/3xx=3, read=1"
+    # wrk counts no timeout when nothing at all came back: the run must still say so.
+    nothing = parse_wrk_output(WRK_OUT.replace("requests=300", "requests=0")
+                               .replace("read=1", "read=0").replace(" 3\n", " 0\n")
+                               .replace("status=2", "status=0"), 0)
+    assert (nothing.error_count, nothing.error_text()) == (0, "no request completed")
 
 
 def test_open_loop_result_percentiles_and_rate() -> None:
