@@ -101,8 +101,11 @@ bench/node_modules/.installed: bench/package.json
 
 bench-peers: node $(LITELLM_VENV)/.installed bench/node_modules/.installed
 
+# BENCH_ARGS: flags for bench/run.py, e.g. BENCH_ARGS="--duration 5" or "--no-peers".
+BENCH_ARGS ?=
+
 bench: install redis-server wrk $(BENCH_STAMP) bench-peers
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/keys.py
 	$(BIN)/python bench/failover.py
