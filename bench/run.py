@@ -47,6 +47,7 @@ for _path in (BENCH_DIR.parent, BENCH_DIR):  # the repo (extproc) and bench/'s o
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from chart import write_chart  # noqa: E402
 from cpu import tree_cpu_seconds  # noqa: E402
 from ledger import (  # noqa: E402
     FAIL_CLOSED_REQUESTS,
@@ -62,7 +63,6 @@ from report import (  # noqa: E402
     machine_info,
     print_summary,
     render_run,
-    write_chart,
     write_results,
 )
 from stack import (  # noqa: E402
