@@ -47,6 +47,8 @@ for _path in (BENCH_DIR.parent, BENCH_DIR):  # the repo (extproc) and bench/'s o
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import load as bench_load  # noqa: E402
+import stack as bench_stack  # noqa: E402
 from chart import write_chart  # noqa: E402
 from cpu import tree_cpu_seconds  # noqa: E402
 from ledger import (  # noqa: E402
@@ -55,7 +57,16 @@ from ledger import (  # noqa: E402
     ledger_unavailable_reasons,
     redis_down_probes,
 )
-from measure import OPEN_LOOP_RATE, Level, OpenRun, Run, measure, measure_open_loop  # noqa: E402
+from load import WrkResult  # noqa: E402
+from measure import (  # noqa: E402
+    OPEN_LOOP_RATE,
+    SETTLE_PAUSE_S,
+    Level,
+    OpenRun,
+    Run,
+    measure,
+    measure_open_loop,
+)
 from peers import start_litellm, start_portkey  # noqa: E402
 from report import (  # noqa: E402
     anomalies,
@@ -78,9 +89,31 @@ from stack import (  # noqa: E402
 
 from extproc.devstack import Stack  # noqa: E402
 
-__all__ = ["build_parser", "direct_bootstrap", "find_access_log", "main", "tree_cpu_seconds"]
+__all__ = ["BODY", "BUDGET_LIMIT_USD", "PROVIDER_CLUSTER", "PROVIDER_KEY_ENV", "SETTLE_PAUSE_S",
+           "WrkResult", "build_parser", "direct_bootstrap", "find_access_log", "main",
+           "run_wrk", "tree_cpu_seconds"]
 
 CHART_DIR: Final = BENCH_DIR / "results"
+
+# --------------------------------------------------------------------------- for other scripts
+# The names other bench scripts (streaming.py before the split, fastpath.py) took from
+# `import run as bench_run`, kept so they run unchanged: the constants, and `run_wrk` with
+# its former signature, which POSTs this module's BODY (a caller may swap it).
+
+BODY = bench_stack.BODY
+BUDGET_LIMIT_USD: Final = bench_stack.BUDGET_LIMIT_USD
+PROVIDER_CLUSTER: Final = bench_stack.PROVIDER_CLUSTER
+PROVIDER_KEY_ENV: Final = bench_stack.PROVIDER_KEY_ENV
+_find_access_log = find_access_log
+_wait_for_workers = bench_stack.wait_for_workers
+
+
+def run_wrk(port: int, *, concurrency: int, threads: int, duration_s: int,
+            key: str) -> tuple[WrkResult, float]:
+    """wrk POSTing `BODY` to the chat path: bench/load.py's `run_wrk` for one body."""
+    return bench_load.run_wrk(port, concurrency=concurrency, threads=threads,
+                              duration_s=duration_s, key=key, path=bench_stack.CHAT_PATH,
+                              body=BODY)
 
 
 def _concurrency_list(text: str) -> list[int]:

@@ -48,6 +48,7 @@ __all__ = [
     "BODY", "BUDGETS", "BUDGET_TENANT", "CHAT_PATH", "DIRECT", "FASTPATH", "GATEWAY", "MODEL",
     "TENANT", "TRANSLATED", "BenchStack", "Target", "direct_bootstrap", "fastpath_document",
     "find_access_log", "gateway_document", "smoke_check", "start_bench_stack",
+    "wait_for_workers",
 ]
 
 CHAT_PATH: Final = "/v1/chat/completions"
@@ -299,7 +300,7 @@ def direct_bootstrap(*, listen_port: int, admin_socket: Path, emulator_port: int
     }
 
 
-def _wait_for_workers(pid: int, workers: int, timeout: float = 20.0) -> None:
+def wait_for_workers(pid: int, workers: int, timeout: float = 20.0) -> None:
     """With --workers N the port opens with the first worker; wait for all N."""
     if workers <= 1:
         return
@@ -349,7 +350,7 @@ def start_gateway(stack: Stack, document: Mapping[str, Any], *, workers: int,
     config = load_config(config_path)
     extproc, extproc_port, metrics_port = stack.start_extproc(config_path, workers=workers,
                                                               name=f"extproc-{name}")
-    _wait_for_workers(extproc.popen.pid, workers)
+    wait_for_workers(extproc.popen.pid, workers)
     port, admin = free_port(), stack.admin_socket(f"envoy-{name}")
     bootstrap = render_bootstrap(config, EnvoyPorts(
         listen_port=port, admin_socket=str(admin), extproc_port=extproc_port))

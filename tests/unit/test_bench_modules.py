@@ -18,8 +18,16 @@ if str(BENCH) not in sys.path:
 from load import OpenLoopResult, parse_wrk_output, run_open_loop  # noqa: E402
 from measure import Level, Run  # noqa: E402
 from report import is_peer, ratios_table, targets_table, write_results  # noqa: E402
-from stack import BODY, CHAT_PATH, DIRECT, GATEWAY, fastpath_document  # noqa: E402
+from stack import (  # noqa: E402
+    BODY,
+    CHAT_PATH,
+    DIRECT,
+    GATEWAY,
+    fastpath_document,
+    gateway_document,
+)
 
+from extproc.config_schema import Document  # noqa: E402
 from extproc.devstack import Stack  # noqa: E402
 
 HEADER = ("# Benchmark results\n\nWritten by `bench/run.py` (`make bench`); newest run first. "
@@ -104,8 +112,18 @@ def test_ratios_use_each_peer_and_the_cpu_of_every_process_but_wrk() -> None:
     assert [is_peer(name) for name in level.by_target] == [False, False, True, True]
 
 
-def test_fastpath_row_says_why_it_is_skipped() -> None:
-    """Fails once the fast path's setting lands: then bench/stack.py's `fastpath_document`
-    must switch it on the way the setting is really spelled, and this test says how."""
-    assert fastpath_document({"version": 1}) == (
-        None, "the gateway config has no `fast_path` setting yet (issue 14 item 1 not merged)")
+def test_fastpath_row_is_switched_on_or_says_why_not(tmp_path: Path) -> None:
+    """Before the fast path's setting lands the row is skipped with this reason; after,
+    the bench config turns it on and still validates."""
+    document = gateway_document(tmp_path, emulator_port=1, redis_port=2, pepper="p" * 64,
+                                tenant_key="sk-asc-bench-unit")
+
+    fast, reason = fastpath_document(document)
+
+    if "fast_path" in Document.model_fields:
+        assert fast is not None
+        assert (fast["fast_path"], reason) == ({"enabled": True}, "")
+        Document.model_validate(fast)
+    else:
+        assert (fast, reason) == (None, "the gateway config has no `fast_path` setting yet "
+                                         "(issue 14 item 1 not merged)")
