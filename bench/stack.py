@@ -334,6 +334,17 @@ def fastpath_document(document: Mapping[str, Any]) -> tuple[dict[str, Any] | Non
     return fast, ""
 
 
+def _envoy_yaml(bootstrap: dict[str, Any]) -> str:
+    """The bootstrap as YAML Envoy reads back exactly: the product's own dumper where it
+    has one (it quotes keys such as `n` that YAML 1.1 would read as booleans; the fast
+    path's json_to_metadata rules have them), else plain safe_dump."""
+    try:
+        from extproc.envoy_bootstrap import bootstrap_yaml
+    except ImportError:
+        return yaml.safe_dump(bootstrap, sort_keys=False)
+    return bootstrap_yaml(bootstrap)
+
+
 @dataclass(frozen=True, slots=True)
 class Gateway:
     extproc: ManagedProcess
@@ -354,8 +365,7 @@ def start_gateway(stack: Stack, document: Mapping[str, Any], *, workers: int,
     port, admin = free_port(), stack.admin_socket(f"envoy-{name}")
     bootstrap = render_bootstrap(config, EnvoyPorts(
         listen_port=port, admin_socket=str(admin), extproc_port=extproc_port))
-    envoy = stack.start_envoy(f"# bench {name} Envoy\n" + yaml.safe_dump(bootstrap,
-                                                                        sort_keys=False),
+    envoy = stack.start_envoy(f"# bench {name} Envoy\n" + _envoy_yaml(bootstrap),
                               listen_port=port, admin_socket=admin, name=f"envoy-{name}")
     return Gateway(extproc, envoy, port, metrics_port, find_access_log(bootstrap))
 
