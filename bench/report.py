@@ -381,16 +381,25 @@ def target_checks(levels: Sequence[Level], probes: Sequence[Probe] = (),
                      f"{mark(p99 <= TARGET_OPEN_P99_MS and run.result.rate_held)}")
     if not open_runs:
         lines.append("- p99 at a fixed 500 rps: not measured in this run (--open-loop 0).")
+    fast_cpu = [value for lv in levels if FASTPATH in lv.by_target
+                for value in [lv.by_target[FASTPATH].cpu_us_per_request("extproc")]
+                if value is not None]
+    if fast_cpu:
+        lines.append(f"- extproc CPU <= {TARGET_EXTPROC_CPU_US:.0f} µs/request on the fast "
+                     f"path: {min(fast_cpu):,.0f} to {max(fast_cpu):,.0f} µs (tenant without "
+                     f"budgets) — {mark(max(fast_cpu) <= TARGET_EXTPROC_CPU_US)}")
+    mine = [name for name in (GATEWAY, FASTPATH) if any(name in lv.by_target for lv in levels)]
     for peer, goal in ((LITELLM_PREFIX, TARGET_VS_LITELLM), ("portkey", TARGET_VS_PORTKEY)):
-        ratios = [(lv.concurrency, name, ratio) for lv in levels
-                  for name, ratio in _peer_ratios(lv, GATEWAY, peer)]
-        if not ratios:
-            lines.append(f"- >= {goal:g}x {peer} in rps: {peer} not measured in this run.")
-            continue
-        worst = min(ratios, key=lambda item: item[2])
-        cells = ", ".join(f"c={c} {ratio:.2f}x {name}" for c, name, ratio in ratios)
-        lines.append(f"- >= {goal:g}x {peer} in rps (gateway, against its best variant at "
-                     f"each level): {cells} — {mark(worst[2] >= goal)}")
+        for own in mine:
+            ratios = [(lv.concurrency, name, ratio) for lv in levels
+                      for name, ratio in _peer_ratios(lv, own, peer)]
+            if not ratios:
+                lines.append(f"- >= {goal:g}x {peer} in rps: {peer} not measured in this run.")
+                break
+            worst = min(ratios, key=lambda item: item[2])
+            cells = ", ".join(f"c={c} {ratio:.2f}x {name}" for c, name, ratio in ratios)
+            lines.append(f"- >= {goal:g}x {peer} in rps ({own}, against the peer's best "
+                         f"variant at each level): {cells} — {mark(worst[2] >= goal)}")
     down = [pr for pr in probes if pr.redis == "down" and pr.expected_status == 503]
     for pr in down:
         p99 = pr.percentile(99)
