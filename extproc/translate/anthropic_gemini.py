@@ -28,13 +28,12 @@ the Messages API does not define.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect
 from extproc.translate import limits
 from extproc.translate.anthropic_openai import (
     OpenAIChunksToAnthropicEvents,
@@ -45,6 +44,7 @@ from extproc.translate.gemini import (
     GeminiChunksToOpenAIChunks,
     build_gemini_request,
     chat_completion_from_gemini,
+    gemini_document,
     gemini_error,
     gemini_path,
     usage_from_gemini,
@@ -158,12 +158,7 @@ class AnthropicToGemini(limits.AnthropicDoorRules):
                                                 stream=request.get("stream") is True))
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            document = None
-        if not isinstance(document, dict):
-            raise GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
+        document = gemini_document(body)
         completion = chat_completion_from_gemini(document, model=self._model,
                                                  created=int(self._clock()))
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),

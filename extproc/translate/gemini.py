@@ -79,7 +79,7 @@ from extproc.errors import Dialect, ErrorCode, GatewayError
 from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
 from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.sse import SseDecoder, SseEvent, encode_event, json_objects
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
@@ -109,6 +109,7 @@ __all__ = [
     "build_gemini_request",
     "chat_completion_from_gemini",
     "finish_reason_for",
+    "gemini_document",
     "gemini_error",
     "gemini_path",
     "usage_from_gemini",
@@ -430,6 +431,18 @@ def chat_completion_from_gemini(response: Mapping[str, Any], *, model: str,
     return out
 
 
+def gemini_document(body: bytes) -> dict[str, Any]:
+    """A `generateContent` response body as an object (anything else: the provider's
+    fault, a 502 in either door)."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _invalid_response() from None
+    if not isinstance(document, dict):
+        raise _invalid_response()
+    return document
+
+
 def key_verdict_status(status: int, body: bytes) -> int:
     """The status an answer means for the key: Google answers an invalid API key with 400
     `API_KEY_INVALID`, which is the gateway's credential failing (a 401), not the
@@ -483,15 +496,10 @@ class GeminiChunksToOpenAIChunks(StreamProgress):
 
     def _handle(self, events: list[SseEvent]) -> bytes:
         out: list[bytes] = []
-        for event in events:
+        for data in json_objects(events):
             if self._ended:
                 break
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self._event(data, out)
+            self._event(data, out)
         return b"".join(out)
 
     def _encode(self, fields: dict[str, Any]) -> bytes:
@@ -592,12 +600,7 @@ class OpenAIToGemini(output_limits.OpenAIDoorRules):
                                                 stream=request.get("stream") is True))
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _invalid_response() from None
-        if not isinstance(document, dict):
-            raise _invalid_response()
+        document = gemini_document(body)
         completion = chat_completion_from_gemini(document, model=self._model,
                                                  created=int(self._clock()))
         return TranslatedResponse(body=compact_json(completion),

@@ -60,7 +60,7 @@ from extproc.errors import Dialect, ErrorCode, GatewayError
 from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
 from extproc.translate.provider_errors import map_provider_error, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.sse import SseDecoder, SseEvent, encode_event, json_objects
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
@@ -364,15 +364,10 @@ class AnthropicEventsToOpenAIChunks(StreamProgress):
 
     def _handle(self, events: list[SseEvent]) -> bytes:
         out: list[bytes] = []
-        for event in events:
+        for data in json_objects(events):
             if self._ended:
                 break
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self._event(data, out)
+            self._event(data, out)
         return b"".join(out)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
