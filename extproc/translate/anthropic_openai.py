@@ -59,12 +59,12 @@ from extproc.translate.openai_passthrough import (
     count_openai_deltas,
 )
 from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.sse import SseEvent, encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
-    StreamProgress,
+    SseStream,
     TranslatedResponse,
     UpstreamRequest,
     Usage,
@@ -424,11 +424,10 @@ def _event(kind: str, payload: dict[str, Any]) -> bytes:
     return encode_event(compact_json({"type": kind, **payload}).decode(), kind)
 
 
-class OpenAIChunksToAnthropicEvents(StreamProgress):
+class OpenAIChunksToAnthropicEvents(SseStream):
     """OpenAI `chat.completion.chunk` SSE in, Anthropic Messages SSE events out."""
 
     def __init__(self) -> None:
-        self._decoder = SseDecoder()
         self._started = False
         self._ended = False
         self._open: int | None = None
@@ -437,13 +436,10 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
         self._tools: dict[int, int] = {}
         self._finish: object = None
         self._finished = False
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
+        SseStream.__init__(self)
 
     def flush(self) -> bytes:
-        out = [self._handle(self._decoder.flush())]
+        out = [SseStream.flush(self)]
         if self._finished and not self._ended:
             self._end(out)
         return b"".join(out)

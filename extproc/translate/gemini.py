@@ -79,12 +79,12 @@ from extproc.errors import Dialect, ErrorCode, GatewayError
 from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
 from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event, json_objects
+from extproc.translate.sse import SseEvent, encode_event, json_objects
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
-    StreamProgress,
+    SseStream,
     TranslatedResponse,
     UpstreamRequest,
     Usage,
@@ -460,14 +460,13 @@ def gemini_error(front: Dialect, status: int, body: bytes) -> tuple[int, bytes]:
 # --------------------------------------------------------------------------- stream
 
 
-class GeminiChunksToOpenAIChunks(StreamProgress):
+class GeminiChunksToOpenAIChunks(SseStream):
     """Gemini `streamGenerateContent?alt=sse` events in, OpenAI `chat.completion.chunk`
     SSE out. `usage` is reported only once a candidate finished: a stream cut short
     must not pass for a complete one."""
 
     def __init__(self, *, model: str, include_usage: bool,
                  clock: Callable[[], float] = time.time) -> None:
-        self._decoder = SseDecoder()
         self._model = model
         self._include_usage = include_usage
         self._clock = clock
@@ -478,13 +477,10 @@ class GeminiChunksToOpenAIChunks(StreamProgress):
         self._last_usage: Usage | None = None
         self._finished = False
         self._ended = False
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
+        SseStream.__init__(self)
 
     def flush(self) -> bytes:
-        out = [self._handle(self._decoder.flush())]
+        out = [SseStream.flush(self)]
         if self._finished and not self._ended:
             self._usage = self._last_usage
             if self._include_usage and self._usage is not None:

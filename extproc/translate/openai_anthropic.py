@@ -60,12 +60,12 @@ from extproc.errors import Dialect, ErrorCode, GatewayError
 from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
 from extproc.translate.provider_errors import map_provider_error, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event, json_objects
+from extproc.translate.sse import SseEvent, encode_event, json_objects
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
-    StreamProgress,
+    SseStream,
     TranslatedResponse,
     UpstreamRequest,
 )
@@ -341,11 +341,10 @@ def chat_completion_from_message(message: Mapping[str, Any], created: int) -> di
 # --------------------------------------------------------------------------- stream
 
 
-class AnthropicEventsToOpenAIChunks(StreamProgress):
+class AnthropicEventsToOpenAIChunks(SseStream):
     """Anthropic Messages SSE events in, OpenAI `chat.completion.chunk` SSE out."""
 
     def __init__(self, *, include_usage: bool, clock: Callable[[], float] = time.time) -> None:
-        self._decoder = SseDecoder()
         self._include_usage = include_usage
         self._clock = clock
         self._id = ""
@@ -353,14 +352,8 @@ class AnthropicEventsToOpenAIChunks(StreamProgress):
         self._created = 0
         self._start_usage: dict[str, Any] = {}
         self._tools: dict[int, int] = {}
-        StreamProgress.__init__(self)
+        SseStream.__init__(self)
         self._ended = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
-
-    def flush(self) -> bytes:
-        return self._handle(self._decoder.flush())
 
     def _handle(self, events: list[SseEvent]) -> bytes:
         out: list[bytes] = []

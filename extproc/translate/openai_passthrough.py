@@ -37,12 +37,12 @@ from urllib.parse import quote
 from extproc.errors import Dialect
 from extproc.translate import limits
 from extproc.translate.provider_errors import map_provider_error, scrubbed_stream_error
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.sse import SseEvent, encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
-    StreamProgress,
+    SseStream,
     TranslatedResponse,
     UpstreamRequest,
 )
@@ -107,7 +107,7 @@ def count_openai_deltas(chunk: Mapping[str, Any]) -> int:
     return seen
 
 
-class OpenAIPassthroughStream(StreamProgress):
+class OpenAIPassthroughStream(SseStream):
     """Reads usage and deltas off an OpenAI-shaped stream while forwarding it.
 
     Complete events are re-framed (an event split over chunks leaves with its last
@@ -116,15 +116,8 @@ class OpenAIPassthroughStream(StreamProgress):
     """
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
-        self._decoder = SseDecoder()
         self._strip = strip_usage_chunk
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
-
-    def flush(self) -> bytes:
-        return self._handle(self._decoder.flush())
+        SseStream.__init__(self)
 
     def _handle(self, events: list[SseEvent]) -> bytes:
         kept: list[bytes] = []

@@ -54,6 +54,7 @@ from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
+    SseStream,
     StreamProgress,
     StreamTranslator,
     TranslatedResponse,
@@ -141,19 +142,12 @@ class _ResponsesDoorRules:
         return limits.input_estimate(raw, _INPUT_IMAGE)
 
 
-class ResponsesPassthroughStream(StreamProgress):
+class ResponsesPassthroughStream(SseStream):
     """Forwards `response.*` events re-framed, reading usage from the final event; an
     `error` event's message is scrubbed like an error body's."""
 
     def __init__(self) -> None:
-        self._decoder = SseDecoder()
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
-
-    def flush(self) -> bytes:
-        return self._handle(self._decoder.flush())
+        SseStream.__init__(self)
 
     def _handle(self, events: list[SseEvent]) -> bytes:
         out = []

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from extproc.translate.limits import OutputLimit
+from extproc.translate.sse import SseDecoder, SseEvent
 
 __all__ = [
     "NO_OUTPUT_LIMIT",
     "Backend",
     "OutputLimit",
+    "SseStream",
     "StreamProgress",
     "StreamTranslator",
     "TranslatedResponse",
@@ -118,6 +120,24 @@ class StreamProgress:
     @property
     def first_token_seen(self) -> bool:
         return self._deltas > 0
+
+
+class SseStream(StreamProgress):
+    """A stream translator reading the provider's SSE: `feed` and `flush` decode the
+    bytes into complete events and `_handle` turns those into the client's bytes."""
+
+    def __init__(self) -> None:
+        self._decoder = SseDecoder()
+        StreamProgress.__init__(self)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._handle(self._decoder.feed(chunk))
+
+    def flush(self) -> bytes:
+        return self._handle(self._decoder.flush())
+
+    def _handle(self, events: list[SseEvent]) -> bytes:
+        raise NotImplementedError
 
 
 class StreamTranslator(Protocol):
