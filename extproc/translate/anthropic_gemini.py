@@ -44,11 +44,11 @@ from extproc.translate.gemini import (
     GeminiChunksToOpenAIChunks,
     build_gemini_request,
     chat_completion_from_gemini,
-    gemini_document,
     gemini_error,
     gemini_path,
     usage_from_gemini,
 )
+from extproc.translate.provider_errors import provider_document
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
@@ -158,7 +158,7 @@ class AnthropicToGemini(limits.AnthropicDoorRules):
                                                 stream=request.get("stream") is True))
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        document = gemini_document(body)
+        document = provider_document(body)
         completion = chat_completion_from_gemini(document, model=self._model,
                                                  created=int(self._clock()))
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),

@@ -51,14 +51,20 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect
 from extproc.translate import limits
 from extproc.translate.openai_passthrough import (
     CHAT_COMPLETIONS_PATH,
     azure_path,
     count_openai_deltas,
 )
-from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
+from extproc.translate.provider_errors import (
+    invalid_response,
+    map_provider_error,
+    provider_document,
+    provider_message,
+    scrub,
+)
 from extproc.translate.sse import SseEvent, encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
@@ -367,10 +373,6 @@ def build_openai_request(body: Mapping[str, Any], backend: Backend,
 # --------------------------------------------------------------------------- response
 
 
-def _invalid_response() -> GatewayError:
-    return GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
-
-
 def _tool_input(arguments: object) -> dict[str, Any]:
     if isinstance(arguments, str):
         try:
@@ -385,7 +387,7 @@ def message_from_chat_completion(completion: Mapping[str, Any]) -> dict[str, Any
     """The Messages API body for a Chat Completions response body."""
     choices = completion.get("choices")
     if not isinstance(choices, list):
-        raise _invalid_response()
+        raise invalid_response()
     choice = choices[0] if choices and isinstance(choices[0], dict) else {}
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
@@ -586,12 +588,7 @@ class AnthropicToOpenAI(limits.AnthropicDoorRules):
         return UpstreamRequest(body=compact_json(out), path=path)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            completion = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _invalid_response() from None
-        if not isinstance(completion, dict):
-            raise _invalid_response()
+        completion = provider_document(body)
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),
                                   usage=usage_from_openai(completion.get("usage"),
                                                           service_tier=completion.get(

@@ -18,7 +18,6 @@ counts exactly its tokens, a batch the sum of its items. The charge is the provi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import quote
@@ -35,7 +34,7 @@ from extproc.translate.types import (
     UpstreamRequest,
     Usage,
 )
-from extproc.translate.validation import compact_json, invalid, unsupported
+from extproc.translate.validation import compact_json, invalid, json_object, unsupported
 
 __all__ = [
     "EMBEDDINGS_PATH",
@@ -136,11 +135,8 @@ class EmbeddingsTranslator:
         return UpstreamRequest(body=compact_json(request), path=path)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return TranslatedResponse(body=body, usage=None)
-        usage = document.get("usage") if isinstance(document, dict) else None
+        document = json_object(body)
+        usage = document.get("usage") if document is not None else None
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         if type(prompt) is not int or prompt < 0:
             return TranslatedResponse(body=body, usage=None)

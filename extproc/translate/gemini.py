@@ -75,10 +75,16 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect, ErrorCode
 from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
-from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
+from extproc.translate.provider_errors import (
+    invalid_response,
+    map_provider_error,
+    provider_document,
+    provider_message,
+    scrub,
+)
 from extproc.translate.sse import SseEvent, encode_event, json_objects
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
@@ -109,7 +115,6 @@ __all__ = [
     "build_gemini_request",
     "chat_completion_from_gemini",
     "finish_reason_for",
-    "gemini_document",
     "gemini_error",
     "gemini_path",
     "usage_from_gemini",
@@ -364,10 +369,6 @@ def usage_from_gemini(metadata: object) -> Usage | None:
                  cached_input_tokens=min(cached, prompt))
 
 
-def _invalid_response() -> GatewayError:
-    return GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
-
-
 def _parts(candidate: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     content = candidate.get("content")
     parts = content.get("parts") if isinstance(content, dict) else None
@@ -416,7 +417,7 @@ def chat_completion_from_gemini(response: Mapping[str, Any], *, model: str,
         choices = [_choice(candidate, i) for i, candidate in enumerate(candidates)
                    if isinstance(candidate, dict)]
     else:
-        raise _invalid_response()
+        raise invalid_response()
     version = response.get("modelVersion")
     out: dict[str, Any] = {
         "id": str(response.get("responseId") or "gemini-response"),
@@ -429,18 +430,6 @@ def chat_completion_from_gemini(response: Mapping[str, Any], *, model: str,
     if usage is not None:
         out["usage"] = openai_usage_body(usage)
     return out
-
-
-def gemini_document(body: bytes) -> dict[str, Any]:
-    """A `generateContent` response body as an object (anything else: the provider's
-    fault, a 502 in either door)."""
-    try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise _invalid_response() from None
-    if not isinstance(document, dict):
-        raise _invalid_response()
-    return document
 
 
 def key_verdict_status(status: int, body: bytes) -> int:
@@ -596,7 +585,7 @@ class OpenAIToGemini(output_limits.OpenAIDoorRules):
                                                 stream=request.get("stream") is True))
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        document = gemini_document(body)
+        document = provider_document(body)
         completion = chat_completion_from_gemini(document, model=self._model,
                                                  created=int(self._clock()))
         return TranslatedResponse(body=compact_json(completion),

@@ -50,16 +50,20 @@ fragment; message_delta -> final chunk with finish_reason; message_stop -> usage
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect, ErrorCode
 from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
-from extproc.translate.provider_errors import map_provider_error, scrub
+from extproc.translate.provider_errors import (
+    invalid_response,
+    map_provider_error,
+    provider_document,
+    scrub,
+)
 from extproc.translate.sse import SseEvent, encode_event, json_objects
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
@@ -303,15 +307,11 @@ def _tool_call(block: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _invalid_response() -> GatewayError:
-    return GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
-
-
 def chat_completion_from_message(message: Mapping[str, Any], created: int) -> dict[str, Any]:
     """The Chat Completions body for an Anthropic Messages response body."""
     blocks = message.get("content")
     if not isinstance(blocks, list):
-        raise _invalid_response()
+        raise invalid_response()
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for block in blocks:
@@ -487,12 +487,7 @@ class OpenAIToAnthropic(output_limits.OpenAIDoorRules):
                                headers=(("anthropic-version", ANTHROPIC_VERSION),))
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            message = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _invalid_response() from None
-        if not isinstance(message, dict):
-            raise _invalid_response()
+        message = provider_document(body)
         completion = chat_completion_from_message(message, int(self._clock()))
         return TranslatedResponse(body=compact_json(completion),
                                   usage=usage_from_anthropic(message.get("usage")))

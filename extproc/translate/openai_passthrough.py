@@ -50,6 +50,7 @@ from extproc.translate.usage import usage_from_openai
 from extproc.translate.validation import (
     compact_json,
     invalid,
+    json_object,
     optional_bool,
     optional_positive_int,
     unsupported,
@@ -224,12 +225,9 @@ class OpenAIPassthrough(limits.OpenAIDoorRules):
                 request["random_seed"] = seed
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return TranslatedResponse(body=body, usage=None)
+        document = json_object(body)
         usage = usage_from_openai(document.get("usage"), service_tier=document.get(
-            "service_tier")) if isinstance(document, dict) else None
+            "service_tier")) if document is not None else None
         return TranslatedResponse(body=body, usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:

@@ -63,7 +63,7 @@ from extproc.translate.types import (
     Usage,
 )
 from extproc.translate.usage import usage_from_openai
-from extproc.translate.validation import compact_json, invalid, unsupported
+from extproc.translate.validation import compact_json, invalid, json_object, unsupported
 
 __all__ = [
     "AZURE_RESPONSES_PATH",
@@ -198,11 +198,8 @@ class ResponsesPassthrough(_ResponsesDoorRules):
         return UpstreamRequest(body=compact_json(request), path=path)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return TranslatedResponse(body=body, usage=None)
-        if not isinstance(document, dict):
+        document = json_object(body)
+        if document is None:
             return TranslatedResponse(body=body, usage=None)
         return TranslatedResponse(body=body, usage=usage_from_responses(
             document.get("usage"), document.get("output")))

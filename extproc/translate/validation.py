@@ -23,6 +23,7 @@ from extproc.translate.types import Backend
 __all__ = [
     "compact_json",
     "invalid",
+    "json_object",
     "optional_bool",
     "optional_number",
     "optional_positive_int",
@@ -39,6 +40,15 @@ _SEPARATORS: Final = (",", ":")
 def compact_json(value: object) -> bytes:
     """The JSON bytes the gateway sends: compact, UTF-8, non-ASCII kept as is."""
     return json.dumps(value, separators=_SEPARATORS, ensure_ascii=False).encode()
+
+
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """A provider's answer body as a JSON object; None when it is not one."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def invalid(message: str, param: str | None = None) -> GatewayError:
