@@ -63,8 +63,10 @@ __all__ = [
     "MISTRAL_UNSUPPORTED",
     "OpenAIPassthrough",
     "OpenAIPassthroughStream",
+    "azure_deployment_path",
     "azure_path",
     "count_openai_deltas",
+    "place_model",
 ]
 
 CHAT_COMPLETIONS_PATH: Final = "/v1/chat/completions"
@@ -87,10 +89,27 @@ MISTRAL_UNSUPPORTED: Final = (
 )
 
 
-def azure_path(deployment: str, api_version: str | None) -> str:
+def azure_deployment_path(deployment: str, api_version: str | None, operation: str) -> str:
+    """Azure OpenAI names the deployment in the path and the API version in the query."""
     version = api_version or DEFAULT_AZURE_API_VERSION
-    return (f"/openai/deployments/{quote(deployment, safe='')}/chat/completions"
+    return (f"/openai/deployments/{quote(deployment, safe='')}/{operation}"
             f"?api-version={quote(version, safe='')}")
+
+
+def azure_path(deployment: str, api_version: str | None) -> str:
+    return azure_deployment_path(deployment, api_version, "chat/completions")
+
+
+def place_model(request: dict[str, Any], backend: Backend, upstream_model: str,
+                api_version: str | None, *, path: str, azure_operation: str) -> str:
+    """Put the upstream model where the backend reads it and return the request path:
+    Azure's is the deployment in the path (the body's `model` removed), any other's is
+    `model` in the body, sent to `path`."""
+    if backend is Backend.AZURE:
+        request.pop("model", None)
+        return azure_deployment_path(upstream_model, api_version, azure_operation)
+    request["model"] = upstream_model
+    return path
 
 
 def count_openai_deltas(chunk: Mapping[str, Any]) -> int:
@@ -199,12 +218,8 @@ class OpenAIPassthrough(limits.OpenAIDoorRules):
             _write_limit(request, field, output_limit.default)
         if self.backend is not Backend.MISTRAL and stream:
             request["stream_options"] = {**(options or {}), "include_usage": True}
-        if self.backend is Backend.AZURE:
-            request.pop("model", None)
-            path = azure_path(upstream_model, api_version)
-        else:
-            request["model"] = upstream_model
-            path = CHAT_COMPLETIONS_PATH
+        path = place_model(request, self.backend, upstream_model, api_version,
+                           path=CHAT_COMPLETIONS_PATH, azure_operation="chat/completions")
         return UpstreamRequest(body=compact_json(request), path=path)
 
     def _to_mistral(self, request: dict[str, Any]) -> None:
