@@ -99,10 +99,10 @@ from extproc.translate.usage import openai_usage_body
 from extproc.translate.validation import (
     compact_json,
     invalid,
-    optional_bool,
     optional_number,
     optional_positive_int,
     optional_stop,
+    stream_options,
     validate_openai_door,
 )
 
@@ -573,11 +573,7 @@ class OpenAIToGemini(output_limits.OpenAIDoorRules):
         output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = validate_openai_door(body)
-        options = request.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise invalid("'stream_options' must be an object.", "stream_options")
-        include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
-        self._include_usage = include is True
+        _, self._include_usage = stream_options(request)
         self._model = upstream_model
         out = build_gemini_request(request, output_limit.default)
         return UpstreamRequest(body=compact_json(out),

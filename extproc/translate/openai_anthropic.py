@@ -81,6 +81,7 @@ from extproc.translate.validation import (
     optional_number,
     optional_stop,
     optional_string,
+    stream_options,
     validate_openai_door,
 )
 
@@ -477,11 +478,7 @@ class OpenAIToAnthropic(output_limits.OpenAIDoorRules):
         output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = validate_openai_door(body)
-        options = request.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise invalid("'stream_options' must be an object.", "stream_options")
-        include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
-        self._include_usage = include is True
+        _, self._include_usage = stream_options(request)
         out = build_anthropic_request(request, upstream_model, output_limit.default)
         return UpstreamRequest(body=compact_json(out), path=MESSAGES_PATH,
                                headers=(("anthropic-version", ANTHROPIC_VERSION),))

@@ -49,10 +49,9 @@ from extproc.translate.types import (
 from extproc.translate.usage import usage_from_openai
 from extproc.translate.validation import (
     compact_json,
-    invalid,
     json_object,
-    optional_bool,
     optional_positive_int,
+    stream_options,
     unsupported,
     validate_openai_door,
 )
@@ -203,11 +202,7 @@ class OpenAIPassthrough(limits.OpenAIDoorRules):
     ) -> UpstreamRequest:
         request = dict(validate_openai_door(body))
         stream = request.get("stream") is True
-        options = request.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise invalid("'stream_options' must be an object.", "stream_options")
-        include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
-        self._client_wants_usage = include is True
+        options, self._client_wants_usage = stream_options(request)
         if self.backend is Backend.MISTRAL:
             self._to_mistral(request)
             _write_limit(request, limits.MAX_TOKENS, output_limit.default)

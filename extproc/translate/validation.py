@@ -29,6 +29,7 @@ __all__ = [
     "optional_positive_int",
     "optional_stop",
     "optional_string",
+    "stream_options",
     "unsupported",
     "validate_anthropic_door",
     "validate_openai_door",
@@ -123,6 +124,16 @@ def _common_door(body: object) -> dict[str, Any]:
         raise invalid("'messages' must be a non-empty array.", "messages")
     optional_bool(body, "stream")
     return body
+
+
+def stream_options(body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    """A Chat Completions body's `stream_options` (checked to be an object) and whether
+    the client asked for the usage chunk (`include_usage: true`)."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object.", "stream_options")
+    include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
+    return options, include is True
 
 
 def validate_openai_door(body: object) -> dict[str, Any]:
