@@ -43,12 +43,10 @@ from extproc.translate.anthropic_openai import (
 from extproc.translate.gemini import (
     GeminiChunksToOpenAIChunks,
     build_gemini_request,
-    chat_completion_from_gemini,
+    gemini_answer,
     gemini_error,
-    gemini_path,
-    usage_from_gemini,
+    gemini_upstream,
 )
-from extproc.translate.provider_errors import provider_document
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
@@ -152,17 +150,13 @@ class AnthropicToGemini(limits.AnthropicDoorRules):
         if top_k is not None:
             chat["top_k"] = top_k
         self._model = upstream_model
-        out = build_gemini_request(chat, check=False)
-        return UpstreamRequest(body=compact_json(out),
-                               path=gemini_path(upstream_model,
-                                                stream=request.get("stream") is True))
+        return gemini_upstream(build_gemini_request(chat, check=False), upstream_model,
+                               stream=request.get("stream") is True)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        document = provider_document(body)
-        completion = chat_completion_from_gemini(document, model=self._model,
-                                                 created=int(self._clock()))
+        completion, usage = gemini_answer(body, model=self._model, created=int(self._clock()))
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),
-                                  usage=usage_from_gemini(document.get("usageMetadata")))
+                                  usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         return gemini_error(Dialect.ANTHROPIC, status, body)

@@ -115,8 +115,10 @@ __all__ = [
     "build_gemini_request",
     "chat_completion_from_gemini",
     "finish_reason_for",
+    "gemini_answer",
     "gemini_error",
     "gemini_path",
+    "gemini_upstream",
     "usage_from_gemini",
 ]
 
@@ -432,6 +434,22 @@ def chat_completion_from_gemini(response: Mapping[str, Any], *, model: str,
     return out
 
 
+def gemini_answer(body: bytes, *, model: str,
+                  created: int) -> tuple[dict[str, Any], Usage | None]:
+    """The Chat Completions body for a `generateContent` answer body, and the usage read
+    from its `usageMetadata` (for either door)."""
+    document = provider_document(body)
+    completion = chat_completion_from_gemini(document, model=model, created=created)
+    return completion, usage_from_gemini(document.get("usageMetadata"))
+
+
+def gemini_upstream(out: Mapping[str, Any], upstream_model: str, *,
+                    stream: bool) -> UpstreamRequest:
+    """The `generateContent` request for a built body (either door)."""
+    return UpstreamRequest(body=compact_json(out), path=gemini_path(upstream_model,
+                                                                    stream=stream))
+
+
 def key_verdict_status(status: int, body: bytes) -> int:
     """The status an answer means for the key: Google answers an invalid API key with 400
     `API_KEY_INVALID`, which is the gateway's credential failing (a 401), not the
@@ -575,17 +593,12 @@ class OpenAIToGemini(output_limits.OpenAIDoorRules):
         request = validate_openai_door(body)
         _, self._include_usage = stream_options(request)
         self._model = upstream_model
-        out = build_gemini_request(request, output_limit.default)
-        return UpstreamRequest(body=compact_json(out),
-                               path=gemini_path(upstream_model,
-                                                stream=request.get("stream") is True))
+        return gemini_upstream(build_gemini_request(request, output_limit.default),
+                               upstream_model, stream=request.get("stream") is True)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        document = provider_document(body)
-        completion = chat_completion_from_gemini(document, model=self._model,
-                                                 created=int(self._clock()))
-        return TranslatedResponse(body=compact_json(completion),
-                                  usage=usage_from_gemini(document.get("usageMetadata")))
+        completion, usage = gemini_answer(body, model=self._model, created=int(self._clock()))
+        return TranslatedResponse(body=compact_json(completion), usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         return gemini_error(Dialect.OPENAI, status, body)
