@@ -85,12 +85,12 @@ from extproc.translate.provider_errors import (
     provider_message,
     scrub,
 )
-from extproc.translate.sse import SseEvent, encode_event, json_objects
+from extproc.translate.sse import encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
+    JsonEventStream,
     OutputLimit,
-    SseStream,
     TranslatedResponse,
     UpstreamRequest,
     Usage,
@@ -467,7 +467,7 @@ def gemini_error(front: Dialect, status: int, body: bytes) -> tuple[int, bytes]:
 # --------------------------------------------------------------------------- stream
 
 
-class GeminiChunksToOpenAIChunks(SseStream):
+class GeminiChunksToOpenAIChunks(JsonEventStream):
     """Gemini `streamGenerateContent?alt=sse` events in, OpenAI `chat.completion.chunk`
     SSE out. `usage` is reported only once a candidate finished: a stream cut short
     must not pass for a complete one."""
@@ -483,11 +483,10 @@ class GeminiChunksToOpenAIChunks(SseStream):
         self._calls: dict[int, int] = {}
         self._last_usage: Usage | None = None
         self._finished = False
-        self._ended = False
-        SseStream.__init__(self)
+        JsonEventStream.__init__(self)
 
     def flush(self) -> bytes:
-        out = [SseStream.flush(self)]
+        out = [JsonEventStream.flush(self)]
         if self._finished and not self._ended:
             self._usage = self._last_usage
             if self._include_usage and self._usage is not None:
@@ -495,14 +494,6 @@ class GeminiChunksToOpenAIChunks(SseStream):
                                          "usage": openai_usage_body(self._usage)}))
             out.append(encode_event("[DONE]"))
             self._ended = True
-        return b"".join(out)
-
-    def _handle(self, events: list[SseEvent]) -> bytes:
-        out: list[bytes] = []
-        for data in json_objects(events):
-            if self._ended:
-                break
-            self._event(data, out)
         return b"".join(out)
 
     def _encode(self, fields: dict[str, Any]) -> bytes:

@@ -64,12 +64,12 @@ from extproc.translate.provider_errors import (
     provider_document,
     scrub,
 )
-from extproc.translate.sse import SseEvent, encode_event, json_objects
+from extproc.translate.sse import encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
+    JsonEventStream,
     OutputLimit,
-    SseStream,
     TranslatedResponse,
     UpstreamRequest,
 )
@@ -342,7 +342,7 @@ def chat_completion_from_message(message: Mapping[str, Any], created: int) -> di
 # --------------------------------------------------------------------------- stream
 
 
-class AnthropicEventsToOpenAIChunks(SseStream):
+class AnthropicEventsToOpenAIChunks(JsonEventStream):
     """Anthropic Messages SSE events in, OpenAI `chat.completion.chunk` SSE out."""
 
     def __init__(self, *, include_usage: bool, clock: Callable[[], float] = time.time) -> None:
@@ -353,16 +353,7 @@ class AnthropicEventsToOpenAIChunks(SseStream):
         self._created = 0
         self._start_usage: dict[str, Any] = {}
         self._tools: dict[int, int] = {}
-        SseStream.__init__(self)
-        self._ended = False
-
-    def _handle(self, events: list[SseEvent]) -> bytes:
-        out: list[bytes] = []
-        for data in json_objects(events):
-            if self._ended:
-                break
-            self._event(data, out)
-        return b"".join(out)
+        JsonEventStream.__init__(self)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return encode_event(compact_json({
