@@ -16,7 +16,7 @@ from tests.conftest import gateway_config, provider_env, write_config
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_busy_metrics_port_is_one_error_line_and_exit_2(tmp_path: Path, workers: int) -> None:
-    config = write_config(tmp_path, gateway_config(free_port()))
+    config = write_config(tmp_path / "config", gateway_config(free_port()))
     grpc_port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -27,7 +27,7 @@ def test_a_busy_metrics_port_is_one_error_line_and_exit_2(tmp_path: Path, worker
              "--listen", f"127.0.0.1:{grpc_port}", "--metrics-listen", f"127.0.0.1:{busy}",
              "--workers", str(workers)],
             capture_output=True, text=True, timeout=60, check=False,
-            env={**provider_env(), "PATH": "/usr/bin:/bin"})
+            env={**provider_env(), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"cannot serve /metrics on 127.0.0.1:{busy}: Address already in use" in done.stderr
     assert "--metrics-listen HOST:PORT with a free port" in done.stderr
