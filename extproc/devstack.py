@@ -291,13 +291,14 @@ class Stack:
         return process, port, metrics_port
 
     def start_envoy(self, bootstrap_yaml: str, *, listen_port: int, admin_socket: Path,
-                    name: str = "envoy") -> ManagedProcess:
+                    name: str = "envoy", log_level: str = "warn") -> ManagedProcess:
         """Start Envoy with a bootstrap whose admin is on `admin_socket` (see
-        `Stack.admin_socket`); ready once admin answers /ready and the listener accepts."""
+        `Stack.admin_socket`); ready once admin answers /ready and the listener accepts.
+        `log_level` debug lets a test grep what Envoy itself logs about a request."""
         path = self.workdir / f"{name}.yaml"
         path.write_text(bootstrap_yaml, encoding="utf-8")
         process = self.spawn(name, [
-            envoy_binary(), "-c", str(path), "--log-level", "warn",
+            envoy_binary(), "-c", str(path), "--log-level", log_level,
             "--base-id", str(listen_port),  # distinct shared-memory ids for parallel Envoys
             "--concurrency", "2",
         ])
