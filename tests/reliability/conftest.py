@@ -340,3 +340,74 @@ class Sampler:
             self.peak = max(self.peak, spent + held)
             self.samples += 1
             self._stop.wait(0.005)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One request of a steady load: when it started (monotonic s), status, body."""
+
+    started: float
+    status: int
+    body: str
+    request_id: str | None
+
+
+class Load:
+    """`clients` threads, each with its own connection pool, sending requests one after
+    another until the block ends (a steady load for kill / restart scenarios)."""
+
+    def __init__(self, base_url: str, clients: int = 4, *, key: str = ACME_KEY,
+                 body: dict[str, Any] | None = None, path: str = CHAT,
+                 timeout: float = 15) -> None:
+        self._base_url = base_url
+        self._key = key
+        self._body = body or chat_body(max_tokens=8)
+        self._path = path
+        self._timeout = timeout
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.results: list[Timed] = []
+        self._threads = [threading.Thread(target=self._run, daemon=True)
+                         for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self._timeout + 5)
+
+    def count(self, status: int | None = None) -> int:
+        with self._lock:
+            return sum(1 for r in self.results if status is None or r.status == status)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self._base_url, timeout=self._timeout) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = client.post(self._path, json=self._body,
+                                           headers={"authorization": f"Bearer {self._key}"})
+                    result = Timed(started, response.status_code, response.text,
+                                   response.headers.get("x-asc-request-id"))
+                except httpx.HTTPError as error:
+                    result = Timed(started, 0, type(error).__name__, None)
+                with self._lock:
+                    self.results.append(result)
+
+
+def undecided(recordings: list[dict[str, Any]], upstream_model: str) -> list[dict[str, Any]]:
+    """Provider requests that carry no gateway decision: without the deployment's model
+    name (the gateway rewrites it) or without a provider key (the gateway injects it)."""
+    wrong = []
+    for recording in recordings:
+        try:
+            model = json.loads(recording["body"]).get("model")
+        except ValueError:
+            model = None
+        if model != upstream_model or "authorization" not in recording["headers"]:
+            wrong.append(recording)
+    return wrong
