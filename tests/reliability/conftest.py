@@ -111,6 +111,22 @@ class Replicas:
                     found.append({**json.loads(line), "replica": log.stem})
         return found
 
+    def phases_seen(self, phase: str) -> int:
+        """How many `phase` messages (e.g. request_headers) the live replicas handled."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0
+        for process, port in zip(self.extprocs, self.metrics_ports, strict=True):
+            if not process.alive():
+                continue
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if (sample.name == "asc_extproc_phase_seconds_count"
+                            and sample.labels.get("phase") == phase):
+                        total += int(sample.value)
+        return total
+
     def restart(self, index: int) -> ManagedProcess:
         """A new extproc on replica `index`'s ports (the old one must be gone)."""
         process, _, _ = self.stack.start_extproc(
@@ -176,7 +192,8 @@ def all_healthy(stack: Stack, admin_socket: Path, count: int) -> bool:
 
     text = envoy_admin(admin_socket, "GET", "/clusters").text
     healthy = [line for line in text.splitlines()
-               if line.startswith(f"{EXTPROC_CLUSTER}::") and line.endswith("health_flags::healthy")]
+               if line.startswith(f"{EXTPROC_CLUSTER}::")
+               and line.endswith("health_flags::healthy")]
     return len(healthy) == count
 
 
@@ -282,11 +299,11 @@ class Outcome:
 
 
 async def _burst(base_url: str, count: int, key: str, body: dict[str, Any], path: str,
-                 timeout: float) -> list[Outcome]:
+                 seconds: float) -> list[Outcome]:
     import asyncio
 
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=seconds, limits=limits) as client:
         start = asyncio.Event()
 
         async def one() -> Outcome:

@@ -9,6 +9,7 @@ import json
 
 from extproc.devstack import Stack
 from tests.conftest import GLOBEX_KEY, chat_body
+from tests.polling import wait_for
 from tests.reliability.conftest import (
     CALL_COST,
     REPLICAS,
@@ -20,7 +21,6 @@ from tests.reliability.conftest import (
     start_replicas,
     tenant_month,
 )
-from tests.polling import wait_for
 
 IN_FLIGHT = 200
 LIMIT_MICRO_USD = 500_000
