@@ -52,7 +52,7 @@ def _rule_name(rule: BudgetRule) -> tuple[str, str, str]:
     window = (f"rolling-{rule.period_s}s" if rule.window is Window.ROLLING
               else rule.window.value)
     parts = [rule.scope.value]
-    if rule.scope in (Scope.KEY, Scope.MODEL) and rule.subject:
+    if rule.scope in (Scope.KEY, Scope.MODEL, Scope.TEAM) and rule.subject:
         parts.append(rule.subject)
     return ":".join([*parts, window]), rule.scope.value, window
 

@@ -22,6 +22,7 @@ from extproc.envoy_bootstrap import (
     ShapeError,
     render_yaml,
 )
+from extproc.envoy_identity import IdentityOptionError, MeshListener, identity_options
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, resolve_secret
@@ -98,7 +99,9 @@ _SHAPE_DEFAULTS: dict[Shape, dict[str, object]] = {
 _PORTS_OPTIONS: Final = ("listen_address", "listen_port", "admin_socket", "extproc_address",
                          "extproc_port", "extproc_socket", "extproc_workers", "trusted_ca")
 """`envoy render` options that are `EnvoyPorts` fields."""
-_RENDER_OPTIONS: Final = (*_PORTS_OPTIONS, "max_downstream_connections")
+_RENDER_OPTIONS: Final = (*_PORTS_OPTIONS, "max_downstream_connections", "identity",
+                           "mesh_address", "mesh_port", "mesh_cert", "mesh_key",
+                           "mesh_client_ca")
 """`envoy render` options that shape the output, in the order the regenerate line names
 them (options left unset are not named: their default is part of the shape)."""
 
@@ -121,8 +124,18 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     ports = EnvoyPorts(**{**_SHAPE_DEFAULTS[shape], **chosen})
     edge = (EdgeLimits() if args.max_downstream_connections is None
             else EdgeLimits(max_downstream_connections=args.max_downstream_connections))
+    mesh = None
+    if args.mesh_port is not None and args.mesh_cert and args.mesh_key and args.mesh_client_ca:
+        mesh = MeshListener(port=args.mesh_port, address=args.mesh_address or "127.0.0.1",
+                            cert_chain=args.mesh_cert, private_key=args.mesh_key,
+                            client_ca=args.mesh_client_ca)
+    sources = [name.strip() for name in (args.identity or "").split(",") if name.strip()]
     try:
-        text = render_yaml(config, ports, shape=shape, edge=edge, command=_render_command(args))
+        identity = identity_options(config, sources, mesh) if sources else None
+        text = render_yaml(config, ports, shape=shape, edge=edge, command=_render_command(args),
+                           identity=identity)
+    except IdentityOptionError as exc:
+        raise CliError(str(exc), "`extproc envoy render --help` lists the options") from None
     except ShapeError as exc:
         raise CliError(str(exc), "`extproc envoy render --help` lists the options") from None
     if args.output == "-":
@@ -209,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--max-downstream-connections", type=int, default=None,
                         help="edge: overload manager connection limit; default "
                              f"{EdgeLimits().max_downstream_connections}")
+    render.add_argument("--identity", default=None,
+                        help="identity sources to enable in Envoy: jwt, mesh (comma-separated)")
+    render.add_argument("--mesh-address", default=None,
+                        help="address of the mTLS listener (--identity mesh); default 127.0.0.1")
+    render.add_argument("--mesh-port", type=int, default=None,
+                        help="port of the mTLS listener (--identity mesh)")
+    render.add_argument("--mesh-cert", default=None, help="server certificate chain (PEM)")
+    render.add_argument("--mesh-key", default=None, help="server private key (PEM)")
+    render.add_argument("--mesh-client-ca", default=None,
+                        help="CA (PEM) that signs the workloads' client certificates")
     render.set_defaults(func=_cmd_envoy_render)
     return parser
 

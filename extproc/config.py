@@ -47,8 +47,10 @@ from extproc.config_schema import (
     DeploymentHealthSettings,
     Document,
     FailoverSettings,
+    IdentitySpec,
     KekSpec,
     Limits,
+    MetricsSettings,
     ModelSpec,
     OrgBudgetSpec,
     PriceSpec,
@@ -61,6 +63,7 @@ from extproc.config_schema import (
     SecretsSpec,
     TenantBudgetSpec,
     TenantSpec,
+    TracingSettings,
     field_paths,
     json_schema,
     kind_of,
@@ -80,8 +83,12 @@ __all__ = [
     "DeploymentHealthSettings",
     "FailoverSettings",
     "GatewayConfig",
+    "IdentitySettings",
+    "JwtIdentity",
     "KekSettings",
     "Limits",
+    "MeshIdentity",
+    "MetricsConfig",
     "Model",
     "Price",
     "Probe",
@@ -90,6 +97,7 @@ __all__ = [
     "RedisSettings",
     "RoutePolicy",
     "SecretsSettings",
+    "Team",
     "Tenant",
     "TenantKey",
     "load_config",
@@ -269,6 +277,44 @@ class Model:
 class TenantKey:
     id: str
     hash: str
+    team: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A team or app inside a tenant. Its budgets are `Scope.TEAM` rules in the tenant's
+    `TenantBudget` (one Lua call reserves them with the tenant's)."""
+
+    id: str
+    models: frozenset[str] | None = None
+    """Models the team may use; None: the tenant's."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshIdentity:
+    """A SPIFFE id (or, with `prefix`, every id under a path) that authenticates as a
+    tenant on an mTLS listener."""
+
+    spiffe: str
+    prefix: bool = False
+    team: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIdentity:
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_file: Path
+    tenant_claim: str = "tenant"
+    team_claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    """Identity sources in order of precedence (docs/tenancy.md)."""
+
+    sources: tuple[str, ...] = ("virtual_key",)
+    jwt: JwtIdentity | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +334,30 @@ class Tenant:
     """BYOK: provider name -> this tenant's own keyring credentials (scope tenant:<id>)."""
     max_tokens: int | None = None
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
+    teams: Mapping[str, Team] = field(default_factory=dict)
+    mesh_identities: tuple[MeshIdentity, ...] = ()
+
+
+OTHER_TENANT_LABEL: Final = "other"
+"""The `tenant` label of tenants past `metrics.max_tenant_labels`."""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The tenant label cardinality guard, compiled: which tenant ids may be a label value.
+
+    Every tenant label multiplies the series of each request metric (by provider, region,
+    model, status, histogram buckets), so a config with thousands of tenants keeps only the
+    first `max_tenant_labels` (file order: the operator chooses who is named); the others
+    share `other`. Tenants are known from the config, so there is no first-come choice that
+    a reload or a restart would shuffle.
+    """
+
+    max_tenant_labels: int = 100
+    labelled_tenants: frozenset[str] = frozenset()
+
+    def tenant_label(self, tenant: str) -> str:
+        return tenant if tenant in self.labelled_tenants else OTHER_TENANT_LABEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +375,9 @@ class GatewayConfig:
     failover: FailoverSettings = field(default_factory=FailoverSettings)
     deployment_health: DeploymentHealthSettings = field(
         default_factory=DeploymentHealthSettings)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingSettings | None = None
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -668,6 +741,11 @@ def _policy(spec: RouteSpec) -> RoutePolicy:
 _T = typing.TypeVar("_T")
 
 
+def _metrics_config(spec: MetricsSettings, tenants: Mapping[str, Tenant]) -> MetricsConfig:
+    named = frozenset(list(tenants)[:spec.max_tenant_labels])
+    return MetricsConfig(max_tenant_labels=spec.max_tenant_labels, labelled_tenants=named)
+
+
 def _absent_or(value: _T) -> _T | None:
     """A required field of a spec that may be a partial entry (`_partial`): None there."""
     return value
@@ -732,6 +810,7 @@ class _Compiler:
             if tenant.budget is not None and not self.present("redis"):
                 self.add(_join("tenants", tenant_id), "budgets and rate limits need Redis",
                          "set redis.url")
+        self.check_workloads(tenants)
         auth: AuthSpec | None = doc.auth  # (None in a document with its auth left out)
         if auth is None:
             return None
@@ -748,7 +827,33 @@ class _Compiler:
             tenants=tenants,
             failover=doc.failover or FailoverSettings(),
             deployment_health=doc.deployment_health or DeploymentHealthSettings(),
+            metrics=_metrics_config(doc.metrics or MetricsSettings(), tenants),
+            tracing=doc.tracing,
+            identity=self.identity(doc.identity),
         )
+
+    def check_workloads(self, tenants: Mapping[str, Tenant]) -> None:
+        """A SPIFFE id (or prefix) names one principal: two tenants claiming the same one
+        would make the tenant depend on config order."""
+        seen: dict[tuple[str, bool], str] = {}
+        for tenant_id, tenant in tenants.items():
+            for index, mesh in enumerate(tenant.mesh_identities):
+                where = _join(_join(_join("tenants", tenant_id), "mesh_identities"), index)
+                owner = seen.setdefault((mesh.spiffe, mesh.prefix), where)
+                if owner != where:
+                    self.add(_join(where, "spiffe"), f"same SPIFFE id already used by {owner}",
+                             "every workload belongs to one tenant")
+
+    def identity(self, spec: IdentitySpec | None) -> IdentitySettings:
+        if spec is None:
+            return IdentitySettings()
+        jwt = None
+        if spec.jwt is not None:
+            jwt = JwtIdentity(issuer=spec.jwt.issuer, audiences=tuple(spec.jwt.audiences),
+                              jwks_file=self.file(spec.jwt.jwks_file),
+                              tenant_claim=spec.jwt.tenant_claim,
+                              team_claim=spec.jwt.team_claim)
+        return IdentitySettings(sources=tuple(spec.sources), jwt=jwt)
 
     def file(self, name: str) -> Path:
         """A file reference: relative paths are relative to the config file."""
@@ -884,6 +989,11 @@ class _Compiler:
         own = self.own_credentials(path, spec, credentials)
         rules = orgs.get(spec.org, ()) if spec.org else ()
         rules += self.rules(spec.budgets or ())
+        rules += tuple(BudgetRule(scope=Scope.TEAM, window=Window(rule.window),
+                                  limit_micro_usd=rule.limit_usd, subject=team_id,
+                                  period_s=rule.period_s)
+                       for team_id, team in (spec.teams or {}).items()
+                       for rule in team.budgets or ())
         rate_limits = RateLimits(rpm=spec.rate_limits.rpm if spec.rate_limits else None,
                                  tpm=spec.rate_limits.tpm if spec.rate_limits else None)
         budget = None
@@ -892,11 +1002,17 @@ class _Compiler:
                 tenant=tenant_id, org=spec.org, rules=rules, rate_limits=rate_limits,
                 fail_open=spec.on_redis_error == "fail_open",
                 fail_open_ceiling_micro_usd=spec.fail_open_ceiling_usd or 0)
+        teams = {team_id: Team(id=team_id, models=frozenset(team.models)
+                               if team.models is not None else None)
+                 for team_id, team in (spec.teams or {}).items()}
+        mesh = tuple(MeshIdentity(spiffe=m.spiffe, prefix=m.match == "prefix", team=m.team)
+                     for m in spec.mesh_identities or ())
         return Tenant(id=tenant_id,
-                      keys=tuple(TenantKey(id=k.id, hash=k.hash) for k in keys),
+                      keys=tuple(TenantKey(id=k.id, hash=k.hash, team=k.team) for k in keys),
                       models=frozenset(allowed & set(models)), policies=policies,
                       default_policy=default_policy, budget=budget,
-                      own_credentials=own, **_shared(spec, Tenant, "keys", "models"))
+                      own_credentials=own, teams=teams, mesh_identities=mesh,
+                      **_shared(spec, Tenant, "keys", "models", "teams", "mesh_identities"))
 
     def policies(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
                  providers: Mapping[str, Provider]

@@ -56,9 +56,13 @@ __all__ = [
     "DeploymentSpec",
     "Document",
     "FailoverSettings",
+    "IdentitySpec",
+    "JwtIdentitySpec",
     "KekSpec",
     "KeySpec",
     "Limits",
+    "MeshIdentitySpec",
+    "MetricsSettings",
     "ModelSpec",
     "OrgBudgetSpec",
     "OrgSpec",
@@ -72,8 +76,11 @@ __all__ = [
     "Rule",
     "SecretRefSpec",
     "SecretsSpec",
+    "TeamBudgetSpec",
+    "TeamSpec",
     "TenantBudgetSpec",
     "TenantSpec",
+    "TracingSettings",
     "field_paths",
     "json_schema",
     "json_schema_text",
@@ -633,6 +640,8 @@ class KeySpec(_Spec):
         invalid="not a key hash", hint="expected hmac-sha256:v1:<64 hex>, from `extproc "
         "keys hash`; never put a plaintext key here")] = Field(
         description="HMAC-SHA256(pepper, key) from `extproc keys hash`.")
+    team: Name | None = Field(default=None, description="Team (or app) of the tenant this key "
+                              "belongs to (`teams.<id>`).")
 
 
 Prefer = Literal["cost", "latency"]
@@ -682,11 +691,127 @@ class DeploymentHealthSettings(_Spec):  # also the runtime object
         "null: latency never opens a breaker.")
 
 
+class MetricsSettings(_Spec):
+    """Prometheus metrics (docs/observability.md)."""
+
+    max_tenant_labels: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        default=100, description="Cardinality guard: only the first N tenants of `tenants` "
+        "(file order) keep their id as the `tenant` label of request metrics; the others "
+        "are counted as `other`.")
+
+
+def _otlp_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise problem(((), "not an http(s) URL with a host", "e.g. http://127.0.0.1:4318/v1/traces"))
+    if parts.username or parts.password:
+        raise problem(((), "must not carry credentials", ""))
+    return url
+
+
+class TracingSettings(_Spec):  # also the runtime object
+    """OpenTelemetry spans per request, exported over OTLP/HTTP (docs/observability.md).
+    Without this section nothing is traced or exported."""
+
+    otlp_endpoint: Annotated[Text, AfterValidator(_otlp_url)] = Field(
+        description="OTLP/HTTP traces endpoint of the collector, e.g. "
+        "http://127.0.0.1:4318/v1/traces.")
+    service_name: Text = Field(default="asc-extproc",
+                               description="The `service.name` resource attribute.")
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=1.0, description="Share of new traces recorded (a client's sampled "
+        "`traceparent` is always followed).")
+
+
 class RateLimitsSpec(_Spec):
     rpm: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         default=None, description="Requests per minute.")
     tpm: Annotated[int, Field(ge=1, le=10_000_000_000)] | None = Field(
         default=None, description="Tokens per minute (estimate held, real usage settled).")
+
+
+# --- identity: who a principal is, and its team (docs/tenancy.md) -----------------------
+
+IdentitySourceName = Annotated[
+    Literal["virtual_key", "mesh", "jwt"],
+    Rule(invalid="unknown identity source {value!r}", hint="one of: virtual_key, mesh, jwt"),
+]
+SPIFFE_PATTERN: Final = r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~%!$&'()*+,;=:@-]*)*$"
+
+
+class JwtIdentitySpec(_Spec):
+    """A JWT issuer whose tokens Envoy's jwt_authn verifies (signature, expiry, issuer,
+    audience); the service maps the verified claims to a tenant, principal and team."""
+
+    issuer: Text = Field(description="Expected `iss`; Envoy rejects tokens of other issuers.")
+    audiences: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of audiences")] = Field(
+        description="Accepted `aud` values; Envoy answers 403 to any other.")
+    jwks_file: FilePath = Field(description="Local JWKS file Envoy verifies signatures with "
+                                "(relative to the config file).")
+    tenant_claim: Text = Field(default="tenant", description="Claim naming the tenant id.")
+    team_claim: Text | None = Field(default=None, description="Claim naming the principal's "
+                                    "team (a `teams.<id>` of that tenant); absent: no team.")
+
+
+class IdentitySpec(_Spec):
+    """Which identity sources authenticate a request, in order of precedence; an Envoy
+    route's `filter_metadata.asc.identity` replaces the list for that route."""
+
+    sources: Annotated[list[IdentitySourceName], Field(min_length=1), Rule(
+        required="must be a non-empty list of identity sources")] = Field(
+        default=["virtual_key"], description="virtual_key, mesh (SPIFFE id of an mTLS peer) "
+        "and/or jwt (claims verified by Envoy's jwt_authn), first presented wins.")
+    jwt: JwtIdentitySpec | None = Field(default=None, description="The JWT issuer; required "
+                                        "when `jwt` is a source.")
+
+    @model_validator(mode="after")
+    def _jwt_needs_issuer(self) -> IdentitySpec:
+        if "jwt" in self.sources and self.jwt is None:
+            raise problem((("jwt",), "is required when `jwt` is a source",
+                           "e.g. {issuer: https://idp.example, audiences: [asc], "
+                           "jwks_file: jwks.json}"))
+        if len(set(self.sources)) != len(self.sources):
+            raise problem((("sources",), "lists a source twice", ""))
+        return self
+
+
+class MeshIdentitySpec(_Spec):
+    """A workload (SPIFFE id of an mTLS peer) that authenticates as this tenant."""
+
+    spiffe: Annotated[str, Field(pattern=SPIFFE_PATTERN), Rule(
+        invalid="not a SPIFFE id", hint="e.g. spiffe://acme.example/ns/billing/sa/api")] = Field(
+        description="SPIFFE id (exact), or with `match: prefix` a prefix ending in '/' "
+        "(e.g. a trust domain `spiffe://acme.example/`).")
+    match: Annotated[Literal["exact", "prefix"], Rule(
+        invalid="unknown match {value!r}", hint="exact or prefix")] = Field(
+        default="exact", description="exact: the whole id; prefix: every id under it.")
+    team: Name | None = Field(default=None, description="Team (or app) of these workloads.")
+
+    @model_validator(mode="after")
+    def _prefix_ends_at_a_segment(self) -> MeshIdentitySpec:
+        if self.match == "prefix" and not self.spiffe.endswith("/"):
+            raise problem((("spiffe",), "a prefix must end with '/'",
+                           "spiffe://acme.example/ would otherwise also match "
+                           "spiffe://acme.example.evil/"))
+        return self
+
+
+class TeamBudgetSpec(_WindowSpec):
+    """A USD limit of one team (or app), reserved with the tenant's and key's limits."""
+
+
+class TeamSpec(_Spec):
+    """A team or app inside a tenant: its own models and budgets."""
+
+    models: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of model names")] | None = Field(
+        default=None, description="Models the team may use (among the tenant's); "
+        "absent: the tenant's.")
+    budgets: Annotated[list[TeamBudgetSpec], Rule(
+        invalid="must be a list of budget rules",
+        hint="e.g. [{window: day, limit_usd: 20}]")] | None = Field(
+        default=None, description="USD budgets of the team (scope team).")
 
 
 class TenantSpec(_Spec):
@@ -728,6 +853,31 @@ class TenantSpec(_Spec):
         required="must be a non-empty list of credential ids")]] | None = Field(
         default=None, description="BYOK: provider name -> this tenant's own keyring credentials.",
         json_schema_extra={"x-key": "<provider>"})
+    teams: dict[Name, TeamSpec] | None = Field(
+        default=None, description="Teams and apps of the tenant.",
+        json_schema_extra={"x-key": "<team>"})
+    mesh_identities: list[MeshIdentitySpec] | None = Field(
+        default=None, description="Workloads (SPIFFE ids of mTLS peers) of the tenant.")
+
+    @model_validator(mode="after")
+    def _teams_known(self) -> TenantSpec:
+        teams = set(self.teams or ())
+        issues: list[Issue] = []
+        named = [(("keys", i, "team"), k.team) for i, k in enumerate(self.keys)]
+        named += [(("mesh_identities", i, "team"), m.team)
+                  for i, m in enumerate(self.mesh_identities or ())]
+        for where, team in named:
+            if team is not None and team not in teams:
+                issues.append((where, f"unknown team {team!r}",
+                               f"teams: {', '.join(sorted(teams)) or '-'}"))
+        for team_id, team_spec in (self.teams or {}).items():
+            for index, model in enumerate(team_spec.models or ()):
+                if model not in self.models:
+                    issues.append((("teams", team_id, "models", index),
+                                   f"model {model!r} is not allowed for this tenant", ""))
+        if issues:
+            raise problem(*issues)
+        return self
 
     @model_validator(mode="after")
     def _local_rules(self) -> TenantSpec:
@@ -787,6 +937,10 @@ class Document(_Spec):
                                            description="Gateway-wide budget settings.")
     deployment_health: DeploymentHealthSettings | None = Field(
         default=None, description="Circuit breakers of deployments.")
+    metrics: MetricsSettings | None = Field(
+        default=None, description="Prometheus metrics: the tenant label cardinality guard.")
+    tracing: TracingSettings | None = Field(
+        default=None, description="OpenTelemetry tracing; off without this section.")
     secrets: SecretsSpec | None = Field(default=None, description="KEK, record store and keyring "
                                         "cache; needed by keyring credentials.")
     credentials: dict[Name, CredentialSpec] | None = Field(
@@ -802,6 +956,8 @@ class Document(_Spec):
         json_schema_extra={"x-key": "<id>"})
     tenants: dict[Name, TenantSpec] = Field(
         description="Tenants by id.", json_schema_extra={"x-key": "<id>"})
+    identity: IdentitySpec | None = Field(
+        default=None, description="Identity sources (default: virtual keys only).")
 
 
 class _AscJsonSchema(GenerateJsonSchema):

@@ -37,12 +37,21 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["METADATA_NAMESPACE", "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER", "STAGE_UPSTREAM",
-           "attempt_context", "decode", "encode"]
+__all__ = ["JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE", "MTLS_ATTRIBUTE",
+           "PEER_URI_SAN_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER",
+           "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
 _ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
+MTLS_ATTRIBUTE: Final = "connection.mtls"
+PEER_URI_SAN_ATTRIBUTE: Final = "connection.uri_san_peer_certificate"
+"""Computed by Envoy from the TLS connection (a bool and a string, measured): no header a
+client sends can change them (docs/decisions/0100-identity-from-envoy-attributes.md)."""
+JWT_NAMESPACE: Final = "envoy.filters.http.jwt_authn"
+JWT_PAYLOAD_KEY: Final = "claims"
+"""jwt_authn's `payload_in_metadata`: verified claims arrive as a Struct under this key
+in the forwarded `envoy.filters.http.jwt_authn` namespace."""
 STAGE_HEADER: Final = "x-asc-stage"
 """gRPC metadata the upstream (per-attempt) ext_proc sends; the router-level one does not."""
 STAGE_UPSTREAM: Final = "upstream"
@@ -70,8 +79,10 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
     kind = request.WhichOneof("request")
     if kind == "request_headers":
         message = request.request_headers
+        mtls, peer = _peer(request)
         return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
-                       route_metadata=_route_metadata(request))
+                       route_metadata=_route_metadata(request), mtls=mtls,
+                       peer_uri_san=peer, jwt_claims=_jwt_claims(request))
     if kind == "request_body":
         body = request.request_body
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
@@ -103,6 +114,30 @@ def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
             if value.HasField("string_value"):
                 context[f"{METADATA_NAMESPACE}.{name}"] = value.string_value
     return context
+
+
+def _peer(request: pb.ProcessingRequest) -> tuple[bool, str | None]:
+    """`connection.mtls` and the peer's URI SAN, as Envoy computed them."""
+    if _ATTRIBUTES_KEY not in request.attributes:
+        return False, None
+    attributes = request.attributes[_ATTRIBUTES_KEY].fields
+    mtls = MTLS_ATTRIBUTE in attributes and attributes[MTLS_ATTRIBUTE].bool_value is True
+    peer = None
+    if PEER_URI_SAN_ATTRIBUTE in attributes:
+        peer = attributes[PEER_URI_SAN_ATTRIBUTE].string_value or None
+    return mtls, peer
+
+
+def _jwt_claims(request: pb.ProcessingRequest) -> dict[str, object] | None:
+    """The verified JWT payload jwt_authn wrote (`payload_in_metadata`), if any."""
+    namespace = request.metadata_context.filter_metadata.get(JWT_NAMESPACE)
+    if namespace is None or JWT_PAYLOAD_KEY not in namespace.fields:
+        return None
+    payload = namespace.fields[JWT_PAYLOAD_KEY]
+    if not payload.HasField("struct_value"):
+        return None
+    claims: dict[str, object] = json_format.MessageToDict(payload.struct_value)
+    return claims
 
 
 def _route_metadata(request: pb.ProcessingRequest) -> dict[str, object] | None:

@@ -65,6 +65,7 @@ from extproc.envoy import (
     STAGE_HEADER,
     STAGE_UPSTREAM,
 )
+from extproc.envoy_identity import IdentityEnvoy, apply_identity
 from extproc.failover import Chain, failover_chains, has_failover_cluster
 from extproc.listen import worker_socket_paths
 from extproc.phases import CLUSTER_HEADER
@@ -554,9 +555,11 @@ def _check_shape(shape: Shape, ports: EnvoyPorts, edge: EdgeLimits) -> None:
 
 
 def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape = Shape.FRONT,
-                     edge: EdgeLimits = EdgeLimits()) -> dict[str, Any]:
+                     edge: EdgeLimits = EdgeLimits(),
+                     identity: IdentityEnvoy | None = None) -> dict[str, Any]:
     """The Envoy bootstrap of `shape` as plain data, ready for `yaml.safe_dump`; `edge`
-    applies to the edge shape only."""
+    applies to the edge shape only; `identity` adds the pieces of the jwt and mesh identity
+    sources (extproc/envoy_identity.py)."""
     _check_shape(shape, ports, edge)
     # config validation guarantees that providers sharing a cluster share its upstream.
     clusters = {p.cluster: _provider_cluster(p, ports, shape, edge)
@@ -630,6 +633,8 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape =
         }],
         "clusters": [extproc_cluster, *clusters.values(), *failover_clusters],
     }
+    if identity is not None:
+        apply_identity(bootstrap, identity)
     check_typed(bootstrap)
     return bootstrap
 
@@ -658,7 +663,8 @@ def admin_address(path: str) -> dict[str, Any]:
 
 
 def render_yaml(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape = Shape.FRONT,
-                edge: EdgeLimits = EdgeLimits(), command: str | None = None) -> str:
+                edge: EdgeLimits = EdgeLimits(), command: str | None = None,
+                identity: IdentityEnvoy | None = None) -> str:
     """The bootstrap as YAML; `command`, the render command line that produced it, goes
     in a comment at the top so a committed file says how to regenerate it."""
     header = (
@@ -666,5 +672,5 @@ def render_yaml(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape = Shap
     )
     if command is not None:
         header += f"# Regenerate: {command}\n"
-    bootstrap = render_bootstrap(config, ports, shape=shape, edge=edge)
+    bootstrap = render_bootstrap(config, ports, shape=shape, edge=edge, identity=identity)
     return header + yaml.safe_dump(bootstrap, sort_keys=False)

@@ -33,6 +33,8 @@ class ErrorCode(enum.Enum):
 
     INVALID_REQUEST = "invalid_request"
     UNAUTHENTICATED = "invalid_api_key"
+    FORBIDDEN = "permission_denied"
+    """Authenticated by Envoy (mTLS peer, verified JWT) but not a principal of any tenant."""
     MODEL_NOT_ALLOWED = "model_not_allowed"
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
@@ -56,6 +58,7 @@ _SPECS: dict[ErrorCode, _ErrorSpec] = {
     ErrorCode.INVALID_REQUEST: _ErrorSpec(400, "invalid_request_error", "invalid_request_error"),
     ErrorCode.UNAUTHENTICATED: _ErrorSpec(401, "authentication_error", "authentication_error"),
     ErrorCode.MODEL_NOT_ALLOWED: _ErrorSpec(403, "permission_error", "permission_error"),
+    ErrorCode.FORBIDDEN: _ErrorSpec(403, "permission_error", "permission_error"),
     ErrorCode.NOT_FOUND: _ErrorSpec(404, "not_found_error", "not_found_error"),
     ErrorCode.MODEL_NOT_FOUND: _ErrorSpec(404, "not_found_error", "not_found_error"),
     ErrorCode.PAYLOAD_TOO_LARGE: _ErrorSpec(413, "invalid_request_error", "request_too_large"),

@@ -50,6 +50,12 @@ class Headers:
     end_of_stream: bool
     route_metadata: dict[str, object] | None = None
     """The Envoy route's `filter_metadata.asc` (request headers only; see envoy.py)."""
+    mtls: bool = False
+    """Envoy's `connection.mtls` attribute: the client presented a verified certificate."""
+    peer_uri_san: str | None = None
+    """Envoy's `connection.uri_san_peer_certificate` (the peer's SPIFFE id), if any."""
+    jwt_claims: dict[str, object] | None = None
+    """Claims of a JWT Envoy's jwt_authn verified (forwarded dynamic metadata), if any."""
 
 
 @dataclass(slots=True)

@@ -1,6 +1,12 @@
 """Prometheus metrics, defined once. Names follow the OTel GenAI conventions where one exists.
 
-Labels are bounded by config (tenants, providers, models), never by request content.
+Labels are bounded by config (tenants, providers, models, guardrail rules), never by
+request content; tenant labels are further capped by `metrics.max_tenant_labels` (the
+cardinality guard, `extproc.config.MetricsConfig`). docs/observability.md lists them all.
+
+With `serve --workers N` every metric is written by N processes and merged by the
+supervisor (prometheus_client multiprocess mode): counters and histograms add up, gauges
+say how (`multiprocess_mode`).
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "BUDGET_LIMIT",
     "BUDGET_OVERRUN",
+    "BUDGET_REMAINING",
     "BUDGET_RESERVATIONS",
     "BUDGET_SETTLE_FAILURES",
     "BUDGET_SPENT",
@@ -19,10 +27,13 @@ __all__ = [
     "CREDENTIAL_STALE_SERVES",
     "CREDENTIAL_STATE",
     "DEPLOYMENT_STATE",
+    "FALLBACKS",
+    "GUARDRAIL_ACTIONS",
     "PHASE_SECONDS",
     "POLICY_DENIALS",
     "REQUESTS",
     "REQUEST_DURATION",
+    "TIME_PER_OUTPUT_TOKEN",
     "TIME_TO_FIRST_TOKEN",
     "TOKEN_USAGE",
 ]
@@ -51,10 +62,24 @@ TOKEN_USAGE: Final = Counter(
     "Tokens reported by providers.",
     [*_ROUTE_LABELS, "token_type"],
 )
+TIME_PER_OUTPUT_TOKEN: Final = Histogram(
+    "gen_ai_server_time_per_output_token_seconds",
+    "Streamed responses: time from the first body chunk to the end, per output token "
+    "after the first ((duration - ttft) / (output_tokens - 1)).",
+    _ROUTE_LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5),
+)
 POLICY_DENIALS: Final = Counter(
     "asc_policy_denials",
-    "Requests the gateway refused, by error code.",
-    ["tenant", "code"],
+    "Requests the gateway refused itself (400, 401, 403, 404, 413, and 429 for budgets "
+    "and rate limits), by reason (the error code).",
+    ["tenant", "reason"],
+)
+FALLBACKS: Final = Counter(
+    "asc_fallbacks",
+    "Moves from one deployment attempt to the next (Envoy retries on the failover cluster), "
+    "by why the earlier attempt was left.",
+    ["tenant", "model", "from_provider", "to_provider", "reason"],
 )
 PHASE_SECONDS: Final = Histogram(
     "asc_extproc_phase_seconds",
@@ -72,6 +97,22 @@ BUDGET_SPENT: Final = Counter(
     "asc_budget_spent_micro_usd",
     "Settled cost in micro-USD (what budgets were charged).",
     ["tenant", "model"],
+)
+BUDGET_REMAINING: Final = Gauge(
+    "asc_budget_remaining_usd",
+    "USD left in a budget window, as the ledger answered the tenant's latest reserve, "
+    "corrected by what that request's settle gave back; concurrent requests make it "
+    "approximate (`extproc budget show` reads the ledger).",
+    ["tenant", "scope", "window"],
+    # Every worker writes the value it last learnt; the newest one is the best knowledge.
+    multiprocess_mode="livemostrecent",
+)
+BUDGET_LIMIT: Final = Gauge(
+    "asc_budget_limit_usd",
+    "The limit of the budget window `asc_budget_remaining_usd` is part of (the alert on a "
+    "nearly exhausted budget divides one by the other).",
+    ["tenant", "scope", "window"],
+    multiprocess_mode="livemostrecent",
 )
 BUDGET_SETTLE_FAILURES: Final = Counter(
     "asc_budget_settle_failures",
@@ -111,4 +152,10 @@ CONFIG_RELOADS: Final = Counter(
     "asc_config_reloads",
     "Config reload attempts; a failed reload keeps the previous config.",
     ["result"],
+)
+GUARDRAIL_ACTIONS: Final = Counter(
+    "asc_guardrail_actions",
+    "Guardrail actions (deny, redact) by rule id (`pii.email`, `params.n`, ...); counts "
+    "matches, never their text.",
+    ["tenant", "rule", "action"],
 )

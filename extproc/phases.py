@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import metrics
-from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal, presented_key
+from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
 from extproc.config import Deployment, Price, Provider
@@ -35,6 +35,7 @@ from extproc.failover import (
     has_failover_cluster,
     ordered_chain,
 )
+from extproc.identity import IDENTITY_HEADERS, allowed_models, authenticate, route_identity
 from extproc.logs import log_event
 from extproc.messages import (
     Body,
@@ -48,9 +49,17 @@ from extproc.messages import (
     Trailers,
 )
 from extproc.money import cost_micro_usd, format_usd, worst_case_cost
+from extproc.request_metrics import (
+    NO_LABEL,
+    observe_budget_remaining,
+    observe_denial,
+    observe_fallbacks,
+    observe_request,
+)
 from extproc.routing import Route, RouteDecision, RouteOverride, select
 from extproc.runtime import Runtime
 from extproc.secrets import SecretUnavailable
+from extproc.tracing import TRACE_HEADERS, RequestSpan, request_attributes, start_request_span
 from extproc.translate.base import (
     Backend,
     StreamTranslator,
@@ -69,6 +78,7 @@ CLUSTER_HEADER: Final = "x-asc-cluster"
 _GATEWAY_HEADER_PREFIX: Final = "x-asc-"
 _CLIENT_ONLY_HEADERS: Final = frozenset({
     *CLIENT_CREDENTIAL_HEADERS,
+    *IDENTITY_HEADERS,
     # These would pick an account or API version of the *gateway's* provider key.
     "openai-organization", "openai-project", "anthropic-version",
     # The gateway reads and translates bodies: providers must answer uncompressed.
@@ -116,6 +126,10 @@ _STREAM_CUT_EVENT: Final[dict[Dialect, bytes]] = {
     Dialect.ANTHROPIC: b"event: error\ndata: " + json.dumps({"type": "error", "error": {
         "type": "api_error", "message": _STREAM_CUT_MESSAGE}}).encode() + b"\n\n",
 }
+
+_DENIAL_STATUSES: Final = frozenset({400, 401, 403, 404, 413, 429})
+"""Statuses of the gateway's own refusals that count as policy denials (a 429 of ours is a
+budget or rate limit; a provider's 429 is relayed by `_provider_error`, not counted)."""
 
 _PROVIDER_ERROR_CODES: Final = {
     400: ErrorCode.INVALID_REQUEST,
@@ -174,6 +188,9 @@ class RequestProcessor:
         self._output_limit: OutputLimit | None = None
         self._answer_cut = False
         """True when the non-streamed answer was larger than max_response_bytes."""
+        self._trace_context: dict[str, str] = {}
+        """The client's W3C trace headers, kept only when `tracing` is configured."""
+        self._span: RequestSpan | None = None
         self._finished = False
         self._complete = False
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
@@ -201,6 +218,9 @@ class RequestProcessor:
 
     async def on_request_headers(self, message: Headers) -> Outbound:
         headers = message.headers
+        if self._config.tracing is not None:
+            self._trace_context = {name: headers[name] for name in TRACE_HEADERS
+                                   if name in headers}
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
         dialect = front_door_for(path)
@@ -208,17 +228,10 @@ class RequestProcessor:
             self.dialect = dialect
         if dialect is None or method != "POST":
             raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
-        key = presented_key(headers)
-        if key is None:
-            raise GatewayError(
-                ErrorCode.UNAUTHENTICATED,
-                "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
-            )
-        principal = self._runtime.tenants.authenticate(key)
-        if principal is None:
-            raise GatewayError(ErrorCode.UNAUTHENTICATED, "Invalid API key.")
-        self.principal = principal
-        self._route_override = RouteOverride.from_metadata(message.route_metadata)
+        route_sources, route_metadata = route_identity(message.route_metadata)
+        self.principal = authenticate(self._runtime.tenants, self._config.identity, message,
+                                      route_sources)
+        self._route_override = RouteOverride.from_metadata(route_metadata)
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -275,7 +288,7 @@ class RequestProcessor:
                                f"The model '{shown}' does not exist.", param="model")
         self.model_asked = model_name
         self.streaming = request.get("stream") is True
-        if model_name not in principal.tenant.models:
+        if model_name not in allowed_models(principal):
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
@@ -323,7 +336,8 @@ class RequestProcessor:
             self.hold = await self._runtime.budget_guard().reserve(
                 request_id=self.request_id, budget=budget, key_id=principal.key_id,
                 model=model_name, cost_micro_usd=cost,
-                estimated_tokens=self.estimated_input_tokens + output_tokens)
+                estimated_tokens=self.estimated_input_tokens + output_tokens,
+                team=principal.team)
         cluster, chain, retries = self._retries()
         failover: list[tuple[str, str]] = []
         if retries > 0:
@@ -337,6 +351,11 @@ class RequestProcessor:
             *auth,
             ("content-length", str(len(upstream.body))),
         ]
+        if self._config.tracing is not None:
+            self._span = start_request_span(
+                self._config.tracing, self._trace_context, model_name,
+                age_s=self._clock() - self._started)
+            set_headers.extend(self._span.headers())
         self._sent_at = self._clock()
         extension = route.provider.forward_headers
         self.forwarded_extension_headers = any(
@@ -661,9 +680,8 @@ class RequestProcessor:
         self._complete = True
         self.status = error.status
         self.error = error.code
-        if error.status in (401, 403, 404, 413, 400):
-            tenant = self.principal.tenant.id if self.principal else "-"
-            metrics.POLICY_DENIALS.labels(tenant, error.code.value).inc()
+        if error.status in _DENIAL_STATUSES:
+            observe_denial(self._tenant_label(), error.code.value)
         return Respond(
             status=error.status,
             body=error_body(error, self.dialect),
@@ -728,33 +746,30 @@ class RequestProcessor:
             # and logged exactly once.
             self._measure_and_log(aborted)
 
+    def _tenant_label(self) -> str:
+        """The request's tenant as a metric label (cardinality guard: `metrics` config)."""
+        if self.principal is None:
+            return NO_LABEL
+        return self._config.metrics.tenant_label(self.principal.tenant.id)
+
     def _measure_and_log(self, aborted: bool) -> None:
         """The request's metrics and its one log line (see finish)."""
         now = self._clock()
         duration = now - self._started
         tenant = self.principal.tenant.id if self.principal else "-"
         route = self.route
-        labels = (
-            tenant,
-            route.provider.name if route else "-",
-            route.provider.region if route else "-",
-            self.model_asked if route else "-",
-        )
-        outcome = "aborted" if aborted and self.error is None else str(self.status or 0)
-        metrics.REQUESTS.labels(*labels, outcome).inc()
-        if route is not None:
-            metrics.REQUEST_DURATION.labels(*labels).observe(duration)
-            if self._first_byte_at is not None:
-                metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(
-                    self._first_byte_at - self._started)
-            if self.usage is not None:
-                metrics.TOKEN_USAGE.labels(*labels, "input").inc(self.usage.input_tokens)
-                metrics.TOKEN_USAGE.labels(*labels, "output").inc(self.usage.output_tokens)
+        attempts = self._flight.records() if self._flight is not None else None
+        self._measure(aborted, duration, attempts)
+        if self._config.tracing is not None:
+            self._end_span(aborted, duration)
         log_event(
             log, logging.INFO, "request finished",
             request_id=self.request_id,
             tenant=tenant,
             key_id=self.principal.key_id if self.principal else None,
+            subject=self.principal.subject if self.principal else None,
+            identity_source=self.principal.source if self.principal else None,
+            team=self.principal.team if self.principal else None,
             model=self.model_asked,
             provider=route.provider.name if route else None,
             region=route.provider.region if route else None,
@@ -776,11 +791,60 @@ class RequestProcessor:
             completion_tokens=self.usage.output_tokens if self.usage else None,
             streamed_tokens=(self._stream.output_tokens_so_far
                              if self._stream is not None else None),
-            attempts=self._flight.records() if self._flight is not None else None,
+            attempts=attempts,
             stream_truncated=self.stream_truncated or None,
             duration_ms=round(duration * 1000, 3),
         )
 
+    def _measure(self, aborted: bool, duration: float,
+                 attempts: list[dict[str, str | int | float | None]] | None) -> None:
+        """The request's Prometheus samples (`extproc.request_metrics`)."""
+        tenant = self._tenant_label()
+        route = self.route
+        model = self.model_asked if route is not None and self.model_asked else "-"
+        labels = (tenant, route.provider.name, route.provider.region, model) \
+            if route is not None else (tenant, "-", "-", "-")
+        usage = self.usage
+        observe_request(
+            labels, "aborted" if aborted and self.error is None else str(self.status or 0),
+            routed=route is not None, duration_s=duration,
+            ttft_s=(self._first_byte_at - self._started
+                    if self._first_byte_at is not None else None),
+            streamed=self._stream is not None,
+            input_tokens=usage.input_tokens if usage is not None else None,
+            output_tokens=usage.output_tokens if usage is not None else None)
+        if attempts is not None and len(attempts) > 1:
+            observe_fallbacks(tenant, model, attempts)
+        if self.hold is not None and self.hold.remaining:
+            observe_budget_remaining(tenant, self.hold.remaining,
+                                                     self.charged_micro_usd)
+
+    def _end_span(self, aborted: bool, duration: float) -> None:
+        """The request's span (`extproc.tracing`), made now for a request refused before
+        its route was chosen."""
+        assert self._config.tracing is not None
+        # No model in the name of a refused request's span: it may be any client input.
+        span = self._span or start_request_span(
+            self._config.tracing, self._trace_context, "", age_s=duration)
+        self._span = None
+        route = self.route
+        status = self.status
+        span.end(request_attributes(
+            request_id=self.request_id,
+            tenant=self.principal.tenant.id if self.principal else None,
+            model=self.model_asked,
+            provider_kind=route.provider.kind if route else None,
+            provider=route.provider.name if route else None,
+            region=route.provider.region if route else None,
+            upstream_model=route.deployment.model if route else None,
+            host=route.provider.host if route else None,
+            port=route.provider.port if route else None,
+            status=status, error=self.error.value if self.error else None,
+            input_tokens=self.usage.input_tokens if self.usage else None,
+            output_tokens=self.usage.output_tokens if self.usage else None,
+            credential=self.credential.label if self.credential else None,
+            stream=self.streaming, aborted=aborted and self.error is None),
+            failed=(aborted and self.error is None) or (status is not None and status >= 500))
 
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.

@@ -34,11 +34,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc import envoy, metrics
+from extproc import envoy, metrics, tracing
 from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
-from extproc.config import ConfigError, load_config
+from extproc.config import ConfigError, ConfigIssue, load_config
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
@@ -142,6 +142,11 @@ def build_runtime(config_path: Path, *, workers: int = 1,
     in-memory tally, so each gets 1/`workers` of every ceiling.
     """
     runtime = Runtime.build(load_config(config_path), previous=previous)
+    if runtime.config.tracing is not None:
+        try:
+            tracing.install(runtime.config.tracing)
+        except tracing.TracingUnavailable as exc:
+            raise ConfigError(str(config_path), [ConfigIssue("tracing", str(exc))]) from None
     if runtime.budgets is not None:
         runtime.budgets.fail_open_share = max(1, workers)
     return runtime
@@ -308,6 +313,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     prober.cancel()
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
+    tracing.shutdown()  # the last batched spans leave before the process does
     log_event(log, logging.INFO, "stopped")
 
 

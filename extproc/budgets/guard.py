@@ -110,12 +110,14 @@ class BudgetGuard:
         return self._breaker
 
     async def reserve(self, *, request_id: str, budget: TenantBudget, key_id: str, model: str,
-                      cost_micro_usd: int, estimated_tokens: int) -> Hold:
+                      cost_micro_usd: int, estimated_tokens: int,
+                      team: str | None = None) -> Hold:
         """Hold the worst case; raises GatewayError 429 (over a limit) or 503 (no ledger)."""
         now = self._now()
         groups = plan_reservation(budget, key_id=key_id, model=model,
                                   cost_micro_usd=cost_micro_usd,
-                                  estimated_tokens=estimated_tokens, now=now, zone=self._zone)
+                                  estimated_tokens=estimated_tokens, now=now, zone=self._zone,
+                                  team=team)
         reservation = Reservation(request_id=request_id, tag=hash_tag(budget), groups=groups)
         permit = self._breaker.allow()
         if permit is None:

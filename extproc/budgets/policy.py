@@ -46,6 +46,8 @@ class Scope(enum.Enum):
     TENANT = "tenant"
     KEY = "key"
     MODEL = "model"
+    TEAM = "team"
+    """A team or app inside the tenant (docs/tenancy.md); subject is the team id."""
 
 
 class Window(enum.Enum):
@@ -60,13 +62,15 @@ class BudgetRule:
     window: Window
     limit_micro_usd: int
     subject: str | None = None
-    """The key id (scope key) or model name (scope model); None otherwise."""
+    """The key id (scope key), model name (scope model) or team id (scope team); None
+    otherwise."""
     period_s: int | None = None
     """Length of a rolling window."""
 
     def describe(self) -> str:
         what = {Scope.ORG: "organisation", Scope.TENANT: "tenant",
-                Scope.KEY: f"key '{self.subject}'", Scope.MODEL: f"model '{self.subject}'"}
+                Scope.KEY: f"key '{self.subject}'", Scope.MODEL: f"model '{self.subject}'",
+                Scope.TEAM: f"team '{self.subject}'"}
         when = {Window.DAY: "daily", Window.MONTH: "monthly",
                 Window.ROLLING: f"{self.period_s}s rolling"}
         return f"{what[self.scope]} {when[self.window]} budget"
@@ -103,6 +107,10 @@ class CounterGroup:
     amount: int
     resets_at: datetime
     ttl_s: int
+    scope: str = ""
+    """A budget rule's scope (`org`, `tenant`, `key`, `model`); "" for rate limits."""
+    window: str = ""
+    """A budget rule's window (`day`, `month`, `rolling`); "" for rate limits."""
 
     def retry_after_s(self, now: datetime) -> int:
         return max(1, math.ceil((self.resets_at - now).total_seconds()))
@@ -124,7 +132,7 @@ def _subject_key(rule: BudgetRule, budget: TenantBudget) -> str:
         return f"org:{budget.org}"
     if rule.scope is Scope.TENANT:
         return f"tenant:{budget.tenant}"
-    prefix = "key" if rule.scope is Scope.KEY else "model"
+    prefix = {Scope.KEY: "key", Scope.MODEL: "model", Scope.TEAM: "team"}[rule.scope]
     return f"tenant:{budget.tenant}:{prefix}:{rule.subject}"
 
 
@@ -148,11 +156,13 @@ def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now
         keys = tuple(f"{base}:r{period}:{current - i}" for i in range(count))
         resets = datetime.fromtimestamp((current + 1) * bucket_s, tz=UTC)
         return CounterGroup(rule.describe(), "usd", keys, rule.limit_micro_usd, cost, resets,
-                            ttl_s=period + 2 * bucket_s)
+                            ttl_s=period + 2 * bucket_s, scope=rule.scope.value,
+                            window=rule.window.value)
     window_id, resets = _calendar(rule.window, now.astimezone(zone))
     ttl = int((resets - now).total_seconds()) + 7 * 86400  # kept a week for `budget show`
     return CounterGroup(rule.describe(), "usd", (f"{base}:{window_id}",),
-                        rule.limit_micro_usd, cost, resets, ttl_s=ttl)
+                        rule.limit_micro_usd, cost, resets, ttl_s=ttl, scope=rule.scope.value,
+                        window=rule.window.value)
 
 
 def tenant_limits(budget: TenantBudget, *, now: datetime,
@@ -190,14 +200,18 @@ def plan_reservation(
     estimated_tokens: int,
     now: datetime,
     zone: ZoneInfo,
+    team: str | None = None,
 ) -> tuple[CounterGroup, ...]:
-    """Every counter this request must fit into, in a stable order."""
+    """Every counter this request must fit into, in a stable order. A principal without
+    a team touches no team limit; one with a team touches only its own team's."""
     tag = hash_tag(budget)
     groups: list[CounterGroup] = []
     for rule in budget.rules:
         if rule.scope is Scope.KEY and rule.subject != key_id:
             continue
         if rule.scope is Scope.MODEL and rule.subject != model:
+            continue
+        if rule.scope is Scope.TEAM and rule.subject != team:
             continue
         groups.append(_rule_group(rule, budget, tag, cost_micro_usd, now, zone))
     groups.extend(_rate_groups(budget, tag, 1, estimated_tokens, now))

@@ -28,6 +28,7 @@ from extproc.config import (
     Deployment,
     GatewayConfig,
     Limits,
+    MetricsConfig,
     Model,
     Price,
     Provider,
@@ -96,6 +97,10 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "not_a_mapping": [("", "must be a mapping, got list")],
     # version
     "bad_version": [("version", "unsupported version 2")],
+    # metrics
+    "bad_metrics_max_tenant_labels": [
+        ("metrics.max_tenant_labels", "must be an integer from 0 to 100000"),
+    ],
     # secret references
     "pepper_both_env_and_file": [("auth.pepper", EXACTLY_ONE)],
     "pepper_neither_env_nor_file": [("auth.pepper", EXACTLY_ONE)],
@@ -215,7 +220,8 @@ def test_issue_hints() -> None:
         load_config(CASES_DIR / "unknown_field_tenant.yaml")
     assert caught.value.issues[0].hint == (
         "known fields: zone, keys, models, route_policy, routing, debug, org, budgets, "
-        "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials")
+        "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials, teams, "
+        "mesh_identities")
 
 
 VALID = f"""\
@@ -325,6 +331,7 @@ def test_valid_config_compiles_to_frozen_objects(tmp_path: Path) -> None:
             "globex": Tenant(id="globex", zone=None, keys=(TenantKey("globex-1", HASH_B),),
                              models=frozenset({"gpt-4o-mini", "gpt-4o"})),
         },
+        metrics=MetricsConfig(labelled_tenants=frozenset({"acme", "globex"})),
     )
     for frozen in (config, config.pepper, config.providers["prov-us"],
                    config.models["gpt-4o"].price, config.tenants["acme"]):

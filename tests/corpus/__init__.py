@@ -1,0 +1,1 @@
+"""Generated test corpora shared by several suites."""
