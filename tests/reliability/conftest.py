@@ -157,7 +157,7 @@ def _replica_cluster(ports: list[int]) -> Callable[[dict[str, Any]], None]:
 def start_replicas(stack: Stack, document: Callable[[int], dict[str, Any]], *,
                    redis_port: int, replicas: int = REPLICAS,
                    emulator_args: tuple[str, ...] = (), message_timeout_ms: int = 2000,
-                   envoy_log_level: str = "warn") -> Replicas:
+                   route_timeout_s: int = 300, envoy_log_level: str = "warn") -> Replicas:
     """The emulator, `replicas` extproc processes on one config, and Envoy over them."""
     emulator_process, emulator_port = stack.start_emulator(
         [PROVIDER_KEY_EU, PROVIDER_KEY_US], extra_args=emulator_args)
@@ -173,7 +173,7 @@ def start_replicas(stack: Stack, document: Callable[[int], dict[str, Any]], *,
     listen_port, admin_socket = free_port(), stack.admin_socket()
     bootstrap = render_bootstrap(load_config(config_path), EnvoyPorts(
         listen_port=listen_port, admin_socket=str(admin_socket), extproc_port=ports[0],
-        message_timeout_ms=message_timeout_ms))
+        message_timeout_ms=message_timeout_ms, route_timeout_s=route_timeout_s))
     _replica_cluster(ports)(bootstrap)
     envoy = stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
                               listen_port=listen_port, admin_socket=admin_socket,
@@ -185,6 +185,24 @@ def start_replicas(stack: Stack, document: Callable[[int], dict[str, Any]], *,
     # Envoy's first health checks pass before traffic is spread over every replica.
     assert wait_for(lambda: all_healthy(stack, admin_socket, replicas), timeout=20)
     return fleet
+
+
+def add_pair(fleet: Replicas, index: int) -> str:
+    """Another replica as a sidecar pair: its own extproc and its own Envoy, sharing the
+    fleet's config, Redis and emulator; returns that Envoy's base URL. (Both ext_proc
+    streams of a request must reach one process: decision 0065, docs/reliability.md.)"""
+    stack = fleet.stack
+    process, port, metrics_port = stack.start_extproc(
+        fleet.config_path, env=dict(stack.env, **provider_env()), name=f"extproc-pair-{index}")
+    fleet.extprocs.append(process)
+    fleet.extproc_ports.append(port)
+    fleet.metrics_ports.append(metrics_port)
+    listen_port, admin_socket = free_port(), stack.admin_socket(f"envoy-pair-{index}")
+    bootstrap = render_bootstrap(load_config(fleet.config_path), EnvoyPorts(
+        listen_port=listen_port, admin_socket=str(admin_socket), extproc_port=port))
+    stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False), listen_port=listen_port,
+                      admin_socket=admin_socket, name=f"envoy-pair-{index}")
+    return f"http://127.0.0.1:{listen_port}"
 
 
 def all_healthy(stack: Stack, admin_socket: Path, count: int) -> bool:
@@ -367,16 +385,17 @@ class Timed:
     status: int
     body: str
     request_id: str | None
+    credential: str | None = None
 
 
 class Load:
     """`clients` threads, each with its own connection pool, sending requests one after
     another until the block ends (a steady load for kill / restart scenarios)."""
 
-    def __init__(self, base_url: str, clients: int = 4, *, key: str = ACME_KEY,
+    def __init__(self, base_url: str | list[str], clients: int = 4, *, key: str = ACME_KEY,
                  body: dict[str, Any] | None = None, path: str = CHAT,
                  timeout: float = 15) -> None:
-        self._base_url = base_url
+        self._base_urls = [base_url] if isinstance(base_url, str) else base_url
         self._key = key
         self._body = body or chat_body(max_tokens=8)
         self._path = path
@@ -384,8 +403,9 @@ class Load:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.results: list[Timed] = []
-        self._threads = [threading.Thread(target=self._run, daemon=True)
-                         for _ in range(clients)]
+        self._threads = [threading.Thread(
+            target=self._run, args=(self._base_urls[i % len(self._base_urls)],), daemon=True)
+            for i in range(clients)]
 
     def __enter__(self) -> Load:
         for thread in self._threads:
@@ -401,15 +421,20 @@ class Load:
         with self._lock:
             return sum(1 for r in self.results if status is None or r.status == status)
 
-    def _run(self) -> None:
-        with httpx.Client(base_url=self._base_url, timeout=self._timeout) as client:
+    def snapshot(self) -> list[Timed]:
+        with self._lock:
+            return list(self.results)
+
+    def _run(self, base_url: str) -> None:
+        with httpx.Client(base_url=base_url, timeout=self._timeout) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
                 try:
                     response = client.post(self._path, json=self._body,
                                            headers={"authorization": f"Bearer {self._key}"})
                     result = Timed(started, response.status_code, response.text,
-                                   response.headers.get("x-asc-request-id"))
+                                   response.headers.get("x-asc-request-id"),
+                                   response.headers.get("x-asc-credential"))
                 except httpx.HTTPError as error:
                     result = Timed(started, 0, type(error).__name__, None)
                 with self._lock:

@@ -16,6 +16,7 @@ import signal
 import time
 
 from extproc.devstack import Stack
+from tests.conftest import ACME_KEY
 from tests.polling import wait_for
 from tests.reliability.conftest import (
     Load,
@@ -26,6 +27,7 @@ from tests.reliability.conftest import (
     undecided,
 )
 
+MESSAGES = "/v1/messages"
 UPSTREAM_MODEL = "gpt-4o-mini-eu"  # acme (zone eu) is served by emu-eu's deployment
 BUDGET = {"budgets": [{"scope": "tenant", "window": "month", "limit_usd": 100}]}
 FAIL_CLOSED_500 = {"message": "The gateway could not process the request.",
@@ -96,3 +98,33 @@ def test_extproc_frozen_under_load_times_out_closed_and_recovers(stack: Stack) -
     assert {e["message"] for e in timed_out} == {"The gateway timed out."}
     assert wrong == []
     assert settled(redis_port)
+
+
+def test_fail_closed_answers_speak_the_door_dialect(stack: Stack) -> None:
+    """Envoy's own replies (the service silent: 504; the service gone: 500) come in the
+    Anthropic shape on the Messages door (regression: they were OpenAI-shaped)."""
+    _, redis_port = stack.start_redis()
+    fleet = start_replicas(stack, budget_document(redis_port), redis_port=redis_port,
+                           replicas=1, message_timeout_ms=500)
+    anthropic = {"x-api-key": ACME_KEY, "anthropic-version": "2023-06-01"}
+    body = {"model": "gpt-4o-mini", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello"}]}
+    pid = fleet.extprocs[0].popen.pid
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        silent = fleet.client.post(MESSAGES, json=body, headers=anthropic)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    fleet.extprocs[0].kill()
+    gone = fleet.client.post(MESSAGES, json=body, headers=anthropic)
+    gone_openai = fleet.chat()
+
+    assert (silent.status_code, silent.json()) == (504, {"type": "error", "error": {
+        "type": "api_error", "message": "The gateway timed out."}})
+    assert (gone.status_code, gone.json()) == (500, {"type": "error", "error": {
+        "type": "api_error", "message": "The gateway could not process the request."}})
+    assert gone_openai.status_code == 500
+    assert gone_openai.json()["error"]["message"] == "The gateway could not process the request."
+    assert gone_openai.json()["error"]["type"] == "gateway_error"
+    assert fleet.emulator.requests() == []
