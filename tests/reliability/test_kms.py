@@ -57,6 +57,7 @@ def test_kms_slow_then_down_under_three_replicas(
 
         # Down: OpenBao stopped (the relay's pooled connections would still reach it).
         proxy.delay = 0.0
+        proxy.refuse = True  # new connections: a 503 from the relay itself
         t.bao.process.stop()
         down_at = time.monotonic()
         timeline: list[tuple[float, int, str]] = []
