@@ -89,9 +89,9 @@ def test_client_aborts_at_every_phase_settle_once_with_the_right_charge(stack: S
         fleet, lambda: send_head(port, body[:10], declared=len(body)),
         lambda: fleet.phases_seen("request_headers") == heads + AT_ONCE)
     assert [r["charged_micro_usd"] for r in before_body] == [None] * AT_ONCE
-    # 2. While the provider works: the emulator holds every answer 5 s.
+    # 2. While the provider works: the emulator holds every answer 3 s.
     fleet.emulator.clear()
-    fleet.emulator.queue_fault(delay_ms=5000, count=AT_ONCE)
+    fleet.emulator.queue_fault(delay_ms=3000, count=AT_ONCE)
     waiting = abort_phase(fleet, lambda: send_head(port, body),
                           lambda: len(fleet.emulator.requests()) == AT_ONCE)
     holds = {r["charged_micro_usd"] for r in waiting}

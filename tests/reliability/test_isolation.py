@@ -15,7 +15,7 @@ from extproc.devstack import Stack
 from tests.conftest import ACME_KEY, GLOBEX_KEY
 from tests.reliability.conftest import Load, budget_document, burst, figure, start_replicas
 
-BURSTS = 3
+BURSTS = 2
 IN_FLIGHT = 200
 
 

@@ -1,7 +1,8 @@
 """Scenario 4: the KMS (OpenBao Transit) slow, then down, under three replicas.
 
-Slow (every Transit call takes 1 s, through a relay) with the key cache expired and 120 requests in flight
-over three replicas: 0 errors, and no stampede - at most one decrypt per replica. Down:
+Slow (every Transit call takes 1 s, through a relay) with the key cache expired and 120
+requests in flight over three replicas: 0 errors, and no stampede - at most one decrypt
+per replica. Down:
 each replica keeps serving its cached key until `max_age_s`, then answers 503 JSON and
 sends nothing more to the provider.
 Related (one replica): tests/e2e/test_credentials_transit.py
