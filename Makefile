@@ -20,7 +20,7 @@ REDIS_PERSIST ?= 1
 BAO_PORT ?= 8200
 BAO_DIR ?= var/openbao
 
-.PHONY: install run openbao test lint typecheck unit integration soak bench redis-server wrk clean
+.PHONY: install run openbao test lint typecheck unit integration soak bench redis-server wrk kubectl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ STACK_FLAGS = --config $(CONFIG) --workdir $(WORKDIR) --listen-port $(LISTEN_POR
 	$(if $(filter 0,$(REDIS_PERSIST)),--no-redis-persist) \
 	$(if $(filter deploy/demo/%,$(CONFIG)),--demo-key $(DEMO_KEY))
 
+# kubectl for `kubectl kustomize` (tests/deploy renders deploy/k8s): from PATH, else
+# Debian's kubernetes-client (docs/decisions/0095-kustomize-from-kubectl.md).
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { \
+		echo "kubectl missing: installing Debian's kubernetes-client"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client; }
+
 run: install redis-server
 	@exec $(BIN)/python -m extproc.devstack $(STACK_FLAGS)
 
@@ -62,9 +69,9 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
-integration: install redis-server
+integration: install redis-server kubectl
 	$(BIN)/pytest -q -p no:cacheprovider -m "not soak" tests/integration tests/e2e tests/docs \
-		tests/reliability
+		tests/deploy tests/reliability
 
 # The reliability suite's longer runs (docs/reliability.md): a 30 s rotation drill,
 # Envoy at trace, more fuzzing. Each prints its FIGURE lines.
@@ -80,6 +87,7 @@ bench: install redis-server wrk
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/keys.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/guardrails.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,5 +1,5 @@
-"""`extproc` command line: serve, check-config, config schema, keys hash, budget, envoy
-render."""
+"""`extproc` command line: serve, check-config, config schema, keys hash, budget, audit,
+envoy render."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Final, NoReturn
 
+from extproc.audit_cli import add_audit_commands
 from extproc.auth import hash_key
 from extproc.budget_cli import add_budget_commands
 from extproc.cli_errors import CliError, describe, report
@@ -23,6 +24,7 @@ from extproc.envoy_bootstrap import (
     render_yaml,
 )
 from extproc.envoy_identity import IdentityOptionError, MeshListener, identity_options
+from extproc.health_probe import add_health_command
 from extproc.keys_cli import add_keys_commands
 from extproc.logs import configure_logging
 from extproc.secrets import Secret, resolve_secret
@@ -193,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_commands(key_commands)
 
     add_budget_commands(commands)
+    add_health_command(commands)
+    add_audit_commands(commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import types
 import typing
 from collections.abc import Mapping
@@ -41,12 +42,14 @@ from extproc.config_schema import (
     MULTIPLE_CHOICES_MODES,
     OUTPUT_LIMIT_FIELDS,
     SUPPORTED_PROVIDER_KINDS,
+    AuditSpec,
     AuthSpec,
     BudgetSettings,
     CredentialSpec,
     DeploymentHealthSettings,
     Document,
     FailoverSettings,
+    GuardrailsSpec,
     IdentitySpec,
     KekSpec,
     Limits,
@@ -68,6 +71,7 @@ from extproc.config_schema import (
     json_schema,
     kind_of,
 )
+from extproc.guardrails.settings import GuardrailPolicy, policy_from_spec
 
 __all__ = [
     "KEY_HASH_PATTERN",
@@ -75,6 +79,7 @@ __all__ = [
     "OUTPUT_LIMIT_FIELDS",
     "SCHEMA",
     "SUPPORTED_PROVIDER_KINDS",
+    "AuditSettings",
     "BudgetSettings",
     "ConfigError",
     "ConfigIssue",
@@ -271,6 +276,8 @@ class Model:
     deployments: tuple[Deployment, ...]
     output_limit_field: str | None = None
     """`max_tokens` or `max_completion_tokens` on the wire; None: by model family."""
+    kind: str = "chat"
+    """chat, or embedding (POST /v1/embeddings only; see `extproc.endpoints`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +295,8 @@ class Team:
     id: str
     models: frozenset[str] | None = None
     """Models the team may use; None: the tenant's."""
+    guardrails: GuardrailPolicy | None = None
+    """Rules that tighten the tenant's guardrails for this team (extproc.guardrails)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +345,39 @@ class Tenant:
     """Largest `max_tokens` a request may ask for (also the default when it asks none)."""
     teams: Mapping[str, Team] = field(default_factory=dict)
     mesh_identities: tuple[MeshIdentity, ...] = ()
+    guardrails: GuardrailPolicy | None = None
+    """Model, parameter, prompt size and PII rules (extproc.guardrails)."""
+    responses_store: bool = False
+    """POST /v1/responses may keep `store: true` / `previous_response_id` (decision 0112)."""
+    audit_capture: bool = False
+    """Audit records keep the request/response text, sealed under `tenant:<id>`."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """`audit:` compiled: paths resolved against the config file (docs/audit.md)."""
+
+    sinks: tuple[str, ...] = tuple(_default(AuditSpec, "sinks"))
+    dir: Path | None = None
+    """None: `audit/` under the working directory of the serving process."""
+    rotate_bytes: int = _default(AuditSpec, "rotate_bytes")
+    rotate_s: int = _default(AuditSpec, "rotate_s")
+    fsync: str = _default(AuditSpec, "fsync")
+    queue_size: int = _default(AuditSpec, "queue_size")
+    batch_records: int = _default(AuditSpec, "batch_records")
+    on_failure: str = _default(AuditSpec, "on_failure")
+    buffer_records: int = _default(AuditSpec, "buffer_records")
+    checkpoint_every: int = _default(AuditSpec, "checkpoint_every")
+    checkpoint_interval_s: int = _default(AuditSpec, "checkpoint_interval_s")
+    signing_key: Path | None = None
+    hmac_key: str = _default(AuditSpec, "hmac_key")
+    redis_stream: str = _default(AuditSpec, "redis_stream")
+    redis_maxlen: int = _default(AuditSpec, "redis_maxlen")
+
+    @property
+    def directory(self) -> Path:
+        """`dir`, or `audit/` under the working directory of the running process."""
+        return self.dir if self.dir is not None else Path.cwd() / "audit"
 
 
 OTHER_TENANT_LABEL: Final = "other"
@@ -378,6 +420,12 @@ class GatewayConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracing: TracingSettings | None = None
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    guardrail_profiles: Mapping[str, GuardrailPolicy] = field(default_factory=dict)
+    """Guardrails a route names in `filter_metadata.asc.guardrails`."""
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    digest: str = field(default="", compare=False)
+    """SHA-256 of the config file's bytes (hex): the audit record's `config_version`.
+    Not compared: two files that compile alike are the same config."""
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -386,10 +434,16 @@ def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate `path`; raises `ConfigError` listing every problem."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(source, [ConfigIssue("", f"cannot read file: {exc.strerror}")]) from None
-    return parse_config(text, source=source, base_dir=Path(path).resolve().parent)
+    except UnicodeDecodeError:
+        raise ConfigError(source, [ConfigIssue("", "cannot read file: not UTF-8")]) from None
+    config = parse_config(text.replace("\r\n", "\n").replace("\r", "\n"), source=source,
+                          base_dir=Path(path).resolve().parent)
+    # The file's own bytes, hashed once per load: the audit record's config version.
+    return dataclasses.replace(config, digest=hashlib.sha256(data).hexdigest())
 
 
 def parse_config(
@@ -723,7 +777,7 @@ def _issues(error: Any, lines: Mapping[str, int]) -> list[ConfigIssue]:
 
 def _price(spec: PriceSpec) -> Price:
     return Price(input_micro_per_mtok=spec.input_per_mtok,
-                 output_micro_per_mtok=spec.output_per_mtok,
+                 output_micro_per_mtok=spec.output_per_mtok or 0,
                  cached_input_micro_per_mtok=(spec.input_per_mtok
                                               if spec.cached_input_per_mtok is None
                                               else spec.cached_input_per_mtok),
@@ -830,6 +884,10 @@ class _Compiler:
             metrics=_metrics_config(doc.metrics or MetricsSettings(), tenants),
             tracing=doc.tracing,
             identity=self.identity(doc.identity),
+            guardrail_profiles={
+                name: self.guardrails(_join("guardrail_profiles", name), spec, models)
+                for name, spec in (doc.guardrail_profiles or {}).items()},
+            audit=self.audit(doc.audit),
         )
 
     def check_workloads(self, tenants: Mapping[str, Tenant]) -> None:
@@ -854,6 +912,16 @@ class _Compiler:
                               tenant_claim=spec.jwt.tenant_claim,
                               team_claim=spec.jwt.team_claim)
         return IdentitySettings(sources=tuple(spec.sources), jwt=jwt)
+
+    def audit(self, spec: AuditSpec | None) -> AuditSettings:
+        if spec is None:
+            return AuditSettings()
+        if "redis" in spec.sinks and not self.present("redis"):
+            self.add("audit.sinks", "the redis sink needs Redis", "set redis.url")
+        return AuditSettings(**{
+            **_shared(spec, AuditSettings, "dir", "signing_key"),
+            "dir": self.file(spec.dir) if spec.dir else None,
+            "signing_key": self.file(spec.signing_key) if spec.signing_key else None})
 
     def file(self, name: str) -> Path:
         """A file reference: relative paths are relative to the config file."""
@@ -958,6 +1026,9 @@ class _Compiler:
                orgs: Mapping[str, tuple[BudgetRule, ...]],
                seen_hashes: dict[str, str]) -> Tenant:
         path = _join("tenants", tenant_id)
+        if spec.audit is not None and spec.audit.capture and not self.present("secrets", "kek"):
+            self.add(_join(_join(path, "audit"), "capture"), "text capture needs a KEK",
+                     "set secrets.kek (captured text is sealed with it)")
         keys = _absent_or(spec.keys) or []
         for index, key in enumerate(keys):
             key_path = _join(_join(path, "keys"), index)
@@ -1002,8 +1073,12 @@ class _Compiler:
                 tenant=tenant_id, org=spec.org, rules=rules, rate_limits=rate_limits,
                 fail_open=spec.on_redis_error == "fail_open",
                 fail_open_ceiling_micro_usd=spec.fail_open_ceiling_usd or 0)
-        teams = {team_id: Team(id=team_id, models=frozenset(team.models)
-                               if team.models is not None else None)
+        teams = {team_id: Team(
+                     id=team_id,
+                     models=frozenset(team.models) if team.models is not None else None,
+                     guardrails=(self.guardrails(_join(_join(_join(path, "teams"), team_id),
+                                                       "guardrails"), team.guardrails, models)
+                                 if team.guardrails is not None else None))
                  for team_id, team in (spec.teams or {}).items()}
         mesh = tuple(MeshIdentity(spiffe=m.spiffe, prefix=m.match == "prefix", team=m.team)
                      for m in spec.mesh_identities or ())
@@ -1012,7 +1087,23 @@ class _Compiler:
                       models=frozenset(allowed & set(models)), policies=policies,
                       default_policy=default_policy, budget=budget,
                       own_credentials=own, teams=teams, mesh_identities=mesh,
-                      **_shared(spec, Tenant, "keys", "models", "teams", "mesh_identities"))
+                      guardrails=(self.guardrails(_join(path, "guardrails"), spec.guardrails,
+                                                  models) if spec.guardrails else None),
+                      audit_capture=bool(spec.audit is not None and spec.audit.capture),
+                      **_shared(spec, Tenant, "keys", "models", "teams", "mesh_identities",
+                                "guardrails"))
+
+    def guardrails(self, path: str, spec: GuardrailsSpec,
+                   models: Mapping[str, Model]) -> GuardrailPolicy:
+        """A guardrails section; its model lists must name models of `models:`."""
+        for kind in ("allow", "deny"):
+            names = getattr(spec.models, kind) if spec.models is not None else None
+            for index, name in enumerate(names or ()):
+                if name not in models:
+                    self.add(_join(_join(_join(path, "models"), kind), index),
+                             f"unknown model {name!r}",
+                             f"known models: {', '.join(models) or '-'}")
+        return policy_from_spec(spec)
 
     def policies(self, path: str, spec: TenantSpec, models: Mapping[str, Model],
                  providers: Mapping[str, Provider]

@@ -49,6 +49,7 @@ __all__ = [
     "OUTPUT_LIMIT_FIELDS",
     "SUPPORTED_PROVIDER_KINDS",
     "UNFORWARDABLE_HEADERS",
+    "AuditSpec",
     "AuthSpec",
     "BudgetSettings",
     "CredentialSpec",
@@ -56,6 +57,8 @@ __all__ = [
     "DeploymentSpec",
     "Document",
     "FailoverSettings",
+    "GuardrailModelsSpec",
+    "GuardrailsSpec",
     "IdentitySpec",
     "JwtIdentitySpec",
     "KekSpec",
@@ -66,18 +69,23 @@ __all__ = [
     "ModelSpec",
     "OrgBudgetSpec",
     "OrgSpec",
+    "PiiSpec",
     "PriceSpec",
     "ProbeSpec",
+    "PromptCapSpec",
     "ProviderSpec",
     "RateLimitsSpec",
     "RecordStoreSpec",
     "RedisSettings",
+    "ResponseRedactionSpec",
     "RouteSpec",
     "Rule",
     "SecretRefSpec",
     "SecretsSpec",
     "TeamBudgetSpec",
     "TeamSpec",
+    "TemperatureRangeSpec",
+    "TenantAuditSpec",
     "TenantBudgetSpec",
     "TenantSpec",
     "TracingSettings",
@@ -528,7 +536,9 @@ class PriceSpec(_Spec):
     """USD per million tokens."""
 
     input_per_mtok: PerMtok = Field(description="Input (prompt) tokens.")
-    output_per_mtok: PerMtok = Field(description="Output (completion) tokens.")
+    output_per_mtok: PerMtok | None = Field(
+        default=None, description="Output (completion) tokens; required for chat models, "
+        "absent for embedding models (which produce no output tokens).")
     cached_input_per_mtok: PerMtok | None = Field(
         default=None, description="Cached input tokens (default: the input price).")
     cache_write_per_mtok: PerMtok | None = Field(
@@ -581,6 +591,26 @@ class ModelSpec(_Spec):
         "the gateway pick by model family")] | None = Field(
         default=None, description="Field that carries the output-token limit on the wire for this "
         "model; null: the translator decides by model family.")
+    kind: Annotated[Literal["chat", "embedding"], Rule(
+        invalid="must be chat or embedding, got {value!r}",
+        hint="embedding models serve POST /v1/embeddings only")] = Field(
+        default="chat", description="chat: served by the chat, messages and responses "
+        "endpoints; embedding: served by /v1/embeddings only, priced per input token.")
+
+    @model_validator(mode="after")
+    def _output_price(self) -> ModelSpec:
+        if self.kind == "chat":
+            issues: list[Issue] = []
+            if self.price.output_per_mtok is None:
+                issues.append((("price", "output_per_mtok"), "is required for a chat model",
+                               "embedding models set kind: embedding"))
+            for index, dep in enumerate(self.deployments):
+                if dep.price is not None and dep.price.output_per_mtok is None:
+                    issues.append((("deployments", index, "price", "output_per_mtok"),
+                                   "is required for a chat model", ""))
+            if issues:
+                raise problem(*issues)
+        return self
 
 
 # --- orgs, tenants -----------------------------------------------------------------------
@@ -674,6 +704,89 @@ class RouteSpec(_Spec):
         if self.pin is not None and self.pin_region is not None:
             raise problem(((), "needs at most one of `pin` or `pin_region`", ""))
         return self
+
+
+# --- guardrails (extproc.guardrails; docs/guardrails.md) -----------------------------------
+
+PiiAction = Annotated[Literal["allow", "redact", "deny"], Rule(
+    invalid="unknown action {value!r}", hint="allow, redact or deny")]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+
+
+class GuardrailModelsSpec(_Spec):
+    allow: Annotated[list[Text], Field(min_length=1), Rule(
+        required="must be a non-empty list of model names")] | None = Field(
+        default=None, description="Only these models (also within the tenant's `models`).")
+    deny: list[Text] | None = Field(default=None, description="Never these models.")
+
+
+class TemperatureRangeSpec(_Spec):
+    min: Temperature | None = Field(default=None, description="Lowest temperature allowed.")
+    max: Temperature | None = Field(default=None, description="Highest temperature allowed.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TemperatureRangeSpec:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise problem(((), "min is above max", ""))
+        return self
+
+
+class PromptCapSpec(_Spec):
+    max_bytes: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        default=None, description="Most UTF-8 bytes of prompt text (messages, system, tool "
+        "results).")
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        default=None, description="Most estimated prompt tokens (text bytes / 3).")
+
+
+class PiiSpec(_Spec):
+    """One action per detector; a detector not named is `allow` (not run)."""
+
+    email: PiiAction | None = Field(default=None, description="Email addresses.")
+    phone: PiiAction | None = Field(default=None, description="Phone numbers with separators "
+                                    "(+CC, North American, 0-prefixed national).")
+    credit_card: PiiAction | None = Field(default=None, description="Payment card numbers "
+                                          "(issuer prefix and Luhn checksum).")
+    iban: PiiAction | None = Field(default=None, description="IBANs (country length and mod-97 "
+                                   "checksum).")
+    us_ssn: PiiAction | None = Field(default=None, description="US social security numbers "
+                                     "(NNN-NN-NNNN, valid ranges).")
+    ipv4: PiiAction | None = Field(default=None, description="IPv4 addresses.")
+    ipv6: PiiAction | None = Field(default=None, description="IPv6 addresses.")
+    secret: PiiAction | None = Field(default=None, description="Secret-looking tokens: `sk-...` "
+                                     "API keys, AWS access key ids, private-key blocks.")
+
+
+class ResponseRedactionSpec(_Spec):
+    redact: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Redact answers with the detectors whose action is redact "
+        "or deny (an answer is cleaned, never refused), with the request's placeholders.")
+    stream_window: Annotated[int, Field(ge=8, le=4096)] = Field(
+        default=64, description="Characters of a streamed answer held back so a value split "
+        "across chunks is seen whole.")
+
+
+class GuardrailsSpec(_Spec):
+    """Guardrails of a tenant, or a profile a route names; a route's profile and a team's
+    rules can only tighten the tenant's."""
+
+    models: GuardrailModelsSpec | None = Field(default=None,
+                                               description="Model allow and deny lists.")
+    max_tokens: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        default=None, description="Largest max_tokens / max_completion_tokens a request may ask "
+        "for (also the default when it asks none).")
+    n: Annotated[int, Field(ge=1, le=128)] | None = Field(
+        default=None, description="Largest `n` (choices) a request may ask for.")
+    temperature: TemperatureRangeSpec | None = Field(
+        default=None, description="Allowed temperature range.")
+    tools: Annotated[bool, Rule(invalid="must be true or false")] | None = Field(
+        default=None, description="false: requests that offer tools or functions are refused.")
+    response_format: list[Literal["text", "json_object", "json_schema"]] | None = Field(
+        default=None, description="Allowed `response_format.type` values.")
+    prompt: PromptCapSpec | None = Field(default=None, description="Prompt size caps.")
+    pii: PiiSpec | None = Field(default=None, description="PII detectors and their actions.")
+    responses: ResponseRedactionSpec | None = Field(
+        default=None, description="Redaction of answers (non-streamed and streamed).")
 
 
 class DeploymentHealthSettings(_Spec):  # also the runtime object
@@ -812,6 +925,14 @@ class TeamSpec(_Spec):
         invalid="must be a list of budget rules",
         hint="e.g. [{window: day, limit_usd: 20}]")] | None = Field(
         default=None, description="USD budgets of the team (scope team).")
+    guardrails: GuardrailsSpec | None = Field(
+        default=None, description="Guardrails of the team; they tighten the tenant's.")
+
+
+class TenantAuditSpec(_Spec):
+    capture: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Keep the request and response text in the audit record, "
+        "sealed with the KEK under this tenant's scope (needs `secrets.kek`; docs/audit.md).")
 
 
 class TenantSpec(_Spec):
@@ -853,11 +974,19 @@ class TenantSpec(_Spec):
         required="must be a non-empty list of credential ids")]] | None = Field(
         default=None, description="BYOK: provider name -> this tenant's own keyring credentials.",
         json_schema_extra={"x-key": "<provider>"})
+    guardrails: GuardrailsSpec | None = Field(
+        default=None, description="Model, parameter, prompt size and PII rules.")
     teams: dict[Name, TeamSpec] | None = Field(
         default=None, description="Teams and apps of the tenant.",
         json_schema_extra={"x-key": "<team>"})
     mesh_identities: list[MeshIdentitySpec] | None = Field(
         default=None, description="Workloads (SPIFFE ids of mTLS peers) of the tenant.")
+    responses_store: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="POST /v1/responses may store responses upstream "
+        "(`store: true`, `previous_response_id`). Stored responses live on the gateway's "
+        "provider account, shared by every tenant: off by default (decision 0112).")
+    audit: TenantAuditSpec | None = Field(
+        default=None, description="Per-tenant audit options (text capture).")
 
     @model_validator(mode="after")
     def _teams_known(self) -> TenantSpec:
@@ -906,6 +1035,59 @@ class TenantSpec(_Spec):
 
 
 # --- the document ------------------------------------------------------------------------
+
+class AuditSpec(_Spec):
+    """Per-request audit records: sinks, rotation, queue, failure policy, chain keys
+    (docs/audit.md). Read at start; a reload does not change them."""
+
+    sinks: Annotated[list[Literal["jsonl", "redis"]], Field(min_length=1), Rule(
+        invalid="unknown sink {value!r}", hint="one or both of: jsonl, redis")] = Field(
+        default=["jsonl"], description="Where records go: append-only JSONL files in `dir` "
+        "and/or a Redis Stream (`redis_stream`, needs `redis`).")
+    dir: FilePath | None = Field(
+        default=None, description="Directory of the JSONL files, the public key and the "
+        "chain keys; relative to the config file. Default: `audit/` under the working "
+        "directory of `extproc serve` (`make run`: var/run/audit).")
+    rotate_bytes: Annotated[int, Field(ge=4096, le=1 << 40)] = Field(
+        default=64 << 20, description="A JSONL file is closed and a new one opened past "
+        "this size.")
+    rotate_s: Annotated[int, Field(ge=1, le=31 * 86_400)] = Field(
+        default=86_400, description="... or past this age (seconds).")
+    fsync: Annotated[Literal["batch", "none"], Rule(
+        invalid="must be batch or none, got {value!r}")] = Field(
+        default="batch", description="batch: fsync after every batch written (a record "
+        "is on disk before the next batch starts); none: leave it to the OS.")
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10_000, description="Records waiting for the writer; when full, "
+        "`on_failure` applies.")
+    batch_records: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=512, description="Most records written (and fsynced) in one batch.")
+    on_failure: Annotated[Literal["block", "buffer"], Rule(
+        invalid="must be block or buffer, got {value!r}")] = Field(
+        default="block", description="A failing sink: block (finishing requests wait for "
+        "queue room, new requests get 503 while the queue is full) or buffer (keep up to "
+        "`buffer_records` in memory, then count and log each record dropped).")
+    buffer_records: Annotated[int, Field(ge=1, le=10_000_000)] = Field(
+        default=100_000, description="on_failure buffer: records kept in memory per sink.")
+    checkpoint_every: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=1000, description="A signed checkpoint after this many records ...")
+    checkpoint_interval_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=60, description="... or this many seconds with new records.")
+    signing_key: FilePath | None = Field(
+        default=None, description="Ed25519 private key (PEM, mode 0600) that signs "
+        "checkpoints; relative to the config file. Default: `<dir>/signing.key`, made on "
+        "first start.")
+    hmac_key: Annotated[Literal["auto", "kek", "local"], Rule(
+        invalid="must be auto, kek or local, got {value!r}")] = Field(
+        default="auto", description="Chain HMAC key: kek (a random key wrapped by "
+        "`secrets.kek`), local (a 0600 file in `<dir>/keys`), auto (kek when "
+        "`secrets.kek` is set).")
+    redis_stream: Text = Field(default="asc:audit",
+                               description="Redis sink: the stream key.")
+    redis_maxlen: Annotated[int, Field(ge=1000, le=1_000_000_000)] = Field(
+        default=10_000_000, description="Redis sink: approximate MAXLEN of the stream "
+        "(oldest entries trimmed; the JSONL files are the archive).")
+
 
 class AuthSpec(_Spec):
     pepper: PepperRefSpec = Field(description="HMAC key that virtual keys are hashed with.")
@@ -958,6 +1140,11 @@ class Document(_Spec):
         description="Tenants by id.", json_schema_extra={"x-key": "<id>"})
     identity: IdentitySpec | None = Field(
         default=None, description="Identity sources (default: virtual keys only).")
+    guardrail_profiles: dict[Name, GuardrailsSpec] | None = Field(
+        default=None, description="Guardrails an Envoy route names in its metadata "
+        "(`filter_metadata.asc.guardrails`); they tighten the tenant's.",
+        json_schema_extra={"x-key": "<name>"})
+    audit: AuditSpec | None = Field(default=None, description="Audit records (docs/audit.md).")
 
 
 class _AscJsonSchema(GenerateJsonSchema):

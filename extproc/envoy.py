@@ -38,11 +38,14 @@ from extproc.messages import (
 )
 
 __all__ = ["JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE", "MTLS_ATTRIBUTE",
-           "PEER_URI_SAN_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE", "STAGE_HEADER",
-           "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
+           "PEER_URI_SAN_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE",
+           "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
+SOURCE_ADDRESS_ATTRIBUTE: Final = "source.address"
+"""The downstream peer (ip:port) Envoy accepted the connection from: the audit's
+`source_address` (docs/decisions/0081-audit-source-address.md)."""
 _ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
 MTLS_ATTRIBUTE: Final = "connection.mtls"
 PEER_URI_SAN_ATTRIBUTE: Final = "connection.uri_san_peer_certificate"
@@ -82,7 +85,8 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
         mtls, peer = _peer(request)
         return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
                        route_metadata=_route_metadata(request), mtls=mtls,
-                       peer_uri_san=peer, jwt_claims=_jwt_claims(request))
+                       peer_uri_san=peer, jwt_claims=_jwt_claims(request),
+                       source_address=_string_attribute(request, SOURCE_ADDRESS_ATTRIBUTE))
     if kind == "request_body":
         body = request.request_body
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
@@ -138,6 +142,15 @@ def _jwt_claims(request: pb.ProcessingRequest) -> dict[str, object] | None:
         return None
     claims: dict[str, object] = json_format.MessageToDict(payload.struct_value)
     return claims
+
+
+def _string_attribute(request: pb.ProcessingRequest, name: str) -> str | None:
+    if _ATTRIBUTES_KEY not in request.attributes:
+        return None
+    value = request.attributes[_ATTRIBUTES_KEY].fields.get(name)
+    if value is None or not value.HasField("string_value"):
+        return None
+    return value.string_value or None
 
 
 def _route_metadata(request: pb.ProcessingRequest) -> dict[str, object] | None:

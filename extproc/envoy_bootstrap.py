@@ -62,6 +62,7 @@ from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import (
     METADATA_NAMESPACE,
     ROUTE_METADATA_ATTRIBUTE,
+    SOURCE_ADDRESS_ATTRIBUTE,
     STAGE_HEADER,
     STAGE_UPSTREAM,
 )
@@ -180,6 +181,8 @@ def _access_log() -> list[dict[str, Any]]:
         "upstream_cluster": "%UPSTREAM_CLUSTER%",
         "duration_ms": "%DURATION%",
         "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        # The peer Envoy accepted the connection from: the audit's source_address (0081).
+        "client_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
     }
     return [{
         "name": "envoy.access_loggers.stdout",
@@ -193,24 +196,13 @@ def _local_reply_config() -> dict[str, Any]:
     otherwise.
 
     Replies the gateway itself sends are already JSON; they carry `asc.error` metadata and
-    are passed through unchanged by the first mapper. The door is known from the service's
+    are passed through unchanged by the first mappers. The door is known from the service's
     `asc.dialect` metadata once it answered a phase (the service may have rewritten
     `:path` for the provider by then), else from the client's `:path`
     (docs/decisions/0131-envoy-errors-in-the-door-dialect.md).
     """
     return {
-        "mappers": [{
-            "filter": {"metadata_filter": {
-                "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "error"}],
-                            "value": {"present_match": True}},
-                # The default (true) would match every reply that lacks the key.
-                "match_if_key_not_found": False,
-            }},
-            "body_format_override": {
-                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
-                "content_type": "application/json",
-            },
-        }, *(
+        "mappers": [*(_own_reply_mapper(key) for key in _OWN_REPLY_KEYS), *(
             {"filter": {"and_filter": {"filters": [
                 _anthropic_door_filter(), _status_filter(status)]}},
              "body_format_override": _anthropic_error_format(message, kind)}
@@ -224,6 +216,27 @@ def _local_reply_config() -> dict[str, Any]:
             for status, message in _ENVOY_ERROR_MESSAGES
         )],
         "body_format": _openai_error_format("%LOCAL_REPLY_BODY%"),
+    }
+
+
+_OWN_REPLY_KEYS: Final = ("error", "answered")
+"""Metadata keys of the gateway's own replies: `error` on errors, `answered` on the 200s
+it answers itself (model lists, estimated token counts; `extproc.endpoints`)."""
+
+
+def _own_reply_mapper(key: str) -> dict[str, Any]:
+    """Passes a reply of the gateway (it carries `asc.<key>`) through unchanged."""
+    return {
+        "filter": {"metadata_filter": {
+            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": key}],
+                        "value": {"present_match": True}},
+            # The default (true) would match every reply that lacks the key.
+            "match_if_key_not_found": False,
+        }},
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        },
     }
 
 
@@ -317,7 +330,8 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
             },
             # A route's filter_metadata.asc (a mesh operator's pin) reaches the service
             # with the request headers (docs/decisions/0060-route-metadata-to-the-service.md).
-            "request_attributes": [ROUTE_METADATA_ATTRIBUTE],
+            # source.address: the client's peer address for the audit record (0081).
+            "request_attributes": [ROUTE_METADATA_ATTRIBUTE, SOURCE_ADDRESS_ATTRIBUTE],
         },
     }
 

@@ -44,6 +44,8 @@ class ErrorCode(enum.Enum):
     RESPONSE_TOO_LARGE = "response_too_large"
     UNAVAILABLE = "gateway_unavailable"
     INTERNAL = "internal_error"
+    GUARDRAIL_DENIED = "guardrail_denied"
+    GUARDRAIL_LIMIT = "guardrail_limit_exceeded"
 
     @property
     def spec(self) -> _ErrorSpec:
@@ -67,6 +69,8 @@ _SPECS: dict[ErrorCode, _ErrorSpec] = {
     ErrorCode.RESPONSE_TOO_LARGE: _ErrorSpec(502, "upstream_error", "api_error"),
     ErrorCode.UNAVAILABLE: _ErrorSpec(503, "service_unavailable", "overloaded_error"),
     ErrorCode.INTERNAL: _ErrorSpec(500, "server_error", "api_error"),
+    ErrorCode.GUARDRAIL_DENIED: _ErrorSpec(403, "permission_error", "permission_error"),
+    ErrorCode.GUARDRAIL_LIMIT: _ErrorSpec(400, "invalid_request_error", "invalid_request_error"),
 }
 
 

@@ -56,6 +56,8 @@ class Headers:
     """Envoy's `connection.uri_san_peer_certificate` (the peer's SPIFFE id), if any."""
     jwt_claims: dict[str, object] | None = None
     """Claims of a JWT Envoy's jwt_authn verified (forwarded dynamic metadata), if any."""
+    source_address: str | None = None
+    """The downstream peer `ip:port` Envoy saw (request headers only; see envoy.py)."""
 
 
 @dataclass(slots=True)

@@ -16,6 +16,10 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "AUDIT_BUFFERED",
+    "AUDIT_DROPPED",
+    "AUDIT_RECORDS",
+    "AUDIT_SINK_FAILURES",
     "BUDGET_LIMIT",
     "BUDGET_OVERRUN",
     "BUDGET_REMAINING",
@@ -158,4 +162,24 @@ GUARDRAIL_ACTIONS: Final = Counter(
     "Guardrail actions (deny, redact) by rule id (`pii.email`, `params.n`, ...); counts "
     "matches, never their text.",
     ["tenant", "rule", "action"],
+)
+AUDIT_RECORDS: Final = Counter(
+    "asc_audit_records",
+    "Audit records (and checkpoints) written, by sink and entry type.",
+    ["sink", "type"],
+)
+AUDIT_SINK_FAILURES: Final = Counter(
+    "asc_audit_sink_failures",
+    "Audit sink writes that failed (the batch is kept and retried).",
+    ["sink"],
+)
+AUDIT_DROPPED: Final = Counter(
+    "asc_audit_dropped",
+    "Audit records lost because every buffer was full (policy buffer); each is also logged.",
+    ["reason"],
+)
+AUDIT_BUFFERED: Final = Gauge(
+    "asc_audit_buffered_records",
+    "Audit records waiting in memory for a sink (queue plus backlog).",
+    multiprocess_mode="livesum",
 )

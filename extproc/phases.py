@@ -20,12 +20,28 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import metrics
+from extproc.audit.capture import Capture
+from extproc.audit.record import record_from, source_address
+from extproc.audit.writer import AuditWriter
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
 from extproc.config import Deployment, Price, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
+from extproc.endpoints import (
+    ENDPOINTS,
+    SUPPORT,
+    Endpoint,
+    EndpointSpec,
+    Support,
+    UnknownEndpoint,
+    check_model,
+    gateway_answer,
+    match_endpoint,
+    models_answer,
+    translator_for_endpoint,
+)
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.failover import (
     FLIGHTS,
@@ -34,6 +50,16 @@ from extproc.failover import (
     PreparedAttempt,
     has_failover_cluster,
     ordered_chain,
+)
+from extproc.guardrails import (
+    GuardrailAction,
+    GuardrailPolicy,
+    Screening,
+    StreamRedactor,
+    effective,
+    route_guardrails,
+    screen_request,
+    tighter,
 )
 from extproc.identity import IDENTITY_HEADERS, allowed_models, authenticate, route_identity
 from extproc.logs import log_event
@@ -65,10 +91,9 @@ from extproc.translate.base import (
     StreamTranslator,
     Translator,
     Usage,
-    front_door_for,
     retry_after_headers,
-    translator_for,
 )
+from extproc.translate.gemini import key_verdict_status
 from extproc.translate.headers import provider_account_headers, unforwarded_request_headers
 from extproc.translate.limits import OutputLimit
 
@@ -146,14 +171,23 @@ log = logging.getLogger("extproc.request")
 class RequestProcessor:
     """The gateway's decisions for one HTTP request."""
 
-    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
+                 audit: AuditWriter | None = None) -> None:
         self._runtime = runtime
+        self._audit = audit
         self._config = runtime.config
         self._clock = clock
         self._started = clock()
         self.request_id = uuid.uuid4().hex
         self.dialect = Dialect.OPENAI
+        self.endpoint: str = Endpoint.CHAT.value
+        """What the client called (`extproc.endpoints.Endpoint` values)."""
+        self._endpoint: EndpointSpec = ENDPOINTS[("POST", "/v1/chat/completions")]
         self.principal: Principal | None = None
+        self.source_address: str | None = None
+        self.budget_settled: bool | None = None
+        self.capture: Capture | None = None
+        """The request's text, for a tenant with `audit.capture` (sealed by the writer)."""
         self.model_asked: str | None = None
         self.route: Route | None = None
         self.route_decision: RouteDecision | None = None
@@ -179,6 +213,8 @@ class RequestProcessor:
         self._stream: StreamTranslator | None = None
         self._upstream_headers: Mapping[str, str] = {}
         self._first_byte_at: float | None = None
+        self.answered_at: float | None = None
+        """When the response headers arrived (the audit's attempt latency)."""
         self._flight: Flight | None = None
         self._stream_tail = b""
         self.stream_truncated = False
@@ -193,6 +229,11 @@ class RequestProcessor:
         self._span: RequestSpan | None = None
         self._finished = False
         self._complete = False
+        self.guardrail_actions: list[tuple[str, str, int]] = []
+        """(rule id, action, count) of every guardrail that acted (extproc.guardrails)."""
+        self._route_guardrails: GuardrailPolicy | None = None
+        self._screening: Screening | None = None
+        self._stream_redactor: StreamRedactor | None = None
         self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
             Phase.REQUEST_HEADERS: self.on_request_headers,
             Phase.REQUEST_BODY: self.on_request_body,
@@ -223,15 +264,27 @@ class RequestProcessor:
                                    if name in headers}
         path = headers.get(":path", "").partition("?")[0]
         method = headers.get(":method", "")
-        dialect = front_door_for(path)
-        if dialect is not None:
-            self.dialect = dialect
-        if dialect is None or method != "POST":
-            raise GatewayError(ErrorCode.NOT_FOUND, f"Unknown endpoint: {method} {path}")
+        self.source_address = message.source_address or source_address(headers)
+        try:
+            match = match_endpoint(method, path, headers)
+        except UnknownEndpoint as exc:
+            self.dialect = exc.dialect
+            raise
+        self.dialect = match.dialect
+        self._endpoint = match.spec
+        self.endpoint = match.spec.endpoint.value
+        if self._audit is not None and self._audit.saturated:
+            # Audit policy block: no request is served that could not be recorded.
+            raise GatewayError(ErrorCode.UNAVAILABLE,
+                               "The gateway cannot record requests right now; retry later.")
         route_sources, route_metadata = route_identity(message.route_metadata)
         self.principal = authenticate(self._runtime.tenants, self._config.identity, message,
                                       route_sources)
+        if match.spec.endpoint is Endpoint.MODELS:  # from config: no provider, no budget
+            return self._answer(models_answer(match, allowed_models(self.principal)))
         self._route_override = RouteOverride.from_metadata(route_metadata)
+        self._route_guardrails = route_guardrails(self._config.guardrail_profiles,
+                                                  message.route_metadata)
         limit = self._config.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -278,7 +331,11 @@ class RequestProcessor:
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"Request body exceeds the limit of {self._config.limits.max_body_bytes} bytes.",
             )
-        request = _parse_chat_request(message.body)
+        spec = self._endpoint
+        if principal.tenant.audit_capture and self._audit is not None:
+            self.capture = Capture(principal.tenant.id)
+            self.capture.keep_request(message.body)
+        request = _parse_chat_request(message.body, spec.body_field or "messages")
         model_name: str = request["model"]
         model = self._config.models.get(model_name)
         if model is None:
@@ -292,6 +349,15 @@ class RequestProcessor:
             raise GatewayError(ErrorCode.MODEL_NOT_ALLOWED,
                                f"Your key is not allowed to use the model '{model_name}'.",
                                param="model")
+        team = (principal.tenant.teams.get(principal.team)
+                if principal.team is not None else None)
+        policy = effective(principal.tenant.guardrails,
+                           team.guardrails if team is not None else None,
+                           self._route_guardrails)
+        screening = self._screening = screen_request(policy, request, model_name)
+        self._note_guardrails(screening.actions)
+        if screening.denial is not None:
+            raise screening.denial
         decision = select(self._config, principal.tenant, model,
                           health=self._runtime.health, route_override=self._route_override)
         self.route_decision = decision
@@ -301,11 +367,16 @@ class RequestProcessor:
         # finish().
         self._deployment_permit = self._runtime.health.allow(route.key)
         backend = Backend(route.provider.kind)
+        check_model(spec, model, backend)
+        answer = gateway_answer(spec, backend, message.body)
+        if answer is not None:
+            return self._answer(answer)
         # Everything that can refuse the request without side effects comes first:
         # translation (400s), then the key (503); the budget hold is the last step.
-        translator = translator_for(self.dialect, backend)
+        translator = translator_for_endpoint(spec, self.dialect, backend,
+                                             tenant=principal.tenant)
         self._translator = translator
-        tenant_cap = principal.tenant.max_tokens
+        tenant_cap = tighter(principal.tenant.max_tokens, policy.max_tokens)
         asked = translator.output_limit(request, cap=tenant_cap or _MAX_TOKENS_SANITY_BOUND)
         max_tokens = asked or tenant_cap or self._config.budgets.default_max_tokens
         choices = translator.choices(request)
@@ -327,7 +398,7 @@ class RequestProcessor:
         except RecursionError:
             raise GatewayError(ErrorCode.INVALID_REQUEST, _TOO_DEEP) from None
         auth = await self._provider_auth(route.provider, principal)
-        if budget is not None:
+        if budget is not None and spec.budgeted:
             self.estimated_input_tokens = translator.input_estimate(message.body)
             output_tokens = max_tokens * choices  # the provider bills every choice
             price = route.price
@@ -381,13 +452,16 @@ class RequestProcessor:
         route = self.route
         assert route is not None
         settings = self._config.failover
-        if settings.max_attempts <= 1 or not has_failover_cluster(
+        if settings.max_attempts <= 1 or not self._endpoint.failover or not has_failover_cluster(
                 self._config, route.model, route.deployment):
             return route.provider.cluster, (), 0
         fallbacks = [f.deployment for f in self.route_decision.fallbacks] \
             if self.route_decision is not None else []
         cluster, chain, retries = ordered_chain(self._config, route.model,
                                                 route.deployment, fallbacks)
+        if any(self._support(Backend(provider.kind)) is Support.REFUSED
+               for _, provider in chain):  # one deployment's backend could not take it
+            return route.provider.cluster, (), 0
         keyring = self._runtime.keys.keyring
         if (self._selected is not None and keyring is not None
                 and keyring.is_canary(self._selected.credential, self._selected.scope)):
@@ -422,7 +496,7 @@ class RequestProcessor:
         assert self.principal is not None
         assert self.route is not None
         backend = Backend(provider.kind)
-        translator = translator_for(self.dialect, backend)
+        translator = self._translator_for(backend)
         upstream = translator.request(self._request, upstream_model=deployment.model,
                                       api_version=provider.api_version,
                                       output_limit=self._output_limit or OutputLimit(
@@ -451,6 +525,23 @@ class RequestProcessor:
         return PreparedAttempt(set_headers=set_headers, remove_headers=sorted(remove),
                                body=upstream.body, selected=selected)
 
+    def _support(self, backend: Backend) -> Support:
+        return SUPPORT.get((self._endpoint.endpoint, backend), Support.REFUSED)
+
+    def _translator_for(self, backend: Backend) -> Translator:
+        assert self.principal is not None
+        return translator_for_endpoint(self._endpoint, self.dialect, backend,
+                                       tenant=self.principal.tenant)
+
+    def _answer(self, body: bytes) -> Respond:
+        """The gateway's own 200 answer (model lists, estimated token counts)."""
+        self._complete = True
+        self.status = 200
+        # `answered` tells Envoy's local_reply_config to pass the body through unchanged.
+        return Respond(status=200, body=body, headers=[_JSON, *self._tag_headers()],
+                       details="asc_answered_by_gateway",
+                       metadata={**self._metadata(), "answered": self.endpoint})
+
     async def _provider_auth(self, provider: Provider,
                              principal: Principal) -> list[tuple[str, str]]:
         try:
@@ -475,6 +566,7 @@ class RequestProcessor:
         status_text = headers.get(":status", "")
         status = int(status_text) if status_text.isdigit() else 502
         self.upstream_status = status
+        self.answered_at = self._clock()
         self.status = status
         if self._translator is None:  # Envoy's own reply (no route was chosen): tag it only.
             self._complete = True
@@ -493,12 +585,8 @@ class RequestProcessor:
             self._follow_failover()
         else:
             self._report_deployment(status)
-        if self._selected is not None:
-            # key_evidence: nothing client-controlled beyond the built-in header allow-list
-            # reached the provider (False once extension headers are forwarded).
-            await self._runtime.keys.report(
-                self._selected, status, key_evidence=not self.forwarded_extension_headers,
-                retry_after=headers.get("retry-after"))
+        if self._selected is not None and not self._key_verdict_in_body(status, message):
+            await self._report_key(status)
         content_type = headers.get("content-type", "")
         if status >= 400:
             if message.end_of_stream:
@@ -514,6 +602,8 @@ class RequestProcessor:
             self._complete = True
         elif content_type.startswith("text/event-stream"):
             self._stream = self._translator.stream()
+            if self._screening is not None:
+                self._stream_redactor = self._screening.stream(self.dialect)
             reply.response_body_mode = BodyMode.STREAMED
         elif content_type.startswith("application/json"):
             # Not BUFFERED: Envoy stalls an answer larger than its buffer or answers 500,
@@ -526,6 +616,22 @@ class RequestProcessor:
         else:
             self._complete = True  # the body passes through without us
         return reply
+
+    def _key_verdict_in_body(self, status: int, message: Headers | None) -> bool:
+        """True when only the error body tells whether the key failed: Gemini answers an
+        invalid key with 400 (`key_verdict_status`), so its 400s wait for their body."""
+        return (status == 400 and self.route is not None
+                and Backend(self.route.provider.kind) is Backend.GEMINI
+                and (message is None or not message.end_of_stream))
+
+    async def _report_key(self, status: int) -> None:
+        """The provider's answer with this key, for pool health and canary rollback.
+        key_evidence: nothing client-controlled beyond the built-in header allow-list
+        reached the provider (False once extension headers are forwarded)."""
+        assert self._selected is not None
+        await self._runtime.keys.report(
+            self._selected, status, key_evidence=not self.forwarded_extension_headers,
+            retry_after=self._upstream_headers.get("retry-after"))
 
     def _follow_failover(self) -> None:
         """The answer came from another attempt than the one this processor prepared: a
@@ -546,7 +652,15 @@ class RequestProcessor:
                                provider=provider,
                                reason=f"{self.route.reason}; served by {provider.name} "
                                       f"(attempt {answered.number})")
-            self._translator = translator_for(self.dialect, Backend(provider.kind))
+            translator = self._translator_for(Backend(provider.kind))
+            # Translators keep what the answer's translation needs from request() (a
+            # Responses request's echo, whether a client asked for usage): the same call
+            # that prepared this attempt, which did not raise then.
+            translator.request(self._request, upstream_model=deployment.model,
+                               api_version=provider.api_version,
+                               output_limit=self._output_limit or OutputLimit(
+                                   field=self.route.model.output_limit_field))
+            self._translator = translator
         if answered.selected is not None:
             self.credential = answered.selected.credential
             self._selected = answered.selected
@@ -584,6 +698,8 @@ class RequestProcessor:
     # -- response body ----------------------------------------------------------------
 
     async def on_response_body(self, message: Body) -> Outbound:
+        if self.capture is not None:
+            self.capture.keep_response(message.body)
         if self._first_byte_at is None and message.body:
             self._first_byte_at = self._clock()
         if message.end_of_stream:
@@ -592,6 +708,7 @@ class RequestProcessor:
             out = self._stream.feed(message.body)
             if message.end_of_stream:
                 out += self._stream.flush()
+                out = self._redact_stream(out, end=True)
                 self.usage = self._stream.usage
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
                 if self.usage is None and not any(
@@ -601,6 +718,7 @@ class RequestProcessor:
                     self.stream_truncated = True
                     out += _STREAM_CUT_EVENT[self.dialect]
                 return Continue() if out == message.body else Continue(body=out)
+            out = self._redact_stream(out, end=False)
             if out:
                 self._stream_tail = (self._stream_tail + out)[-_STREAM_TAIL_BYTES:]
             return Continue() if out == message.body else Continue(body=out)
@@ -614,20 +732,46 @@ class RequestProcessor:
         body = message.body
         self._complete = True
         if self.upstream_status is not None and self.upstream_status >= 400:
+            if self._selected is not None and self._key_verdict_in_body(
+                    self.upstream_status, None):
+                await self._report_key(key_verdict_status(self.upstream_status, body))
             return self._provider_error(body)  # scrubbed and cut short anyway
         if not message.end_of_stream or len(body) > self._config.limits.max_response_bytes:
             return self._answer_too_large()
         assert self._translator is not None
         translated = self._translator.response(self.upstream_status or 200, body)
         self.usage = translated.usage
+        answer = translated.body
+        if self._screening is not None:
+            answer, actions = self._screening.answer(answer)
+            self._note_guardrails(actions)
         # The headers are still held, ours to change (the cost); content-length went in
         # the headers reply.
         set_headers = []
         if self.usage is not None and self.route is not None:
             cost = _usage_cost(self.route.price, self.usage)
             set_headers.append(("x-asc-cost-usd", format_usd(cost)))
-        return Continue(set_headers=set_headers,
-                        body=None if translated.body == body else translated.body)
+        return Continue(set_headers=set_headers, body=None if answer == body else answer)
+
+    def _redact_stream(self, out: bytes, *, end: bool) -> bytes:
+        """Translated stream bytes through the guardrails' stream redactor, if any."""
+        redactor = self._stream_redactor
+        if redactor is None:
+            return out
+        out = redactor.feed(out)
+        if end:
+            out += redactor.flush()
+            if self._screening is not None:
+                self._note_guardrails(self._screening.stream_actions(redactor))
+        return out
+
+    def _note_guardrails(self, actions: list[GuardrailAction]) -> None:
+        """Record guardrail actions: on the request (log line, audit) and in the metric,
+        which counts requests a rule acted on (the count of matches is in the record)."""
+        tenant = self._tenant_label()
+        for rule, action, count in actions:
+            self.guardrail_actions.append((rule, action, count))
+            metrics.GUARDRAIL_ACTIONS.labels(tenant, rule, action).inc()
 
     def _answer_too_large(self) -> Respond:
         """A 502 for an answer the gateway cannot read whole; the whole hold is charged.
@@ -736,6 +880,7 @@ class RequestProcessor:
                 settled = await self._runtime.budget_guard().settle(
                     self.hold, cost_micro_usd=cost, tokens=tokens,
                     budget=self.principal.tenant.budget)
+                self.budget_settled = bool(settled)
                 if settled:  # the metric follows the ledger: a lost settle is not spend
                     metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
                                                 self.model_asked or "-").inc(cost)
@@ -745,9 +890,22 @@ class RequestProcessor:
             log.exception("finish failed", extra={"fields": {
                 "request_id": self.request_id}})
         finally:
-            # Also when settling was cancelled (shutdown): every request is measured
-            # and logged exactly once.
+            # Also when settling was cancelled (shutdown): every request is measured,
+            # logged and audited exactly once.
             self._measure_and_log(aborted)
+            if self._audit is not None:
+                await self._submit_audit(aborted)
+
+    async def _submit_audit(self, aborted: bool) -> None:
+        assert self._audit is not None
+        try:
+            record = record_from(self, aborted=aborted)
+        except Exception:
+            log.exception("audit record failed", extra={"fields": {
+                "request_id": self.request_id}})
+            metrics.AUDIT_DROPPED.labels("record_error").inc()
+            return
+        await self._audit.submit(record)
 
     def _tenant_label(self) -> str:
         """The request's tenant as a metric label (cardinality guard: `metrics` config)."""
@@ -789,6 +947,7 @@ class RequestProcessor:
                             if route is not None and self.usage is not None else None),
             estimated_input_tokens=self.estimated_input_tokens or None,
             dialect=self.dialect.value,
+            endpoint=self.endpoint,
             prompt_tokens=self.usage.input_tokens if self.usage else None,
             cached_prompt_tokens=self.usage.cached_input_tokens if self.usage else None,
             completion_tokens=self.usage.output_tokens if self.usage else None,
@@ -796,6 +955,8 @@ class RequestProcessor:
                              if self._stream is not None else None),
             attempts=attempts,
             stream_truncated=self.stream_truncated or None,
+            guardrails=[f"{rule}:{action}:{count}"
+                        for rule, action, count in self.guardrail_actions] or None,
             duration_ms=round(duration * 1000, 3),
         )
 
@@ -918,7 +1079,7 @@ def _shown_model(name: str) -> str:
     return name[:_SHOWN_MODEL_CHARS] + "..."
 
 
-def _parse_chat_request(body: bytes) -> dict[str, Any]:
+def _parse_chat_request(body: bytes, required: str = "messages") -> dict[str, Any]:
     if not body:
         raise GatewayError(ErrorCode.INVALID_REQUEST, "A JSON request body is required.")
     try:
@@ -945,10 +1106,13 @@ def _parse_chat_request(body: bytes) -> dict[str, Any]:
     if not isinstance(model, str) or not model:
         raise GatewayError(ErrorCode.INVALID_REQUEST, "'model' must be a non-empty string.",
                            param="model")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
+    messages = request.get(required)
+    if required == "messages" and (not isinstance(messages, list) or not messages):
         raise GatewayError(ErrorCode.INVALID_REQUEST, "'messages' must be a non-empty array.",
                            param="messages")
+    if messages is None:
+        raise GatewayError(ErrorCode.INVALID_REQUEST, f"'{required}' is required.",
+                           param=required)
     stream = request.get("stream", False)
     if not isinstance(stream, bool):
         raise GatewayError(ErrorCode.INVALID_REQUEST, "'stream' must be a boolean.",

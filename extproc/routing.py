@@ -42,6 +42,8 @@ __all__ = ["Route", "RouteDecision", "RouteOverride", "select", "select_route"]
 _RNG: Final = random.Random()  # noqa: S311 - load spreading, not security
 _USABLE_CREDENTIAL_STATES: Final = frozenset({"closed", "half_open"})
 _OVERRIDE_FIELDS: Final = frozenset({"zone", "pin", "region", "providers"})
+_OTHER_FIELDS: Final = frozenset({"guardrails"})
+"""Route metadata read elsewhere (extproc.guardrails.route_guardrails), not routing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +87,9 @@ class RouteOverride:
     def from_metadata(cls, metadata: Mapping[str, object] | None) -> RouteOverride | None:
         """None when the route carries no `asc` routing fields. Unknown or ill-typed fields
         are refused (`GatewayError` 500): ignoring a narrowing rule would widen the route."""
-        if not metadata:
+        if not metadata or not set(metadata) - _OTHER_FIELDS:
             return None
-        unknown = set(metadata) - _OVERRIDE_FIELDS
+        unknown = set(metadata) - _OVERRIDE_FIELDS - _OTHER_FIELDS
         if unknown:
             raise _bad_override(f"unknown field(s) {', '.join(sorted(unknown))}")
         values: dict[str, str | None] = {}

@@ -48,10 +48,13 @@ class SecretUnavailable(Exception):
 
 
 def resolve_secret(ref: CredentialRef, environ: dict[str, str] | None = None) -> Secret:
-    """Read the secret `ref` points at (environment variable or file, trailing newline cut)."""
+    """Read the secret `ref` points at (environment variable or file, a trailing newline
+    cut from either)."""
     env = os.environ if environ is None else environ
     if ref.env is not None:
-        value = env.get(ref.env)
+        # Cut like a file's: a Kubernetes Secret made `--from-file` carries the file's
+        # newline, which would silently change every key hash made with the pepper.
+        value = env.get(ref.env, "").rstrip("\r\n")
         if not value:
             raise SecretUnavailable(f"secret {ref.id!r}: environment variable {ref.env} is not set")
         return Secret(value)

@@ -33,12 +33,15 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from extproc import envoy, metrics, tracing
+from extproc.audit.writer import AuditWriter, open_writer
 from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.ledger import LedgerUnavailable
 from extproc.budgets.policy import hash_tag
 from extproc.config import ConfigError, ConfigIssue, load_config
+from extproc.credentials.kek import KekError
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
@@ -46,7 +49,7 @@ from extproc.listen import ListenError, bind_listen, unix_path, worker_listen
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
-from extproc.runtime import Runtime, RuntimeHolder
+from extproc.runtime import Runtime, RuntimeHolder, kek_from_settings
 from extproc.secrets import SecretUnavailable
 from extproc.upstream import AttemptProcessor
 
@@ -74,8 +77,9 @@ class ServeOptions:
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, holder: RuntimeHolder) -> None:
+    def __init__(self, holder: RuntimeHolder, audit: AuditWriter | None = None) -> None:
         self._holder = holder
+        self._audit = audit
         self.finishing: set[asyncio.Task[None]] = set()
         """finish() runs as its own task: a cancelled stream handler cannot cut it short."""
 
@@ -85,7 +89,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         if _is_upstream_stage(context):
             await self._attempt(context)
             return
-        processor = RequestProcessor(self._holder.current)
+        processor = RequestProcessor(self._holder.current, audit=self._audit)
         try:
             while True:
                 request = await context.read()
@@ -262,6 +266,20 @@ async def _probe_deployments(holder: RuntimeHolder) -> None:
             await session.close()
 
 
+def start_metrics(listen: str, registry: CollectorRegistry | None = None) -> None:
+    """Serve /metrics on `listen` (HOST:PORT); a port that cannot be bound is an operator
+    error naming the option, not a traceback after the gRPC server already started."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    host, port = _split_listen(listen)
+    try:
+        start_http_server(port, addr=host, registry=registry or REGISTRY)
+    except OSError as exc:
+        raise ListenError(f"cannot serve /metrics on {listen}: {exc.strerror or exc} (pass "
+                          "--metrics-listen HOST:PORT with a free port, or --metrics-listen "
+                          "'' to turn /metrics off)") from None
+
+
 def _split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
@@ -279,19 +297,26 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
         ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ])
-    service = ExternalProcessorService(holder)
+    kek = (kek_from_settings(runtime.config.secrets.kek)
+           if runtime.config.secrets.kek is not None else None)
+    try:
+        audit = await open_writer(runtime.config, kek=kek, redis=runtime.redis)
+    except (OSError, ValueError, LookupError, KekError) as exc:
+        # No request is served that could not be recorded.
+        log_event(log, logging.ERROR, "cannot start: audit log unavailable",
+                  error=str(exc) or type(exc).__name__)
+        raise SystemExit(2) from None
+    service = ExternalProcessorService(holder, audit)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # /metrics first: a busy metrics port stops the start before the gRPC server runs.
+    if not supervised and options.metrics_listen:
+        start_metrics(options.metrics_listen)
     bind_listen(server, options.listen)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if not supervised and options.metrics_listen:
-        from prometheus_client import start_http_server
-
-        host, port = _split_listen(options.metrics_listen)
-        start_http_server(port, addr=host)
     reloader = ConfigReloader(options.config_path, holder, options.workers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -313,6 +338,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     prober.cancel()
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
+    await audit.close(options.drain_seconds)  # every finished request's record, then the seal
     tracing.shutdown()  # the last batched spans leave before the process does
     log_event(log, logging.INFO, "stopped")
 
@@ -331,7 +357,11 @@ def serve(options: ServeOptions) -> int:
         return 2
     if options.workers <= 1:
         return _run_worker(options, runtime, supervised=False)
-    return _supervise(options)
+    try:
+        return _supervise(options)
+    except ListenError as exc:
+        log_event(log, logging.ERROR, "cannot start: listen address unusable", error=str(exc))
+        return 2
 
 
 def serve_as_worker(options: ServeOptions) -> int:
@@ -390,10 +420,15 @@ _SUPERVISOR_POLL_S: Final = 0.1
 
 def _supervise(options: ServeOptions) -> int:
     """Run `options.workers` worker processes; restart one that dies until told to stop."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import multiprocess
 
     with tempfile.TemporaryDirectory(prefix="asc-metrics-") as metrics_dir:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+        if options.metrics_listen:  # before any worker starts: a busy port stops it all
+            registry = CollectorRegistry()
+            collector = multiprocess.MultiProcessCollector
+            collector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+            start_metrics(options.metrics_listen, registry)
         commands = [[sys.executable, "-m", "extproc", "serve", "--worker",
                      "--workers", str(options.workers), "--config", str(options.config_path),
                      "--listen", worker_listen(options.listen, index, options.workers),
@@ -402,12 +437,6 @@ def _supervise(options: ServeOptions) -> int:
                     for index in range(options.workers)]
         slots = [_WorkerSlot(subprocess.Popen(command, env=env), time.monotonic())
                  for command in commands]
-        if options.metrics_listen:
-            registry = CollectorRegistry()
-            collector = multiprocess.MultiProcessCollector
-            collector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
-            host, port = _split_listen(options.metrics_listen)
-            start_http_server(port, addr=host, registry=registry)
         stopping = False
 
         def forward(signum: int, _frame: object) -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from extproc.emulator import api_surface
 from extproc.emulator.openai_shape import WEATHER_ARGUMENTS, WEATHER_TOOL
 
 if TYPE_CHECKING:
@@ -298,6 +299,22 @@ def _validate_tools(tools: object, tool_choice: object) -> list[str]:
     return names
 
 
+def validate_count_request(body: object) -> tuple[str | None, list[dict[str, Any]]]:
+    """(the 400 message or None, the turns) of a count_tokens body: a Messages body
+    without ``max_tokens``."""
+    if not isinstance(body, dict):
+        return "The request body must be a JSON object.", []
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return "model: Field required", []
+    try:
+        turns = _validate_messages(body.get("messages"))
+        _validate_system(body.get("system"))
+    except _Invalid as exc:
+        return exc.message, []
+    return None, turns
+
+
 class _MessagesRequest:
     """The validated subset of a Messages request that shapes the reply."""
 
@@ -503,4 +520,5 @@ async def messages(request: web.Request, ctx: CallContext) -> web.StreamResponse
     return resp
 
 
-ROUTES: Final = (("POST", "/v1/messages", messages),)
+ROUTES: Final = (("POST", "/v1/messages", messages),
+                 ("POST", "/v1/messages/count_tokens", api_surface.count_tokens))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from extproc.emulator import api_surface
 from extproc.emulator.openai_shape import (
     ChatRequest,
     InvalidRequest,
@@ -116,4 +117,8 @@ async def chat_completions(request: web.Request, ctx: CallContext) -> web.Stream
     return await send_reply(ctx, chat, model=deployment, prompt_filter_chunk=True)
 
 
-ROUTES: Final = (("POST", "/openai/deployments/{deployment}/chat/completions", chat_completions),)
+ROUTES: Final = (
+    ("POST", "/openai/deployments/{deployment}/chat/completions", chat_completions),
+    ("POST", "/openai/deployments/{deployment}/embeddings", api_surface.azure_embeddings),
+    ("POST", "/openai/v1/responses", api_surface.azure_responses),
+)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from extproc.emulator import api_surface
 from extproc.emulator.openai_shape import (
     ChatRequest,
     InvalidRequest,
@@ -131,4 +132,7 @@ async def chat_completions(request: web.Request, ctx: CallContext) -> web.Stream
     )
 
 
-ROUTES: Final = (("POST", "/v1/chat/completions", chat_completions),)
+ROUTES: Final = (
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/embeddings", api_surface.mistral_embeddings),
+)

@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from extproc.emulator import api_surface
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -561,4 +563,8 @@ async def send_reply(
     return resp
 
 
-ROUTES: Final = (("POST", "/v1/chat/completions", chat_completions),)
+ROUTES: Final = (
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/embeddings", api_surface.openai_embeddings),
+    ("POST", "/v1/responses", api_surface.openai_responses),
+)

@@ -569,12 +569,18 @@ def chat_completion_from_gemini(response: Mapping[str, Any], *, model: str,
     return out
 
 
-def gemini_error(front: Dialect, status: int, body: bytes) -> tuple[int, bytes]:
-    """A Gemini error in the client's dialect: Google's 400 for an invalid API key is
-    the gateway's credential failing (mapped like a 401), not the client's request."""
+def key_verdict_status(status: int, body: bytes) -> int:
+    """The status an answer means for the key: Google answers an invalid API key with 400
+    `API_KEY_INVALID`, which is the gateway's credential failing (a 401), not the
+    client's request."""
     if status == 400 and _KEY_INVALID.encode() in body[:16384]:
-        return map_provider_error(front, 401, body)
-    return map_provider_error(front, status, body)
+        return 401
+    return status
+
+
+def gemini_error(front: Dialect, status: int, body: bytes) -> tuple[int, bytes]:
+    """A Gemini error in the client's dialect (an invalid key mapped like a 401)."""
+    return map_provider_error(front, key_verdict_status(status, body), body)
 
 
 # --------------------------------------------------------------------------- stream

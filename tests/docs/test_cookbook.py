@@ -336,7 +336,7 @@ def test_readme_command_synopsis_names_real_commands(capsys: pytest.CaptureFixtu
                                          if len(options) > 1 else [[]]))
         else:
             assert words[:3] == ["python", "-m", "extproc.emulator"], line
-    assert len(commands) == 14, commands
+    assert len(commands) == 20, commands
     for command in commands:
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args([*command, "--help"])

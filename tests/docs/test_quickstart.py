@@ -34,6 +34,7 @@ import yaml
 from extproc.devstack import free_port
 from tests.docs.markdown import REPO, Block, blocks
 from tests.docs.ops_harness import Checkout, RunningStack, commands
+from tests.polling import wait_for
 
 QUICKSTART = REPO / "docs/quickstart.md"
 OPERATOR_GUIDE = REPO / "docs/operator-guide.md"
@@ -132,6 +133,14 @@ def test_1_make_run_prints_the_stack_as_shown(quickstart: Quickstart) -> None:
         ["envoy.log", "extproc.log", f"emulator-{checkout.emulator_port}.log",
          f"redis-{checkout.redis_port}.log"])
     assert (checkout.root / "var/run/envoy.yaml").is_file()
+    # The audit record of that curl, in var/run/audit, under a generated 0600 signing key
+    # (docs/audit.md).
+    audit = checkout.root / "var/run/audit"
+    assert wait_for(lambda: any('"type":"record"' in path.read_text(encoding="utf-8")
+                                for path in audit.glob("audit-*.jsonl")))
+    assert (audit / "signing.key").stat().st_mode & 0o777 == 0o600
+    assert (audit / "audit.pub").read_text(encoding="ascii").startswith(
+        "-----BEGIN PUBLIC KEY-----")
 
 
 def test_readme_curl_is_the_printed_one_and_answers_as_described(
@@ -192,7 +201,7 @@ def _error_cases() -> list[tuple[int, str]]:
         (13, not_allowed.replace('"gpt-4o"', '"gpt-5"')),
         (15, not_allowed),
         (16, no_max_tokens),
-        (17, "curl -s -w ' %{http_code}\\n' http://127.0.0.1:10000/v1/models "
+        (17, "curl -s -w ' %{http_code}\\n' http://127.0.0.1:10000/v1/files "
              "-H 'Authorization: Bearer sk-asc-demo-acme-key'"),
     ]
 

@@ -25,6 +25,7 @@ from tests.conftest import (
     provider_env,
     start_gateway,
 )
+from tests.e2e.audit_check import assert_one_record
 from tests.polling import wait_for
 
 # Prices chosen so one emulator call (3 prompt + 4 completion tokens) costs 0.0083 USD
@@ -103,6 +104,14 @@ def test_two_hundred_concurrent_requests_never_overspend(
                    "(limit USD 1.00).",
         "type": "rate_limit_error", "param": None, "code": "rate_limited"}}
     assert int(refused[0].headers["retry-after"]) > 0
+    assert_one_record(gateway, refused[0].headers["x-asc-request-id"], tenant="acme",
+                      status=429, error="rate_limited", credential="emu-eu-1@1", budget=None,
+                      charged_micro_usd=None, attempts=[])
+    served = assert_one_record(gateway, ok[0].headers["x-asc-request-id"], status=200,
+                               budget__mode="redis", budget__settled=True,
+                               budget__settled_micro_usd=8300, charged_micro_usd=8300)
+    budget = served["budget"]
+    assert budget["released_micro_usd"] == budget["reserved_micro_usd"] - 8300 > 0
 
 
 def test_key_budget_and_rate_limit_headers(budget_stack: tuple[Stack, int]) -> None:
@@ -190,11 +199,15 @@ def test_redis_down_fails_closed_with_503_fast(budget_stack: tuple[Stack, int]) 
         assert response.json() == {"error": {
             "message": "The budget service is unavailable; the request was not sent.",
             "type": "service_unavailable", "param": None, "code": "gateway_unavailable"}}
+        last = response
     timings.sort()
     print(f"\n503 through Envoy with Redis down: p50 {timings[49] * 1000:.1f} ms,"
           f" p99 {timings[98] * 1000:.1f} ms, max {timings[99] * 1000:.1f} ms")
     assert max(timings) < 1.0  # generous; the target is 100 ms p99
     assert len(gateway.emulator.requests()) == 1
+    # Fail-closed answers are recorded like any other.
+    assert_one_record(gateway, last.headers["x-asc-request-id"], tenant="acme", status=503,
+                      error="gateway_unavailable", budget=None, attempts=[])
 
 
 def test_fail_open_serves_up_to_the_local_ceiling(budget_stack: tuple[Stack, int]) -> None:
@@ -284,6 +297,9 @@ def test_client_abort_mid_stream_settles_what_was_streamed(
     streamed = entry["streamed_tokens"]
     assert 0 <= streamed < 4
     assert spent == entry["estimated_input_tokens"] * 100 + streamed * 2000
+    assert_one_record(gateway, request_id, tenant="acme", aborted=True, stream=True,
+                      status=200, tokens=None, charged_micro_usd=spent,
+                      budget__settled_micro_usd=spent, budget__settled=True)
 
 
 def test_budget_cli_shows_resets_and_sets_live_state(

@@ -30,6 +30,7 @@ from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
 from extproc.money import cost_micro_usd
 from extproc.secrets import Secret
 from tests.conftest import PEPPER, Emulator, envoy_admin, provider_fingerprint, write_config
+from tests.e2e.audit_check import assert_one_record
 
 TENANT_KEY = "sk-canary-tenant-fo-" + secrets.token_hex(8)
 KEYS = {name: f"sk-canary-provider-{name}-" + secrets.token_hex(8)
@@ -221,6 +222,13 @@ def test_primary_fails_request_succeeds_on_anthropic_fallback(
     assert all(isinstance(a["latency_ms"], float) for a in attempts)
     assert record["provider"] == "anth-eu"
     assert record["status"] == 200
+    audit = assert_one_record(
+        clean, response.headers["x-asc-request-id"], status=200, route__provider="anth-eu",
+        model_served="claude-haiku-eu", credential="anth-eu-1@1", front_door="openai")
+    assert [(a["attempt"], a["provider"], a["cluster"], a["status"] == 200, a["left"])
+            for a in audit["attempts"]] == [
+        (1, "oai-eu", "oai_eu", False, attempts[0]["left"]), (2, "anth-eu", "anth_eu", True, None)]
+    assert audit["route"]["served_reason"].endswith("; served by anth-eu (attempt 2)")
 
 
 def test_streamed_fallback_speaks_the_clients_dialect(clean: FailoverStack) -> None:
@@ -258,6 +266,10 @@ def test_every_eu_deployment_down_gives_503_json_and_us_gets_nothing(
     record = clean.finished(response.headers["x-asc-request-id"])
     assert len(record["attempts"]) == MAX_ATTEMPTS
     assert {a["provider"] for a in record["attempts"]} == {"oai-eu", "anth-eu"}
+    audit = assert_one_record(clean, response.headers["x-asc-request-id"], status=503,
+                              error="gateway_unavailable")
+    assert [a["provider"] for a in audit["attempts"]] == [
+        a["provider"] for a in record["attempts"]]
 
 
 def test_anthropic_front_door_gets_its_dialect_back(clean: FailoverStack) -> None:
@@ -556,3 +568,30 @@ def test_each_attempt_feeds_the_breaker_of_the_deployment_it_hit(tmp_path: Path)
             assert len(fo.emulators["anth-eu"].requests()) == 2
             assert fo.emulators["oai-us"].requests() == []
 
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_responses_fail_over_from_passthrough_to_translation(clean: FailoverStack,
+                                                             stream: bool) -> None:
+    """The Responses API passes through to OpenAI and is translated for Anthropic: a
+    failover between them answers in the Responses shape, from the fallback's usage."""
+    clean.emulators["oai-eu"].queue_fault(status=503)
+    response = clean.client.post("/v1/responses", json={
+        "model": "gpt-4o-mini", "input": "Hi", "stream": stream},
+        headers={"authorization": f"Bearer {TENANT_KEY}"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-asc-provider"] == "anth-eu"
+    if stream:
+        kinds = [json.loads(line[6:])["type"] for line in response.text.splitlines()
+                 if line.startswith("data: ")]
+        assert (kinds[0], kinds[-1]) == ("response.created", "response.completed")
+    else:
+        body = response.json()
+        assert (body["object"], body["status"]) == ("response", "completed")
+        assert body["output"][0]["content"][0]["text"] == "Hello from the emulator."
+    [first] = clean.emulators["oai-eu"].requests()
+    assert first["path"] == "/v1/responses"
+    (call,) = clean.emulators["anth-eu"].requests()
+    assert call["path"] == "/v1/messages"
+    assert json.loads(call["body"])["model"] == "claude-haiku-eu"
+    _assert_own_keys(clean)

@@ -23,6 +23,7 @@ from tests.conftest import (
     chat_body,
     provider_fingerprint,
 )
+from tests.e2e.audit_check import assert_one_record
 from tests.identity_material import (
     ACME_WORKLOAD,
     AUDIENCE,
@@ -88,6 +89,9 @@ def test_valid_jwt_authenticates_its_tenant_and_team(ident: IdentityGateway) -> 
     record = _finished(ident, response.headers["x-asc-request-id"])
     assert (record["tenant"], record["identity_source"], record["subject"], record["team"]) == (
         "acme", "jwt", f"{ISSUER}#alice", "billing")
+    assert_one_record(ident.gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      principal={"subject": f"{ISSUER}#alice", "source": "jwt",
+                                 "key_id": None, "team": "billing"})
 
 
 def test_jwt_claim_of_another_tenant_gets_that_tenants_route(ident: IdentityGateway) -> None:
@@ -189,6 +193,9 @@ def test_workload_spiffe_id_authenticates_its_tenant_and_team(ident: IdentityGat
     record = _finished(ident, response.headers["x-asc-request-id"])
     assert (record["tenant"], record["identity_source"], record["subject"], record["team"]) == (
         "acme", "mesh", ACME_WORKLOAD, "billing")
+    assert_one_record(ident.gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      principal={"subject": ACME_WORKLOAD, "source": "mesh", "key_id": None,
+                                 "team": "billing"})
 
 
 def test_trust_domain_prefix_maps_every_workload_of_it(ident: IdentityGateway) -> None:

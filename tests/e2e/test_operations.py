@@ -183,8 +183,10 @@ def _envoy_yaml_files() -> list[Path]:
     found = []
     for root in (REPO / "envoy", REPO / "deploy"):
         for path in sorted([*root.rglob("*.yaml"), *root.rglob("*.yml")]):
-            document = yaml.safe_load(path.read_text(encoding="utf-8"))
-            if isinstance(document, dict) and "static_resources" in document:
+            # Manifests under deploy/ hold several documents; a bootstrap is one.
+            documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+            if len(documents) == 1 and isinstance(documents[0], dict) and (
+                    "static_resources" in documents[0]):
                 found.append(path)
     return found
 

@@ -21,6 +21,7 @@ from tests.conftest import (
     Gateway,
     chat_body,
 )
+from tests.e2e.audit_check import assert_one_record
 
 EMULATOR_REPLY = "Hello from the emulator."
 
@@ -54,6 +55,13 @@ def test_completion_is_routed_in_zone_with_the_provider_key(
     assert json.loads(seen["body"])["model"] == "gpt-4o-mini-eu"
     assert int(seen["headers"]["content-length"]) == len(seen["body"].encode())
     assert not [name for name in seen["headers"] if name.startswith("x-asc-")]
+    assert_one_record(
+        gateway, response.headers["x-asc-request-id"], tenant="acme",
+        principal__key_id="acme-main", front_door="openai", endpoint="chat",
+        model_asked="gpt-4o-mini", model_served="gpt-4o-mini-eu", route__provider="emu-eu",
+        route__region="eu-west-1", route__cluster="emu_eu", credential="emu-eu-1@1",
+        status=200, error=None, aborted=False, tokens={"input": 3, "output": 4, "cached": 0},
+        cost_micro_usd=4)
 
 
 def test_us_tenant_goes_to_the_us_deployment_unchanged(
@@ -112,6 +120,9 @@ def test_unauthenticated_requests_never_reach_a_provider(
     assert response.headers["content-type"] == "application/json"
     assert response.json() == openai_error(message, "authentication_error", "invalid_api_key")
     assert emulator_clean.requests() == []
+    assert_one_record(gateway, response.headers["x-asc-request-id"], tenant=None,
+                      principal=None, status=401, error="invalid_api_key", route=None,
+                      model_asked=None, credential=None, attempts=[])
 
 
 @pytest.mark.parametrize(
@@ -147,6 +158,10 @@ def test_bad_requests_get_exact_errors_and_reach_no_provider(
     assert response.json() == expected
     assert response.headers["x-asc-request-id"]
     assert emulator_clean.requests() == []
+    assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      principal__key_id="acme-main", status=status,
+                      error=expected["error"]["code"], route=None, attempts=[],
+                      tokens=None)
 
 
 def test_body_over_limit_with_content_length_is_413(
@@ -180,12 +195,14 @@ def test_chunked_body_over_limit_is_413_not_a_hang(
 
 
 def test_unknown_endpoint_is_404(gateway: Gateway, emulator_clean: Emulator) -> None:
-    response = gateway.client.get("/v1/models", headers={"authorization": f"Bearer {ACME_KEY}"})
+    response = gateway.client.get("/v1/files", headers={"authorization": f"Bearer {ACME_KEY}"})
 
     assert response.status_code == 404
     assert response.json() == openai_error(
-        "Unknown endpoint: GET /v1/models", "not_found_error", "not_found")
+        "Unknown endpoint: GET /v1/files", "not_found_error", "not_found")
     assert emulator_clean.requests() == []
+    assert_one_record(gateway, response.headers["x-asc-request-id"], status=404,
+                      error="not_found", tenant=None)
 
 
 @pytest.mark.parametrize(
@@ -208,6 +225,10 @@ def test_provider_failures_become_gateway_errors_in_openai_shape(
     assert response.headers["x-asc-provider"] == "emu-eu"
     assert response.json() == openai_error(message, "upstream_error", "provider_error")
     assert len(emulator_clean.requests()) == 1
+    assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      status=502, upstream_status=fault["status"], error="provider_error",
+                      route__provider="emu-eu", credential="emu-eu-1@1", tokens=None,
+                      cost_micro_usd=None)
 
 
 def test_provider_rejecting_our_key_is_not_blamed_on_the_client(
@@ -233,6 +254,9 @@ def test_provider_rate_limit_passes_through_with_retry_after(
     assert response.json() == openai_error(
         "The provider's rate limit was reached; retry later.", "rate_limit_error",
         "rate_limited")
+    record = assert_one_record(gateway, response.headers["x-asc-request-id"], status=429,
+                               upstream_status=429, error="rate_limited")
+    assert [(a["provider"], a["status"]) for a in record["attempts"]] == [("emu-eu", 429)]
 
 
 def test_provider_connection_reset_is_a_json_gateway_error(
@@ -267,6 +291,8 @@ def test_streaming_passes_chunks_and_records_usage(
     line = _extproc_log_line(gateway, request_id)
     assert (line["prompt_tokens"], line["completion_tokens"], line["stream"]) == (3, 4, True)
     assert line["status"] == 200
+    assert_one_record(gateway, request_id, status=200, stream=True, aborted=False,
+                      tokens={"input": 3, "output": 4, "cached": 0}, cost_micro_usd=4)
 
 
 def _extproc_log_line(gateway: Gateway, request_id: str) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.conftest import (
@@ -11,6 +12,7 @@ from tests.conftest import (
     Gateway,
     chat_body,
 )
+from tests.e2e.audit_check import audit_dir, records
 
 
 def test_no_canary_secret_in_logs_metrics_or_error_bodies(gateway: Gateway) -> None:
@@ -42,9 +44,11 @@ def test_no_canary_secret_in_logs_metrics_or_error_bodies(gateway: Gateway) -> N
         "emulator recordings": gateway.emulator.client.get("/_emulator/requests").text,
         **{f"log {name}": text for name, text in
            ((p.name, p.log_text()) for p in gateway.stack.processes)},
+        "audit records": "\n".join(json.dumps(r) for r in records(audit_dir(gateway))),
     }
     leaks = [(where, canary[:16]) for where, text in places.items()
              for canary in CANARIES if canary in text]
     assert leaks == []
     # The logs are not empty: the check above looked at real output.
     assert "request finished" in places["log extproc"]
+    assert '"status": 401' in places["audit records"]

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.devstack import Stack
 from tests.conftest import Gateway, chat_body, start_gateway
+from tests.e2e.audit_check import assert_one_record
 from tests.e2e.test_budgets import budget_config
 from tests.polling import wait_for
 
@@ -102,7 +103,12 @@ def test_fail_open_ceiling_is_per_replica_across_workers(stack: Stack) -> None:
     # A call holds 19,300 micro-USD (33 prompt tokens estimated + max_tokens 8) and costs
     # 8,300. Each worker keeps 25,000 of the 50,000 ceiling: one call each (19,300, then
     # 8,300 + 19,300 > 25,000). With the whole ceiling per worker each would admit 4.
-    statuses = [gateway.chat(chat_body(max_tokens=8)).status_code for _ in range(30)]
+    responses = [gateway.chat(chat_body(max_tokens=8)) for _ in range(30)]
+    statuses = [response.status_code for response in responses]
 
     assert statuses.count(200) == 2
     assert statuses.count(503) == 28
+    # One audit record per request across both workers, each worker its own writer.
+    served = [assert_one_record(gateway, r.headers["x-asc-request-id"], status=r.status_code)
+              for r in responses]
+    assert len({record["writer"] for record in served if record["status"] == 200}) == 2

@@ -178,6 +178,15 @@ def test_resolve_secret_from_env() -> None:
     assert secret.reveal() == "sk-env"
 
 
+def test_resolve_secret_cuts_an_env_values_trailing_newline_like_a_files() -> None:
+    # A Kubernetes Secret made with --from-file keeps the file's newline in the variable.
+    ref = CredentialRef("pepper", env="ASC_PEPPER")
+    assert resolve_secret(ref, {"ASC_PEPPER": "pepper-value\n"}).reveal() == "pepper-value"
+    assert resolve_secret(ref, {"ASC_PEPPER": "pepper-value\r\n"}).reveal() == "pepper-value"
+    with pytest.raises(SecretUnavailable, match="ASC_PEPPER is not set"):
+        resolve_secret(ref, {"ASC_PEPPER": "\n"})
+
+
 def test_resolve_secret_uses_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ASC_UNIT_SECRET", "sk-from-os-environ")
     assert resolve_secret(CredentialRef("x", env="ASC_UNIT_SECRET")).reveal() == (

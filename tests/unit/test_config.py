@@ -220,8 +220,9 @@ def test_issue_hints() -> None:
         load_config(CASES_DIR / "unknown_field_tenant.yaml")
     assert caught.value.issues[0].hint == (
         "known fields: zone, keys, models, route_policy, routing, debug, org, budgets, "
-        "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials, teams, "
-        "mesh_identities")
+        "rate_limits, on_redis_error, fail_open_ceiling_usd, max_tokens, credentials, "
+        "guardrails, teams, mesh_identities, "
+        "responses_store, audit")
 
 
 VALID = f"""\

@@ -259,24 +259,24 @@ def test_providers_sharing_an_identical_cluster_are_merged() -> None:
 
 def test_local_replies_are_openai_json(demo: dict[str, Any]) -> None:
     local_reply = hcm(demo)["local_reply_config"]
-    first = local_reply["mappers"][0]
-    assert first["filter"] == {"metadata_filter": {
-        "matcher": {"filter": "asc", "path": [{"key": "error"}],
+    own = [m["filter"] for m in local_reply["mappers"][:2]]
+    assert own == [{"metadata_filter": {
+        "matcher": {"filter": "asc", "path": [{"key": key}],
                     "value": {"present_match": True}},
         "match_if_key_not_found": False,
-    }}
+    }} for key in ("error", "answered")]
     assert local_reply["body_format"] == {"json_format": {"error": {
         "message": "%LOCAL_REPLY_BODY%", "type": "gateway_error", "param": None,
         "code": "%RESPONSE_CODE_DETAILS%"}}}
     statuses = [m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
-                for m in local_reply["mappers"][1:] if "status_code_filter" in m["filter"]]
+                for m in local_reply["mappers"][2:] if "status_code_filter" in m["filter"]]
     assert statuses == [500, 503, 504]
 
 
 def test_local_replies_on_the_messages_door_are_anthropic_json(demo: dict[str, Any]) -> None:
     """Decision 0131: the door from the service's metadata, else from the client's path."""
     mappers = hcm(demo)["local_reply_config"]["mappers"]
-    door = mappers[5]["filter"]
+    door = mappers[6]["filter"]
     assert door == {"or_filter": {"filters": [
         {"metadata_filter": {"matcher": {
             "filter": "asc", "path": [{"key": "dialect"}],
@@ -291,12 +291,12 @@ def test_local_replies_on_the_messages_door_are_anthropic_json(demo: dict[str, A
                                           "string_match": {"prefix": "/v1/messages"}}}},
         ]}},
     ]}}
-    assert mappers[5]["body_format_override"] == {"json_format": {"type": "error", "error": {
+    assert mappers[6]["body_format_override"] == {"json_format": {"type": "error", "error": {
         "type": "api_error", "message": "%LOCAL_REPLY_BODY%"}}}
     per_status = {m["filter"]["and_filter"]["filters"][1]["status_code_filter"]["comparison"][
         "value"]["default_value"]: m["body_format_override"]["json_format"]["error"]
-        for m in mappers[1:5]}
-    assert all(m["filter"]["and_filter"]["filters"][0] == door for m in mappers[1:5])
+        for m in mappers[2:6]}
+    assert all(m["filter"]["and_filter"]["filters"][0] == door for m in mappers[2:6])
     assert per_status == {
         500: {"type": "api_error", "message": "The gateway could not process the request."},
         503: {"type": "overloaded_error",

@@ -40,6 +40,8 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, str, str]] = {
     ErrorCode.RESPONSE_TOO_LARGE: (502, "upstream_error", "api_error"),
     ErrorCode.UNAVAILABLE: (503, "service_unavailable", "overloaded_error"),
     ErrorCode.INTERNAL: (500, "server_error", "api_error"),
+    ErrorCode.GUARDRAIL_DENIED: (403, "permission_error", "permission_error"),
+    ErrorCode.GUARDRAIL_LIMIT: (400, "invalid_request_error", "invalid_request_error"),
 }
 
 CODE_VALUES = {
@@ -55,6 +57,8 @@ CODE_VALUES = {
     ErrorCode.RESPONSE_TOO_LARGE: "response_too_large",
     ErrorCode.UNAVAILABLE: "gateway_unavailable",
     ErrorCode.INTERNAL: "internal_error",
+    ErrorCode.GUARDRAIL_DENIED: "guardrail_denied",
+    ErrorCode.GUARDRAIL_LIMIT: "guardrail_limit_exceeded",
 }
 
 

@@ -333,7 +333,8 @@ def test_render_identity_adds_jwt_authn_and_the_mtls_listener(config: GatewayCon
                            "envoy.filters.http.router"]
         ext_proc = _hcm(listener)["http_filters"][1]["typed_config"]
         assert ext_proc["request_attributes"] == [
-            "xds.route_metadata", "connection.mtls", "connection.uri_san_peer_certificate"]
+            "xds.route_metadata", "source.address", "connection.mtls",
+            "connection.uri_san_peer_certificate"]
         assert ext_proc["metadata_options"]["forwarding_namespaces"] == {
             "untyped": ["envoy.filters.http.jwt_authn"]}
     assert _hcm(plain)["forward_client_cert_details"] == "SANITIZE"
@@ -370,7 +371,7 @@ def test_render_without_identity_adds_no_identity_piece(config: GatewayConfig) -
     assert [f["name"] for f in hcm["http_filters"]] == ["asc.ext_proc",
                                                         "envoy.filters.http.router"]
     ext_proc = hcm["http_filters"][0]["typed_config"]
-    assert ext_proc["request_attributes"] == ["xds.route_metadata"]
+    assert ext_proc["request_attributes"] == ["xds.route_metadata", "source.address"]
     assert "forwarding_namespaces" not in ext_proc["metadata_options"]
 
 

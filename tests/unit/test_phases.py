@@ -1239,12 +1239,14 @@ async def test_request_log_line_has_exact_fields(caplog: pytest.LogCaptureFixtur
         "cost_micro_usd": 4,  # the usage at the price: 3 x 0.15 -> 1, 4 x 0.6 -> 3 (rounded up)
         "estimated_input_tokens": None,
         "dialect": "openai",
+        "endpoint": "chat",
         "prompt_tokens": 3,
         "cached_prompt_tokens": 0,
         "completion_tokens": 4,
         "streamed_tokens": None,
         "attempts": None,
         "stream_truncated": None,
+        "guardrails": None,
         "duration_ms": 1500.0,
     }
 
