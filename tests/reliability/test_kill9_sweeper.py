@@ -11,10 +11,14 @@ the records' charges. Related: tests/e2e/test_budgets.py (one killed extproc, on
 from __future__ import annotations
 
 import collections
+import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
+from extproc.cli import main as extproc_cli
 from extproc.devstack import Stack
 from tests.polling import wait_for
 from tests.reliability.conftest import (
@@ -40,10 +44,29 @@ def reservations(redis_port: int, tenant: str = "acme") -> dict[str, str]:
         client.close()
 
 
-def test_kill9_of_two_replicas_then_the_sweeper_reconciles_the_ledger(stack: Stack) -> None:
+def audit_records(directory: Path) -> list[dict[str, Any]]:
+    """The request records of every writer's JSONL files (checkpoints left out)."""
+    found = []
+    for path in sorted(directory.glob("audit-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if entry.get("type") == "record":
+                found.append(entry)
+    return found
+
+
+def test_kill9_of_two_replicas_then_the_sweeper_reconciles_the_ledger(
+        stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     _, redis_port = stack.start_redis()
-    fleet = start_replicas(stack, budget_document(redis_port, hold_ttl_s=2, acme=BUDGET),
-                           redis_port=redis_port, emulator_args=("--latency-ms", "300"))
+    base = budget_document(redis_port, hold_ttl_s=2, acme=BUDGET)
+
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = base(emulator_port)
+        doc["audit"] = {"dir": "audit"}  # relative to the config: one writer per replica
+        return doc
+
+    fleet = start_replicas(stack, document, redis_port=redis_port,
+                           emulator_args=("--latency-ms", "300"))
 
     with Load(fleet.base_url, clients=6) as load:
         assert wait_for(lambda: load.count(200) >= 30, timeout=60)
@@ -80,3 +103,25 @@ def test_kill9_of_two_replicas_then_the_sweeper_reconciles_the_ledger(stack: Sta
     assert not expired_ids & set(by_id)  # a swept request died with its replica
     assert spent == sum(r["charged_micro_usd"] or 0 for r in records)
     assert spent > 0
+
+    # The audit log tells the same story: the chains of all writers verify (the killed
+    # ones are open: no final checkpoint), and its records reconcile with the ledger.
+    audit_dir = fleet.config_path.parent / "audit"
+    for process in fleet.extprocs[2:]:
+        process.stop()  # the survivor closes its chain with a final checkpoint
+    capsys.readouterr()
+    verified = extproc_cli(["audit", "verify", str(audit_dir), "--config",
+                            str(fleet.config_path), "--allow-open"])
+    verdict = capsys.readouterr()
+    audited = [r for r in audit_records(audit_dir) if r.get("tenant") == "acme"]
+    audited_ids = collections.Counter(r["request_id"] for r in audited)
+    settled_in_audit = {r["request_id"] for r in audited
+                        if r["budget"] and r["budget"]["settled"] and r["charged_micro_usd"]}
+    figure("kill9_audit_verify", verdict.out.strip().splitlines()[-1:] or verdict.err[-200:])
+    figure("kill9_settled_without_audit_record", len(settled_ids - set(audited_ids)))
+    assert verified == 0, verdict
+    assert max(audited_ids.values()) == 1  # never two records for one request
+    assert set(audited_ids) <= set(by_id)  # each audited request also logged its line
+    assert settled_in_audit <= settled_ids
+    assert sum(r["charged_micro_usd"] or 0 for r in audited
+               if r["request_id"] in settled_in_audit) <= spent
