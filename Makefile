@@ -20,7 +20,8 @@ REDIS_PERSIST ?= 1
 BAO_PORT ?= 8200
 BAO_DIR ?= var/openbao
 
-.PHONY: install run openbao test lint typecheck unit integration soak bench redis-server wrk kubectl clean
+.PHONY: install run openbao test lint typecheck unit integration soak bench bench-peers \
+	redis-server wrk node kubectl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -82,11 +83,39 @@ soak: install redis-server
 # nothing; that fails the target like any other non-zero exit.
 test: lint typecheck unit integration
 
-bench: install redis-server wrk
-	$(BIN)/python bench/run.py
+# The peers live outside the project venv: LiteLLM in its own venv, Portkey under
+# bench/node_modules (both pinned, both git-ignored).
+BENCH_STAMP := $(VENV)/.bench-installed
+LITELLM_VENV := bench/.venv-litellm
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+node:
+	@command -v npm >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+
+$(LITELLM_VENV)/.installed: bench/requirements-litellm.txt
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install --quiet -r bench/requirements-litellm.txt
+	touch $@
+
+bench/node_modules/.installed: bench/package.json
+	npm install --prefix bench --no-audit --no-fund --silent
+	touch $@
+
+bench-peers: node $(LITELLM_VENV)/.installed bench/node_modules/.installed
+
+# BENCH_ARGS: flags for bench/run.py, e.g. BENCH_ARGS="--duration 5" or "--no-peers".
+BENCH_ARGS ?=
+
+bench: install redis-server wrk $(BENCH_STAMP) bench-peers
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/keys.py
 	$(BIN)/python bench/failover.py
+	$(BIN)/python bench/fastpath.py
 	$(BIN)/python bench/guardrails.py
 
 clean:

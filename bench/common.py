@@ -1,18 +1,13 @@
 """Helpers shared by `bench/streaming.py` and `bench/keys.py`: percentiles, the machine
 line, the command line as run, and appending a dated section to `bench/RESULTS.md`.
 
-How the sections live next to `bench/run.py`'s runs: run.py owns everything from the
-file's header down to its last `<!-- bench-run -->` chunk and rewrites it on every run
-(newest run first, keeping a few previous ones). These scripts never touch that part:
-their sections sit at the *end* of the file, each opened by its own marker
-`<!-- bench-extra:<kind> -->`. Writing one replaces nothing but older sections of the
-same kind beyond `keep` (newest first within a kind); the text before the first
-`bench-extra` marker is written back byte for byte.
-
-Because run.py treats all text after its last run marker as part of that run, these
-sections travel with the oldest run it keeps; when run.py drops that run from its
-history (after `--keep-history` newer runs) they go with it. Re-run the scripts then,
-or teach run.py's `write_results` to carry the `bench-extra` tail over.
+How the sections live next to `bench/run.py`'s runs: run.py puts each new run on top,
+under the file's title, and keeps everything below it as it was (older runs, hand-written
+notes, these sections). These scripts never touch that part: their sections sit at the
+*end* of the file, each opened by its own marker `<!-- bench-extra:<kind> -->`. Writing
+one replaces nothing but older sections of the same kind beyond `keep` (newest first
+within a kind); the text before the first `bench-extra` marker is written back byte for
+byte.
 """
 
 from __future__ import annotations
@@ -33,8 +28,6 @@ from typing import Final
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS: Final = REPO_ROOT / "bench" / "RESULTS.md"
 EXTRA_MARKER_RE: Final = re.compile(r"^<!-- bench-extra:([a-z0-9_-]+) -->$", re.MULTILINE)
-RUN_MARKER: Final = "<!-- bench-run -->"
-"""bench/run.py's marker, only read here (to warn when its history could drop ours)."""
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -129,9 +122,6 @@ def append_section(kind: str, body: str, *, path: Path = RESULTS, keep: int = 3)
         ordered.extend([new, *own][:keep] if k == kind else own)
     head = head.rstrip("\n") + "\n\n"
     path.write_text(head + "\n".join(ordered), encoding="utf-8")
-    if RUN_MARKER not in head:
-        print(f"bench: note: {path} has no bench/run.py run yet; its next run rewrites the "
-              "file and drops these sections", file=sys.stderr)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]],

@@ -18,6 +18,13 @@ measured here, never asserted in tests.
 
     .venv/bin/python bench/guardrails.py            # 20,000 calls per case
     .venv/bin/python bench/guardrails.py --quick    # 2,000
+    .venv/bin/python bench/guardrails.py --baseline main   # before (main) and after
+
+`--baseline REF` measures the `extproc` package of a git revision (exported with
+`git archive` to a temporary directory) in the same run: the calls of each case are
+split in rounds, and each round runs the baseline (a child process importing the
+exported package) and then the working tree, so both see the same machine load. The
+table gets a before and an after column.
 
 Results: a table on stdout and a dated `## Guardrails ...` section at the end of
 bench/RESULTS.md (see bench/common.py).
@@ -28,17 +35,26 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BASELINE_ENV = "ASC_BENCH_BASELINE_ROOT"
+"""Set for the child process of `--baseline`: the directory its `extproc` comes from."""
 if str(REPO_ROOT) not in sys.path:  # `python bench/guardrails.py` puts bench/ first
     sys.path.insert(0, str(REPO_ROOT))
+if os.environ.get(BASELINE_ENV):
+    sys.path.insert(0, os.environ[BASELINE_ENV])
 
 import common  # noqa: E402
 
@@ -83,7 +99,8 @@ def _body(text: str) -> bytes:
         {"role": "user", "content": text}]}).encode()
 
 
-ALL_DETECTORS = GuardrailPolicy(pii={name: Action.REDACT for name in DETECTORS},
+# Read-only actions, as a compiled config's policy has them (cached by identity).
+ALL_DETECTORS = GuardrailPolicy(pii=MappingProxyType({name: Action.REDACT for name in DETECTORS}),
                                 responses=ResponseRedaction(enabled=True, stream_window=64))
 CAPS_ONLY = GuardrailPolicy(models_deny=frozenset({"gpt-4o"}), max_n=1, temperature_max=1.0,
                             tools_allowed=False, response_formats=frozenset({"text"}))
@@ -101,8 +118,26 @@ class Row:
     on a machine shared with other processes."""
 
 
-def _time(case: str, calls: int, prepare: Callable[[], Any],
-          run: Callable[[Any], object]) -> Row:
+@dataclass(slots=True)
+class Samples:
+    """One case's measurements, added up over rounds."""
+
+    wall_us: list[float]
+    cpu_ns: int = 0
+    cpu_calls: int = 0
+
+    def add(self, other: Samples) -> None:
+        self.wall_us.extend(other.wall_us)
+        self.cpu_ns += other.cpu_ns
+        self.cpu_calls += other.cpu_calls
+
+    def row(self, case: str) -> Row:
+        return Row(case, len(self.wall_us), common.percentile(self.wall_us, 50),
+                   statistics.fmean(self.wall_us), common.percentile(self.wall_us, 99),
+                   self.cpu_ns / 1000 / max(1, self.cpu_calls))
+
+
+def _time(calls: int, prepare: Callable[[], Any], run: Callable[[Any], object]) -> Samples:
     samples: list[float] = []
     for _ in range(min(200, calls)):  # warm-up
         run(prepare())
@@ -117,7 +152,8 @@ def _time(case: str, calls: int, prepare: Callable[[], Any],
         gc.enable()
     cpu_ns = 0
     batch = min(1_000, calls)
-    for _ in range(max(1, calls // batch)):
+    batches = max(1, calls // batch)
+    for _ in range(batches):
         values = [prepare() for _ in range(batch)]
         gc.disable()
         try:
@@ -127,9 +163,7 @@ def _time(case: str, calls: int, prepare: Callable[[], Any],
             cpu_ns += time.process_time_ns() - start
         finally:
             gc.enable()
-    cpu_us = cpu_ns / 1000 / (max(1, calls // batch) * batch)
-    return Row(case, calls, common.percentile(samples, 50), statistics.fmean(samples),
-               common.percentile(samples, 99), cpu_us)
+    return Samples(samples, cpu_ns, batches * batch)
 
 
 def _stream_chunks(text: str, parts: int) -> list[bytes]:
@@ -139,22 +173,31 @@ def _stream_chunks(text: str, parts: int) -> list[bytes]:
         for i in range(0, len(text), size)]
 
 
-def run(calls: int) -> list[Row]:
+STREAM_CASE = "stream, 4 KB in 100 chunks (whole stream)"
+CASES = ("no guardrails", "caps only", "all detectors, clean 4 KB prompt",
+         "all detectors, 4 KB prompt with 12 values", "answer, 4 KB, all detectors",
+         STREAM_CASE)
+
+
+def _stream_calls(calls: int) -> int:
+    return max(100, calls // 10)
+
+
+def measure(calls: int) -> dict[str, Samples]:
+    """Every case once, `calls` calls each (the stream case a tenth of them)."""
     clean, dirty = _body(_text()), _body(_text(_PII))
-    rows = []
-    for case, policy, body in (("no guardrails", GuardrailPolicy(), clean),
-                               ("caps only", CAPS_ONLY, clean),
-                               ("all detectors, clean 4 KB prompt", ALL_DETECTORS, clean),
-                               ("all detectors, 4 KB prompt with 12 values", ALL_DETECTORS,
-                                dirty)):
-        rows.append(_time(case, calls, lambda body=body: json.loads(body),
-                          lambda request, policy=policy: screen_request(
-                              policy, request, "gpt-4o-mini")))
+    measured: dict[str, Samples] = {}
+    for case, policy, body in ((CASES[0], GuardrailPolicy(), clean),
+                               (CASES[1], CAPS_ONLY, clean),
+                               (CASES[2], ALL_DETECTORS, clean),
+                               (CASES[3], ALL_DETECTORS, dirty)):
+        measured[case] = _time(calls, lambda body=body: json.loads(body),
+                               lambda request, policy=policy: screen_request(
+                                   policy, request, "gpt-4o-mini"))
     screening = screen_request(ALL_DETECTORS, json.loads(dirty), "gpt-4o-mini")
     answer = json.dumps({"id": "x", "choices": [{"index": 0, "message": {
         "role": "assistant", "content": _text(_PII)}}]}).encode()
-    rows.append(_time("answer, 4 KB, all detectors", calls, lambda: answer,
-                      screening.answer))
+    measured[CASES[4]] = _time(calls, lambda: answer, screening.answer)
     chunks = _stream_chunks(_text(_PII), 100)
 
     def stream(redactor: StreamRedactor) -> None:
@@ -162,10 +205,50 @@ def run(calls: int) -> list[Row]:
             redactor.feed(chunk)
         redactor.flush()
 
-    streamed = _time("stream, 4 KB in 100 chunks (whole stream)", max(100, calls // 10),
-                     lambda: screening.stream(Dialect.OPENAI), stream)
-    rows.append(streamed)
-    return rows
+    measured[STREAM_CASE] = _time(_stream_calls(calls),
+                                  lambda: screening.stream(Dialect.OPENAI), stream)
+    return measured
+
+
+def run(calls: int) -> list[Row]:
+    measured = measure(calls)
+    return [measured[case].row(case) for case in CASES]
+
+
+def export_baseline(ref: str, into: Path) -> str:
+    """`ref`'s `extproc` package under `into`; its short commit id."""
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", ref],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    archive = into / "extproc.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", commit,
+                        "extproc"], stdout=out, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    return commit
+
+
+def _baseline_round(root: Path, calls: int) -> dict[str, Samples]:
+    """One round of every case in a child process importing `root`'s extproc."""
+    env = {**os.environ, BASELINE_ENV: str(root)}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
+                          "--calls", str(calls)], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return {case: Samples(**fields) for case, fields in json.loads(out).items()}
+
+
+def compare(calls: int, root: Path, rounds: int) -> tuple[list[Row], list[Row]]:
+    """(before, after) rows: `rounds` rounds, each the baseline then the working tree."""
+    per_round = max(100, calls // rounds)
+    before: dict[str, Samples] = {case: Samples([]) for case in CASES}
+    after: dict[str, Samples] = {case: Samples([]) for case in CASES}
+    for _ in range(rounds):
+        for case, samples in _baseline_round(root, per_round).items():
+            before[case].add(samples)
+        for case, samples in measure(per_round).items():
+            after[case].add(samples)
+    return ([before[case].row(case) for case in CASES],
+            [after[case].row(case) for case in CASES])
 
 
 def result_table(rows: Sequence[Row]) -> list[str]:
@@ -175,7 +258,18 @@ def result_table(rows: Sequence[Row]) -> list[str]:
           f"{r.cpu_us:.1f}"] for r in rows])
 
 
-def render(command: str, machine: str, started: Any, rows: Sequence[Row]) -> str:
+def comparison_table(before: Sequence[Row], after: Sequence[Row], ref: str) -> list[str]:
+    return common.table(
+        ["case", "calls", f"p50 µs ({ref})", "p50 µs (now)", f"CPU µs/call ({ref})",
+         "CPU µs/call (now)", "CPU change"],
+        [[old.case, f"{new.calls:,}", f"{old.p50_us:.1f}", f"{new.p50_us:.1f}",
+          f"{old.cpu_us:.1f}", f"{new.cpu_us:.1f}",
+          f"{(new.cpu_us - old.cpu_us) / old.cpu_us * 100:+.0f} %" if old.cpu_us else "-"]
+         for old, new in zip(before, after, strict=True)])
+
+
+def render(command: str, machine: str, started: Any, rows: Sequence[Row],
+           baseline: tuple[str, Sequence[Row], int] | None = None) -> str:
     load = " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
     target = next(r for r in rows if r.case.startswith("all detectors, clean"))
     dirty = next(r for r in rows if r.case.startswith("all detectors, 4 KB prompt with"))
@@ -193,8 +287,12 @@ def render(command: str, machine: str, started: Any, rows: Sequence[Row]) -> str
         "timing. Every detector on with action redact. *CPU µs/call*: process CPU time "
         "(`time.process_time_ns`) over batches of 1,000 calls on inputs prepared before "
         "the batch, divided by the calls: the figure least disturbed by other processes.",
+        *(["", f"Before and after in this one run: the baseline is `extproc` of commit "
+           f"{baseline[0]} (`git archive`, imported by a child process); the calls of each "
+           f"case are split in {baseline[2]} rounds, each the baseline then this tree, so both "
+           "ran under the same load."] if baseline else []),
         "",
-        *result_table(rows),
+        *(comparison_table(baseline[1], rows, baseline[0]) if baseline else result_table(rows)),
         "",
         f"- Target <= {TARGET_US:g} µs per request, 4 KB prompt, every detector on: "
         f"{target.cpu_us:.1f} µs CPU (p50 {target.p50_us:.1f} µs) on a prompt with nothing "
@@ -213,18 +311,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="2,000 calls per case")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also measure this git revision's extproc, in the same run")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds that alternate baseline and working tree (--baseline)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=common.RESULTS)
     args = parser.parse_args(raw)
     calls = 2_000 if args.quick else args.calls
-    if not 100 <= calls <= 1_000_000:
-        print("bench: --calls 100..1000000", file=sys.stderr)
+    if not 100 <= calls <= 1_000_000 or not 1 <= args.rounds <= 100:
+        print("bench: --calls 100..1000000, --rounds 1..100", file=sys.stderr)
         return 2
+    if args.worker:  # a round of --baseline: samples as JSON on stdout
+        json.dump({case: {"wall_us": samples.wall_us, "cpu_ns": samples.cpu_ns,
+                          "cpu_calls": samples.cpu_calls}
+                   for case, samples in measure(calls).items()}, sys.stdout)
+        return 0
     started = common.utc_now()
     machine = common.machine_line()
-    rows = run(calls)
-    text = render(common.display_command("bench/guardrails.py", raw), machine, started, rows)
+    baseline: tuple[str, Sequence[Row], int] | None = None
+    if args.baseline:
+        with tempfile.TemporaryDirectory(prefix="guardrails-baseline-") as root:
+            commit = export_baseline(args.baseline, Path(root))
+            before, rows = compare(calls, Path(root), args.rounds)
+        baseline = (commit, before, args.rounds)
+    else:
+        rows = run(calls)
+    text = render(common.display_command("bench/guardrails.py", raw), machine, started, rows,
+                  baseline)
     common.append_section("guardrails", text, path=args.output)
-    print("\n".join(result_table(rows)))
+    if baseline:
+        print("\n".join(comparison_table(baseline[1], rows, baseline[0])))
+    else:
+        print("\n".join(result_table(rows)))
     print("\n".join(line for line in text.splitlines() if line.startswith("- ")))
     return 0
 

@@ -5,6 +5,7 @@
 --   BENCH_KEY   virtual key sent as "Authorization: Bearer <key>"
 --   BENCH_BODY  request body (JSON)
 --   BENCH_PATH  request path (default /v1/chat/completions)
+--   BENCH_HEADERS  extra request headers, one "name: value" per line (a peer's routing)
 
 wrk.method = "POST"
 wrk.path = os.getenv("BENCH_PATH") or "/v1/chat/completions"
@@ -14,6 +15,12 @@ wrk.headers["Content-Type"] = "application/json"
 local key = os.getenv("BENCH_KEY")
 if key ~= nil and key ~= "" then
     wrk.headers["Authorization"] = "Bearer " .. key
+end
+for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\n]+") do
+    local name, value = string.match(line, "^([^:]+):%s*(.*)$")
+    if name ~= nil then
+        wrk.headers[name] = value
+    end
 end
 
 function done(summary, latency, requests)

@@ -55,7 +55,8 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/streaming.py` puts bench/ fi
     sys.path.insert(0, str(REPO_ROOT))
 
 import common  # noqa: E402
-import run as bench_run  # noqa: E402  (bench/run.py: direct Envoy, /proc CPU)
+import cpu as bench_cpu  # noqa: E402  (bench/cpu.py: /proc CPU)
+import stack as bench_stack  # noqa: E402  (bench/stack.py: the direct Envoy)
 
 from extproc.auth import hash_key  # noqa: E402
 from extproc.config import load_config  # noqa: E402
@@ -118,7 +119,7 @@ class StreamStack:
         return self.direct_port if target == DIRECT else self.gateway_port
 
     def cpu(self) -> dict[str, float]:
-        return {name: bench_run.tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+        return {name: bench_cpu.tree_cpu_seconds(pid) for name, pid in self.pids.items()}
 
 
 def write_config(workdir: Path, *, emulator_port: int, pepper: str, tenant_key: str) -> Path:
@@ -182,9 +183,9 @@ def start_stack(stack: Stack, *, chunk_delay_ms: int, words: int) -> StreamStack
         listen_port=gateway_port, admin_socket=gateway_admin, name="envoy-gateway")
 
     direct_port, direct_admin = free_port(), stack.admin_socket("envoy-direct")
-    direct = bench_run.direct_bootstrap(
+    direct = bench_stack.direct_bootstrap(
         listen_port=direct_port, admin_socket=direct_admin, emulator_port=emulator_port,
-        provider_key=openai_key, access_log=bench_run._find_access_log(gateway_bootstrap))
+        provider_key=openai_key, access_log=bench_stack.find_access_log(gateway_bootstrap))
     envoy_direct = stack.start_envoy(
         "# bench/streaming.py direct Envoy (no ext_proc)\n"
         + yaml.safe_dump(direct, sort_keys=False),

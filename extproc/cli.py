@@ -99,7 +99,8 @@ _SHAPE_DEFAULTS: dict[Shape, dict[str, object]] = {
     Shape.EDGE: {"listen_address": "0.0.0.0"},
 }
 _PORTS_OPTIONS: Final = ("listen_address", "listen_port", "admin_socket", "extproc_address",
-                         "extproc_port", "extproc_socket", "extproc_workers", "trusted_ca")
+                         "extproc_port", "extproc_socket", "extproc_workers", "trusted_ca",
+                         "extproc_streams_per_connection")
 """`envoy render` options that are `EnvoyPorts` fields."""
 _RENDER_OPTIONS: Final = (*_PORTS_OPTIONS, "max_downstream_connections", "identity",
                            "mesh_address", "mesh_port", "mesh_cert", "mesh_key",
@@ -236,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--mesh-key", default=None, help="server private key (PEM)")
     render.add_argument("--mesh-client-ca", default=None,
                         help="CA (PEM) that signs the workloads' client certificates")
+    render.add_argument("--extproc-streams-per-connection", type=int, default=None,
+                        help="HTTP/2 streams per connection to extproc: a small number makes "
+                        "each Envoy worker open several connections, which the kernel "
+                        "spreads over `serve --workers` processes (default: no limit)")
     render.set_defaults(func=_cmd_envoy_render)
     return parser
 

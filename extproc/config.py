@@ -49,10 +49,12 @@ from extproc.config_schema import (
     DeploymentHealthSettings,
     Document,
     FailoverSettings,
+    FastPathSettings,
     GuardrailsSpec,
     IdentitySpec,
     KekSpec,
     Limits,
+    LoggingSettings,
     MetricsSettings,
     ModelSpec,
     OrgBudgetSpec,
@@ -87,11 +89,13 @@ __all__ = [
     "Deployment",
     "DeploymentHealthSettings",
     "FailoverSettings",
+    "FastPathSettings",
     "GatewayConfig",
     "IdentitySettings",
     "JwtIdentity",
     "KekSettings",
     "Limits",
+    "LoggingSettings",
     "MeshIdentity",
     "MetricsConfig",
     "Model",
@@ -426,6 +430,8 @@ class GatewayConfig:
     digest: str = field(default="", compare=False)
     """SHA-256 of the config file's bytes (hex): the audit record's `config_version`.
     Not compared: two files that compile alike are the same config."""
+    fast_path: FastPathSettings = field(default_factory=FastPathSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
 # --- entry points ------------------------------------------------------------------------
@@ -865,6 +871,10 @@ class _Compiler:
                 self.add(_join("tenants", tenant_id), "budgets and rate limits need Redis",
                          "set redis.url")
         self.check_workloads(tenants)
+        for index, name in enumerate(doc.fast_path.tenants if doc.fast_path else ()):
+            if name not in tenants:
+                self.add(f"fast_path.tenants[{index}]", f"unknown tenant {name!r}",
+                         f"tenants: {', '.join(sorted(tenants))}")
         auth: AuthSpec | None = doc.auth  # (None in a document with its auth left out)
         if auth is None:
             return None
@@ -888,6 +898,8 @@ class _Compiler:
                 name: self.guardrails(_join("guardrail_profiles", name), spec, models)
                 for name, spec in (doc.guardrail_profiles or {}).items()},
             audit=self.audit(doc.audit),
+            fast_path=doc.fast_path or FastPathSettings(),
+            logging=doc.logging or LoggingSettings(),
         )
 
     def check_workloads(self, tenants: Mapping[str, Tenant]) -> None:

@@ -294,6 +294,42 @@ class FailoverSettings(_Spec):  # also the runtime object
         "it with each ejection).")
 
 
+
+class FastPathSettings(_Spec):  # also the runtime object
+    """The fast path: one ext_proc message per same-dialect request (docs/fast-path.md).
+
+    Envoy reads the body's `model`, `stream` and limits (json_to_metadata) and the answer's
+    usage (json_to_metadata, Lua on SSE); the service decides with the request headers
+    alone and settles from Envoy's gRPC access log. Requests that need their body
+    rewritten keep the full path.
+    """
+
+    enabled: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=False, description="Every tenant may use the fast path.")
+    tenants: list[Text] = Field(
+        default_factory=list, description="Tenants that may use the fast path when "
+        "`enabled` is false.")
+    flush_interval_ms: Annotated[int, Field(ge=10, le=10_000)] = Field(
+        default=100, description="How often Envoy sends its batch of finished fast-path "
+        "requests (usage, status) to the service: settle and the request record wait this "
+        "long at most.")
+
+    def allows(self, tenant: str) -> bool:
+        return self.enabled or tenant in self.tenants
+
+    @property
+    def rendered(self) -> bool:
+        """Envoy carries the fast path's filters when any tenant may use it."""
+        return self.enabled or bool(self.tenants)
+
+
+class LoggingSettings(_Spec):  # also the runtime object
+    """What the service logs per request."""
+
+    request_log: Annotated[bool, Rule(invalid="must be true or false")] = Field(
+        default=True, description="One JSON line per finished request (`request finished`); "
+        "off saves its CPU on the hot path (metrics and budgets are kept).")
+
 def _redis_url(url: str) -> str:
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise problem(((), "must start with redis://, rediss:// or unix://", ""))
@@ -1119,6 +1155,10 @@ class Document(_Spec):
                                            description="Gateway-wide budget settings.")
     deployment_health: DeploymentHealthSettings | None = Field(
         default=None, description="Circuit breakers of deployments.")
+    fast_path: FastPathSettings | None = Field(
+        default=None, description="One ext_proc message per same-dialect request.")
+    logging: LoggingSettings | None = Field(
+        default=None, description="Per-request logging.")
     metrics: MetricsSettings | None = Field(
         default=None, description="Prometheus metrics: the tenant label cardinality guard.")
     tracing: TracingSettings | None = Field(

@@ -73,6 +73,8 @@ class DeploymentHealth:
         self._slow_s = (self.settings.slow_ms / 1000 if self.settings.slow_ms is not None
                         else None)
         self._deployments: dict[str, _Deployment] = {}
+        self._published: dict[str, str] = {}
+        """The state last written to the `asc_deployment_state` gauges, by key."""
 
     def _of(self, key: str) -> _Deployment:
         health = self._deployments.get(key)
@@ -157,7 +159,12 @@ class DeploymentHealth:
             self._publish(key)
 
     def _publish(self, key: str) -> None:
+        """The gauges follow the state; written only when it changed (every request
+        releases or records a permit: three gauge writes each, otherwise)."""
         current = self.state(key)
+        if self._published.get(key) == current:
+            return
+        self._published[key] = current
         for name in _STATES:
             metrics.DEPLOYMENT_STATE.labels(key, name).set(1 if name == current else 0)
 

@@ -37,11 +37,16 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE", "MTLS_ATTRIBUTE",
-           "PEER_URI_SAN_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE",
-           "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
+__all__ = ["BODY_FIELDS_NAMESPACE", "JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE",
+           "MTLS_ATTRIBUTE", "PEER_URI_SAN_ATTRIBUTE", "RESPONSE_HEADERS_NAMESPACE",
+           "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE", "STAGE_HEADER",
+           "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
 
 METADATA_NAMESPACE: Final = "asc"
+BODY_FIELDS_NAMESPACE: Final = "asc.request"
+"""Request body fields read by Envoy's json_to_metadata for the fast path."""
+RESPONSE_HEADERS_NAMESPACE: Final = "asc.response_headers"
+"""Answer headers the fast path leaves to Envoy (its Lua filter sets them)."""
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
 SOURCE_ADDRESS_ATTRIBUTE: Final = "source.address"
 """The downstream peer (ip:port) Envoy accepted the connection from: the audit's
@@ -86,7 +91,8 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
         return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
                        route_metadata=_route_metadata(request), mtls=mtls,
                        peer_uri_san=peer, jwt_claims=_jwt_claims(request),
-                       source_address=_string_attribute(request, SOURCE_ADDRESS_ATTRIBUTE))
+                       source_address=_string_attribute(request, SOURCE_ADDRESS_ATTRIBUTE),
+                       body_fields=_body_fields(request))
     if kind == "request_body":
         body = request.request_body
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
@@ -118,6 +124,26 @@ def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
             if value.HasField("string_value"):
                 context[f"{METADATA_NAMESPACE}.{name}"] = value.string_value
     return context
+
+
+def _body_fields(request: pb.ProcessingRequest) -> dict[str, object] | None:
+    """The body fields json_to_metadata read (`metadata_options.forwarding_namespaces`),
+    as plain values (numbers arrive as floats); None when Envoy read none."""
+    namespace = request.metadata_context.filter_metadata.get(BODY_FIELDS_NAMESPACE)
+    if namespace is None:
+        return None
+    fields: dict[str, object] = {}
+    for name, value in namespace.fields.items():
+        kind = value.WhichOneof("kind")
+        if kind == "string_value":
+            fields[name] = value.string_value
+        elif kind == "number_value":
+            fields[name] = value.number_value
+        elif kind == "bool_value":
+            fields[name] = value.bool_value
+        else:  # null, list, object: not what the fast path reads; keep its presence
+            fields[name] = None
+    return fields
 
 
 def _peer(request: pb.ProcessingRequest) -> tuple[bool, str | None]:
@@ -217,7 +243,22 @@ def encode(phase: Phase, reply: Outbound) -> pb.ProcessingResponse:
         response.mode_override.response_body_mode = _MODES[reply.response_body_mode]
     if reply.metadata:
         _metadata(response, reply.metadata)
+    if reply.skip_rest:
+        _skip_rest(response.mode_override)
+    if reply.response_headers:
+        response.dynamic_metadata.fields[RESPONSE_HEADERS_NAMESPACE].struct_value.update(
+            reply.response_headers)
     return response
+
+
+def _skip_rest(mode: processing_mode_pb2.ProcessingMode) -> None:
+    """The rest of the request without the service: the stream ends after this reply
+    (measured, tests/e2e/test_fastpath_envoy_facts.py)."""
+    mode.request_body_mode = processing_mode_pb2.ProcessingMode.NONE
+    mode.request_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP
+    mode.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
+    mode.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
+    mode.response_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP
 
 
 def _status_names() -> dict[int, str]:

@@ -39,8 +39,13 @@ from typing import Any, Final
 
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401 - @type
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.json_to_metadata.v3 import (  # noqa: F401 - @type
+    json_to_metadata_pb2,
+)
+from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.upstream_codec.v3 import (  # noqa: F401 - @type
     upstream_codec_pb2,
@@ -60,7 +65,9 @@ from google.protobuf import json_format  # type: ignore[import-untyped]
 
 from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import (
+    BODY_FIELDS_NAMESPACE,
     METADATA_NAMESPACE,
+    RESPONSE_HEADERS_NAMESPACE,
     ROUTE_METADATA_ATTRIBUTE,
     SOURCE_ADDRESS_ATTRIBUTE,
     STAGE_HEADER,
@@ -81,7 +88,10 @@ __all__ = [
     "Shape",
     "ShapeError",
     "admin_address",
+    "bootstrap_yaml",
     "check_typed",
+    "fast_path_lua_usage_filter",
+    "json_to_metadata_filter",
     "render_bootstrap",
     "render_yaml",
 ]
@@ -134,6 +144,12 @@ class EnvoyPorts:
     extproc_port: int = 50051
     message_timeout_ms: int = 2000
     route_timeout_s: int = 300
+    extproc_streams_per_connection: int | None = None
+    """HTTP/2 `max_concurrent_streams` towards extproc. Envoy opens one connection per
+    worker thread to a cluster without a limit, so `serve --workers N` (SO_REUSEPORT
+    shares connections, not streams) gets at most as many connections as Envoy has
+    threads; a small limit makes Envoy open more, which the kernel spreads (bench:
+    bench/fastpath.py --workers 2)."""
     extproc_socket: str | None = None
     """The service's Unix socket (`extproc serve --listen unix:PATH`); when set, ext_proc
     goes over it instead of `extproc_address:extproc_port`."""
@@ -532,6 +548,12 @@ def _retry_policy(settings: FailoverSettings) -> dict[str, Any]:
     }
 
 
+def _extproc_http2(ports: EnvoyPorts) -> dict[str, Any]:
+    if ports.extproc_streams_per_connection is None:
+        return {}
+    return {"max_concurrent_streams": ports.extproc_streams_per_connection}
+
+
 def _extproc_cluster(ports: EnvoyPorts) -> dict[str, Any]:
     """The service, over TCP or over its Unix socket(s).
 
@@ -557,7 +579,7 @@ def _extproc_cluster(ports: EnvoyPorts) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {"http2_protocol_options": _extproc_http2(ports)},
             },
         },
     }
@@ -675,6 +697,8 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape =
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }
+    if config.fast_path.rendered:
+        _with_fast_path(config, hcm)
     if shape is Shape.EDGE:
         hcm.update(_edge_http_options(edge))
     bootstrap: dict[str, Any] = {}
@@ -739,4 +763,180 @@ def render_yaml(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape = Shap
     if command is not None:
         header += f"# Regenerate: {command}\n"
     bootstrap = render_bootstrap(config, ports, shape=shape, edge=edge, identity=identity)
-    return header + yaml.safe_dump(bootstrap, sort_keys=False)
+    return header + bootstrap_yaml(bootstrap)
+
+
+class _EnvoyYamlDumper(yaml.SafeDumper):
+    """Quotes the strings Envoy's YAML reader (YAML 1.1 style) takes for booleans: PyYAML
+    writes `n` and `y` bare, and Envoy then reads json_to_metadata's selector `n` as
+    false (measured)."""
+
+
+def _quoted_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "'" if value.lower() in ("y", "n") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_EnvoyYamlDumper.add_representer(str, _quoted_str)
+
+
+def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
+    """A rendered bootstrap as YAML Envoy reads back exactly."""
+    return yaml.dump(bootstrap, Dumper=_EnvoyYamlDumper, sort_keys=False)
+
+
+# -- the fast path (docs/decisions/0120-0123) -------------------------------------------
+
+FAST_REQUEST_NAMESPACE: Final = BODY_FIELDS_NAMESPACE
+"""Where json_to_metadata puts the request body's fields the fast path needs."""
+FAST_USAGE_NAMESPACE: Final = "asc.usage"
+"""Where Envoy's Lua filter puts the provider's token counts (JSON and SSE answers); the
+access-log service reads them from there."""
+_JSON_TO_METADATA: Final = (
+    "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata")
+_LUA: Final = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+_HTTP_GRPC_LOG: Final = (
+    "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig")
+_FAST_REQUEST_FIELDS: Final = (
+    (("model",), "model"),
+    (("stream",), "stream"),
+    (("max_tokens",), "max_tokens"),
+    (("max_completion_tokens",), "max_completion_tokens"),
+    (("n",), "n"),
+    (("stream_options", "include_usage"), "include_usage"),
+    (("service_tier",), "service_tier"),
+)
+USAGE_FIELDS: Final = (
+    "prompt_tokens", "completion_tokens", "cached_tokens", "audio_tokens",
+    "input_tokens", "output_tokens", "cache_read_input_tokens",
+    "cache_creation_input_tokens", "web_search_requests",
+)
+"""Usage counts the Lua filter copies out of fast-path answers, under their providers' own
+names (OpenAI and Anthropic shapes); `extproc.fastpath` turns them into a `Usage`."""
+
+
+def _json_rule(path: tuple[str, ...], namespace: str, key: str) -> dict[str, Any]:
+    return {"selectors": [{"key": part} for part in path],
+            "on_present": {"metadata_namespace": namespace, "key": key}}
+
+
+def json_to_metadata_filter() -> dict[str, Any]:
+    """Envoy parses the request body into dynamic metadata before ext_proc (it holds the
+    headers until the body is whole: 0120). No response rules: they would hold back
+    every JSON answer, full path included, within Envoy's buffer (0122)."""
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": _JSON_TO_METADATA,
+            "request_rules": {"rules": [
+                _json_rule(path, FAST_REQUEST_NAMESPACE, key)
+                for path, key in _FAST_REQUEST_FIELDS]},
+        },
+    }
+
+
+_LUA_FAST_ANSWER: Final = """
+-- The fast path's answer, in Envoy (docs/decisions/0122, 0123): on a request the service
+-- answered with its one fast-path reply (metadata asc.fast), remove the provider's
+-- account headers, put the service's x-asc-* headers on (asc.response_headers), and read
+-- the usage of the answer (JSON or SSE) chunk by chunk as it passes: nothing is held
+-- back, nothing goes to ext_proc, any size works. A count split across two chunks is
+-- found in the overlap kept from the previous one; the last value of a name wins
+-- (Anthropic's final message_delta carries the cumulative output_tokens). A JSON string
+-- cannot hold an unescaped quote, so a name in quotes followed by a colon and digits is a
+-- key of the answer, never text the model wrote. Every other request returns at once.
+local NAMES = {%(names)s}
+local ACCOUNT = {%(account)s}
+function envoy_on_response(handle)
+  local metadata = handle:streamInfo():dynamicMetadata()
+  local asc = metadata:get("asc")
+  if asc == nil or asc["fast"] ~= true then
+    return
+  end
+  local headers = handle:headers()
+  local drop = {}
+  for name, _ in pairs(headers) do
+    if ACCOUNT[name] or string.find(name, "^x%%-ratelimit%%-")
+        or string.find(name, "^anthropic%%-ratelimit%%-") then
+      drop[#drop + 1] = name
+    end
+  end
+  for _, name in ipairs(drop) do
+    headers:remove(name)
+  end
+  local tags = metadata:get("%(headers_ns)s")
+  if tags ~= nil then
+    for name, value in pairs(tags) do
+      headers:replace(name, tostring(value))
+    end
+  end
+  local found = {}
+  local tail = ""
+  for chunk in handle:bodyChunks() do
+    local text = tail .. chunk:getBytes(0, chunk:length())
+    for name, value in string.gmatch(text, '"([a-z_]+)"%%s*:%%s*(%%d+)') do
+      if NAMES[name] then found[name] = value end
+    end
+    tail = string.sub(text, -160)
+  end
+  -- Objects taken before the chunks yielded are out of scope now (measured): ask again.
+  local after = handle:streamInfo():dynamicMetadata()
+  for name, value in pairs(found) do
+    after:set("%(usage_ns)s", name, tonumber(value))
+  end
+end
+"""
+_ACCOUNT_HEADERS: Final = ("openai-organization", "openai-project",
+                           "anthropic-organization-id")
+"""Provider response headers that describe its account (with the x-ratelimit-* and
+anthropic-ratelimit-* families); as `translate.headers.provider_account_headers`."""
+
+
+def fast_path_lua_usage_filter() -> dict[str, Any]:
+    """The Lua filter that finishes a fast-path answer in Envoy (see `_LUA_FAST_ANSWER`)."""
+    source = _LUA_FAST_ANSWER % {
+        "names": ", ".join(f"{name} = true" for name in USAGE_FIELDS),
+        "account": ", ".join(f'["{name}"] = true' for name in _ACCOUNT_HEADERS),
+        "headers_ns": RESPONSE_HEADERS_NAMESPACE,
+        "usage_ns": FAST_USAGE_NAMESPACE,
+    }
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {"@type": _LUA, "default_source_code": {"inline_string": source}},
+    }
+
+
+def _fast_path_access_log(config: GatewayConfig) -> dict[str, Any]:
+    """Finished fast-path requests, in batches, to the service (extproc/usage_log.py)."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"metadata_filter": {
+            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "fast"}],
+                        "value": {"bool_match": True}},
+            "match_if_key_not_found": False,
+        }},
+        "typed_config": {
+            "@type": _HTTP_GRPC_LOG,
+            "common_config": {
+                "log_name": "asc_fast_path",
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": f"{config.fast_path.flush_interval_ms / 1000:g}s",
+            },
+        },
+    }
+
+
+def _with_fast_path(config: GatewayConfig, hcm: dict[str, Any]) -> None:
+    """Add the fast path's Envoy pieces around the router-level ext_proc (in place)."""
+    filters: list[dict[str, Any]] = hcm["http_filters"]
+    ext_proc_filter = next(f for f in filters if f["name"] == "asc.ext_proc")
+    options = ext_proc_filter["typed_config"].setdefault("metadata_options", {})
+    options.setdefault("forwarding_namespaces", {}).setdefault("untyped", []).append(
+        FAST_REQUEST_NAMESPACE)
+    options.setdefault("receiving_namespaces", {}).setdefault("untyped", []).append(
+        RESPONSE_HEADERS_NAMESPACE)
+    at = filters.index(ext_proc_filter)
+    hcm["http_filters"] = [*filters[:at], json_to_metadata_filter(), ext_proc_filter,
+                           fast_path_lua_usage_filter(), *filters[at + 1:]]
+    hcm["access_log"] = [*hcm["access_log"], _fast_path_access_log(config)]

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from extproc import metrics
+from extproc import fastpath, metrics
 from extproc.audit.capture import Capture
 from extproc.audit.record import record_from, source_address
 from extproc.audit.writer import AuditWriter
@@ -229,6 +229,9 @@ class RequestProcessor:
         self._span: RequestSpan | None = None
         self._finished = False
         self._complete = False
+        self.fast_path = False
+        """The one fast-path reply went out: Envoy's access log brings the answer, and
+        `fastpath.complete_from_log` settles and records it (not this finish())."""
         self.guardrail_actions: list[tuple[str, str, int]] = []
         """(rule id, action, count) of every guardrail that acted (extproc.guardrails)."""
         self._route_guardrails: GuardrailPolicy | None = None
@@ -296,6 +299,10 @@ class RequestProcessor:
                   if name in _CLIENT_ONLY_HEADERS or name.startswith(_GATEWAY_HEADER_PREFIX)]
         # The provider (and so its allow-list) is known with the body: the rest goes there.
         self._client_headers = tuple(name for name in headers if name not in remove)
+        if message.body_fields is not None:  # Envoy read the body: maybe one message
+            fast = await fastpath.take(self, message, remove)
+            if fast is not None:
+                return fast
         # Envoy chose a route before this reply, from the headers as the client sent them:
         # clearing the cache makes it choose again without the headers removed here.
         return Continue(remove_headers=remove, request_body_mode=BodyMode.BUFFERED,
@@ -874,7 +881,8 @@ class RequestProcessor:
             if self._deployment_permit is not None and self.route is not None:
                 self._runtime.health.release(self.route.key, self._deployment_permit)
                 self._deployment_permit = None
-            if self.hold is not None and self.principal is not None and self.route is not None:
+            if (self.hold is not None and self.principal is not None
+                    and self.route is not None and not self.fast_path):
                 cost, tokens = self._real_cost(aborted)
                 self.charged_micro_usd = cost
                 settled = await self._runtime.budget_guard().settle(
@@ -891,10 +899,11 @@ class RequestProcessor:
                 "request_id": self.request_id}})
         finally:
             # Also when settling was cancelled (shutdown): every request is measured,
-            # logged and audited exactly once.
-            self._measure_and_log(aborted)
-            if self._audit is not None:
-                await self._submit_audit(aborted)
+            # logged and audited exactly once (a fast-path request by complete_from_log).
+            if not self.fast_path:
+                self._measure_and_log(aborted)
+                if self._audit is not None:
+                    await self._submit_audit(aborted)
 
     async def _submit_audit(self, aborted: bool) -> None:
         assert self._audit is not None
@@ -923,6 +932,8 @@ class RequestProcessor:
         self._measure(aborted, duration, attempts)
         if self._config.tracing is not None:
             self._end_span(aborted, duration)
+        if not self._config.logging.request_log:
+            return
         log_event(
             log, logging.INFO, "request finished",
             request_id=self.request_id,
@@ -1009,6 +1020,56 @@ class RequestProcessor:
             credential=self.credential.label if self.credential else None,
             stream=self.streaming, aborted=aborted and self.error is None),
             failed=(aborted and self.error is None) or (status is not None and status >= 500))
+
+    # -- fast path hooks (extproc/fastpath.py) ----------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @property
+    def route_override(self) -> RouteOverride | None:
+        return self._route_override
+
+    @property
+    def route_guardrails(self) -> GuardrailPolicy | None:
+        return self._route_guardrails
+
+    @property
+    def client_headers(self) -> tuple[str, ...]:
+        return self._client_headers
+
+    def clock(self) -> float:
+        return self._clock()
+
+    def take_deployment_permit(self) -> None:
+        assert self.route is not None
+        self._deployment_permit = self._runtime.health.allow(self.route.key)
+
+    async def provider_auth(self, provider: Provider,
+                            principal: Principal) -> list[tuple[str, str]]:
+        return await self._provider_auth(provider, principal)
+
+    def metadata(self) -> dict[str, str | int | float | bool]:
+        return self._metadata()
+
+    def tag_headers(self) -> list[tuple[str, str]]:
+        return self._tag_headers()
+
+    def restore(self, *, request_id: str, started: float, first_byte_at: float | None) -> None:
+        """A fast-path request rebuilt from Envoy's access log: its id and timings."""
+        self.request_id = request_id
+        self._started = started
+        self._first_byte_at = first_byte_at
+
+    def mark_complete(self, complete: bool) -> None:
+        self._complete = complete
+
+    @property
+    def finishes_without_waiting(self) -> bool:
+        """finish() has nothing to await: no hold to settle here (server.py runs it
+        inline instead of as a task)."""
+        return self.fast_path or (self.hold is None and self._audit is None)
 
     def _real_cost(self, aborted: bool) -> tuple[int, int]:
         """(micro-USD, tokens) to charge: the provider's usage when it reported one.

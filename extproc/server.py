@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import aiohttp
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +53,7 @@ from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime, RuntimeHolder, kek_from_settings
 from extproc.secrets import SecretUnavailable
 from extproc.upstream import AttemptProcessor
+from extproc.usage_log import AccessLogReceiver
 
 __all__ = ["ExternalProcessorService", "RestartBackoff", "ServeOptions", "build_runtime", "serve"]
 
@@ -101,10 +103,24 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 response: pb.ProcessingResponse = envoy.encode(inbound.phase, reply)
                 _PHASE_TIMERS[inbound.phase].observe(time.perf_counter() - started)
                 await context.write(response)
+                if processor.fast_path:
+                    # Nothing more of this request comes (mode_override SKIP): end the
+                    # RPC now instead of waiting for Envoy's half-close (measured,
+                    # tests/e2e/test_fastpath_envoy_facts.py).
+                    return
         finally:
-            task = asyncio.get_running_loop().create_task(processor.finish())
-            self.finishing.add(task)
-            task.add_done_callback(self._finished)
+            if processor.finishes_without_waiting:
+                # Nothing to await (no hold to settle, or a fast-path request settled
+                # from the access log): run it here, without a task per request. It
+                # never suspends, so a cancelled handler cannot cut it short.
+                try:
+                    await processor.finish()
+                except Exception:
+                    log.exception("finish failed")
+            else:
+                task = asyncio.get_running_loop().create_task(processor.finish())
+                self.finishing.add(task)
+                task.add_done_callback(self._finished)
 
     async def _attempt(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """An upstream (per-attempt) ext_proc stream: see extproc/upstream.py."""
@@ -308,6 +324,8 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
         raise SystemExit(2) from None
     service = ExternalProcessorService(holder, audit)
     pb_grpc.add_ExternalProcessorServicer_to_server(service, server)
+    usage_log = AccessLogReceiver(holder, audit)  # fast-path answers (extproc/usage_log.py)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_log, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # /metrics first: a busy metrics port stops the start before the gRPC server runs.
@@ -338,6 +356,7 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     prober.cancel()
     await server.stop(options.drain_seconds)
     await service.drain(options.drain_seconds)
+    await usage_log.drain(options.drain_seconds)
     await audit.close(options.drain_seconds)  # every finished request's record, then the seal
     tracing.shutdown()  # the last batched spans leave before the process does
     log_event(log, logging.INFO, "stopped")

@@ -19,7 +19,7 @@ from extproc.auth import hash_key
 from extproc.config import load_config
 from extproc.devstack import ManagedProcess, Stack, free_port
 from extproc.emulator.app import key_fingerprint
-from extproc.envoy_bootstrap import EnvoyPorts, render_bootstrap
+from extproc.envoy_bootstrap import EnvoyPorts, bootstrap_yaml, render_bootstrap
 from extproc.secrets import Secret
 
 PEPPER = "test-pepper-" + secrets.token_hex(8)
@@ -177,7 +177,7 @@ def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
     bootstrap = render_bootstrap(load_config(config_path), ports)
     if edit_bootstrap is not None:
         edit_bootstrap(bootstrap)
-    envoy = stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
+    envoy = stack.start_envoy(bootstrap_yaml(bootstrap),
                               listen_port=listen_port, admin_socket=admin_socket)
     return Gateway(stack=stack, config_path=config_path,
                    emulator=Emulator(emulator_port, emulator_process), extproc=extproc,

@@ -111,14 +111,16 @@ class BudgetGuard:
 
     async def reserve(self, *, request_id: str, budget: TenantBudget, key_id: str, model: str,
                       cost_micro_usd: int, estimated_tokens: int,
-                      team: str | None = None) -> Hold:
-        """Hold the worst case; raises GatewayError 429 (over a limit) or 503 (no ledger)."""
+                      team: str | None = None, charge_on_expiry: bool = False) -> Hold:
+        """Hold the worst case; raises GatewayError 429 (over a limit) or 503 (no ledger).
+        `charge_on_expiry`: a hold never settled is charged in full when swept (fast path)."""
         now = self._now()
         groups = plan_reservation(budget, key_id=key_id, model=model,
                                   cost_micro_usd=cost_micro_usd,
                                   estimated_tokens=estimated_tokens, now=now, zone=self._zone,
                                   team=team)
-        reservation = Reservation(request_id=request_id, tag=hash_tag(budget), groups=groups)
+        reservation = Reservation(request_id=request_id, tag=hash_tag(budget), groups=groups,
+                                  charge_on_expiry=charge_on_expiry)
         permit = self._breaker.allow()
         if permit is None:
             return self._unavailable(budget, cost_micro_usd, now, "budget ledger breaker open")

@@ -114,6 +114,10 @@ class Reservation:
     request_id: str
     tag: str
     groups: tuple[CounterGroup, ...]
+    charge_on_expiry: bool = False
+    """The sweeper charges this hold in full instead of returning it: the fast path's
+    usage comes from Envoy's best-effort access log, and a lost one must never become a
+    free request (docs/decisions/0122-usage-by-access-log.md)."""
 
     @property
     def record_key(self) -> str:
@@ -170,6 +174,10 @@ class RedisLedger:
         self._sweep = client.register_script((_SCRIPTS / "sweep.lua").read_text())
         self._loaded = False
         self._loading = asyncio.Lock()
+        self._batching = not isinstance(client, RedisCluster)
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._pending: list[_PendingCall] = []
+        """Calls asked for in this event-loop turn: sent together in one pipeline."""
 
     async def _load_scripts(self) -> None:
         """SCRIPT LOAD once (on every primary of a cluster) before the first EVALSHA.
@@ -191,7 +199,12 @@ class RedisLedger:
         for group in reservation.groups:
             keys.extend(group.keys)
             args.extend((len(group.keys), group.limit, group.amount, group.ttl_s))
-        reply = await self._call(self._reserve, keys, args)
+        if reservation.charge_on_expiry:
+            args.append(1)
+        if self._batching and self._loaded:
+            reply = await self._batched(self._reserve, keys, args)
+        else:
+            reply = await self._call(self._reserve, keys, args)
         status = int(reply[0])
         if status == 2:
             return ReserveResult(held=True, replay=True)
@@ -209,9 +222,75 @@ class RedisLedger:
                               len(reservation.groups)]
         for group, amount in zip(reservation.groups, actual, strict=True):
             args.extend((amount, group.limit, len(group.keys), *group.keys))
-        reply = await self._call(self._settle, [reservation.record_key, reservation.holds_key],
-                                 args)
+        keys = [reservation.record_key, reservation.holds_key]
+        if self._batching and self._loaded:
+            reply = await self._batched(self._settle, keys, args)
+        else:
+            reply = await self._call(self._settle, keys, args)
         return SettleResult(status=int(reply[0]), overrun=tuple(int(v) for v in reply[1:]))
+
+    async def _batched(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
+        """Every reserve and settle asked for in one event-loop turn goes to Redis in one
+        pipeline (one round trip, one slot, one deadline): settles come in batches (Envoy's
+        access-log entries, requests finishing together) and concurrent requests reserve
+        together. Each call still gets its own reply or error; a failed pipeline fails
+        each of its calls as `LedgerUnavailable`. Measured in bench/fastpath.py."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingCall(script, keys, list(args), future))
+        if len(self._pending) == 1:
+            task = asyncio.get_running_loop().create_task(self._flush_settles())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+        return await future
+
+    async def _flush_settles(self) -> None:
+        """Send this turn's calls (see `_batched`)."""
+        await asyncio.sleep(0)  # let this turn's other settles join the batch
+        batch, self._pending = self._pending, []
+        try:
+            replies = await self._call_pipeline(batch)
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else LedgerUnavailable("redis: cancelled")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for pending, reply in zip(batch, replies, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(reply, redis_errors.NoScriptError):
+                self._loaded = False  # Redis lost its scripts: the single path reloads
+                pending.future.set_exception(LedgerUnavailable("redis: NOSCRIPT"))
+            elif isinstance(reply, Exception):
+                pending.future.set_exception(LedgerUnavailable(describe_redis_failure(reply))
+                                             if isinstance(reply, REDIS_FAILURES)
+                                             else LedgerUnavailable("redis: error reply"))
+            else:
+                pending.future.set_result(reply)
+
+    async def _call_pipeline(self, batch: list[_PendingCall]) -> list[Any]:
+        await self._acquire_slot()
+        deadline: _IoDeadline | None = None
+        try:
+            deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
+            pipe = self._client.pipeline(transaction=False)
+            for pending in batch:
+                pipe.evalsha(pending.script.sha, len(pending.keys), *pending.keys,
+                             *pending.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        except asyncio.CancelledError:
+            if deadline is not None and deadline.expired and deadline.task.uncancel() == 0:
+                raise LedgerUnavailable("redis: TimeoutError") from None
+            raise
+        except REDIS_FAILURES as exc:
+            raise LedgerUnavailable(describe_redis_failure(exc)) from None
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+            self._slots.release()
 
     async def sweep(self, tag: str, limit: int = 100) -> int:
         reply = await self._call(self._sweep, [holds_key(tag)], [int(time.time() * 1000), limit])
@@ -253,6 +332,14 @@ class RedisLedger:
         except TimeoutError:
             raise LedgerOverloaded("redis: no free connection within queue_timeout_ms"
                                    ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingCall:
+    script: Any
+    keys: list[str]
+    args: list[object]
+    future: asyncio.Future[Any]
 
 
 def _busy_ns() -> int:

@@ -26,6 +26,7 @@ a key was revoked at the provider protects the others too. Cool-downs stay per r
 
 from __future__ import annotations
 
+import bisect
 import email.utils
 import math
 import random
@@ -65,6 +66,24 @@ class _Health:
     breaker: CircuitBreaker
     answers: deque[tuple[bool, float]] = field(default_factory=deque)
     cool_until: float = 0.0
+    errors: int = 0
+    """Failed answers in `answers`, kept as answers come and go."""
+    latencies: list[float] = field(default_factory=list)
+    """The latencies of `answers`, kept sorted (insort / remove as answers come and go)."""
+    published: str = ""
+    """The state last written to the `asc_credential_state` gauges."""
+
+    def add(self, ok: bool, latency_s: float) -> None:
+        """One answer into the window, its counts updated incrementally: `state()` then
+        reads them instead of re-summing and re-sorting the window on every choice."""
+        answers = self.answers
+        if answers.maxlen is not None and len(answers) == answers.maxlen:
+            old_ok, old_latency = answers[0]
+            self.errors -= not old_ok
+            del self.latencies[bisect.bisect_left(self.latencies, old_latency)]
+        answers.append((ok, latency_s))
+        self.errors += not ok
+        bisect.insort(self.latencies, latency_s)
 
 
 def retry_after_seconds(value: str | None, *, now: float, default: float,
@@ -130,12 +149,11 @@ class CredentialPool:
         breaker_state = health.breaker.state
         if breaker_state != "closed":
             return breaker_state
-        answers = health.answers
-        if len(answers) >= _MIN_ANSWERS_FOR_DEGRADED:
-            errors = sum(1 for ok, _ in answers if not ok)
-            latencies = sorted(latency for _, latency in answers)
-            p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)]
-            if errors / len(answers) > self._error_rate_limit or p99 > self._p99_limit_s:
+        latencies = health.latencies
+        count = len(latencies)
+        if count >= _MIN_ANSWERS_FOR_DEGRADED:
+            p99 = latencies[min(count - 1, math.ceil(0.99 * count) - 1)]
+            if health.errors / count > self._error_rate_limit or p99 > self._p99_limit_s:
                 return "degraded"
         return "closed"
 
@@ -193,13 +211,13 @@ class CredentialPool:
         health = self._of(choice.credential)
         breaker = health.breaker
         if status in _KEY_REFUSED and key_evidence:
-            health.answers.append((False, latency_s))
+            health.add(False, latency_s)
             breaker.failure(choice.permit)
         elif status in _KEY_REFUSED or status >= 500:
             # Nothing learnt about the key: a 5xx is the provider's trouble (and counts
             # as an error for `degraded`), a client-caused 401/403 is the client's.
             if status >= 500:
-                health.answers.append((False, latency_s))
+                health.add(False, latency_s)
             breaker.release(choice.permit)
         else:
             if status == _RATE_LIMITED:
@@ -209,7 +227,7 @@ class CredentialPool:
                                            limit=self._max_retry_after_s)
                 health.cool_until = max(health.cool_until, now + wait)
             else:
-                health.answers.append((True, latency_s))
+                health.add(True, latency_s)
             breaker.success(choice.permit)
         self._publish_state(choice.credential)
 
@@ -220,7 +238,13 @@ class CredentialPool:
             self._publish_state(choice.credential)
 
     def _publish_state(self, credential: str) -> None:
+        """The gauges follow the state; written only when it changed (four gauge writes
+        per answer otherwise)."""
         current = self.state(credential)
+        health = self._of(credential)
+        if health.published == current:
+            return
+        health.published = current
         for name in _STATES:
             metrics.CREDENTIAL_STATE.labels(credential, name).set(1 if name == current else 0)
 

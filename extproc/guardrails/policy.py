@@ -161,7 +161,7 @@ def _check_size(policy: GuardrailPolicy, prompt_bytes: int) -> _Refusal | None:
 
 def screen_request(policy: GuardrailPolicy, request: dict[str, Any], model: str) -> Screening:
     """Check `request` (redacting its prompt in place) against `policy`."""
-    screening = Screening(policy, Redactor(policy.active_pii))
+    screening = Screening(policy, Redactor(policy.pii))  # Redactor drops `allow` itself
     refusal = _check_model(policy, model) or _check_parameters(policy, request)
     if refusal is not None:
         return _deny(screening, refusal)

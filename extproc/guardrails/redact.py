@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final
 
 from extproc.guardrails.pii import Found, find
@@ -33,15 +34,51 @@ _SKIPPED_KEYS: Final = frozenset({
 """Keys whose values are identifiers, enums or binary payloads, never free text."""
 
 
+_LABELS: Final = {name: f"[{name.upper()}_" for name in DETECTORS}
+"""The start of each detector's placeholders (`[EMAIL_`), built once."""
+
+
+_Compiled = tuple[dict[str, Action], tuple[str, ...], bool]
+_COMPILED: dict[int, tuple[Mapping[str, Action], _Compiled]] = {}
+"""id(a policy's actions) -> (those actions, kept so the id stays theirs; compiled)."""
+_COMPILED_MAX: Final = 256
+
+
+def _compiled(actions: Mapping[str, Action]) -> _Compiled:
+    """(the detectors that act, in `DETECTORS` order, and their actions; their names;
+    whether any denies), once per policy: a policy's actions are the same on every
+    request. Keyed by identity (hashing the actions would cost more than building them
+    for a merged, per-request policy), and only for a policy's read-only mapping
+    (`GuardrailPolicy.pii`, whose dict nothing else holds). The dict is shared by every
+    `Redactor` of the policy: read only."""
+    frozen = type(actions) is MappingProxyType  # a policy's: nothing can change it
+    cached = _COMPILED.get(id(actions)) if frozen else None
+    if cached is not None and cached[0] is actions:
+        return cached[1]
+    acting: dict[str, Action] = {name: actions[name] for name in DETECTORS
+                                 if name in actions and actions[name] is not Action.ALLOW}
+    compiled = acting, tuple(acting), Action.DENY in acting.values()
+    if not frozen:
+        return compiled  # a caller's mapping may change: never cached
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()  # merged per-request policies: never reused, never piling up
+    _COMPILED[id(actions)] = actions, compiled
+    return compiled
+
+
+def _add(counter: Counter[str], counts: dict[str, int]) -> None:
+    """`counter.update(counts)` without its generic Python-level path."""
+    for name, count in counts.items():
+        counter[name] = counter.get(name, 0) + count
+
+
 class Redactor:
     """PII actions and placeholders for one request."""
 
     def __init__(self, actions: Mapping[str, Action]) -> None:
-        self._actions = {name: actions[name] for name in DETECTORS
-                         if name in actions and actions[name] is not Action.ALLOW}
-        self._names = tuple(self._actions)
+        self._actions, self._names, self._denies = _compiled(actions)
         self._placeholders: dict[tuple[str, str], str] = {}
-        self._numbers: Counter[str] = Counter()
+        self._numbers: dict[str, int] = {}
         self.redacted: Counter[str] = Counter()
         """Matches replaced, by detector."""
         self.denied: Counter[str] = Counter()
@@ -57,8 +94,9 @@ class Redactor:
         key = (detector, value)
         known = self._placeholders.get(key)
         if known is None:
-            self._numbers[detector] += 1
-            known = f"[{detector.upper()}_{self._numbers[detector]}]"
+            number = self._numbers.get(detector, 0) + 1
+            self._numbers[detector] = number
+            known = f"{_LABELS[detector]}{number}]"
             self._placeholders[key] = known
         return known
 
@@ -86,20 +124,29 @@ class Redactor:
         return head, text[cut:]
 
     def _replace(self, text: str, found: list[Found], *, deny_as_redact: bool) -> str:
+        """`text` rebuilt with one join; the counts go into the counters once per call."""
         parts: list[str] = []
+        append = parts.append
+        counts: dict[str, int] = {}
+        denied: dict[str, int] = {}
+        check_deny = self._denies and not deny_as_redact
+        actions, known, placeholder = self._actions, self._placeholders, self.placeholder
         position = 0
-        for match in found:
-            action = self._actions[match.detector]
-            if action is Action.DENY and not deny_as_redact:
-                self.denied[match.detector] += 1
+        for detector, start, end in found:
+            if check_deny and actions[detector] is Action.DENY:
+                denied[detector] = denied.get(detector, 0) + 1
                 continue
-            self.redacted[match.detector] += 1
-            parts.append(text[position:match.start])
-            parts.append(self.placeholder(match.detector, text[match.start:match.end]))
-            position = match.end
+            counts[detector] = counts.get(detector, 0) + 1
+            value = text[start:end]
+            append(text[position:start])
+            append(known.get((detector, value)) or placeholder(detector, value))
+            position = end
+        if denied:
+            _add(self.denied, denied)
         if not parts:
             return text
-        parts.append(text[position:])
+        _add(self.redacted, counts)
+        append(text[position:])
         return "".join(parts)
 
     def scan_request(self, request: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ placeholders, answers and streams redacted, and the config that builds the polic
 from __future__ import annotations
 
 import json
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -327,3 +328,22 @@ def test_route_override_leaves_the_guardrails_field_to_guardrails() -> None:
     assert RouteOverride.from_metadata({"guardrails": "strict"}) is None
     override = RouteOverride.from_metadata({"guardrails": "strict", "pin": "emu-eu"})
     assert override == RouteOverride(pin="emu-eu")
+
+
+def test_a_callers_actions_are_read_on_every_redactor() -> None:
+    """A policy's compiled actions are cached by identity; a plain mapping a caller may
+    change afterwards is read again (a stale cache would keep redacting)."""
+    actions = {"email": Action.REDACT}
+    assert Redactor(actions).text("mail a@example.com") == "mail [EMAIL_1]"
+    actions["email"] = Action.ALLOW
+    assert Redactor(actions).text("mail a@example.com") == "mail a@example.com"
+
+
+def test_a_policys_actions_are_compiled_once() -> None:
+    from extproc.guardrails.redact import _compiled
+
+    policy = GuardrailPolicy(pii=MappingProxyType({"email": Action.DENY,
+                                                   "phone": Action.ALLOW}))
+    first = _compiled(policy.pii)
+    assert first == ({"email": Action.DENY}, ("email",), True)
+    assert _compiled(policy.pii) is first

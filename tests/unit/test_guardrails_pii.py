@@ -141,3 +141,80 @@ def test_iban_check_agrees_with_stdnum() -> None:
                for c in "0A9Z"]
     for value in values + mutated:
         assert _iban_valid(value) == iban.is_valid(value, check_country=False), value
+
+
+_IPV6_EDGES = [
+    "::", ":::", "::1", "1::", "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7", "1:2:3:4:5:6:7:8:9",
+    "1:2:3:4:5:6:7::", "::1:2:3:4:5:6:7", "1:2:3:4:5:6::7", "1:2:3:4:5:6:7:8::",
+    "::1:2:3:4:5:6:7:8", "1:::2", ":1::2", "1::2:", "1::2::3", "0000:0000::", "2001:db8::7",
+    "::ffff:1.2.3.4", "1:2:3:4:5:6:1.2.3.4", "1:2:3:4:5:6:7:1.2.3.4", "1::1.2.3.4",
+    "::1.2.3.04", "::01.2.3.4", "::256.1.1.1", "::1.2.3", "::1.2.3.4.5", "::0.0.0.0",
+    "fe80::1:2", "FE80::ABCD", "12345::", "::12345",
+]
+
+
+@pytest.mark.parametrize("value", _IPV6_EDGES)
+def test_ipv6_check_agrees_with_ipaddress_on_edges(value: str) -> None:
+    """The detector checks candidates with `inet_pton` (fast); the reference is the
+    stdlib's `ipaddress`, which it replaced: they must accept the same addresses."""
+    import ipaddress
+
+    from extproc.guardrails.pii import _ipv6_valid
+
+    try:
+        ipaddress.IPv6Address(value)
+        expected = True
+    except ValueError:
+        expected = False
+    assert _ipv6_valid(value) is expected
+
+
+@given(st.text(alphabet="0123456789abcdefABCDEF:.", min_size=2, max_size=45))
+def test_ipv6_check_agrees_with_ipaddress(value: str) -> None:
+    import ipaddress
+
+    from extproc.guardrails.pii import _IPV6, _ipv6_valid
+
+    if _IPV6.fullmatch(value) is None:
+        return  # the check only ever sees what the pattern matched
+    try:
+        ipaddress.IPv6Address(value)
+        expected = True
+    except ValueError:
+        expected = False
+    assert _ipv6_valid(value) is expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("+1 (212) 555-0100", [("phone", "+1 (212) 555-0100")]),
+    # `+0` is no country code: the number in parentheses after it still is a number.
+    ("+0 (212) 555-0100", [("phone", "(212) 555-0100")]),
+    ("call +44 20 7946 0958 now", [("phone", "+44 20 7946 0958")]),
+    ("4111 1111 1111 1111 +1 (212) 555-0100",
+     [("credit_card", "4111 1111 1111 1111"), ("phone", "+1 (212) 555-0100")]),
+    ("IBAN DE89 3704 0044 0532 0130 00 +44 20 7946 0958",
+     [("iban", "DE89 3704 0044 0532 0130 00"), ("phone", "+44 20 7946 0958")]),
+])
+def test_phones_that_open_with_plus_or_parenthesis_keep_their_priority(
+        text: str, expected: list[tuple[str, str]]) -> None:
+    """Found by the same search as the other number-like detectors (from their first
+    digit), they still win over a number that starts inside them."""
+    assert [(f.detector, text[f.start:f.end]) for f in find(text, DETECTORS)] == expected
+
+
+def test_number_patterns_are_their_lead_and_their_tail() -> None:
+    """The number start search matches each pattern's tail after the start's digit; the
+    fallback matches the whole pattern `lead` characters earlier: the same pattern."""
+    from extproc.guardrails.pii import _AT_NUMBER
+
+    for entry in _AT_NUMBER:
+        head = entry.pattern.pattern[:len(entry.pattern.pattern) - len(entry.tail)]
+        assert entry.pattern.pattern.endswith(entry.tail)
+        assert head == ("0" if entry.lead == 0 else {"phone_international": r"\+0",
+                                                     "phone_parens": r"\(0"}[entry.group])
+
+
+def test_luhn_refuses_what_is_not_digits() -> None:
+    with pytest.raises(ValueError, match="ASCII digits"):
+        luhn_valid("4111 1111")
+    assert luhn_valid("")  # no digits: a sum of 0, as before

@@ -11,6 +11,7 @@
 -- ARGV[2]   now (ms)
 -- ARGV[3]   number of groups G
 -- ARGV[4..] per group: key count, limit, amount, counter ttl (s)
+-- ARGV[4+4G] optional: 1 = at expiry the sweeper charges the hold instead of returning it
 --
 -- Returns {1, remaining_1 .. remaining_G}  held now (remaining after this hold)
 --         {2}                              this request id holds already: nothing changed
@@ -58,6 +59,9 @@ for g = 1, groups do
   holds[#holds + 1] = amounts[g]
 end
 redis.call('HSET', record, 'state', 'held', 'holds', table.concat(holds, ' '))
+if ARGV[4 + groups * 4] == '1' then
+  redis.call('HSET', record, 'on_expiry', 'charge')
+end
 -- The record outlives its hold so a late settle still finds it.
 redis.call('PEXPIRE', record, hold_ttl * 2 + 86400000)
 redis.call('ZADD', KEYS[2], now + hold_ttl, record)

@@ -1,0 +1,340 @@
+"""The fast path through real Envoy, extproc, emulator and redis-server: one ext_proc
+message per same-dialect request, settle and record from Envoy's access log, and the
+invariants that must hold on it (docs/fast-path.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from extproc.budgets.ledger import RedisLedger
+from extproc.devstack import Stack
+from extproc.emulator.app import OPENAI_ACCOUNT_HEADERS
+from tests.conftest import (
+    ACME_KEY,
+    CANARIES,
+    GLOBEX_KEY,
+    PROVIDER_KEY_EU,
+    PROVIDER_KEY_US,
+    Gateway,
+    chat_body,
+    gateway_config,
+    provider_fingerprint,
+    start_gateway,
+)
+from tests.e2e.audit_check import assert_one_record
+from tests.e2e.test_budgets import PRICE, month_counter
+from tests.polling import wait_for
+
+HOLD_TTL_S = 1
+
+
+def fast_config(redis_port: int, *, flush_interval_ms: int = 20,
+                **fast_path: Any) -> Any:
+    """The tests' config with budgets on acme, the EU deployment under the model's own
+    name (a renamed model needs its body rewritten: full path) and the fast path on."""
+
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = gateway_config(emulator_port)
+        doc["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
+        doc["budgets"] = {"hold_ttl_s": HOLD_TTL_S}
+        model = doc["models"]["gpt-4o-mini"]
+        model["price"] = PRICE
+        model["deployments"] = [{"provider": "emu-us"}, {"provider": "emu-eu"}]
+        doc["tenants"]["acme"]["budgets"] = [
+            {"scope": "tenant", "window": "month", "limit_usd": 100}]
+        doc["providers"]["emu-claude"] = {
+            "kind": "anthropic", "base_url": f"http://127.0.0.1:{emulator_port}",
+            "region": "eu-central-1", "zone": "eu", "cluster": "emu_claude",
+            "credentials": ["emu-eu-1"]}
+        doc["models"]["claude-x"] = {"price": PRICE, "deployments": [{"provider": "emu-claude"}]}
+        doc["tenants"]["acme"]["models"].append("claude-x")
+        doc["fast_path"] = {"enabled": True, "flush_interval_ms": flush_interval_ms,
+                            **fast_path}
+        return doc
+
+    return document
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, int]]:
+    workdir = tmp_path_factory.mktemp("fast")
+    with Stack(workdir) as stack:
+        _, redis_port = stack.start_redis()
+        yield start_gateway(stack, workdir / "config", document=fast_config(redis_port)), \
+            redis_port
+
+
+def phase_count(gateway: Gateway, phase: str) -> int:
+    found = re.search(rf'^asc_extproc_phase_seconds_count\{{phase="{phase}"\}} (\S+)$',
+                      gateway.metrics(), re.MULTILINE)
+    return int(float(found.group(1))) if found else 0
+
+
+def records(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
+    found = []
+    for process in gateway.stack.processes:
+        if process.name.startswith("extproc"):
+            for line in process.log_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if (event.get("msg") == "request finished"
+                            and event.get("request_id") == request_id):
+                        found.append(event)
+    return found
+
+
+def cost_micro_usd(usage: dict[str, int]) -> int:
+    # PRICE: 100 USD / Mtok input, 2000 USD / Mtok output -> 100 and 2000 micro-USD a token.
+    return usage["prompt_tokens"] * 100 + usage["completion_tokens"] * 2000
+
+
+def test_plain_request_is_one_message_and_settles_from_the_access_log(
+        fast: tuple[Gateway, int]) -> None:
+    gateway, redis_port = fast
+    gateway.emulator.clear()
+    spent_before, _ = month_counter(redis_port) if _has_counter(redis_port) else (0, 0)
+    bodies_before = phase_count(gateway, "request_body")
+    answers_before = phase_count(gateway, "response_headers")
+
+    response = gateway.chat(chat_body(max_tokens=8),
+                            headers={"x-api-key": "sk-client-extra", "x-asc-cluster": "emu_us",
+                                     "openai-organization": "org-client"})
+
+    assert response.status_code == 200
+    usage = response.json()["usage"]
+    request_id = response.headers["x-asc-request-id"]
+    assert len(request_id) == 32
+    # The x-asc-* headers the service knows when it replies, put on by Envoy.
+    assert response.headers["x-asc-provider"] == "emu-eu"
+    assert response.headers["x-asc-region"] == "eu-west-1"
+    assert response.headers["x-asc-credential"] == "emu-eu-1@1"
+    assert "x-asc-budget-remaining-usd" in response.headers
+    assert "x-asc-cost-usd" not in response.headers  # known only after the answer
+    for name in OPENAI_ACCOUNT_HEADERS:
+        assert name not in response.headers
+    # Residency (acme is eu) and key injection; client credentials and x-asc-* stripped.
+    [upstream] = gateway.emulator.requests()
+    assert upstream["headers"]["authorization"] == (
+        f"Bearer {provider_fingerprint(PROVIDER_KEY_EU)}")
+    assert not {"x-api-key", "x-asc-cluster", "openai-organization"} & set(upstream["headers"])
+    assert json.loads(upstream["body"]) == chat_body(max_tokens=8)  # as the client sent it
+    # No body message, no response message: the request was one ext_proc message.
+    assert phase_count(gateway, "request_body") == bodies_before
+    assert phase_count(gateway, "response_headers") == answers_before
+    # Settled at the real usage, from Envoy's access log; exactly one record.
+    cost = cost_micro_usd(usage)
+    assert wait_for(lambda: month_counter(redis_port) == (spent_before + cost, 0))
+    assert wait_for(lambda: len(records(gateway, request_id)) == 1)
+    [record] = records(gateway, request_id)
+    assert record["status"] == 200
+    assert record["charged_micro_usd"] == cost
+    assert record["prompt_tokens"] == usage["prompt_tokens"]
+    assert record["completion_tokens"] == usage["completion_tokens"]
+    assert record["provider"] == "emu-eu"
+    assert record["credential"] == "emu-eu-1@1"
+    assert record["aborted"] is False
+    # ... and exactly one audit record, through the same finish().
+    assert_one_record(gateway, request_id, tenant="acme", endpoint="chat",
+                      front_door="openai", route__provider="emu-eu",
+                      credential="emu-eu-1@1", status=200, upstream_status=200,
+                      tokens__input=usage["prompt_tokens"],
+                      tokens__output=usage["completion_tokens"],
+                      charged_micro_usd=cost, budget__settled=True,
+                      principal__subject="acme-main", principal__source="virtual_key")
+
+
+def _has_counter(redis_port: int) -> bool:
+    client = redis.Redis(port=redis_port)
+    try:
+        return any(True for _ in client.scan_iter("asc:{t:acme}:b:tenant:acme:m*"))
+    finally:
+        client.close()
+
+
+def test_streamed_request_sends_no_chunk_to_the_service(fast: tuple[Gateway, int]) -> None:
+    gateway, redis_port = fast
+    gateway.chat(chat_body(max_tokens=8))  # the counter exists from here on
+    assert wait_for(lambda: month_counter(redis_port)[1] == 0)
+    spent_before, _ = month_counter(redis_port)
+    chunks_before = phase_count(gateway, "response_body")
+
+    response = gateway.chat(chat_body(max_tokens=8, stream=True,
+                                      stream_options={"include_usage": True}))
+
+    assert response.status_code == 200
+    events = [line[len("data: "):] for line in response.text.splitlines()
+              if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert len(events) > 3
+    assert phase_count(gateway, "response_body") == chunks_before
+    cost = cost_micro_usd(usage)
+    assert wait_for(lambda: month_counter(redis_port) == (spent_before + cost, 0))
+    request_id = response.headers["x-asc-request-id"]
+    assert wait_for(lambda: len(records(gateway, request_id)) == 1)
+    assert records(gateway, request_id)[0]["stream"] is True
+
+
+def test_a_stream_without_usage_keeps_the_full_path(fast: tuple[Gateway, int]) -> None:
+    gateway, _ = fast
+    chunks_before = phase_count(gateway, "response_body")
+
+    response = gateway.chat(chat_body(max_tokens=8, stream=True))
+
+    assert response.status_code == 200
+    # The full path asked the provider for usage and removed that chunk again.
+    assert '"usage"' not in response.text
+    assert phase_count(gateway, "response_body") > chunks_before
+
+
+def test_residency_and_refusals_read_as_on_the_full_path(fast: tuple[Gateway, int]) -> None:
+    gateway, _ = fast
+    gateway.emulator.clear()
+
+    us = gateway.chat(chat_body(max_tokens=8), key=GLOBEX_KEY)
+    too_many = gateway.chat(chat_body(max_tokens=2_000_000))
+    unknown = gateway.chat(chat_body(model="gpt-9"))
+    no_key = gateway.chat(chat_body(max_tokens=8), key=None)
+
+    assert us.status_code == 200
+    assert us.headers["x-asc-region"] == "us-east-1"
+    [upstream] = gateway.emulator.requests()
+    assert upstream["headers"]["authorization"] == (
+        f"Bearer {provider_fingerprint(PROVIDER_KEY_US)}")
+    assert too_many.status_code == 400
+    assert too_many.json()["error"]["param"] == "max_tokens"
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert no_key.status_code == 401
+    log_text = "".join(p.log_text() for p in gateway.stack.processes)
+    for canary in CANARIES:
+        assert canary not in log_text
+        assert canary not in us.text
+
+
+def test_a_lost_access_log_charges_the_whole_hold_and_fails_closed(
+        stack: Stack) -> None:
+    """Envoy holds the entry (10 s flush) when extproc dies: the hold is never settled,
+    and the sweep charges it in full instead of returning it."""
+    _, redis_port = stack.start_redis()
+    gateway = start_gateway(stack, stack.workdir / "config",
+                            document=fast_config(redis_port, flush_interval_ms=10_000))
+    response = gateway.chat(chat_body(max_tokens=8))
+    assert response.status_code == 200
+    spent, held = month_counter(redis_port)
+    assert (spent, held) == (0, held)
+    assert held > cost_micro_usd(response.json()["usage"])
+
+    gateway.extproc.stop(sig=signal.SIGKILL)
+    refused = gateway.chat(chat_body(max_tokens=8))
+    assert refused.status_code == 500  # fail closed: no service, no provider call
+    assert len(gateway.emulator.requests()) == 1
+
+    async def sweep() -> int:  # what the (dead) service's sweeper would run
+        client = redis.asyncio.Redis(port=redis_port)
+        try:
+            return await RedisLedger(client, hold_ttl_s=HOLD_TTL_S).sweep("{t:acme}")
+        finally:
+            await client.aclose()
+
+    assert wait_for(lambda: asyncio.run(sweep()) == 1, timeout=HOLD_TTL_S + 5)
+    assert month_counter(redis_port) == (held, 0)
+
+
+def test_anthropic_door_to_anthropic_is_one_message_plain_and_streamed(
+        fast: tuple[Gateway, int]) -> None:
+    gateway, redis_port = fast
+    gateway.chat(chat_body(max_tokens=8))
+    assert wait_for(lambda: month_counter(redis_port)[1] == 0)
+    spent_before, _ = month_counter(redis_port)
+    before = {p: phase_count(gateway, p) for p in ("request_body", "response_body")}
+    gateway.emulator.clear()
+    body = {"model": "claude-x", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello there"}]}
+    headers = {"x-api-key": ACME_KEY, "anthropic-version": "2023-06-01"}
+
+    plain = gateway.client.post("/v1/messages", json=body, headers=headers)
+    streamed = gateway.client.post("/v1/messages", json={**body, "stream": True},
+                                   headers=headers)
+
+    assert plain.status_code == 200
+    assert plain.headers["x-asc-provider"] == "emu-claude"
+    assert streamed.status_code == 200
+    assert "event: message_stop" in streamed.text
+    assert {p: phase_count(gateway, p) for p in before} == before
+    for upstream in gateway.emulator.requests():
+        assert upstream["path"] == "/v1/messages"
+        assert upstream["headers"]["x-api-key"] == provider_fingerprint(PROVIDER_KEY_EU)
+    usage = plain.json()["usage"]
+    plain_cost = usage["input_tokens"] * 100 + usage["output_tokens"] * 2000
+    final = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines()
+             if line.startswith("data: ")]
+    started = next(e for e in final if e["type"] == "message_start")["message"]["usage"]
+    ended = [e for e in final if e["type"] == "message_delta"][-1]["usage"]
+    streamed_cost = started["input_tokens"] * 100 + ended["output_tokens"] * 2000
+    assert wait_for(lambda: month_counter(redis_port) == (
+        spent_before + plain_cost + streamed_cost, 0))
+
+
+def _extproc_connections(gateway: Gateway) -> int:
+    stats = gateway.admin("GET", "/stats?filter=^cluster.asc_extproc.upstream_cx_total$").text
+    return int(stats.strip().rsplit(": ", 1)[1])
+
+
+@pytest.mark.parametrize(("streams", "more_than_threads"), [(None, False), (2, True)])
+def test_a_stream_limit_makes_envoy_open_connections_for_the_workers(
+        stack: Stack, streams: int | None, more_than_threads: bool) -> None:
+    """Envoy (2 threads) opens one extproc connection per thread without a limit; with
+    `max_concurrent_streams` it opens more, which SO_REUSEPORT spreads over workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def limit(bootstrap: dict[str, Any]) -> None:
+        if streams is not None:
+            options = bootstrap["static_resources"]["clusters"][0][
+                "typed_extension_protocol_options"][
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            options["explicit_http_config"]["http2_protocol_options"] = {
+                "max_concurrent_streams": streams}
+
+    gateway = start_gateway(stack, stack.workdir / "config", workers=2,
+                            edit_bootstrap=limit)
+
+    def call(_: int) -> int:
+        with httpx.Client(base_url=gateway.base_url, timeout=15) as client:
+            return client.post("/v1/chat/completions", json=chat_body(stream=True),
+                               headers={"authorization": f"Bearer {ACME_KEY}"}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(call, range(64))) == {200}
+    assert (_extproc_connections(gateway) > 2) is more_than_threads
+
+
+def test_oversized_bodies_are_refused_with_413(fast: tuple[Gateway, int]) -> None:
+    gateway, _ = fast
+    gateway.emulator.clear()
+    just_over = chat_body(max_tokens=8)
+    just_over["messages"][0]["content"] = "x" * 70_000  # over 65,536, within Envoy's slack
+    far_over = chat_body(max_tokens=8)
+    far_over["messages"][0]["content"] = "x" * 200_000  # over Envoy's buffer too
+
+    service = gateway.chat(just_over)
+    envoy_itself = gateway.chat(far_over)
+
+    assert service.status_code == 413
+    assert service.json()["error"]["code"] == "payload_too_large"
+    assert envoy_itself.status_code == 413
+    assert envoy_itself.headers["content-type"] == "application/json"
+    assert "error" in envoy_itself.json()
+    assert gateway.emulator.requests() == []

@@ -1,0 +1,266 @@
+"""The fast path's pure logic: which requests take it, its one reply, usage and holds
+carried through Envoy's metadata, access-log entries, and its Envoy rendering. The real
+Envoy behaviour is in tests/e2e/test_fastpath*.py."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import yaml
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+
+from extproc import envoy
+from extproc.budgets.guard import Hold
+from extproc.budgets.ledger import Reservation
+from extproc.budgets.policy import CounterGroup
+from extproc.config import parse_config
+from extproc.envoy_bootstrap import EnvoyPorts, bootstrap_yaml, render_bootstrap
+from extproc.errors import Dialect
+from extproc.fastpath import (
+    BodyFields,
+    _hold_from_text,
+    _hold_text,
+    complete_from_log,
+    usage_from_fields,
+)
+from extproc.messages import BodyMode, Continue, Headers, Phase, Respond
+from extproc.phases import RequestProcessor
+from extproc.runtime import Runtime
+from extproc.translate.types import Usage
+from extproc.usage_log import entry_of
+from tests.unit.test_phases import CONFIG, ENVIRON, PROVIDER_KEY_US, TENANT_KEYS
+
+FAST_CONFIG = CONFIG + "fast_path: {tenants: [acme, euco]}\n"
+PARSED = parse_config(FAST_CONFIG)
+
+
+def processor() -> RequestProcessor:
+    return RequestProcessor(Runtime.build(PARSED, environ=ENVIRON))
+
+
+def headers(tenant: str = "acme", **fields: object) -> Headers:
+    return Headers(Phase.REQUEST_HEADERS, {
+        ":method": "POST", ":path": "/v1/chat/completions", "content-length": "300",
+        "content-type": "application/json", "authorization": f"Bearer {TENANT_KEYS[tenant]}",
+        "x-asc-cluster": "prov_eu", "x-api-key": "sk-client", "user-agent": "sdk/1",
+    }, False, body_fields={"model": "gpt-4o-mini", **fields})
+
+
+async def test_one_reply_routes_injects_the_key_and_skips_the_rest() -> None:
+    proc = processor()
+
+    reply = await proc.handle(headers(max_tokens=16.0))
+
+    assert isinstance(reply, Continue)
+    assert reply.skip_rest is True
+    assert reply.request_body_mode is None
+    assert reply.clear_route_cache is True
+    assert reply.set_headers == [("x-asc-cluster", "prov_us"),
+                                 (":path", "/v1/chat/completions"),
+                                 ("authorization", f"Bearer {PROVIDER_KEY_US}")]
+    # The client's x-asc-cluster is overwritten (set), never removed in the same mutation.
+    assert set(reply.remove_headers) == {"x-api-key", "user-agent"}
+    assert reply.metadata is not None
+    assert reply.metadata["fast"] is True
+    assert reply.metadata["tenant"] == "acme"
+    assert reply.metadata["credential"] == "cred-us@1"
+    assert reply.response_headers == {"x-asc-request-id": proc.request_id,
+                                      "x-asc-provider": "prov-us",
+                                      "x-asc-region": "us-east-1",
+                                      "x-asc-credential": "cred-us@1"}
+    assert proc.fast_path is True
+    # The wire: the mode override ends the stream after this reply.
+    wire = envoy.encode(Phase.REQUEST_HEADERS, reply)
+    mode = processing_mode_pb2.ProcessingMode
+    assert wire.mode_override.request_body_mode == mode.NONE
+    assert wire.mode_override.response_body_mode == mode.NONE
+    assert wire.mode_override.response_header_mode == mode.SKIP
+    assert wire.dynamic_metadata.fields["asc.response_headers"].struct_value.fields[
+        "x-asc-provider"].string_value == "prov-us"
+
+
+@pytest.mark.parametrize(("tenant", "fields", "why"), [
+    ("pinned", {}, "tenant not allowed"),
+    ("euco", {}, "the eu deployment renames the model"),
+    ("acme", {"stream": True}, "an OpenAI stream without include_usage"),
+    ("acme", {"service_tier": "priority"}, "a tier the config has no price for"),
+    ("acme", {"stream": "yes"}, "stream of the wrong type"),
+])
+async def test_requests_that_need_the_body_keep_the_full_path(
+        tenant: str, fields: dict[str, object], why: str) -> None:
+    reply = await processor().handle(headers(tenant, **fields))
+
+    assert isinstance(reply, Continue), why
+    assert reply.skip_rest is False, why
+    assert reply.request_body_mode is BodyMode.BUFFERED, why
+
+
+async def test_a_stream_with_include_usage_takes_the_fast_path() -> None:
+    proc = processor()
+
+    reply = await proc.handle(headers(stream=True, include_usage=True))
+
+    assert isinstance(reply, Continue)
+    assert reply.skip_rest is True
+    assert proc.streaming is True
+
+
+async def test_limits_are_checked_as_on_the_full_path() -> None:
+    reply = await processor().handle(headers(max_tokens=16.5))
+
+    assert isinstance(reply, Respond)
+    assert reply.status == 400
+    assert b"'max_tokens' must be a positive integer." in reply.body
+
+
+def test_body_fields_read_doubles_as_integers() -> None:
+    fields = BodyFields.parse({"model": "m", "max_tokens": 50.0, "n": 2.0})
+
+    assert fields is not None
+    assert fields.as_request() == {"model": "m", "max_tokens": 50, "n": 2}
+    assert BodyFields.parse({"max_tokens": 5.0}) is None  # no model: full path
+
+
+def test_usage_from_fields_follows_each_dialect() -> None:
+    assert usage_from_fields({"prompt_tokens": 10.0, "completion_tokens": 5.0,
+                              "cached_tokens": 4.0}, Dialect.OPENAI) == Usage(10, 5, 4)
+    assert usage_from_fields({"prompt_tokens": 10.0, "completion_tokens": 5.0,
+                              "audio_tokens": 3.0}, Dialect.OPENAI) == Usage(
+        10, 5, unpriced=("audio_tokens",))
+    assert usage_from_fields({"input_tokens": 10.0, "output_tokens": 5.0,
+                              "cache_read_input_tokens": 20.0,
+                              "cache_creation_input_tokens": 30.0},
+                             Dialect.ANTHROPIC) == Usage(60, 5, 20,
+                                                        cache_write_input_tokens=30)
+    assert usage_from_fields({"completion_tokens": 5.0}, Dialect.OPENAI) is None
+
+
+def test_a_hold_survives_the_trip_through_metadata() -> None:
+    group = CounterGroup(name="tenant month", unit="usd", keys=("asc:{t:a}:b:1", "k2"),
+                         limit=10, amount=3, resets_at=datetime(2026, 12, 1, tzinfo=UTC),
+                         ttl_s=99)
+    hold = Hold(reservation=Reservation("r1", "{t:a}", (group,), charge_on_expiry=True),
+                mode="redis")
+
+    assert _hold_from_text(_hold_text(hold), "r1") == hold
+
+
+def _entry(asc: dict[str, Any], usage: dict[str, float], status: int = 200,
+           answered: bool = True) -> accesslog_pb2.HTTPAccessLogEntry:
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    common = entry.common_properties
+    common.metadata.filter_metadata["asc"].update(asc)
+    if usage:
+        common.metadata.filter_metadata["asc.usage"].update(usage)
+    if answered:
+        common.time_to_first_upstream_rx_byte.nanos = 3_000_000
+    common.duration.nanos = 5_000_000
+    entry.response.response_code.value = status
+    return entry
+
+
+def test_entries_of_other_requests_are_ignored() -> None:
+    assert entry_of(_entry({"request_id": "x"}, {})) is None
+    assert entry_of(accesslog_pb2.HTTPAccessLogEntry()) is None
+    entry = entry_of(_entry({"request_id": "x", "fast": True}, {"prompt_tokens": 1.0}))
+    assert entry is not None
+    assert entry.usage == {"prompt_tokens": 1.0}
+    assert entry.first_byte_s == pytest.approx(0.003)
+
+
+async def test_the_record_is_written_once_by_the_same_finish(
+        caplog: pytest.LogCaptureFixture) -> None:
+    proc = processor()
+    reply = await proc.handle(headers(max_tokens=16.0))
+    assert isinstance(reply, Continue)
+    assert reply.metadata is not None
+    with caplog.at_level(logging.INFO, logger="extproc.request"):
+        await proc.finish()  # the ext_proc stream ends: no record from it
+        entry = entry_of(_entry(dict(reply.metadata), {"prompt_tokens": 9.0,
+                                                       "completion_tokens": 4.0}))
+        assert entry is not None
+        await complete_from_log(proc.runtime, entry)
+
+    [record] = [r for r in caplog.records if r.getMessage() == "request finished"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["request_id"] == proc.request_id
+    assert fields["tenant"] == "acme"
+    assert fields["credential"] == "cred-us@1"
+    assert fields["prompt_tokens"] == 9
+    assert fields["completion_tokens"] == 4
+    assert fields["status"] == 200
+    assert fields["aborted"] is False
+
+
+def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
+    ports = EnvoyPorts(extproc_streams_per_connection=4)
+    fast = render_bootstrap(PARSED, ports)
+    plain = render_bootstrap(parse_config(CONFIG), EnvoyPorts())
+
+    def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        typed: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        return typed
+
+    assert [f["name"] for f in hcm(fast)["http_filters"]] == [
+        "envoy.filters.http.json_to_metadata", "asc.ext_proc", "envoy.filters.http.lua",
+        "envoy.filters.http.router"]
+    assert [f["name"] for f in hcm(plain)["http_filters"]] == [
+        "asc.ext_proc", "envoy.filters.http.router"]
+    options = hcm(fast)["http_filters"][1]["typed_config"]["metadata_options"]
+    assert options == {"receiving_namespaces": {"untyped": ["asc", "asc.response_headers"]},
+                       "forwarding_namespaces": {"untyped": ["asc.request"]}}
+    [_, grpc_log] = hcm(fast)["access_log"]
+    assert grpc_log["name"] == "envoy.access_loggers.http_grpc"
+    assert grpc_log["filter"]["metadata_filter"]["matcher"]["path"] == [{"key": "fast"}]
+    assert len(hcm(plain)["access_log"]) == 1
+    extproc = fast["static_resources"]["clusters"][0]
+    assert extproc["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"] == {
+        "http2_protocol_options": {"max_concurrent_streams": 4}}
+
+
+def test_rendered_yaml_keeps_the_selector_n_a_string() -> None:
+    text = bootstrap_yaml(render_bootstrap(PARSED, EnvoyPorts()))
+
+    assert "- key: 'n'" in text
+    assert yaml.safe_load(text) == render_bootstrap(PARSED, EnvoyPorts())
+
+
+def test_unknown_fast_path_tenant_is_a_config_error() -> None:
+    from extproc.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(CONFIG + "fast_path: {tenants: [nobody]}\n")
+    assert "fast_path.tenants[0] (line 69): unknown tenant 'nobody'" in str(caught.value)
+
+
+async def test_a_tenant_with_guardrails_keeps_the_full_path() -> None:
+    guarded = parse_config(CONFIG.replace(
+        "    models: [gpt-4o-mini]\n  euco:",
+        "    models: [gpt-4o-mini]\n    guardrails: {pii: {email: redact}}\n  euco:", 1)
+        + "fast_path: {enabled: true}\n")
+    assert guarded.tenants["acme"].guardrails is not None
+    proc = RequestProcessor(Runtime.build(guarded, environ=ENVIRON))
+
+    reply = await proc.handle(headers(max_tokens=16.0))
+
+    assert isinstance(reply, Continue)
+    assert reply.skip_rest is False
+    assert reply.request_body_mode is BodyMode.BUFFERED
+
+
+async def test_only_chat_and_messages_take_the_fast_path() -> None:
+    proc = processor()
+    message = headers(max_tokens=16.0)
+    message.headers[":path"] = "/v1/embeddings"
+    message.body_fields = {"model": "gpt-4o-mini"}
+
+    reply = await proc.handle(message)
+
+    assert not (isinstance(reply, Continue) and reply.skip_rest)
+    assert proc.fast_path is False
