@@ -10,6 +10,7 @@ has no switch in redis-server itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -23,6 +24,7 @@ import httpx
 import pytest
 import redis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import load_config
 from extproc.devstack import ManagedProcess, Stack, free_port
@@ -34,6 +36,7 @@ from tests.conftest import (
     PROVIDER_KEY_US,
     Emulator,
     chat_body,
+    envoy_admin,
     gateway_config,
     provider_env,
     write_config,
@@ -113,8 +116,6 @@ class Replicas:
 
     def phases_seen(self, phase: str) -> int:
         """How many `phase` messages (e.g. request_headers) the live replicas handled."""
-        from prometheus_client.parser import text_string_to_metric_families
-
         total = 0
         for process, port in zip(self.extprocs, self.metrics_ports, strict=True):
             if not process.alive():
@@ -206,8 +207,7 @@ def add_pair(fleet: Replicas, index: int) -> str:
 
 
 def all_healthy(stack: Stack, admin_socket: Path, count: int) -> bool:
-    from tests.conftest import envoy_admin
-
+    """Envoy's health checks see `count` healthy extproc endpoints."""
     text = envoy_admin(admin_socket, "GET", "/clusters").text
     healthy = [line for line in text.splitlines()
                if line.startswith(f"{EXTPROC_CLUSTER}::")
@@ -318,8 +318,6 @@ class Outcome:
 
 async def _burst(base_url: str, count: int, key: str, body: dict[str, Any], path: str,
                  seconds: float) -> list[Outcome]:
-    import asyncio
-
     limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
     async with httpx.AsyncClient(base_url=base_url, timeout=seconds, limits=limits) as client:
         start = asyncio.Event()
@@ -343,8 +341,6 @@ def burst(base_url: str, count: int, *, key: str = ACME_KEY,
           body: dict[str, Any] | None = None, path: str = CHAT,
           timeout: float = 60) -> list[Outcome]:
     """`count` requests in flight at once, each on its own connection."""
-    import asyncio
-
     return asyncio.run(_burst(base_url, count, key, body or chat_body(max_tokens=8), path,
                               timeout))
 

@@ -14,7 +14,7 @@ import socket
 import threading
 
 from extproc.devstack import Stack
-from tests.conftest import ACME_KEY, CHAT, chat_body
+from tests.conftest import ACME_KEY, CHAT, chat_body, envoy_admin
 from tests.e2e.test_envoy_hardening import h2c_request
 from tests.polling import wait_for
 from tests.reliability.conftest import Replicas, budget_document, figure, start_replicas
@@ -127,8 +127,7 @@ def test_no_request_makes_envoy_connect_outside_the_provider_list(stack: Stack) 
 
 
 def _cluster_hosts(fleet: Replicas) -> set[str]:
-    from tests.conftest import envoy_admin
-
+    """host:port of every endpoint of every Envoy cluster."""
     text = envoy_admin(fleet.stack.admin_socket(), "GET", "/clusters").text
     return {line.split("::")[1] for line in text.splitlines()
             if line.count("::") >= 3 and line.split("::")[2] == "cx_total"}
