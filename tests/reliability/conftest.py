@@ -449,3 +449,87 @@ def undecided(recordings: list[dict[str, Any]], upstream_model: str) -> list[dic
         if model != upstream_model or "authorization" not in recording["headers"]:
             wrong.append(recording)
     return wrong
+
+
+# --- Redis Sentinel ------------------------------------------------------------------
+
+SENTINEL_SERVICE = "asc"
+
+
+@dataclass
+class SentinelSet:
+    """A master, one replica and three sentinels (quorum 2), all redis-server."""
+
+    master: ManagedProcess
+    master_port: int
+    replica_port: int
+    sentinel_ports: list[int]
+
+    def master_now(self) -> int | None:
+        """The master's port as the first sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            try:
+                client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+                try:
+                    address = client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)
+                finally:
+                    client.close()
+            except redis.RedisError:
+                continue
+            if address:
+                return int(address[1])
+        return None
+
+
+def start_sentinels(stack: Stack) -> SentinelSet:
+    """Failover after 1 s of a silent master (`down-after-milliseconds`)."""
+    from extproc.devstack import redis_server_binary, wait_for_port
+
+    master, master_port = stack.start_redis()
+    replica_port = free_port()
+    data = stack.workdir / f"redis-{replica_port}"
+    data.mkdir()
+    replica = stack.spawn(f"redis-{replica_port}", [
+        redis_server_binary(), "--port", str(replica_port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no", "--dir", str(data),
+        "--replicaof", "127.0.0.1", str(master_port)])
+    wait_for_port(replica_port, process=replica)
+
+    def synced() -> bool:
+        client = redis.Redis(port=replica_port, decode_responses=True)
+        try:
+            return bool(client.info("replication").get("master_link_status") == "up")
+        finally:
+            client.close()
+
+    assert wait_for(synced, timeout=20)
+    ports = []
+    for _ in range(3):
+        port = free_port()
+        conf = stack.workdir / f"sentinel-{port}.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {stack.workdir}\n"
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n"
+            f"sentinel failover-timeout {SENTINEL_SERVICE} 5000\n"
+            f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n", encoding="utf-8")
+        process = stack.spawn(f"sentinel-{port}", [redis_server_binary(), str(conf),
+                                                   "--sentinel"])
+        wait_for_port(port, process=process)
+        ports.append(port)
+    sentinels = SentinelSet(master, master_port, replica_port, ports)
+
+    def all_know_the_replica() -> bool:
+        for port in ports:
+            client = redis.Redis(port=port, decode_responses=True)
+            try:
+                if not client.sentinel_slaves(SENTINEL_SERVICE):
+                    return False
+                if len(client.sentinel_sentinels(SENTINEL_SERVICE)) < 2:
+                    return False
+            finally:
+                client.close()
+        return True
+
+    assert wait_for(all_know_the_replica, timeout=30)
+    return sentinels

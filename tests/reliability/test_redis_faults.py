@@ -7,7 +7,7 @@ real Envoy and extproc replicas (LiteLLM #35533, #42653: silent per-pod fallback
 - nothing is overspent, and once Redis is back no hold is stuck.
 Related: tests/e2e/test_budgets.py (single Redis down / fail open), tests/e2e/test_workers.py
 (the fail-open ceiling split across workers), tests/integration/test_ledger.py (cluster).
-Not covered: Sentinel failover, the gateway has no Sentinel client (see docs/reliability.md).
+Sentinel failover: tests/reliability/test_sentinel.py.
 """
 
 from __future__ import annotations
