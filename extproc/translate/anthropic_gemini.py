@@ -28,13 +28,12 @@ the Messages API does not define.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect
 from extproc.translate import limits
 from extproc.translate.anthropic_openai import (
     OpenAIChunksToAnthropicEvents,
@@ -44,10 +43,9 @@ from extproc.translate.anthropic_openai import (
 from extproc.translate.gemini import (
     GeminiChunksToOpenAIChunks,
     build_gemini_request,
-    chat_completion_from_gemini,
+    gemini_answer,
     gemini_error,
-    gemini_path,
-    usage_from_gemini,
+    gemini_upstream,
 )
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
@@ -152,22 +150,13 @@ class AnthropicToGemini(limits.AnthropicDoorRules):
         if top_k is not None:
             chat["top_k"] = top_k
         self._model = upstream_model
-        out = build_gemini_request(chat, check=False)
-        return UpstreamRequest(body=compact_json(out),
-                               path=gemini_path(upstream_model,
-                                                stream=request.get("stream") is True))
+        return gemini_upstream(build_gemini_request(chat, check=False), upstream_model,
+                               stream=request.get("stream") is True)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            document = None
-        if not isinstance(document, dict):
-            raise GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
-        completion = chat_completion_from_gemini(document, model=self._model,
-                                                 created=int(self._clock()))
+        completion, usage = gemini_answer(body, model=self._model, created=int(self._clock()))
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),
-                                  usage=usage_from_gemini(document.get("usageMetadata")))
+                                  usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         return gemini_error(Dialect.ANTHROPIC, status, body)

@@ -51,20 +51,26 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect
 from extproc.translate import limits
 from extproc.translate.openai_passthrough import (
     CHAT_COMPLETIONS_PATH,
     azure_path,
     count_openai_deltas,
 )
-from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.provider_errors import (
+    invalid_response,
+    map_provider_error,
+    provider_document,
+    provider_message,
+    scrub,
+)
+from extproc.translate.sse import SseEvent, encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
-    StreamProgress,
+    SseStream,
     TranslatedResponse,
     UpstreamRequest,
     Usage,
@@ -367,10 +373,6 @@ def build_openai_request(body: Mapping[str, Any], backend: Backend,
 # --------------------------------------------------------------------------- response
 
 
-def _invalid_response() -> GatewayError:
-    return GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
-
-
 def _tool_input(arguments: object) -> dict[str, Any]:
     if isinstance(arguments, str):
         try:
@@ -385,7 +387,7 @@ def message_from_chat_completion(completion: Mapping[str, Any]) -> dict[str, Any
     """The Messages API body for a Chat Completions response body."""
     choices = completion.get("choices")
     if not isinstance(choices, list):
-        raise _invalid_response()
+        raise invalid_response()
     choice = choices[0] if choices and isinstance(choices[0], dict) else {}
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
@@ -424,11 +426,10 @@ def _event(kind: str, payload: dict[str, Any]) -> bytes:
     return encode_event(compact_json({"type": kind, **payload}).decode(), kind)
 
 
-class OpenAIChunksToAnthropicEvents(StreamProgress):
+class OpenAIChunksToAnthropicEvents(SseStream):
     """OpenAI `chat.completion.chunk` SSE in, Anthropic Messages SSE events out."""
 
     def __init__(self) -> None:
-        self._decoder = SseDecoder()
         self._started = False
         self._ended = False
         self._open: int | None = None
@@ -437,13 +438,10 @@ class OpenAIChunksToAnthropicEvents(StreamProgress):
         self._tools: dict[int, int] = {}
         self._finish: object = None
         self._finished = False
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
+        SseStream.__init__(self)
 
     def flush(self) -> bytes:
-        out = [self._handle(self._decoder.flush())]
+        out = [SseStream.flush(self)]
         if self._finished and not self._ended:
             self._end(out)
         return b"".join(out)
@@ -590,12 +588,7 @@ class AnthropicToOpenAI(limits.AnthropicDoorRules):
         return UpstreamRequest(body=compact_json(out), path=path)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            completion = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _invalid_response() from None
-        if not isinstance(completion, dict):
-            raise _invalid_response()
+        completion = provider_document(body)
         return TranslatedResponse(body=compact_json(message_from_chat_completion(completion)),
                                   usage=usage_from_openai(completion.get("usage"),
                                                           service_tier=completion.get(

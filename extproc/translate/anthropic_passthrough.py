@@ -27,7 +27,7 @@ from extproc.translate.types import (
     UpstreamRequest,
 )
 from extproc.translate.usage import usage_from_anthropic
-from extproc.translate.validation import compact_json, validate_anthropic_door
+from extproc.translate.validation import compact_json, json_object, validate_anthropic_door
 
 __all__ = ["AnthropicPassthrough", "AnthropicPassthroughStream"]
 
@@ -104,11 +104,8 @@ class AnthropicPassthrough(limits.AnthropicDoorRules):
                                headers=(("anthropic-version", ANTHROPIC_VERSION),))
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return TranslatedResponse(body=body, usage=None)
-        usage = usage_from_anthropic(document.get("usage")) if isinstance(document, dict) else None
+        document = json_object(body)
+        usage = usage_from_anthropic(document.get("usage")) if document is not None else None
         return TranslatedResponse(body=body, usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:

@@ -18,14 +18,16 @@ counts exactly its tokens, a batch the sum of its items. The charge is the provi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Final
-from urllib.parse import quote
 
 from extproc.budgets.policy import estimate_input_tokens
 from extproc.errors import Dialect
-from extproc.translate.openai_passthrough import DEFAULT_AZURE_API_VERSION, OpenAIPassthroughStream
+from extproc.translate.openai_passthrough import (
+    OpenAIPassthroughStream,
+    azure_deployment_path,
+    place_model,
+)
 from extproc.translate.provider_errors import map_provider_error
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
@@ -35,7 +37,7 @@ from extproc.translate.types import (
     UpstreamRequest,
     Usage,
 )
-from extproc.translate.validation import compact_json, invalid, unsupported
+from extproc.translate.validation import compact_json, invalid, json_object, unsupported
 
 __all__ = [
     "EMBEDDINGS_PATH",
@@ -54,9 +56,7 @@ _INPUT_HELP: Final = ("'input' must be a non-empty string, an array of strings, 
 
 
 def azure_embeddings_path(deployment: str, api_version: str | None) -> str:
-    version = api_version or DEFAULT_AZURE_API_VERSION
-    return (f"/openai/deployments/{quote(deployment, safe='')}/embeddings"
-            f"?api-version={quote(version, safe='')}")
+    return azure_deployment_path(deployment, api_version, "embeddings")
 
 
 def _is_token(value: object) -> bool:
@@ -127,20 +127,13 @@ class EmbeddingsTranslator:
             request.pop("user", None)
             if "dimensions" in request:
                 request["output_dimension"] = request.pop("dimensions")
-        if self.backend is Backend.AZURE:
-            request.pop("model", None)
-            path = azure_embeddings_path(upstream_model, api_version)
-        else:
-            request["model"] = upstream_model
-            path = EMBEDDINGS_PATH
+        path = place_model(request, self.backend, upstream_model, api_version,
+                           path=EMBEDDINGS_PATH, azure_operation="embeddings")
         return UpstreamRequest(body=compact_json(request), path=path)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return TranslatedResponse(body=body, usage=None)
-        usage = document.get("usage") if isinstance(document, dict) else None
+        document = json_object(body)
+        usage = document.get("usage") if document is not None else None
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
         if type(prompt) is not int or prompt < 0:
             return TranslatedResponse(body=body, usage=None)

@@ -75,15 +75,22 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect, ErrorCode
+from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
-from extproc.translate.provider_errors import map_provider_error, provider_message, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.provider_errors import (
+    invalid_response,
+    map_provider_error,
+    provider_document,
+    provider_message,
+    scrub,
+)
+from extproc.translate.sse import encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
+    JsonEventStream,
     OutputLimit,
-    StreamProgress,
     TranslatedResponse,
     UpstreamRequest,
     Usage,
@@ -92,12 +99,10 @@ from extproc.translate.usage import openai_usage_body
 from extproc.translate.validation import (
     compact_json,
     invalid,
-    optional_bool,
     optional_number,
     optional_positive_int,
     optional_stop,
-    optional_string,
-    unsupported,
+    stream_options,
     validate_openai_door,
 )
 
@@ -110,8 +115,10 @@ __all__ = [
     "build_gemini_request",
     "chat_completion_from_gemini",
     "finish_reason_for",
+    "gemini_answer",
     "gemini_error",
     "gemini_path",
+    "gemini_upstream",
     "usage_from_gemini",
 ]
 
@@ -119,12 +126,8 @@ API_VERSION: Final = "v1beta"
 _GEMINI: Final = Backend.GEMINI
 
 
-def _is(expected: object) -> Callable[[object], bool]:
-    return lambda value: type(value) is type(expected) and value == expected
-
-
-def _never(value: object) -> bool:
-    return False
+_is: Final = chat_request.is_value
+_never: Final = chat_request.never
 
 
 def _plain_format(value: object) -> bool:
@@ -166,7 +169,6 @@ _FINISH_REASONS: Final = {
     "LANGUAGE": "content_filter",
 }
 _DATA_URL: Final = re.compile(r"data:([a-z]+/[A-Za-z0-9.+\-]+);base64,([A-Za-z0-9+/=\s]+)")
-_PARAM_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _KEY_INVALID: Final = "API_KEY_INVALID"
 
 
@@ -187,126 +189,36 @@ def finish_reason_for(reason: object, *, called_tools: bool = False) -> str:
 # --------------------------------------------------------------------------- request
 
 
-def _texts(content: object, param: str, *, role: str) -> list[str]:
-    """Texts of a string or an array of text parts (system/developer/tool messages)."""
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" \
-                    or not isinstance(part.get("text"), str):
-                raise invalid(f"'{param}' of a {role} message must be text.", param)
-            texts.append(part["text"])
-        return texts
-    raise invalid(f"'{param}' must be a string or an array of text parts.", param)
-
-
 def _image_part(part: Mapping[str, Any], param: str) -> dict[str, Any]:
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    where = f"{param}.image_url.url"
-    if not isinstance(url, str):
-        raise invalid(f"'{where}' must be a string.", where)
-    match = _DATA_URL.fullmatch(url)
+    match = _DATA_URL.fullmatch(chat_request.image_url(part, param))
     if match is None:
-        raise invalid("Gemini accepts images only as base64 data: URLs.", where)
+        raise invalid("Gemini accepts images only as base64 data: URLs.",
+                      f"{param}.image_url.url")
     return {"inlineData": {"mimeType": match.group(1), "data": "".join(match.group(2).split())}}
 
 
-def _user_parts(content: object, param: str) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise invalid(f"'{param}' must be a string or an array of content parts.", param)
-    parts: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
-        part_param = f"{param}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part, dict):
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise invalid(f"'{part_param}.text' must be a string.", f"{part_param}.text")
-            if text:
-                parts.append({"text": text})
-        elif kind == "image_url" and isinstance(part, dict):
-            parts.append(_image_part(part, part_param))
-        else:
-            raise invalid("Only 'text' and 'image_url' content parts are supported by Gemini.",
-                          f"{part_param}.type")
-    return parts
-
-
-def _function_calls(tool_calls: object, param: str,
-                    names: dict[str, str]) -> list[dict[str, Any]]:
-    if tool_calls is None:
-        return []
-    if not isinstance(tool_calls, list):
-        raise invalid(f"'{param}' must be an array.", param)
-    parts = []
-    for k, call in enumerate(tool_calls):
-        call_param = f"{param}[{k}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(call, dict) or not isinstance(function, dict):
-            raise invalid(f"'{call_param}' must be a function tool call.", call_param)
-        call_id, name = call.get("id"), function.get("name")
-        if not isinstance(call_id, str) or not call_id:
-            raise invalid(f"'{call_param}.id' must be a non-empty string.", f"{call_param}.id")
-        if not isinstance(name, str) or not name:
-            raise invalid(f"'{call_param}.function.name' must be a non-empty string.",
-                          f"{call_param}.function.name")
-        arguments = function.get("arguments")
-        where = f"{call_param}.function.arguments"
-        args: object = None
-        if arguments is None or arguments == "":
-            args = {}
-        elif isinstance(arguments, str):
-            try:
-                args = json.loads(arguments)
-            except ValueError:
-                args = None
-        if not isinstance(args, dict):
-            raise invalid(f"'{where}' must be a JSON object encoded as a string.", where)
-        names[call_id] = name
-        parts.append({"functionCall": {"name": name, "args": args}})
-    return parts
+def _text_part(text: str) -> dict[str, Any]:
+    return {"text": text}
 
 
 def _model_parts(message: Mapping[str, Any], param: str,
                  names: dict[str, str]) -> list[dict[str, Any]]:
-    content = message.get("content")
-    parts: list[dict[str, Any]] = []
-    if isinstance(content, str):
-        if content:
-            parts.append({"text": content})
-    elif isinstance(content, list):
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            key = "text" if kind == "text" else "refusal" if kind == "refusal" else None
-            text = part.get(key) if key is not None and isinstance(part, dict) else None
-            if not isinstance(text, str):
-                raise invalid(f"'{param}.content[{j}]' must be a text or refusal part.",
-                              f"{param}.content[{j}]")
-            if text:
-                parts.append({"text": text})
-    elif content is not None:
-        raise invalid(f"'{param}.content' must be a string or an array of text parts.",
-                      f"{param}.content")
-    parts.extend(_function_calls(message.get("tool_calls"), f"{param}.tool_calls", names))
+    parts = [_text_part(text) for text in chat_request.assistant_texts(message.get("content"),
+                                                                       param)]
+    for call in chat_request.tool_calls(message.get("tool_calls"), f"{param}.tool_calls"):
+        names[call.id] = call.name
+        parts.append({"functionCall": {"name": call.name, "args": call.arguments}})
     return parts
 
 
 def _function_response(message: Mapping[str, Any], param: str,
                        names: Mapping[str, str]) -> dict[str, Any]:
-    call_id = message.get("tool_call_id")
-    if not isinstance(call_id, str) or not call_id:
-        raise invalid(f"'{param}.tool_call_id' must be a non-empty string.",
-                      f"{param}.tool_call_id")
-    name = names.get(call_id)
+    name = names.get(chat_request.tool_call_id(message, param))
     if name is None:
         raise invalid(f"'{param}.tool_call_id' does not name a tool call of an earlier "
                       "assistant message.", f"{param}.tool_call_id")
-    text = "".join(_texts(message.get("content"), f"{param}.content", role="tool"))
+    text = "".join(chat_request.message_texts(message.get("content"), f"{param}.content",
+                                              role="tool"))
     try:
         value: object = json.loads(text)
     except ValueError:
@@ -326,16 +238,13 @@ def _convert_messages(messages: list[Any]) -> tuple[list[str], list[dict[str, An
     system: list[str] = []
     turns: list[dict[str, Any]] = []
     names: dict[str, str] = {}
-    for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise invalid(f"'{param}' must be an object.", param)
-        role = message.get("role")
+    for param, role, message in chat_request.messages_by_role(messages, _GEMINI):
         if role in ("system", "developer"):
-            system.extend(t for t in _texts(message.get("content"), f"{param}.content",
-                                            role=str(role)) if t)
+            system.extend(t for t in chat_request.message_texts(
+                message.get("content"), f"{param}.content", role=role) if t)
         elif role == "user":
-            parts = _user_parts(message.get("content"), f"{param}.content")
+            parts = chat_request.user_parts(message.get("content"), f"{param}.content",
+                                            _GEMINI, text=_text_part, image=_image_part)
             if not parts:
                 raise invalid(f"'{param}.content' must not be empty.", f"{param}.content")
             _append(turns, "user", parts)
@@ -343,91 +252,51 @@ def _convert_messages(messages: list[Any]) -> tuple[list[str], list[dict[str, An
             parts = _model_parts(message, param, names)
             if parts:
                 _append(turns, "model", parts)
-        elif role == "tool":
-            _append(turns, "user", [_function_response(message, param, names)])
-        elif role == "function":
-            raise invalid("Messages with role 'function' are not supported by Gemini; "
-                          "use 'tool' messages.", f"{param}.role")
         else:
-            raise invalid(f"'{param}.role' must be one of 'system', 'developer', 'user', "
-                          "'assistant', 'tool'.", f"{param}.role")
+            _append(turns, "user", [_function_response(message, param, names)])
     if not turns:
-        raise invalid("'messages' must contain at least one user or assistant message.",
-                      "messages")
+        raise chat_request.no_turns()
     return system, turns
 
 
 def _convert_tools(tools: object) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise invalid("'tools' must be an array.", "tools")
     declarations = []
-    for k, tool in enumerate(tools):
-        param = f"tools[{k}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise invalid("Only 'function' tools are supported by Gemini.", f"{param}.type")
-        function = tool.get("function")
-        if not isinstance(function, dict):
-            raise invalid(f"'{param}.function' must be an object.", f"{param}.function")
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise invalid(f"'{param}.function.name' must be a non-empty string.",
-                          f"{param}.function.name")
-        declaration: dict[str, Any] = {"name": name}
-        description = optional_string(function, "description", f"{param}.function.description")
-        if description:
-            declaration["description"] = description
-        schema = function.get("parameters")
-        if schema is not None:
-            if not isinstance(schema, dict):
-                raise invalid(f"'{param}.function.parameters' must be an object.",
-                              f"{param}.function.parameters")
-            # Gemini refuses an OBJECT schema without properties; it means "no arguments".
-            if schema.get("type") != "object" or schema.get("properties"):
-                declaration["parameters"] = schema
+    for tool in chat_request.function_tools(tools, _GEMINI):
+        declaration: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            declaration["description"] = tool.description
+        schema = tool.parameters
+        # Gemini refuses an OBJECT schema without properties; it means "no arguments".
+        if schema is not None and (schema.get("type") != "object" or schema.get("properties")):
+            declaration["parameters"] = schema
         declarations.append(declaration)
     return declarations
 
 
+_MODES: Final = {"auto": "AUTO", "none": "NONE", "required": "ANY", "function": "ANY"}
+
+
 def _convert_tool_choice(choice: object) -> dict[str, Any] | None:
-    if choice is None:
+    checked = chat_request.tool_choice(choice)
+    if checked is None:
         return None
-    if choice == "auto":
-        return {"functionCallingConfig": {"mode": "AUTO"}}
-    if choice == "none":
-        return {"functionCallingConfig": {"mode": "NONE"}}
-    if choice == "required":
-        return {"functionCallingConfig": {"mode": "ANY"}}
-    if (isinstance(choice, dict) and choice.get("type") == "function"
-            and isinstance(choice.get("function"), dict)
-            and isinstance(choice["function"].get("name"), str)):
-        return {"functionCallingConfig": {"mode": "ANY",
-                                          "allowedFunctionNames": [choice["function"]["name"]]}}
-    raise invalid("'tool_choice' must be 'auto', 'none', 'required' or a function choice.",
-                  "tool_choice")
+    mode, name = checked
+    config: dict[str, Any] = {"mode": _MODES[mode]}
+    if name is not None:
+        config["allowedFunctionNames"] = [name]
+    return {"functionCallingConfig": config}
 
 
 def _check_parameters(body: Mapping[str, Any]) -> None:
-    for name, value in body.items():
-        if value is None:
-            continue
-        honoured = UNSUPPORTED_FOR_GEMINI.get(name)
-        if honoured is not None:
-            if not honoured(value):
-                raise unsupported(name, _GEMINI)
-            continue
-        if name in _TRANSLATED or name in DROPPED_FOR_GEMINI:
-            continue
-        if not _PARAM_NAME.fullmatch(name):
-            raise invalid("The request has a parameter Gemini does not support.")
-        raise unsupported(name, _GEMINI)
+    chat_request.check_parameters(body, _GEMINI, UNSUPPORTED_FOR_GEMINI,
+                                  _TRANSLATED | DROPPED_FOR_GEMINI)
 
 
 def _generation_config(body: Mapping[str, Any], default_limit: int | None) -> dict[str, Any]:
     config: dict[str, Any] = {}
-    bounds = [bound for bound in (optional_positive_int(body, "max_completion_tokens"),
-                                  optional_positive_int(body, "max_tokens"))
-              if bound is not None]
-    limit = min(bounds) if bounds else default_limit
+    limit = chat_request.requested_output_limit(body)
+    if limit is None:
+        limit = default_limit
     if limit is not None:
         config["maxOutputTokens"] = limit
     for name, field in (("temperature", "temperature"), ("top_p", "topP"),
@@ -502,10 +371,6 @@ def usage_from_gemini(metadata: object) -> Usage | None:
                  cached_input_tokens=min(cached, prompt))
 
 
-def _invalid_response() -> GatewayError:
-    return GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
-
-
 def _parts(candidate: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     content = candidate.get("content")
     parts = content.get("parts") if isinstance(content, dict) else None
@@ -554,7 +419,7 @@ def chat_completion_from_gemini(response: Mapping[str, Any], *, model: str,
         choices = [_choice(candidate, i) for i, candidate in enumerate(candidates)
                    if isinstance(candidate, dict)]
     else:
-        raise _invalid_response()
+        raise invalid_response()
     version = response.get("modelVersion")
     out: dict[str, Any] = {
         "id": str(response.get("responseId") or "gemini-response"),
@@ -567,6 +432,22 @@ def chat_completion_from_gemini(response: Mapping[str, Any], *, model: str,
     if usage is not None:
         out["usage"] = openai_usage_body(usage)
     return out
+
+
+def gemini_answer(body: bytes, *, model: str,
+                  created: int) -> tuple[dict[str, Any], Usage | None]:
+    """The Chat Completions body for a `generateContent` answer body, and the usage read
+    from its `usageMetadata` (for either door)."""
+    document = provider_document(body)
+    completion = chat_completion_from_gemini(document, model=model, created=created)
+    return completion, usage_from_gemini(document.get("usageMetadata"))
+
+
+def gemini_upstream(out: Mapping[str, Any], upstream_model: str, *,
+                    stream: bool) -> UpstreamRequest:
+    """The `generateContent` request for a built body (either door)."""
+    return UpstreamRequest(body=compact_json(out), path=gemini_path(upstream_model,
+                                                                    stream=stream))
 
 
 def key_verdict_status(status: int, body: bytes) -> int:
@@ -586,14 +467,13 @@ def gemini_error(front: Dialect, status: int, body: bytes) -> tuple[int, bytes]:
 # --------------------------------------------------------------------------- stream
 
 
-class GeminiChunksToOpenAIChunks(StreamProgress):
+class GeminiChunksToOpenAIChunks(JsonEventStream):
     """Gemini `streamGenerateContent?alt=sse` events in, OpenAI `chat.completion.chunk`
     SSE out. `usage` is reported only once a candidate finished: a stream cut short
     must not pass for a complete one."""
 
     def __init__(self, *, model: str, include_usage: bool,
                  clock: Callable[[], float] = time.time) -> None:
-        self._decoder = SseDecoder()
         self._model = model
         self._include_usage = include_usage
         self._clock = clock
@@ -603,14 +483,10 @@ class GeminiChunksToOpenAIChunks(StreamProgress):
         self._calls: dict[int, int] = {}
         self._last_usage: Usage | None = None
         self._finished = False
-        self._ended = False
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
+        JsonEventStream.__init__(self)
 
     def flush(self) -> bytes:
-        out = [self._handle(self._decoder.flush())]
+        out = [JsonEventStream.flush(self)]
         if self._finished and not self._ended:
             self._usage = self._last_usage
             if self._include_usage and self._usage is not None:
@@ -618,19 +494,6 @@ class GeminiChunksToOpenAIChunks(StreamProgress):
                                          "usage": openai_usage_body(self._usage)}))
             out.append(encode_event("[DONE]"))
             self._ended = True
-        return b"".join(out)
-
-    def _handle(self, events: list[SseEvent]) -> bytes:
-        out: list[bytes] = []
-        for event in events:
-            if self._ended:
-                break
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self._event(data, out)
         return b"".join(out)
 
     def _encode(self, fields: dict[str, Any]) -> bytes:
@@ -719,28 +582,14 @@ class OpenAIToGemini(output_limits.OpenAIDoorRules):
         output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = validate_openai_door(body)
-        options = request.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise invalid("'stream_options' must be an object.", "stream_options")
-        include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
-        self._include_usage = include is True
+        _, self._include_usage = stream_options(request)
         self._model = upstream_model
-        out = build_gemini_request(request, output_limit.default)
-        return UpstreamRequest(body=compact_json(out),
-                               path=gemini_path(upstream_model,
-                                                stream=request.get("stream") is True))
+        return gemini_upstream(build_gemini_request(request, output_limit.default),
+                               upstream_model, stream=request.get("stream") is True)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _invalid_response() from None
-        if not isinstance(document, dict):
-            raise _invalid_response()
-        completion = chat_completion_from_gemini(document, model=self._model,
-                                                 created=int(self._clock()))
-        return TranslatedResponse(body=compact_json(completion),
-                                  usage=usage_from_gemini(document.get("usageMetadata")))
+        completion, usage = gemini_answer(body, model=self._model, created=int(self._clock()))
+        return TranslatedResponse(body=compact_json(completion), usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         return gemini_error(Dialect.OPENAI, status, body)

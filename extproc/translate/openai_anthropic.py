@@ -50,21 +50,26 @@ fragment; message_delta -> final chunk with finish_reason; message_stop -> usage
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from extproc.errors import Dialect, ErrorCode, GatewayError
+from extproc.errors import Dialect, ErrorCode
+from extproc.translate import chat_request
 from extproc.translate import limits as output_limits
-from extproc.translate.provider_errors import map_provider_error, scrub
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.provider_errors import (
+    invalid_response,
+    map_provider_error,
+    provider_document,
+    scrub,
+)
+from extproc.translate.sse import encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
+    JsonEventStream,
     OutputLimit,
-    StreamProgress,
     TranslatedResponse,
     UpstreamRequest,
 )
@@ -74,10 +79,9 @@ from extproc.translate.validation import (
     invalid,
     optional_bool,
     optional_number,
-    optional_positive_int,
     optional_stop,
     optional_string,
-    unsupported,
+    stream_options,
     validate_openai_door,
 )
 
@@ -100,12 +104,8 @@ DEFAULT_MAX_TOKENS: Final = 4096
 _ANTHROPIC: Final = Backend.ANTHROPIC
 
 
-def _is(expected: object) -> Callable[[object], bool]:
-    return lambda value: type(value) is type(expected) and value == expected
-
-
-def _never(value: object) -> bool:
-    return False
+_is: Final = chat_request.is_value
+_never: Final = chat_request.never
 
 
 # Parameter -> "is this value a no-op?"; anything else sent is refused with 400.
@@ -141,7 +141,6 @@ _FINISH_REASONS: Final = {
     "refusal": "content_filter",
 }
 _DATA_URL: Final = re.compile(r"data:(image/(?:jpeg|png|gif|webp));base64,([A-Za-z0-9+/=\s]+)")
-_PARAM_NAME: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def finish_reason_for(stop_reason: object) -> str:
@@ -152,26 +151,8 @@ def finish_reason_for(stop_reason: object) -> str:
 # --------------------------------------------------------------------------- request
 
 
-def _text_of(content: object, param: str, *, role: str) -> list[str]:
-    """Texts of a string or an array of text parts (system/developer/tool messages)."""
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" \
-                    or not isinstance(part.get("text"), str):
-                raise invalid(f"'{param}' of a {role} message must be text.", param)
-            texts.append(part["text"])
-        return texts
-    raise invalid(f"'{param}' must be a string or an array of text parts.", param)
-
-
 def _image_block(part: Mapping[str, Any], param: str) -> dict[str, Any]:
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str):
-        raise invalid(f"'{param}.image_url.url' must be a string.", f"{param}.image_url.url")
+    url = chat_request.image_url(part, param)
     if url.startswith("data:"):
         match = _DATA_URL.fullmatch(url)
         if match is None:
@@ -187,85 +168,16 @@ def _image_block(part: Mapping[str, Any], param: str) -> dict[str, Any]:
                   f"{param}.image_url.url")
 
 
-def _user_blocks(content: object, param: str) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise invalid(f"'{param}' must be a string or an array of content parts.", param)
-    blocks: list[dict[str, Any]] = []
-    for j, part in enumerate(content):
-        part_param = f"{param}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part, dict):
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise invalid(f"'{part_param}.text' must be a string.", f"{part_param}.text")
-            if text:
-                blocks.append({"type": "text", "text": text})
-        elif kind == "image_url" and isinstance(part, dict):
-            blocks.append(_image_block(part, part_param))
-        else:
-            raise invalid("Only 'text' and 'image_url' content parts are supported by "
-                          "Anthropic.", f"{part_param}.type")
-    return blocks
-
-
-def _tool_use_blocks(tool_calls: object, param: str) -> list[dict[str, Any]]:
-    if tool_calls is None:
-        return []
-    if not isinstance(tool_calls, list):
-        raise invalid(f"'{param}' must be an array.", param)
-    blocks = []
-    for k, call in enumerate(tool_calls):
-        call_param = f"{param}[{k}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(call, dict) or not isinstance(function, dict):
-            raise invalid(f"'{call_param}' must be a function tool call.", call_param)
-        call_id = call.get("id")
-        name = function.get("name")
-        if not isinstance(call_id, str) or not call_id:
-            raise invalid(f"'{call_param}.id' must be a non-empty string.", f"{call_param}.id")
-        if not isinstance(name, str) or not name:
-            raise invalid(f"'{call_param}.function.name' must be a non-empty string.",
-                          f"{call_param}.function.name")
-        arguments = function.get("arguments")
-        where = f"{call_param}.function.arguments"
-        if arguments is None or arguments == "":
-            arguments_value: object = {}
-        elif isinstance(arguments, str):
-            try:
-                arguments_value = json.loads(arguments)
-            except ValueError:
-                arguments_value = None
-        else:
-            arguments_value = None
-        if not isinstance(arguments_value, dict):
-            raise invalid(f"'{where}' must be a JSON object encoded as a string.", where)
-        blocks.append({"type": "tool_use", "id": call_id, "name": name,
-                       "input": arguments_value})
-    return blocks
+def _text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
 
 
 def _assistant_blocks(message: Mapping[str, Any], param: str) -> list[dict[str, Any]]:
-    content = message.get("content")
-    blocks: list[dict[str, Any]] = []
-    if isinstance(content, str):
-        if content:
-            blocks.append({"type": "text", "text": content})
-    elif isinstance(content, list):
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            key = "text" if kind == "text" else "refusal" if kind == "refusal" else None
-            text = part.get(key) if key is not None and isinstance(part, dict) else None
-            if not isinstance(text, str):
-                raise invalid(f"'{param}.content[{j}]' must be a text or refusal part.",
-                              f"{param}.content[{j}]")
-            if text:
-                blocks.append({"type": "text", "text": text})
-    elif content is not None:
-        raise invalid(f"'{param}.content' must be a string or an array of text parts.",
-                      f"{param}.content")
-    blocks.extend(_tool_use_blocks(message.get("tool_calls"), f"{param}.tool_calls"))
+    blocks = [_text_block(text)
+              for text in chat_request.assistant_texts(message.get("content"), param)]
+    blocks.extend({"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+                  for call in chat_request.tool_calls(message.get("tool_calls"),
+                                                      f"{param}.tool_calls"))
     return blocks
 
 
@@ -279,16 +191,14 @@ def _append(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]
 def _convert_messages(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
     system: list[str] = []
     turns: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise invalid(f"'{param}' must be an object.", param)
-        role = message.get("role")
+    for param, role, message in chat_request.messages_by_role(messages, _ANTHROPIC):
         content = message.get("content")
         if role in ("system", "developer"):
-            system.extend(t for t in _text_of(content, f"{param}.content", role=str(role)) if t)
+            system.extend(t for t in chat_request.message_texts(
+                content, f"{param}.content", role=role) if t)
         elif role == "user":
-            blocks = _user_blocks(content, f"{param}.content")
+            blocks = chat_request.user_parts(content, f"{param}.content", _ANTHROPIC,
+                                             text=_text_block, image=_image_block)
             if not blocks:
                 raise invalid(f"'{param}.content' must not be empty.", f"{param}.content")
             _append(turns, "user", blocks)
@@ -296,23 +206,13 @@ def _convert_messages(messages: list[Any]) -> tuple[list[str], list[dict[str, An
             blocks = _assistant_blocks(message, param)
             if blocks:
                 _append(turns, "assistant", blocks)
-        elif role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise invalid(f"'{param}.tool_call_id' must be a non-empty string.",
-                              f"{param}.tool_call_id")
-            text = "".join(_text_of(content, f"{param}.content", role="tool"))
+        else:
+            call_id = chat_request.tool_call_id(message, param)
+            text = "".join(chat_request.message_texts(content, f"{param}.content", role="tool"))
             _append(turns, "user",
                     [{"type": "tool_result", "tool_use_id": call_id, "content": text}])
-        elif role == "function":
-            raise invalid("Messages with role 'function' are not supported by Anthropic; "
-                          "use 'tool' messages.", f"{param}.role")
-        else:
-            raise invalid(f"'{param}.role' must be one of 'system', 'developer', 'user', "
-                          "'assistant', 'tool'.", f"{param}.role")
     if not turns:
-        raise invalid("'messages' must contain at least one user or assistant message.",
-                      "messages")
+        raise chat_request.no_turns()
     for turn in turns:
         content = turn["content"]
         if len(content) == 1 and content[0]["type"] == "text":
@@ -321,66 +221,38 @@ def _convert_messages(messages: list[Any]) -> tuple[list[str], list[dict[str, An
 
 
 def _convert_tools(tools: object) -> list[dict[str, Any]]:
-    if not isinstance(tools, list):
-        raise invalid("'tools' must be an array.", "tools")
     converted = []
-    for k, tool in enumerate(tools):
-        param = f"tools[{k}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise invalid("Only 'function' tools are supported by Anthropic.", f"{param}.type")
-        function = tool.get("function")
-        if not isinstance(function, dict):
-            raise invalid(f"'{param}.function' must be an object.", f"{param}.function")
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise invalid(f"'{param}.function.name' must be a non-empty string.",
-                          f"{param}.function.name")
-        entry: dict[str, Any] = {"name": name}
-        description = optional_string(function, "description", f"{param}.function.description")
-        if description:
-            entry["description"] = description
-        schema = function.get("parameters")
-        if schema is None:
-            schema = {"type": "object", "properties": {}}
-        elif not isinstance(schema, dict):
-            raise invalid(f"'{param}.function.parameters' must be an object.",
-                          f"{param}.function.parameters")
-        entry["input_schema"] = schema
+    for tool in chat_request.function_tools(tools, _ANTHROPIC):
+        entry: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            entry["description"] = tool.description
+        entry["input_schema"] = (tool.parameters if tool.parameters is not None
+                                 else {"type": "object", "properties": {}})
         converted.append(entry)
     return converted
 
 
+_TOOL_CHOICE_TYPES: Final = {"auto": "auto", "required": "any", "function": "tool"}
+
+
 def _convert_tool_choice(choice: object, parallel: bool | None) -> dict[str, Any] | None:
-    converted: dict[str, Any]
-    if choice is None or choice == "auto":
-        converted = {"type": "auto"}
-    elif choice == "none":
+    checked = chat_request.tool_choice(choice)
+    mode, name = checked if checked is not None else ("auto", None)
+    if mode == "none":
         return {"type": "none"}
-    elif choice == "required":
-        converted = {"type": "any"}
-    elif (isinstance(choice, dict) and choice.get("type") == "function"
-          and isinstance(choice.get("function"), dict)
-          and isinstance(choice["function"].get("name"), str)):
-        converted = {"type": "tool", "name": choice["function"]["name"]}
-    else:
-        raise invalid("'tool_choice' must be 'auto', 'none', 'required' or a function choice.",
-                      "tool_choice")
+    converted: dict[str, Any] = {"type": _TOOL_CHOICE_TYPES[mode]}
+    if name is not None:
+        converted["name"] = name
     if parallel is False:
         converted["disable_parallel_tool_use"] = True
-    elif choice is None:
+    elif checked is None:
         return None
     return converted
 
 
 def _check_parameters(body: Mapping[str, Any]) -> None:
-    for name, value in body.items():
-        if value is None or name in _TRANSLATED or name in DROPPED_FOR_ANTHROPIC:
-            continue
-        neutral = UNSUPPORTED_FOR_ANTHROPIC.get(name)
-        if neutral is None and not _PARAM_NAME.fullmatch(name):
-            raise invalid("The request has a parameter Anthropic does not support.")
-        if neutral is None or not neutral(value):
-            raise unsupported(name, _ANTHROPIC)
+    chat_request.check_parameters(body, _ANTHROPIC, UNSUPPORTED_FOR_ANTHROPIC,
+                                  _TRANSLATED | DROPPED_FOR_ANTHROPIC)
 
 
 def build_anthropic_request(body: Mapping[str, Any], upstream_model: str,
@@ -388,12 +260,10 @@ def build_anthropic_request(body: Mapping[str, Any], upstream_model: str,
     """The Messages API body for a validated Chat Completions body."""
     _check_parameters(body)
     system, turns = _convert_messages(body["messages"])
-    limits = [limit for limit in (optional_positive_int(body, "max_completion_tokens"),
-                                  optional_positive_int(body, "max_tokens"))
-              if limit is not None]
     out: dict[str, Any] = {
         "model": upstream_model,
-        "max_tokens": min(limits) if limits else default_limit or DEFAULT_MAX_TOKENS,
+        "max_tokens": (chat_request.requested_output_limit(body) or default_limit
+                       or DEFAULT_MAX_TOKENS),
     }
     if system:
         out["system"] = system[0] if len(system) == 1 else [
@@ -438,15 +308,11 @@ def _tool_call(block: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _invalid_response() -> GatewayError:
-    return GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
-
-
 def chat_completion_from_message(message: Mapping[str, Any], created: int) -> dict[str, Any]:
     """The Chat Completions body for an Anthropic Messages response body."""
     blocks = message.get("content")
     if not isinstance(blocks, list):
-        raise _invalid_response()
+        raise invalid_response()
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for block in blocks:
@@ -476,11 +342,10 @@ def chat_completion_from_message(message: Mapping[str, Any], created: int) -> di
 # --------------------------------------------------------------------------- stream
 
 
-class AnthropicEventsToOpenAIChunks(StreamProgress):
+class AnthropicEventsToOpenAIChunks(JsonEventStream):
     """Anthropic Messages SSE events in, OpenAI `chat.completion.chunk` SSE out."""
 
     def __init__(self, *, include_usage: bool, clock: Callable[[], float] = time.time) -> None:
-        self._decoder = SseDecoder()
         self._include_usage = include_usage
         self._clock = clock
         self._id = ""
@@ -488,27 +353,7 @@ class AnthropicEventsToOpenAIChunks(StreamProgress):
         self._created = 0
         self._start_usage: dict[str, Any] = {}
         self._tools: dict[int, int] = {}
-        StreamProgress.__init__(self)
-        self._ended = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
-
-    def flush(self) -> bytes:
-        return self._handle(self._decoder.flush())
-
-    def _handle(self, events: list[SseEvent]) -> bytes:
-        out: list[bytes] = []
-        for event in events:
-            if self._ended:
-                break
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue
-            if isinstance(data, dict):
-                self._event(data, out)
-        return b"".join(out)
+        JsonEventStream.__init__(self)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return encode_event(compact_json({
@@ -624,22 +469,13 @@ class OpenAIToAnthropic(output_limits.OpenAIDoorRules):
         output_limit: OutputLimit = NO_OUTPUT_LIMIT,
     ) -> UpstreamRequest:
         request = validate_openai_door(body)
-        options = request.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise invalid("'stream_options' must be an object.", "stream_options")
-        include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
-        self._include_usage = include is True
+        _, self._include_usage = stream_options(request)
         out = build_anthropic_request(request, upstream_model, output_limit.default)
         return UpstreamRequest(body=compact_json(out), path=MESSAGES_PATH,
                                headers=(("anthropic-version", ANTHROPIC_VERSION),))
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            message = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _invalid_response() from None
-        if not isinstance(message, dict):
-            raise _invalid_response()
+        message = provider_document(body)
         completion = chat_completion_from_message(message, int(self._clock()))
         return TranslatedResponse(body=compact_json(completion),
                                   usage=usage_from_anthropic(message.get("usage")))

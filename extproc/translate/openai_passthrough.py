@@ -37,21 +37,21 @@ from urllib.parse import quote
 from extproc.errors import Dialect
 from extproc.translate import limits
 from extproc.translate.provider_errors import map_provider_error, scrubbed_stream_error
-from extproc.translate.sse import SseDecoder, SseEvent, encode_event
+from extproc.translate.sse import SseEvent, encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
-    StreamProgress,
+    SseStream,
     TranslatedResponse,
     UpstreamRequest,
 )
 from extproc.translate.usage import usage_from_openai
 from extproc.translate.validation import (
     compact_json,
-    invalid,
-    optional_bool,
+    json_object,
     optional_positive_int,
+    stream_options,
     unsupported,
     validate_openai_door,
 )
@@ -62,8 +62,10 @@ __all__ = [
     "MISTRAL_UNSUPPORTED",
     "OpenAIPassthrough",
     "OpenAIPassthroughStream",
+    "azure_deployment_path",
     "azure_path",
     "count_openai_deltas",
+    "place_model",
 ]
 
 CHAT_COMPLETIONS_PATH: Final = "/v1/chat/completions"
@@ -86,10 +88,27 @@ MISTRAL_UNSUPPORTED: Final = (
 )
 
 
-def azure_path(deployment: str, api_version: str | None) -> str:
+def azure_deployment_path(deployment: str, api_version: str | None, operation: str) -> str:
+    """Azure OpenAI names the deployment in the path and the API version in the query."""
     version = api_version or DEFAULT_AZURE_API_VERSION
-    return (f"/openai/deployments/{quote(deployment, safe='')}/chat/completions"
+    return (f"/openai/deployments/{quote(deployment, safe='')}/{operation}"
             f"?api-version={quote(version, safe='')}")
+
+
+def azure_path(deployment: str, api_version: str | None) -> str:
+    return azure_deployment_path(deployment, api_version, "chat/completions")
+
+
+def place_model(request: dict[str, Any], backend: Backend, upstream_model: str,
+                api_version: str | None, *, path: str, azure_operation: str) -> str:
+    """Put the upstream model where the backend reads it and return the request path:
+    Azure's is the deployment in the path (the body's `model` removed), any other's is
+    `model` in the body, sent to `path`."""
+    if backend is Backend.AZURE:
+        request.pop("model", None)
+        return azure_deployment_path(upstream_model, api_version, azure_operation)
+    request["model"] = upstream_model
+    return path
 
 
 def count_openai_deltas(chunk: Mapping[str, Any]) -> int:
@@ -107,7 +126,7 @@ def count_openai_deltas(chunk: Mapping[str, Any]) -> int:
     return seen
 
 
-class OpenAIPassthroughStream(StreamProgress):
+class OpenAIPassthroughStream(SseStream):
     """Reads usage and deltas off an OpenAI-shaped stream while forwarding it.
 
     Complete events are re-framed (an event split over chunks leaves with its last
@@ -116,15 +135,8 @@ class OpenAIPassthroughStream(StreamProgress):
     """
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
-        self._decoder = SseDecoder()
         self._strip = strip_usage_chunk
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
-
-    def flush(self) -> bytes:
-        return self._handle(self._decoder.flush())
+        SseStream.__init__(self)
 
     def _handle(self, events: list[SseEvent]) -> bytes:
         kept: list[bytes] = []
@@ -190,11 +202,7 @@ class OpenAIPassthrough(limits.OpenAIDoorRules):
     ) -> UpstreamRequest:
         request = dict(validate_openai_door(body))
         stream = request.get("stream") is True
-        options = request.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise invalid("'stream_options' must be an object.", "stream_options")
-        include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
-        self._client_wants_usage = include is True
+        options, self._client_wants_usage = stream_options(request)
         if self.backend is Backend.MISTRAL:
             self._to_mistral(request)
             _write_limit(request, limits.MAX_TOKENS, output_limit.default)
@@ -205,12 +213,8 @@ class OpenAIPassthrough(limits.OpenAIDoorRules):
             _write_limit(request, field, output_limit.default)
         if self.backend is not Backend.MISTRAL and stream:
             request["stream_options"] = {**(options or {}), "include_usage": True}
-        if self.backend is Backend.AZURE:
-            request.pop("model", None)
-            path = azure_path(upstream_model, api_version)
-        else:
-            request["model"] = upstream_model
-            path = CHAT_COMPLETIONS_PATH
+        path = place_model(request, self.backend, upstream_model, api_version,
+                           path=CHAT_COMPLETIONS_PATH, azure_operation="chat/completions")
         return UpstreamRequest(body=compact_json(request), path=path)
 
     def _to_mistral(self, request: dict[str, Any]) -> None:
@@ -231,12 +235,9 @@ class OpenAIPassthrough(limits.OpenAIDoorRules):
                 request["random_seed"] = seed
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return TranslatedResponse(body=body, usage=None)
+        document = json_object(body)
         usage = usage_from_openai(document.get("usage"), service_tier=document.get(
-            "service_tier")) if isinstance(document, dict) else None
+            "service_tier")) if document is not None else None
         return TranslatedResponse(body=body, usage=usage)
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:

@@ -38,9 +38,12 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
+from extproc.translate.validation import json_object
 
 __all__ = [
+    "invalid_response",
     "map_provider_error",
+    "provider_document",
     "provider_message",
     "retry_after_headers",
     "scrub",
@@ -138,6 +141,19 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return document if isinstance(document, dict) else None
+
+
+def invalid_response() -> GatewayError:
+    """The error for a provider answer a translator cannot read (a 502 to the client)."""
+    return GatewayError(ErrorCode.PROVIDER_ERROR, "The provider sent an invalid response.")
+
+
+def provider_document(body: bytes) -> dict[str, Any]:
+    """A successful answer body that a translator rewrites: it must be a JSON object."""
+    document = json_object(body)
+    if document is None:
+        raise invalid_response()
+    return document
 
 
 def map_provider_error(front: Dialect, status: int, body: bytes) -> tuple[int, bytes]:

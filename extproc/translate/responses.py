@@ -54,6 +54,7 @@ from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
     Backend,
     OutputLimit,
+    SseStream,
     StreamProgress,
     StreamTranslator,
     TranslatedResponse,
@@ -62,7 +63,7 @@ from extproc.translate.types import (
     Usage,
 )
 from extproc.translate.usage import usage_from_openai
-from extproc.translate.validation import compact_json, invalid, unsupported
+from extproc.translate.validation import compact_json, invalid, json_object, unsupported
 
 __all__ = [
     "AZURE_RESPONSES_PATH",
@@ -141,19 +142,12 @@ class _ResponsesDoorRules:
         return limits.input_estimate(raw, _INPUT_IMAGE)
 
 
-class ResponsesPassthroughStream(StreamProgress):
+class ResponsesPassthroughStream(SseStream):
     """Forwards `response.*` events re-framed, reading usage from the final event; an
     `error` event's message is scrubbed like an error body's."""
 
     def __init__(self) -> None:
-        self._decoder = SseDecoder()
-        StreamProgress.__init__(self)
-
-    def feed(self, chunk: bytes) -> bytes:
-        return self._handle(self._decoder.feed(chunk))
-
-    def flush(self) -> bytes:
-        return self._handle(self._decoder.flush())
+        SseStream.__init__(self)
 
     def _handle(self, events: list[SseEvent]) -> bytes:
         out = []
@@ -204,11 +198,8 @@ class ResponsesPassthrough(_ResponsesDoorRules):
         return UpstreamRequest(body=compact_json(request), path=path)
 
     def response(self, status: int, body: bytes) -> TranslatedResponse:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return TranslatedResponse(body=body, usage=None)
-        if not isinstance(document, dict):
+        document = json_object(body)
+        if document is None:
             return TranslatedResponse(body=body, usage=None)
         return TranslatedResponse(body=body, usage=usage_from_responses(
             document.get("usage"), document.get("output")))

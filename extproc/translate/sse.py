@@ -10,9 +10,12 @@ translators: it frames one event so that `SseDecoder` reads back exactly that ev
 from __future__ import annotations
 
 import codecs
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["SseDecoder", "SseEvent", "encode_event"]
+__all__ = ["SseDecoder", "SseEvent", "encode_event", "json_objects"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +89,15 @@ def encode_event(data: str, event: str | None = None) -> bytes:
     lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     head = f"event: {event}\n" if event is not None else ""
     return (head + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+def json_objects(events: Iterable[SseEvent]) -> Iterator[dict[str, Any]]:
+    """The events whose data is a JSON object, decoded; any other event is skipped (a
+    keep-alive, a provider's stray line): the translators act on objects only."""
+    for event in events:
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            yield data

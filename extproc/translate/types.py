@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from extproc.translate.limits import OutputLimit
+from extproc.translate.sse import SseDecoder, SseEvent, json_objects
 
 __all__ = [
     "NO_OUTPUT_LIMIT",
     "Backend",
+    "JsonEventStream",
     "OutputLimit",
+    "SseStream",
     "StreamProgress",
     "StreamTranslator",
     "TranslatedResponse",
@@ -118,6 +121,44 @@ class StreamProgress:
     @property
     def first_token_seen(self) -> bool:
         return self._deltas > 0
+
+
+class SseStream(StreamProgress):
+    """A stream translator reading the provider's SSE: `feed` and `flush` decode the
+    bytes into complete events and `_handle` turns those into the client's bytes."""
+
+    def __init__(self) -> None:
+        self._decoder = SseDecoder()
+        StreamProgress.__init__(self)
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._handle(self._decoder.feed(chunk))
+
+    def flush(self) -> bytes:
+        return self._handle(self._decoder.flush())
+
+    def _handle(self, events: list[SseEvent]) -> bytes:
+        raise NotImplementedError
+
+
+class JsonEventStream(SseStream):
+    """An `SseStream` whose provider events are JSON objects, each given to `_event`
+    until `_ended` (an error event, or the answer's end): later events are ignored."""
+
+    def __init__(self) -> None:
+        self._ended = False
+        SseStream.__init__(self)
+
+    def _handle(self, events: list[SseEvent]) -> bytes:
+        out: list[bytes] = []
+        for data in json_objects(events):
+            if self._ended:
+                break
+            self._event(data, out)
+        return b"".join(out)
+
+    def _event(self, data: dict[str, Any], out: list[bytes]) -> None:
+        raise NotImplementedError
 
 
 class StreamTranslator(Protocol):

@@ -23,11 +23,13 @@ from extproc.translate.types import Backend
 __all__ = [
     "compact_json",
     "invalid",
+    "json_object",
     "optional_bool",
     "optional_number",
     "optional_positive_int",
     "optional_stop",
     "optional_string",
+    "stream_options",
     "unsupported",
     "validate_anthropic_door",
     "validate_openai_door",
@@ -39,6 +41,15 @@ _SEPARATORS: Final = (",", ":")
 def compact_json(value: object) -> bytes:
     """The JSON bytes the gateway sends: compact, UTF-8, non-ASCII kept as is."""
     return json.dumps(value, separators=_SEPARATORS, ensure_ascii=False).encode()
+
+
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """A provider's answer body as a JSON object; None when it is not one."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
 
 
 def invalid(message: str, param: str | None = None) -> GatewayError:
@@ -113,6 +124,16 @@ def _common_door(body: object) -> dict[str, Any]:
         raise invalid("'messages' must be a non-empty array.", "messages")
     optional_bool(body, "stream")
     return body
+
+
+def stream_options(body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    """A Chat Completions body's `stream_options` (checked to be an object) and whether
+    the client asked for the usage chunk (`include_usage: true`)."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object.", "stream_options")
+    include = optional_bool(options or {}, "include_usage", "stream_options.include_usage")
+    return options, include is True
 
 
 def validate_openai_door(body: object) -> dict[str, Any]:

@@ -616,8 +616,13 @@ def test_a_tenant_own_key_is_used_only_for_it_and_still_budgeted(
         return sum(int(client.hget(k, "spent") or 0) for k in keys)
 
     assert wait_for(lambda: month_spent() == charged), month_spent()
-    # ... and audited with its own credential label.
-    finished = {e["tenant"]: e for e in log_events(gateway, "request finished")}
+    # ... and audited with its own credential label (each line is written once its
+    # request's finish() ran, which may be after the client has its answer).
+    def finished_lines() -> dict[str, dict[str, Any]]:
+        return {e["tenant"]: e for e in log_events(gateway, "request finished")}
+
+    assert wait_for(lambda: {"acme", "globex"} <= finished_lines().keys())
+    finished = finished_lines()
     assert finished["acme"]["credential"] == "acme-own@1"
     assert finished["acme"]["charged_micro_usd"] == charged
     assert finished["globex"]["credential"] == f"{CREDENTIAL}@1"

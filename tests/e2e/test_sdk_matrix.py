@@ -12,7 +12,6 @@ import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -20,14 +19,12 @@ import httpx
 import openai
 import pytest
 import redis
-import yaml
 
 from extproc.auth import hash_key
-from extproc.config import load_config
-from extproc.devstack import Stack, free_port
+from extproc.devstack import Stack
 from extproc.emulator.api_surface import DEFAULT_DIMENSIONS, embedding_vector
-from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from extproc.secrets import Secret
+from tests.e2e.config_stack import start_from_config
 from tests.polling import wait_for
 
 PEPPER = "sdk-matrix-pepper-" + secrets.token_hex(6)
@@ -135,21 +132,9 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         _, main_port = stack.start_emulator(keys)
         _, mistral_port = stack.start_emulator(keys, extra_args=("--shape", "mistral"))
         _, gemini_port = stack.start_emulator(keys, extra_args=("--shape", "gemini"))
-        config_dir = workdir / "config"
-        config_dir.mkdir()
-        (config_dir / "pepper.txt").write_text(PEPPER, encoding="utf-8")
-        config_path = config_dir / "asc.yaml"
-        config_path.write_text(yaml.safe_dump(_config(main_port, mistral_port, gemini_port,
-                                                       redis_port)),
-                               encoding="utf-8")
-        env = dict(stack.env, **{f"MATRIX_KEY_{k.upper()}": v
-                                 for k, v in PROVIDER_KEYS.items()})
-        _, extproc_port, _ = stack.start_extproc(Path(config_path), env=env)
-        listen_port, admin_socket = free_port(), stack.admin_socket()
-        ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
-                           extproc_port=extproc_port)
-        stack.start_envoy(render_yaml(load_config(config_path), ports),
-                          listen_port=listen_port, admin_socket=admin_socket)
+        listen_port = start_from_config(
+            stack, _config(main_port, mistral_port, gemini_port, redis_port), pepper=PEPPER,
+            key_env_prefix="MATRIX_KEY", provider_keys=PROVIDER_KEYS)
         yield Matrix(f"http://127.0.0.1:{listen_port}",
                      {"main": main_port, "mistral": mistral_port, "gemini": gemini_port},
                      redis_port, stack)

@@ -54,6 +54,23 @@ async def make_writer(directory: Path, settings: AuditSettings,
     return writer
 
 
+async def writer_on_full_disk(directory: Path,
+                              settings: AuditSettings) -> tuple[AuditWriter, Path]:
+    """A writer to one JSONL sink whose first part is a link to /dev/full (every write
+    fails with ENOSPC) until the test removes the returned path: "space again"."""
+    sinks: list[JsonlAuditSink] = []
+
+    def sink_for(writer: str) -> AuditSink:
+        sink = JsonlAuditSink(directory, writer, rotate_bytes=1 << 20, rotate_s=3600)
+        sinks.append(sink)
+        return sink
+
+    writer = await make_writer(directory, settings, sink_for)
+    first_file = sinks[0].path_for(1)
+    first_file.symlink_to("/dev/full")
+    return writer, first_file
+
+
 def jsonl_records(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for path in sorted(directory.glob("audit-*.jsonl"))
             for line in path.read_text(encoding="utf-8").splitlines()
@@ -65,16 +82,7 @@ async def test_full_disk_blocks_then_every_record_lands_once(tmp_path: Path) -> 
     directory.mkdir()
     settings = AuditSettings(dir=directory, queue_size=4, batch_records=2,
                              on_failure="block", fsync="batch")
-    sinks: list[JsonlAuditSink] = []
-
-    def sink_for(writer: str) -> AuditSink:
-        sink = JsonlAuditSink(directory, writer, rotate_bytes=1 << 20, rotate_s=3600)
-        sinks.append(sink)
-        return sink
-
-    writer = await make_writer(directory, settings, sink_for)
-    first_file = sinks[0].path_for(1)
-    first_file.symlink_to("/dev/full")  # every write: ENOSPC
+    writer, first_file = await writer_on_full_disk(directory, settings)
     failures = metric("asc_audit_sink_failures_total", sink="jsonl")
     writer.start()
     assert await until(lambda: metric("asc_audit_sink_failures_total", sink="jsonl")
@@ -109,16 +117,7 @@ async def test_full_disk_with_buffer_policy_counts_and_logs_each_drop(
     directory.mkdir()
     settings = AuditSettings(dir=directory, queue_size=2, batch_records=2,
                              on_failure="buffer", buffer_records=3, fsync="batch")
-    sinks: list[JsonlAuditSink] = []
-
-    def sink_for(writer: str) -> AuditSink:
-        sink = JsonlAuditSink(directory, writer, rotate_bytes=1 << 20, rotate_s=3600)
-        sinks.append(sink)
-        return sink
-
-    writer = await make_writer(directory, settings, sink_for)
-    first_file = sinks[0].path_for(1)
-    first_file.symlink_to("/dev/full")
+    writer, first_file = await writer_on_full_disk(directory, settings)
     dropped_before = metric("asc_audit_dropped_total", reason="buffer_full")
     writer.start()
     # Let the writer fill its buffer (opening checkpoint + records) while the disk is full.
