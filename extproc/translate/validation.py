@@ -47,7 +47,7 @@ def json_object(body: bytes) -> dict[str, Any] | None:
     """A provider's answer body as a JSON object; None when it is not one."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nested past the parser
         return None
     return document if isinstance(document, dict) else None
 

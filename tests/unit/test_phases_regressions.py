@@ -155,3 +155,19 @@ async def test_a_client_accepting_gzip_still_gets_a_translated_and_billed_respon
     assert isinstance(reply, Continue), reply
     assert processor.usage == Usage(input_tokens=10, output_tokens=5)
     assert ("x-asc-cost-usd", "0.000005") in reply.set_headers
+
+
+async def test_a_provider_answer_nested_past_the_parser_passes_like_any_unreadable_one(
+) -> None:
+    """Same-dialect answers pass through; one the parser cannot read (here: nested past
+    its recursion limit) goes through unread, without usage, as invalid JSON does. It
+    used to escape the translator as a RecursionError: a 500 internal error."""
+    from tests.unit.test_phases import response_body, response_headers, routed
+
+    processor = await routed()
+    assert isinstance(await processor.handle(response_headers("200")), Continue)
+    nested = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    reply = await processor.handle(response_body(nested, end_of_stream=True))
+    assert isinstance(reply, Continue)
+    assert reply.body is None  # the provider's bytes, unchanged
+    assert (processor.error, processor.usage) == (None, None)
