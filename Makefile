@@ -20,8 +20,8 @@ REDIS_PERSIST ?= 1
 BAO_PORT ?= 8200
 BAO_DIR ?= var/openbao
 
-.PHONY: install run openbao test lint typecheck unit integration bench bench-peers redis-server wrk \
-	node kubectl clean
+.PHONY: install run openbao test lint typecheck unit integration soak bench bench-peers \
+	redis-server wrk node kubectl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,7 +71,13 @@ unit: install
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
 integration: install redis-server kubectl
-	$(BIN)/pytest -q -p no:cacheprovider tests/integration tests/e2e tests/docs tests/deploy
+	$(BIN)/pytest -q -p no:cacheprovider -m "not soak" tests/integration tests/e2e tests/docs \
+		tests/deploy tests/reliability
+
+# The reliability suite's longer runs (docs/reliability.md): a 30 s rotation drill,
+# Envoy at trace, more fuzzing. Each prints its FIGURE lines.
+soak: install redis-server
+	$(BIN)/pytest -q -s -p no:cacheprovider -m soak tests/reliability
 
 # Fast checks first, then the slow real-process suites. pytest exits 5 when it collects
 # nothing; that fails the target like any other non-zero exit.

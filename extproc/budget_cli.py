@@ -92,6 +92,16 @@ def _redis(config: GatewayConfig) -> Any:
                              "budgets live in Redis: add redis.url to the config")
     if config.redis.cluster:
         return redis.RedisCluster.from_url(config.redis.url, decode_responses=True)
+    if config.redis.sentinel is not None:
+        from redis.sentinel import Sentinel
+
+        options = redis.ConnectionPool.from_url(config.redis.url).connection_kwargs
+        addresses = [(host, int(port)) for host, _, port in
+                     (a.rpartition(":") for a in config.redis.sentinel.addresses)]
+        sentinel = Sentinel(addresses)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(  # type: ignore[no-untyped-call]
+            config.redis.sentinel.service, decode_responses=True,
+            **{k: v for k, v in options.items() if k in ("db", "username", "password")})
     return redis.Redis.from_url(config.redis.url, decode_responses=True)
 
 

@@ -76,6 +76,7 @@ __all__ = [
     "ProviderSpec",
     "RateLimitsSpec",
     "RecordStoreSpec",
+    "RedisSentinelSettings",
     "RedisSettings",
     "ResponseRedactionSpec",
     "RouteSpec",
@@ -336,6 +337,26 @@ def _redis_url(url: str) -> str:
     return url
 
 
+def _host_port(address: str) -> str:
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise problem(((), f"not host:port: {address!r}", "e.g. 10.0.0.5:26379"))
+    return address
+
+
+class RedisSentinelSettings(_Spec):  # also the runtime object
+    """Redis Sentinel: the service asks the sentinels which server is the master, and asks
+    again after a failover (docs/reliability.md)."""
+
+    addresses: Annotated[list[Annotated[Text, AfterValidator(_host_port)]],
+                         Field(min_length=1), Rule(
+        required="must be a non-empty list of host:port",
+        hint="the sentinels, e.g. [10.0.0.5:26379, 10.0.0.6:26379]")] = Field(
+        description="host:port of each sentinel.")
+    service: Text = Field(description="The master's name in the sentinels' config "
+                          "(`sentinel monitor <name> ...`).")
+
+
 class RedisSettings(_Spec):  # also the runtime object
     """The Redis (or Redis Cluster) that holds budgets, rate limits and keyring state."""
 
@@ -351,6 +372,16 @@ class RedisSettings(_Spec):  # also the runtime object
         default=1000, description="How long a budget call may wait for a free ledger slot (64 "
         "in flight per process); past it the request is shed with 503 and retry-after, "
         "which is not a Redis failure.")
+    sentinel: RedisSentinelSettings | None = Field(
+        default=None, description="Find the master through Redis Sentinel; `url` then gives "
+        "only the scheme, database and credentials (its host and port are not used).")
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> RedisSettings:
+        if self.sentinel is not None and self.cluster:
+            raise problem((("sentinel",), "cannot be used with cluster: true",
+                           "Sentinel watches one master; a Redis Cluster fails over itself"))
+        return self
 
 
 def _timezone(name: str) -> str:

@@ -77,6 +77,7 @@ from extproc.envoy_identity import IdentityEnvoy, apply_identity
 from extproc.failover import Chain, failover_chains, has_failover_cluster
 from extproc.listen import worker_socket_paths
 from extproc.phases import CLUSTER_HEADER
+from extproc.translate.base import MESSAGES_PATH
 
 __all__ = [
     "ADMIN_SOCKET_MODE",
@@ -206,15 +207,27 @@ def _access_log() -> list[dict[str, Any]]:
 
 
 def _local_reply_config() -> dict[str, Any]:
-    """Envoy's own errors (fail-closed ext_proc, 413, no upstream) as OpenAI-shaped JSON.
+    """Envoy's own errors (fail-closed ext_proc, 413, no upstream, a timeout, a reset) as
+    JSON in the client's dialect: Anthropic-shaped for the Messages door, OpenAI-shaped
+    otherwise.
 
     Replies the gateway itself sends are already JSON; they carry `asc.error` metadata and
-    are passed through unchanged by the first mapper.
+    are passed through unchanged by the first mappers. The door is known from the service's
+    `asc.dialect` metadata once it answered a phase (the service may have rewritten
+    `:path` for the provider by then), else from the client's `:path`
+    (docs/decisions/0131-envoy-errors-in-the-door-dialect.md).
     """
     return {
         "mappers": [*(_own_reply_mapper(key) for key in _OWN_REPLY_KEYS), *(
-            {"filter": {"status_code_filter": {"comparison": {
-                "op": "EQ", "value": {"default_value": status, "runtime_key": "asc.unused"}}}},
+            {"filter": {"and_filter": {"filters": [
+                _anthropic_door_filter(), _status_filter(status)]}},
+             "body_format_override": _anthropic_error_format(message, kind)}
+            for status, message, kind in _ENVOY_ERRORS_ANTHROPIC
+        ), {
+            "filter": _anthropic_door_filter(),
+            "body_format_override": _anthropic_error_format("%LOCAL_REPLY_BODY%", "api_error"),
+        }, *(
+            {"filter": _status_filter(status),
              "body_format_override": _openai_error_format(message)}
             for status, message in _ENVOY_ERROR_MESSAGES
         )],
@@ -243,6 +256,38 @@ def _own_reply_mapper(key: str) -> dict[str, Any]:
     }
 
 
+def _status_filter(status: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": status, "runtime_key": "asc.unused"}}}}
+
+
+def _dialect_filter(*, if_missing: bool) -> dict[str, Any]:
+    return {"metadata_filter": {
+        "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": "dialect"}],
+                    "value": {"string_match": {"exact": "anthropic"}}},
+        "match_if_key_not_found": if_missing,
+    }}
+
+
+def _anthropic_door_filter() -> dict[str, Any]:
+    """Matches a reply to a request that came in through the Anthropic Messages door (a
+    new object each time: a shared one would render as a YAML anchor)."""
+    return {"or_filter": {"filters": [
+        _dialect_filter(if_missing=False),
+        # No dialect metadata: the service never answered, so `:path` is the client's.
+        {"and_filter": {"filters": [
+            _dialect_filter(if_missing=True),
+            {"header_filter": {"header": {
+                "name": ":path",
+                "string_match": {"prefix": MESSAGES_PATH}}}},
+        ]}},
+    ]}}
+
+
+def _anthropic_error_format(message: str, kind: str) -> dict[str, Any]:
+    return {"json_format": {"type": "error", "error": {"type": kind, "message": message}}}
+
+
 def _openai_error_format(message: str) -> dict[str, Any]:
     return {"json_format": {"error": {
         "message": message,
@@ -257,6 +302,13 @@ _ENVOY_ERROR_MESSAGES: Final = (
     (500, "The gateway could not process the request."),
     (503, "The gateway or the provider is unavailable."),
     (504, "The gateway timed out."),
+)
+_ENVOY_ERRORS_ANTHROPIC: Final = (
+    # The same messages with Anthropic's error types (extproc/errors.py uses the same).
+    (500, "The gateway could not process the request.", "api_error"),
+    (503, "The gateway or the provider is unavailable.", "overloaded_error"),
+    (504, "The gateway timed out.", "api_error"),
+    (413, "%LOCAL_REPLY_BODY%", "request_too_large"),
 )
 
 

@@ -843,6 +843,9 @@ class RequestProcessor:
 
     def _metadata(self) -> dict[str, str | int | float | bool]:
         meta: dict[str, str | int | float | bool] = {"request_id": self.request_id}
+        if self.dialect is Dialect.ANTHROPIC:
+            # Envoy's own error replies follow the door (envoy_bootstrap._local_reply_config).
+            meta["dialect"] = self.dialect.value
         if self.principal is not None:
             meta["tenant"] = self.principal.tenant.id
             meta["key_id"] = self.principal.key_id

@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol
 from redis import exceptions as redis_errors
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from extproc.backends import REDIS_FAILURES, describe_redis_failure
@@ -80,10 +81,28 @@ def redis_client(settings: RedisSettings) -> Any:
         return RedisCluster.from_url(settings.url, socket_timeout=io_s,
                                      socket_connect_timeout=io_s, max_connections=size,
                                      retry=_retry())
+    if settings.sentinel is not None:
+        return _sentinel_master(settings, io_s, size)
     pool = ConnectionPool.from_url(settings.url, socket_timeout=io_s,
                                    socket_connect_timeout=io_s, max_connections=size,
                                    retry=_retry())
     return Redis(connection_pool=pool)
+
+
+def _sentinel_master(settings: RedisSettings, io_s: float, size: int) -> Any:
+    """A client of the master the sentinels name; each new connection asks them again, so
+    after a failover the next call reaches the promoted replica. Database, username and
+    password come from `url` (its host is not used)."""
+    assert settings.sentinel is not None
+    options = ConnectionPool.from_url(settings.url).connection_kwargs
+    addresses = [(host, int(port)) for host, _, port in
+                 (a.rpartition(":") for a in settings.sentinel.addresses)]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        addresses, socket_timeout=io_s, socket_connect_timeout=io_s)
+    return sentinel.master_for(
+        settings.sentinel.service, socket_timeout=io_s, socket_connect_timeout=io_s,
+        max_connections=size, retry=_retry(),
+        **{k: v for k, v in options.items() if k in ("db", "username", "password")})
 
 
 def _retry() -> Retry:

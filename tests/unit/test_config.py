@@ -157,6 +157,9 @@ EXPECTED: dict[str, list[tuple[str, str]]] = {
     "max_response_bytes_too_small": [("limits.max_response_bytes", RESPONSE_RANGE)],
     "max_response_bytes_too_large": [("limits.max_response_bytes", RESPONSE_RANGE)],
     "bad_redis_url": [("redis.url", "must start with redis://, rediss:// or unix://")],
+    "redis_sentinel_with_cluster": [("redis.sentinel", "cannot be used with cluster: true")],
+    "redis_sentinel_bad_address": [("redis.sentinel.addresses[0]",
+                                    "not host:port: 'sentinel-a'")],
     # syntax
     "invalid_yaml": [("", "not valid YAML: expected ',' or ']', but got '<scalar>'")],
     # duplicate keys, at any depth (YAML itself keeps the last one silently)

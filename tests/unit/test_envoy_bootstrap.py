@@ -269,8 +269,41 @@ def test_local_replies_are_openai_json(demo: dict[str, Any]) -> None:
         "message": "%LOCAL_REPLY_BODY%", "type": "gateway_error", "param": None,
         "code": "%RESPONSE_CODE_DETAILS%"}}}
     statuses = [m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
-                for m in local_reply["mappers"][2:]]
+                for m in local_reply["mappers"][2:] if "status_code_filter" in m["filter"]]
     assert statuses == [500, 503, 504]
+
+
+def test_local_replies_on_the_messages_door_are_anthropic_json(demo: dict[str, Any]) -> None:
+    """Decision 0131: the door from the service's metadata, else from the client's path."""
+    mappers = hcm(demo)["local_reply_config"]["mappers"]
+    door = mappers[6]["filter"]
+    assert door == {"or_filter": {"filters": [
+        {"metadata_filter": {"matcher": {
+            "filter": "asc", "path": [{"key": "dialect"}],
+            "value": {"string_match": {"exact": "anthropic"}}},
+            "match_if_key_not_found": False}},
+        {"and_filter": {"filters": [
+            {"metadata_filter": {"matcher": {
+                "filter": "asc", "path": [{"key": "dialect"}],
+                "value": {"string_match": {"exact": "anthropic"}}},
+                "match_if_key_not_found": True}},
+            {"header_filter": {"header": {"name": ":path",
+                                          "string_match": {"prefix": "/v1/messages"}}}},
+        ]}},
+    ]}}
+    assert mappers[6]["body_format_override"] == {"json_format": {"type": "error", "error": {
+        "type": "api_error", "message": "%LOCAL_REPLY_BODY%"}}}
+    per_status = {m["filter"]["and_filter"]["filters"][1]["status_code_filter"]["comparison"][
+        "value"]["default_value"]: m["body_format_override"]["json_format"]["error"]
+        for m in mappers[2:6]}
+    assert all(m["filter"]["and_filter"]["filters"][0] == door for m in mappers[2:6])
+    assert per_status == {
+        500: {"type": "api_error", "message": "The gateway could not process the request."},
+        503: {"type": "overloaded_error",
+              "message": "The gateway or the provider is unavailable."},
+        504: {"type": "api_error", "message": "The gateway timed out."},
+        413: {"type": "request_too_large", "message": "%LOCAL_REPLY_BODY%"},
+    }
 
 
 def test_render_yaml_round_trips(demo: dict[str, Any]) -> None:

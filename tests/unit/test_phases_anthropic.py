@@ -133,7 +133,9 @@ def ant_tags(processor: RequestProcessor) -> list[tuple[str, str]]:
 
 
 def oai_metadata(processor: RequestProcessor, **extra: str) -> dict[str, Any]:
-    return {"request_id": processor.request_id, "tenant": "acme", "key_id": "acme-1",
+    """Metadata of a Messages-door request served by the OpenAI backend."""
+    return {"request_id": processor.request_id, "dialect": "anthropic", "tenant": "acme",
+            "key_id": "acme-1",
             "model": "gpt-4o-mini", "provider": "prov-oai", "region": "us-east-1",
             "upstream_model": "gpt-4o-mini", "credential": "cred-oai@1", **extra}
 
@@ -196,7 +198,8 @@ async def test_messages_door_missing_key_is_401_in_anthropic_shape() -> None:
             "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'."),
         headers=[JSON_CT, ("x-asc-request-id", processor.request_id)],
         details="asc_invalid_api_key",
-        metadata={"request_id": processor.request_id, "error": "invalid_api_key"},
+        metadata={"request_id": processor.request_id, "dialect": "anthropic",
+                  "error": "invalid_api_key"},
     )
 
 
@@ -209,7 +212,7 @@ async def test_messages_door_wrong_method_is_404_in_anthropic_shape() -> None:
              b'"message":"Unknown endpoint: GET /v1/messages"}}',
         headers=[JSON_CT, ("x-asc-request-id", processor.request_id)],
         details="asc_not_found",
-        metadata={"request_id": processor.request_id, "error": "not_found"},
+        metadata={"request_id": processor.request_id, "dialect": "anthropic", "error": "not_found"},
     )
 
 
@@ -225,7 +228,8 @@ async def test_messages_door_unknown_model_is_404_in_anthropic_shape() -> None:
         body=anthropic_error("not_found_error", "The model 'claude-9' does not exist."),
         headers=[JSON_CT, ("x-asc-request-id", processor.request_id)],
         details="asc_model_not_found",
-        metadata={"request_id": processor.request_id, "tenant": "acme", "key_id": "acme-1",
+        metadata={"request_id": processor.request_id, "dialect": "anthropic",
+                  "tenant": "acme", "key_id": "acme-1",
                   "model": "claude-9", "error": "model_not_found"},
     )
 
@@ -250,7 +254,8 @@ async def test_messages_door_untranslatable_request_is_400_in_anthropic_shape(
         headers=[JSON_CT, ("x-asc-request-id", processor.request_id),
                  ("x-asc-provider", "prov-oai"), ("x-asc-region", "us-east-1")],
         details="asc_invalid_request",
-        metadata={"request_id": processor.request_id, "tenant": "acme", "key_id": "acme-1",
+        metadata={"request_id": processor.request_id, "dialect": "anthropic",
+                  "tenant": "acme", "key_id": "acme-1",
                   "model": "gpt-4o-mini", "provider": "prov-oai", "region": "us-east-1",
                   "upstream_model": "gpt-4o-mini", "error": "invalid_request"},
     )
@@ -499,7 +504,7 @@ async def test_messages_request_to_anthropic_keeps_its_shape_with_the_provider_k
         ],
         body=body,
         clear_route_cache=True,
-        metadata=ant_metadata(processor),
+        metadata=ant_metadata(processor, dialect="anthropic"),
     )
 
 
@@ -556,7 +561,7 @@ async def test_anthropic_overloaded_is_503_in_anthropic_shape() -> None:
         body=anthropic_error("overloaded_error", "The provider is overloaded; retry later."),
         headers=[JSON_CT, *ant_tags(processor), ("retry-after", "3")],
         details="asc_provider_status_529",
-        metadata=ant_metadata(processor, error="gateway_unavailable"),
+        metadata=ant_metadata(processor, error="gateway_unavailable", dialect="anthropic"),
     )
 
 
