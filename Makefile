@@ -78,6 +78,8 @@ integration: install redis-server kubectl
 # Envoy at trace, more fuzzing. Each prints its FIGURE lines.
 soak: install redis-server
 	$(BIN)/pytest -q -s -p no:cacheprovider -m soak tests/reliability
+	ASC_AUDIT_QUERY_RECORDS=1000000 $(BIN)/pytest -q -p no:cacheprovider \
+		tests/integration/test_audit_query.py
 
 # Fast checks first, then the slow real-process suites. pytest exits 5 when it collects
 # nothing; that fails the target like any other non-zero exit.
