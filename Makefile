@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# xds-protos ships its own older copy of opentelemetry/proto/*, in the same files as
+	@# opentelemetry-proto: whichever pip installs last wins. The OTLP exporter needs the
+	@# newer one (docs/decisions/0086-opentelemetry-proto-over-xds-protos-copy.md).
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 install: $(STAMP)
