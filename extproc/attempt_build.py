@@ -11,8 +11,8 @@ body, which Envoy hands every retry again (decision 0135). Both paths call
 `prepare_attempt`, so an attempt carries the same key, path, headers and body either way.
 
 The attempt's answer tells the router-level processor which attempt it was through the
-`x-asc-attempt` response header (`<number>;<provider>;<credential label>`), which that
-processor always removes before the client sees it.
+`x-asc-attempt` response header (`<number>;<provider>;<credential label>;<latency ms>`),
+which that processor always removes before the client sees it.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from typing import Any, Final
 
 from extproc.config import Deployment, GatewayConfig, Model, Provider, Tenant
 from extproc.credentials import ResolvedCredential
-from extproc.credentials.selection import Selected
 from extproc.endpoints import ENDPOINTS, EndpointSpec, translator_for_endpoint
 from extproc.errors import Dialect
-from extproc.failover import Chain, Flight, PreparedAttempt
+from extproc.failover import Attempt, Chain, Flight, PreparedAttempt
 from extproc.runtime import Runtime
 from extproc.secrets import Secret
 from extproc.translate.base import Backend
@@ -215,12 +214,15 @@ class AnsweredAttempt:
     number: int
     provider: str
     credential: str | None
+    latency_ms: float | None
 
 
-def attempt_header(number: int, provider: str, selected: Selected | None) -> tuple[str, str]:
-    """The response header naming the attempt that answered (labels only, no secret)."""
-    label = selected.credential.label if selected is not None else ""
-    return ATTEMPT_HEADER, f"{number};{provider};{label}"
+def attempt_header(attempt: Attempt) -> tuple[str, str]:
+    """The response header naming the attempt that answered:
+    `<number>;<provider>;<credential label>;<latency ms>` (labels only, no secret)."""
+    label = attempt.credential or ""
+    latency = "" if attempt.latency_ms is None else f"{attempt.latency_ms}"
+    return ATTEMPT_HEADER, f"{attempt.number};{attempt.provider};{label};{latency}"
 
 
 def read_attempt_header(headers: Mapping[str, str]) -> AnsweredAttempt | None:
@@ -228,11 +230,15 @@ def read_attempt_header(headers: Mapping[str, str]) -> AnsweredAttempt | None:
     value = headers.get(ATTEMPT_HEADER)
     if value is None:
         return None
-    parts = value.split(";", 2)
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[1]:
+    parts = value.split(";", 3)
+    if len(parts) != 4 or not parts[0].isdigit() or not parts[1]:
+        return None
+    try:
+        latency = float(parts[3]) if parts[3] else None
+    except ValueError:
         return None
     return AnsweredAttempt(number=int(parts[0]), provider=parts[1],
-                           credential=parts[2] or None)
+                           credential=parts[2] or None, latency_ms=latency)
 
 
 def note_remote_attempt(flight: Flight, config: GatewayConfig, headers: Mapping[str, str],
@@ -249,10 +255,21 @@ def note_remote_attempt(flight: Flight, config: GatewayConfig, headers: Mapping[
     provider = config.providers.get(answered.provider)
     if provider is None or all(p is not provider for _, p in flight.deployments):
         return False
+    first_elsewhere = all(a.number != 1 for a in flight.attempts)
+    known = {a.number for a in flight.attempts}
+    for number in range(1, answered.number):
+        if number not in known:
+            # Made elsewhere too (or never connected): all that is known is that Envoy
+            # retried it. Listed so that it is not taken for a connect failure.
+            _, earlier = flight.deployments[(number - 1) % len(flight.deployments)]
+            flight.attempts.append(Attempt(number=number, provider=earlier.name,
+                                           region=earlier.region, started=0.0,
+                                           left="retried"))
     attempt = flight.start(provider, answered.number)
     flight.end(attempt, status)
+    attempt.latency_ms = answered.latency_ms
     attempt.credential = answered.credential
-    return all(a.number != 1 for a in flight.attempts)
+    return first_elsewhere
 
 
 def credential_named(label: str | None) -> ResolvedCredential | None:

@@ -193,8 +193,7 @@ class AttemptProcessor:
         if self._remote is not None:
             # The router-level processor has no record of this attempt: tell it which
             # attempt answered (it removes the header before the client sees it).
-            return Continue(set_headers=[attempt_header(attempt.number, attempt.provider,
-                                                        selected)])
+            return Continue(set_headers=[attempt_header(attempt)])
         return Continue()
 
     def finish(self) -> None:
