@@ -93,9 +93,14 @@ class AttemptProcessor:
         # while this request was in flight still gets the attempt Envoy already made.
         attempt.deployment = deployment_key(deployment)
         attempt.permit = self._runtime.health.allow(attempt.deployment)
+        # Active key version after a canary refusal; also when this deployment's earlier
+        # attempt was made in another process (0135), whose outcome is unknown here.
+        elsewhere = deployment is first_deployment and not any(
+            a.number < number and a.provider == provider.name for a in flight.attempts)
         try:
             prepared = await flight.prepare(provider, deployment,
-                                            provider.name in flight.canary_refused)
+                                            provider.name in flight.canary_refused
+                                            or elsewhere)
         except SecretUnavailable:
             log_event(log, logging.ERROR, "provider credential unavailable",
                       request_id=flight.request_id, provider=provider.name)
