@@ -7,6 +7,9 @@ and body of the deployment it landed on, in that provider's dialect; Envoy keeps
 1's header mutations and resets the body, so every provider header is overwritten or
 removed and body and content-length are re-sent. The attempt's outcome (status, latency,
 why it was left) goes into the request's `Flight`, which the router-level processor logs.
+Without that `Flight` in this process (Envoy balanced the stream elsewhere), the attempt is
+rebuilt from the forwarded metadata and the client's body, and its answer names it in an
+`x-asc-attempt` header for the router-level processor (`extproc.attempt_build`, 0135).
 """
 
 from __future__ import annotations
