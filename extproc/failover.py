@@ -6,9 +6,10 @@ the router-level processor sends a request to the failover cluster of its model 
 deployment, whose priority levels are the model's other deployments of the same zone;
 Envoy's retry policy moves each retry to the next level, and the upstream (per-attempt)
 ext_proc (`extproc/upstream.py`) puts that deployment's credential, path and body dialect
-on it. Both ext_proc streams of a request reach the same extproc process (one HTTP/2
-connection per Envoy worker to the extproc cluster), so they meet in a process-local
-`Flights` table keyed by the request id.
+on it. Both ext_proc streams of a request usually reach the same extproc process (one
+HTTP/2 connection per Envoy worker to the extproc cluster), so they meet in a
+process-local `Flights` table keyed by the request id; an attempt whose stream reaches
+another process is rebuilt there (`extproc.attempt_build`, decision 0135).
 """
 
 from __future__ import annotations

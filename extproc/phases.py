@@ -20,6 +20,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from extproc import fastpath, metrics
+from extproc.attempt_build import ATTEMPT_HEADER as _ATTEMPT_HEADER
+from extproc.attempt_build import AUTH_HEADER as _AUTH_HEADER
+from extproc.attempt_build import (
+    AttemptSource,
+    attempt_metadata,
+    credential_named,
+    note_remote_attempt,
+    prepare_attempt,
+)
 from extproc.audit.capture import Capture
 from extproc.audit.record import record_from, source_address
 from extproc.audit.writer import AuditWriter
@@ -118,21 +127,6 @@ of any length."""
 _SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
 """A JSON escape of a UTF-16 surrogate: fine in pairs, unencodable when alone."""
 _TOO_DEEP: Final = "The request body is nested too deeply."
-_AUTH_HEADER: Final[dict[Backend, tuple[str, str]]] = {
-    Backend.OPENAI: ("authorization", "Bearer "),
-    Backend.OPENAI_COMPATIBLE: ("authorization", "Bearer "),
-    Backend.MISTRAL: ("authorization", "Bearer "),
-    Backend.AZURE: ("api-key", ""),
-    Backend.ANTHROPIC: ("x-api-key", ""),
-    Backend.GEMINI: ("x-goog-api-key", ""),
-}
-
-_PROVIDER_HEADERS: Final = frozenset({
-    *(name for name, _ in _AUTH_HEADER.values()), "anthropic-version", "anthropic-beta"})
-"""Headers one provider's attempt sets that must not reach another provider."""
-_ACTIVE_BUCKET: Final = 100
-"""A canary bucket no canary percentage reaches: the active key version."""
-
 _MAX_RETRIES_HEADER: Final = "x-envoy-max-retries"
 """Overrides the route's num_retries (0) for a request that may fail over; a client's own
 value is removed with the other x-envoy-* headers (0040), so it never counts."""
@@ -418,6 +412,7 @@ class RequestProcessor:
                 team=principal.team)
         cluster, chain, retries = self._retries()
         failover: list[tuple[str, str]] = []
+        forwarded: dict[str, str | int | float | bool] = {}
         if retries > 0:
             self._start_flight(request, output_limit, chain)
             failover = [(_MAX_RETRIES_HEADER, str(retries))]
@@ -438,6 +433,9 @@ class RequestProcessor:
         extension = route.provider.forward_headers
         self.forwarded_extension_headers = any(
             name in self._client_headers for name in extension)
+        if retries > 0:  # for an attempt whose stream reaches another process (0135)
+            forwarded = attempt_metadata(spec, route.model, chain, output_limit,
+                                         self.forwarded_extension_headers)
         ours = {name for name, _ in set_headers}
         remove = [name for name in unforwarded_request_headers(
             self._client_headers, backend, extension) if name not in ours]
@@ -446,7 +444,7 @@ class RequestProcessor:
             remove_headers=remove,
             body=upstream.body,
             clear_route_cache=True,
-            metadata=self._metadata(),
+            metadata={**self._metadata(), **forwarded},
         )
 
     def _retries(self) -> tuple[str, Chain, int]:
@@ -502,35 +500,12 @@ class RequestProcessor:
         provider, again on the active key version): its key, path and body dialect."""
         assert self.principal is not None
         assert self.route is not None
-        backend = Backend(provider.kind)
-        translator = self._translator_for(backend)
-        upstream = translator.request(self._request, upstream_model=deployment.model,
-                                      api_version=provider.api_version,
-                                      output_limit=self._output_limit or OutputLimit(
-                                          field=self.route.model.output_limit_field))
-        selected = await self._runtime.keys.for_request(
-            provider, self.principal.tenant,
-            bucket=_ACTIVE_BUCKET if active_only else int(self.request_id[:8], 16) % 100)
-        auth: list[tuple[str, str]] = []
-        if selected is not None:
-            name, prefix = _AUTH_HEADER[backend]
-            auth = [(name, prefix + selected.credential.secret.reveal())]
-        set_headers = [
-            (":path", provider.path_prefix + upstream.path),
-            *upstream.headers,
-            *auth,
-            ("content-length", str(len(upstream.body))),
-        ]
-        ours = {name for name, _ in set_headers}
-        # Attempt 1's headers persist into this attempt (measured): another provider's
-        # key header or dialect header must go.
-        remove = {name for name in _PROVIDER_HEADERS if name not in ours}
-        # (x-envoy-* were removed at the router level; Envoy refuses to touch them here.)
-        remove.update(name for name in unforwarded_request_headers(
-            self._client_headers, backend, provider.forward_headers)
-            if name not in ours and not name.startswith("x-envoy-"))
-        return PreparedAttempt(set_headers=set_headers, remove_headers=sorted(remove),
-                               body=upstream.body, selected=selected)
+        source = AttemptSource(
+            request=self._request, spec=self._endpoint, dialect=self.dialect,
+            tenant=self.principal.tenant, model=self.route.model,
+            output_limit=self._output_limit, client_headers=self._client_headers,
+            request_id=self.request_id)
+        return await prepare_attempt(self._runtime, source, provider, deployment, active_only)
 
     def _support(self, backend: Backend) -> Support:
         return SUPPORT.get((self._endpoint.endpoint, backend), Support.REFUSED)
@@ -580,10 +555,12 @@ class RequestProcessor:
             return Continue(set_headers=[("x-asc-request-id", self.request_id)])
         self._upstream_headers = headers
         if self._flight is not None:
+            first_elsewhere = note_remote_attempt(self._flight, self._config, headers, status)
             # Each attempt's verdict goes to the deployment it hit (0066); the choice's is
             # attempt 1's, with attempt 1's latency.
             self._flight.settle(self._runtime.health)
-            if (self._flight.choice_skipped() and self._deployment_permit is not None
+            if ((self._flight.choice_skipped() or first_elsewhere)
+                    and self._deployment_permit is not None
                     and self.route is not None):
                 self._runtime.health.release(self.route.key, self._deployment_permit)
                 self._deployment_permit = None
@@ -600,11 +577,15 @@ class RequestProcessor:
                 return self._provider_error(b"")
             # The error body decides the client's status and message: read it whole (or
             # its first max_response_bytes, see on_response_body).
-            return Continue(response_body_mode=BodyMode.BUFFERED_PARTIAL)
+            return Continue(response_body_mode=BodyMode.BUFFERED_PARTIAL,
+                            remove_headers=[_ATTEMPT_HEADER] if _ATTEMPT_HEADER in headers
+                            else [])
         tags = self._tag_headers()
         ours = {name for name, _ in tags}  # set (overwriting the provider's), not removed
         reply = Continue(set_headers=tags, remove_headers=[
             name for name in provider_account_headers(headers) if name not in ours])
+        if _ATTEMPT_HEADER in headers:
+            reply.remove_headers.append(_ATTEMPT_HEADER)
         if message.end_of_stream:
             self._complete = True
         elif content_type.startswith("text/event-stream"):
@@ -671,6 +652,13 @@ class RequestProcessor:
         if answered.selected is not None:
             self.credential = answered.selected.credential
             self._selected = answered.selected
+        elif answered.credential is not None:
+            # Answered by an attempt made in another process (0135): its key's verdict was
+            # reported there; attempt 1's key gets none from this answer.
+            if self._selected is not None:
+                self._runtime.keys.release(self._selected)
+                self._selected = None
+            self.credential = credential_named(answered.credential)
 
     def _report_deployment(self, status: int | None, *,
                            latency_s: float | None = None) -> None:

@@ -31,6 +31,8 @@ from extproc.money import cost_micro_usd
 from extproc.secrets import Secret
 from tests.conftest import PEPPER, Emulator, envoy_admin, provider_fingerprint, write_config
 from tests.e2e.audit_check import assert_one_record
+from tests.polling import wait_for
+from tests.reliability.conftest import _replica_cluster, all_healthy
 
 TENANT_KEY = "sk-canary-tenant-fo-" + secrets.token_hex(8)
 KEYS = {name: f"sk-canary-provider-{name}-" + secrets.token_hex(8)
@@ -127,7 +129,8 @@ class FailoverStack:
 
 def _start(stack: Stack, workdir: Path, *, workers: int = 1, outlier_errors: int = 1000,
            retry_budget: tuple[int, int] = (20, 100),
-           edit: Callable[[dict[str, Any]], None] | None = None) -> FailoverStack:
+           edit: Callable[[dict[str, Any]], None] | None = None,
+           replicas: int = 1) -> FailoverStack:
     emulators: dict[str, Emulator] = {}
     for name, key in KEYS.items():
         # oai-eu paces its stream, so that its first chunk surely reaches the client
@@ -149,8 +152,14 @@ def _start(stack: Stack, workdir: Path, *, workers: int = 1, outlier_errors: int
     ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
                        extproc_port=extproc_port)
     bootstrap = render_bootstrap(load_config(config_path), ports)
+    if replicas > 1:  # one Envoy balancing ext_proc streams over several processes
+        extra_ports = [stack.start_extproc(config_path, env=env, name=f"extproc-{index}")[1]
+                       for index in range(1, replicas)]
+        _replica_cluster([extproc_port, *extra_ports])(bootstrap)
     stack.start_envoy(yaml.safe_dump(bootstrap, sort_keys=False),
                       listen_port=listen_port, admin_socket=admin_socket)
+    if replicas > 1:  # Envoy's first health checks pass before streams reach every one
+        assert wait_for(lambda: all_healthy(stack, admin_socket, replicas), timeout=20)
     client = httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=30)
     return FailoverStack(stack, emulators, extproc, listen_port, client, admin_socket,
                          metrics_port, redis_port)
@@ -375,6 +384,63 @@ def test_failover_with_two_extproc_workers(tmp_path: Path) -> None:
             with ThreadPoolExecutor(4) as pool:
                 answers = [a for batch in pool.map(one_client, range(4)) for a in batch]
     assert answers == [(200, "anth-eu")] * 40
+
+
+def test_failover_when_attempt_streams_reach_other_processes(tmp_path: Path) -> None:
+    """One Envoy balancing ext_proc streams over three processes (round robin): a
+    fallback attempt landing where the request's Flight is not is rebuilt from the
+    forwarded metadata and the client's body (decision 0135), with the fallback's own
+    key, path and dialect; the client sees neither the difference nor `x-asc-attempt`."""
+    with Stack(tmp_path / "stack") as stack:
+        three = _start(stack, tmp_path, replicas=3)
+        with three.client:
+            three.emulators["oai-eu"].queue_fault(status=503, count=12)
+            responses = [three.chat(max_tokens=7) for _ in range(12)]
+            ids = {r.headers.get("x-asc-request-id") for r in responses}
+
+            def records() -> list[dict[str, Any]]:
+                found = []
+                for process in stack.processes:
+                    if process.name.startswith("extproc"):
+                        for line in process.log_text().splitlines():
+                            with contextlib.suppress(ValueError):
+                                event = json.loads(line)
+                                if (isinstance(event, dict)
+                                        and event.get("msg") == "request finished"
+                                        and event.get("request_id") in ids):
+                                    found.append(event)
+                return found
+
+            assert wait_for(lambda: len(records()) == 12, timeout=10)
+            logs = "".join(p.log_text() for p in stack.processes
+                           if p.name.startswith("extproc"))
+            finished = records()
+            assert [(r.status_code, r.headers.get("x-asc-provider"),
+                     r.headers.get("x-asc-credential")) for r in responses] == [
+                (200, "anth-eu", "anth-eu-1@1")] * 12
+            assert not any("x-asc-attempt" in r.headers for r in responses)
+            assert all(r.json()["object"] == "chat.completion" for r in responses)
+            calls = three.emulators["anth-eu"].requests()
+            assert len(calls) == 12
+            for call in calls:
+                assert call["path"] == "/v1/messages"
+                sent = json.loads(call["body"])
+                assert (sent["model"], sent["max_tokens"]) == ("claude-haiku-eu", 7)
+                assert sent["messages"] == [{"role": "user", "content": "Hi"}]
+            assert len(three.emulators["oai-eu"].requests()) == 12
+            assert three.emulators["oai-us"].requests() == []
+            assert three.emulators["oai-eu2"].requests() == []
+            _assert_own_keys(three)
+            assert len(finished) == 12
+            for record in finished:
+                first, second = record["attempts"]
+                assert (first["attempt"], first["provider"]) == (1, "oai-eu")
+                assert first["left"] in ("status 503", "retried")  # retried: made elsewhere
+                assert (second["attempt"], second["provider"], second["status"],
+                        second["left"], second["credential"]) == (
+                    2, "anth-eu", 200, None, "anth-eu-1@1")
+                assert record["provider"] == "anth-eu"
+            assert "could not be retried" not in logs
 
 
 def test_ejected_primary_traffic_goes_to_the_fallback_and_comes_back(tmp_path: Path) -> None:

@@ -305,3 +305,37 @@ def test_the_per_attempt_ext_proc_also_goes_over_the_socket(stack: Stack) -> Non
     assert json.loads(first["body"])["model"] == "gpt-4o-mini-eu"
     assert second["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_US)
     assert json.loads(second["body"])["model"] == "gpt-4o-mini-eu2"
+
+
+def test_workers_take_a_canary_retry_whose_stream_reaches_another_worker(
+        stack: Stack) -> None:
+    """`--workers 3`: Envoy spreads streams over the three sockets (least request), so a
+    canary's retry stream often reaches another worker than its request's; it is rebuilt
+    there on the active key version (decision 0135). The bad canary never answers."""
+    from tests.e2e.test_credentials import (
+        CREDENTIAL,
+        bearer,
+        canary_key,
+        keyring_document,
+        prepare,
+        seen_keys,
+    )
+
+    redis_port = stack.start_redis()[1]
+    good, bad = canary_key("v1"), canary_key("v2-bad")
+    document = keyring_document(redis_port, secrets={"rollback_after": 1000})
+    ring = prepare(stack, document, redis_port)
+    ring.keys.ok("add", CREDENTIAL, secret=good)
+    ring.keys.ok("add", CREDENTIAL, secret=bad)
+    ring.keys.ok("rotate", "canary", CREDENTIAL, "--version", "2", "--percent", "50")
+    sidecar = start_sidecar(stack, workers=3, document=document)
+    response = sidecar.emulator.client.put("/_emulator/keys", json={"keys": [good]})
+    assert response.status_code == 204, response.text
+    answers = [sidecar.chat() for _ in range(30)]
+    assert [(r.status_code, r.headers.get("x-asc-credential")) for r in answers] == [
+        (200, f"{CREDENTIAL}@1")] * 30
+    assert not any("x-asc-attempt" in r.headers for r in answers)
+    provider_saw = seen_keys(sidecar.emulator.requests())
+    assert provider_saw.count(bearer(good)) == 30
+    assert provider_saw.count(bearer(bad)) >= 1
+    assert len(provider_saw) == 30 + provider_saw.count(bearer(bad))

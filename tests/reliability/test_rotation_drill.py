@@ -6,8 +6,9 @@ rolled back automatically; the revoked key never reaches the provider again.
 
 The replicas are three Envoy + extproc pairs (the sidecar topology) sharing Redis: a
 canary request goes through the per-attempt ext_proc, whose stream must reach the process
-that handled the request (decision 0065). One Envoy spreading streams over three
-processes breaks that: `test_bug_per_stream_balancing_breaks_canary_retries` below.
+that handled the request (decision 0065), or be rebuilt from forwarded metadata where it
+lands (decision 0135): `test_per_stream_balancing_keeps_canary_retries` below spreads
+streams of one Envoy over three processes.
 Related (one replica): tests/e2e/test_credentials.py (the drill),
 tests/e2e/test_failover_canary.py (the bad canary).
 """
@@ -103,11 +104,10 @@ def test_rotation_drill_with_three_replicas_and_a_bad_canary_has_no_client_error
     assert len({r["replica"] for r in fleet.records()}) == 3  # every replica served
 
 
-@pytest.mark.soak
-@pytest.mark.xfail(strict=True, reason="open defect: the per-attempt ext_proc stream of a "
-                   "request may reach another process than its router-level stream when one "
-                   "Envoy balances streams over several extproc processes (docs/reliability.md)")
-def test_bug_per_stream_balancing_breaks_canary_retries(stack: Stack) -> None:
+def test_per_stream_balancing_keeps_canary_retries(stack: Stack) -> None:
+    """Regression (decision 0135): a request's per-attempt ext_proc stream may reach
+    another of the three processes than its router-level stream; the canary's retry is
+    rebuilt there from the forwarded metadata and the client's body."""
     redis_port = stack.start_redis()[1]
     v1, v2 = canary_key("v1"), canary_key("v2-bad")
     document = keyring_document(redis_port, secrets={"rollback_after": 1000})
@@ -117,5 +117,23 @@ def test_bug_per_stream_balancing_breaks_canary_retries(stack: Stack) -> None:
     accept(fleet, v1)
     ring.keys.ok("add", CREDENTIAL, secret=v2)
     ring.keys.ok("rotate", "canary", CREDENTIAL, "--version", "2", "--percent", "50")
-    statuses = [fleet.chat().status_code for _ in range(60)]
-    assert statuses == [200] * 60
+    responses = [fleet.chat() for _ in range(60)]
+    assert [r.status_code for r in responses] == [200] * 60
+    assert {r.headers["x-asc-credential"] for r in responses} == {ON + "1"}
+    assert not any("x-asc-attempt" in r.headers for r in responses)
+    provider_saw = seen_keys(fleet.emulator.requests())
+    refused = provider_saw.count(bearer(v2))
+    assert refused >= 1  # the canary was tried, refused and retried on the active key
+    assert provider_saw.count(bearer(v1)) == 60
+    assert len(provider_saw) == 60 + refused
+    records = fleet.records()
+    assert len(records) == 60
+    assert all(r["credential"] == ON + "1" for r in records)
+    retried = [r["attempts"] for r in records if r.get("attempts")]
+    assert len(retried) == refused  # each refusal retried once, in whichever process
+    for attempts in retried:
+        first, second = attempts
+        assert first["attempt"] == 1
+        assert first["left"] in ("status 401", "retried")  # "retried": made elsewhere
+        assert (second["attempt"], second["status"], second["credential"], second["left"]) \
+            == (2, 200, ON + "1", None)
