@@ -410,6 +410,10 @@ class RequestProcessor:
                 model=model_name, cost_micro_usd=cost,
                 estimated_tokens=self.estimated_input_tokens + output_tokens,
                 team=principal.team)
+        extension = route.provider.forward_headers
+        # Before the flight starts: its attempts judge their keys by it.
+        self.forwarded_extension_headers = any(
+            name in self._client_headers for name in extension)
         cluster, chain, retries = self._retries()
         failover: list[tuple[str, str]] = []
         forwarded: dict[str, str | int | float | bool] = {}
@@ -430,9 +434,6 @@ class RequestProcessor:
                 age_s=self._clock() - self._started)
             set_headers.extend(self._span.headers())
         self._sent_at = self._clock()
-        extension = route.provider.forward_headers
-        self.forwarded_extension_headers = any(
-            name in self._client_headers for name in extension)
         if retries > 0:  # for an attempt whose stream reaches another process (0135)
             forwarded = attempt_metadata(spec, route.model, chain, output_limit,
                                          self.forwarded_extension_headers)
