@@ -8,12 +8,13 @@ from dataclasses import replace
 from typing import Any
 
 from extproc.budgets.ledger import RedisLedger
+from tests.integration.conftest import LEDGER_IO_TIMEOUT_S
 from tests.integration.test_ledger import counter, make_budget, make_reservation
 
 
 async def test_a_charge_on_expiry_hold_is_charged_in_full_by_the_sweep(redis: Any) -> None:
     budget = make_budget()
-    ledger = RedisLedger(redis, hold_ttl_s=0.001)
+    ledger = RedisLedger(redis, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=0.001)
     charged = replace(make_reservation(budget, 5_000), charge_on_expiry=True)
     returned = make_reservation(budget, 7_000)
     assert (await ledger.reserve(charged)).held
@@ -34,7 +35,7 @@ async def test_a_charge_on_expiry_hold_is_charged_in_full_by_the_sweep(redis: An
 
 async def test_settles_of_one_turn_share_one_pipeline(redis: Any) -> None:
     budget = make_budget()
-    ledger = RedisLedger(redis)
+    ledger = RedisLedger(redis, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     reservations = [make_reservation(budget, 10_000) for _ in range(20)]
     for reservation in reservations:
         assert (await ledger.reserve(reservation)).held
@@ -71,7 +72,7 @@ async def test_settles_of_one_turn_share_one_pipeline(redis: Any) -> None:
 async def test_reserves_of_one_turn_share_one_pipeline_with_their_own_verdicts(
         redis: Any) -> None:
     budget = make_budget(tenant_usd=0.05)  # room for 5 holds of 10,000 micro-USD
-    ledger = RedisLedger(redis)
+    ledger = RedisLedger(redis, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     first = make_reservation(budget, 10_000)
     assert (await ledger.reserve(first)).held  # loads the scripts; batching starts after
     sent: list[int] = []

@@ -31,6 +31,7 @@ from extproc.budgets.policy import (
 from extproc.config import RedisSettings
 from extproc.devstack import Stack
 from extproc.errors import GatewayError
+from tests.integration.conftest import LEDGER_IO_TIMEOUT_S
 
 _T = TypeVar("_T")
 UTC_ZONE = ZoneInfo("UTC")
@@ -93,7 +94,7 @@ async def poll(call: Callable[[], Awaitable[_T]], *, until: Callable[[_T], bool]
 
 
 async def test_reserve_then_settle_charges_the_real_cost(client: Any) -> None:
-    ledger = RedisLedger(client)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget()
     reservation = make_reservation(budget, 300_000)
     key = reservation.groups[0].keys[0]
@@ -109,7 +110,7 @@ async def test_reserve_then_settle_charges_the_real_cost(client: Any) -> None:
 async def test_settle_five_times_charges_once_and_replayed_reserve_holds_once(
     client: Any,
 ) -> None:
-    ledger = RedisLedger(client)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     reservation = make_reservation(make_budget(), 250_000)
     key = reservation.groups[0].keys[0]
 
@@ -124,7 +125,7 @@ async def test_settle_five_times_charges_once_and_replayed_reserve_holds_once(
 
 
 async def test_multi_scope_denial_reserves_nothing_anywhere(client: Any) -> None:
-    ledger = RedisLedger(client)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget(tenant_usd=10.0, key_usd=0.5, rpm=100)
     reservation = make_reservation(budget, 600_000)
 
@@ -139,7 +140,7 @@ async def test_multi_scope_denial_reserves_nothing_anywhere(client: Any) -> None
 
 
 async def test_two_hundred_concurrent_reservations_never_overspend(client: Any) -> None:
-    ledger = RedisLedger(client)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget(tenant_usd=1.0)
     costs = [10_000 + (i * 37) % 10_001 for i in range(200)]  # 0.01 .. 0.02 USD
     reservations = [make_reservation(budget, cost) for cost in costs]
@@ -161,7 +162,7 @@ async def test_two_hundred_concurrent_reservations_never_overspend(client: Any) 
 async def test_abandoned_hold_is_swept_and_a_late_settle_still_charges_once(
     client: Any,
 ) -> None:
-    ledger = RedisLedger(client, hold_ttl_s=1.0)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=1.0)
     budget = make_budget()
     reservation = make_reservation(budget, 400_000)
     key = reservation.groups[0].keys[0]
@@ -177,7 +178,7 @@ async def test_abandoned_hold_is_swept_and_a_late_settle_still_charges_once(
 
 
 async def test_rolling_window_counts_every_bucket_in_the_window(client: Any) -> None:
-    ledger = RedisLedger(client)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget(tenant_usd=100.0, rolling=3600)
     first = make_reservation(budget, 60_000, now=NOW)
     assert (await ledger.reserve(first)).held
@@ -196,7 +197,7 @@ async def test_rolling_window_counts_every_bucket_in_the_window(client: Any) -> 
 
 
 async def test_rpm_counts_requests_and_tokens_are_settled_to_actuals(client: Any) -> None:
-    ledger = RedisLedger(client)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = TenantBudget(tenant=f"t-{uuid.uuid4().hex[:8]}", org=None, rules=(),
                           rate_limits=RateLimits(rpm=2, tpm=1000))
     first, second, third = (make_reservation(budget, 0) for _ in range(3))
@@ -215,7 +216,7 @@ async def test_rpm_counts_requests_and_tokens_are_settled_to_actuals(client: Any
 
 
 async def test_org_budget_is_shared_by_its_tenants_in_one_slot(client: Any) -> None:
-    ledger = RedisLedger(client)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     org = f"o-{uuid.uuid4().hex[:8]}"
     rule = BudgetRule(Scope.ORG, Window.DAY, 500_000)
     one = TenantBudget(tenant="one", org=org, rules=(rule,), rate_limits=RateLimits())
@@ -228,7 +229,8 @@ async def test_org_budget_is_shared_by_its_tenants_in_one_slot(client: Any) -> N
 
 
 async def test_guard_answers_429_with_retry_after_and_the_limit(client: Any) -> None:
-    guard = BudgetGuard(RedisLedger(client), timezone="UTC", now=lambda: NOW)
+    guard = BudgetGuard(RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S),
+                        timezone="UTC", now=lambda: NOW)
     budget = make_budget(tenant_usd=0.5)
     with pytest.raises(GatewayError) as caught:
         await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
@@ -305,7 +307,7 @@ async def tag_keys(client: Any, tag: str) -> dict[str, int]:
 async def test_settle_and_sweep_after_the_counters_expired_recreate_nothing(
     client: Any,
 ) -> None:
-    ledger = RedisLedger(client, hold_ttl_s=0.05)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=0.05)
     budget = make_budget(rpm=10)
     settled = short_lived(make_reservation(budget, 300_000))
     swept = short_lived(make_reservation(budget, 200_000))
@@ -332,7 +334,7 @@ async def test_settle_and_sweep_after_the_counters_expired_recreate_nothing(
 async def test_load_and_sweeps_leave_every_key_with_a_ttl_and_no_negative_held(
     client: Any,
 ) -> None:
-    ledger = RedisLedger(client, hold_ttl_s=0.2)
+    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=0.2)
     budget = make_budget(tenant_usd=1000.0, key_usd=1000.0, rpm=100_000, rolling=3600)
     reservations = [make_reservation(budget, 1_000 + i) for i in range(60)]
     assert all(r.held for r in await asyncio.gather(*(ledger.reserve(r) for r in reservations)))
@@ -378,8 +380,9 @@ async def test_reserve_cancelled_in_flight_releases_its_hold_by_request_id(
                                         timeout_ms=10_000))
     admin = Redis(port=redis_server)
     try:
-        guard = BudgetGuard(RedisLedger(client, hold_ttl_s=600), timezone="UTC",
-                            now=lambda: NOW)
+        guard = BudgetGuard(
+            RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=600),
+            timezone="UTC", now=lambda: NOW)
         budget = make_budget()
         warm = await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
                                    model="m", cost_micro_usd=1, estimated_tokens=1)
@@ -418,7 +421,8 @@ async def test_reserve_cancelled_in_flight_releases_its_hold_by_request_id(
 async def test_settle_past_the_limit_records_the_overrun_and_the_next_reserve_is_refused(
     client: Any, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    guard = BudgetGuard(RedisLedger(client), timezone="UTC", now=lambda: NOW)
+    guard = BudgetGuard(RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S),
+                        timezone="UTC", now=lambda: NOW)
     budget = make_budget(tenant_usd=1.0, rpm=1000)
     tenant = budget.tenant
     first = await guard.reserve(request_id=uuid.uuid4().hex, budget=budget, key_id="k1",
