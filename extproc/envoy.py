@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -40,7 +40,7 @@ from extproc.messages import (
 __all__ = ["BODY_FIELDS_NAMESPACE", "JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE",
            "MTLS_ATTRIBUTE", "PEER_URI_SAN_ATTRIBUTE", "RESPONSE_HEADERS_NAMESPACE",
            "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE", "STAGE_HEADER",
-           "STAGE_UPSTREAM", "attempt_context", "decode", "encode"]
+           "STAGE_UPSTREAM", "attempt_context", "decode", "encode", "struct_scalars"]
 
 METADATA_NAMESPACE: Final = "asc"
 BODY_FIELDS_NAMESPACE: Final = "asc.request"
@@ -128,22 +128,29 @@ def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
 
 def _body_fields(request: pb.ProcessingRequest) -> dict[str, object] | None:
     """The body fields json_to_metadata read (`metadata_options.forwarding_namespaces`),
-    as plain values (numbers arrive as floats); None when Envoy read none."""
+    as plain values (numbers arrive as floats); None when Envoy read none. A null, list
+    or object is not what the fast path reads; its presence is kept (as None)."""
     namespace = request.metadata_context.filter_metadata.get(BODY_FIELDS_NAMESPACE)
     if namespace is None:
         return None
-    fields: dict[str, object] = {}
-    for name, value in namespace.fields.items():
+    return struct_scalars(namespace, keep_others=True)
+
+
+def struct_scalars(struct: Any, *, keep_others: bool = False) -> dict[str, object]:
+    """A protobuf Struct's string, number and bool fields as a plain dict, without
+    json_format's generic (slow) walk; other kinds are left out, or kept as None."""
+    plain: dict[str, object] = {}
+    for name, value in struct.fields.items():
         kind = value.WhichOneof("kind")
         if kind == "string_value":
-            fields[name] = value.string_value
+            plain[name] = value.string_value
         elif kind == "number_value":
-            fields[name] = value.number_value
+            plain[name] = value.number_value
         elif kind == "bool_value":
-            fields[name] = value.bool_value
-        else:  # null, list, object: not what the fast path reads; keep its presence
-            fields[name] = None
-    return fields
+            plain[name] = value.bool_value
+        elif keep_others:
+            plain[name] = None
+    return plain
 
 
 def _peer(request: pb.ProcessingRequest) -> tuple[bool, str | None]:

@@ -24,7 +24,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extproc.audit.writer import AuditWriter
-from extproc.envoy import METADATA_NAMESPACE
+from extproc.envoy import METADATA_NAMESPACE, struct_scalars
 from extproc.fastpath import FAST_MARK, LogEntry, complete_from_log
 from extproc.runtime import RuntimeHolder
 
@@ -45,27 +45,13 @@ def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
 
 
-def _plain(struct: Any) -> dict[str, object]:
-    """A Struct of scalars as a dict, without json_format's generic (slow) walk."""
-    plain: dict[str, object] = {}
-    for name, value in struct.fields.items():
-        kind = value.WhichOneof("kind")
-        if kind == "string_value":
-            plain[name] = value.string_value
-        elif kind == "number_value":
-            plain[name] = value.number_value
-        elif kind == "bool_value":
-            plain[name] = value.bool_value
-    return plain
-
-
 def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
     """The plain view of one entry; None when it is not a fast-path request's."""
     common = entry.common_properties
     metadata = common.metadata.filter_metadata
     if METADATA_NAMESPACE not in metadata:
         return None
-    asc = _plain(metadata[METADATA_NAMESPACE])
+    asc = struct_scalars(metadata[METADATA_NAMESPACE])
     if asc.get(FAST_MARK) is not True or not isinstance(asc.get("request_id"), str):
         return None
     usage: dict[str, float] = {}
