@@ -4,6 +4,8 @@ full when swept (a lost access-log entry), and settles batched into one pipeline
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -33,12 +35,9 @@ async def test_a_charge_on_expiry_hold_is_charged_in_full_by_the_sweep(redis: An
     assert await counter(redis, key) == (5_000, 0)
 
 
-async def test_settles_of_one_turn_share_one_pipeline(redis: Any) -> None:
-    budget = make_budget()
-    ledger = RedisLedger(redis, io_timeout_s=LEDGER_IO_TIMEOUT_S)
-    reservations = [make_reservation(budget, 10_000) for _ in range(20)]
-    for reservation in reservations:
-        assert (await ledger.reserve(reservation)).held
+@contextlib.contextmanager
+def pipelines_sent(redis: Any) -> Iterator[list[int]]:
+    """The number of commands in each pipeline `redis` executes while inside."""
     sent: list[int] = []
     real_pipeline = redis.pipeline
 
@@ -55,12 +54,22 @@ async def test_settles_of_one_turn_share_one_pipeline(redis: Any) -> None:
 
     redis.pipeline = counting_pipeline
     try:
+        yield sent
+    finally:
+        redis.pipeline = real_pipeline
+
+
+async def test_settles_of_one_turn_share_one_pipeline(redis: Any) -> None:
+    budget = make_budget()
+    ledger = RedisLedger(redis, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+    reservations = [make_reservation(budget, 10_000) for _ in range(20)]
+    for reservation in reservations:
+        assert (await ledger.reserve(reservation)).held
+    with pipelines_sent(redis) as sent:
         results = await asyncio.gather(*(
             ledger.settle(r, [1_000 + i] + [0] * (len(r.groups) - 1))
             for i, r in enumerate(reservations)))
         again = await ledger.settle(reservations[0], [5] * len(reservations[0].groups))
-    finally:
-        redis.pipeline = real_pipeline
 
     assert [r.status for r in results] == [1] * 20
     assert again.status == 0  # idempotent, as one by one
@@ -75,27 +84,10 @@ async def test_reserves_of_one_turn_share_one_pipeline_with_their_own_verdicts(
     ledger = RedisLedger(redis, io_timeout_s=LEDGER_IO_TIMEOUT_S)
     first = make_reservation(budget, 10_000)
     assert (await ledger.reserve(first)).held  # loads the scripts; batching starts after
-    sent: list[int] = []
-    real_pipeline = redis.pipeline
-
-    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipe = real_pipeline(*args, **kwargs)
-        real_execute = pipe.execute
-
-        async def execute(*a: Any, **k: Any) -> Any:
-            sent.append(len(pipe.command_stack))
-            return await real_execute(*a, **k)
-
-        pipe.execute = execute
-        return pipe
-
-    redis.pipeline = counting_pipeline
-    try:
+    with pipelines_sent(redis) as sent:
         results = await asyncio.gather(*(
             ledger.reserve(make_reservation(budget, 10_000)) for _ in range(6)))
         replay = await ledger.reserve(first)
-    finally:
-        redis.pipeline = real_pipeline
 
     assert sent == [6, 1]
     assert [r.held for r in results] == [True] * 4 + [False] * 2  # all or nothing each
