@@ -43,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         drain_seconds=args.drain_seconds,
         log_level=args.log_level,
+        fast_door=args.fast_door or None,
     )
     return serve_as_worker(options) if args.worker else serve(options)
 
@@ -100,7 +101,7 @@ _SHAPE_DEFAULTS: dict[Shape, dict[str, object]] = {
 }
 _PORTS_OPTIONS: Final = ("listen_address", "listen_port", "admin_socket", "extproc_address",
                          "extproc_port", "extproc_socket", "extproc_workers", "trusted_ca",
-                         "extproc_streams_per_connection")
+                         "extproc_streams_per_connection", "fast_door_port")
 """`envoy render` options that are `EnvoyPorts` fields."""
 _RENDER_OPTIONS: Final = (*_PORTS_OPTIONS, "max_downstream_connections", "identity",
                            "mesh_address", "mesh_port", "mesh_cert", "mesh_key",
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes (SO_REUSEPORT on host:port; with unix:/path "
                             "one socket each, NAME-0.sock, NAME-1.sock, ...)")
+    serve.add_argument("--fast-door", default=None,
+                       help="the fast path's HTTP check address (config fast_path), host:port "
+                            "or unix:/path; default: the --listen port + 1 on its host, or "
+                            "<socket>.door beside a Unix --listen")
     serve.add_argument("--drain-seconds", type=float, default=10.0,
                        help="grace period for in-flight streams on SIGTERM")
     serve.add_argument("--log-level", default="info")
@@ -219,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--extproc-socket", default=None,
                         help="the service's Unix socket (extproc serve --listen unix:PATH); "
                              "default: TCP (sidecar: /run/asc/extproc.sock)")
+    render.add_argument("--fast-door-port", type=int, default=None,
+                        help="the service's fast door on --extproc-address (extproc serve "
+                             "--fast-door); default --extproc-port + 1; on a Unix socket "
+                             "<socket>.door")
     render.add_argument("--extproc-workers", type=int, default=None,
                         help="the service's --workers on that socket (one socket each); "
                              "default 1")

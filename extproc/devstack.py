@@ -55,6 +55,16 @@ def free_port() -> int:
         return port
 
 
+def free_port_pair() -> int:
+    """A loopback port that was free a moment ago, with the next one free too (the
+    service's gRPC port and its fast door, `extproc serve`)."""
+    for _ in range(100):
+        port = free_port()
+        if port < 65535 and _port_is_free(port + 1):
+            return port
+    raise RuntimeError("no two adjacent free loopback ports")
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -296,7 +306,7 @@ class Stack:
                       metrics_port: int | None = None, workers: int = 1,
                       env: Mapping[str, str] | None = None,
                       name: str = "extproc") -> tuple[ManagedProcess, int, int]:
-        port = port or free_port()
+        port = port or free_port_pair()  # the fast door listens on port + 1
         metrics_port = metrics_port or free_port()
         process = self.spawn(name, [
             sys.executable, "-m", "extproc", "serve", "--config", str(config_path),

@@ -41,7 +41,11 @@ import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401 - @type
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.header_to_metadata.v3 import (  # noqa: F401 - @type
+    header_to_metadata_pb2,
+)
 from envoy.extensions.filters.http.json_to_metadata.v3 import (  # noqa: F401 - @type
     json_to_metadata_pb2,
 )
@@ -63,11 +67,11 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401 - @t
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401 - @type
 from google.protobuf import json_format  # type: ignore[import-untyped]
 
+from extproc.attempt_build import AUTH_HEADER
 from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import (
     BODY_FIELDS_NAMESPACE,
     METADATA_NAMESPACE,
-    RESPONSE_HEADERS_NAMESPACE,
     ROUTE_METADATA_ATTRIBUTE,
     SOURCE_ADDRESS_ATTRIBUTE,
     STAGE_HEADER,
@@ -75,9 +79,16 @@ from extproc.envoy import (
 )
 from extproc.envoy_identity import IdentityEnvoy, apply_identity
 from extproc.failover import Chain, failover_chains, has_failover_cluster
+from extproc.fastpath import (
+    DOOR_PATH_HEADER,
+    FAST_BACKEND_PATHS,
+    FAST_METADATA,
+    META_PREFIX,
+    MetaKind,
+)
 from extproc.listen import worker_socket_paths
 from extproc.phases import CLUSTER_HEADER
-from extproc.translate.base import MESSAGES_PATH
+from extproc.translate.base import MESSAGES_PATH, Backend
 
 __all__ = [
     "ADMIN_SOCKET_MODE",
@@ -153,6 +164,10 @@ class EnvoyPorts:
     extproc_socket: str | None = None
     """The service's Unix socket (`extproc serve --listen unix:PATH`); when set, ext_proc
     goes over it instead of `extproc_address:extproc_port`."""
+    fast_door_port: int | None = None
+    """The service's fast door on `extproc_address` when the config enables the fast path
+    (`extproc serve --fast-door`); default `extproc_port + 1`, as the service's own default.
+    On `extproc_socket` it is `<socket>.door`."""
     extproc_workers: int = 1
     """The service's `--workers` on `extproc_socket`: one socket per worker (Unix sockets
     have no SO_REUSEPORT), all listed, so Envoy spreads streams across them."""
@@ -240,11 +255,11 @@ _OWN_REPLY_KEYS: Final = ("error", "answered")
 it answers itself (model lists, estimated token counts; `extproc.endpoints`)."""
 
 
-def _own_reply_mapper(key: str) -> dict[str, Any]:
+def _own_reply_mapper(key: str, *, namespace: str = METADATA_NAMESPACE) -> dict[str, Any]:
     """Passes a reply of the gateway (it carries `asc.<key>`) through unchanged."""
     return {
         "filter": {"metadata_filter": {
-            "matcher": {"filter": METADATA_NAMESPACE, "path": [{"key": key}],
+            "matcher": {"filter": namespace, "path": [{"key": key}],
                         "value": {"present_match": True}},
             # The default (true) would match every reply that lacks the key.
             "match_if_key_not_found": False,
@@ -697,8 +712,9 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape =
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }
+    door_clusters: list[dict[str, Any]] = []
     if config.fast_path.rendered:
-        _with_fast_path(config, hcm)
+        _with_fast_path(config, ports, hcm, door_clusters)
     if shape is Shape.EDGE:
         hcm.update(_edge_http_options(edge))
     bootstrap: dict[str, Any] = {}
@@ -721,7 +737,8 @@ def render_bootstrap(config: GatewayConfig, ports: EnvoyPorts, *, shape: Shape =
                 "typed_config": hcm,
             }]}],
         }],
-        "clusters": [extproc_cluster, *clusters.values(), *failover_clusters],
+        "clusters": [extproc_cluster, *door_clusters, *clusters.values(),
+                     *failover_clusters],
     }
     if identity is not None:
         apply_identity(bootstrap, identity)
@@ -836,9 +853,9 @@ def json_to_metadata_filter() -> dict[str, Any]:
 
 
 _LUA_FAST_ANSWER: Final = """
--- The fast path's answer, in Envoy (docs/decisions/0122, 0123): on a request the service
--- answered with its one fast-path reply (metadata asc.fast), remove the provider's
--- account headers, put the service's x-asc-* headers on (asc.response_headers), and read
+-- The fast path's answer, in Envoy (docs/decisions/0122, 0124): on a request the fast
+-- door let through (metadata asc.fast), remove the provider's account headers (the
+-- door's x-asc-* headers are put on after this, by ext_authz), and read
 -- the usage of the answer (JSON or SSE) chunk by chunk as it passes: nothing is held
 -- back, nothing goes to ext_proc, any size works. A count split across two chunks is
 -- found in the overlap kept from the previous one; the last value of a name wins
@@ -863,12 +880,6 @@ function envoy_on_response(handle)
   end
   for _, name in ipairs(drop) do
     headers:remove(name)
-  end
-  local tags = metadata:get("%(headers_ns)s")
-  if tags ~= nil then
-    for name, value in pairs(tags) do
-      headers:replace(name, tostring(value))
-    end
   end
   local found = {}
   local tail = ""
@@ -897,7 +908,6 @@ def fast_path_lua_usage_filter() -> dict[str, Any]:
     source = _LUA_FAST_ANSWER % {
         "names": ", ".join(f"{name} = true" for name in USAGE_FIELDS),
         "account": ", ".join(f'["{name}"] = true' for name in _ACCOUNT_HEADERS),
-        "headers_ns": RESPONSE_HEADERS_NAMESPACE,
         "usage_ns": FAST_USAGE_NAMESPACE,
     }
     return {
@@ -927,16 +937,157 @@ def _fast_path_access_log(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
-def _with_fast_path(config: GatewayConfig, hcm: dict[str, Any]) -> None:
+_EXT_AUTHZ: Final = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_HEADER_TO_METADATA: Final = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config")
+_EXT_PROC_PER_ROUTE: Final = (
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute")
+FAST_DOOR_CLUSTER: Final = "asc_fast_door"
+FAST_DOOR_FILTER: Final = "asc.fast_door"
+_DOOR_HEALTH_PATH: Final = "/_asc/door-health"
+_AUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
+_ANSWER_HEADERS: Final = ("x-asc-request-id", "x-asc-provider", "x-asc-region",
+                          "x-asc-credential", "x-asc-budget-remaining-usd",
+                          "x-asc-route-reason")
+"""The `x-asc-*` answer headers the fast door knows when it decides (`_tag_headers`)."""
+_META_TYPES: Final = {MetaKind.STRING: "STRING", MetaKind.NUMBER: "NUMBER",
+                      MetaKind.BOOL: "PROTOBUF_VALUE"}
+
+
+def fast_door_socket(extproc_socket: str) -> str:
+    """The fast door's Unix socket beside the service's (`extproc serve` uses the same)."""
+    return extproc_socket + ".door"
+
+
+def _exact(*names: str) -> list[dict[str, str]]:
+    return [{"exact": name} for name in names]
+
+
+def fast_door_filter(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]:
+    """Envoy's ext_authz over HTTP/1.1 to the service's fast door (extproc.fastdoor):
+    the request line, every client header and the whole body go there; its answer sets
+    the key, the cluster and the `asc` metadata headers, removes what it names
+    (`x-envoy-auth-headers-to-remove`), or refuses. Fails closed (503)."""
+    auth_headers = sorted({AUTH_HEADER[backend][0] for backend in FAST_BACKEND_PATHS})
+    return {
+        "name": FAST_DOOR_FILTER,
+        "typed_config": {
+            "@type": _EXT_AUTHZ,
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+            # The route is chosen again with the headers the door set (x-asc-path).
+            "clear_route_cache": True,
+            # Over it Envoy answers 413 itself (json_to_metadata did the same before).
+            "with_request_body": {
+                "max_request_bytes": config.limits.max_body_bytes + _BUFFER_SLACK,
+                "allow_partial_message": False,
+            },
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+            "http_service": {
+                "server_uri": {
+                    "uri": "http://asc-fast-door",
+                    "cluster": FAST_DOOR_CLUSTER,
+                    "timeout": f"{ports.message_timeout_ms / 1000:g}s",
+                },
+                "authorization_response": {
+                    "allowed_upstream_headers": {"patterns": [
+                        *_exact(CLUSTER_HEADER, DOOR_PATH_HEADER, "anthropic-version",
+                                *auth_headers),
+                        {"prefix": META_PREFIX}]},
+                    "allowed_client_headers": {"patterns": [
+                        *_exact("content-type", "retry-after", *_ANSWER_HEADERS),
+                        {"prefix": "x-ratelimit-"}]},
+                    "allowed_client_headers_on_success": {"patterns": [
+                        *_exact(*_ANSWER_HEADERS), {"prefix": "x-ratelimit-"}]},
+                    # A refusal's `error` marks it as the gateway's own answer for the
+                    # local-reply mappers (`_local_reply_config`).
+                    "dynamic_metadata_from_headers": {"patterns": _exact(
+                        META_PREFIX + "error")},
+                },
+            },
+        },
+    }
+
+
+def fast_metadata_filter() -> dict[str, Any]:
+    """Moves the door's `x-asc-meta-*` request headers into `asc` dynamic metadata (typed:
+    bools arrive as base64 protobuf Values) and off the request."""
+    rules = []
+    for key, kind in FAST_METADATA.items():
+        target: dict[str, Any] = {"metadata_namespace": METADATA_NAMESPACE, "key": key,
+                                  "type": _META_TYPES[kind]}
+        if kind is MetaKind.BOOL:
+            target["encode"] = "BASE64"
+        rules.append({"header": META_PREFIX + key, "on_header_present": target,
+                      "remove": True})
+    return {"name": "envoy.filters.http.header_to_metadata",
+            "typed_config": {"@type": _HEADER_TO_METADATA, "request_rules": rules}}
+
+
+def _fast_door_cluster(ports: EnvoyPorts) -> dict[str, Any]:
+    """The fast door over TCP or its Unix socket(s), HTTP/1.1 with kept-alive connections
+    (Envoy opens one per concurrent check, so worker processes share them)."""
+    if ports.extproc_socket is None:
+        addresses = [_socket(ports.extproc_address,
+                             ports.fast_door_port or ports.extproc_port + 1)]
+    else:
+        addresses = [{"pipe": {"path": fast_door_socket(path)}} for path in
+                     worker_socket_paths(ports.extproc_socket, ports.extproc_workers)]
+    cluster: dict[str, Any] = {
+        "name": FAST_DOOR_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": FAST_DOOR_CLUSTER,
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": address}} for address in addresses]}],
+        },
+    }
+    if len(addresses) > 1:
+        cluster["lb_policy"] = "LEAST_REQUEST"
+        cluster["health_checks"] = [{
+            "timeout": "1s", "interval": "2s", "unhealthy_threshold": 1,
+            "healthy_threshold": 1, "http_health_check": {"path": _DOOR_HEALTH_PATH},
+        }]
+    return cluster
+
+
+def _fast_routes(config: GatewayConfig, route_action: dict[str, Any]) -> list[dict[str, Any]]:
+    """One route per (cluster, provider path) a fast request can take: it matches the
+    door's `x-asc-path` and `x-asc-cluster`, rewrites `:path`, and switches ext_proc off
+    (its per-route config is read after the door cleared the route cache: measured)."""
+    targets = dict.fromkeys(
+        (provider.cluster, provider.path_prefix + FAST_BACKEND_PATHS[Backend(provider.kind)])
+        for provider in config.providers.values()
+        if Backend(provider.kind) in FAST_BACKEND_PATHS)
+    action = {key: value for key, value in route_action.items() if key != "cluster_header"}
+    return [{
+        "match": {"prefix": "/", "headers": [
+            {"name": DOOR_PATH_HEADER, "string_match": {"exact": path}},
+            {"name": CLUSTER_HEADER, "string_match": {"exact": cluster}}]},
+        "request_headers_to_remove": [CLUSTER_HEADER, DOOR_PATH_HEADER],
+        "route": {**action, "cluster": cluster,
+                  "regex_rewrite": {"pattern": {"regex": "^.*$"}, "substitution": path}},
+        "typed_per_filter_config": {"asc.ext_proc": {"@type": _EXT_PROC_PER_ROUTE,
+                                                     "disabled": True}},
+    } for cluster, path in targets]
+
+
+def _with_fast_path(config: GatewayConfig, ports: EnvoyPorts, hcm: dict[str, Any],
+                    clusters: list[dict[str, Any]]) -> None:
     """Add the fast path's Envoy pieces around the router-level ext_proc (in place)."""
     filters: list[dict[str, Any]] = hcm["http_filters"]
     ext_proc_filter = next(f for f in filters if f["name"] == "asc.ext_proc")
-    options = ext_proc_filter["typed_config"].setdefault("metadata_options", {})
-    options.setdefault("forwarding_namespaces", {}).setdefault("untyped", []).append(
-        FAST_REQUEST_NAMESPACE)
-    options.setdefault("receiving_namespaces", {}).setdefault("untyped", []).append(
-        RESPONSE_HEADERS_NAMESPACE)
     at = filters.index(ext_proc_filter)
-    hcm["http_filters"] = [*filters[:at], json_to_metadata_filter(), ext_proc_filter,
+    hcm["http_filters"] = [*filters[:at], fast_door_filter(config, ports),
+                           fast_metadata_filter(), ext_proc_filter,
                            fast_path_lua_usage_filter(), *filters[at + 1:]]
     hcm["access_log"] = [*hcm["access_log"], _fast_path_access_log(config)]
+    host = hcm["route_config"]["virtual_hosts"][0]
+    default = host["routes"][-1]
+    default["request_headers_to_remove"] = [*default["request_headers_to_remove"],
+                                            DOOR_PATH_HEADER]
+    host["routes"] = [*_fast_routes(config, default["route"]), *host["routes"]]
+    hcm["local_reply_config"]["mappers"].insert(0, _own_reply_mapper(
+        META_PREFIX + "error", namespace=_AUTHZ_NAMESPACE))
+    clusters.append(_fast_door_cluster(ports))

@@ -26,6 +26,7 @@ non-standard `service_tier` - keeps the full path: the reply returns None and
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,17 +66,50 @@ if TYPE_CHECKING:
     from extproc.phases import RequestProcessor
     from extproc.runtime import Runtime
 
-__all__ = ["FAST_MARK", "BodyFields", "LogEntry", "complete_from_log", "take"]
+__all__ = ["DOOR_PATH_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK", "FAST_METADATA",
+           "META_PREFIX", "BodyFields", "LogEntry", "MetaKind", "complete_from_log", "take"]
 
 log = logging.getLogger("extproc.fastpath")
 
 FAST_MARK: Final = "fast"
 """`asc` metadata key set on fast-path replies; Envoy's access-log filter keys on it."""
+
+
+DOOR_PATH_HEADER: Final = "x-asc-path"
+"""Set by the fast door on every request it lets through: the provider path of a fast
+request (a rendered route matches it), else `full` (extproc.fastdoor)."""
+META_PREFIX: Final = "x-asc-meta-"
+"""Request headers Envoy's header_to_metadata turns into `asc` metadata (and removes)."""
+
+
+class MetaKind(enum.Enum):
+    STRING = "STRING"
+    NUMBER = "NUMBER"
+    BOOL = "BOOL"
+
+
+FAST_METADATA: Final[dict[str, MetaKind]] = {
+    **{key: MetaKind.STRING for key in (
+        "request_id", "dialect", "tenant", "key_id", "model", "provider", "region",
+        "upstream_model", "credential", "endpoint", "subject", "source", "team",
+        "route_reason", "hold")},
+    "estimated_input_tokens": MetaKind.NUMBER,
+    FAST_MARK: MetaKind.BOOL,
+    "stream": MetaKind.BOOL,
+}
+"""The `asc` metadata of a fast request, and its type: the fast door sends each as an
+`x-asc-meta-<key>` header, and the rendered header_to_metadata filter takes exactly these
+(extproc.fastdoor, envoy_bootstrap)."""
 _SAME_DIALECT: Final[dict[Dialect, frozenset[Backend]]] = {
     Dialect.OPENAI: frozenset({Backend.OPENAI, Backend.OPENAI_COMPATIBLE}),
     Dialect.ANTHROPIC: frozenset({Backend.ANTHROPIC}),
 }
 """Backends that take the door's body as the client sent it."""
+FAST_BACKEND_PATHS: Final = {Backend.OPENAI: CHAT_COMPLETIONS_PATH,
+                             Backend.OPENAI_COMPATIBLE: CHAT_COMPLETIONS_PATH,
+                             Backend.ANTHROPIC: MESSAGES_PATH}
+"""The provider path (after its `path_prefix`) of a fast request, by backend: Envoy's fast
+routes rewrite `:path` to it."""
 _DOOR_PATH: Final = {Dialect.OPENAI: CHAT_COMPLETIONS_PATH, Dialect.ANTHROPIC: MESSAGES_PATH}
 _DOOR_HEADERS: Final[dict[Dialect, tuple[tuple[str, str], ...]]] = {
     Dialect.OPENAI: (),
@@ -311,6 +345,8 @@ class LogEntry:
     """The client's connection ended before the response did (Envoy response flags)."""
     duration_s: float
     first_byte_s: float | None
+    source_address: str | None = None
+    """The downstream peer `ip:port` Envoy logged (the record's source address, 0081)."""
 
 
 def usage_from_fields(usage: Mapping[str, float], dialect: Dialect) -> Usage | None:
@@ -364,7 +400,7 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry, *,
                                     source=str(asc.get("source", "virtual_key")),
                                     team=team if isinstance(team, str) else None)
     processor.endpoint = str(asc.get("endpoint", Endpoint.CHAT.value))
-    address = asc.get("source_address")
+    address = asc.get("source_address", entry.source_address)
     processor.source_address = address if isinstance(address, str) else None
     processor.model_asked = model.name
     reason = str(asc.get("route_reason", ""))

@@ -32,6 +32,7 @@ __all__ = [
     "CREDENTIAL_STATE",
     "DEPLOYMENT_STATE",
     "FALLBACKS",
+    "FAST_DOOR_CHECKS",
     "GUARDRAIL_ACTIONS",
     "PHASE_SECONDS",
     "POLICY_DENIALS",
@@ -84,6 +85,13 @@ FALLBACKS: Final = Counter(
     "Moves from one deployment attempt to the next (Envoy retries on the failover cluster), "
     "by why the earlier attempt was left.",
     ["tenant", "model", "from_provider", "to_provider", "reason"],
+)
+FAST_DOOR_CHECKS: Final = Counter(
+    "asc_fast_door_checks",
+    "Envoy's fast-path checks (extproc/fastdoor.py) by outcome: fast (decided there, no "
+    "ext_proc stream), full (on to ext_proc), refused (a budget, limit or key refusal "
+    "answered there), abandoned (Envoy gave up on the check first).",
+    ["outcome"],
 )
 PHASE_SECONDS: Final = Histogram(
     "asc_extproc_phase_seconds",

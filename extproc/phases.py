@@ -110,6 +110,7 @@ __all__ = ["CLUSTER_HEADER", "RequestProcessor"]
 
 CLUSTER_HEADER: Final = "x-asc-cluster"
 _GATEWAY_HEADER_PREFIX: Final = "x-asc-"
+_DOOR_TAG: Final = "x-asc-request-id"
 _CLIENT_ONLY_HEADERS: Final = frozenset({
     *CLIENT_CREDENTIAL_HEADERS,
     *IDENTITY_HEADERS,
@@ -553,7 +554,12 @@ class RequestProcessor:
         self.status = status
         if self._translator is None:  # Envoy's own reply (no route was chosen): tag it only.
             self._complete = True
-            return Continue(set_headers=[("x-asc-request-id", self.request_id)])
+            if self.principal is None and _DOOR_TAG in headers:
+                # The fast door's refusal (extproc/fastdoor.py), answered and recorded
+                # there: passed through as it is, recorded once.
+                self.fast_path = True
+                return Continue()
+            return Continue(set_headers=[(_DOOR_TAG, self.request_id)])
         self._upstream_headers = headers
         if self._flight is not None:
             first_elsewhere = note_remote_attempt(self._flight, self._config, headers, status)
@@ -1053,6 +1059,18 @@ class RequestProcessor:
 
     def mark_complete(self, complete: bool) -> None:
         self._complete = complete
+
+    def respond_error(self, error: GatewayError) -> Respond:
+        """The refusal of `error` in the client's dialect (the fast door's own refusals)."""
+        return self._respond_error(error)
+
+    def abandon(self) -> None:
+        """The fast door's check was given up by Envoy before its answer: the request never
+        went upstream. finish() returns its hold and records it as refused (503)."""
+        self.fast_path = False
+        self._complete = True
+        self.status = 503
+        self.error = ErrorCode.UNAVAILABLE
 
     @property
     def finishes_without_waiting(self) -> bool:

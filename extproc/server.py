@@ -46,7 +46,16 @@ from extproc.credentials.kek import KekError
 from extproc.credentials.keyring import listen_for_changes
 from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
-from extproc.listen import ListenError, bind_listen, unix_path, worker_listen
+from extproc.fastdoor import start_door
+from extproc.listen import (
+    SOCKET_MODE,
+    UNIX_PREFIX,
+    ListenError,
+    bind_listen,
+    remove_stale_socket,
+    unix_path,
+    worker_listen,
+)
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
@@ -76,6 +85,21 @@ class ServeOptions:
     log_level: str = "info"
     watch_interval: float = 1.0
     sweep_interval: float = 5.0
+    fast_door: str | None = None
+    """The fast door's address when the config enables the fast path (`door_address`)."""
+
+
+def door_address(listen: str, fast_door: str | None) -> str:
+    """Where the fast door listens: `fast_door` when given, else beside the gRPC listen
+    address - `<socket>.door` for a Unix socket, the next port on the same host for TCP
+    (50052 beside 50051: what `extproc envoy render` assumes)."""
+    if fast_door:
+        return fast_door
+    path = unix_path(listen)
+    if path is not None:
+        return UNIX_PREFIX + path + ".door"
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + 1}"
 
 
 class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -333,6 +357,11 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
         start_metrics(options.metrics_listen)
     bind_listen(server, options.listen)
     await server.start()
+    door_tasks: set[asyncio.Task[None]] = set()
+    door = None
+    if runtime.config.fast_path.rendered:
+        door = await _open_door(door_address(options.listen, options.fast_door), holder,
+                                audit, door_tasks, shared=supervised)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reloader = ConfigReloader(options.config_path, holder, options.workers)
@@ -346,7 +375,9 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     key_sync = asyncio.create_task(_sync_keys(holder))
     prober = asyncio.create_task(_probe_deployments(holder))
     log_event(log, logging.INFO, "extproc serving", listen=options.listen, pid=os.getpid(),
-              metrics=None if supervised else options.metrics_listen)
+              metrics=None if supervised else options.metrics_listen,
+              fast_door=(door_address(options.listen, options.fast_door)
+                         if door is not None else None))
     await stop.wait()
     log_event(log, logging.INFO, "draining", grace_seconds=options.drain_seconds)
     await health_servicer.enter_graceful_shutdown()
@@ -354,12 +385,41 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     sweeper.cancel()
     key_sync.cancel()
     prober.cancel()
+    if door is not None:
+        door.close()
     await server.stop(options.drain_seconds)
+    if door_tasks:
+        await asyncio.wait(set(door_tasks), timeout=options.drain_seconds)
     await service.drain(options.drain_seconds)
     await usage_log.drain(options.drain_seconds)
     await audit.close(options.drain_seconds)  # every finished request's record, then the seal
     tracing.shutdown()  # the last batched spans leave before the process does
     log_event(log, logging.INFO, "stopped")
+
+
+async def _open_door(address: str, holder: RuntimeHolder, audit: AuditWriter,
+                     tasks: set[asyncio.Task[None]], *, shared: bool) -> asyncio.Server:
+    """Listen for Envoy's fast-path checks (extproc/fastdoor.py); a Unix socket gets mode
+    0660 from its creation on, as the gRPC one does."""
+    path = unix_path(address)
+    try:
+        if path is not None:
+            remove_stale_socket(path)
+            previous = os.umask(0o777 & ~SOCKET_MODE)
+            try:
+                door = await start_door(path, holder, audit, tasks, reuse_port=False)
+            finally:
+                os.umask(previous)
+            os.chmod(path, SOCKET_MODE)
+            return door
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            raise ListenError(f"fast door {address!r} is not host:port or unix:/path")
+        return await start_door((host.strip("[]") or "127.0.0.1", int(port)), holder, audit,
+                                tasks, reuse_port=shared)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {address!r} (fast door): "
+                          f"{exc.strerror or type(exc).__name__}") from None
 
 
 def serve(options: ServeOptions) -> int:
@@ -451,6 +511,9 @@ def _supervise(options: ServeOptions) -> int:
         commands = [[sys.executable, "-m", "extproc", "serve", "--worker",
                      "--workers", str(options.workers), "--config", str(options.config_path),
                      "--listen", worker_listen(options.listen, index, options.workers),
+                     *(("--fast-door", worker_listen(options.fast_door, index,
+                                                     options.workers))
+                       if options.fast_door else ()),
                      "--drain-seconds", str(options.drain_seconds),
                      "--log-level", options.log_level]
                     for index in range(options.workers)]

@@ -70,7 +70,16 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
         downstream_cut=cut,
         duration_s=_seconds(common.duration) if common.HasField("duration") else 0.0,
         first_byte_s=_seconds(common.time_to_first_upstream_rx_byte) if answered else None,
+        source_address=_peer(common.downstream_remote_address),
     )
+
+
+def _peer(address: Any) -> str | None:
+    """`ip:port` of a socket address, None when Envoy logged none."""
+    if not address.HasField("socket_address"):
+        return None
+    socket = address.socket_address
+    return f"{socket.address}:{socket.port_value}"
 
 
 class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]

@@ -80,6 +80,12 @@ def phase_count(gateway: Gateway, phase: str) -> int:
     return int(float(found.group(1))) if found else 0
 
 
+def door_checks(gateway: Gateway, outcome: str) -> int:
+    found = re.search(rf'^asc_fast_door_checks_total\{{outcome="{outcome}"\}} (\S+)$',
+                      gateway.metrics(), re.MULTILINE)
+    return int(float(found.group(1))) if found else 0
+
+
 def records(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
     found = []
     for process in gateway.stack.processes:
@@ -105,6 +111,8 @@ def test_plain_request_is_one_message_and_settles_from_the_access_log(
     spent_before, _ = month_counter(redis_port) if _has_counter(redis_port) else (0, 0)
     bodies_before = phase_count(gateway, "request_body")
     answers_before = phase_count(gateway, "response_headers")
+    streams_before = phase_count(gateway, "request_headers")
+    fast_before = door_checks(gateway, "fast")
 
     response = gateway.chat(chat_body(max_tokens=8),
                             headers={"x-api-key": "sk-client-extra", "x-asc-cluster": "emu_us",
@@ -128,9 +136,11 @@ def test_plain_request_is_one_message_and_settles_from_the_access_log(
         f"Bearer {provider_fingerprint(PROVIDER_KEY_EU)}")
     assert not {"x-api-key", "x-asc-cluster", "openai-organization"} & set(upstream["headers"])
     assert json.loads(upstream["body"]) == chat_body(max_tokens=8)  # as the client sent it
-    # No body message, no response message: the request was one ext_proc message.
+    # Decided by the fast door alone: not one ext_proc message (docs/decisions/0124).
+    assert phase_count(gateway, "request_headers") == streams_before
     assert phase_count(gateway, "request_body") == bodies_before
     assert phase_count(gateway, "response_headers") == answers_before
+    assert door_checks(gateway, "fast") == fast_before + 1
     # Settled at the real usage, from Envoy's access log; exactly one record.
     cost = cost_micro_usd(usage)
     assert wait_for(lambda: month_counter(redis_port) == (spent_before + cost, 0))
@@ -338,3 +348,67 @@ def test_oversized_bodies_are_refused_with_413(fast: tuple[Gateway, int]) -> Non
     assert envoy_itself.headers["content-type"] == "application/json"
     assert "error" in envoy_itself.json()
     assert gateway.emulator.requests() == []
+
+
+FORGED = {
+    # What the door and Envoy use between them: a client must not be able to set any.
+    "x-asc-path": "/v1/chat/completions", "x-asc-cluster": "emu_us",
+    "x-asc-meta-fast": "IAE=", "x-asc-meta-tenant": "globex",
+    "x-asc-meta-hold": '{"mode":"redis","local":0,"day":"","tag":"{t:globex}","groups":[]}',
+    "x-asc-meta-credential": "forged@9", "x-asc-meta-bogus": "1",
+}
+
+
+@pytest.mark.parametrize("stream_usage", [True, False], ids=["fast", "full"])
+def test_forged_door_headers_never_reach_envoy_metadata_or_the_provider(
+        fast: tuple[Gateway, int], stream_usage: bool) -> None:
+    gateway, _ = fast
+    gateway.emulator.clear()
+    full_before = door_checks(gateway, "full")
+    body = chat_body(max_tokens=8, stream=True,
+                     **({"stream_options": {"include_usage": True}} if stream_usage else {}))
+
+    response = gateway.chat(body, headers=FORGED)
+
+    assert response.status_code == 200
+    assert response.headers["x-asc-region"] == "eu-west-1"  # acme's, not globex's us
+    [upstream] = gateway.emulator.requests()
+    assert not {name for name in upstream["headers"] if name.startswith("x-asc")}
+    assert upstream["headers"]["authorization"] == (
+        f"Bearer {provider_fingerprint(PROVIDER_KEY_EU)}")
+    request_id = response.headers["x-asc-request-id"]
+    assert wait_for(lambda: len(records(gateway, request_id)) == 1)
+    [record] = records(gateway, request_id)
+    assert record["tenant"] == "acme"
+    assert record["credential"] == "emu-eu-1@1"
+    if not stream_usage:
+        assert door_checks(gateway, "full") == full_before + 1
+    # No second record: the forged `fast` mark did not make Envoy log a fast request.
+    assert_one_record(gateway, request_id, tenant="acme", credential="emu-eu-1@1",
+                      status=200)
+
+
+def test_a_budget_refusal_is_answered_by_the_door_once(fast: tuple[Gateway, int]) -> None:
+    gateway, redis_port = fast
+    gateway.chat(chat_body(max_tokens=8))
+    assert wait_for(lambda: month_counter(redis_port)[1] == 0)
+    spent_before, _ = month_counter(redis_port)
+    refused_before = door_checks(gateway, "refused")
+    gateway.emulator.clear()
+
+    # 60,000 output tokens at 2,000 USD / Mtok: 120 USD against a 100 USD budget.
+    response = gateway.chat(chat_body(max_tokens=60_000))
+
+    assert response.status_code == 429
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == "rate_limited"
+    assert error["message"] == ("Request refused: it would exceed the tenant monthly budget"
+                                " (limit USD 100.00).")
+    assert int(response.headers["retry-after"]) > 0
+    request_id = response.headers["x-asc-request-id"]
+    assert gateway.emulator.requests() == []
+    assert door_checks(gateway, "refused") == refused_before + 1
+    assert month_counter(redis_port) == (spent_before, 0)  # nothing held, nothing spent
+    assert wait_for(lambda: len(records(gateway, request_id)) == 1)
+    assert_one_record(gateway, request_id, tenant="acme", status=429)

@@ -55,6 +55,23 @@ def test_every_shape_passes_envoy_validate(shape: Shape, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("shape", list(Shape))
+def test_every_shape_with_the_fast_path_passes_envoy_validate(shape: Shape,
+                                                              tmp_path: Path) -> None:
+    # full.yaml lets acme use the fast path: the fast door (ext_authz over HTTP, TCP or one
+    # Unix socket per worker), its header_to_metadata rules, the fast routes.
+    output = tmp_path / f"{shape.value}.yaml"
+    assert extproc_cli(["envoy", "render", "--shape", shape.value, "--config",
+                        str(REPO / "docs" / "examples" / "full.yaml"), "--output",
+                        str(output), "--extproc-workers", "2"]) == 0
+    text = output.read_text(encoding="utf-8")
+    assert "asc.fast_door" in text
+    if shape is Shape.SIDECAR:
+        assert "/run/asc/extproc-0.sock.door" in text
+        assert "/run/asc/extproc-1.sock.door" in text
+    envoy_validate(output, tmp_path)
+
+
+@pytest.mark.parametrize("shape", list(Shape))
 def test_committed_example_is_what_render_produces(shape: Shape, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     example = EXAMPLES[shape]

@@ -18,7 +18,12 @@ from extproc.budgets.guard import Hold
 from extproc.budgets.ledger import Reservation
 from extproc.budgets.policy import CounterGroup
 from extproc.config import parse_config
-from extproc.envoy_bootstrap import EnvoyPorts, bootstrap_yaml, render_bootstrap
+from extproc.envoy_bootstrap import (
+    EnvoyPorts,
+    bootstrap_yaml,
+    json_to_metadata_filter,
+    render_bootstrap,
+)
 from extproc.errors import Dialect
 from extproc.fastpath import (
     BodyFields,
@@ -207,13 +212,30 @@ def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
         return typed
 
     assert [f["name"] for f in hcm(fast)["http_filters"]] == [
-        "envoy.filters.http.json_to_metadata", "asc.ext_proc", "envoy.filters.http.lua",
-        "envoy.filters.http.router"]
+        "asc.fast_door", "envoy.filters.http.header_to_metadata", "asc.ext_proc",
+        "envoy.filters.http.lua", "envoy.filters.http.router"]
     assert [f["name"] for f in hcm(plain)["http_filters"]] == [
         "asc.ext_proc", "envoy.filters.http.router"]
-    options = hcm(fast)["http_filters"][1]["typed_config"]["metadata_options"]
-    assert options == {"receiving_namespaces": {"untyped": ["asc", "asc.response_headers"]},
-                       "forwarding_namespaces": {"untyped": ["asc.request"]}}
+    door = hcm(fast)["http_filters"][0]["typed_config"]
+    assert door["failure_mode_allow"] is False
+    assert door["status_on_error"] == {"code": 503}
+    assert door["http_service"]["server_uri"]["cluster"] == "asc_fast_door"
+    # The door's metadata headers become typed `asc` metadata and leave the request.
+    rules = hcm(fast)["http_filters"][1]["typed_config"]["request_rules"]
+    assert {"header": "x-asc-meta-fast", "remove": True, "on_header_present": {
+        "metadata_namespace": "asc", "key": "fast", "type": "PROTOBUF_VALUE",
+        "encode": "BASE64"}} in rules
+    assert all(rule["remove"] for rule in rules)
+    # ext_proc is switched off on the fast routes only; the last route is the full path's.
+    routes = hcm(fast)["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["typed_per_filter_config"]["asc.ext_proc"]["disabled"] for r in routes[:-1]] \
+        == [True] * (len(routes) - 1)
+    assert "typed_per_filter_config" not in routes[-1]
+    assert routes[-1]["request_headers_to_remove"] == ["x-asc-cluster", "x-asc-path"]
+    door_cluster = fast["static_resources"]["clusters"][1]
+    assert door_cluster["name"] == "asc_fast_door"
+    assert door_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 50052}}
     [_, grpc_log] = hcm(fast)["access_log"]
     assert grpc_log["name"] == "envoy.access_loggers.http_grpc"
     assert grpc_log["filter"]["metadata_filter"]["matcher"]["path"] == [{"key": "fast"}]
@@ -225,10 +247,11 @@ def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
 
 
 def test_rendered_yaml_keeps_the_selector_n_a_string() -> None:
-    text = bootstrap_yaml(render_bootstrap(PARSED, EnvoyPorts()))
+    bootstrap = {"filters": [json_to_metadata_filter()]}
+    text = bootstrap_yaml(bootstrap)
 
     assert "- key: 'n'" in text
-    assert yaml.safe_load(text) == render_bootstrap(PARSED, EnvoyPorts())
+    assert yaml.safe_load(text) == bootstrap
 
 
 def test_unknown_fast_path_tenant_is_a_config_error() -> None:
