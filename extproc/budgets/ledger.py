@@ -95,7 +95,7 @@ def redis_client(settings: RedisSettings) -> Any:
 def resp_pool(settings: RedisSettings) -> RespPool | None:
     """The ledger's own connections for its batched calls (`RedisLedger(resp=...)`), to
     the single node `redis_client(settings)` talks to; None for Cluster, Sentinel and TLS,
-    which keep redis-py. Measured in bench/ledger.py (`--cpu`)."""
+    which keep redis-py. Measured by bench/ledger.py, run on its own."""
     if settings.cluster or settings.sentinel is not None:
         return None
     address = RespAddress.from_url(settings.url)

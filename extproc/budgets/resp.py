@@ -1,10 +1,12 @@
 """RESP2 to one Redis node on plain asyncio connections: the budget ledger's hot path.
 
-redis-py's asyncio client costs about 100 us of this process's CPU per script call and its
-pipeline machinery more; a command encoded here and a reply parsed by `hiredis.Reader`
-cost a tenth of that. The ledger sends each event-loop turn's EVALSHAs through
-`RespPool.execute` when it runs against one Redis node; Redis Cluster and Sentinel keep
-redis-py (slot routing, failover discovery), and so do the ledger's rare calls.
+redis-py's asyncio client costs about 100 us of this process's CPU per script call, and
+its pipeline machinery is heavy too; a command encoded by hiredis and its reply parsed by
+`hiredis.Reader` cost a few us (bench/ledger.py: a reserve + settle pair at 16 concurrent
+requests, 71 us of CPU through redis-py's pipeline, 31 us here). The ledger sends each
+event-loop turn's EVALSHAs through `RespPool.execute` when it runs against one Redis
+node; Redis Cluster and Sentinel keep redis-py (slot routing, failover discovery), and so
+do the ledger's rare calls (first call, SCRIPT LOAD, sweep).
 
 The pieces are separate so that the logic is tested without sockets: `encode_command`
 builds a command's bytes, `ReplyQueue` feeds bytes to the hiredis reader and hands each
@@ -68,8 +70,6 @@ def _reply_error(message: str) -> redis_errors.RedisError:
     code (the rest is the server's words: a script's error may quote keys)."""
     code = message.partition(" ")[0]
     return _ERROR_CLASSES.get(code, redis_errors.ResponseError)(code)
-
-
 
 
 @dataclass(slots=True)
@@ -155,11 +155,13 @@ class RespConnection(asyncio.Protocol):
 
     def send(self, commands: Sequence[bytes]) -> asyncio.Future[list[Any]]:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        if self.broken or self._transport is None:
+        if not commands:
+            future.set_result([])
+        elif self.broken or self._transport is None:
             future.set_exception(redis_errors.ConnectionError("connection closed"))
-            return future
-        self._queue.expect(len(commands), future)
-        self._transport.write(b"".join(commands))
+        else:
+            self._queue.expect(len(commands), future)
+            self._transport.write(b"".join(commands))
         return future
 
     @property
@@ -228,6 +230,7 @@ class RespPool:
         self._connect_timeout_s = connect_timeout_s
         self._idle_max = idle_connections
         self._idle: list[RespConnection] = []
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"RespPool({self._address!r})"
@@ -254,6 +257,8 @@ class RespPool:
         return replies
 
     def close(self) -> None:
+        """Close the idle connections now and the busy ones when their batch is done."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
@@ -266,7 +271,7 @@ class RespPool:
         return None
 
     def _give_back(self, connection: RespConnection) -> None:
-        if connection.idle and len(self._idle) < self._idle_max:
+        if connection.idle and not self._closed and len(self._idle) < self._idle_max:
             self._idle.append(connection)
         else:
             connection.close()
