@@ -302,3 +302,17 @@ async def test_calls_of_one_turn_share_one_batch_with_their_own_replies(
     finally:
         ledger.close()
         await client.aclose()
+
+
+async def test_an_idle_connection_redis_closed_is_replaced(redis_server: int,
+                                                           admin: Redis) -> None:
+    pool = make_pool(redis_server)
+    try:
+        [client_id] = await pool.execute(commands(("CLIENT", "ID")))
+        assert await admin.client_kill_filter(_id=client_id) == 1
+
+        [other_id] = await pool.execute(commands(("CLIENT", "ID")))
+        assert other_id != client_id
+        assert await pool.execute(commands(("PING",))) == [b"PONG"]
+    finally:
+        pool.close()
