@@ -4,31 +4,60 @@
 /metrics counts held reservations; after the load runs the bench redis-server is stopped
 and sequential requests check that the budgets tenant gets a fast 503 (`fail_closed`)
 while the tenant without budgets still gets 200.
+
+Run on its own, it measures the ledger in this process instead: CPU per reserve + settle
+pair against a redis-server of its own, the batched calls through redis-py's pipeline
+(`redis-py`) and through the ledger's own RESP connections (`resp`, `resp_pool`), rounds
+alternating in one run. `time.process_time()` over the round / pairs; never asserts a
+timing; only 127.0.0.1 is contacted.
+
+    .venv/bin/python bench/ledger.py                  # 16 concurrent requests, 5 rounds
+    .venv/bin/python bench/ledger.py --pairs 4000 --rounds 7
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import http.client
 import json
 import math
 import re
 import socket
+import statistics
+import sys
+import tempfile
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
+from zoneinfo import ZoneInfo
 
 from stack import BODY, BUDGET_TENANT, CHAT_PATH, TENANT, BenchStack
 
 from extproc.budgets.guard import BREAKER_COOLDOWN_S
-from extproc.devstack import LOOPBACK
+from extproc.budgets.ledger import RedisLedger, Reservation, redis_client, resp_pool
+from extproc.budgets.policy import (
+    BudgetRule,
+    RateLimits,
+    Scope,
+    TenantBudget,
+    Window,
+    hash_tag,
+    plan_reservation,
+)
+from extproc.config import RedisSettings
+from extproc.devstack import LOOPBACK, Stack
 
 __all__ = ["BREAKER_COOLDOWN_S", "CONNECTION_COMMANDS", "FAIL_CLOSED_REQUESTS",
-           "ROUND_TRIP_COMMANDS", "Probe", "budget_reservations", "counter_delta",
-           "ledger_unavailable_reasons", "probe", "redis_command_stats", "redis_down_probes"]
+           "LEDGER_PATHS", "ROUND_TRIP_COMMANDS", "Probe", "budget_reservations",
+           "counter_delta", "ledger_cpu_us_per_pair", "ledger_unavailable_reasons", "probe",
+           "redis_command_stats", "redis_down_probes"]
 
 ROUND_TRIP_COMMANDS: Final = ("evalsha", "eval", "script")
 """Budget round trips: EVALSHA, plus EVAL / SCRIPT LOAD when a script had to be reloaded."""
@@ -37,6 +66,7 @@ CONNECTION_COMMANDS: Final = frozenset({"hello", "client", "select", "ping", "au
 """Sent by redis-py on a new connection: round trips too, but per connection, not request.
 Every other command in `INFO commandstats` is counted there when a Lua script calls it."""
 FAIL_CLOSED_REQUESTS: Final = 200
+UTC_ZONE: Final = ZoneInfo("UTC")
 
 
 def _read_reply_line(sock: socket.socket, buffer: bytearray) -> bytes:
@@ -234,3 +264,79 @@ def redis_down_probes(bench: BenchStack, requests: int) -> list[Probe]:
                         tenant=TENANT, redis="down", requests=requests,
                         expected_status=200, expected_code=None))
     return probes
+
+
+LEDGER_PATHS: Final = ("redis-py", "resp")
+"""How the ledger's batched calls reach Redis: `client.pipeline()`, or `resp_pool`."""
+
+
+def _bench_reservation(budget: TenantBudget) -> Reservation:
+    """A tenant monthly budget and an RPM limit: two groups, as a budgets tenant has."""
+    groups = plan_reservation(budget, key_id="k1", model="m", cost_micro_usd=1_000,
+                              estimated_tokens=100, now=datetime.now(UTC), zone=UTC_ZONE)
+    return Reservation(request_id=uuid.uuid4().hex, tag=hash_tag(budget), groups=groups)
+
+
+async def ledger_cpu_us_per_pair(url: str, path: str, *, pairs: int,
+                                 concurrency: int) -> float:
+    """This process's CPU µs per reserve + settle, `concurrency` requests at a time, each
+    reserving then settling, `pairs` in all (after a warm-up of `concurrency` pairs)."""
+    settings = RedisSettings(url=url)
+    client = redis_client(settings)
+    resp = resp_pool(settings) if path == "resp" else None
+    ledger = RedisLedger(client, resp=resp, io_timeout_s=settings.timeout_ms / 1000)
+    budget = TenantBudget(tenant=f"bench-{uuid.uuid4().hex[:8]}", org=None,
+                          rules=(BudgetRule(Scope.TENANT, Window.MONTH, 10**15),),
+                          rate_limits=RateLimits(rpm=10**9))
+
+    async def requests(count: int) -> float:
+        """CPU seconds of `count` pairs."""
+        # Planned before: only the ledger's own work is measured.
+        planned = iter([_bench_reservation(budget) for _ in range(count)])
+        actual = [500, 500]
+
+        async def one_stream() -> None:
+            for reservation in planned:
+                if not (await ledger.reserve(reservation)).held:
+                    raise RuntimeError("bench reservation refused")
+                await ledger.settle(reservation, actual)
+
+        started = time.process_time()
+        await asyncio.gather(*(one_stream() for _ in range(concurrency)))
+        return time.process_time() - started
+
+    try:
+        await requests(concurrency)  # scripts loaded, connections open
+        return await requests(pairs) / pairs * 1e6
+    finally:
+        ledger.close()
+        await client.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the ledger's CPU per reserve + settle")
+    parser.add_argument("--pairs", type=int, default=3000, help="per round and path")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args(argv)
+    figures: dict[str, list[float]] = {path: [] for path in LEDGER_PATHS}
+    with Stack(Path(tempfile.mkdtemp(prefix="asc-ledger-bench-"))) as stack:
+        _, port = stack.start_redis()
+        url = f"redis://{LOOPBACK}:{port}/0"
+        for round_index in range(args.rounds):
+            order = LEDGER_PATHS if round_index % 2 == 0 else LEDGER_PATHS[::-1]
+            for path in order:
+                figures[path].append(asyncio.run(ledger_cpu_us_per_pair(
+                    url, path, pairs=args.pairs, concurrency=args.concurrency)))
+            print(f"round {round_index + 1}: " + "  ".join(
+                f"{path} {figures[path][-1]:.1f} µs" for path in LEDGER_PATHS), flush=True)
+    base, raw = (statistics.median(figures[path]) for path in LEDGER_PATHS)
+    print(f"\nextproc CPU per reserve + settle, {args.concurrency} concurrent requests, "
+          f"{args.pairs} pairs x {args.rounds} rounds (median):")
+    print(f"  redis-py pipeline   {base:7.1f} µs")
+    print(f"  resp (hiredis)      {raw:7.1f} µs   ({raw / base:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Any
 
 from extproc.auth import TenantDirectory
 from extproc.budgets.guard import BudgetGuard
-from extproc.budgets.ledger import RedisLedger, redis_client
+from extproc.budgets.ledger import RedisLedger, redis_client, resp_pool
 from extproc.config import GatewayConfig, KekSettings, RecordStoreSettings
 from extproc.credentials import StaticKeyProvider
 from extproc.credentials.kek import (
@@ -69,7 +69,8 @@ class Runtime:
             budgets = previous.budgets if keep and previous else BudgetGuard(
                 RedisLedger(redis, hold_ttl_s=config.budgets.hold_ttl_s,
                             io_timeout_s=config.redis.timeout_ms / 1000,
-                            queue_timeout_s=config.redis.queue_timeout_ms / 1000),
+                            queue_timeout_s=config.redis.queue_timeout_ms / 1000,
+                            resp=resp_pool(config.redis)),
                 timezone=config.budgets.timezone)
         keyring = None
         if redis is not None and config.secrets.kek is not None:

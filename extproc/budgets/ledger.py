@@ -5,7 +5,8 @@ script (all or nothing), then replaces the holds with the real amounts. Both cal
 keyed by the gateway's request id, so a replayed reserve holds once and a repeated settle
 charges once. Holds that are never settled (process killed, stream lost) expire and are
 returned by `sweep`. Works on a single Redis and on Redis Cluster: every key of a request
-carries the same hash tag (`policy.hash_tag`).
+carries the same hash tag (`policy.hash_tag`). On a single node, the batched calls go
+over the ledger's own RESP connections (`resp_pool`, `extproc.budgets.resp`).
 
 Redis errors are mapped once, here, to `LedgerUnavailable`.
 """
@@ -27,6 +28,7 @@ from redis.backoff import NoBackoff
 
 from extproc.backends import REDIS_FAILURES, describe_redis_failure
 from extproc.budgets.policy import CounterGroup
+from extproc.budgets.resp import RespAddress, RespPool, encode_command
 from extproc.config import RedisSettings
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "ReserveResult",
     "SettleResult",
     "redis_client",
+    "resp_pool",
 ]
 
 _SCRIPTS: Final = resources.files("extproc.budgets") / "lua"
@@ -87,6 +90,18 @@ def redis_client(settings: RedisSettings) -> Any:
                                    socket_connect_timeout=io_s, max_connections=size,
                                    retry=_retry())
     return Redis(connection_pool=pool)
+
+
+def resp_pool(settings: RedisSettings) -> RespPool | None:
+    """The ledger's own connections for its batched calls (`RedisLedger(resp=...)`), to
+    the single node `redis_client(settings)` talks to; None for Cluster, Sentinel and TLS,
+    which keep redis-py. Measured by bench/ledger.py, run on its own."""
+    if settings.cluster or settings.sentinel is not None:
+        return None
+    address = RespAddress.from_url(settings.url)
+    if address is None:
+        return None
+    return RespPool(address, connect_timeout_s=io_ceiling_s(settings.timeout_ms / 1000))
 
 
 def _sentinel_master(settings: RedisSettings, io_s: float, size: int) -> Any:
@@ -179,9 +194,13 @@ class BudgetLedger(Protocol):
 
 class RedisLedger:
     def __init__(self, client: Any, *, hold_ttl_s: float = 600.0, io_timeout_s: float = 0.05,
-                 queue_timeout_s: float = 1.0, max_in_flight: int = MAX_CONNECTIONS) -> None:
-        """`client`: a redis.asyncio Redis or RedisCluster (decode_responses off or on)."""
+                 queue_timeout_s: float = 1.0, max_in_flight: int = MAX_CONNECTIONS,
+                 resp: RespPool | None = None) -> None:
+        """`client`: a redis.asyncio Redis or RedisCluster (decode_responses off or on).
+        `resp`: connections to the same single node (`resp_pool`) for the batched calls,
+        which then skip redis-py; without it they use `client.pipeline()`."""
         self._client = client
+        self._resp = resp
         self._io_timeout_s = io_timeout_s
         self._io_ceiling_s = io_ceiling_s(io_timeout_s)
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -294,6 +313,11 @@ class RedisLedger:
         deadline: _IoDeadline | None = None
         try:
             deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
+            if self._resp is not None:
+                return await self._resp.execute([
+                    encode_command(("EVALSHA", pending.script.sha, len(pending.keys),
+                                    *pending.keys, *pending.args))
+                    for pending in batch])
             pipe = self._client.pipeline(transaction=False)
             for pending in batch:
                 pipe.evalsha(pending.script.sha, len(pending.keys), *pending.keys,
@@ -310,6 +334,11 @@ class RedisLedger:
             if deadline is not None:
                 deadline.cancel()
             self._slots.release()
+
+    def close(self) -> None:
+        """Close the ledger's own connections (`resp`); the client is the caller's."""
+        if self._resp is not None:
+            self._resp.close()
 
     async def sweep(self, tag: str, limit: int = 100) -> int:
         reply = await self._call(self._sweep, [holds_key(tag)], [int(time.time() * 1000), limit])

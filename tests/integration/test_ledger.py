@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +18,13 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from extproc.budgets.guard import BudgetGuard
-from extproc.budgets.ledger import LedgerUnavailable, RedisLedger, Reservation, redis_client
+from extproc.budgets.ledger import (
+    LedgerUnavailable,
+    RedisLedger,
+    Reservation,
+    redis_client,
+    resp_pool,
+)
 from extproc.budgets.policy import (
     BudgetRule,
     RateLimits,
@@ -28,6 +34,7 @@ from extproc.budgets.policy import (
     hash_tag,
     plan_reservation,
 )
+from extproc.budgets.resp import RespPool
 from extproc.config import RedisSettings
 from extproc.devstack import Stack
 from extproc.errors import GatewayError
@@ -44,17 +51,37 @@ def cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int
         yield stack.start_redis_cluster(3)
 
 
-@pytest.fixture(params=["single", "cluster"])
-async def client(request: pytest.FixtureRequest, redis_server: int,
-                 cluster_ports: list[int]) -> AsyncIterator[Any]:
-    if request.param == "single":
-        settings = RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0", timeout_ms=2000)
-    else:
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One Redis deployment of the ledger tests: its client, and the ledger's own RESP
+    connections when the ledger uses them (`resp_pool`)."""
+
+    client: Any
+    resp: RespPool | None
+
+    def ledger(self, **options: Any) -> RedisLedger:
+        return RedisLedger(self.client, resp=self.resp, **options)
+
+
+@pytest.fixture(params=["single", "single-resp", "cluster"])
+async def backend(request: pytest.FixtureRequest, redis_server: int,
+                  cluster_ports: list[int]) -> AsyncIterator[Backend]:
+    if request.param == "cluster":
         settings = RedisSettings(url=f"redis://127.0.0.1:{cluster_ports[0]}", cluster=True,
                                  timeout_ms=2000)
+    else:
+        settings = RedisSettings(url=f"redis://127.0.0.1:{redis_server}/0", timeout_ms=2000)
     redis = redis_client(settings)
-    yield redis
+    resp = resp_pool(settings) if request.param == "single-resp" else None
+    yield Backend(redis, resp)
+    if resp is not None:
+        resp.close()
     await redis.aclose()
+
+
+@pytest.fixture
+def client(backend: Backend) -> Any:
+    return backend.client
 
 
 def make_budget(tenant: str | None = None, *, tenant_usd: float = 1.0,
@@ -93,8 +120,8 @@ async def poll(call: Callable[[], Awaitable[_T]], *, until: Callable[[_T], bool]
     return False
 
 
-async def test_reserve_then_settle_charges_the_real_cost(client: Any) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+async def test_reserve_then_settle_charges_the_real_cost(client: Any, backend: Backend) -> None:
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget()
     reservation = make_reservation(budget, 300_000)
     key = reservation.groups[0].keys[0]
@@ -108,9 +135,9 @@ async def test_reserve_then_settle_charges_the_real_cost(client: Any) -> None:
 
 
 async def test_settle_five_times_charges_once_and_replayed_reserve_holds_once(
-    client: Any,
+    client: Any, backend: Backend,
 ) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S)
     reservation = make_reservation(make_budget(), 250_000)
     key = reservation.groups[0].keys[0]
 
@@ -124,8 +151,8 @@ async def test_settle_five_times_charges_once_and_replayed_reserve_holds_once(
     assert await counter(client, key) == (100_000, 0)
 
 
-async def test_multi_scope_denial_reserves_nothing_anywhere(client: Any) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+async def test_multi_scope_denial_reserves_nothing_anywhere(client: Any, backend: Backend) -> None:
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget(tenant_usd=10.0, key_usd=0.5, rpm=100)
     reservation = make_reservation(budget, 600_000)
 
@@ -139,8 +166,10 @@ async def test_multi_scope_denial_reserves_nothing_anywhere(client: Any) -> None
     assert await client.exists(reservation.record_key) == 0
 
 
-async def test_two_hundred_concurrent_reservations_never_overspend(client: Any) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+async def test_two_hundred_concurrent_reservations_never_overspend(
+    client: Any, backend: Backend,
+) -> None:
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget(tenant_usd=1.0)
     costs = [10_000 + (i * 37) % 10_001 for i in range(200)]  # 0.01 .. 0.02 USD
     reservations = [make_reservation(budget, cost) for cost in costs]
@@ -160,9 +189,9 @@ async def test_two_hundred_concurrent_reservations_never_overspend(client: Any) 
 
 
 async def test_abandoned_hold_is_swept_and_a_late_settle_still_charges_once(
-    client: Any,
+    client: Any, backend: Backend,
 ) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=1.0)
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=1.0)
     budget = make_budget()
     reservation = make_reservation(budget, 400_000)
     key = reservation.groups[0].keys[0]
@@ -177,8 +206,8 @@ async def test_abandoned_hold_is_swept_and_a_late_settle_still_charges_once(
     assert await counter(client, key) == (50_000, 0)
 
 
-async def test_rolling_window_counts_every_bucket_in_the_window(client: Any) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+async def test_rolling_window_counts_every_bucket_in_the_window(backend: Backend) -> None:
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = make_budget(tenant_usd=100.0, rolling=3600)
     first = make_reservation(budget, 60_000, now=NOW)
     assert (await ledger.reserve(first)).held
@@ -196,8 +225,10 @@ async def test_rolling_window_counts_every_bucket_in_the_window(client: Any) -> 
     assert (await ledger.reserve(much_later)).held
 
 
-async def test_rpm_counts_requests_and_tokens_are_settled_to_actuals(client: Any) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+async def test_rpm_counts_requests_and_tokens_are_settled_to_actuals(
+    client: Any, backend: Backend,
+) -> None:
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S)
     budget = TenantBudget(tenant=f"t-{uuid.uuid4().hex[:8]}", org=None, rules=(),
                           rate_limits=RateLimits(rpm=2, tpm=1000))
     first, second, third = (make_reservation(budget, 0) for _ in range(3))
@@ -215,8 +246,8 @@ async def test_rpm_counts_requests_and_tokens_are_settled_to_actuals(client: Any
     assert await counter(client, tpm_key) == (42, 100)
 
 
-async def test_org_budget_is_shared_by_its_tenants_in_one_slot(client: Any) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S)
+async def test_org_budget_is_shared_by_its_tenants_in_one_slot(backend: Backend) -> None:
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S)
     org = f"o-{uuid.uuid4().hex[:8]}"
     rule = BudgetRule(Scope.ORG, Window.DAY, 500_000)
     one = TenantBudget(tenant="one", org=org, rules=(rule,), rate_limits=RateLimits())
@@ -228,8 +259,8 @@ async def test_org_budget_is_shared_by_its_tenants_in_one_slot(client: Any) -> N
     assert result.held is False
 
 
-async def test_guard_answers_429_with_retry_after_and_the_limit(client: Any) -> None:
-    guard = BudgetGuard(RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S),
+async def test_guard_answers_429_with_retry_after_and_the_limit(backend: Backend) -> None:
+    guard = BudgetGuard(backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S),
                         timezone="UTC", now=lambda: NOW)
     budget = make_budget(tenant_usd=0.5)
     with pytest.raises(GatewayError) as caught:
@@ -305,9 +336,9 @@ async def tag_keys(client: Any, tag: str) -> dict[str, int]:
 
 
 async def test_settle_and_sweep_after_the_counters_expired_recreate_nothing(
-    client: Any,
+    client: Any, backend: Backend,
 ) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=0.05)
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=0.05)
     budget = make_budget(rpm=10)
     settled = short_lived(make_reservation(budget, 300_000))
     swept = short_lived(make_reservation(budget, 200_000))
@@ -332,9 +363,9 @@ async def test_settle_and_sweep_after_the_counters_expired_recreate_nothing(
 
 
 async def test_load_and_sweeps_leave_every_key_with_a_ttl_and_no_negative_held(
-    client: Any,
+    client: Any, backend: Backend,
 ) -> None:
-    ledger = RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=0.2)
+    ledger = backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S, hold_ttl_s=0.2)
     budget = make_budget(tenant_usd=1000.0, key_usd=1000.0, rpm=100_000, rolling=3600)
     reservations = [make_reservation(budget, 1_000 + i) for i in range(60)]
     assert all(r.held for r in await asyncio.gather(*(ledger.reserve(r) for r in reservations)))
@@ -419,9 +450,9 @@ async def test_reserve_cancelled_in_flight_releases_its_hold_by_request_id(
 # --- issue 8 item 5: an overrun is recorded and the next request refused ----------------
 
 async def test_settle_past_the_limit_records_the_overrun_and_the_next_reserve_is_refused(
-    client: Any, caplog: pytest.LogCaptureFixture,
+    client: Any, backend: Backend, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    guard = BudgetGuard(RedisLedger(client, io_timeout_s=LEDGER_IO_TIMEOUT_S),
+    guard = BudgetGuard(backend.ledger(io_timeout_s=LEDGER_IO_TIMEOUT_S),
                         timezone="UTC", now=lambda: NOW)
     budget = make_budget(tenant_usd=1.0, rpm=1000)
     tenant = budget.tenant
