@@ -79,6 +79,7 @@ from report import (  # noqa: E402
 from stack import (  # noqa: E402
     BUDGETS,
     DIRECT,
+    FASTPATH_BUDGETS,
     GATEWAY,
     REDIS_TIMEOUT_MS,
     direct_bootstrap,
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, target in list(bench.targets.items()):
             try:
                 smoke_check(target, require_header="x-asc-budget-remaining-usd"
-                            if name == BUDGETS else None)
+                            if name in (BUDGETS, FASTPATH_BUDGETS) else None)
             except (OSError, RuntimeError, ValueError) as exc:
                 if name in (DIRECT, GATEWAY, BUDGETS):
                     raise

@@ -45,7 +45,8 @@ from extproc.envoy_bootstrap import EnvoyPorts, admin_address, render_bootstrap 
 from extproc.secrets import Secret  # noqa: E402
 
 __all__ = [
-    "BODY", "BUDGETS", "BUDGET_TENANT", "CHAT_PATH", "DIRECT", "FASTPATH", "GATEWAY", "MODEL",
+    "BODY", "BUDGETS", "BUDGET_TENANT", "CHAT_PATH", "DIRECT", "FASTPATH", "FASTPATH_BUDGETS",
+    "GATEWAY", "MODEL",
     "TENANT", "TRANSLATED", "BenchStack", "Target", "direct_bootstrap", "fastpath_document",
     "find_access_log", "gateway_document", "smoke_check", "start_bench_stack",
     "wait_for_workers",
@@ -58,9 +59,9 @@ TRANSLATED_MODEL: Final = "claude-bench"
 ANTHROPIC_MODEL: Final = "claude-sonnet-4-5"
 
 
-def chat_body(model: str) -> str:
-    return json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}]},
-                      separators=(",", ":"))
+def chat_body(model: str, **fields: Any) -> str:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}],
+                       **fields}, separators=(",", ":"))
 
 
 BODY: Final = chat_body(MODEL)
@@ -72,6 +73,7 @@ GATEWAY: Final = "gateway"
 BUDGETS: Final = "gateway+budgets"
 TRANSLATED: Final = "gateway-translated"
 FASTPATH: Final = "gateway-fastpath"
+FASTPATH_BUDGETS: Final = "gateway-fastpath+budgets"
 TENANT: Final = "bench"
 BUDGET_TENANT: Final = "bench-budgets"
 """Same gateway, second tenant: a budget and RPM/TPM limits it never reaches."""
@@ -315,12 +317,8 @@ def wait_for_workers(pid: int, workers: int, timeout: float = 20.0) -> None:
 
 
 def fastpath_document(document: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:
-    """The gateway config with the fast path on, or (None, why not).
-
-    The fast path (issue 14 item 1) is being built beside this bench: until its config
-    setting exists this returns the reason, and the run prints it and reports the row as
-    skipped. When it lands, this is the one place to switch it on.
-    """
+    """The gateway config with the fast path on, or (None, why not): an older config
+    schema without the setting makes the run report the fast-path rows as skipped."""
     if FASTPATH_SETTING not in Document.model_fields:
         return None, (f"the gateway config has no `{FASTPATH_SETTING}` setting yet "
                       "(issue 14 item 1 not merged)")
@@ -426,10 +424,17 @@ def start_bench_stack(stack: Stack, *, workers: int, budgets: bool = True,
             lines = [line for line in str(exc).splitlines() if line.strip()]
             bench.skip(FASTPATH, "did not start: " + " ".join(lines[:2])[:400])
             return bench
-        bench.add(Target(FASTPATH, fastpath.port, tenant_key,
-                         {"extproc": fastpath.extproc.popen.pid,
-                          "envoy": fastpath.envoy.popen.pid, **shared},
-                         note="same dialect on the fast path"))
+        on_fastpath = {"extproc": fastpath.extproc.popen.pid,
+                       "envoy": fastpath.envoy.popen.pid, **shared}
+        bench.add(Target(FASTPATH, fastpath.port, tenant_key, on_fastpath,
+                         note="same dialect on the fast path (the fast door, no ext_proc "
+                              "message)"))
+        if budget_key is not None:
+            bench.add(Target(FASTPATH_BUDGETS, fastpath.port, budget_key, on_fastpath,
+                             body=chat_body(MODEL, max_tokens=16),
+                             note="the fast path for the budget tenant (`max_tokens: 16`: "
+                                  "without an output limit a budget request takes the "
+                                  "full path)"))
     return bench
 
 

@@ -297,12 +297,12 @@ class FailoverSettings(_Spec):  # also the runtime object
 
 
 class FastPathSettings(_Spec):  # also the runtime object
-    """The fast path: one ext_proc message per same-dialect request (docs/fast-path.md).
+    """The fast path: a same-dialect request decided by one HTTP check at the service's
+    fast door, with no ext_proc message (docs/fast-path.md, decision 0124).
 
-    Envoy reads the body's `model`, `stream` and limits (json_to_metadata) and the answer's
-    usage (json_to_metadata, Lua on SSE); the service decides with the request headers
-    alone and settles from Envoy's gRPC access log. Requests that need their body
-    rewritten keep the full path.
+    Envoy's ext_authz filter sends the request to the door, its Lua filter reads the
+    answer's usage, and its gRPC access log brings the outcome back for settle and the
+    record. Requests that need their body rewritten keep the full path.
     """
 
     enabled: Annotated[bool, Rule(invalid="must be true or false")] = Field(
@@ -1187,7 +1187,8 @@ class Document(_Spec):
     deployment_health: DeploymentHealthSettings | None = Field(
         default=None, description="Circuit breakers of deployments.")
     fast_path: FastPathSettings | None = Field(
-        default=None, description="One ext_proc message per same-dialect request.")
+        default=None, description="One HTTP check, no ext_proc message, per same-dialect "
+        "request.")
     logging: LoggingSettings | None = Field(
         default=None, description="Per-request logging.")
     metrics: MetricsSettings | None = Field(

@@ -67,14 +67,14 @@ _OK_FULL: Final = f"HTTP/1.1 200 OK\r\n{DOOR_PATH_HEADER}: {FULL_PATH}\r\n".enco
 _NO_BODY: Final = b"content-length: 0\r\n\r\n"
 _CHECKS: Final = {outcome: metrics.FAST_DOOR_CHECKS.labels(outcome)
                   for outcome in ("fast", "full", "refused", "abandoned")}
-_STATUS_TEXT: Final = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized",
-                       403: b"Forbidden", 404: b"Not Found", 413: b"Payload Too Large",
-                       429: b"Too Many Requests", 500: b"Internal Server Error",
-                       502: b"Bad Gateway", 503: b"Service Unavailable"}
+_STATUS_TEXT: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized",
+                       403: "Forbidden", 404: "Not Found", 413: "Payload Too Large",
+                       429: "Too Many Requests", 500: "Internal Server Error",
+                       502: "Bad Gateway", 503: "Service Unavailable"}
 
 
-def _protobuf_bool(value: bool) -> bytes:
-    return base64.b64encode(struct_pb2.Value(bool_value=value).SerializeToString())
+def _protobuf_bool(value: bool) -> str:
+    return base64.b64encode(struct_pb2.Value(bool_value=value).SerializeToString()).decode()
 
 
 _BOOL: Final = {True: _protobuf_bool(True), False: _protobuf_bool(False)}
@@ -162,30 +162,36 @@ def _full(remove: list[str]) -> bytes:
 
 
 def _fast(reply: Continue) -> bytes:
-    lines = [b"HTTP/1.1 200 OK"]
     metadata = {key: value for key, value in (reply.metadata or {}).items()
                 if key in FAST_METADATA}  # what header_to_metadata is rendered to take
     ours = {DOOR_PATH_HEADER, *(META_PREFIX + key for key in metadata)}
-    for name, value in reply.set_headers:
-        lines.append(_header(DOOR_PATH_HEADER if name == ":path" else name, value))
+    headers = [(DOOR_PATH_HEADER if name == ":path" else name, value)
+               for name, value in reply.set_headers]
     remove = [name for name in reply.remove_headers if name not in ours]
     if remove:
-        lines.append(_header(REMOVE_HEADER, ", ".join(remove)))
-    lines.extend(_header(name, str(value))
-                 for name, value in (reply.response_headers or {}).items())
+        headers.append((REMOVE_HEADER, ", ".join(remove)))
+    headers.extend((name, str(value)) for name, value in (reply.response_headers or {}).items())
     for key, meta in metadata.items():
-        if FAST_METADATA[key] is MetaKind.BOOL:
-            lines.append(META_PREFIX.encode() + key.encode() + b": " + _BOOL[bool(meta)])
-        else:
-            lines.append(_header(META_PREFIX + key, str(meta)))
-    lines.append(_NO_BODY)
-    return b"\r\n".join(lines)
+        headers.append((META_PREFIX + key, _BOOL[bool(meta)]
+                        if FAST_METADATA[key] is MetaKind.BOOL else str(meta)))
+    return _response("HTTP/1.1 200 OK", headers)
 
 
-def _header(name: str, value: str) -> bytes:
-    # Values come from the config and the gateway; a CR or LF would split the response.
-    clean = value.replace("\r", " ").replace("\n", " ").replace("\0", " ")
-    return name.encode("latin-1") + b": " + clean.encode("utf-8")
+def _response(status_line: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
+    """The HTTP/1.1 response; header values come from the config and the gateway, and a CR,
+    LF or NUL in one (which would split the response) becomes a space."""
+    lines = [status_line, *(f"{name}: {value}" for name, value in headers),
+             f"content-length: {len(body)}", "", ""]
+    text = "\r\n".join(lines)
+    separators = len(lines) - 1
+    if text.count("\r") != separators or text.count("\n") != separators or "\0" in text:
+        lines[1:len(headers) + 1] = [f"{name}: {_clean(value)}" for name, value in headers]
+        text = "\r\n".join(lines)
+    return text.encode("utf-8") + body
+
+
+def _clean(value: str) -> str:
+    return value.replace("\r", " ").replace("\n", " ").replace("\0", " ")
 
 
 async def _refused(processor: RequestProcessor, answer: Respond) -> bytes:
@@ -193,13 +199,12 @@ async def _refused(processor: RequestProcessor, answer: Respond) -> bytes:
     await processor.finish()
     _CHECKS["refused"].inc()
     status = answer.status
-    lines = [b"HTTP/1.1 %d %s" % (status, _STATUS_TEXT.get(status, b"Error"))]
-    lines.extend(_header(name, value) for name, value in answer.headers)
+    headers = list(answer.headers)
     if answer.metadata and "error" in answer.metadata:
         # Envoy's local-reply mappers pass the gateway's own answers through unchanged.
-        lines.append(_header(META_PREFIX + "error", str(answer.metadata["error"])))
-    lines.append(b"content-length: %d\r\n" % len(answer.body))
-    return b"\r\n".join(lines) + b"\r\n" + answer.body
+        headers.append((META_PREFIX + "error", str(answer.metadata["error"])))
+    return _response(f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}", headers,
+                     answer.body)
 
 
 class DoorProtocol(asyncio.Protocol):

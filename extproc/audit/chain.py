@@ -56,6 +56,17 @@ CHAIN_FIELDS: Final = ("type", "writer", "seq", "kid", "prev", "mac")
 _PUBLIC_PEM_MARK: Final = b"-----BEGIN PUBLIC KEY-----"
 
 
+class Sealed(dict[str, Any]):
+    """A record as the chain sealed it, with its JSONL line already made from the bytes
+    its MAC covers (one serialization per record instead of two)."""
+
+    __slots__ = ("line",)
+
+    def __init__(self, entry: dict[str, Any], line: bytes) -> None:
+        super().__init__(entry)
+        self.line = line
+
+
 def canonical(entry: dict[str, Any], *, without: str) -> bytes:
     """The bytes a MAC or signature covers: sorted keys, no spaces, UTF-8, less `without`."""
     body = {k: v for k, v in entry.items() if k != without}
@@ -212,11 +223,14 @@ class Chain:
         entry = {**record, "type": "record", "writer": self.writer, "seq": self.seq,
                  "kid": self.key.kid, "prev": self.head}
         body = canonical(entry, without="mac")
-        entry["mac"] = hmac.new(self.key.key, body, hashlib.sha256).hexdigest()
-        self.head = entry["mac"]
+        mac = hmac.new(self.key.key, body, hashlib.sha256).hexdigest()
+        entry["mac"] = mac
+        self.head = mac
         self.digest = next_digest(self.digest, entry, body)
         self.since_checkpoint += 1
-        return entry
+        # The canonical object with the MAC as its last member: a valid line of the log
+        # (readers parse it; key order carries no meaning).
+        return Sealed(entry, b"".join((body[:-1], b',"mac":"', mac.encode("ascii"), b'"}\n')))
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any]:
         entry: dict[str, Any] = {

@@ -18,12 +18,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from extproc.audit.chain import Sealed
+
 __all__ = ["AuditSink", "JsonlAuditSink", "RedisStreamAuditSink", "entry_line"]
 
 _FILE_PREFIX: Final = "audit-"
 
 
 def entry_line(entry: dict[str, Any]) -> bytes:
+    if isinstance(entry, Sealed):
+        return entry.line
     return json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
 
 

@@ -15,6 +15,7 @@ Money is integer micro-USD throughout.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -145,6 +146,13 @@ def _calendar(window: Window, local: datetime) -> tuple[str, datetime]:
     return start.strftime("m%Y-%m"), start.replace(year=year, month=month)
 
 
+@functools.lru_cache(maxsize=64)
+def _calendar_at(window: Window, zone: ZoneInfo, second: int) -> tuple[str, datetime]:
+    """`_calendar` at a whole second (the windows change only at midnight): every request
+    of that second shares one computation."""
+    return _calendar(window, datetime.fromtimestamp(second, tz=UTC).astimezone(zone))
+
+
 def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now: datetime,
                 zone: ZoneInfo) -> CounterGroup:
     base = f"asc:{tag}:b:{_subject_key(rule, budget)}"
@@ -158,7 +166,7 @@ def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now
         return CounterGroup(rule.describe(), "usd", keys, rule.limit_micro_usd, cost, resets,
                             ttl_s=period + 2 * bucket_s, scope=rule.scope.value,
                             window=rule.window.value)
-    window_id, resets = _calendar(rule.window, now.astimezone(zone))
+    window_id, resets = _calendar_at(rule.window, zone, int(now.timestamp()))
     ttl = int((resets - now).total_seconds()) + 7 * 86400  # kept a week for `budget show`
     return CounterGroup(rule.describe(), "usd", (f"{base}:{window_id}",),
                         rule.limit_micro_usd, cost, resets, ttl_s=ttl, scope=rule.scope.value,

@@ -265,3 +265,21 @@ def test_a_signing_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(ValueError, match="must be readable by its owner only"):
         SigningKey.load_or_create(path)
+
+
+def test_a_sealed_records_line_is_the_entry_and_its_mac_covers_the_canonical_bytes(
+        tmp_path: Path) -> None:
+    from extproc.audit.chain import canonical, record_mac
+    from extproc.audit.sinks import entry_line
+
+    key = HmacKey("k1", b"\x01" * 32)
+    chain = Chain(key, SigningKey.load_or_create(tmp_path / "signing.key"))
+    entry = chain.seal({"request_id": "r1", "tenant": "ünï", "latency_s": 1e-05,
+                        "attempts": [{"status": 200}], "cost": None})
+
+    line = entry_line(entry)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == dict(entry)
+    assert record_mac(key.key, json.loads(line)) == entry["mac"]
+    mac = entry["mac"].encode()
+    assert line == canonical(dict(entry), without="mac")[:-1] + b',"mac":"' + mac + b'"}\n'
