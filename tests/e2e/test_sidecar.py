@@ -339,3 +339,44 @@ def test_workers_take_a_canary_retry_whose_stream_reaches_another_worker(
     assert provider_saw.count(bearer(good)) == 30
     assert provider_saw.count(bearer(bad)) >= 1
     assert len(provider_saw) == 30 + provider_saw.count(bearer(bad))
+
+
+def _fast_document(emulator_port: int) -> dict[str, Any]:
+    """The fast path on, and the model served under its own name (a renamed model needs
+    its body rewritten: full path)."""
+    document = gateway_config(emulator_port)
+    document["models"]["gpt-4o-mini"]["deployments"] = [{"provider": "emu-us"},
+                                                        {"provider": "emu-eu"}]
+    document["fast_path"] = {"enabled": True, "flush_interval_ms": 20}
+    return document
+
+
+def _door_requests(sidecar: Sidecar) -> dict[str, int]:
+    """Completed checks per fast-door socket, from Envoy's cluster stats."""
+    text = envoy_admin(sidecar.admin_socket, "GET", "/clusters").text
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("::")
+        if name == "asc_fast_door" and "::rq_total::" in rest:
+            address, _, count = rest.partition("::rq_total::")
+            found[address] = int(count)
+    return found
+
+
+def test_the_fast_door_serves_each_worker_on_its_own_socket(stack: Stack) -> None:
+    sidecar = start_sidecar(stack, workers=2, document=_fast_document)
+    doors = [path + ".door" for path in worker_socket_paths(str(sidecar.socket), 2)]
+    for door in doors:
+        assert stat.S_IMODE(os.stat(door).st_mode) == 0o660
+
+    responses = [sidecar.chat() for _ in range(40)]
+
+    assert {r.status_code for r in responses} == {200}
+    assert {r.headers["x-asc-provider"] for r in responses} == {"emu-eu"}
+    for seen in sidecar.emulator.requests():
+        assert seen["headers"]["authorization"] == "Bearer " + key_fingerprint(PROVIDER_KEY_EU)
+    # Every request was a check at a door; Envoy spread them over both workers' sockets.
+    counts = _door_requests(sidecar)
+    assert set(counts) == set(doors)
+    assert sum(counts.values()) == 40
+    assert all(count > 0 for count in counts.values())
