@@ -355,13 +355,13 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     # /metrics first: a busy metrics port stops the start before the gRPC server runs.
     if not supervised and options.metrics_listen:
         start_metrics(options.metrics_listen)
-    bind_listen(server, options.listen)
-    await server.start()
     door_tasks: set[asyncio.Task[None]] = set()
     door = None
-    if runtime.config.fast_path.rendered:
+    if runtime.config.fast_path.rendered:  # a busy door stops the start before gRPC does
         door = await _open_door(door_address(options.listen, options.fast_door), holder,
                                 audit, door_tasks, shared=supervised)
+    bind_listen(server, options.listen)
+    await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reloader = ConfigReloader(options.config_path, holder, options.workers)
@@ -419,7 +419,8 @@ async def _open_door(address: str, holder: RuntimeHolder, audit: AuditWriter,
                                 tasks, reuse_port=shared)
     except OSError as exc:
         raise ListenError(f"cannot listen on {address!r} (fast door): "
-                          f"{exc.strerror or type(exc).__name__}") from None
+                          f"{os.strerror(exc.errno) if exc.errno else type(exc).__name__}"
+                          ) from None
 
 
 def serve(options: ServeOptions) -> int:

@@ -34,3 +34,25 @@ def test_a_busy_metrics_port_is_one_error_line_and_exit_2(tmp_path: Path, worker
     assert "Traceback" not in done.stderr
     assert "Event loop is closed" not in done.stderr
     assert "extproc serving" not in done.stderr  # the gRPC server never started
+
+
+def test_a_busy_fast_door_port_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
+    document = gateway_config(free_port())
+    document["fast_path"] = {"enabled": True}
+    config = write_config(tmp_path / "config", document)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "extproc", "serve", "--config", str(config),
+             "--listen", f"127.0.0.1:{free_port()}", "--metrics-listen", "",
+             "--fast-door", f"127.0.0.1:{busy}"],
+            capture_output=True, text=True, timeout=60, check=False,
+            env={**provider_env(), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert '"msg":"cannot start: listen address unusable"' in done.stderr
+    assert (f"cannot listen on '127.0.0.1:{busy}' (fast door): Address already in use"
+            in done.stderr)
+    assert "Traceback" not in done.stderr
+    assert "extproc serving" not in done.stderr
