@@ -7,8 +7,8 @@ itself (no ext_proc); then the peers (bench/peers.py): LiteLLM proxy with 1 and 
 workers and Portkey's gateway, forwarding to the same emulator. The gateway is measured
 on its same-dialect path, its translated path (OpenAI door to an Anthropic backend) and
 with a budgets tenant (one EVALSHA to reserve, one to settle; counted from the bench
-redis' `INFO commandstats`); the fast-path row is skipped, with the reason, until the
-gateway config has the setting.
+redis' `INFO commandstats`), and on the fast path (a second gateway rendered with
+`fast_path` on: the fast door, no ext_proc message), with and without budgets.
 
 For every concurrency level wrk POSTs a small OpenAI chat body to every target
 (bench/load.py); then a fixed-rate client drives each target at 500 requests/s (open loop)

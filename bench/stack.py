@@ -324,6 +324,9 @@ def fastpath_document(document: Mapping[str, Any]) -> tuple[dict[str, Any] | Non
                       "(issue 14 item 1 not merged)")
     fast = dict(document)
     fast[FASTPATH_SETTING] = {"enabled": True}
+    # As docs/fast-path.md recommends: the audit record carries what the per-request log
+    # line says (the other gateway rows keep the product default, the line on).
+    fast["logging"] = {"request_log": False}
     try:
         Document.model_validate(fast)
     except ValueError as exc:
@@ -428,7 +431,7 @@ def start_bench_stack(stack: Stack, *, workers: int, budgets: bool = True,
                        "envoy": fastpath.envoy.popen.pid, **shared}
         bench.add(Target(FASTPATH, fastpath.port, tenant_key, on_fastpath,
                          note="same dialect on the fast path (the fast door, no ext_proc "
-                              "message)"))
+                              "message; `logging.request_log: false`)"))
         if budget_key is not None:
             bench.add(Target(FASTPATH_BUDGETS, fastpath.port, budget_key, on_fastpath,
                              body=chat_body(MODEL, max_tokens=16),
