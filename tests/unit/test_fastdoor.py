@@ -132,3 +132,22 @@ async def test_checks_on_one_connection_are_answered_in_order() -> None:
         await asyncio.sleep(0.005)
 
     assert [parse(w)[1]["x-asc-path"] for w in written] == ["full", "/v1/chat/completions"]
+
+
+async def test_a_check_envoy_gave_up_on_is_recorded_as_a_503_and_never_answered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Closing(asyncio.Transport):
+        def is_closing(self) -> bool:
+            return True
+
+    caplog.set_level("INFO", logger="extproc.request")
+
+    response = await decide(holder(), None, "POST", "/v1/chat/completions", client_headers(),
+                            BODY, Closing())
+
+    assert response == b""  # the protocol closes the connection instead of answering
+    [record] = [r for r in caplog.records if r.getMessage() == "request finished"]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert (fields["tenant"], fields["status"], fields["error"]) == (
+        "acme", 503, "gateway_unavailable")
+    assert fields["charged_micro_usd"] is None  # no hold here; with one it is returned
