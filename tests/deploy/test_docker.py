@@ -15,6 +15,7 @@ import yaml
 from compose_spec import PyCompose
 
 from extproc.config import load_config
+from extproc.devstack import HEADER_LOGGING_COMPONENTS
 from tests.deploy.golden import assert_rendered
 from tests.integration.test_render_shapes import regenerate_command
 
@@ -112,6 +113,9 @@ def test_compose_stack_has_every_part_wired() -> None:
     assert extproc["healthcheck"]["test"] == ["CMD", "python", "-m", "extproc.health_probe",
                                               "--socket", SOCKET]
     assert services["envoy"]["depends_on"]["extproc"] == {"condition": "service_healthy"}
+    envoy_command = services["envoy"]["command"]
+    assert envoy_command[envoy_command.index("--component-log-level") + 1] == ",".join(
+        f"{name}:info" for name in HEADER_LOGGING_COMPONENTS)
     published = [port for service in services.values() for port in service.get("ports", [])]
     assert published == ["127.0.0.1:10000:10000", "127.0.0.1:9464:9464"]
     assert (DOCKER / compose["secrets"]["asc-pepper"]["file"]).is_file()

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from extproc.config import load_config
+from extproc.devstack import HEADER_LOGGING_COMPONENTS
 from extproc.envoy_bootstrap import EXTPROC_CLUSTER
 from tests.deploy.envoyfilter import ISTIO, documents
 from tests.deploy.golden import assert_rendered
@@ -76,6 +77,10 @@ def test_standalone_pod_shares_the_socket_between_envoy_and_extproc() -> None:
         assert mounts["asc-socket"] == "/run/asc"
     args = containers["extproc"]["args"]
     assert args[args.index("--listen") + 1] == f"unix:{SOCKET}"
+    # Envoy at debug would print header maps (keys): those components stay at info (0130).
+    envoy_args = containers["envoy"]["args"]
+    assert envoy_args[envoy_args.index("--component-log-level") + 1] == ",".join(
+        f"{name}:info" for name in HEADER_LOGGING_COMPONENTS)
     # The pepper and the Transit token: files of the Secret, where asc.yaml reads them.
     secrets = {volume["name"]: volume for volume in pod["volumes"]}["asc-secrets"]
     assert secrets["secret"] == {"secretName": "asc-secrets", "defaultMode": 0o444}
