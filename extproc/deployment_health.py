@@ -141,6 +141,11 @@ class DeploymentHealth:
             health.breaker.success(permit)
         self._publish(key)
 
+    def record_answer(self, key: str, *, status: int | None, latency_s: float | None) -> None:
+        """A verdict whose permit went back before the answer came (the fast path's
+        answers, from Envoy's access log): recorded as an ordinary (not probe) call."""
+        self.record(key, Permit(probe=False), status=status, latency_s=latency_s)
+
     def release(self, key: str, permit: Permit) -> None:
         """The request ended without a verdict: a probe permit goes back."""
         health = self._of(key)

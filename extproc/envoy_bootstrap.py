@@ -89,6 +89,7 @@ from extproc.fastpath import (
 from extproc.listen import worker_socket_paths
 from extproc.phases import CLUSTER_HEADER
 from extproc.translate.base import MESSAGES_PATH, Backend
+from extproc.usage_log import RETRY_AFTER
 
 __all__ = [
     "ADMIN_SOCKET_MODE",
@@ -927,6 +928,7 @@ def _fast_path_access_log(config: GatewayConfig) -> dict[str, Any]:
         }},
         "typed_config": {
             "@type": _HTTP_GRPC_LOG,
+            "additional_response_headers_to_log": [RETRY_AFTER],
             "common_config": {
                 "log_name": "asc_fast_path",
                 "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},

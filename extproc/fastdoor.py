@@ -149,6 +149,9 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
         _CHECKS["abandoned"].inc()
         return b""
     _CHECKS["fast"].inc()
+    # The key's and the deployment's permits go back now (a half-open probe must not stay
+    # taken); their verdicts come with the access-log entry (fastpath._report_health).
+    await processor.finish()
     return _fast(reply)
 
 

@@ -92,10 +92,11 @@ FAST_METADATA: Final[dict[str, MetaKind]] = {
     **{key: MetaKind.STRING for key in (
         "request_id", "dialect", "tenant", "key_id", "model", "provider", "region",
         "upstream_model", "credential", "endpoint", "subject", "source", "team",
-        "route_reason", "hold")},
+        "route_reason", "hold", "key_scope")},
     "estimated_input_tokens": MetaKind.NUMBER,
     FAST_MARK: MetaKind.BOOL,
     "stream": MetaKind.BOOL,
+    "extension_headers": MetaKind.BOOL,
 }
 """The `asc` metadata of a fast request, and its type: the fast door sends each as an
 `x-asc-meta-<key>` header, and the rendered header_to_metadata filter takes exactly these
@@ -269,6 +270,10 @@ async def take(processor: RequestProcessor, message: Headers,
         metadata["source_address"] = processor.source_address
     metadata["dialect"] = dialect.value
     metadata["route_reason"] = decision.reason
+    if processor.key_scope is not None:  # the key's verdict comes from the access log
+        metadata["key_scope"] = processor.key_scope
+    if processor.forwarded_extension_headers:
+        metadata["extension_headers"] = True
     if processor.estimated_input_tokens:
         metadata["estimated_input_tokens"] = processor.estimated_input_tokens
     if processor.hold is not None:
@@ -347,6 +352,8 @@ class LogEntry:
     first_byte_s: float | None
     source_address: str | None = None
     """The downstream peer `ip:port` Envoy logged (the record's source address, 0081)."""
+    retry_after: str | None = None
+    """The answer's `retry-after` header (a 429's cool-down for the key)."""
 
 
 def usage_from_fields(usage: Mapping[str, float], dialect: Dialect) -> Usage | None:
@@ -425,4 +432,24 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry, *,
     # aborted request with a hold is charged the whole hold (`_real_cost`).
     processor.mark_complete(not entry.downstream_cut and (
         processor.usage is not None or entry.status >= 400))
+    await _report_health(runtime, processor, route, entry)
     await processor.finish()
+
+
+async def _report_health(runtime: Runtime, processor: RequestProcessor, route: Route,
+                         entry: LogEntry) -> None:
+    """The answer's verdicts on the key and the deployment, as the full path reports them
+    when the answer's headers pass (the door gave their permits back when it decided)."""
+    asc = entry.asc
+    latency = entry.first_byte_s if entry.first_byte_s is not None else entry.duration_s
+    scope = asc.get("key_scope")
+    if entry.upstream_answered and processor.credential is not None and isinstance(scope, str):
+        await runtime.keys.report_answer(
+            processor.credential, scope, entry.status, latency_s=latency,
+            key_evidence=asc.get("extension_headers") is not True,
+            retry_after=entry.retry_after)
+    if entry.upstream_answered:
+        runtime.health.record_answer(route.key, status=entry.status, latency_s=latency)
+    elif not entry.downstream_cut and entry.status >= 500:
+        # No answer: Envoy's own 503/504 (refused, reset, timed out).
+        runtime.health.record_answer(route.key, status=None, latency_s=None)

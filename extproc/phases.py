@@ -1045,6 +1045,11 @@ class RequestProcessor:
                             principal: Principal) -> list[tuple[str, str]]:
         return await self._provider_auth(provider, principal)
 
+    @property
+    def key_scope(self) -> str | None:
+        """The chosen key's health scope (`global`, `tenant:<id>`), None without a key."""
+        return self._selected.scope if self._selected is not None else None
+
     def metadata(self) -> dict[str, str | int | float | bool]:
         return self._metadata()
 

@@ -41,6 +41,10 @@ _CUT_FLAGS: Final = ("downstream_connection_termination", "downstream_remote_res
 """Response flags that mean the answer did not reach its end."""
 
 
+RETRY_AFTER: Final = "retry-after"
+"""The one answer header the rendered access log sends (a 429's cool-down for the key)."""
+
+
 def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
 
@@ -71,6 +75,7 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
         duration_s=_seconds(common.duration) if common.HasField("duration") else 0.0,
         first_byte_s=_seconds(common.time_to_first_upstream_rx_byte) if answered else None,
         source_address=_peer(common.downstream_remote_address),
+        retry_after=entry.response.response_headers.get(RETRY_AFTER),
     )
 
 

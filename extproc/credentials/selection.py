@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from extproc.breaker import Permit
 from extproc.config import CredentialRef, Provider, Tenant
 from extproc.credentials.keyring import Keyring
 from extproc.credentials.pools import Choice, CredentialPool, NoUsableCredential
@@ -101,6 +102,23 @@ class ProviderKeys:
             return
         self._pool.record(selected.choice, status, time.monotonic() - selected.chosen_at,
                           key_evidence=key_evidence, retry_after=retry_after)
+
+    async def report_answer(self, credential: ResolvedCredential, scope: str, status: int, *,
+                            latency_s: float, key_evidence: bool,
+                            retry_after: str | None = None) -> None:
+        """A verdict on a key whose permit went back before the answer came (the fast
+        path: the answer arrives later, from Envoy's access log, maybe in another worker):
+        recorded as an ordinary (not probe) call of `scope/credential.id`."""
+        ref = self._refs.get(credential.id)
+        if ref is None:
+            return  # removed by a reload since
+        if ref.keyring and self._keyring is not None and self._keyring.is_canary(
+                credential, scope):
+            if key_evidence:
+                await self._keyring.report(credential, scope, status)
+            return
+        self._pool.record(Choice(f"{scope}/{credential.id}", Permit(probe=False)), status,
+                          latency_s, key_evidence=key_evidence, retry_after=retry_after)
 
     def release(self, selected: Selected) -> None:
         """The request ended without a verdict (budget refusal, client abort, error before

@@ -412,3 +412,28 @@ def test_a_budget_refusal_is_answered_by_the_door_once(fast: tuple[Gateway, int]
     assert month_counter(redis_port) == (spent_before, 0)  # nothing held, nothing spent
     assert wait_for(lambda: len(records(gateway, request_id)) == 1)
     assert_one_record(gateway, request_id, tenant="acme", status=429)
+
+
+def credential_open(gateway: Gateway, credential: str) -> bool:
+    return re.search(rf'^asc_credential_state\{{credential="{re.escape(credential)}",'
+                     r'state="open"\} 1\.0$', gateway.metrics(), re.MULTILINE) is not None
+
+
+def test_fast_answers_feed_the_keys_health(stack: Stack) -> None:
+    """Three 401s on the fast path open the key (from Envoy's access log, as the full path
+    would from the answer's headers); the request after them is refused, not sent."""
+    _, redis_port = stack.start_redis()
+    gateway = start_gateway(stack, stack.workdir / "config", document=fast_config(redis_port))
+    gateway.emulator.queue_fault(status=401, count=3)
+
+    refused = [gateway.chat(chat_body(max_tokens=8)) for _ in range(3)]
+
+    assert [r.status_code for r in refused] == [401] * 3
+    assert {r.headers["x-asc-credential"] for r in refused} == {"emu-eu-1@1"}
+    assert wait_for(lambda: credential_open(gateway, "global/emu-eu-1"))
+    unavailable = gateway.chat(chat_body(max_tokens=8))
+    assert unavailable.status_code == 503
+    # Routing sees the open key: the only EU deployment is unusable (as on the full path).
+    assert unavailable.json()["error"]["message"] == (
+        "Every deployment of model 'gpt-4o-mini' in your residency zone is unavailable.")
+    assert len(gateway.emulator.requests()) == 3  # the open key was not tried again
