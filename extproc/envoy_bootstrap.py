@@ -80,6 +80,7 @@ from extproc.envoy import (
 from extproc.envoy_identity import IdentityEnvoy, apply_identity
 from extproc.failover import Chain, failover_chains, has_failover_cluster
 from extproc.fastpath import (
+    DOOR_HEALTH_PATH,
     DOOR_PATH_HEADER,
     FAST_BACKEND_PATHS,
     FAST_METADATA,
@@ -946,7 +947,6 @@ _EXT_PROC_PER_ROUTE: Final = (
     "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute")
 FAST_DOOR_CLUSTER: Final = "asc_fast_door"
 FAST_DOOR_FILTER: Final = "asc.fast_door"
-_DOOR_HEALTH_PATH: Final = "/_asc/door-health"
 _AUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
 _ANSWER_HEADERS: Final = ("x-asc-request-id", "x-asc-provider", "x-asc-region",
                           "x-asc-credential", "x-asc-budget-remaining-usd",
@@ -1049,7 +1049,7 @@ def _fast_door_cluster(ports: EnvoyPorts) -> dict[str, Any]:
         cluster["lb_policy"] = "LEAST_REQUEST"
         cluster["health_checks"] = [{
             "timeout": "1s", "interval": "2s", "unhealthy_threshold": 1,
-            "healthy_threshold": 1, "http_health_check": {"path": _DOOR_HEALTH_PATH},
+            "healthy_threshold": 1, "http_health_check": {"path": DOOR_HEALTH_PATH},
         }]
     return cluster
 

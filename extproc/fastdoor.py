@@ -38,7 +38,13 @@ from google.protobuf import struct_pb2  # type: ignore[import-untyped]
 
 from extproc import metrics
 from extproc.errors import ErrorCode, GatewayError
-from extproc.fastpath import DOOR_PATH_HEADER, FAST_METADATA, META_PREFIX, MetaKind
+from extproc.fastpath import (
+    DOOR_HEALTH_PATH,
+    DOOR_PATH_HEADER,
+    FAST_METADATA,
+    META_PREFIX,
+    MetaKind,
+)
 from extproc.identity import IdentitySource
 from extproc.messages import Continue, Headers, Phase, Respond
 from extproc.phases import RequestProcessor
@@ -65,6 +71,7 @@ _GATEWAY_PREFIX: Final = "x-asc"
 """Every client header under it is removed upstream: none may pose as the door's."""
 _OK_FULL: Final = f"HTTP/1.1 200 OK\r\n{DOOR_PATH_HEADER}: {FULL_PATH}\r\n".encode()
 _NO_BODY: Final = b"content-length: 0\r\n\r\n"
+_HEALTHY: Final = b"HTTP/1.1 200 OK\r\n" + _NO_BODY
 _CHECKS: Final = {outcome: metrics.FAST_DOOR_CHECKS.labels(outcome)
                   for outcome in ("fast", "full", "refused", "abandoned")}
 _STATUS_TEXT: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized",
@@ -110,6 +117,8 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
                  target: str, headers: dict[str, str], body: bytes,
                  connection: asyncio.BaseTransport | None = None) -> bytes:
     """The door's HTTP response to one check (see the module docstring)."""
+    if target == DOOR_HEALTH_PATH:
+        return _HEALTHY
     runtime = holder.current
     config = runtime.config
     remove = [name for name in headers if name.startswith(_GATEWAY_PREFIX)]

@@ -66,8 +66,9 @@ if TYPE_CHECKING:
     from extproc.phases import RequestProcessor
     from extproc.runtime import Runtime
 
-__all__ = ["DOOR_PATH_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK", "FAST_METADATA",
-           "META_PREFIX", "BodyFields", "LogEntry", "MetaKind", "complete_from_log", "take"]
+__all__ = ["DOOR_HEALTH_PATH", "DOOR_PATH_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK",
+           "FAST_METADATA", "META_PREFIX", "BodyFields", "LogEntry", "MetaKind",
+           "complete_from_log", "take"]
 
 log = logging.getLogger("extproc.fastpath")
 
@@ -78,6 +79,8 @@ FAST_MARK: Final = "fast"
 DOOR_PATH_HEADER: Final = "x-asc-path"
 """Set by the fast door on every request it lets through: the provider path of a fast
 request (a rendered route matches it), else `full` (extproc.fastdoor)."""
+DOOR_HEALTH_PATH: Final = "/_asc/door-health"
+"""Envoy's health check of each fast-door socket (one per worker)."""
 META_PREFIX: Final = "x-asc-meta-"
 """Request headers Envoy's header_to_metadata turns into `asc` metadata (and removes)."""
 

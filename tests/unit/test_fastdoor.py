@@ -151,3 +151,9 @@ async def test_a_check_envoy_gave_up_on_is_recorded_as_a_503_and_never_answered(
     assert (fields["tenant"], fields["status"], fields["error"]) == (
         "acme", 503, "gateway_unavailable")
     assert fields["charged_micro_usd"] is None  # no hold here; with one it is returned
+
+
+async def test_envoys_health_check_is_answered_without_a_decision() -> None:
+    response = await decide(holder(), None, "GET", "/_asc/door-health", {"host": "door"}, b"")
+
+    assert response == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
