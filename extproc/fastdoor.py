@@ -39,7 +39,7 @@ from google.protobuf import struct_pb2  # type: ignore[import-untyped]
 from extproc import metrics
 from extproc.errors import ErrorCode, GatewayError
 from extproc.fastpath import DOOR_PATH_HEADER, FAST_METADATA, META_PREFIX, MetaKind
-from extproc.identity import IdentitySource
+from extproc.identity import IdentitySource, identity_sources
 from extproc.messages import Continue, Headers, Phase, Respond
 from extproc.phases import RequestProcessor
 
@@ -115,7 +115,7 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
     remove = [name for name in headers if name.startswith(_GATEWAY_PREFIX)]
     sources = config.identity.sources
     if ("?" in target or not body or not sources
-            or IdentitySource(sources[0]) is not IdentitySource.VIRTUAL_KEY):
+            or identity_sources(sources)[0] is not IdentitySource.VIRTUAL_KEY):
         # A query string, no body, or a first identity only Envoy's attributes carry.
         return _full(remove)
     fields = body_fields(body)

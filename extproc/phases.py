@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
@@ -167,13 +167,15 @@ class RequestProcessor:
     """The gateway's decisions for one HTTP request."""
 
     def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
-                 audit: AuditWriter | None = None) -> None:
+                 audit: AuditWriter | None = None, request_id: str | None = None) -> None:
+        """`request_id`: a request rebuilt from Envoy's access log keeps its own id (no
+        new one is drawn); any other request gets a new random one."""
         self._runtime = runtime
         self._audit = audit
         self._config = runtime.config
         self._clock = clock
         self._started = clock()
-        self.request_id = uuid.uuid4().hex
+        self.request_id = request_id if request_id is not None else new_request_id()
         self.dialect = Dialect.OPENAI
         self.endpoint: str = Endpoint.CHAT.value
         """What the client called (`extproc.endpoints.Endpoint` values)."""
@@ -232,19 +234,13 @@ class RequestProcessor:
         self._route_guardrails: GuardrailPolicy | None = None
         self._screening: Screening | None = None
         self._stream_redactor: StreamRedactor | None = None
-        self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
-            Phase.REQUEST_HEADERS: self.on_request_headers,
-            Phase.REQUEST_BODY: self.on_request_body,
-            Phase.RESPONSE_HEADERS: self.on_response_headers,
-            Phase.RESPONSE_BODY: self.on_response_body,
-        }
 
     async def handle(self, message: Inbound) -> Outbound:
         """Run the phase's method; every failure becomes a client error in its dialect."""
         try:
             if isinstance(message, Trailers):
                 return self.on_trailers(message)
-            return await self._handlers[message.phase](message)
+            return await _HANDLERS[message.phase](self, message)
         except GatewayError as exc:
             return self._respond_error(exc)
         except Exception:
@@ -368,7 +364,7 @@ class RequestProcessor:
         # is granted (the half-open probe, if it is one). A refusal below gives it back in
         # finish().
         self._deployment_permit = self._runtime.health.allow(route.key)
-        backend = Backend(route.provider.kind)
+        backend = Backend.of(route.provider.kind)
         check_model(spec, model, backend)
         answer = gateway_answer(spec, backend, message.body)
         if answer is not None:
@@ -466,7 +462,7 @@ class RequestProcessor:
             if self.route_decision is not None else []
         cluster, chain, retries = ordered_chain(self._config, route.model,
                                                 route.deployment, fallbacks)
-        if any(self._support(Backend(provider.kind)) is Support.REFUSED
+        if any(self._support(Backend.of(provider.kind)) is Support.REFUSED
                for _, provider in chain):  # one deployment's backend could not take it
             return route.provider.cluster, (), 0
         keyring = self._runtime.keys.keyring
@@ -540,7 +536,7 @@ class RequestProcessor:
             return []
         self._selected = selected
         self.credential = selected.credential
-        name, prefix = _AUTH_HEADER[Backend(provider.kind)]
+        name, prefix = _AUTH_HEADER[Backend.of(provider.kind)]
         return [(name, prefix + selected.credential.secret.reveal())]
 
     # -- response headers -------------------------------------------------------------
@@ -616,7 +612,7 @@ class RequestProcessor:
         """True when only the error body tells whether the key failed: Gemini answers an
         invalid key with 400 (`key_verdict_status`), so its 400s wait for their body."""
         return (status == 400 and self.route is not None
-                and Backend(self.route.provider.kind) is Backend.GEMINI
+                and Backend.of(self.route.provider.kind) is Backend.GEMINI
                 and (message is None or not message.end_of_stream))
 
     async def _report_key(self, status: int) -> None:
@@ -647,7 +643,7 @@ class RequestProcessor:
                                provider=provider,
                                reason=f"{self.route.reason}; served by {provider.name} "
                                       f"(attempt {answered.number})")
-            translator = self._translator_for(Backend(provider.kind))
+            translator = self._translator_for(Backend.of(provider.kind))
             # Translators keep what the answer's translation needs from request() (a
             # Responses request's echo, whether a client asked for usage): the same call
             # that prepared this attempt, which did not raise then.
@@ -1126,6 +1122,27 @@ class RequestProcessor:
             return self.hold.local_amount, 0
         held = {g.unit: g.amount for g in self.hold.reservation.groups}
         return held.get("usd", 0), held.get("tokens", 0)
+
+
+_HANDLERS: Final[dict[Phase, Callable[[RequestProcessor, Any], Awaitable[Outbound]]]] = {
+    Phase.REQUEST_HEADERS: RequestProcessor.on_request_headers,
+    Phase.REQUEST_BODY: RequestProcessor.on_request_body,
+    Phase.RESPONSE_HEADERS: RequestProcessor.on_response_headers,
+    Phase.RESPONSE_BODY: RequestProcessor.on_response_body,
+}
+"""The method of each phase, once per process rather than four bound methods per request."""
+
+
+def new_request_id() -> str:
+    """A new request id: the hex of a random (version 4) UUID, as `uuid.uuid4().hex`
+    gives, without building a `UUID` object for it."""
+    value = int.from_bytes(os.urandom(16), "big")
+    return f"{(value & _UUID4_CLEAR) | _UUID4_SET:032x}"
+
+
+_UUID4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET: Final = (4 << 76) | (0x8000 << 48)
+"""The version (4) and variant (RFC 4122) bits `uuid.UUID(version=4)` sets."""
 
 
 def _usage_cost(price: Price, usage: Usage) -> int:

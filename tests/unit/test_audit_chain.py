@@ -278,7 +278,8 @@ def test_a_sealed_records_line_is_the_entry_and_its_mac_covers_the_canonical_byt
                         "attempts": [{"status": 200}], "cost": None})
 
     line = entry_line(entry)
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
     assert json.loads(line) == dict(entry)
     assert record_mac(key.key, json.loads(line)) == entry["mac"]
     mac = entry["mac"].encode()
