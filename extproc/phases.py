@@ -87,6 +87,7 @@ from extproc.money import cost_micro_usd, format_usd, worst_case_cost
 from extproc.request_metrics import (
     NO_LABEL,
     observe_budget_remaining,
+    observe_budget_spent,
     observe_denial,
     observe_fallbacks,
     observe_request,
@@ -881,8 +882,8 @@ class RequestProcessor:
                     budget=self.principal.tenant.budget)
                 self.budget_settled = bool(settled)
                 if settled:  # the metric follows the ledger: a lost settle is not spend
-                    metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
-                                                self.model_asked or "-").inc(cost)
+                    observe_budget_spent(self.principal.tenant.id, self.model_asked or "-",
+                                         cost)
         except Exception:
             # The hold stays until the sweeper returns it; the request is still measured
             # and logged.

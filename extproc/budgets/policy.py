@@ -57,6 +57,10 @@ class Window(enum.Enum):
     ROLLING = "rolling"
 
 
+_SUBJECT_PREFIX: Final = {Scope.KEY: "key", Scope.MODEL: "model", Scope.TEAM: "team"}
+"""A rule's subject as its description and counter keys name it."""
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetRule:
     scope: Scope
@@ -69,12 +73,13 @@ class BudgetRule:
     """Length of a rolling window."""
 
     def describe(self) -> str:
-        what = {Scope.ORG: "organisation", Scope.TENANT: "tenant",
-                Scope.KEY: f"key '{self.subject}'", Scope.MODEL: f"model '{self.subject}'",
-                Scope.TEAM: f"team '{self.subject}'"}
-        when = {Window.DAY: "daily", Window.MONTH: "monthly",
-                Window.ROLLING: f"{self.period_s}s rolling"}
-        return f"{what[self.scope]} {when[self.window]} budget"
+        scope = self.scope
+        what = ("organisation" if scope is Scope.ORG else "tenant" if scope is Scope.TENANT
+                else f"{_SUBJECT_PREFIX[scope]} '{self.subject}'")
+        window = self.window
+        when = ("daily" if window is Window.DAY else "monthly" if window is Window.MONTH
+                else f"{self.period_s}s rolling")
+        return f"{what} {when} budget"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +138,7 @@ def _subject_key(rule: BudgetRule, budget: TenantBudget) -> str:
         return f"org:{budget.org}"
     if rule.scope is Scope.TENANT:
         return f"tenant:{budget.tenant}"
-    prefix = {Scope.KEY: "key", Scope.MODEL: "model", Scope.TEAM: "team"}[rule.scope]
-    return f"tenant:{budget.tenant}:{prefix}:{rule.subject}"
+    return f"tenant:{budget.tenant}:{_SUBJECT_PREFIX[rule.scope]}:{rule.subject}"
 
 
 def _calendar(window: Window, local: datetime) -> tuple[str, datetime]:
