@@ -35,7 +35,7 @@ from extproc.audit.writer import AuditWriter
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
-from extproc.config import Deployment, Price, Provider
+from extproc.config import Deployment, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
 from extproc.endpoints import (
@@ -83,7 +83,7 @@ from extproc.messages import (
     Respond,
     Trailers,
 )
-from extproc.money import cost_micro_usd, format_usd, worst_case_cost
+from extproc.money import format_usd, usage_cost, worst_case_cost
 from extproc.request_metrics import (
     NO_LABEL,
     observe_budget_remaining,
@@ -1146,16 +1146,9 @@ _UUID4_SET: Final = (4 << 76) | (0x8000 << 48)
 """The version (4) and variant (RFC 4122) bits `uuid.UUID(version=4)` sets."""
 
 
-def _usage_cost(price: Price, usage: Usage) -> int:
-    """Prompt tokens read from the provider's cache at the cached price, those written to
-    it at the cache-write price, the rest of the prompt and the output at theirs; each
-    part rounded up to a micro-USD."""
-    cached = min(usage.cached_input_tokens, usage.input_tokens)
-    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
-    return (cost_micro_usd(usage.input_tokens - cached - written, price.input_micro_per_mtok)
-            + cost_micro_usd(cached, price.cached_input_micro_per_mtok)
-            + cost_micro_usd(written, price.cache_write_rate)
-            + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
+_usage_cost: Final = usage_cost
+"""Moved to `extproc.money` (the audit record prices usage too, without importing this
+module per record)."""
 
 
 def _shown_model(name: str) -> str:

@@ -157,9 +157,27 @@ def _calendar_at(window: Window, zone: ZoneInfo, second: int) -> tuple[str, date
     return _calendar(window, datetime.fromtimestamp(second, tz=UTC).astimezone(zone))
 
 
+_RULE_TEXTS: dict[tuple[int, int], tuple[BudgetRule, TenantBudget, str, str, str, str]] = {}
+_RULE_TEXTS_MAX: Final = 4096
+
+
+def _rule_texts(rule: BudgetRule, budget: TenantBudget, tag: str) -> tuple[str, str, str, str]:
+    """(description, counter key prefix, scope, window) of a tenant's rule: the same for
+    every request under one config, so made once per rule object (entries keep their
+    objects, so an id is never taken for another's; a reload's new objects get new ones)."""
+    entry = _RULE_TEXTS.get((id(rule), id(budget)))
+    if entry is None or entry[0] is not rule or entry[1] is not budget:
+        if len(_RULE_TEXTS) >= _RULE_TEXTS_MAX:
+            _RULE_TEXTS.clear()
+        entry = _RULE_TEXTS[id(rule), id(budget)] = (
+            rule, budget, rule.describe(), f"asc:{tag}:b:{_subject_key(rule, budget)}",
+            rule.scope.value, rule.window.value)
+    return entry[2], entry[3], entry[4], entry[5]
+
+
 def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now: datetime,
                 zone: ZoneInfo) -> CounterGroup:
-    base = f"asc:{tag}:b:{_subject_key(rule, budget)}"
+    name, base, scope, window = _rule_texts(rule, budget, tag)
     if rule.window is Window.ROLLING:
         period = rule.period_s or 3600
         bucket_s = max(1, -(-period // ROLLING_BUCKETS))
@@ -167,14 +185,12 @@ def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now
         count = -(-period // bucket_s) + 1  # every bucket overlapping [now - period, now]
         keys = tuple(f"{base}:r{period}:{current - i}" for i in range(count))
         resets = datetime.fromtimestamp((current + 1) * bucket_s, tz=UTC)
-        return CounterGroup(rule.describe(), "usd", keys, rule.limit_micro_usd, cost, resets,
-                            ttl_s=period + 2 * bucket_s, scope=rule.scope.value,
-                            window=rule.window.value)
+        return CounterGroup(name, "usd", keys, rule.limit_micro_usd, cost, resets,
+                            ttl_s=period + 2 * bucket_s, scope=scope, window=window)
     window_id, resets = _calendar_at(rule.window, zone, int(now.timestamp()))
     ttl = int((resets - now).total_seconds()) + 7 * 86400  # kept a week for `budget show`
-    return CounterGroup(rule.describe(), "usd", (f"{base}:{window_id}",),
-                        rule.limit_micro_usd, cost, resets, ttl_s=ttl, scope=rule.scope.value,
-                        window=rule.window.value)
+    return CounterGroup(name, "usd", (f"{base}:{window_id}",), rule.limit_micro_usd, cost,
+                        resets, ttl_s=ttl, scope=scope, window=window)
 
 
 def tenant_limits(budget: TenantBudget, *, now: datetime,
