@@ -225,8 +225,10 @@ class Chain:
     def seal(self, record: dict[str, Any]) -> dict[str, Any]:
         """`record` as the next entry of the chain (a new dict; the input is unchanged)."""
         self.seq += 1
-        entry = {**record, "type": "record", "writer": self.writer, "seq": self.seq,
-                 "kid": self.key.kid, "prev": self.head}
+        entry = Sealed(record, b"")  # the one copy of the record
+        entry.update(type="record", writer=self.writer, seq=self.seq, kid=self.key.kid,
+                     prev=self.head)
+        entry.pop("mac", None)
         body = canonical(entry, without="mac")
         mac = hmac.digest(self.key.key, body, "sha256").hex()
         entry["mac"] = mac
@@ -235,7 +237,8 @@ class Chain:
         self.since_checkpoint += 1
         # The canonical object with the MAC as its last member: a valid line of the log
         # (readers parse it; key order carries no meaning).
-        return Sealed(entry, b"".join((body[:-1], b',"mac":"', mac.encode("ascii"), b'"}\n')))
+        entry.line = b"".join((body[:-1], b',"mac":"', mac.encode("ascii"), b'"}\n'))
+        return entry
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any]:
         entry: dict[str, Any] = {

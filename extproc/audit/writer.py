@@ -60,6 +60,8 @@ class _Backlog:
         self.failing_since: float | None = None
         self.retry_at = 0.0
         self.delay = _RETRY_MIN_S
+        self.written_records = metrics.AUDIT_RECORDS.labels(sink.name, "record")
+        self.written_checkpoints = metrics.AUDIT_RECORDS.labels(sink.name, "checkpoint")
 
 
 class AuditWriter:
@@ -246,9 +248,8 @@ class AuditWriter:
                 backlog.entries.popleft()
             backlog.rotate_after = False
             records = sum(1 for e in entries if e["type"] == "record")
-            metrics.AUDIT_RECORDS.labels(backlog.sink.name, "record").inc(records)
-            metrics.AUDIT_RECORDS.labels(backlog.sink.name, "checkpoint").inc(
-                len(entries) - records)
+            backlog.written_records.inc(records)
+            backlog.written_checkpoints.inc(len(entries) - records)
             if backlog.failing_since is not None:
                 log_event(log, logging.WARNING, "audit sink recovered",
                           sink=backlog.sink.name,

@@ -82,7 +82,10 @@ def test_sealed_bytes_are_the_json_dumps_canonical_form(tmp_path: Path) -> None:
     chain = Chain(HmacKey("k1", b"\x02" * 32), SigningKey.load_or_create(tmp_path / "s.key"))
     record = {"request_id": "r", "tenant": "t", "tokens": {"output": 2, "input": 1},
               "model_asked": "gpt-é", "cost_micro_usd": None, "aborted": False}
+    given = dict(record)
     sealed = chain.seal(record)
+    assert record == given  # sealing copies: the caller's dict is left as it was
+    assert sealed is not record
     body = {k: v for k, v in sealed.items() if k != "mac"}
     expected = json.dumps(body, sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False).encode("utf-8")
