@@ -3,8 +3,10 @@ path: the same values as before, without the per-call cost."""
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
+import weakref
 
 import pytest
 
@@ -52,3 +54,17 @@ def test_identity_sources_are_the_enum_values_in_order() -> None:
                                                          IdentitySource.VIRTUAL_KEY)
     with pytest.raises(ValueError, match="'password' is not a valid IdentitySource"):
         identity_sources(("password",))
+
+
+def test_a_processor_is_freed_without_the_cycle_collector() -> None:
+    """No reference cycle through the processor (a per-request dict of its own bound
+    methods made two per request, freed only by gc passes: 39 objects per fast request)."""
+    runtime = Runtime.build(PARSED, environ=ENVIRON)
+    gc.disable()
+    try:
+        processor = RequestProcessor(runtime)
+        alive = weakref.ref(processor)
+        del processor
+        assert alive() is None
+    finally:
+        gc.enable()
