@@ -95,7 +95,7 @@ async def prepare_attempt(runtime: Runtime, source: AttemptSource, provider: Pro
                           deployment: Deployment, active_only: bool) -> PreparedAttempt:
     """An attempt at another deployment of the zone (or a canary refused by the provider,
     again on the active key version): its key, path and body dialect."""
-    backend = Backend(provider.kind)
+    backend = Backend.of(provider.kind)
     translator = translator_for_endpoint(source.spec, source.dialect, backend,
                                          tenant=source.tenant)
     upstream = translator.request(dict(source.request), upstream_model=deployment.model,

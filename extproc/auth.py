@@ -11,7 +11,6 @@ request, and from what, is `extproc.identity`'s decision.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ CLIENT_CREDENTIAL_HEADERS: Final = (
 
 def hash_key(pepper: Secret, key: str) -> str:
     """The stored form of a virtual key (what `extproc keys hash` prints)."""
-    digest = hmac.new(pepper.reveal().encode(), key.encode(), hashlib.sha256).hexdigest()
+    digest = hmac.digest(pepper.reveal().encode(), key.encode(), "sha256").hex()
     return HASH_PREFIX + digest
 
 

@@ -45,7 +45,7 @@ from extproc.fastpath import (
     META_PREFIX,
     MetaKind,
 )
-from extproc.identity import IdentitySource
+from extproc.identity import IdentitySource, identity_sources
 from extproc.messages import Continue, Headers, Phase, Respond
 from extproc.phases import RequestProcessor
 
@@ -87,6 +87,9 @@ def _protobuf_bool(value: bool) -> str:
 _BOOL: Final = {True: _protobuf_bool(True), False: _protobuf_bool(False)}
 """header_to_metadata's PROTOBUF_VALUE (base64) of a bool: Envoy's filters then see a
 bool, as they did when ext_proc set the metadata."""
+_META_HEADERS: Final = {key: META_PREFIX + key for key in FAST_METADATA}
+_BOOL_KEYS: Final = frozenset(key for key, kind in FAST_METADATA.items()
+                              if kind is MetaKind.BOOL)
 _OPTION_FIELDS: Final = ("model", "stream", "max_tokens", "max_completion_tokens", "n",
                          "service_tier")
 
@@ -124,7 +127,7 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
     remove = [name for name in headers if name.startswith(_GATEWAY_PREFIX)]
     sources = config.identity.sources
     if ("?" in target or not body or not sources
-            or IdentitySource(sources[0]) is not IdentitySource.VIRTUAL_KEY):
+            or identity_sources(sources)[0] is not IdentitySource.VIRTUAL_KEY):
         # A query string, no body, or a first identity only Envoy's attributes carry.
         return _full(remove)
     fields = body_fields(body)
@@ -174,18 +177,18 @@ def _full(remove: list[str]) -> bytes:
 
 
 def _fast(reply: Continue) -> bytes:
-    metadata = {key: value for key, value in (reply.metadata or {}).items()
-                if key in FAST_METADATA}  # what header_to_metadata is rendered to take
-    ours = {DOOR_PATH_HEADER, *(META_PREFIX + key for key in metadata)}
+    # Only what header_to_metadata is rendered to take, as `x-asc-meta-<key>` headers.
+    meta_headers = [(_META_HEADERS[key], _BOOL[bool(value)] if key in _BOOL_KEYS
+                     else str(value))
+                    for key, value in (reply.metadata or {}).items() if key in _META_HEADERS]
+    ours = {DOOR_PATH_HEADER, *(name for name, _ in meta_headers)}
     headers = [(DOOR_PATH_HEADER if name == ":path" else name, value)
                for name, value in reply.set_headers]
     remove = [name for name in reply.remove_headers if name not in ours]
     if remove:
         headers.append((REMOVE_HEADER, ", ".join(remove)))
     headers.extend((name, str(value)) for name, value in (reply.response_headers or {}).items())
-    for key, meta in metadata.items():
-        headers.append((META_PREFIX + key, _BOOL[bool(meta)]
-                        if FAST_METADATA[key] is MetaKind.BOOL else str(meta)))
+    headers.extend(meta_headers)
     return _response("HTTP/1.1 200 OK", headers)
 
 

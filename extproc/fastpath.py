@@ -119,6 +119,7 @@ _DOOR_HEADERS: Final[dict[Dialect, tuple[tuple[str, str], ...]]] = {
     Dialect.OPENAI: (),
     Dialect.ANTHROPIC: (("anthropic-version", ANTHROPIC_VERSION),),
 }
+_DIALECTS: Final = {dialect.value: dialect for dialect in Dialect}
 _STANDARD_TIERS: Final = frozenset({"default", "auto", "standard"})
 _FAST_ENDPOINTS: Final = frozenset({Endpoint.CHAT.value, Endpoint.MESSAGES.value})
 _NO_GUARDRAILS: Final = GuardrailPolicy()
@@ -208,7 +209,7 @@ async def take(processor: RequestProcessor, message: Headers,
     decision = select(config, tenant, model, health=runtime.health,
                       route_override=processor.route_override)
     route = decision.choice
-    backend = Backend(route.provider.kind)
+    backend = Backend.of(route.provider.kind)
     if backend not in _SAME_DIALECT[dialect] or route.deployment.model != body.model:
         return None
     if config.failover.max_attempts > 1 and has_failover_cluster(config, model,
@@ -396,14 +397,15 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry, *,
     deployment = next((d for d in model.deployments if d.provider == provider.name), None)
     if deployment is None:
         return
-    processor = RequestProcessor(runtime, audit=audit)
+    processor = RequestProcessor(runtime, audit=audit, request_id=str(asc["request_id"]))
     now = processor.clock()
     processor.restore(
-        request_id=str(asc["request_id"]),
+        request_id=processor.request_id,
         started=now - entry.duration_s,
         first_byte_at=(now - entry.duration_s + entry.first_byte_s
                        if entry.first_byte_s is not None else None))
-    processor.dialect = Dialect(str(asc.get("dialect", Dialect.OPENAI.value)))
+    dialect = str(asc.get("dialect", Dialect.OPENAI.value))
+    processor.dialect = _DIALECTS.get(dialect) or Dialect(dialect)
     team = asc.get("team")
     processor.principal = Principal(tenant=tenant, key_id=str(asc.get("key_id")),
                                     subject=str(asc.get("subject", "")),

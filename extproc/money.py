@@ -9,7 +9,11 @@ precision than a micro-USD; costs round *up*, so the gateway never under-charges
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from extproc.config import Price
+    from extproc.translate.types import Usage
 
 __all__ = [
     "MICRO_PER_USD",
@@ -17,6 +21,7 @@ __all__ = [
     "cost_micro_usd",
     "format_usd",
     "micro_from_usd",
+    "usage_cost",
     "worst_case_cost",
 ]
 
@@ -65,6 +70,18 @@ def cost_micro_usd(tokens: int, micro_per_mtok: int) -> int:
     (A price of 1 USD per million tokens is 1 micro-USD per token.)
     """
     return -(-tokens * micro_per_mtok // MICRO_PER_USD)
+
+
+def usage_cost(price: Price, usage: Usage) -> int:
+    """Prompt tokens read from the provider's cache at the cached price, those written to
+    it at the cache-write price, the rest of the prompt and the output at theirs; each
+    part rounded up to a micro-USD."""
+    cached = min(usage.cached_input_tokens, usage.input_tokens)
+    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
+    return (cost_micro_usd(usage.input_tokens - cached - written, price.input_micro_per_mtok)
+            + cost_micro_usd(cached, price.cached_input_micro_per_mtok)
+            + cost_micro_usd(written, price.cache_write_rate)
+            + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
 
 
 def worst_case_cost(input_tokens: int, max_output_tokens: int, input_micro_per_mtok: int,

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
@@ -35,7 +35,7 @@ from extproc.audit.writer import AuditWriter
 from extproc.auth import CLIENT_CREDENTIAL_HEADERS, Principal
 from extproc.breaker import Permit
 from extproc.budgets.guard import Hold
-from extproc.config import Deployment, Price, Provider
+from extproc.config import Deployment, Provider
 from extproc.credentials import ResolvedCredential
 from extproc.credentials.selection import Selected
 from extproc.endpoints import (
@@ -83,10 +83,11 @@ from extproc.messages import (
     Respond,
     Trailers,
 )
-from extproc.money import cost_micro_usd, format_usd, worst_case_cost
+from extproc.money import format_usd, usage_cost, worst_case_cost
 from extproc.request_metrics import (
     NO_LABEL,
     observe_budget_remaining,
+    observe_budget_spent,
     observe_denial,
     observe_fallbacks,
     observe_request,
@@ -167,13 +168,15 @@ class RequestProcessor:
     """The gateway's decisions for one HTTP request."""
 
     def __init__(self, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
-                 audit: AuditWriter | None = None) -> None:
+                 audit: AuditWriter | None = None, request_id: str | None = None) -> None:
+        """`request_id`: a request rebuilt from Envoy's access log keeps its own id (no
+        new one is drawn); any other request gets a new random one."""
         self._runtime = runtime
         self._audit = audit
         self._config = runtime.config
         self._clock = clock
         self._started = clock()
-        self.request_id = uuid.uuid4().hex
+        self.request_id = request_id if request_id is not None else new_request_id()
         self.dialect = Dialect.OPENAI
         self.endpoint: str = Endpoint.CHAT.value
         """What the client called (`extproc.endpoints.Endpoint` values)."""
@@ -232,19 +235,13 @@ class RequestProcessor:
         self._route_guardrails: GuardrailPolicy | None = None
         self._screening: Screening | None = None
         self._stream_redactor: StreamRedactor | None = None
-        self._handlers: dict[Phase, Callable[[Any], Awaitable[Outbound]]] = {
-            Phase.REQUEST_HEADERS: self.on_request_headers,
-            Phase.REQUEST_BODY: self.on_request_body,
-            Phase.RESPONSE_HEADERS: self.on_response_headers,
-            Phase.RESPONSE_BODY: self.on_response_body,
-        }
 
     async def handle(self, message: Inbound) -> Outbound:
         """Run the phase's method; every failure becomes a client error in its dialect."""
         try:
             if isinstance(message, Trailers):
                 return self.on_trailers(message)
-            return await self._handlers[message.phase](message)
+            return await _HANDLERS[message.phase](self, message)
         except GatewayError as exc:
             return self._respond_error(exc)
         except Exception:
@@ -368,7 +365,7 @@ class RequestProcessor:
         # is granted (the half-open probe, if it is one). A refusal below gives it back in
         # finish().
         self._deployment_permit = self._runtime.health.allow(route.key)
-        backend = Backend(route.provider.kind)
+        backend = Backend.of(route.provider.kind)
         check_model(spec, model, backend)
         answer = gateway_answer(spec, backend, message.body)
         if answer is not None:
@@ -466,7 +463,7 @@ class RequestProcessor:
             if self.route_decision is not None else []
         cluster, chain, retries = ordered_chain(self._config, route.model,
                                                 route.deployment, fallbacks)
-        if any(self._support(Backend(provider.kind)) is Support.REFUSED
+        if any(self._support(Backend.of(provider.kind)) is Support.REFUSED
                for _, provider in chain):  # one deployment's backend could not take it
             return route.provider.cluster, (), 0
         keyring = self._runtime.keys.keyring
@@ -540,7 +537,7 @@ class RequestProcessor:
             return []
         self._selected = selected
         self.credential = selected.credential
-        name, prefix = _AUTH_HEADER[Backend(provider.kind)]
+        name, prefix = _AUTH_HEADER[Backend.of(provider.kind)]
         return [(name, prefix + selected.credential.secret.reveal())]
 
     # -- response headers -------------------------------------------------------------
@@ -616,7 +613,7 @@ class RequestProcessor:
         """True when only the error body tells whether the key failed: Gemini answers an
         invalid key with 400 (`key_verdict_status`), so its 400s wait for their body."""
         return (status == 400 and self.route is not None
-                and Backend(self.route.provider.kind) is Backend.GEMINI
+                and Backend.of(self.route.provider.kind) is Backend.GEMINI
                 and (message is None or not message.end_of_stream))
 
     async def _report_key(self, status: int) -> None:
@@ -647,7 +644,7 @@ class RequestProcessor:
                                provider=provider,
                                reason=f"{self.route.reason}; served by {provider.name} "
                                       f"(attempt {answered.number})")
-            translator = self._translator_for(Backend(provider.kind))
+            translator = self._translator_for(Backend.of(provider.kind))
             # Translators keep what the answer's translation needs from request() (a
             # Responses request's echo, whether a client asked for usage): the same call
             # that prepared this attempt, which did not raise then.
@@ -885,8 +882,8 @@ class RequestProcessor:
                     budget=self.principal.tenant.budget)
                 self.budget_settled = bool(settled)
                 if settled:  # the metric follows the ledger: a lost settle is not spend
-                    metrics.BUDGET_SPENT.labels(self.principal.tenant.id,
-                                                self.model_asked or "-").inc(cost)
+                    observe_budget_spent(self.principal.tenant.id, self.model_asked or "-",
+                                         cost)
         except Exception:
             # The hold stays until the sweeper returns it; the request is still measured
             # and logged.
@@ -1133,16 +1130,30 @@ class RequestProcessor:
         return held.get("usd", 0), held.get("tokens", 0)
 
 
-def _usage_cost(price: Price, usage: Usage) -> int:
-    """Prompt tokens read from the provider's cache at the cached price, those written to
-    it at the cache-write price, the rest of the prompt and the output at theirs; each
-    part rounded up to a micro-USD."""
-    cached = min(usage.cached_input_tokens, usage.input_tokens)
-    written = min(usage.cache_write_input_tokens, usage.input_tokens - cached)
-    return (cost_micro_usd(usage.input_tokens - cached - written, price.input_micro_per_mtok)
-            + cost_micro_usd(cached, price.cached_input_micro_per_mtok)
-            + cost_micro_usd(written, price.cache_write_rate)
-            + cost_micro_usd(usage.output_tokens, price.output_micro_per_mtok))
+_HANDLERS: Final[dict[Phase, Callable[[RequestProcessor, Any], Awaitable[Outbound]]]] = {
+    Phase.REQUEST_HEADERS: RequestProcessor.on_request_headers,
+    Phase.REQUEST_BODY: RequestProcessor.on_request_body,
+    Phase.RESPONSE_HEADERS: RequestProcessor.on_response_headers,
+    Phase.RESPONSE_BODY: RequestProcessor.on_response_body,
+}
+"""The method of each phase, once per process rather than four bound methods per request."""
+
+
+def new_request_id() -> str:
+    """A new request id: the hex of a random (version 4) UUID, as `uuid.uuid4().hex`
+    gives, without building a `UUID` object for it."""
+    value = int.from_bytes(os.urandom(16), "big")
+    return f"{(value & _UUID4_CLEAR) | _UUID4_SET:032x}"
+
+
+_UUID4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET: Final = (4 << 76) | (0x8000 << 48)
+"""The version (4) and variant (RFC 4122) bits `uuid.UUID(version=4)` sets."""
+
+
+_usage_cost: Final = usage_cost
+"""Moved to `extproc.money` (the audit record prices usage too, without importing this
+module per record)."""
 
 
 def _shown_model(name: str) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "RouteLabels",
     "fallback_reason",
     "observe_budget_remaining",
+    "observe_budget_spent",
     "observe_denial",
     "observe_fallbacks",
     "observe_request",
@@ -115,6 +116,17 @@ def observe_fallbacks(tenant: str, model: str,
         metrics.FALLBACKS.labels(
             tenant, model, str(left_attempt.get("provider")), str(next_attempt.get("provider")),
             fallback_reason(str(left) if left is not None else "reset")).inc()
+
+
+_BUDGET_SPENT: dict[tuple[str, str], Counter] = {}
+
+
+def observe_budget_spent(tenant: str, model: str, micro_usd: int) -> None:
+    """What a settle charged (the metric follows the ledger: only a settle that landed)."""
+    counter = _BUDGET_SPENT.get((tenant, model))
+    if counter is None:
+        counter = _BUDGET_SPENT[tenant, model] = metrics.BUDGET_SPENT.labels(tenant, model)
+    counter.inc(micro_usd)
 
 
 def observe_budget_remaining(tenant: str,

@@ -64,7 +64,8 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
             if value.HasField("number_value"):
                 usage[name] = value.number_value
     flags = common.response_flags
-    cut = any(getattr(flags, name) for name in _CUT_FLAGS)
+    # A message with no flag set serializes to nothing: most entries skip the ten reads.
+    cut = flags.ByteSize() != 0 and any(getattr(flags, name) for name in _CUT_FLAGS)
     answered = common.HasField("time_to_first_upstream_rx_byte")
     return LogEntry(
         asc=asc,

@@ -67,11 +67,16 @@ class Sealed(dict[str, Any]):
         self.line = line
 
 
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False)
+"""What `json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)`
+builds on every call, built once (same options, so the same bytes)."""
+
+
 def canonical(entry: dict[str, Any], *, without: str) -> bytes:
     """The bytes a MAC or signature covers: sorted keys, no spaces, UTF-8, less `without`."""
-    body = {k: v for k, v in entry.items() if k != without}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    body = {k: v for k, v in entry.items() if k != without} if without in entry else entry
+    return _CANONICAL.encode(body).encode("utf-8")
 
 
 def record_mac(key: bytes, entry: dict[str, Any]) -> str:
@@ -220,17 +225,20 @@ class Chain:
     def seal(self, record: dict[str, Any]) -> dict[str, Any]:
         """`record` as the next entry of the chain (a new dict; the input is unchanged)."""
         self.seq += 1
-        entry = {**record, "type": "record", "writer": self.writer, "seq": self.seq,
-                 "kid": self.key.kid, "prev": self.head}
+        entry = Sealed(record, b"")  # the one copy of the record
+        entry.update(type="record", writer=self.writer, seq=self.seq, kid=self.key.kid,
+                     prev=self.head)
+        entry.pop("mac", None)
         body = canonical(entry, without="mac")
-        mac = hmac.new(self.key.key, body, hashlib.sha256).hexdigest()
+        mac = hmac.digest(self.key.key, body, "sha256").hex()
         entry["mac"] = mac
         self.head = mac
         self.digest = next_digest(self.digest, entry, body)
         self.since_checkpoint += 1
         # The canonical object with the MAC as its last member: a valid line of the log
         # (readers parse it; key order carries no meaning).
-        return Sealed(entry, b"".join((body[:-1], b',"mac":"', mac.encode("ascii"), b'"}\n')))
+        entry.line = b"".join((body[:-1], b',"mac":"', mac.encode("ascii"), b'"}\n'))
+        return entry
 
     def checkpoint(self, *, final: bool = False) -> dict[str, Any]:
         entry: dict[str, Any] = {

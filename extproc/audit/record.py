@@ -12,6 +12,8 @@ import time
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
+from extproc.money import usage_cost
+
 if TYPE_CHECKING:
     from extproc.auth import Principal
     from extproc.phases import RequestProcessor
@@ -105,9 +107,7 @@ def record_from(processor: RequestProcessor, *, aborted: bool) -> dict[str, Any]
     usage = p.usage
     cost = None
     if route is not None and usage is not None:
-        from extproc.phases import _usage_cost
-
-        cost = _usage_cost(route.price, usage)
+        cost = usage_cost(route.price, usage)
     decision = p.route_decision
     record: dict[str, Any] = {
         "v": RECORD_VERSION,

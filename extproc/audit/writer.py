@@ -19,7 +19,6 @@ the final checkpoint that marks the log as complete.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -61,6 +60,8 @@ class _Backlog:
         self.failing_since: float | None = None
         self.retry_at = 0.0
         self.delay = _RETRY_MIN_S
+        self.written_records = metrics.AUDIT_RECORDS.labels(sink.name, "record")
+        self.written_checkpoints = metrics.AUDIT_RECORDS.labels(sink.name, "checkpoint")
 
 
 class AuditWriter:
@@ -77,7 +78,8 @@ class AuditWriter:
         self._next_key = next_key
         self._clock = clock
         self._last_checkpoint = clock()
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        """Set while the writer task waits for a record (or `close`); resolved by either."""
         self._closing = False
         self._closed = False
         self._task: asyncio.Task[None] | None = None
@@ -95,11 +97,14 @@ class AuditWriter:
         if not self._closed:
             try:
                 self._queue.put_nowait(record)
-                return
             except asyncio.QueueFull:
                 if self.settings.on_failure == "block":
                     await self._queue.put(record)
+                    self._wake_writer()
                     return
+            else:
+                self._wake_writer()
+                return
         self._drop(record, "closed" if self._closed else "buffer_full")
 
     def _drop(self, record: dict[str, Any], reason: str) -> None:
@@ -128,23 +133,24 @@ class AuditWriter:
         for backlog in self._backlogs:
             backlog.entries.append(entry)
 
+    def _wake_writer(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def _take(self, n: int, wait_s: float) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
+        """Up to `n` queued records; when there are none, first wait up to `wait_s` for
+        one (or `close`). One future and one timer per wait: this runs once per batch."""
         if self._queue.empty() and wait_s > 0 and not self._closing:
-            getter = asyncio.ensure_future(self._queue.get())
-            waker = asyncio.ensure_future(self._wake.wait())
-            done, _ = await asyncio.wait({getter, waker}, timeout=wait_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
-            if getter in done:
-                items.append(getter.result())
-            else:
-                getter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await getter
-                if not getter.cancelled() and getter.exception() is None:
-                    items.append(getter.result())
-            self._wake.clear()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(wait_s, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        items: list[dict[str, Any]] = []
         while len(items) < n and not self._queue.empty():
             items.append(self._queue.get_nowait())
         return items
@@ -242,9 +248,8 @@ class AuditWriter:
                 backlog.entries.popleft()
             backlog.rotate_after = False
             records = sum(1 for e in entries if e["type"] == "record")
-            metrics.AUDIT_RECORDS.labels(backlog.sink.name, "record").inc(records)
-            metrics.AUDIT_RECORDS.labels(backlog.sink.name, "checkpoint").inc(
-                len(entries) - records)
+            backlog.written_records.inc(records)
+            backlog.written_checkpoints.inc(len(entries) - records)
             if backlog.failing_since is not None:
                 log_event(log, logging.WARNING, "audit sink recovered",
                           sink=backlog.sink.name,
@@ -258,7 +263,7 @@ class AuditWriter:
         if self._closed:
             return
         self._closing = True
-        self._wake.set()
+        self._wake_writer()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout_s)
@@ -278,6 +283,11 @@ class AuditWriter:
                 if entry["type"] == "record":
                     self._drop(entry, f"shutdown_{backlog.sink.name}")
             await backlog.sink.close()
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _chain_key(settings: AuditSettings, directory: Path,

@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 from zoneinfo import ZoneInfo
 
+from prometheus_client import Counter
+
 from extproc import metrics
 from extproc.breaker import CircuitBreaker, Permit
 from extproc.budgets.ledger import (
@@ -144,15 +146,14 @@ class BudgetGuard:
         if not result.held:
             denied = result.denied
             assert denied is not None
-            metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "denied").inc()
+            _reservations(budget.tenant, "denied").inc()
             raise GatewayError(
                 ErrorCode.RATE_LIMITED,
                 f"Request refused: it would exceed the {denied.name}"
                 f" ({_describe_limit(denied)}).",
                 headers=(("retry-after", str(denied.retry_after_s(now))),),
             )
-        metrics.BUDGET_RESERVATIONS.labels(budget.tenant,
-                                           "replay" if result.replay else "held").inc()
+        _reservations(budget.tenant, "replay" if result.replay else "held").inc()
         return Hold(reservation=reservation, mode="redis",
                     remaining=_remaining(groups, result))
 
@@ -173,7 +174,8 @@ class BudgetGuard:
         # idempotent), and it neither waits for nor trips the request breaker.
         error = ""
         for attempt, pause in enumerate(_SETTLE_BACKOFF_S):
-            await asyncio.sleep(pause)
+            if pause:
+                await asyncio.sleep(pause)
             try:
                 async with asyncio.timeout(self._settle_timeout_s):
                     result = await self._ledger.settle(reservation, actual)
@@ -224,7 +226,7 @@ class BudgetGuard:
                       request_id=reservation.request_id, error=str(exc) or "timeout")
             return
         if released:
-            metrics.BUDGET_RESERVATIONS.labels(tenant, "released").inc()
+            _reservations(tenant, "released").inc()
 
     async def _with_verdict(self, permit: Permit, call: Coroutine[Any, Any, _T]) -> _T:
         try:
@@ -244,7 +246,7 @@ class BudgetGuard:
     def _overloaded(self, budget: TenantBudget, reason: str) -> GatewayError:
         log_event(log, logging.WARNING, "budget ledger overloaded", tenant=budget.tenant,
                   reason=reason)
-        metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "overloaded").inc()
+        _reservations(budget.tenant, "overloaded").inc()
         return GatewayError(ErrorCode.UNAVAILABLE,
                             "The budget service is busy; the request was not sent.",
                             headers=(("retry-after", "1"),))
@@ -259,12 +261,26 @@ class BudgetGuard:
             spent = self._local.spent.get(budget.tenant, 0)
             if spent + cost <= budget.fail_open_ceiling_micro_usd // self.fail_open_share:
                 self._local.spent[budget.tenant] = spent + cost
-                metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "fail_open").inc()
+                _reservations(budget.tenant, "fail_open").inc()
                 return Hold(reservation=None, mode="fail_open", local_amount=cost,
                             local_day=day)
-        metrics.BUDGET_RESERVATIONS.labels(budget.tenant, "unavailable").inc()
+        _reservations(budget.tenant, "unavailable").inc()
         raise GatewayError(ErrorCode.UNAVAILABLE,
                            "The budget service is unavailable; the request was not sent.")
+
+
+_RESERVATION_COUNTERS: dict[tuple[str, str], Counter] = {}
+
+
+def _reservations(tenant: str, outcome: str) -> Counter:
+    """The labelled child of `asc_budget_reservations_total`, looked up once per label
+    pair: `labels()` validates, joins and locks on every call (as in
+    `extproc.request_metrics`). Bounded by the tenants of the config."""
+    counter = _RESERVATION_COUNTERS.get((tenant, outcome))
+    if counter is None:
+        counter = _RESERVATION_COUNTERS[tenant, outcome] = metrics.BUDGET_RESERVATIONS.labels(
+            tenant, outcome)
+    return counter
 
 
 def _record_overrun(reservation: Reservation, result: SettleResult, actual: list[int],

@@ -57,6 +57,10 @@ class Window(enum.Enum):
     ROLLING = "rolling"
 
 
+_SUBJECT_PREFIX: Final = {Scope.KEY: "key", Scope.MODEL: "model", Scope.TEAM: "team"}
+"""A rule's subject as its description and counter keys name it."""
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetRule:
     scope: Scope
@@ -69,12 +73,13 @@ class BudgetRule:
     """Length of a rolling window."""
 
     def describe(self) -> str:
-        what = {Scope.ORG: "organisation", Scope.TENANT: "tenant",
-                Scope.KEY: f"key '{self.subject}'", Scope.MODEL: f"model '{self.subject}'",
-                Scope.TEAM: f"team '{self.subject}'"}
-        when = {Window.DAY: "daily", Window.MONTH: "monthly",
-                Window.ROLLING: f"{self.period_s}s rolling"}
-        return f"{what[self.scope]} {when[self.window]} budget"
+        scope = self.scope
+        what = ("organisation" if scope is Scope.ORG else "tenant" if scope is Scope.TENANT
+                else f"{_SUBJECT_PREFIX[scope]} '{self.subject}'")
+        window = self.window
+        when = ("daily" if window is Window.DAY else "monthly" if window is Window.MONTH
+                else f"{self.period_s}s rolling")
+        return f"{what} {when} budget"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +138,7 @@ def _subject_key(rule: BudgetRule, budget: TenantBudget) -> str:
         return f"org:{budget.org}"
     if rule.scope is Scope.TENANT:
         return f"tenant:{budget.tenant}"
-    prefix = {Scope.KEY: "key", Scope.MODEL: "model", Scope.TEAM: "team"}[rule.scope]
-    return f"tenant:{budget.tenant}:{prefix}:{rule.subject}"
+    return f"tenant:{budget.tenant}:{_SUBJECT_PREFIX[rule.scope]}:{rule.subject}"
 
 
 def _calendar(window: Window, local: datetime) -> tuple[str, datetime]:
@@ -153,9 +157,27 @@ def _calendar_at(window: Window, zone: ZoneInfo, second: int) -> tuple[str, date
     return _calendar(window, datetime.fromtimestamp(second, tz=UTC).astimezone(zone))
 
 
+_RULE_TEXTS: dict[tuple[int, int], tuple[BudgetRule, TenantBudget, str, str, str, str]] = {}
+_RULE_TEXTS_MAX: Final = 4096
+
+
+def _rule_texts(rule: BudgetRule, budget: TenantBudget, tag: str) -> tuple[str, str, str, str]:
+    """(description, counter key prefix, scope, window) of a tenant's rule: the same for
+    every request under one config, so made once per rule object (entries keep their
+    objects, so an id is never taken for another's; a reload's new objects get new ones)."""
+    entry = _RULE_TEXTS.get((id(rule), id(budget)))
+    if entry is None or entry[0] is not rule or entry[1] is not budget:
+        if len(_RULE_TEXTS) >= _RULE_TEXTS_MAX:
+            _RULE_TEXTS.clear()
+        entry = _RULE_TEXTS[id(rule), id(budget)] = (
+            rule, budget, rule.describe(), f"asc:{tag}:b:{_subject_key(rule, budget)}",
+            rule.scope.value, rule.window.value)
+    return entry[2], entry[3], entry[4], entry[5]
+
+
 def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now: datetime,
                 zone: ZoneInfo) -> CounterGroup:
-    base = f"asc:{tag}:b:{_subject_key(rule, budget)}"
+    name, base, scope, window = _rule_texts(rule, budget, tag)
     if rule.window is Window.ROLLING:
         period = rule.period_s or 3600
         bucket_s = max(1, -(-period // ROLLING_BUCKETS))
@@ -163,14 +185,12 @@ def _rule_group(rule: BudgetRule, budget: TenantBudget, tag: str, cost: int, now
         count = -(-period // bucket_s) + 1  # every bucket overlapping [now - period, now]
         keys = tuple(f"{base}:r{period}:{current - i}" for i in range(count))
         resets = datetime.fromtimestamp((current + 1) * bucket_s, tz=UTC)
-        return CounterGroup(rule.describe(), "usd", keys, rule.limit_micro_usd, cost, resets,
-                            ttl_s=period + 2 * bucket_s, scope=rule.scope.value,
-                            window=rule.window.value)
+        return CounterGroup(name, "usd", keys, rule.limit_micro_usd, cost, resets,
+                            ttl_s=period + 2 * bucket_s, scope=scope, window=window)
     window_id, resets = _calendar_at(rule.window, zone, int(now.timestamp()))
     ttl = int((resets - now).total_seconds()) + 7 * 86400  # kept a week for `budget show`
-    return CounterGroup(rule.describe(), "usd", (f"{base}:{window_id}",),
-                        rule.limit_micro_usd, cost, resets, ttl_s=ttl, scope=rule.scope.value,
-                        window=rule.window.value)
+    return CounterGroup(name, "usd", (f"{base}:{window_id}",), rule.limit_micro_usd, cost,
+                        resets, ttl_s=ttl, scope=scope, window=window)
 
 
 def tenant_limits(budget: TenantBudget, *, now: datetime,

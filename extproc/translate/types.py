@@ -43,12 +43,19 @@ class Backend(enum.Enum):
     ANTHROPIC = "anthropic"
     GEMINI = "gemini"
 
+    @classmethod
+    def of(cls, kind: str) -> Backend:
+        """`Backend(kind)` as one dict lookup: a config provider's kind, read per request."""
+        backend = _BY_KIND.get(kind)
+        return backend if backend is not None else cls(kind)
+
     @property
     def display_name(self) -> str:
         """The name used in client-facing messages ("... is not supported by Mistral.")."""
         return _DISPLAY_NAMES[self]
 
 
+_BY_KIND: Final[dict[str, Backend]] = {backend.value: backend for backend in Backend}
 _DISPLAY_NAMES = {
     Backend.OPENAI: "OpenAI",
     Backend.OPENAI_COMPATIBLE: "the OpenAI-compatible backend",

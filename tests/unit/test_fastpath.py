@@ -36,7 +36,7 @@ from extproc.messages import BodyMode, Continue, Headers, Phase, Respond
 from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime
 from extproc.translate.types import Usage
-from extproc.usage_log import entry_of
+from extproc.usage_log import _CUT_FLAGS, entry_of
 from tests.unit.test_phases import CONFIG, ENVIRON, PROVIDER_KEY_US, TENANT_KEYS
 
 FAST_CONFIG = CONFIG + "fast_path: {tenants: [acme, euco]}\n"
@@ -175,6 +175,17 @@ def test_entries_of_other_requests_are_ignored() -> None:
     assert entry is not None
     assert entry.usage == {"prompt_tokens": 1.0}
     assert entry.first_byte_s == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize("flag", [None, "no_healthy_upstream", "response_from_cache_filter",
+                                  *_CUT_FLAGS])
+def test_an_answer_is_cut_only_by_the_flags_that_end_it(flag: str | None) -> None:
+    raw = _entry({"request_id": "x", "fast": True}, {})
+    if flag is not None:
+        setattr(raw.common_properties.response_flags, flag, True)
+    entry = entry_of(raw)
+    assert entry is not None
+    assert entry.downstream_cut is (flag in _CUT_FLAGS)
 
 
 async def test_the_record_is_written_once_by_the_same_finish(
