@@ -364,13 +364,26 @@ def target_checks(levels: Sequence[Level], probes: Sequence[Probe] = (),
         f"- p50 overhead <= {TARGET_P50_OVERHEAD_MS} ms at c={lowest.concurrency}: "
         f"{lowest.p50_delta:+.2f} ms — {mark(lowest.p50_delta <= TARGET_P50_OVERHEAD_MS)}",
     ]
+    for name in (FASTPATH, FASTPATH_BUDGETS):
+        runs = [(lv, lv.by_target[name]) for lv in levels if name in lv.by_target]
+        if not runs:
+            continue
+        fastest_level, fastest = max(runs, key=lambda item: item[1].wrk.rps)
+        lines.append(f"- throughput >= {TARGET_RPS:,.0f} rps, {name}: {fastest.wrk.rps:,.0f} "
+                     f"rps at c={fastest_level.concurrency} — "
+                     f"{mark(fastest.wrk.rps >= TARGET_RPS)}")
+        first_level, first = min(runs, key=lambda item: item[0].concurrency)
+        delta = first.wrk.p50_ms - first_level.direct.wrk.p50_ms
+        lines.append(f"- p50 overhead <= {TARGET_P50_OVERHEAD_MS} ms at "
+                     f"c={first_level.concurrency}, {name}: {delta:+.2f} ms — "
+                     f"{mark(delta <= TARGET_P50_OVERHEAD_MS)}")
     if cpu_values:
         worst = max(cpu_values)
         lines.append(f"- extproc CPU <= {TARGET_EXTPROC_CPU_US:.0f} µs/request: "
                      f"{min(cpu_values):,.0f} to {worst:,.0f} µs — "
                      f"{mark(worst <= TARGET_EXTPROC_CPU_US)}")
     by_name = {run.target: run for run in open_runs}
-    for name in (GATEWAY, FASTPATH):
+    for name in (GATEWAY, FASTPATH, FASTPATH_BUDGETS):
         run = by_name.get(name)
         if run is None:
             continue
