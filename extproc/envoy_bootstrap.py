@@ -1011,7 +1011,19 @@ def fast_door_filter(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
     }
 
 
+FAST_METADATA_FILTER: Final = "asc.fast_metadata"
+
+
 def fast_metadata_filter() -> dict[str, Any]:
+    """Envoy's header_to_metadata filter, with no rules of its own: they are the fast
+    routes' (`fast_metadata_rules`), so only a request the door routed there has its
+    `x-asc-meta-*` headers turned into metadata. On any other route (the door switched off
+    by an operator, say) a client's forged ones are not taken."""
+    return {"name": FAST_METADATA_FILTER,
+            "typed_config": {"@type": _HEADER_TO_METADATA}}
+
+
+def fast_metadata_rules() -> dict[str, Any]:
     """Moves the door's `x-asc-meta-*` request headers into `asc` dynamic metadata (typed:
     bools arrive as base64 protobuf Values) and off the request."""
     rules = []
@@ -1022,8 +1034,7 @@ def fast_metadata_filter() -> dict[str, Any]:
             target["encode"] = "BASE64"
         rules.append({"header": META_PREFIX + key, "on_header_present": target,
                       "remove": True})
-    return {"name": "envoy.filters.http.header_to_metadata",
-            "typed_config": {"@type": _HEADER_TO_METADATA, "request_rules": rules}}
+    return {"@type": _HEADER_TO_METADATA, "request_rules": rules}
 
 
 def _fast_door_cluster(ports: EnvoyPorts) -> dict[str, Any]:
@@ -1070,8 +1081,10 @@ def _fast_routes(config: GatewayConfig, route_action: dict[str, Any]) -> list[di
         "request_headers_to_remove": [CLUSTER_HEADER, DOOR_PATH_HEADER],
         "route": {**action, "cluster": cluster,
                   "regex_rewrite": {"pattern": {"regex": "^.*$"}, "substitution": path}},
-        "typed_per_filter_config": {"asc.ext_proc": {"@type": _EXT_PROC_PER_ROUTE,
-                                                     "disabled": True}},
+        "typed_per_filter_config": {
+            "asc.ext_proc": {"@type": _EXT_PROC_PER_ROUTE, "disabled": True},
+            FAST_METADATA_FILTER: fast_metadata_rules(),
+        },
     } for cluster, path in targets]
 
 

@@ -145,6 +145,7 @@ def test_plain_request_is_one_message_and_settles_from_the_access_log(
     cost = cost_micro_usd(usage)
     assert wait_for(lambda: month_counter(redis_port) == (spent_before + cost, 0))
     assert wait_for(lambda: len(records(gateway, request_id)) == 1)
+    assert grpc_logs_written(gateway) >= 1  # the stat the door-off test reads
     [record] = records(gateway, request_id)
     assert record["status"] == 200
     assert record["charged_micro_usd"] == cost
@@ -437,3 +438,43 @@ def test_fast_answers_feed_the_keys_health(stack: Stack) -> None:
     assert unavailable.json()["error"]["message"] == (
         "Every deployment of model 'gpt-4o-mini' in your residency zone is unavailable.")
     assert len(gateway.emulator.requests()) == 3  # the open key was not tried again
+
+
+def test_a_route_without_the_door_takes_no_forged_metadata(stack: Stack) -> None:
+    """An operator switched the door off on a route (docs/fast-path.md): the request takes
+    the full path there, and a client's x-asc-meta-* headers are not turned into metadata
+    (else Envoy would log it as a fast request and the service would record it twice)."""
+    _, redis_port = stack.start_redis()
+
+    def door_off_on_the_full_route(bootstrap: dict[str, Any]) -> None:
+        listener = bootstrap["static_resources"]["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        full_route = hcm["route_config"]["virtual_hosts"][0]["routes"][-1]
+        full_route["typed_per_filter_config"] = {"asc.fast_door": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3"
+                     ".ExtAuthzPerRoute", "disabled": True}}
+
+    gateway = start_gateway(stack, stack.workdir / "config", document=fast_config(redis_port),
+                            edit_bootstrap=door_off_on_the_full_route)
+    checks_before = sum(door_checks(gateway, o) for o in ("fast", "full", "refused"))
+
+    response = gateway.chat(chat_body(max_tokens=8), headers=FORGED)
+
+    assert response.status_code == 200
+    assert sum(door_checks(gateway, o) for o in ("fast", "full", "refused")) == checks_before
+    assert phase_count(gateway, "request_body") == 1  # the full path took it
+    [upstream] = gateway.emulator.requests()
+    assert not {name for name in upstream["headers"] if name.startswith("x-asc")}
+    request_id = response.headers["x-asc-request-id"]
+    assert wait_for(lambda: len(records(gateway, request_id)) == 1)
+    assert_one_record(gateway, request_id, tenant="acme", credential="emu-eu-1@1",
+                      status=200)
+    # Envoy wrote its access line: the fast-path access log (which would feed a second
+    # record) logged nothing for it.
+    assert wait_for(lambda: request_id in gateway.envoy.log_text())
+    assert grpc_logs_written(gateway) == 0
+
+
+def grpc_logs_written(gateway: Gateway) -> int:
+    stats = gateway.admin("GET", "/stats?filter=grpc_access_log.logs_written$").text
+    return sum(int(line.rsplit(": ", 1)[1]) for line in stats.splitlines() if ": " in line)

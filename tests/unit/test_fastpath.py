@@ -223,7 +223,7 @@ def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
         return typed
 
     assert [f["name"] for f in hcm(fast)["http_filters"]] == [
-        "asc.fast_door", "envoy.filters.http.header_to_metadata", "asc.ext_proc",
+        "asc.fast_door", "asc.fast_metadata", "asc.ext_proc",
         "envoy.filters.http.lua", "envoy.filters.http.router"]
     assert [f["name"] for f in hcm(plain)["http_filters"]] == [
         "asc.ext_proc", "envoy.filters.http.router"]
@@ -231,14 +231,16 @@ def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
     assert door["failure_mode_allow"] is False
     assert door["status_on_error"] == {"code": 503}
     assert door["http_service"]["server_uri"]["cluster"] == "asc_fast_door"
-    # The door's metadata headers become typed `asc` metadata and leave the request.
-    rules = hcm(fast)["http_filters"][1]["typed_config"]["request_rules"]
+    # The door's metadata headers become typed `asc` metadata and leave the request: on the
+    # fast routes only (the filter itself has no rules).
+    assert "request_rules" not in hcm(fast)["http_filters"][1]["typed_config"]
+    routes = hcm(fast)["route_config"]["virtual_hosts"][0]["routes"]
+    rules = routes[0]["typed_per_filter_config"]["asc.fast_metadata"]["request_rules"]
     assert {"header": "x-asc-meta-fast", "remove": True, "on_header_present": {
         "metadata_namespace": "asc", "key": "fast", "type": "PROTOBUF_VALUE",
         "encode": "BASE64"}} in rules
     assert all(rule["remove"] for rule in rules)
     # ext_proc is switched off on the fast routes only; the last route is the full path's.
-    routes = hcm(fast)["route_config"]["virtual_hosts"][0]["routes"]
     assert [r["typed_per_filter_config"]["asc.ext_proc"]["disabled"] for r in routes[:-1]] \
         == [True] * (len(routes) - 1)
     assert "typed_per_filter_config" not in routes[-1]
