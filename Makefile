@@ -123,6 +123,7 @@ bench: install redis-server wrk $(BENCH_STAMP) bench-peers
 	$(BIN)/python bench/keys.py
 	$(BIN)/python bench/failover.py
 	$(BIN)/python bench/fastpath.py
+	$(BIN)/python bench/door_floor.py
 	$(BIN)/python bench/guardrails.py
 
 clean:
