@@ -37,16 +37,12 @@ from extproc.messages import (
     Trailers,
 )
 
-__all__ = ["BODY_FIELDS_NAMESPACE", "JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE",
-           "MTLS_ATTRIBUTE", "PEER_URI_SAN_ATTRIBUTE", "RESPONSE_HEADERS_NAMESPACE",
-           "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE", "STAGE_HEADER",
-           "STAGE_UPSTREAM", "attempt_context", "decode", "encode", "struct_scalars"]
+__all__ = ["JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE", "MTLS_ATTRIBUTE",
+           "PEER_URI_SAN_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE",
+           "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context", "decode", "encode",
+           "struct_scalars"]
 
 METADATA_NAMESPACE: Final = "asc"
-BODY_FIELDS_NAMESPACE: Final = "asc.request"
-"""Request body fields read by Envoy's json_to_metadata for the fast path."""
-RESPONSE_HEADERS_NAMESPACE: Final = "asc.response_headers"
-"""Answer headers the fast path leaves to Envoy (its Lua filter sets them)."""
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
 SOURCE_ADDRESS_ATTRIBUTE: Final = "source.address"
 """The downstream peer (ip:port) Envoy accepted the connection from: the audit's
@@ -91,8 +87,7 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
         return Headers(Phase.REQUEST_HEADERS, _headers(message), message.end_of_stream,
                        route_metadata=_route_metadata(request), mtls=mtls,
                        peer_uri_san=peer, jwt_claims=_jwt_claims(request),
-                       source_address=_string_attribute(request, SOURCE_ADDRESS_ATTRIBUTE),
-                       body_fields=_body_fields(request))
+                       source_address=_string_attribute(request, SOURCE_ADDRESS_ATTRIBUTE))
     if kind == "request_body":
         body = request.request_body
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
@@ -126,19 +121,9 @@ def attempt_context(request: pb.ProcessingRequest) -> dict[str, str]:
     return context
 
 
-def _body_fields(request: pb.ProcessingRequest) -> dict[str, object] | None:
-    """The body fields json_to_metadata read (`metadata_options.forwarding_namespaces`),
-    as plain values (numbers arrive as floats); None when Envoy read none. A null, list
-    or object is not what the fast path reads; its presence is kept (as None)."""
-    namespace = request.metadata_context.filter_metadata.get(BODY_FIELDS_NAMESPACE)
-    if namespace is None:
-        return None
-    return struct_scalars(namespace, keep_others=True)
-
-
-def struct_scalars(struct: Any, *, keep_others: bool = False) -> dict[str, object]:
+def struct_scalars(struct: Any) -> dict[str, object]:
     """A protobuf Struct's string, number and bool fields as a plain dict, without
-    json_format's generic (slow) walk; other kinds are left out, or kept as None."""
+    json_format's generic (slow) walk; other kinds are left out."""
     plain: dict[str, object] = {}
     for name, value in struct.fields.items():
         kind = value.WhichOneof("kind")
@@ -148,8 +133,6 @@ def struct_scalars(struct: Any, *, keep_others: bool = False) -> dict[str, objec
             plain[name] = value.number_value
         elif kind == "bool_value":
             plain[name] = value.bool_value
-        elif keep_others:
-            plain[name] = None
     return plain
 
 
@@ -250,22 +233,7 @@ def encode(phase: Phase, reply: Outbound) -> pb.ProcessingResponse:
         response.mode_override.response_body_mode = _MODES[reply.response_body_mode]
     if reply.metadata:
         _metadata(response, reply.metadata)
-    if reply.skip_rest:
-        _skip_rest(response.mode_override)
-    if reply.response_headers:
-        response.dynamic_metadata.fields[RESPONSE_HEADERS_NAMESPACE].struct_value.update(
-            reply.response_headers)
     return response
-
-
-def _skip_rest(mode: processing_mode_pb2.ProcessingMode) -> None:
-    """The rest of the request without the service: the stream ends after this reply
-    (measured, tests/e2e/test_fastpath_envoy_facts.py)."""
-    mode.request_body_mode = processing_mode_pb2.ProcessingMode.NONE
-    mode.request_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP
-    mode.response_header_mode = processing_mode_pb2.ProcessingMode.SKIP
-    mode.response_body_mode = processing_mode_pb2.ProcessingMode.NONE
-    mode.response_trailer_mode = processing_mode_pb2.ProcessingMode.SKIP
 
 
 def _status_names() -> dict[int, str]:

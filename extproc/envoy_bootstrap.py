@@ -46,9 +46,6 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401
 from envoy.extensions.filters.http.header_to_metadata.v3 import (  # noqa: F401 - @type
     header_to_metadata_pb2,
 )
-from envoy.extensions.filters.http.json_to_metadata.v3 import (  # noqa: F401 - @type
-    json_to_metadata_pb2,
-)
 from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.upstream_codec.v3 import (  # noqa: F401 - @type
@@ -70,7 +67,6 @@ from google.protobuf import json_format  # type: ignore[import-untyped]
 from extproc.attempt_build import AUTH_HEADER
 from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import (
-    BODY_FIELDS_NAMESPACE,
     METADATA_NAMESPACE,
     ROUTE_METADATA_ATTRIBUTE,
     SOURCE_ADDRESS_ATTRIBUTE,
@@ -104,7 +100,6 @@ __all__ = [
     "bootstrap_yaml",
     "check_typed",
     "fast_path_lua_usage_filter",
-    "json_to_metadata_filter",
     "render_bootstrap",
     "render_yaml",
 ]
@@ -806,25 +801,12 @@ def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
 
 # -- the fast path (docs/decisions/0120-0123) -------------------------------------------
 
-FAST_REQUEST_NAMESPACE: Final = BODY_FIELDS_NAMESPACE
-"""Where json_to_metadata puts the request body's fields the fast path needs."""
 FAST_USAGE_NAMESPACE: Final = "asc.usage"
 """Where Envoy's Lua filter puts the provider's token counts (JSON and SSE answers); the
 access-log service reads them from there."""
-_JSON_TO_METADATA: Final = (
-    "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata")
 _LUA: Final = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 _HTTP_GRPC_LOG: Final = (
     "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig")
-_FAST_REQUEST_FIELDS: Final = (
-    (("model",), "model"),
-    (("stream",), "stream"),
-    (("max_tokens",), "max_tokens"),
-    (("max_completion_tokens",), "max_completion_tokens"),
-    (("n",), "n"),
-    (("stream_options", "include_usage"), "include_usage"),
-    (("service_tier",), "service_tier"),
-)
 USAGE_FIELDS: Final = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "audio_tokens",
     "input_tokens", "output_tokens", "cache_read_input_tokens",
@@ -832,26 +814,6 @@ USAGE_FIELDS: Final = (
 )
 """Usage counts the Lua filter copies out of fast-path answers, under their providers' own
 names (OpenAI and Anthropic shapes); `extproc.fastpath` turns them into a `Usage`."""
-
-
-def _json_rule(path: tuple[str, ...], namespace: str, key: str) -> dict[str, Any]:
-    return {"selectors": [{"key": part} for part in path],
-            "on_present": {"metadata_namespace": namespace, "key": key}}
-
-
-def json_to_metadata_filter() -> dict[str, Any]:
-    """Envoy parses the request body into dynamic metadata before ext_proc (it holds the
-    headers until the body is whole: 0120). No response rules: they would hold back
-    every JSON answer, full path included, within Envoy's buffer (0122)."""
-    return {
-        "name": "envoy.filters.http.json_to_metadata",
-        "typed_config": {
-            "@type": _JSON_TO_METADATA,
-            "request_rules": {"rules": [
-                _json_rule(path, FAST_REQUEST_NAMESPACE, key)
-                for path, key in _FAST_REQUEST_FIELDS]},
-        },
-    }
 
 
 _LUA_FAST_ANSWER: Final = """

@@ -1,13 +1,11 @@
-"""The fast path: a same-dialect request decided with one ext_proc message.
+"""The fast path: a same-dialect request decided by the fast door, with no ext_proc message.
 
-Envoy's json_to_metadata filter runs before ext_proc and holds the request headers until
-the body is whole, so the request-headers message already carries the body's `model`,
-`stream`, output limits and `stream_options.include_usage` (namespace `asc.request`,
-forwarded by `metadata_options`). When nothing about the request needs its body
-rewritten, the service authenticates, routes, reserves the budget and injects the key in
-its one reply, and tells Envoy that nothing more of the request comes to it
-(`mode_override` NONE/SKIP): the gRPC stream ends there, and streamed chunks never reach
-Python (measured: tests/e2e/test_fastpath_envoy_facts.py, decisions 0120-0123).
+Envoy's ext_authz filter sends the request and its body to the door (extproc.fastdoor),
+which reads the body's `model`, `stream`, output limits and
+`stream_options.include_usage` (`fastdoor.body_fields`) and calls `on_request_headers`
+with them. When nothing about the request needs its body rewritten, `take` authenticates,
+routes, reserves the budget and injects the key in its one reply; the door turns that
+reply into its HTTP answer, and streamed chunks never reach Python (decision 0124).
 
 What the full path learns from the answer arrives later, from Envoy: usage (read by the
 rendered Lua filter from the answer's chunks as they pass), status and timings, in batches on the
@@ -21,7 +19,7 @@ Everything else - another dialect, a deployment whose model name differs, a fail
 cluster, a budget tenant without `max_tokens`, an OpenAI stream without
 `include_usage` (the gateway would have to add it and strip the usage chunk), a
 non-standard `service_tier` - keeps the full path: the reply returns None and
-`on_request_headers` asks for the body as before.
+`on_request_headers` asks for the body as before (the door answers `full`).
 """
 
 from __future__ import annotations
@@ -129,7 +127,7 @@ _LIMIT_FIELDS: Final = {Dialect.OPENAI: OPENAI_LIMIT_FIELDS, Dialect.ANTHROPIC: 
 
 @dataclass(frozen=True, slots=True)
 class BodyFields:
-    """What Envoy read out of the request body (json_to_metadata, `asc.request`)."""
+    """What the fast door read out of the request body (`fastdoor.body_fields`)."""
 
     model: str
     stream: bool
@@ -173,7 +171,7 @@ def _integral(value: object) -> object:
 
 async def take(processor: RequestProcessor, message: Headers,
                remove: list[str]) -> Continue | None:
-    """The one reply of a fast-path request, or None for the full path.
+    """The one reply of a fast-path request (the door's answer), or None for the full path.
 
     Called from `on_request_headers` after authentication, with the headers it removes.
     Raises `GatewayError` for what the full path would refuse with the same words (model
@@ -292,7 +290,6 @@ async def take(processor: RequestProcessor, message: Headers,
                         if name not in ours],
         clear_route_cache=True,
         metadata=metadata,
-        skip_rest=True,
         response_headers=dict(processor.tag_headers()),
     )
 

@@ -51,8 +51,8 @@ class Headers:
     route_metadata: dict[str, object] | None = None
     """The Envoy route's `filter_metadata.asc` (request headers only; see envoy.py)."""
     body_fields: dict[str, object] | None = None
-    """The request body's fields Envoy read for the fast path (json_to_metadata, namespace
-    `asc.request`), when it read any (request headers only; see extproc/fastpath.py)."""
+    """The request body's fields the fast door read (`fastdoor.body_fields`); None on
+    ext_proc's messages, which then take the full path (see extproc/fastpath.py)."""
     mtls: bool = False
     """Envoy's `connection.mtls` attribute: the client presented a verified certificate."""
     peer_uri_san: str | None = None
@@ -89,12 +89,9 @@ class Continue:
     request_body_mode: BodyMode | None = None
     response_body_mode: BodyMode | None = None
     metadata: Metadata | None = None
-    skip_rest: bool = False
-    """Nothing more of this request comes to the service: no body, no response headers
-    or body (the fast path's one reply; only honoured in a request-headers reply)."""
     response_headers: Metadata | None = None
     """Headers Envoy puts on the answer without asking the service again (the fast path:
-    dynamic metadata `asc.response_headers`, applied by the rendered Lua filter)."""
+    the door's answer, through ext_authz's `allowed_client_headers_on_success`)."""
 
 
 @dataclass(slots=True)

@@ -128,9 +128,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 _PHASE_TIMERS[inbound.phase].observe(time.perf_counter() - started)
                 await context.write(response)
                 if processor.fast_path:
-                    # Nothing more of this request comes (mode_override SKIP): end the
-                    # RPC now instead of waiting for Envoy's half-close (measured,
-                    # tests/e2e/test_fastpath_envoy_facts.py).
+                    # The fast door's refusal passed through (recorded by the door):
+                    # nothing more of it is this stream's; end the RPC now instead of
+                    # waiting for Envoy's half-close.
                     return
         finally:
             if processor.finishes_without_waiting:

@@ -41,11 +41,36 @@ from google.protobuf import json_format  # type: ignore[import-untyped]
 from google.rpc import code_pb2
 
 from extproc.devstack import Stack, free_port
-from extproc.envoy_bootstrap import fast_path_lua_usage_filter, json_to_metadata_filter
+from extproc.envoy_bootstrap import fast_path_lua_usage_filter
 from tests.conftest import PROVIDER_KEY_US, provider_fingerprint
 from tests.polling import wait_for
 
 _MODE = processing_mode_pb2.ProcessingMode
+_BODY_FIELDS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("model",), "model"),
+    (("stream",), "stream"),
+    (("max_tokens",), "max_tokens"),
+    (("max_completion_tokens",), "max_completion_tokens"),
+    (("n",), "n"),
+    (("stream_options", "include_usage"), "include_usage"),
+    (("service_tier",), "service_tier"),
+)
+
+
+def json_to_metadata_filter() -> dict[str, Any]:
+    """The body fields into metadata `asc.request` before ext_proc: decision 0120's design,
+    which the product rendered until the fast door replaced it (0124)."""
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3"
+                     ".JsonToMetadata",
+            "request_rules": {"rules": [
+                {"selectors": [{"key": part} for part in path],
+                 "on_present": {"metadata_namespace": "asc.request", "key": key}}
+                for path, key in _BODY_FIELDS]},
+        },
+    }
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
