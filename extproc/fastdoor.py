@@ -30,6 +30,7 @@ import asyncio
 import base64
 import logging
 from collections import deque
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -74,10 +75,6 @@ _NO_BODY: Final = b"content-length: 0\r\n\r\n"
 _HEALTHY: Final = b"HTTP/1.1 200 OK\r\n" + _NO_BODY
 _CHECKS: Final = {outcome: metrics.FAST_DOOR_CHECKS.labels(outcome)
                   for outcome in ("fast", "full", "refused", "abandoned")}
-_STATUS_TEXT: Final = {200: "OK", 400: "Bad Request", 401: "Unauthorized",
-                       403: "Forbidden", 404: "Not Found", 413: "Payload Too Large",
-                       429: "Too Many Requests", 500: "Internal Server Error",
-                       502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 def _protobuf_bool(value: bool) -> str:
@@ -218,8 +215,7 @@ async def _refused(processor: RequestProcessor, answer: Respond) -> bytes:
     if answer.metadata and "error" in answer.metadata:
         # Envoy's local-reply mappers pass the gateway's own answers through unchanged.
         headers.append((META_PREFIX + "error", str(answer.metadata["error"])))
-    return _response(f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}", headers,
-                     answer.body)
+    return _response(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", headers, answer.body)
 
 
 class DoorProtocol(asyncio.Protocol):

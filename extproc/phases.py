@@ -111,7 +111,7 @@ __all__ = ["CLUSTER_HEADER", "RequestProcessor"]
 
 CLUSTER_HEADER: Final = "x-asc-cluster"
 _GATEWAY_HEADER_PREFIX: Final = "x-asc-"
-_DOOR_TAG: Final = "x-asc-request-id"
+_REQUEST_ID_HEADER: Final = "x-asc-request-id"
 _CLIENT_ONLY_HEADERS: Final = frozenset({
     *CLIENT_CREDENTIAL_HEADERS,
     *IDENTITY_HEADERS,
@@ -551,12 +551,12 @@ class RequestProcessor:
         self.status = status
         if self._translator is None:  # Envoy's own reply (no route was chosen): tag it only.
             self._complete = True
-            if self.principal is None and _DOOR_TAG in headers:
+            if self.principal is None and _REQUEST_ID_HEADER in headers:
                 # The fast door's refusal (extproc/fastdoor.py), answered and recorded
                 # there: passed through as it is, recorded once.
                 self.fast_path = True
                 return Continue()
-            return Continue(set_headers=[(_DOOR_TAG, self.request_id)])
+            return Continue(set_headers=[(_REQUEST_ID_HEADER, self.request_id)])
         self._upstream_headers = headers
         if self._flight is not None:
             first_elsewhere = note_remote_attempt(self._flight, self._config, headers, status)
@@ -681,7 +681,7 @@ class RequestProcessor:
         self._runtime.health.record(self.route.key, permit, status=status, latency_s=latency)
 
     def _tag_headers(self) -> list[tuple[str, str]]:
-        tags = [("x-asc-request-id", self.request_id)]
+        tags = [(_REQUEST_ID_HEADER, self.request_id)]
         if (self.route_decision is not None and self.principal is not None
                 and self.principal.tenant.debug):
             tags.append(("x-asc-route-reason", self.route_decision.reason))
@@ -748,7 +748,7 @@ class RequestProcessor:
         # the headers reply.
         set_headers = []
         if self.usage is not None and self.route is not None:
-            cost = _usage_cost(self.route.price, self.usage)
+            cost = usage_cost(self.route.price, self.usage)
             set_headers.append(("x-asc-cost-usd", format_usd(cost)))
         return Continue(set_headers=set_headers, body=None if answer == body else answer)
 
@@ -946,7 +946,7 @@ class RequestProcessor:
             aborted=aborted,
             stream=self.streaming,
             charged_micro_usd=self.charged_micro_usd,
-            cost_micro_usd=(_usage_cost(route.price, self.usage)
+            cost_micro_usd=(usage_cost(route.price, self.usage)
                             if route is not None and self.usage is not None else None),
             estimated_input_tokens=self.estimated_input_tokens or None,
             dialect=self.dialect.value,
@@ -1097,7 +1097,7 @@ class RequestProcessor:
         if self.usage is not None:
             usage = self.usage
             if usage.unpriced:
-                cost = _usage_cost(price, usage)
+                cost = usage_cost(price, usage)
                 tokens = usage.input_tokens + usage.output_tokens
                 held_cost, held_tokens = self._held()
                 log_event(log, logging.WARNING, "unpriced usage charged at the hold",
@@ -1119,7 +1119,7 @@ class RequestProcessor:
             return self._held()
         else:
             return 0, 0
-        return _usage_cost(price, usage), usage.input_tokens + usage.output_tokens
+        return usage_cost(price, usage), usage.input_tokens + usage.output_tokens
 
     def _held(self) -> tuple[int, int]:
         """(micro-USD, tokens) this request holds."""
@@ -1151,9 +1151,6 @@ _UUID4_SET: Final = (4 << 76) | (0x8000 << 48)
 """The version (4) and variant (RFC 4122) bits `uuid.UUID(version=4)` sets."""
 
 
-_usage_cost: Final = usage_cost
-"""Moved to `extproc.money` (the audit record prices usage too, without importing this
-module per record)."""
 
 
 def _shown_model(name: str) -> str:

@@ -18,7 +18,8 @@ from extproc.auth import hash_key
 from extproc.config import Price, parse_config
 from extproc.errors import Dialect
 from extproc.messages import Body, BodyMode, Continue, Headers, Phase, Respond
-from extproc.phases import RequestProcessor, _usage_cost
+from extproc.money import usage_cost
+from extproc.phases import RequestProcessor
 from extproc.runtime import Runtime
 from extproc.secrets import Secret
 from extproc.translate.base import TRANSLATORS, Backend, Usage
@@ -662,7 +663,7 @@ def test_cache_writes_are_priced_at_the_cache_write_price(
                   cached_input_micro_per_mtok=80_000, cache_write_micro_per_mtok=cache_write)
     usage = Usage(input_tokens=1110, output_tokens=20, cached_input_tokens=1000,
                   cache_write_input_tokens=100)
-    assert _usage_cost(price, usage) == expected
+    assert usage_cost(price, usage) == expected
 
 
 def test_cache_write_price_is_read_from_config() -> None:
