@@ -20,6 +20,7 @@ import contextlib
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -28,6 +29,7 @@ __all__ = [
     "UNIX_PREFIX",
     "ListenError",
     "bind_listen",
+    "creating_socket",
     "remove_stale_socket",
     "unix_path",
     "worker_listen",
@@ -108,20 +110,29 @@ def remove_stale_socket(path: str) -> None:
         os.unlink(path)
 
 
+@contextlib.contextmanager
+def creating_socket(path: str) -> Iterator[None]:
+    """Around the bind of a Unix socket at `path`: a stale socket there is removed first,
+    and the new one has mode 0660 from its creation on (umask), not after a window in
+    which any local user could connect; the mode is set again once it exists."""
+    remove_stale_socket(path)
+    previous = os.umask(0o777 & ~SOCKET_MODE)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+    if Path(path).exists():
+        os.chmod(path, SOCKET_MODE)
+
+
 def bind_listen(server: _Server, listen: str) -> None:
-    """Add `listen` to the gRPC server; a Unix socket gets mode 0660 from its creation
-    on (umask), not after a window in which any local user could connect."""
+    """Add `listen` to the gRPC server (a Unix socket: see `creating_socket`)."""
     path = unix_path(listen)
     if path is None:
         if server.add_insecure_port(listen) == 0:
             raise ListenError(f"cannot listen on {listen!r}")
         return
-    remove_stale_socket(path)
-    previous = os.umask(0o777 & ~SOCKET_MODE)
-    try:
+    with creating_socket(path):
         bound = server.add_insecure_port(listen)
-    finally:
-        os.umask(previous)
     if bound == 0 or not Path(path).exists():
         raise ListenError(f"cannot listen on {listen!r}")
-    os.chmod(path, SOCKET_MODE)

@@ -48,11 +48,10 @@ from extproc.deployment_health import ActiveProber
 from extproc.failover import FLIGHTS
 from extproc.fastdoor import start_door
 from extproc.listen import (
-    SOCKET_MODE,
     UNIX_PREFIX,
     ListenError,
     bind_listen,
-    remove_stale_socket,
+    creating_socket,
     unix_path,
     worker_listen,
 )
@@ -404,19 +403,12 @@ async def _open_door(address: str, holder: RuntimeHolder, audit: AuditWriter,
     path = unix_path(address)
     try:
         if path is not None:
-            remove_stale_socket(path)
-            previous = os.umask(0o777 & ~SOCKET_MODE)
-            try:
-                door = await start_door(path, holder, audit, tasks, reuse_port=False)
-            finally:
-                os.umask(previous)
-            os.chmod(path, SOCKET_MODE)
-            return door
-        host, _, port = address.rpartition(":")
-        if not port.isdigit():
+            with creating_socket(path):
+                return await start_door(path, holder, audit, tasks, reuse_port=False)
+        if not address.rpartition(":")[2].isdigit():
             raise ListenError(f"fast door {address!r} is not host:port or unix:/path")
-        return await start_door((host.strip("[]") or "127.0.0.1", int(port)), holder, audit,
-                                tasks, reuse_port=shared)
+        return await start_door(_split_listen(address), holder, audit, tasks,
+                                reuse_port=shared)
     except OSError as exc:
         raise ListenError(f"cannot listen on {address!r} (fast door): "
                           f"{os.strerror(exc.errno) if exc.errno else type(exc).__name__}"
