@@ -91,17 +91,9 @@ class ProviderKeys:
         if selected.settled:
             return
         selected.settled = True
-        keyring = self._keyring if self._refs[selected.credential.id].keyring else None
-        if keyring is not None and keyring.is_canary(selected.credential, selected.scope):
-            # A failing canary is the rollback's business; it must not close the whole
-            # credential (and with it the healthy active version) for every replica. Nor
-            # may a canary answer close a half-open credential: give the permit back.
-            self._pool.release(selected.choice)
-            if key_evidence:
-                await keyring.report(selected.credential, selected.scope, status)
-            return
-        self._pool.record(selected.choice, status, time.monotonic() - selected.chosen_at,
-                          key_evidence=key_evidence, retry_after=retry_after)
+        await self._verdict(selected.credential, selected.scope, selected.choice, status,
+                            latency_s=time.monotonic() - selected.chosen_at,
+                            key_evidence=key_evidence, retry_after=retry_after)
 
     async def report_answer(self, credential: ResolvedCredential, scope: str, status: int, *,
                             latency_s: float, key_evidence: bool,
@@ -109,16 +101,27 @@ class ProviderKeys:
         """A verdict on a key whose permit went back before the answer came (the fast
         path: the answer arrives later, from Envoy's access log, maybe in another worker):
         recorded as an ordinary (not probe) call of `scope/credential.id`."""
-        ref = self._refs.get(credential.id)
-        if ref is None:
+        if credential.id not in self._refs:
             return  # removed by a reload since
-        if ref.keyring and self._keyring is not None and self._keyring.is_canary(
-                credential, scope):
+        await self._verdict(credential, scope, Choice(f"{scope}/{credential.id}",
+                                                      Permit(probe=False)),
+                            status, latency_s=latency_s, key_evidence=key_evidence,
+                            retry_after=retry_after)
+
+    async def _verdict(self, credential: ResolvedCredential, scope: str, choice: Choice,
+                       status: int, *, latency_s: float, key_evidence: bool,
+                       retry_after: str | None) -> None:
+        keyring = self._keyring if self._refs[credential.id].keyring else None
+        if keyring is not None and keyring.is_canary(credential, scope):
+            # A failing canary is the rollback's business; it must not close the whole
+            # credential (and with it the healthy active version) for every replica. Nor
+            # may a canary answer close a half-open credential: give the permit back.
+            self._pool.release(choice)
             if key_evidence:
-                await self._keyring.report(credential, scope, status)
+                await keyring.report(credential, scope, status)
             return
-        self._pool.record(Choice(f"{scope}/{credential.id}", Permit(probe=False)), status,
-                          latency_s, key_evidence=key_evidence, retry_after=retry_after)
+        self._pool.record(choice, status, latency_s, key_evidence=key_evidence,
+                          retry_after=retry_after)
 
     def release(self, selected: Selected) -> None:
         """The request ended without a verdict (budget refusal, client abort, error before
