@@ -99,9 +99,10 @@ def envoy_binary() -> str:
     return found
 
 
-HEADER_LOGGING_COMPONENTS: Final = ("http", "router", "ext_proc")
-"""Envoy components whose debug lines print whole header maps: a client's Authorization,
-the provider key the service set (measured on Envoy 1.40, decision 0130)."""
+HEADER_LOGGING_COMPONENTS: Final = ("http", "router", "ext_proc", "ext_authz")
+"""Envoy components whose debug or trace lines print whole header maps or the headers
+they set: a client's Authorization, the provider key the service set (measured on Envoy
+1.40, decision 0130; ext_authz at trace prints the fast door's provider key)."""
 
 
 def envoy_log_args(level: str) -> list[str]:

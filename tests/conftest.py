@@ -162,7 +162,8 @@ def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
                   message_timeout_ms: int = 2000,
                   document: Callable[[int], dict[str, Any]] = gateway_config,
                   emulator_args: tuple[str, ...] = (),
-                  edit_bootstrap: Callable[[dict[str, Any]], None] | None = None) -> Gateway:
+                  edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
+                  envoy_log_level: str = "warn") -> Gateway:
     """Emulator, extproc and Envoy on free ports; `edit_bootstrap` may change the rendered
     Envoy bootstrap in place before Envoy starts (to take one safeguard away in a test)."""
     emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US],
@@ -178,7 +179,8 @@ def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
     if edit_bootstrap is not None:
         edit_bootstrap(bootstrap)
     envoy = stack.start_envoy(bootstrap_yaml(bootstrap),
-                              listen_port=listen_port, admin_socket=admin_socket)
+                              listen_port=listen_port, admin_socket=admin_socket,
+                              log_level=envoy_log_level)
     return Gateway(stack=stack, config_path=config_path,
                    emulator=Emulator(emulator_port, emulator_process), extproc=extproc,
                    extproc_port=extproc_port, metrics_port=metrics_port, envoy=envoy,

@@ -478,3 +478,22 @@ def test_a_route_without_the_door_takes_no_forged_metadata(stack: Stack) -> None
 def grpc_logs_written(gateway: Gateway) -> int:
     stats = gateway.admin("GET", "/stats?filter=grpc_access_log.logs_written$").text
     return sum(int(line.rsplit(": ", 1)[1]) for line in stats.splitlines() if ": " in line)
+
+
+def test_envoy_at_trace_never_prints_the_fast_doors_key(stack: Stack) -> None:
+    """Envoy's ext_authz component prints at trace each header it sets, the provider key
+    included: it stays at info with the other header-printing components (decision 0130)."""
+    _, redis_port = stack.start_redis()
+    gateway = start_gateway(stack, stack.workdir / "config", document=fast_config(redis_port),
+                            envoy_log_level="trace")
+
+    plain = gateway.chat(chat_body(max_tokens=8))
+    streamed = gateway.chat(chat_body(max_tokens=8, stream=True,
+                                      stream_options={"include_usage": True}))
+
+    assert (plain.status_code, streamed.status_code) == (200, 200)
+    request_id = streamed.headers["x-asc-request-id"]
+    assert wait_for(lambda: request_id in gateway.envoy.log_text())
+    envoy_log = gateway.envoy.log_text()
+    assert "[trace]" in envoy_log  # the grep read a real trace-level log
+    assert [canary[:16] for canary in CANARIES if canary in envoy_log] == []

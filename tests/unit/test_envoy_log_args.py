@@ -12,7 +12,7 @@ from extproc.devstack import envoy_log_args
 def test_verbose_levels_keep_header_printing_components_at_info(level: str) -> None:
     assert envoy_log_args(level) == [
         "--log-level", level,
-        "--component-log-level", "http:info,router:info,ext_proc:info"]
+        "--component-log-level", "http:info,router:info,ext_proc:info,ext_authz:info"]
 
 
 @pytest.mark.parametrize("level", ["info", "warn", "error", "critical", "off"])
