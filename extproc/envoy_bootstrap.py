@@ -74,10 +74,15 @@ from extproc.envoy import (
     STAGE_UPSTREAM,
 )
 from extproc.envoy_identity import IdentityEnvoy, apply_identity
+from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
 from extproc.failover import Chain, failover_chains, has_failover_cluster
 from extproc.fastpath import (
+    ANSWER_NAMESPACE,
+    DOOR_DIALECT_HEADER,
+    DOOR_ERROR_PATH,
     DOOR_HEALTH_PATH,
     DOOR_PATH_HEADER,
+    DOOR_STATUS_HEADER,
     FAST_BACKEND_PATHS,
     FAST_METADATA,
     META_PREFIX,
@@ -828,6 +833,7 @@ _LUA_FAST_ANSWER: Final = """
 -- key of the answer, never text the model wrote. Every other request returns at once.
 local NAMES = {%(names)s}
 local ACCOUNT = {%(account)s}
+local FALLBACK = {openai = %(fallback_openai)s, anthropic = %(fallback_anthropic)s}
 function envoy_on_response(handle)
   local metadata = handle:streamInfo():dynamicMetadata()
   local asc = metadata:get("asc")
@@ -844,6 +850,31 @@ function envoy_on_response(handle)
   end
   for _, name in ipairs(drop) do
     headers:remove(name)
+  end
+  local status = tonumber(headers:get(":status")) or 0
+  if status >= 400 and headers:get("x-envoy-upstream-service-time") ~= nil then
+    -- The provider's error: mapped and scrubbed by the door as on the full path (it may
+    -- name the shared account, or quote part of the key). Bounded by Envoy's buffer.
+    -- Envoy's own replies (no answer, a reset, a timeout) carry no upstream service time:
+    -- they keep the local_reply_config text (decision 0136).
+    local body = handle:body(true)
+    local sent = body:getBytes(0, body:length())
+    local dialect = asc["dialect"] == "anthropic" and "anthropic" or "openai"
+    local reply, mapped = handle:httpCall("%(door)s", {
+      [":method"] = "POST", [":path"] = "%(error_path)s", [":authority"] = "asc-fast-door",
+      ["%(status_header)s"] = tostring(status), ["%(dialect_header)s"] = dialect,
+      ["content-type"] = "application/json"}, sent, %(timeout_ms)d)
+    local code, text = "502", FALLBACK[dialect]
+    if reply ~= nil and reply[":status"] == "200" and reply["%(status_header)s"] ~= nil then
+      code, text = reply["%(status_header)s"], mapped
+    end
+    local answer = handle:headers()
+    answer:replace(":status", code)
+    answer:replace("content-type", "application/json")
+    answer:replace("content-length", tostring(#text))
+    handle:body(true):setBytes(text)
+    handle:streamInfo():dynamicMetadata():set("%(answer_ns)s", "provider_status", status)
+    return
   end
   local found = {}
   local tail = ""
@@ -867,12 +898,24 @@ _ACCOUNT_HEADERS: Final = ("openai-organization", "openai-project",
 anthropic-ratelimit-* families); as `translate.headers.provider_account_headers`."""
 
 
-def fast_path_lua_usage_filter() -> dict[str, Any]:
-    """The Lua filter that finishes a fast-path answer in Envoy (see `_LUA_FAST_ANSWER`)."""
+_DOOR_UNREACHABLE: Final = "The provider failed."
+"""A fast answer's provider error when the door could not map it (Envoy's Lua filter)."""
+
+
+def fast_path_lua_usage_filter(timeout_ms: int = 2000) -> dict[str, Any]:
+    """The Lua filter that finishes a fast-path answer in Envoy (see `_LUA_FAST_ANSWER`);
+    `timeout_ms` bounds its call to the door for a provider error."""
+    fallback = {dialect: error_body(GatewayError(ErrorCode.PROVIDER_ERROR, _DOOR_UNREACHABLE),
+                                    dialect).decode() for dialect in Dialect}
     source = _LUA_FAST_ANSWER % {
         "names": ", ".join(f"{name} = true" for name in USAGE_FIELDS),
         "account": ", ".join(f'["{name}"] = true' for name in _ACCOUNT_HEADERS),
         "usage_ns": FAST_USAGE_NAMESPACE,
+        "fallback_openai": f"[==[{fallback[Dialect.OPENAI]}]==]",
+        "fallback_anthropic": f"[==[{fallback[Dialect.ANTHROPIC]}]==]",
+        "door": FAST_DOOR_CLUSTER, "error_path": DOOR_ERROR_PATH,
+        "status_header": DOOR_STATUS_HEADER, "dialect_header": DOOR_DIALECT_HEADER,
+        "answer_ns": ANSWER_NAMESPACE, "timeout_ms": timeout_ms,
     }
     return {
         "name": "envoy.filters.http.lua",
@@ -941,10 +984,13 @@ def fast_door_filter(config: GatewayConfig, ports: EnvoyPorts) -> dict[str, Any]
             "status_on_error": {"code": 503},
             # The route is chosen again with the headers the door set (x-asc-path).
             "clear_route_cache": True,
-            # Over it Envoy answers 413 itself (json_to_metadata did the same before).
+            # The door sees at most this much of the body and never decides a cut one
+            # (the full path answers its 413). allow_partial_message: with `false` the
+            # filter caps the stream's buffer at this size, and full-path answers over
+            # 1 MiB were 502 (measured, decision 0136).
             "with_request_body": {
                 "max_request_bytes": config.limits.max_body_bytes + _BUFFER_SLACK,
-                "allow_partial_message": False,
+                "allow_partial_message": True,
             },
             "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
             "http_service": {
@@ -1058,7 +1104,8 @@ def _with_fast_path(config: GatewayConfig, ports: EnvoyPorts, hcm: dict[str, Any
     at = filters.index(ext_proc_filter)
     hcm["http_filters"] = [*filters[:at], fast_door_filter(config, ports),
                            fast_metadata_filter(), ext_proc_filter,
-                           fast_path_lua_usage_filter(), *filters[at + 1:]]
+                           fast_path_lua_usage_filter(ports.message_timeout_ms),
+                           *filters[at + 1:]]
     hcm["access_log"] = [*hcm["access_log"], _fast_path_access_log(config)]
     host = hcm["route_config"]["virtual_hosts"][0]
     default = host["routes"][-1]

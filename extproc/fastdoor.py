@@ -38,10 +38,13 @@ import orjson
 from google.protobuf import struct_pb2  # type: ignore[import-untyped]
 
 from extproc import metrics
-from extproc.errors import ErrorCode, GatewayError
+from extproc.errors import Dialect, ErrorCode, GatewayError
 from extproc.fastpath import (
+    DOOR_DIALECT_HEADER,
+    DOOR_ERROR_PATH,
     DOOR_HEALTH_PATH,
     DOOR_PATH_HEADER,
+    DOOR_STATUS_HEADER,
     FAST_METADATA,
     META_PREFIX,
     MetaKind,
@@ -49,6 +52,7 @@ from extproc.fastpath import (
 from extproc.identity import IdentitySource, identity_sources
 from extproc.messages import Continue, Headers, Phase, Respond
 from extproc.phases import RequestProcessor
+from extproc.translate.provider_errors import map_provider_error
 
 if TYPE_CHECKING:
     from extproc.audit.writer import AuditWriter
@@ -58,9 +62,11 @@ __all__ = [
     "DOOR_PATH_HEADER",
     "FULL_PATH",
     "META_PREFIX",
+    "PARTIAL_BODY_HEADER",
     "DoorProtocol",
     "body_fields",
     "decide",
+    "provider_error",
     "start_door",
 ]
 
@@ -70,6 +76,9 @@ FULL_PATH: Final = "full"
 REMOVE_HEADER: Final = "x-envoy-auth-headers-to-remove"
 _GATEWAY_PREFIX: Final = "x-asc"
 """Every client header under it is removed upstream: none may pose as the door's."""
+PARTIAL_BODY_HEADER: Final = "x-envoy-auth-partial-body"
+"""Envoy's mark on a check whose body it cut at `max_request_bytes` (the filter's
+`allow_partial_message`, decision 0136): such a request is never decided here."""
 _OK_FULL: Final = f"HTTP/1.1 200 OK\r\n{DOOR_PATH_HEADER}: {FULL_PATH}\r\n".encode()
 _NO_BODY: Final = b"content-length: 0\r\n\r\n"
 _HEALTHY: Final = b"HTTP/1.1 200 OK\r\n" + _NO_BODY
@@ -119,6 +128,8 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
     """The door's HTTP response to one check (see the module docstring)."""
     if target == DOOR_HEALTH_PATH:
         return _HEALTHY
+    if target == DOOR_ERROR_PATH and DOOR_STATUS_HEADER in headers:
+        return provider_error(headers, body)
     runtime = holder.current
     config = runtime.config
     remove = [name for name in headers if name.startswith(_GATEWAY_PREFIX)]
@@ -126,6 +137,11 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
     if ("?" in target or not body or not sources
             or identity_sources(sources)[0] is not IdentitySource.VIRTUAL_KEY):
         # A query string, no body, or a first identity only Envoy's attributes carry.
+        return _full(remove)
+    if "true" in headers.get(PARTIAL_BODY_HEADER, "") or headers.get(
+            "content-length", str(len(body))) != str(len(body)):
+        # Only the first part of a larger body (Envoy cut it): the full path reads the
+        # whole one, and answers the 413 over `limits.max_body_bytes`.
         return _full(remove)
     fields = body_fields(body)
     if fields is None:
@@ -162,6 +178,24 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
     # taken); their verdicts come with the access-log entry (fastpath._report_health).
     await processor.finish()
     return _fast(reply)
+
+
+def provider_error(headers: dict[str, str], body: bytes) -> bytes:
+    """A fast answer's provider error, mapped and scrubbed as on the full path (Envoy's
+    Lua filter calls this and puts the result in place of the provider's): the client's
+    status in `x-asc-status`, the body in the door's dialect. A client that sends its own
+    request to this path gets this too, as a check answer: Envoy drops the body and the
+    header, and the request goes on to the full path (no `x-asc-path`)."""
+    status = headers[DOOR_STATUS_HEADER]
+    dialect = Dialect.ANTHROPIC if headers.get(DOOR_DIALECT_HEADER) == "anthropic" \
+        else Dialect.OPENAI
+    mapped, answer = map_provider_error(dialect, int(status) if status.isdigit() else 502,
+                                        body)
+    # As on every answer to a check: no client x-asc* header goes on upstream.
+    remove = ", ".join(name for name in headers if name.startswith(_GATEWAY_PREFIX))
+    return _response("HTTP/1.1 200 OK", [(DOOR_STATUS_HEADER, str(mapped)),
+                                         ("content-type", "application/json"),
+                                         (REMOVE_HEADER, remove)], answer)
 
 
 def _full(remove: list[str]) -> bytes:

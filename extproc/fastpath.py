@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from extproc.phases import RequestProcessor
     from extproc.runtime import Runtime
 
-__all__ = ["DOOR_HEALTH_PATH", "DOOR_PATH_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK",
+__all__ = ["ANSWER_NAMESPACE", "DOOR_DIALECT_HEADER", "DOOR_ERROR_PATH", "DOOR_HEALTH_PATH",
+           "DOOR_PATH_HEADER", "DOOR_STATUS_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK",
            "FAST_METADATA", "META_PREFIX", "BodyFields", "LogEntry", "MetaKind",
            "complete_from_log", "take"]
 
@@ -79,6 +80,15 @@ DOOR_PATH_HEADER: Final = "x-asc-path"
 request (a rendered route matches it), else `full` (extproc.fastdoor)."""
 DOOR_HEALTH_PATH: Final = "/_asc/door-health"
 """Envoy's health check of each fast-door socket (one per worker)."""
+DOOR_ERROR_PATH: Final = "/_asc/provider-error"
+"""Where Envoy's Lua filter sends a fast answer's provider error (its status in
+`DOOR_STATUS_HEADER`, the door's dialect in `DOOR_DIALECT_HEADER`, the body as sent) to
+have it mapped and scrubbed as the full path does (extproc.fastdoor, decision 0136)."""
+DOOR_STATUS_HEADER: Final = "x-asc-status"
+DOOR_DIALECT_HEADER: Final = "x-asc-dialect"
+ANSWER_NAMESPACE: Final = "asc.answer"
+"""Dynamic metadata the Lua filter writes on a mapped error: `provider_status`, the status
+the provider sent (the client gets the mapped one)."""
 META_PREFIX: Final = "x-asc-meta-"
 """Request headers Envoy's header_to_metadata turns into `asc` metadata (and removes)."""
 
@@ -355,6 +365,14 @@ class LogEntry:
     """The downstream peer `ip:port` Envoy logged (the record's source address, 0081)."""
     retry_after: str | None = None
     """The answer's `retry-after` header (a 429's cool-down for the key)."""
+    provider_status: int | None = None
+    """The provider's status when the Lua filter mapped its error answer (`status` is then
+    the mapped one the client got); None otherwise."""
+
+    @property
+    def upstream_status(self) -> int:
+        """The status the provider sent."""
+        return self.provider_status if self.provider_status is not None else self.status
 
 
 def usage_from_fields(usage: Mapping[str, float], dialect: Dialect) -> Usage | None:
@@ -427,7 +445,7 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry, *,
     if isinstance(hold, str):
         processor.hold = _hold_from_text(hold, processor.request_id)
     processor.usage = usage_from_fields(entry.usage, processor.dialect) if entry.usage else None
-    processor.upstream_status = entry.status if entry.upstream_answered else None
+    processor.upstream_status = entry.upstream_status if entry.upstream_answered else None
     processor.status = entry.status or None
     # Complete: usage arrived, or an error answer (nothing to bill). Anything else - a
     # stream without its usage, a client gone, an answer cut - counts as aborted, and an
@@ -447,11 +465,12 @@ async def _report_health(runtime: Runtime, processor: RequestProcessor, route: R
     scope = asc.get("key_scope")
     if entry.upstream_answered and processor.credential is not None and isinstance(scope, str):
         await runtime.keys.report_answer(
-            processor.credential, scope, entry.status, latency_s=latency,
+            processor.credential, scope, entry.upstream_status, latency_s=latency,
             key_evidence=asc.get("extension_headers") is not True,
             retry_after=entry.retry_after)
     if entry.upstream_answered:
-        runtime.health.record_answer(route.key, status=entry.status, latency_s=latency)
+        runtime.health.record_answer(route.key, status=entry.upstream_status,
+                                     latency_s=latency)
     elif not entry.downstream_cut and entry.status >= 500:
         # No answer: Envoy's own 503/504 (refused, reset, timed out).
         runtime.health.record_answer(route.key, status=None, latency_s=None)

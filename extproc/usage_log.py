@@ -25,7 +25,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extproc.audit.writer import AuditWriter
 from extproc.envoy import METADATA_NAMESPACE, struct_scalars
-from extproc.fastpath import FAST_MARK, LogEntry, complete_from_log
+from extproc.fastpath import ANSWER_NAMESPACE, FAST_MARK, LogEntry, complete_from_log
 from extproc.runtime import RuntimeHolder
 
 __all__ = ["USAGE_NAMESPACE", "AccessLogReceiver", "entry_of"]
@@ -63,6 +63,11 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
         for name, value in metadata[USAGE_NAMESPACE].fields.items():
             if value.HasField("number_value"):
                 usage[name] = value.number_value
+    provider_status = None
+    if ANSWER_NAMESPACE in metadata:
+        value = metadata[ANSWER_NAMESPACE].fields.get("provider_status")
+        if value is not None and value.HasField("number_value"):
+            provider_status = int(value.number_value)
     flags = common.response_flags
     # A message with no flag set serializes to nothing: most entries skip the ten reads.
     cut = flags.ByteSize() != 0 and any(getattr(flags, name) for name in _CUT_FLAGS)
@@ -77,6 +82,7 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
         first_byte_s=_seconds(common.time_to_first_upstream_rx_byte) if answered else None,
         source_address=_peer(common.downstream_remote_address),
         retry_after=entry.response.response_headers.get(RETRY_AFTER),
+        provider_status=provider_status,
     )
 
 

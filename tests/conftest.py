@@ -31,6 +31,11 @@ PROVIDER_KEY_EU = "sk-canary-provider-eu-" + secrets.token_hex(8)
 PROVIDER_KEY_US = "sk-canary-provider-us-" + secrets.token_hex(8)
 CANARIES = (PEPPER, ACME_KEY, ACME_KEY_2, GLOBEX_KEY, PROVIDER_KEY_EU, PROVIDER_KEY_US)
 CHAT = "/v1/chat/completions"
+FULL, FAST = "full", "fast"
+PATHS = (FULL, FAST)
+"""The two request paths every suite on the shared `gateway` runs on (issue 14)."""
+FAST_FLUSH_INTERVAL_MS = 20
+"""Envoy's access-log batch interval in the tests' fast configs: records come quickly."""
 
 
 def gateway_config(emulator_port: int, *, extra_acme_keys: bool = False) -> dict[str, Any]:
@@ -72,6 +77,16 @@ def gateway_config(emulator_port: int, *, extra_acme_keys: bool = False) -> dict
                        "models": ["gpt-4o-mini", "gpt-4o"]},
         },
     }
+
+
+def with_fast_path(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the fast path on for every tenant (docs/fast-path.md)."""
+    return {**document, "fast_path": {"enabled": True,
+                                      "flush_interval_ms": FAST_FLUSH_INTERVAL_MS}}
+
+
+def fast_gateway_config(emulator_port: int) -> dict[str, Any]:
+    return with_fast_path(gateway_config(emulator_port))
 
 
 def write_config(directory: Path, document: dict[str, Any]) -> Path:
@@ -122,6 +137,10 @@ class Gateway:
     listen_port: int
     admin_socket: Path
     """Envoy admin's Unix socket (mode 0600); Envoy has no TCP admin port."""
+    path: str = FULL
+    """`fast`: the config has `fast_path.enabled`, so a request that qualifies is decided
+    by the fast door and settled and recorded from Envoy's access log; `full`: every
+    request takes ext_proc."""
     client: httpx.Client = field(init=False)
 
     def __post_init__(self) -> None:
@@ -163,12 +182,14 @@ def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
                   document: Callable[[int], dict[str, Any]] = gateway_config,
                   emulator_args: tuple[str, ...] = (),
                   edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
-                  envoy_log_level: str = "warn") -> Gateway:
+                  envoy_log_level: str = "warn", path: str = FULL) -> Gateway:
     """Emulator, extproc and Envoy on free ports; `edit_bootstrap` may change the rendered
-    Envoy bootstrap in place before Envoy starts (to take one safeguard away in a test)."""
+    Envoy bootstrap in place before Envoy starts (to take one safeguard away in a test).
+    `path`: FAST turns the fast path on in whatever `document` returns."""
     emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US],
                                                            extra_args=emulator_args)
-    config_path = write_config(config_dir, document(emulator_port))
+    written = document(emulator_port)
+    config_path = write_config(config_dir, with_fast_path(written) if path == FAST else written)
     env = dict(stack.env, **provider_env())
     extproc, extproc_port, metrics_port = stack.start_extproc(config_path, workers=workers,
                                                               env=env)
@@ -184,15 +205,18 @@ def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
     return Gateway(stack=stack, config_path=config_path,
                    emulator=Emulator(emulator_port, emulator_process), extproc=extproc,
                    extproc_port=extproc_port, metrics_port=metrics_port, envoy=envoy,
-                   listen_port=listen_port, admin_socket=admin_socket)
+                   listen_port=listen_port, admin_socket=admin_socket, path=path)
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """One shared stack for tests that do not disturb it (no kills, no config edits)."""
-    workdir = tmp_path_factory.mktemp("gateway")
+@pytest.fixture(scope="session", params=PATHS)
+def gateway(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One shared stack for tests that do not disturb it (no kills, no config edits), once
+    per request path: every test on it runs on the full path and on the fast path."""
+    path: str = request.param
+    workdir = tmp_path_factory.mktemp(f"gateway-{path}")
     with Stack(workdir) as stack:
-        yield start_gateway(stack, workdir / "config")
+        yield start_gateway(stack, workdir / "config", path=path)
 
 
 @pytest.fixture

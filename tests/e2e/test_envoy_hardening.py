@@ -17,7 +17,7 @@ import h2.events
 import pytest
 
 from extproc.devstack import Stack
-from tests.conftest import ACME_KEY, CHAT, Gateway, chat_body, start_gateway
+from tests.conftest import ACME_KEY, CHAT, FAST, GLOBEX_KEY, Gateway, chat_body, start_gateway
 from tests.e2e.test_budgets import budget_config, month_counter
 
 
@@ -167,15 +167,22 @@ def test_admin_is_a_unix_socket_only_its_owner_can_open(gateway: Gateway) -> Non
 # -- item 17: non-streamed answers larger than Envoy's buffer --------------------------
 
 
+@pytest.mark.parametrize("key", [ACME_KEY, GLOBEX_KEY], ids=["renamed-model", "same-model"])
 def test_a_3_mb_answer_passes_with_the_default_buffer(
-        gateway: Gateway, emulator_clean: object) -> None:
+        gateway: Gateway, emulator_clean: object, key: str) -> None:
     # Envoy's 1 MiB default made this request stall until the client gave up (measured).
+    # With the fast path rendered, the door's ext_authz cut the stream's buffer to 1 MiB:
+    # full-path answers above it were 502 (measured, decision 0136). acme's model is
+    # renamed at its deployment (its body is rewritten: the full path); globex's is not
+    # (the fast path when it is on, which never adds the cost header).
     gateway.emulator.queue_fault(pad_bytes=3_000_000)
-    response = gateway.chat(chat_body())
+    response = gateway.chat(chat_body(), key=key)
 
     assert response.status_code == 200
     assert response.json()["emulator_padding"] == "x" * 3_000_000
     assert response.json()["usage"]["completion_tokens"] == 4
+    fast = gateway.path == FAST and key == GLOBEX_KEY
+    assert ("x-asc-cost-usd" in response.headers) is not fast
 
 
 def _ledger_settled(redis_port: int) -> tuple[int, int]:

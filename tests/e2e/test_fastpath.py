@@ -9,9 +9,12 @@ import contextlib
 import json
 import re
 import signal
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import redis.asyncio
@@ -164,6 +167,54 @@ def test_plain_request_is_one_message_and_settles_from_the_access_log(
                       principal__subject="acme-main", principal__source="virtual_key")
 
 
+def test_two_hundred_concurrent_requests_at_the_door_never_overspend(stack: Stack) -> None:
+    """tests/e2e/test_budgets.py's overspend test, decided by the door: 50 clients, a
+    1 USD budget; what is charged is what the answers' usage costs, never more."""
+    _, redis_port = stack.start_redis()
+    fast_document = fast_config(redis_port)
+
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = fast_document(emulator_port)
+        doc["tenants"]["acme"]["budgets"] = [
+            {"scope": "tenant", "window": "month", "limit_usd": 1}]
+        return doc
+
+    gateway = start_gateway(stack, stack.workdir / "config", document=document)
+    fast_before = door_checks(gateway, "fast")
+    local = threading.local()  # one HTTP client per thread (httpcore's pool is not shared)
+
+    def call(_: int) -> httpx.Response:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=gateway.base_url, timeout=30)
+        return local.client.post("/v1/chat/completions", json=chat_body(max_tokens=8),
+                                 headers={"authorization": f"Bearer {ACME_KEY}"})
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        responses = list(pool.map(call, range(200)))
+
+    assert sorted({r.status_code for r in responses}) == [200, 429]
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(ok) >= 100  # the budget was used, not refused wholesale
+    assert door_checks(gateway, "fast") == fast_before + len(ok)
+    assert phase_count(gateway, "request_body") == 0  # no request took ext_proc
+    # Settles come from Envoy's access log: every hold is settled, none is left.
+    assert wait_for(lambda: month_counter(redis_port)[1] == 0)
+    spent, held = month_counter(redis_port)
+    charged = sum(cost_micro_usd(r.json()["usage"]) for r in ok)
+    assert held == 0
+    assert spent == charged <= 1_000_000
+    assert refused[0].json() == {"error": {
+        "message": "Request refused: it would exceed the tenant monthly budget "
+                   "(limit USD 1.00).",
+        "type": "rate_limit_error", "param": None, "code": "rate_limited"}}
+    assert_one_record(gateway, refused[0].headers["x-asc-request-id"], tenant="acme",
+                      status=429, error="rate_limited", charged_micro_usd=None)
+    assert_one_record(gateway, ok[0].headers["x-asc-request-id"], tenant="acme", status=200,
+                      budget__mode="redis", budget__settled=True,
+                      charged_micro_usd=cost_micro_usd(ok[0].json()["usage"]))
+
+
 def _has_counter(redis_port: int) -> bool:
     client = redis.Redis(port=redis_port)
     try:
@@ -297,6 +348,54 @@ def test_anthropic_door_to_anthropic_is_one_message_plain_and_streamed(
         spent_before + plain_cost + streamed_cost, 0))
 
 
+@pytest.mark.parametrize(("status", "html", "client_status", "client_type", "message"), [
+    # A 429 never shows the provider's text (its account, limits and figures).
+    (429, False, 429, "rate_limit_error",
+     "The provider's rate limit was reached; retry later."),
+    # An HTML page (a proxy's): nothing of it reaches the client.
+    (503, True, 502, "api_error", "The provider failed with status 503."),
+])
+def test_a_provider_error_on_the_fast_path_reads_as_on_the_full_path(
+        fast: tuple[Gateway, int], status: int, html: bool, client_status: int,
+        client_type: str, message: str) -> None:
+    gateway, redis_port = fast
+    gateway.emulator.clear()
+    gateway.emulator.queue_fault(status=status, html=html, retry_after=7,
+                                 message="Limit 3, Used 3 for org-emulat0r5hared4cc0unt")
+    headers = {"x-api-key": ACME_KEY, "anthropic-version": "2023-06-01"}
+
+    response = gateway.client.post("/v1/messages", headers=headers, json={
+        "model": "claude-x", "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Hello there"}]})
+
+    assert response.status_code == client_status
+    assert response.json() == {"type": "error",
+                               "error": {"type": client_type, "message": message}}
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["retry-after"] == "7"
+    assert response.headers["x-asc-provider"] == "emu-claude"
+    assert len(gateway.emulator.requests()) == 1
+    # Decided at the door: no ext_proc message, one record with both statuses.
+    assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      status=client_status, upstream_status=status)
+    assert wait_for(lambda: month_counter(redis_port)[1] == 0)  # the hold went back
+
+
+def test_envoys_own_reply_on_the_fast_path_is_not_sent_to_the_door(
+        fast: tuple[Gateway, int]) -> None:
+    # A reset before the answer: Envoy's local reply (no provider text in it) keeps
+    # local_reply_config's JSON; only answers from the provider are mapped.
+    gateway, _ = fast
+    gateway.emulator.queue_fault(reset=True)
+
+    response = gateway.chat(chat_body(max_tokens=8))
+
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == "The gateway or the provider is unavailable."
+    assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      status=503, upstream_status=None)
+
+
 def _extproc_connections(gateway: Gateway) -> int:
     stats = gateway.admin("GET", "/stats?filter=^cluster.asc_extproc.upstream_cx_total$").text
     return int(stats.strip().rsplit(": ", 1)[1])
@@ -307,10 +406,6 @@ def test_a_stream_limit_makes_envoy_open_connections_for_the_workers(
         stack: Stack, streams: int | None, more_than_threads: bool) -> None:
     """Envoy (2 threads) opens one extproc connection per thread without a limit; with
     `max_concurrent_streams` it opens more, which SO_REUSEPORT spreads over workers."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import httpx
-
     def limit(bootstrap: dict[str, Any]) -> None:
         if streams is not None:
             options = bootstrap["static_resources"]["clusters"][0][
@@ -429,7 +524,12 @@ def test_fast_answers_feed_the_keys_health(stack: Stack) -> None:
 
     refused = [gateway.chat(chat_body(max_tokens=8)) for _ in range(3)]
 
-    assert [r.status_code for r in refused] == [401] * 3
+    # The client gets the full path's 502 (the door mapped the provider's 401, whose text
+    # quotes the key); the key's verdict is taken on the provider's 401.
+    assert [r.status_code for r in refused] == [502] * 3
+    assert [r.json() for r in refused] == [{"error": {
+        "message": "The provider rejected the gateway's credential.",
+        "type": "upstream_error", "param": None, "code": "provider_error"}}] * 3
     assert {r.headers["x-asc-credential"] for r in refused} == {"emu-eu-1@1"}
     assert wait_for(lambda: credential_open(gateway, "global/emu-eu-1"))
     unavailable = gateway.chat(chat_body(max_tokens=8))

@@ -194,6 +194,28 @@ def test_chunked_body_over_limit_is_413_not_a_hang(
     assert emulator_clean.requests() == []
 
 
+def test_a_whole_json_object_padded_past_the_limit_is_413(
+    gateway: Gateway, emulator_clean: Emulator
+) -> None:
+    # Any first part of it parses as a request (the object, then spaces). On the fast
+    # path Envoy sends the door at most its first max_body_bytes + 64 KiB
+    # (allow_partial_message, decision 0136): the request still takes the full path, which
+    # reads it whole and refuses it (tests/unit/test_fastdoor.py: a cut body is never
+    # decided at the door).
+    def chunks():  # type: ignore[no-untyped-def]
+        yield json.dumps(chat_body()).encode()
+        for _ in range(200):
+            yield b" " * 4096
+
+    response = gateway.client.post(CHAT, content=chunks(), headers={
+        "authorization": f"Bearer {GLOBEX_KEY}", "content-type": "application/json"},
+        timeout=10)
+
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+    assert emulator_clean.requests() == []
+
+
 def test_unknown_endpoint_is_404(gateway: Gateway, emulator_clean: Emulator) -> None:
     response = gateway.client.get("/v1/files", headers={"authorization": f"Bearer {ACME_KEY}"})
 

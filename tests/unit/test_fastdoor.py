@@ -11,7 +11,7 @@ import json
 import pytest
 from google.protobuf import struct_pb2
 
-from extproc.fastdoor import DoorProtocol, _response, body_fields, decide
+from extproc.fastdoor import DoorProtocol, _response, body_fields, decide, provider_error
 from extproc.runtime import Runtime, RuntimeHolder
 from tests.unit.test_fastpath import PARSED
 from tests.unit.test_phases import ENVIRON, PROVIDER_KEY_US, TENANT_KEYS
@@ -74,6 +74,12 @@ async def test_a_fast_answer_sets_the_key_and_the_metadata_and_removes_the_rest(
      "a bad key: the full path refuses and records it"),
     ("/v1/chat/completions", client_headers("pinned"), BODY, "tenant not on the fast path"),
     ("/v1/embeddings", client_headers(), BODY, "another endpoint"),
+    # Envoy cut the body at max_request_bytes: a whole JSON object followed by padding
+    # still parses, but the request is larger than what the door saw.
+    ("/v1/chat/completions", client_headers(**{"x-envoy-auth-partial-body": "true"}), BODY,
+     "Envoy marked the body partial"),
+    ("/v1/chat/completions", client_headers(**{"content-length": str(len(BODY) + 10)}),
+     BODY, "fewer bytes than the request's content-length"),
 ])
 async def test_what_the_door_cannot_decide_goes_on_to_ext_proc(
         target: str, headers: dict[str, str], body: bytes, why: str) -> None:
@@ -157,3 +163,38 @@ async def test_envoys_health_check_is_answered_without_a_decision() -> None:
     response = await decide(holder(), None, "GET", "/_asc/door-health", {"host": "door"}, b"")
 
     assert response == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("sent", "dialect", "status", "expected"), [
+    # A 401's text quotes part of the key: the client reads the full path's 502.
+    (401, "openai", 502, {"error": {
+        "message": "The provider rejected the gateway's credential.",
+        "type": "upstream_error", "param": None, "code": "provider_error"}}),
+    (429, "anthropic", 429, {"type": "error", "error": {
+        "type": "rate_limit_error",
+        "message": "The provider's rate limit was reached; retry later."}}),
+    # A 400's message is kept, scrubbed of the account's ids and figures.
+    (400, "openai", 400, {"error": {
+        "message": "Bad max_tokens for [redacted] (Limit [redacted])",
+        "type": "invalid_request_error", "param": None, "code": "invalid_request"}}),
+    ("x", "openai", 502, {"error": {
+        "message": "The provider failed with status 502.",
+        "type": "upstream_error", "param": None, "code": "provider_error"}}),
+])
+async def test_a_provider_error_is_mapped_as_on_the_full_path(
+        sent: object, dialect: str, status: int, expected: dict[str, object]) -> None:
+    body = json.dumps({"error": {"message": "Bad max_tokens for org-AbCdEf123 (Limit 5)",
+                                 "type": "invalid_request_error"}}).encode()
+    response = await decide(holder(), None, "POST", "/_asc/provider-error",
+                            {"x-asc-status": str(sent), "x-asc-dialect": dialect,
+                             "content-type": "application/json",
+                             "content-length": str(len(body))}, body)
+
+    head, fields, answer = parse(response)
+    assert head == "HTTP/1.1 200 OK"
+    assert fields["x-asc-status"] == str(status)
+    assert json.loads(answer) == expected
+    # Were it a client's own request to this path: no x-asc* header of its goes upstream.
+    assert fields["x-envoy-auth-headers-to-remove"] == "x-asc-status, x-asc-dialect"
+    assert provider_error({"x-asc-status": str(sent), "x-asc-dialect": dialect},
+                          body) == response

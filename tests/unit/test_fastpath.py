@@ -163,6 +163,18 @@ def test_entries_of_other_requests_are_ignored() -> None:
     assert entry.first_byte_s == pytest.approx(0.003)
 
 
+def test_a_mapped_error_keeps_the_providers_status_for_health_and_the_record() -> None:
+    raw = _entry({"request_id": "x", "fast": True}, {}, status=502)
+    raw.common_properties.metadata.filter_metadata["asc.answer"].update(
+        {"provider_status": 401.0})
+    mapped = entry_of(raw)
+    plain = entry_of(_entry({"request_id": "x", "fast": True}, {}, status=429))
+    assert mapped is not None
+    assert plain is not None
+    assert (mapped.status, mapped.provider_status, mapped.upstream_status) == (502, 401, 401)
+    assert (plain.status, plain.provider_status, plain.upstream_status) == (429, None, 429)
+
+
 @pytest.mark.parametrize("flag", [None, "no_healthy_upstream", "response_from_cache_filter",
                                   *_CUT_FLAGS])
 def test_an_answer_is_cut_only_by_the_flags_that_end_it(flag: str | None) -> None:
