@@ -832,6 +832,7 @@ _LUA_FAST_ANSWER: Final = """
 -- cannot hold an unescaped quote, so a name in quotes followed by a colon and digits is a
 -- key of the answer, never text the model wrote. Every other request returns at once.
 local NAMES = {%(names)s}
+local MARKS = {%(marks)s}
 local ACCOUNT = {%(account)s}
 local FALLBACK = {openai = %(fallback_openai)s, anthropic = %(fallback_anthropic)s}
 function envoy_on_response(handle)
@@ -880,8 +881,15 @@ function envoy_on_response(handle)
   local tail = ""
   for chunk in handle:bodyChunks() do
     local text = tail .. chunk:getBytes(0, chunk:length())
-    for name, value in string.gmatch(text, '"([a-z_]+)"%%s*:%%s*(%%d+)') do
-      if NAMES[name] then found[name] = value end
+    -- Every name ends in one of MARKS: a chunk without any (most of a stream) is not
+    -- scanned (the overlap kept from the previous chunk still catches a split name).
+    for _, mark in ipairs(MARKS) do
+      if string.find(text, mark, 1, true) then
+        for name, value in string.gmatch(text, '"([a-z_]+)"%%s*:%%s*(%%d+)') do
+          if NAMES[name] then found[name] = value end
+        end
+        break
+      end
     end
     tail = string.sub(text, -160)
   end
@@ -898,6 +906,12 @@ _ACCOUNT_HEADERS: Final = ("openai-organization", "openai-project",
 anthropic-ratelimit-* families); as `translate.headers.provider_account_headers`."""
 
 
+def _usage_marks() -> list[str]:
+    """What every usage name ends with, closing quote included (`_tokens"`): the Lua
+    filter scans a chunk for names only when one of these is in it."""
+    return sorted({"_" + name.rsplit("_", 1)[1] + '"' for name in USAGE_FIELDS})
+
+
 _DOOR_UNREACHABLE: Final = "The provider failed."
 """A fast answer's provider error when the door could not map it (Envoy's Lua filter)."""
 
@@ -909,6 +923,7 @@ def fast_path_lua_usage_filter(timeout_ms: int = 2000) -> dict[str, Any]:
                                     dialect).decode() for dialect in Dialect}
     source = _LUA_FAST_ANSWER % {
         "names": ", ".join(f"{name} = true" for name in USAGE_FIELDS),
+        "marks": ", ".join(f"'{mark}'" for mark in _usage_marks()),
         "account": ", ".join(f'["{name}"] = true' for name in _ACCOUNT_HEADERS),
         "usage_ns": FAST_USAGE_NAMESPACE,
         "fallback_openai": f"[==[{fallback[Dialect.OPENAI]}]==]",
