@@ -20,7 +20,7 @@ REDIS_PERSIST ?= 1
 BAO_PORT ?= 8200
 BAO_DIR ?= var/openbao
 
-.PHONY: install run openbao test lint typecheck unit integration soak bench bench-peers \
+.PHONY: install run openbao test lint typecheck unit integration soak test-fast-path bench bench-peers \
 	redis-server wrk node kubectl clean
 
 $(STAMP): pyproject.toml
@@ -81,10 +81,17 @@ integration: install redis-server kubectl
 
 # The reliability suite's longer runs (docs/reliability.md): a 30 s rotation drill,
 # Envoy at trace, more fuzzing. Each prints its FIGURE lines.
-soak: install redis-server
+soak: install redis-server test-fast-path
 	$(BIN)/pytest -q -s -p no:cacheprovider -m soak tests/reliability
 	ASC_AUDIT_QUERY_RECORDS=1000000 $(BIN)/pytest -q -p no:cacheprovider \
 		tests/integration/test_audit_query.py
+
+# The e2e suites' private stacks again, each with the fast path on (decision 0136): about
+# 7 more minutes on 2 cores, so not in `make test`, whose shared-gateway suites already run
+# on both paths.
+test-fast-path: install redis-server
+	ASC_TEST_PATH=fast $(BIN)/pytest -q -p no:cacheprovider -m "not soak" tests/e2e \
+		-k "not full]"
 
 # Fast checks first, then the slow real-process suites. pytest exits 5 when it collects
 # nothing; that fails the target like any other non-zero exit.

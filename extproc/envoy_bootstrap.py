@@ -43,6 +43,9 @@ from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401 - @typ
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401 - @type
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2  # noqa: F401 - @type
+from envoy.extensions.filters.http.header_mutation.v3 import (  # noqa: F401 - @type
+    header_mutation_pb2,
+)
 from envoy.extensions.filters.http.header_to_metadata.v3 import (  # noqa: F401 - @type
     header_to_metadata_pb2,
 )
@@ -961,6 +964,9 @@ def _fast_path_access_log(config: GatewayConfig) -> dict[str, Any]:
 
 
 _EXT_AUTHZ: Final = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_HEADER_MUTATION: Final = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation")
+ORIGINAL_PATH_HEADER: Final = "x-envoy-original-path"
 _HEADER_TO_METADATA: Final = (
     "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config")
 _EXT_PROC_PER_ROUTE: Final = (
@@ -1111,6 +1117,21 @@ def _fast_routes(config: GatewayConfig, route_action: dict[str, Any]) -> list[di
     } for cluster, path in targets]
 
 
+def _fast_upstream_filters() -> list[dict[str, Any]]:
+    """The router's upstream filters with the fast path: Envoy adds `x-envoy-original-path`
+    (the client's path) when a fast route rewrites `:path`, after the route's own header
+    removals (measured); an upstream filter runs after that and takes it off, so the
+    provider's request carries what the full path's does. Provider clusters with filters
+    of their own (failover) keep theirs; fast requests never go there."""
+    return [
+        {"name": "asc.fast_upstream_headers", "typed_config": {
+            "@type": _HEADER_MUTATION,
+            "mutations": {"request_mutations": [{"remove": ORIGINAL_PATH_HEADER}]}}},
+        {"name": "envoy.filters.http.upstream_codec",
+         "typed_config": {"@type": _UPSTREAM_CODEC}},
+    ]
+
+
 def _with_fast_path(config: GatewayConfig, ports: EnvoyPorts, hcm: dict[str, Any],
                     clusters: list[dict[str, Any]]) -> None:
     """Add the fast path's Envoy pieces around the router-level ext_proc (in place)."""
@@ -1122,6 +1143,8 @@ def _with_fast_path(config: GatewayConfig, ports: EnvoyPorts, hcm: dict[str, Any
                            fast_path_lua_usage_filter(ports.message_timeout_ms),
                            *filters[at + 1:]]
     hcm["access_log"] = [*hcm["access_log"], _fast_path_access_log(config)]
+    router = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router")
+    router["typed_config"]["upstream_http_filters"] = _fast_upstream_filters()
     host = hcm["route_config"]["virtual_hosts"][0]
     default = host["routes"][-1]
     default["request_headers_to_remove"] = [*default["request_headers_to_remove"],

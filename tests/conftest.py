@@ -5,6 +5,7 @@ loopback ports, plus factories for gateway configs. Every process is stopped aft
 from __future__ import annotations
 
 import json
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ CHAT = "/v1/chat/completions"
 FULL, FAST = "full", "fast"
 PATHS = (FULL, FAST)
 """The two request paths every suite on the shared `gateway` runs on (issue 14)."""
+PATH_VARIABLE = "ASC_TEST_PATH"
+"""`fast` runs every private stack with the fast path on too (`make test-fast-path`)."""
 FAST_FLUSH_INTERVAL_MS = 20
 """Envoy's access-log batch interval in the tests' fast configs: records come quickly."""
 
@@ -182,12 +185,13 @@ def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
                   document: Callable[[int], dict[str, Any]] = gateway_config,
                   emulator_args: tuple[str, ...] = (),
                   edit_bootstrap: Callable[[dict[str, Any]], None] | None = None,
-                  envoy_log_level: str = "warn", path: str = FULL) -> Gateway:
+                  envoy_log_level: str = "warn", path: str | None = None) -> Gateway:
     """Emulator, extproc and Envoy on free ports; `edit_bootstrap` may change the rendered
     Envoy bootstrap in place before Envoy starts (to take one safeguard away in a test).
     `path`: FAST turns the fast path on in whatever `document` returns."""
     emulator_process, emulator_port = stack.start_emulator([PROVIDER_KEY_EU, PROVIDER_KEY_US],
                                                            extra_args=emulator_args)
+    path = path or os.environ.get(PATH_VARIABLE, FULL)
     written = document(emulator_port)
     config_path = write_config(config_dir, with_fast_path(written) if path == FAST else written)
     env = dict(stack.env, **provider_env())

@@ -125,7 +125,8 @@ def _without_internal_only_header(bootstrap: dict[str, Any]) -> None:
 
 def _without_trailers(bootstrap: dict[str, Any]) -> None:
     _without_internal_only_header(bootstrap)
-    mode = _hcm(bootstrap)["http_filters"][0]["typed_config"]["processing_mode"]
+    [ext_proc] = [f for f in _hcm(bootstrap)["http_filters"] if f["name"] == "asc.ext_proc"]
+    mode = ext_proc["typed_config"]["processing_mode"]
     mode["request_trailer_mode"] = "SKIP"
 
 

@@ -60,7 +60,9 @@ def strict_route(bootstrap: dict[str, Any]) -> None:
     hosts = hcm["route_config"]["virtual_hosts"]
     strict = json.loads(json.dumps(hosts[0]))
     strict.update(name="strict", domains=[STRICT_HOST])
-    strict["routes"][0]["metadata"] = {"filter_metadata": {"asc": {"guardrails": "strict"}}}
+    # The gateway's own route is the last (the fast path's routes come first when it is
+    # rendered, and never reach ext_proc).
+    strict["routes"][-1]["metadata"] = {"filter_metadata": {"asc": {"guardrails": "strict"}}}
     hosts.insert(0, strict)
 
 
