@@ -125,7 +125,16 @@ def struct_scalars(struct: Any) -> dict[str, object]:
     """A protobuf Struct's string, number and bool fields as a plain dict, without
     json_format's generic (slow) walk; other kinds are left out."""
     plain: dict[str, object] = {}
-    for name, value in struct.fields.items():
+    fields = struct.fields
+    # By key: the map's items() is collections.abc's generator over the same lookups.
+    for name in fields:
+        value = fields[name]
+        text = value.string_value
+        if text:
+            # Only the member of a oneof that is set reads other than its default: most
+            # fields are strings, and skip the WhichOneof call.
+            plain[name] = text
+            continue
         kind = value.WhichOneof("kind")
         if kind == "string_value":
             plain[name] = value.string_value

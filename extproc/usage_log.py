@@ -60,7 +60,9 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
         return None
     usage: dict[str, float] = {}
     if USAGE_NAMESPACE in metadata:
-        for name, value in metadata[USAGE_NAMESPACE].fields.items():
+        counts = metadata[USAGE_NAMESPACE].fields
+        for name in counts:  # by key, as struct_scalars
+            value = counts[name]
             if value.HasField("number_value"):
                 usage[name] = value.number_value
     provider_status = None

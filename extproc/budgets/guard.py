@@ -35,6 +35,7 @@ from extproc.budgets.ledger import (
     BudgetLedger,
     LedgerOverloaded,
     LedgerUnavailable,
+    RedisLedger,
     Reservation,
     ReserveResult,
     SettleResult,
@@ -177,8 +178,11 @@ class BudgetGuard:
             if pause:
                 await asyncio.sleep(pause)
             try:
-                async with asyncio.timeout(self._settle_timeout_s):
+                if self._settle_bounded():
                     result = await self._ledger.settle(reservation, actual)
+                else:
+                    async with asyncio.timeout(self._settle_timeout_s):
+                        result = await self._ledger.settle(reservation, actual)
             except TimeoutError:
                 error = f"redis: timeout (attempt {attempt + 1})"
             except LedgerUnavailable as exc:
@@ -192,6 +196,16 @@ class BudgetGuard:
         log_event(log, logging.ERROR, "budget settle failed",
                   request_id=hold.reservation.request_id, error=error)
         return 0
+
+    def _settle_bounded(self) -> bool:
+        """True when the ledger's own deadlines end a settle before `settle_timeout_s`
+        would: the safety net's timer (a context and a timer handle per settle) could
+        never fire, so it is not set."""
+        ledger = self._ledger
+        if not isinstance(ledger, RedisLedger):
+            return False
+        bound = ledger.settle_bound_s
+        return bound is not None and bound < self._settle_timeout_s
 
     async def sweep(self, tag: str) -> int:
         permit = self._breaker.allow()

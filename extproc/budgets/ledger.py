@@ -217,6 +217,16 @@ class RedisLedger:
         self._pending: list[_PendingCall] = []
         """Calls asked for in this event-loop turn: sent together in one pipeline."""
 
+    @property
+    def settle_bound_s(self) -> float | None:
+        """The longest a settle asked for now can take, by the ledger's own deadlines: the
+        slot wait (`queue_timeout_s`), then the I/O deadline up to its ceiling and one more
+        window (`_IoDeadline`). None before the scripts are loaded (that call waits for
+        the client's socket timeouts only) and on Redis Cluster (redis-py's own path)."""
+        if not (self._batching and self._loaded):
+            return None
+        return self._queue_timeout_s + self._io_ceiling_s + self._io_timeout_s
+
     async def _load_scripts(self) -> None:
         """SCRIPT LOAD once (on every primary of a cluster) before the first EVALSHA.
 

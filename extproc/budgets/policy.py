@@ -219,6 +219,11 @@ def _rate_groups(budget: TenantBudget, tag: str, requests: int, tokens: int,
     return groups
 
 
+_PlanKey = tuple[str, str, str, str | None, ZoneInfo, int, bool]
+_PLANS: dict[_PlanKey, tuple[TenantBudget, tuple[CounterGroup, ...]]] = {}
+_PLANS_MAX: Final = 4096
+
+
 def plan_reservation(
     budget: TenantBudget,
     *,
@@ -231,7 +236,33 @@ def plan_reservation(
     team: str | None = None,
 ) -> tuple[CounterGroup, ...]:
     """Every counter this request must fit into, in a stable order. A principal without
-    a team touches no team limit; one with a team touches only its own team's."""
+    a team touches no team limit; one with a team touches only its own team's.
+
+    Everything but the amounts depends on `now` only through its whole second (windows,
+    keys, resets) and, for a calendar window's TTL, on whether it is exactly that second:
+    the groups of one (budget, key, model, team) are planned once per second and only
+    the amounts (micro-USD, tokens) are the request's. Entries keep their budget object,
+    so a reload's new one plans again."""
+    if now.tzinfo is None:  # naive: as planned without the cache (calendar rules refuse it)
+        return _plan(budget, key_id, model, cost_micro_usd, estimated_tokens, now, zone, team)
+    stamp = now.timestamp()
+    key = (budget.tenant, key_id, model, team, zone, int(stamp), stamp.is_integer())
+    entry = _PLANS.get(key)
+    if entry is None or entry[0] is not budget:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        entry = _PLANS[key] = (budget, _plan(budget, key_id, model, 0, 0, now, zone, team))
+    return tuple([
+        CounterGroup(g.name, g.unit, g.keys, g.limit,
+                     cost_micro_usd if g.unit == "usd"
+                     else estimated_tokens if g.unit == "tokens" else g.amount,
+                     g.resets_at, g.ttl_s, g.scope, g.window)
+        for g in entry[1]])
+
+
+def _plan(budget: TenantBudget, key_id: str, model: str, cost_micro_usd: int,
+          estimated_tokens: int, now: datetime, zone: ZoneInfo,
+          team: str | None) -> tuple[CounterGroup, ...]:
     tag = hash_tag(budget)
     groups: list[CounterGroup] = []
     for rule in budget.rules:

@@ -599,3 +599,51 @@ orgs:
         ("orgs.bigco.budgets[1].window", "unknown window 'fortnight'"),
         ("orgs.bigco.budgets[2].period_s", "is required for a rolling window"),
     ]
+
+
+# --- plans of one second (planned once, amounts per request) ----------------------------
+
+def test_plans_of_one_second_differ_only_in_their_amounts() -> None:
+    budget = make_budget(TENANT_DAY, rpm=60, tpm=1000)
+
+    first = plan(budget, NOON + timedelta(microseconds=1), cost=500, tokens=40)
+    second = plan(budget, NOON + timedelta(microseconds=999_999), cost=900, tokens=70)
+
+    assert [g.amount for g in first] == [500, 1, 40]
+    assert [g.amount for g in second] == [900, 1, 70]
+    assert [g.ttl_s for g in second] == [43_199 + WEEK_S, 120, 120]
+    assert second == tuple(CounterGroup(g.name, g.unit, g.keys, g.limit, a, g.resets_at,
+                                        g.ttl_s, g.scope, g.window)
+                           for g, a in zip(first, (900, 1, 70), strict=True))
+
+
+def test_a_plan_on_the_whole_second_keeps_its_own_calendar_ttl() -> None:
+    budget = make_budget(TENANT_DAY)
+
+    assert only_ttl(budget, NOON + timedelta(microseconds=500_000)) == 43_199 + WEEK_S
+    assert only_ttl(budget, NOON) == 43_200 + WEEK_S
+    assert only_ttl(budget, NOON + timedelta(microseconds=1)) == 43_199 + WEEK_S
+    assert only_ttl(budget, NOON + timedelta(seconds=1)) == 43_199 + WEEK_S
+
+
+def only_ttl(budget: TenantBudget, now: datetime) -> int:
+    [group] = plan(budget, now)
+    return group.ttl_s
+
+
+def test_a_plan_is_the_principals_own_within_one_second() -> None:
+    budget = make_budget(TENANT_DAY, BudgetRule(Scope.KEY, Window.DAY, 7_000, subject="k1"))
+
+    mine = plan(budget, NOON, key_id="k1")
+    theirs = plan(budget, NOON, key_id="k2")
+
+    assert [g.limit for g in mine] == [1_000_000, 7_000]
+    assert [g.limit for g in theirs] == [1_000_000]
+
+
+def test_a_reloaded_budget_is_planned_with_its_own_limits_in_the_same_second() -> None:
+    before = plan(make_budget(TENANT_DAY), NOON)
+    after = plan(make_budget(BudgetRule(Scope.TENANT, Window.DAY, 2_000_000)), NOON)
+
+    assert [g.limit for g in before] == [1_000_000]
+    assert [g.limit for g in after] == [2_000_000]

@@ -10,6 +10,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 
 from extproc import envoy
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
@@ -403,3 +404,13 @@ def test_encode_refusal_of_request_trailers_is_an_immediate_response() -> None:
     assert response.WhichOneof("response") == "immediate_response"
     assert response.immediate_response.status.code == 400
     assert response.immediate_response.details == "asc_invalid_request"
+
+
+def test_struct_scalars_keeps_strings_numbers_and_bools_of_any_value() -> None:
+    struct = struct_pb2.Struct()
+    struct.update({"text": "acme", "empty": "", "zero": 0.0, "count": 3.5, "no": False,
+                   "yes": True, "nothing": None, "list": [1, "a"], "nested": {"a": "b"}})
+
+    assert envoy.struct_scalars(struct) == {"text": "acme", "empty": "", "zero": 0.0,
+                                            "count": 3.5, "no": False, "yes": True}
+    assert envoy.struct_scalars(struct_pb2.Struct()) == {}

@@ -175,6 +175,18 @@ def test_a_mapped_error_keeps_the_providers_status_for_health_and_the_record() -
     assert (plain.status, plain.provider_status, plain.upstream_status) == (429, None, 429)
 
 
+def test_an_entry_keeps_the_usage_counts_and_the_scalar_metadata() -> None:
+    entry = entry_of(_entry(
+        {"request_id": "r1", "fast": True, "tenant": "acme", "team": "", "stream": False,
+         "estimated_input_tokens": 0.0, "odd": [1.0]},
+        {"prompt_tokens": 12.0, "cached_tokens": 0.0, "note": "n/a"}))
+
+    assert entry is not None
+    assert entry.asc == {"request_id": "r1", "fast": True, "tenant": "acme", "team": "",
+                         "stream": False, "estimated_input_tokens": 0.0}
+    assert entry.usage == {"prompt_tokens": 12.0, "cached_tokens": 0.0}
+
+
 @pytest.mark.parametrize("flag", [None, "no_healthy_upstream", "response_from_cache_filter",
                                   *_CUT_FLAGS])
 def test_an_answer_is_cut_only_by_the_flags_that_end_it(flag: str | None) -> None:
