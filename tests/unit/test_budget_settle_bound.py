@@ -77,11 +77,19 @@ async def test_a_ledger_bounds_its_batched_settles_once_its_scripts_are_loaded()
     assert ledger.settle_bound_s == 0.5 + 5.0 + 0.25
 
 
-async def test_a_silent_redis_ends_each_settle_try_at_the_ledgers_own_deadline(
-        caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(("io_timeout_s", "queue_timeout_s", "settle_timeout_s", "error"), [
+    # The ledger's deadline ends each try (the guard's timer would say "redis: timeout").
+    (0.005, 0.01, 5.0, "redis: TimeoutError (attempt 3)"),
+    # The safety net still ends a try the ledger would let run longer.
+    (0.25, 0.5, 0.02, "redis: timeout (attempt 3)"),
+], ids=["ledger-deadline", "guard-timer"])
+async def test_a_silent_redis_ends_each_settle_try_at_the_first_deadline(
+        caplog: pytest.LogCaptureFixture, io_timeout_s: float, queue_timeout_s: float,
+        settle_timeout_s: float, error: str) -> None:
     silent = _SilentRedis()
-    ledger = _ledger(silent, io_timeout_s=0.005, queue_timeout_s=0.01)
-    guard = BudgetGuard(ledger, timezone="UTC", now=lambda: NOON, settle_timeout_s=5.0)
+    ledger = _ledger(silent, io_timeout_s=io_timeout_s, queue_timeout_s=queue_timeout_s)
+    guard = BudgetGuard(ledger, timezone="UTC", now=lambda: NOON,
+                        settle_timeout_s=settle_timeout_s)
     hold = _hold()
     assert await guard.settle(hold, cost_micro_usd=400, tokens=0, budget=None) == 1
 
@@ -90,21 +98,4 @@ async def test_a_silent_redis_ends_each_settle_try_at_the_ledgers_own_deadline(
 
     assert silent.batches == 3
     [failed] = [r for r in caplog.records if r.getMessage() == "budget settle failed"]
-    # The ledger's deadline ended the tries (the guard's timer would say "redis: timeout").
-    assert failed.fields["error"] == "redis: TimeoutError (attempt 3)"  # type: ignore[attr-defined]
-
-
-async def test_the_safety_net_still_ends_a_try_the_ledger_would_let_run_longer(
-        caplog: pytest.LogCaptureFixture) -> None:
-    silent = _SilentRedis()
-    ledger = _ledger(silent, io_timeout_s=0.25, queue_timeout_s=0.5)
-    guard = BudgetGuard(ledger, timezone="UTC", now=lambda: NOON, settle_timeout_s=0.02)
-    hold = _hold()
-    assert await guard.settle(hold, cost_micro_usd=400, tokens=0, budget=None) == 1
-
-    with caplog.at_level(logging.ERROR, logger="extproc.budgets"):
-        assert await guard.settle(hold, cost_micro_usd=400, tokens=0, budget=None) == 0
-
-    assert silent.batches == 3
-    [failed] = [r for r in caplog.records if r.getMessage() == "budget settle failed"]
-    assert failed.fields["error"] == "redis: timeout (attempt 3)"  # type: ignore[attr-defined]
+    assert failed.fields["error"] == error  # type: ignore[attr-defined]
