@@ -89,6 +89,7 @@ from extproc.fastpath import (
     FAST_BACKEND_PATHS,
     FAST_METADATA,
     META_PREFIX,
+    ROUTE_METADATA_HEADER,
     MetaKind,
 )
 from extproc.listen import worker_socket_paths
@@ -1117,6 +1118,29 @@ def _fast_routes(config: GatewayConfig, route_action: dict[str, Any]) -> list[di
     } for cluster, path in targets]
 
 
+_LUA_ROUTE_METADATA: Final = """
+-- Before the fast door (decision 0136): a route that carries `asc` metadata (a pin,
+-- identity sources, a guardrail profile) is marked for the door, which cannot read route
+-- metadata and sends the request on to ext_proc. This filter is named `asc`, so its
+-- handle:metadata() is the route's `filter_metadata.asc` (measured).
+function envoy_on_request(handle)
+  for _ in pairs(handle:metadata()) do
+    handle:headers():replace("%(header)s", "1")
+    return
+  end
+end
+"""
+
+
+def fast_route_metadata_filter() -> dict[str, Any]:
+    """The Lua filter that tells the door a route has `asc` metadata (see above)."""
+    return {
+        "name": METADATA_NAMESPACE,
+        "typed_config": {"@type": _LUA, "default_source_code": {
+            "inline_string": _LUA_ROUTE_METADATA % {"header": ROUTE_METADATA_HEADER}}},
+    }
+
+
 def _fast_upstream_filters() -> list[dict[str, Any]]:
     """The router's upstream filters with the fast path: Envoy adds `x-envoy-original-path`
     (the client's path) when a fast route rewrites `:path`, after the route's own header
@@ -1138,7 +1162,8 @@ def _with_fast_path(config: GatewayConfig, ports: EnvoyPorts, hcm: dict[str, Any
     filters: list[dict[str, Any]] = hcm["http_filters"]
     ext_proc_filter = next(f for f in filters if f["name"] == "asc.ext_proc")
     at = filters.index(ext_proc_filter)
-    hcm["http_filters"] = [*filters[:at], fast_door_filter(config, ports),
+    hcm["http_filters"] = [*filters[:at], fast_route_metadata_filter(),
+                           fast_door_filter(config, ports),
                            fast_metadata_filter(), ext_proc_filter,
                            fast_path_lua_usage_filter(ports.message_timeout_ms),
                            *filters[at + 1:]]

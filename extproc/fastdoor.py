@@ -47,6 +47,7 @@ from extproc.fastpath import (
     DOOR_STATUS_HEADER,
     FAST_METADATA,
     META_PREFIX,
+    ROUTE_METADATA_HEADER,
     MetaKind,
 )
 from extproc.identity import IdentitySource, identity_sources
@@ -134,9 +135,10 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
     config = runtime.config
     remove = [name for name in headers if name.startswith(_GATEWAY_PREFIX)]
     sources = config.identity.sources
-    if ("?" in target or not body or not sources
+    if ("?" in target or not body or not sources or ROUTE_METADATA_HEADER in headers
             or identity_sources(sources)[0] is not IdentitySource.VIRTUAL_KEY):
-        # A query string, no body, or a first identity only Envoy's attributes carry.
+        # A query string, no body, a route with `asc` metadata (only ext_proc reads it),
+        # or a first identity only Envoy's attributes carry.
         return _full(remove)
     if "true" in headers.get(PARTIAL_BODY_HEADER, "") or headers.get(
             "content-length", str(len(body))) != str(len(body)):

@@ -66,7 +66,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ANSWER_NAMESPACE", "DOOR_DIALECT_HEADER", "DOOR_ERROR_PATH", "DOOR_HEALTH_PATH",
            "DOOR_PATH_HEADER", "DOOR_STATUS_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK",
-           "FAST_METADATA", "META_PREFIX", "BodyFields", "LogEntry", "MetaKind",
+           "FAST_METADATA", "META_PREFIX", "ROUTE_METADATA_HEADER", "BodyFields", "LogEntry",
+           "MetaKind",
            "complete_from_log", "take"]
 
 log = logging.getLogger("extproc.fastpath")
@@ -84,6 +85,10 @@ DOOR_ERROR_PATH: Final = "/_asc/provider-error"
 """Where Envoy's Lua filter sends a fast answer's provider error (its status in
 `DOOR_STATUS_HEADER`, the door's dialect in `DOOR_DIALECT_HEADER`, the body as sent) to
 have it mapped and scrubbed as the full path does (extproc.fastdoor, decision 0136)."""
+ROUTE_METADATA_HEADER: Final = "x-asc-route-metadata"
+"""Set by Envoy's Lua filter named `asc` on a request whose route carries `asc` metadata
+(a pin, identity sources, a guardrail profile): the door cannot read route metadata, so
+such a request takes the full path, where ext_proc reads it (decision 0136)."""
 DOOR_STATUS_HEADER: Final = "x-asc-status"
 DOOR_DIALECT_HEADER: Final = "x-asc-dialect"
 ANSWER_NAMESPACE: Final = "asc.answer"

@@ -36,6 +36,7 @@ from tests.conftest import (
 )
 from tests.e2e.audit_check import assert_one_record
 from tests.e2e.test_budgets import PRICE, month_counter
+from tests.e2e.test_guardrails import STRICT_HOST, strict_route
 from tests.polling import wait_for
 
 HOLD_TTL_S = 1
@@ -573,6 +574,39 @@ def test_a_route_without_the_door_takes_no_forged_metadata(stack: Stack) -> None
     # record) logged nothing for it.
     assert wait_for(lambda: request_id in gateway.envoy.log_text())
     assert grpc_logs_written(gateway) == 0
+
+
+def test_a_route_with_asc_metadata_takes_the_full_path(stack: Stack) -> None:
+    """The door cannot read route metadata: Envoy's Lua filter named `asc` marks a route
+    that has some, and the door sends its requests to ext_proc, which applies it (here a
+    guardrail profile on one host; acme has no guardrails of its own)."""
+    _, redis_port = stack.start_redis()
+    fast_document = fast_config(redis_port)
+
+    def document(emulator_port: int) -> dict[str, Any]:
+        doc = fast_document(emulator_port)
+        doc["guardrail_profiles"] = {"strict": {"pii": {"email": "deny"}}}
+        return doc
+
+    gateway = start_gateway(stack, stack.workdir / "config", document=document,
+                            edit_bootstrap=strict_route)
+    body = chat_body(max_tokens=8,
+                     messages=[{"role": "user", "content": "Write to dan@example.com"}])
+    fast_before, full_before = door_checks(gateway, "fast"), door_checks(gateway, "full")
+
+    plain = gateway.chat(body)
+    strict = gateway.chat(body, headers={"host": STRICT_HOST})
+
+    assert plain.status_code == 200
+    assert strict.status_code == 403
+    assert strict.json()["error"]["message"] == (
+        "Guardrail 'pii.email': the prompt contains an email address, which this key may "
+        "not send.")
+    assert (door_checks(gateway, "fast"), door_checks(gateway, "full")) == (
+        fast_before + 1, full_before + 1)
+    assert len(gateway.emulator.requests()) == 1
+    assert_one_record(gateway, strict.headers["x-asc-request-id"], tenant="acme",
+                      status=403)
 
 
 def grpc_logs_written(gateway: Gateway) -> int:

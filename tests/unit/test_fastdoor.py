@@ -198,3 +198,14 @@ async def test_a_provider_error_is_mapped_as_on_the_full_path(
     assert fields["x-envoy-auth-headers-to-remove"] == "x-asc-status, x-asc-dialect"
     assert provider_error({"x-asc-status": str(sent), "x-asc-dialect": dialect},
                           body) == response
+
+
+async def test_a_route_with_asc_metadata_is_never_decided_at_the_door() -> None:
+    # Envoy's Lua filter named `asc` marks it; only ext_proc reads route metadata.
+    response = await decide(holder(), None, "POST", "/v1/chat/completions",
+                            client_headers(**{"x-asc-route-metadata": "1"}), BODY)
+
+    status, fields, _ = parse(response)
+    assert status == "HTTP/1.1 200 OK"
+    assert fields["x-asc-path"] == "full"
+    assert fields["x-envoy-auth-headers-to-remove"] == "x-asc-route-metadata"

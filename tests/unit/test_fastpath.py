@@ -233,17 +233,18 @@ def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
         return typed
 
     assert [f["name"] for f in hcm(fast)["http_filters"]] == [
-        "asc.fast_door", "asc.fast_metadata", "asc.ext_proc",
+        "asc", "asc.fast_door", "asc.fast_metadata", "asc.ext_proc",
         "envoy.filters.http.lua", "envoy.filters.http.router"]
     assert [f["name"] for f in hcm(plain)["http_filters"]] == [
         "asc.ext_proc", "envoy.filters.http.router"]
-    door = hcm(fast)["http_filters"][0]["typed_config"]
+    filters = {f["name"]: f["typed_config"] for f in hcm(fast)["http_filters"]}
+    door = filters["asc.fast_door"]
     assert door["failure_mode_allow"] is False
     assert door["status_on_error"] == {"code": 503}
     assert door["http_service"]["server_uri"]["cluster"] == "asc_fast_door"
     # The door's metadata headers become typed `asc` metadata and leave the request: on the
     # fast routes only (the filter itself has no rules).
-    assert "request_rules" not in hcm(fast)["http_filters"][1]["typed_config"]
+    assert "request_rules" not in filters["asc.fast_metadata"]
     routes = hcm(fast)["route_config"]["virtual_hosts"][0]["routes"]
     rules = routes[0]["typed_per_filter_config"]["asc.fast_metadata"]["request_rules"]
     assert {"header": "x-asc-meta-fast", "remove": True, "on_header_present": {
