@@ -38,7 +38,9 @@ def records(directory: Path) -> list[dict[str, Any]]:
     """Every record (not checkpoint) in `directory`'s JSONL files, in file order."""
     found: list[dict[str, Any]] = []
     for path in sorted(directory.glob("audit-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        text = path.read_text(encoding="utf-8")
+        # A batch still being written may end in a partial line: read on the next poll.
+        for line in text[:text.rfind("\n") + 1].splitlines():
             if '"type":"record"' in line:
                 found.append(json.loads(line))
     return found

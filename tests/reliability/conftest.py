@@ -109,7 +109,9 @@ class Replicas:
         killed or restarted: their log files stay), with `replica`: the log's name."""
         found = []
         for log in sorted(self.stack.workdir.glob("extproc*.log")):
-            for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            text = log.read_text(encoding="utf-8", errors="replace")
+            # A line still being written has no newline yet: it is read on the next poll.
+            for line in text[:text.rfind("\n") + 1].splitlines():
                 if '"msg":"request finished"' in line:
                     found.append({**json.loads(line), "replica": log.stem})
         return found
