@@ -36,7 +36,7 @@ from tests.conftest import (
 )
 from tests.e2e.audit_check import assert_one_record
 from tests.e2e.test_budgets import PRICE, month_counter
-from tests.e2e.test_guardrails import STRICT_HOST, strict_route
+from tests.e2e.test_guardrails import assert_the_strict_route_denies_an_email, strict_route
 from tests.polling import wait_for
 
 HOLD_TTL_S = 1
@@ -590,23 +590,14 @@ def test_a_route_with_asc_metadata_takes_the_full_path(stack: Stack) -> None:
 
     gateway = start_gateway(stack, stack.workdir / "config", document=document,
                             edit_bootstrap=strict_route)
-    body = chat_body(max_tokens=8,
-                     messages=[{"role": "user", "content": "Write to dan@example.com"}])
     fast_before, full_before = door_checks(gateway, "fast"), door_checks(gateway, "full")
 
-    plain = gateway.chat(body)
-    strict = gateway.chat(body, headers={"host": STRICT_HOST})
+    strict_request = assert_the_strict_route_denies_an_email(gateway, max_tokens=8)
 
-    assert plain.status_code == 200
-    assert strict.status_code == 403
-    assert strict.json()["error"]["message"] == (
-        "Guardrail 'pii.email': the prompt contains an email address, which this key may "
-        "not send.")
     assert (door_checks(gateway, "fast"), door_checks(gateway, "full")) == (
         fast_before + 1, full_before + 1)
     assert len(gateway.emulator.requests()) == 1
-    assert_one_record(gateway, strict.headers["x-asc-request-id"], tenant="acme",
-                      status=403)
+    assert_one_record(gateway, strict_request, tenant="acme", status=403)
 
 
 def grpc_logs_written(gateway: Gateway) -> int:

@@ -230,16 +230,24 @@ def test_streamed_answer_is_redacted_across_chunks(guarded: tuple[Gateway, int])
     assert raw.endswith(b"data: [DONE]\n\n")
 
 
-def test_a_route_profile_tightens_the_tenants_rules(guarded: tuple[Gateway, int]) -> None:
-    gateway, redis_port = guarded
-    gateway.emulator.clear()
-    body = chat_body(messages=[{"role": "user", "content": "Write to dan@example.com"}])
-    plain = gateway.chat(body)
-    strict = gateway.chat(body, headers={"host": STRICT_HOST})
+def assert_the_strict_route_denies_an_email(gateway: Gateway, **body: Any) -> str:
+    """The same prompt with an email, on the plain host (200) and on STRICT_HOST, whose
+    route's profile denies emails (403); the strict answer's request id."""
+    sent = chat_body(messages=[{"role": "user", "content": "Write to dan@example.com"}],
+                     **body)
+    plain = gateway.chat(sent)
+    strict = gateway.chat(sent, headers={"host": STRICT_HOST})
     assert plain.status_code == 200
     assert strict.status_code == 403
     assert strict.json()["error"]["message"] == (
         "Guardrail 'pii.email': the prompt contains an email address, which this key may "
         "not send.")
+    return strict.headers["x-asc-request-id"]
+
+
+def test_a_route_profile_tightens_the_tenants_rules(guarded: tuple[Gateway, int]) -> None:
+    gateway, redis_port = guarded
+    gateway.emulator.clear()
+    assert_the_strict_route_denies_an_email(gateway)
     assert len(gateway.emulator.requests()) == 1
     assert held(redis_port) == 0
