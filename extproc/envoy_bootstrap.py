@@ -128,6 +128,14 @@ _BUFFER_SLACK: Final = 64 * 1024
 """Envoy buffers a little more than the body limit, so the service sees an oversized body."""
 _UPSTREAM_CODEC: Final = (
     "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec")
+
+
+def _upstream_codec_filter() -> dict[str, Any]:
+    """The codec every upstream filter chain ends with (Envoy requires it last)."""
+    return {"name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": _UPSTREAM_CODEC}}
+
+
 _PREVIOUS_PRIORITIES: Final = (
     "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3"
     ".PreviousPrioritiesConfig")
@@ -522,8 +530,7 @@ def _failover_cluster(config: GatewayConfig, name: str, chain: Chain,
                 **_protocol_options(protocol, limits),
                 "http_filters": [
                     _upstream_ext_proc(ports),
-                    {"name": "envoy.filters.http.upstream_codec",
-                     "typed_config": {"@type": _UPSTREAM_CODEC}},
+                    _upstream_codec_filter(),
                 ],
             },
         },
@@ -1151,8 +1158,7 @@ def _fast_upstream_filters() -> list[dict[str, Any]]:
         {"name": "asc.fast_upstream_headers", "typed_config": {
             "@type": _HEADER_MUTATION,
             "mutations": {"request_mutations": [{"remove": ORIGINAL_PATH_HEADER}]}}},
-        {"name": "envoy.filters.http.upstream_codec",
-         "typed_config": {"@type": _UPSTREAM_CODEC}},
+        _upstream_codec_filter(),
     ]
 
 

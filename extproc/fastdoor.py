@@ -133,7 +133,7 @@ async def decide(holder: RuntimeHolder, audit: AuditWriter | None, method: str,
         return provider_error(headers, body)
     runtime = holder.current
     config = runtime.config
-    remove = [name for name in headers if name.startswith(_GATEWAY_PREFIX)]
+    remove = _gateway_headers(headers)
     sources = config.identity.sources
     if ("?" in target or not body or not sources or ROUTE_METADATA_HEADER in headers
             or identity_sources(sources)[0] is not IdentitySource.VIRTUAL_KEY):
@@ -194,10 +194,15 @@ def provider_error(headers: dict[str, str], body: bytes) -> bytes:
     mapped, answer = map_provider_error(dialect, int(status) if status.isdigit() else 502,
                                         body)
     # As on every answer to a check: no client x-asc* header goes on upstream.
-    remove = ", ".join(name for name in headers if name.startswith(_GATEWAY_PREFIX))
     return _response("HTTP/1.1 200 OK", [(DOOR_STATUS_HEADER, str(mapped)),
                                          ("content-type", "application/json"),
-                                         (REMOVE_HEADER, remove)], answer)
+                                         (REMOVE_HEADER, ", ".join(_gateway_headers(headers)))],
+                     answer)
+
+
+def _gateway_headers(headers: dict[str, str]) -> list[str]:
+    """The check's headers under `x-asc`: each answer removes them from the request."""
+    return [name for name in headers if name.startswith(_GATEWAY_PREFIX)]
 
 
 def _full(remove: list[str]) -> bytes:

@@ -67,8 +67,7 @@ if TYPE_CHECKING:
 __all__ = ["ANSWER_NAMESPACE", "DOOR_DIALECT_HEADER", "DOOR_ERROR_PATH", "DOOR_HEALTH_PATH",
            "DOOR_PATH_HEADER", "DOOR_STATUS_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK",
            "FAST_METADATA", "META_PREFIX", "ROUTE_METADATA_HEADER", "BodyFields", "LogEntry",
-           "MetaKind",
-           "complete_from_log", "take"]
+           "MetaKind", "complete_from_log", "take"]
 
 log = logging.getLogger("extproc.fastpath")
 
