@@ -427,7 +427,8 @@ class Keyring:
         if version is None:
             raise SecretUnavailable(f"credential {scope}/{credential_id} has no active version")
         secret = await self._secret(scope, credential_id, version)
-        return ResolvedCredential(credential_id, version, secret)
+        return ResolvedCredential(credential_id, version, secret,
+                                  canary=version == state.canary)
 
     async def _state(self, scope: str, credential: str) -> KeyState:
         key = (scope, credential)
@@ -509,6 +510,10 @@ class Keyring:
         self._state_reads.forget(key)
 
     def is_canary(self, credential: ResolvedCredential, scope: str) -> bool:
+        """Chosen as the canary, or the canary now (a key known by its label only, from
+        another process's attempt or the fast path's access log)."""
+        if credential.canary:
+            return True
         cached = self._states.get((scope, credential.id))
         return cached is not None and cached.state.canary == credential.version
 

@@ -21,6 +21,10 @@ class ResolvedCredential:
     id: str
     version: int
     secret: Secret
+    canary: bool = False
+    """Chosen as its credential's canary version: what the provider answers to it stays
+    the canary's (rollback count, retry on the active version) even when a rollback lands
+    while the request is in flight."""
 
     @property
     def label(self) -> str:

@@ -132,3 +132,39 @@ async def test_a_change_published_during_a_state_read_is_not_cached(
     store.hold.set()
     assert (await read).version == 1  # the read that started before the change
     assert (await keyring.credential(credential)).version == 2  # not the stale state
+
+
+async def test_a_canary_answer_after_the_rollback_is_still_the_canarys(
+        redis: Any, tmp_path: Path) -> None:
+    """Requests on the canary still in flight when another one rolls it back: their 401s
+    stay the canary's (seen under load: such a 401 closed no breaker but went to the
+    client, because the request no longer read as a canary and got no retry on v1)."""
+    credential = f"ring-{uuid.uuid4().hex[:8]}"
+    config = config_for(credential)
+    store = KeyStore(redis)
+    keyring = Keyring(store, FileKek.load(init_kek_file(tmp_path / "kek.key")),
+                      rollback_after=1)
+    await keyring.add("global", credential, "openai", Secret("sk-canary-race-v1"))
+    await keyring.add("global", credential, "openai", Secret("sk-canary-race-v2"))
+    await store.transition("global", credential, lambda s: canary(s, 2, 100))
+    pool = CredentialPool()
+    keys = ProviderKeys(config.credentials, StaticKeyProvider({}), keyring, pool)
+    in_flight = [await keys.for_request(config.providers["p"], config.tenants["t"], bucket=0)
+                 for _ in range(4)]
+    assert [(s.credential.version, s.credential.canary) for s in in_flight if s] == [
+        (2, True)] * 4
+
+    first, *late = in_flight
+    assert first is not None
+    await keys.report(first, 401, key_evidence=True)  # the rollback
+    state = await store.state("global", credential)
+    assert (state.active, state.canary, state.failed) == (1, None, (2,))
+    for selected in late:
+        assert selected is not None
+        assert keyring.is_canary(selected.credential, "global")  # retried on v1
+        await keys.report(selected, 401, key_evidence=True)
+    assert pool.state(f"global/{credential}") == "closed"  # v1 still serves
+    after = await keys.for_request(config.providers["p"], config.tenants["t"], bucket=0)
+    assert after is not None
+    assert (after.credential.version, after.credential.canary) == (1, False)
+    assert not keyring.is_canary(after.credential, "global")
