@@ -95,6 +95,7 @@ from extproc.fastpath import (
 from extproc.listen import worker_socket_paths
 from extproc.phases import CLUSTER_HEADER
 from extproc.translate.base import MESSAGES_PATH, Backend
+from extproc.translate.provider_errors import STREAM_ERROR_FALLBACK
 from extproc.usage_log import RETRY_AFTER
 
 __all__ = [
@@ -846,6 +847,41 @@ local NAMES = {%(names)s}
 local MARKS = {%(marks)s}
 local ACCOUNT = {%(account)s}
 local FALLBACK = {openai = %(fallback_openai)s, anthropic = %(fallback_anthropic)s}
+-- An in-stream error (decision 0138). Its first mark past `seen` (the overlap already
+-- looked at): an "error" key, or an `event: error` line, where the event starts.
+local function error_mark(text, seen)
+  local first = nil
+  for skip, pattern in ipairs({'"error"%%s*:', '\\nevent: ?error%%f[^%%w_]'}) do
+    local s, e = string.find(text, pattern)
+    while s ~= nil and e <= seen do
+      s, e = string.find(text, pattern, e + 1)
+    end
+    if s ~= nil and (first == nil or s + skip - 1 < first) then first = s + skip - 1 end
+  end
+  if first == nil and seen == 0 and string.find(text, '^event: ?error%%f[^%%w_]') then
+    first = 1
+  end
+  return first
+end
+-- The event the client gets instead (a chunk cannot wait for the door here: a chunk
+-- object dies when the script yields, measured): the provider's `type` and `code` when
+-- they are short words, and a fixed message (the provider's may name the account).
+local function error_event(event, dialect)
+  local name = string.match(event, '^event: ?([%%w_]+)')
+  local fields = '"message":"%(stream_message)s"'
+  local _, open = string.find(event, '"error"%%s*:%%s*{')
+  if open ~= nil then
+    for _, key in ipairs({"type", "code"}) do
+      local value = string.match(event, '"' .. key .. '"%%s*:%%s*"([%%w_%%.%%-]+)"', open)
+      if value ~= nil and #value <= 64 then
+        fields = fields .. ',"' .. key .. '":"' .. value .. '"'
+      end
+    end
+  end
+  local data = dialect == "anthropic" and '{"type":"error","error":{' .. fields .. '}}'
+    or '{"error":{' .. fields .. '}}'
+  return (name ~= nil and "event: " .. name .. "\\n" or "") .. "data: " .. data .. "\\n\\n"
+end
 function envoy_on_response(handle)
   local metadata = handle:streamInfo():dynamicMetadata()
   local asc = metadata:get("asc")
@@ -890,8 +926,21 @@ function envoy_on_response(handle)
   end
   local found = {}
   local tail = ""
+  local skipping = false
+  local dialect = asc["dialect"] == "anthropic" and "anthropic" or "openai"
+  -- Only a provider's event stream has in-stream errors (an Envoy local reply is JSON
+  -- with a content-length).
+  local events = string.find(headers:get("content-type") or "", "text/event-stream", 1, true)
   for chunk in handle:bodyChunks() do
-    local text = tail .. chunk:getBytes(0, chunk:length())
+    local bytes = chunk:getBytes(0, chunk:length())
+    if skipping then
+      -- The rest of an error event already replaced: never the client's.
+      local stop = string.find(bytes, "\\n\\n", 1, true)
+      skipping = stop == nil
+      bytes = skipping and "" or string.sub(bytes, stop + 2)
+      chunk:setBytes(bytes)
+    end
+    local text = tail .. bytes
     -- Every name ends in one of MARKS: a chunk without any (most of a stream) is not
     -- scanned (the overlap kept from the previous chunk still catches a split name).
     for _, mark in ipairs(MARKS) do
@@ -902,7 +951,41 @@ function envoy_on_response(handle)
         break
       end
     end
-    tail = string.sub(text, -160)
+    -- In-stream errors: each from its event's start to its end, replaced (error_event);
+    -- an event that goes on in the next chunks is dropped up to its end.
+    local at = events and error_mark(text, #tail)
+    if at then
+      local pieces, next = {}, #tail + 1
+      while at ~= nil do
+        local start = 1
+        local blank = string.find(text, "\\n\\n", 1, true)
+        while blank ~= nil and blank + 1 < at do
+          start = blank + 2
+          blank = string.find(text, "\\n\\n", start, true)
+        end
+        local stop = string.find(text, "\\n\\n", at, true)
+        local scrubbed = error_event(string.sub(text, start, stop and stop + 1 or #text),
+                                     dialect)
+        if start <= #tail then  -- the event began in a chunk already passed on
+          local head = string.sub(text, start, #tail)
+          scrubbed = string.sub(scrubbed, 1, #head) == head
+            and string.sub(scrubbed, #head + 1) or "\\n\\n" .. scrubbed
+        else
+          pieces[#pieces + 1] = string.sub(text, next, start - 1)
+        end
+        pieces[#pieces + 1] = scrubbed
+        if stop == nil then
+          skipping, next = true, #text + 1
+          break
+        end
+        next = stop + 2
+        at = error_mark(text, stop + 1)
+      end
+      pieces[#pieces + 1] = string.sub(text, next)
+      bytes = table.concat(pieces)
+      chunk:setBytes(bytes)
+    end
+    tail = string.sub(tail .. bytes, -160)
   end
   -- Objects taken before the chunks yielded are out of scope now (measured): ask again.
   local after = handle:streamInfo():dynamicMetadata()
@@ -939,6 +1022,7 @@ def fast_path_lua_usage_filter(timeout_ms: int = 2000) -> dict[str, Any]:
         "usage_ns": FAST_USAGE_NAMESPACE,
         "fallback_openai": f"[==[{fallback[Dialect.OPENAI]}]==]",
         "fallback_anthropic": f"[==[{fallback[Dialect.ANTHROPIC]}]==]",
+        "stream_message": STREAM_ERROR_FALLBACK,
         "door": FAST_DOOR_CLUSTER, "error_path": DOOR_ERROR_PATH,
         "status_header": DOOR_STATUS_HEADER, "dialect_header": DOOR_DIALECT_HEADER,
         "answer_ns": ANSWER_NAMESPACE, "timeout_ms": timeout_ms,

@@ -169,6 +169,9 @@ class Fault:
     stream_error: str | None = None
     """A streamed answer sends its first event, then an in-stream error event with this
     message (OpenAI `data: {"error": ...}`, Anthropic `event: error`), and ends."""
+    stream_error_split: int | None = None
+    """The error event goes out in two writes, split after this many bytes, 50 ms apart
+    (a proxy then sees it in two chunks)."""
 
     @property
     def is_empty(self) -> bool:
@@ -202,6 +205,7 @@ class Fault:
             "pad_bytes": self.pad_bytes,
             "message": self.message,
             "stream_error": self.stream_error,
+            "stream_error_split": self.stream_error_split,
         }
 
 
@@ -267,6 +271,7 @@ class CallContext:
     state: EmulatorState
     reset_after_chunks: int | None = None
     stream_error: str | None = None
+    stream_error_split: int | None = None
     end_after_chunks: int | None = None
     events_sent: int = 0
 
@@ -304,7 +309,13 @@ class CallContext:
             await resp.write_eof()
             return False
         if self.stream_error is not None:
-            await resp.write(_stream_error_event(self.request.path, self.stream_error))
+            event = _stream_error_event(self.request.path, self.stream_error)
+            split = self.stream_error_split
+            if split is not None and 0 < split < len(event):
+                await resp.write(event[:split])
+                await chunk_pause(_SPLIT_PAUSE_S)
+                event = event[split:]
+            await resp.write(event)
             return False
         return True
 
@@ -391,6 +402,9 @@ SHAPES: Final[tuple[ProviderShape, ...]] = shapes_named(DEFAULT_SHAPE_NAMES)
 STATE_KEY: Final = web.AppKey("emulator_state", EmulatorState)
 CONFIG_KEY: Final = web.AppKey("emulator_config", EmulatorConfig)
 _SHAPES_KEY: Final = web.AppKey("emulator_shapes", tuple[ProviderShape, ...])
+
+
+_SPLIT_PAUSE_S: Final = 0.05
 
 
 def _stream_error_event(path: str, message: str) -> bytes:
@@ -586,6 +600,7 @@ def _wrap(
             reset_after_chunks=fault.reset_after_chunks,
             end_after_chunks=fault.end_after_chunks,
             stream_error=fault.stream_error,
+            stream_error_split=fault.stream_error_split,
         )
         response = await handler(request, ctx)
         if fault.pad_bytes and isinstance(response, web.Response) and response.body:
@@ -677,7 +692,7 @@ async def _get_faults(request: web.Request) -> web.Response:
 _FAULT_FIELDS: Final = frozenset(
     {"status", "html", "delay_ms", "reset", "reset_after_chunks", "end_after_chunks",
      "retry_after", "count",
-     "pad_bytes", "message", "stream_error"}
+     "pad_bytes", "message", "stream_error", "stream_error_split"}
 )
 _MAX_FAULT_MESSAGE: Final = 16 * 1024 * 1024
 
@@ -727,6 +742,7 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         pad_bytes=_opt_int(body, "pad_bytes", 0, 1 << 30) or 0,
         message=message,
         stream_error=stream_error,
+        stream_error_split=_opt_int(body, "stream_error_split", 1, 1_000_000),
     )
     if fault.is_empty:
         raise ValueError(

@@ -17,7 +17,7 @@ from typing import Any
 from extproc.errors import Dialect
 from extproc.translate import limits
 from extproc.translate.openai_anthropic import ANTHROPIC_VERSION, MESSAGES_PATH
-from extproc.translate.provider_errors import map_provider_error, scrubbed_stream_error
+from extproc.translate.provider_errors import map_provider_error, scrubbed_error_event
 from extproc.translate.sse import SseDecoder, SseEvent, encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
@@ -67,8 +67,7 @@ class AnthropicPassthroughStream(StreamProgress):
             else:
                 return encode_event(event.data, kind)
         if kind == "error" or data.get("type") == "error":
-            scrubbed = {"type": "error", "error": scrubbed_stream_error(data.get("error"))}
-            return encode_event(compact_json(scrubbed).decode(), kind)
+            return scrubbed_error_event(data.get("error"), Dialect.ANTHROPIC, kind)
         self._read_usage(data)
         return encode_event(event.data, kind)
 

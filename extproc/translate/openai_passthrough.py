@@ -36,7 +36,7 @@ from urllib.parse import quote
 
 from extproc.errors import Dialect
 from extproc.translate import limits
-from extproc.translate.provider_errors import map_provider_error, scrubbed_stream_error
+from extproc.translate.provider_errors import map_provider_error, scrubbed_error_event
 from extproc.translate.sse import SseEvent, encode_event
 from extproc.translate.types import (
     NO_OUTPUT_LIMIT,
@@ -145,8 +145,7 @@ class OpenAIPassthroughStream(SseStream):
             if chunk is None:
                 kept.append(encode_event(event.data, event.event))
             elif chunk.get("error") is not None:
-                scrubbed = {"error": scrubbed_stream_error(chunk["error"])}
-                kept.append(encode_event(compact_json(scrubbed).decode(), event.event))
+                kept.append(scrubbed_error_event(chunk["error"], Dialect.OPENAI, event.event))
             elif not (self._strip and self._usage_only(chunk)):
                 kept.append(encode_event(event.data, event.event))
         return b"".join(kept)

@@ -38,15 +38,18 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from extproc.errors import Dialect, ErrorCode, GatewayError, error_body
-from extproc.translate.validation import json_object
+from extproc.translate.sse import encode_event
+from extproc.translate.validation import compact_json, json_object
 
 __all__ = [
+    "STREAM_ERROR_FALLBACK",
     "invalid_response",
     "map_provider_error",
     "provider_document",
     "provider_message",
     "retry_after_headers",
     "scrub",
+    "scrubbed_error_event",
     "scrubbed_stream_error",
 ]
 
@@ -178,7 +181,7 @@ def map_provider_error(front: Dialect, status: int, body: bytes) -> tuple[int, b
     return error.status, error_body(error, front)
 
 
-_STREAM_ERROR_FALLBACK: Final = "The provider failed while streaming."
+STREAM_ERROR_FALLBACK: Final = "The provider failed while streaming."
 _ERROR_WORD: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
@@ -187,13 +190,24 @@ def scrubbed_stream_error(error: object) -> dict[str, Any]:
     message scrubbed like an error body's, `type`/`code` kept only when they are short
     words, anything else dropped."""
     found = provider_message({"error": error})
-    out: dict[str, Any] = {"message": (scrub(found) if found else "") or _STREAM_ERROR_FALLBACK}
+    out: dict[str, Any] = {"message": (scrub(found) if found else "") or STREAM_ERROR_FALLBACK}
     if isinstance(error, dict):
         for name in ("type", "code"):
             value = error.get(name)
             if isinstance(value, str) and _ERROR_WORD.fullmatch(value):
                 out[name] = value
     return out
+
+
+def scrubbed_error_event(error: object, dialect: Dialect, event: str | None) -> bytes:
+    """The event a client gets for a provider's in-stream `error` object: OpenAI
+    `data: {"error": {...}}`, Anthropic `{"type": "error", "error": {...}}`, the object
+    as `scrubbed_stream_error` leaves it. (The fast path's Lua filter builds the same
+    shape with the fixed message: decision 0138.)"""
+    scrubbed = scrubbed_stream_error(error)
+    document = {"type": "error", "error": scrubbed} if dialect is Dialect.ANTHROPIC \
+        else {"error": scrubbed}
+    return encode_event(compact_json(document).decode(), event)
 
 
 def retry_after_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

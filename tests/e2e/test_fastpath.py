@@ -382,6 +382,63 @@ def test_a_provider_error_on_the_fast_path_reads_as_on_the_full_path(
     assert wait_for(lambda: month_counter(redis_port)[1] == 0)  # the hold went back
 
 
+LEAKY_STREAM_ERROR = "Overloaded for org proj_AbCd1234xyz: Used 9990"
+FIXED = "The provider failed while streaming."
+_OPENAI_HEAD = 'data: {"error": {"message": "'
+_ANTHROPIC_HEAD = ('event: error\ndata: {"type": "error", "error": '
+                   '{"type": "overloaded_error", "message": "')
+
+
+# The full path shows the provider's message scrubbed (test_providers); Envoy's Lua filter
+# cannot wait for the door inside a stream, so the fast path puts a fixed message in its
+# place and keeps the provider's type (decision 0138).
+@pytest.mark.parametrize(("door", "split", "error"), [
+    ("openai", None, {"message": FIXED, "type": "server_error"}),
+    ("anthropic", None, {"message": FIXED, "type": "overloaded_error"}),
+    # The error event in two chunks, cut inside its message: the first part is replaced,
+    # and the rest of the event is dropped (OpenAI's type comes after the message).
+    ("openai", len(_OPENAI_HEAD) + 5, {"message": FIXED}),
+    ("anthropic", len(_ANTHROPIC_HEAD) + 5, {"message": FIXED, "type": "overloaded_error"}),
+    # Anthropic's `event: error` line alone in the first chunk.
+    ("anthropic", len("event: error\n"), {"message": FIXED}),
+])
+def test_an_in_stream_error_on_the_fast_path_never_shows_the_providers_message(
+        fast: tuple[Gateway, int], door: str, split: int | None,
+        error: dict[str, str]) -> None:
+    gateway, _ = fast
+    gateway.emulator.queue_fault(stream_error=LEAKY_STREAM_ERROR, stream_error_split=split)
+    chunks_before = phase_count(gateway, "response_body")
+    fast_before = door_checks(gateway, "fast")
+
+    if door == "openai":
+        response = gateway.chat(chat_body(max_tokens=8, stream=True,
+                                          stream_options={"include_usage": True}))
+    else:
+        response = gateway.client.post(
+            "/v1/messages", headers={"x-api-key": ACME_KEY, "anthropic-version": "2023-06-01"},
+            json={"model": "claude-x", "max_tokens": 8, "stream": True,
+                  "messages": [{"role": "user", "content": "Hello there"}]})
+
+    assert response.status_code == 200
+    assert (door_checks(gateway, "fast"), phase_count(gateway, "response_body")) == (
+        fast_before + 1, chunks_before)  # decided at the door; no chunk went to ext_proc
+    blocks = [block.split("\n") for block in response.text.strip("\n").split("\n\n")]
+    if door == "openai":
+        assert len(blocks) == 2
+        assert blocks[0][0].startswith('data: {"id"')
+        assert json.loads(blocks[1][0].removeprefix("data: ")) == {"error": error}
+        assert len(blocks[1]) == 1
+    else:
+        assert [lines[0] for lines in blocks] == ["event: message_start", "event: error"]
+        assert json.loads(blocks[1][1].removeprefix("data: ")) == {
+            "type": "error", "error": error}
+        assert len(blocks[1]) == 2
+    assert "AbCd1234xyz" not in response.text
+    assert "9990" not in response.text
+    assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      status=200, upstream_status=200)
+
+
 def test_envoys_own_reply_on_the_fast_path_is_not_sent_to_the_door(
         fast: tuple[Gateway, int]) -> None:
     # A reset before the answer: Envoy's local reply (no provider text in it) keeps

@@ -642,6 +642,7 @@ async def test_control_fault_count(client: TestClient[web.Request, web.Applicati
             "pad_bytes": 0,
             "message": None,
             "stream_error": None,
+            "stream_error_split": None,
             "remaining": 2,
         }
     ]
