@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from extproc.auth import TenantDirectory
 from extproc.budgets.guard import BudgetGuard
 from extproc.budgets.ledger import RedisLedger, redis_client, resp_pool
@@ -97,6 +99,23 @@ class Runtime:
         if self.budgets is None:  # config validation requires redis for any budget
             raise RuntimeError("no budget ledger configured")
         return self.budgets
+
+
+async def close_replaced(old: Runtime, new: Runtime) -> None:
+    """Close what a reload replaced and `new` does not use: the old ledger's connections,
+    the old keyring's KEK session and record store, the old Redis client. Before this a
+    reload that changed `redis` or the budget settings left them open for good."""
+    if old.budgets is not None and old.budgets is not new.budgets:
+        old.budgets.close()
+    keyring, kept = old.keys.keyring, new.keys.keyring
+    if keyring is not None and keyring is not kept:
+        await keyring.kek.close()
+        await keyring.store.record_store.close()
+    if old.redis is not None and old.redis is not new.redis:
+        if isinstance(old.redis, RedisCluster):
+            await old.redis.aclose()
+        else:  # its pool was made apart (`redis_client`): not closed by default
+            await old.redis.aclose(close_connection_pool=True)
 
 
 def kek_from_settings(settings: KekSettings, environ: dict[str, str] | None = None

@@ -58,7 +58,7 @@ from extproc.listen import (
 from extproc.logs import log_event
 from extproc.messages import Phase
 from extproc.phases import RequestProcessor
-from extproc.runtime import Runtime, RuntimeHolder, kek_from_settings
+from extproc.runtime import Runtime, RuntimeHolder, close_replaced, kek_from_settings
 from extproc.secrets import SecretUnavailable
 from extproc.upstream import AttemptProcessor
 from extproc.usage_log import AccessLogReceiver
@@ -198,10 +198,13 @@ def build_runtime(config_path: Path, *, workers: int = 1,
 class ConfigReloader:
     """Loads a new runtime on SIGHUP or file change; a bad file keeps the old runtime."""
 
-    def __init__(self, path: Path, holder: RuntimeHolder, workers: int = 1) -> None:
+    def __init__(self, path: Path, holder: RuntimeHolder, workers: int = 1, *,
+                 retire_after_s: float = 10.0) -> None:
         self._path = path
         self._holder = holder
         self._workers = workers
+        self._retire_after_s = retire_after_s
+        self._retiring: set[asyncio.Task[None]] = set()
         self._stamp = self._file_stamp()
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -221,10 +224,25 @@ class ConfigReloader:
         except Exception as exc:  # a bug must not kill the watcher: keep serving the old one
             log.exception("config reload crashed")
             return self._failed(reason, type(exc).__name__)
-        self._holder.current = runtime
+        previous, self._holder.current = self._holder.current, runtime
+        self._retire(previous, runtime)
         metrics.CONFIG_RELOADS.labels("success").inc()
         log_event(log, logging.INFO, "config reloaded", reason=reason, source=str(self._path))
         return True
+
+    def _retire(self, old: Runtime, new: Runtime) -> None:
+        """Close what the reload replaced (`close_replaced`) `retire_after_s` later (the
+        drain period: what requests still on the old runtime get, as at shutdown). A
+        late user of the old Redis client or ledger still works: each opens a connection
+        again."""
+        loop = asyncio.get_running_loop()
+
+        def close() -> None:
+            task = loop.create_task(close_replaced(old, new))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+        loop.call_later(self._retire_after_s, close)
 
     def _failed(self, reason: str, error: str) -> bool:
         metrics.CONFIG_RELOADS.labels("failure").inc()
@@ -258,19 +276,26 @@ async def _sweep_holds(holder: RuntimeHolder, interval: float) -> None:
 
 
 async def _sync_keys(holder: RuntimeHolder) -> None:
-    """Follow key rotations published by any replica, and share key pool health."""
-    runtime = holder.current
+    """Follow key rotations published by any replica, and share key pool health; on the
+    current runtime's Redis (a reload may have changed it)."""
+
+    def invalidate(scope: str, credential: str) -> None:
+        keyring = holder.current.keys.keyring
+        if keyring is not None:
+            keyring.invalidate(scope, credential)
+
     listener: asyncio.Task[None] | None = None
-    if runtime.redis is not None and runtime.config.redis and not runtime.config.redis.cluster:
-
-        def invalidate(scope: str, credential: str) -> None:
-            keyring = holder.current.keys.keyring
-            if keyring is not None:
-                keyring.invalidate(scope, credential)
-
-        listener = asyncio.create_task(listen_for_changes(runtime.redis, invalidate))
+    listening_on: Any = None
     try:
         while True:
+            runtime = holder.current
+            if runtime.redis is not listening_on:
+                if listener is not None:
+                    listener.cancel()
+                listener, listening_on = None, runtime.redis
+                if (runtime.redis is not None and runtime.config.redis
+                        and not runtime.config.redis.cluster):
+                    listener = asyncio.create_task(listen_for_changes(runtime.redis, invalidate))
             await asyncio.sleep(1.0)
             runtime = holder.current
             if runtime.redis is None:
@@ -363,7 +388,8 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reloader = ConfigReloader(options.config_path, holder, options.workers)
+    reloader = ConfigReloader(options.config_path, holder, options.workers,
+                              retire_after_s=options.drain_seconds)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

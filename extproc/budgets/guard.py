@@ -112,6 +112,11 @@ class BudgetGuard:
     def breaker(self) -> CircuitBreaker:
         return self._breaker
 
+    def close(self) -> None:
+        """Close the ledger's own connections (a reload replaced this guard)."""
+        if isinstance(self._ledger, RedisLedger):
+            self._ledger.close()
+
     async def reserve(self, *, request_id: str, budget: TenantBudget, key_id: str, model: str,
                       cost_micro_usd: int, estimated_tokens: int,
                       team: str | None = None, charge_on_expiry: bool = False) -> Hold:

@@ -102,6 +102,10 @@ class KekBackend(Protocol):
         """The same DEK wrapped under the newest KEK version, ideally without exposing it."""
         ...
 
+    async def close(self) -> None:
+        """Let go of the backend's connections (a reload replaced it)."""
+        ...
+
 
 def aes_gcm_encrypt(key: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
     """AES-256-GCM with a fresh random 96-bit nonce; returns `(nonce, ciphertext+tag)`.
@@ -257,6 +261,9 @@ class FileKek:
     async def rewrap(self, wrapped: bytes, context: bytes) -> bytes:
         """A file KEK has one version: re-wrapping just refreshes the nonce."""
         return await self.wrap(await self.unwrap(wrapped, context), context)
+
+    async def close(self) -> None:
+        """Nothing to let go of: the key is in memory."""
 
     def __repr__(self) -> str:
         return f"FileKek({self.kek_id})"

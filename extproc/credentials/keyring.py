@@ -81,8 +81,8 @@ async def listen_for_changes(client: Any, on_change: Callable[[str, str], None])
     state TTL alone bounds propagation.)
     """
     while True:
+        pubsub = client.pubsub()
         try:
-            pubsub = client.pubsub()
             await pubsub.subscribe(CHANGES_CHANNEL)
             async for message in pubsub.listen():
                 if message.get("type") != "message":
@@ -93,6 +93,8 @@ async def listen_for_changes(client: Any, on_change: Callable[[str, str], None])
                 on_change(scope, credential)
         except REDIS_FAILURES:
             await asyncio.sleep(1.0)
+        finally:  # cancelled too (a reload moved to another Redis): its connection goes
+            await pubsub.aclose()
 
 
 class StoreUnavailable(Exception):
