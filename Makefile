@@ -87,8 +87,9 @@ soak: install redis-server test-fast-path
 		tests/integration/test_audit_query.py
 
 # The e2e suites' private stacks again, each with the fast path on (decision 0136): about
-# 7 more minutes on 2 cores, so not in `make test`, whose shared-gateway suites already run
-# on both paths.
+# 7 more minutes on 2 cores, so not in `make test`. There the shared-gateway suites and
+# the private-stack tests whose requests take the fast path (marked `both_paths`) run on
+# both paths; the other private stacks' requests never take it.
 test-fast-path: install redis-server
 	ASC_TEST_PATH=fast $(BIN)/pytest -q -p no:cacheprovider -m "not soak" tests/e2e \
 		-k "not full]"

@@ -212,6 +212,26 @@ def start_gateway(stack: Stack, config_dir: Path, *, workers: int = 1,
                    listen_port=listen_port, admin_socket=admin_socket, path=path)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `both_paths` runs once per request path: its private stacks start
+    with the fast path off, then on (`start_gateway` reads the path from PATH_VARIABLE,
+    which `private_path` sets first). The private stacks of other tests have requests
+    the fast path never takes (measured under `make test-fast-path`, decision 0136), so
+    they run once."""
+    if metafunc.definition.get_closest_marker("both_paths") is not None:
+        if "private_path" not in metafunc.fixturenames:
+            metafunc.fixturenames.insert(0, "private_path")
+        metafunc.parametrize("private_path", PATHS, indirect=True)
+
+
+@pytest.fixture
+def private_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The request path of a `both_paths` test's private stacks."""
+    path: str = request.param
+    monkeypatch.setenv(PATH_VARIABLE, path)
+    return path
+
+
 @pytest.fixture(scope="session", params=PATHS)
 def gateway(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:

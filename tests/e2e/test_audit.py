@@ -175,6 +175,7 @@ def test_query_by_tenant_and_time_on_a_live_gateway(gateway: Gateway,
                                "emu-eu-1@1", "200"]
 
 
+@pytest.mark.both_paths
 def test_captured_text_is_sealed_for_the_opted_in_tenant_only(stack: Stack,
                                                               tmp_path: Path) -> None:
     kek_path = init_kek_file(tmp_path / "kek.key")

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from extproc.devstack import Stack
@@ -71,6 +72,7 @@ def daily_counter(redis_port: int, tenant: str) -> tuple[int, int]:
     return int(spent or 0), int(held or 0)
 
 
+@pytest.mark.both_paths
 def test_bursts_with_a_healthy_redis_never_answer_503(stack: Stack) -> None:
     _, redis_port = stack.start_redis()
     gateway = start_gateway(stack, stack.workdir / "config", document=burst_config(redis_port))

@@ -327,6 +327,7 @@ class Load:
 # -- 1. keyring basics ---------------------------------------------------------------------
 
 
+@pytest.mark.both_paths
 def test_file_kek_keyring_serves_the_sealed_key_and_never_leaks_it(
         stack: Stack, redis_port: int) -> None:
     provider_key = canary_key("v1")

@@ -64,6 +64,7 @@ def streamed_usage(response: httpx.Response) -> dict[str, int]:
     raise AssertionError(f"no usage in the stream: {response.text!r}")
 
 
+@pytest.mark.both_paths
 def test_traffic_mix_is_counted_exactly_across_two_workers(stack: Stack) -> None:
     gateway = start_gateway(stack, stack.workdir / "config", workers=2,
                             document=one_tenant_labelled,

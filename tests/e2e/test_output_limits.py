@@ -17,6 +17,7 @@ from extproc.secrets import Secret
 from tests.conftest import (
     ACME_KEY,
     GLOBEX_KEY,
+    PATHS,
     PEPPER,
     Gateway,
     chat_body,
@@ -57,21 +58,26 @@ def _document(redis_port: int, multiple_choices: str) -> Any:
     return document
 
 
-def _gateway(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Iterator[Gateway]:
-    workdir = tmp_path_factory.mktemp(f"limits-{mode}")
+def _gateway(tmp_path_factory: pytest.TempPathFactory, mode: str,
+             path: str) -> Iterator[Gateway]:
+    workdir = tmp_path_factory.mktemp(f"limits-{mode}-{path}")
     with Stack(workdir) as stack:
         _, redis_port = stack.start_redis()
-        yield start_gateway(stack, workdir / "config", document=_document(redis_port, mode))
+        yield start_gateway(stack, workdir / "config", document=_document(redis_port, mode),
+                            path=path)
 
 
-@pytest.fixture(scope="module")
-def hold_all(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    yield from _gateway(tmp_path_factory, "hold_all")
+# Both on each request path: budget tenants' requests with max_tokens take the fast path.
+@pytest.fixture(scope="module", params=PATHS)
+def hold_all(tmp_path_factory: pytest.TempPathFactory,
+             request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    yield from _gateway(tmp_path_factory, "hold_all", request.param)
 
 
-@pytest.fixture(scope="module")
-def refuse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    yield from _gateway(tmp_path_factory, "refuse")
+@pytest.fixture(scope="module", params=PATHS)
+def refuse(tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    yield from _gateway(tmp_path_factory, "refuse", request.param)
 
 
 def _limit_fields(gateway: Gateway) -> dict[str, int]:

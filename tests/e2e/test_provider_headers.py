@@ -18,6 +18,7 @@ from extproc.emulator.app import OPENAI_ACCOUNT_HEADERS
 from tests.conftest import (
     ACME_KEY,
     GLOBEX_KEY,
+    PATHS,
     Emulator,
     Gateway,
     chat_body,
@@ -83,12 +84,15 @@ def _document(redis_port: int) -> Any:
     return document
 
 
-@pytest.fixture(scope="module")
-def budget_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    workdir = tmp_path_factory.mktemp("provider-headers")
+@pytest.fixture(scope="module", params=PATHS)
+def budget_gateway(tmp_path_factory: pytest.TempPathFactory,
+                   request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """On each request path: its requests with max_tokens take the fast one."""
+    workdir = tmp_path_factory.mktemp(f"provider-headers-{request.param}")
     with Stack(workdir) as stack:
         _, redis_port = stack.start_redis()
-        yield start_gateway(stack, workdir / "config", document=_document(redis_port))
+        yield start_gateway(stack, workdir / "config", document=_document(redis_port),
+                            path=request.param)
 
 
 def test_forward_headers_extend_the_allow_list_of_one_provider(
