@@ -953,7 +953,8 @@ function envoy_on_response(handle)
     end
     -- In-stream errors: each from its event's start to its end, replaced (error_event);
     -- an event that goes on in the next chunks is dropped up to its end.
-    local at = events and error_mark(text, #tail)
+    -- (A plain search first: most chunks hold no "error" at all.)
+    local at = events and string.find(text, "error", 1, true) and error_mark(text, #tail)
     if at then
       local pieces, next = {}, #tail + 1
       while at ~= nil do
