@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import secrets
 import shlex
@@ -21,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -153,6 +154,21 @@ class ManagedProcess:
             self.popen.wait(5)
 
 
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A child's set-up: SIGTERM when `parent` dies; exit at once if it already has."""
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died between the fork and the prctl
+            os._exit(1)
+
+    return arrange
+
+
 def wait_for_port(port: int, *, process: ManagedProcess | None = None,
                   timeout: float = 20.0, host: str = LOOPBACK) -> None:
     deadline = time.monotonic() + timeout
@@ -223,6 +239,10 @@ class Stack:
     workdir: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     processes: list[ManagedProcess] = field(default_factory=list)
+    die_with_parent: bool = False
+    """Each process gets SIGTERM when the one that started it dies, even by SIGKILL
+    (Linux `PR_SET_PDEATHSIG`): `make run` leaves nothing behind. Only for a stack
+    started from the main thread (the signal follows the starting thread's exit)."""
 
     _socket_dir: Path | None = field(default=None, init=False, repr=False)
 
@@ -251,6 +271,7 @@ class Stack:
                 list(command), stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=dict(env or self.env), cwd=self.workdir,
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not them
+                preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
             )
         process = ManagedProcess(name, popen, log_path)
         self.processes.append(process)
@@ -421,7 +442,7 @@ def _with_ports(config_path: Path, workdir: Path, *, redis_port: int | None,
 
 
 def _run(args: argparse.Namespace) -> int:
-    stack = Stack(Path(args.workdir).resolve())
+    stack = Stack(Path(args.workdir).resolve(), die_with_parent=True)
     config_path = _with_ports(Path(args.config).resolve(), stack.workdir,
                               redis_port=args.redis_port, emulator_port=args.emulator_port)
     config = load_config(config_path)

@@ -7,12 +7,16 @@ not start beside the first) and shared `var/run` (overwriting the first's envoy.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from extproc.devstack import free_port
 from tests.docs.ops_harness import REPO, Checkout, commands, running, sh_blocks
+from tests.polling import wait_for
 
 QUICKSTART = REPO / "docs" / "quickstart.md"
 RECIPE = "**Busy ports, or a second stack beside the first:**"
@@ -74,3 +78,50 @@ def test_make_run_passes_every_port_and_the_workdir(tmp_path: Path) -> None:
         "--workdir", "w", "--listen-port", "1", "--extproc-port", "2", "--metrics-port", "3",
         "--demo-model", "gpt-4o-mini", "--redis-port", "4", "--emulator-port", "5",
         "--no-redis-persist", "--demo-key", "sk-asc-demo-acme-key"]
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie waiting for its new parent counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_a_killed_make_run_leaves_no_process_behind(tmp_path: Path) -> None:
+    """`make run`'s processes go with it even when it cannot stop them (SIGKILL, an OOM
+    kill, a CI runner's timeout): before, its redis-server, emulator and extproc kept
+    running (seen once after tests/docs/test_quickstart.py)."""
+    ports = [str(free_port()) for _ in range(5)]
+    devstack = subprocess.Popen(
+        [sys.executable, "-m", "extproc.devstack", "--config",
+         str(REPO / "deploy/demo/asc.yaml"), "--workdir", str(tmp_path / "run"),
+         "--listen-port", ports[0], "--extproc-port", ports[1], "--metrics-port", ports[2],
+         "--redis-port", ports[3], "--emulator-port", ports[4], "--no-redis-persist"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started: list[int] = []
+    try:
+        assert devstack.stdout is not None
+        for line in devstack.stdout:  # bounded: the stack prints this line, or exits
+            if line.startswith("Ctrl-C stops"):
+                break
+        started = _children(devstack.pid)
+        assert len(started) == 4  # redis-server, the emulator, extproc, Envoy
+        devstack.kill()
+        devstack.wait(10)
+        assert wait_for(lambda: all(_gone(pid) for pid in started), timeout=30), [
+            Path(f"/proc/{pid}/cmdline").read_text() for pid in started if not _gone(pid)]
+    finally:
+        devstack.kill()
+        devstack.wait(10)
+        for pid in started:  # what a failed test would otherwise leave running
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
