@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final, Protocol
@@ -319,10 +319,7 @@ class RedisLedger:
                 pending.future.set_result(reply)
 
     async def _call_pipeline(self, batch: list[_PendingCall]) -> list[Any]:
-        await self._acquire_slot()
-        deadline: _IoDeadline | None = None
-        try:
-            deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
+        async def send() -> list[Any]:
             if self._resp is not None:
                 return await self._resp.execute([
                     encode_command(("EVALSHA", pending.script.sha, len(pending.keys),
@@ -334,16 +331,9 @@ class RedisLedger:
                              *pending.args)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
             return replies
-        except asyncio.CancelledError:
-            if deadline is not None and deadline.expired and deadline.task.uncancel() == 0:
-                raise LedgerUnavailable("redis: TimeoutError") from None
-            raise
-        except REDIS_FAILURES as exc:
-            raise LedgerUnavailable(describe_redis_failure(exc)) from None
-        finally:
-            if deadline is not None:
-                deadline.cancel()
-            self._slots.release()
+
+        result: list[Any] = await self._guarded(send)
+        return result
 
     def close(self) -> None:
         """Close the ledger's own connections (`resp`); the client is the caller's."""
@@ -355,6 +345,12 @@ class RedisLedger:
         return int(reply)
 
     async def _call(self, script: Any, keys: list[str], args: Sequence[object]) -> Any:
+        return await self._guarded(lambda: script(keys=keys, args=list(args)))
+
+    async def _guarded(self, send: Callable[[], Awaitable[Any]]) -> Any:
+        """`send()` to Redis in one of the ledger's slots and under its I/O deadline; its
+        failures become `LedgerUnavailable` (`LedgerOverloaded` for no free slot or
+        connection)."""
         await self._acquire_slot()
         deadline: _IoDeadline | None = None
         try:
@@ -365,7 +361,7 @@ class RedisLedger:
                 # not one call's I/O deadline.
                 await self._load_scripts()
             deadline = _IoDeadline(self._io_timeout_s, self._io_ceiling_s)
-            return await script(keys=keys, args=list(args))
+            return await send()
         except asyncio.CancelledError:
             if deadline is not None and deadline.expired and deadline.task.uncancel() == 0:
                 raise LedgerUnavailable("redis: TimeoutError") from None
