@@ -44,15 +44,21 @@ tenants:
 """)
 
 
-async def test_only_key_evidence_401s_roll_a_canary_back(redis: Any, tmp_path: Path) -> None:
+async def canary_ring(redis: Any, tmp_path: Path, *, rollback_after: int
+                      ) -> tuple[str, GatewayConfig, KeyStore, Keyring]:
+    """A keyring credential with v1 active and v2 its canary for every request."""
     credential = f"ring-{uuid.uuid4().hex[:8]}"
-    config = config_for(credential)
     store = KeyStore(redis)
     keyring = Keyring(store, FileKek.load(init_kek_file(tmp_path / "kek.key")),
-                      rollback_after=3)
+                      rollback_after=rollback_after)
     await keyring.add("global", credential, "openai", Secret("sk-canary-selection-v1"))
     await keyring.add("global", credential, "openai", Secret("sk-canary-selection-v2"))
     await store.transition("global", credential, lambda s: canary(s, 2, 100))
+    return credential, config_for(credential), store, keyring
+
+
+async def test_only_key_evidence_401s_roll_a_canary_back(redis: Any, tmp_path: Path) -> None:
+    credential, config, store, keyring = await canary_ring(redis, tmp_path, rollback_after=3)
     keys = ProviderKeys(config.credentials, StaticKeyProvider({}), keyring, CredentialPool())
 
     async def answer(status: int, *, key_evidence: bool) -> int:
@@ -139,14 +145,7 @@ async def test_a_canary_answer_after_the_rollback_is_still_the_canarys(
     """Requests on the canary still in flight when another one rolls it back: their 401s
     stay the canary's (seen under load: such a 401 closed no breaker but went to the
     client, because the request no longer read as a canary and got no retry on v1)."""
-    credential = f"ring-{uuid.uuid4().hex[:8]}"
-    config = config_for(credential)
-    store = KeyStore(redis)
-    keyring = Keyring(store, FileKek.load(init_kek_file(tmp_path / "kek.key")),
-                      rollback_after=1)
-    await keyring.add("global", credential, "openai", Secret("sk-canary-race-v1"))
-    await keyring.add("global", credential, "openai", Secret("sk-canary-race-v2"))
-    await store.transition("global", credential, lambda s: canary(s, 2, 100))
+    credential, config, store, keyring = await canary_ring(redis, tmp_path, rollback_after=1)
     pool = CredentialPool()
     keys = ProviderKeys(config.credentials, StaticKeyProvider({}), keyring, pool)
     in_flight = [await keys.for_request(config.providers["p"], config.tenants["t"], bucket=0)
