@@ -285,8 +285,8 @@ class FailoverSettings(_Spec):  # also the runtime object
         "cluster's active requests (Envoy retry_budget), so an outage cannot become a "
         "retry storm.")
     min_retry_concurrency: Annotated[int, Field(ge=0, le=10_000)] = Field(
-        default=3, description="Retries always allowed in flight per cluster, whatever "
-        "the budget share.")
+        default=16, description="Retries always allowed in flight per cluster, whatever "
+        "the budget share (a canary key's refusals are retried within it too).")
     outlier_consecutive_errors: Annotated[int, Field(ge=1, le=1000)] = Field(
         default=5, description="Consecutive 5xx/resets that eject a deployment from "
         "failover clusters (Envoy outlier detection).")
