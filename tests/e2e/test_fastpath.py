@@ -401,6 +401,9 @@ _ANTHROPIC_HEAD = ('event: error\ndata: {"type": "error", "error": '
     ("anthropic", len(_ANTHROPIC_HEAD) + 5, {"message": FIXED, "type": "overloaded_error"}),
     # Anthropic's `event: error` line alone in the first chunk.
     ("anthropic", len("event: error\n"), {"message": FIXED}),
+    # Split inside the `"error"` key: the start already passed on (`data: {"err`) is the
+    # start of the replacement, which goes on from there (one valid event).
+    ("openai", len('data: {"err'), {"message": FIXED, "type": "server_error"}),
 ])
 def test_an_in_stream_error_on_the_fast_path_never_shows_the_providers_message(
         fast: tuple[Gateway, int], door: str, split: int | None,
