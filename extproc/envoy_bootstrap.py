@@ -899,6 +899,7 @@ function envoy_on_response(handle)
   for _, name in ipairs(drop) do
     headers:remove(name)
   end
+  local dialect = asc["dialect"] == "anthropic" and "anthropic" or "openai"
   local status = tonumber(headers:get(":status")) or 0
   if status >= 400 and headers:get("x-envoy-upstream-service-time") ~= nil then
     -- The provider's error: mapped and scrubbed by the door as on the full path (it may
@@ -907,7 +908,6 @@ function envoy_on_response(handle)
     -- they keep the local_reply_config text (decision 0136).
     local body = handle:body(true)
     local sent = body:getBytes(0, body:length())
-    local dialect = asc["dialect"] == "anthropic" and "anthropic" or "openai"
     local reply, mapped = handle:httpCall("%(door)s", {
       [":method"] = "POST", [":path"] = "%(error_path)s", [":authority"] = "asc-fast-door",
       ["%(status_header)s"] = tostring(status), ["%(dialect_header)s"] = dialect,
@@ -927,7 +927,6 @@ function envoy_on_response(handle)
   local found = {}
   local tail = ""
   local skipping = false
-  local dialect = asc["dialect"] == "anthropic" and "anthropic" or "openai"
   -- Only a provider's event stream has in-stream errors (an Envoy local reply is JSON
   -- with a content-length).
   local events = string.find(headers:get("content-type") or "", "text/event-stream", 1, true)

@@ -198,8 +198,8 @@ def build_runtime(config_path: Path, *, workers: int = 1,
 class ConfigReloader:
     """Loads a new runtime on SIGHUP or file change; a bad file keeps the old runtime."""
 
-    def __init__(self, path: Path, holder: RuntimeHolder, workers: int = 1, *,
-                 retire_after_s: float = 10.0) -> None:
+    def __init__(self, path: Path, holder: RuntimeHolder, workers: int, *,
+                 retire_after_s: float) -> None:
         self._path = path
         self._holder = holder
         self._workers = workers
