@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from extproc.audit.chain import Chain, HmacKey, SigningKey, load_public_keys
+from extproc.audit.chain import Chain, HmacKey, SigningKey, canonical, load_public_keys
 from extproc.audit.keys import create_key, load_keys
 from extproc.audit.sinks import JsonlAuditSink
 from extproc.audit.verify import Report, log_files, verify_paths
@@ -284,3 +286,34 @@ def test_a_sealed_records_line_is_the_entry_and_its_mac_covers_the_canonical_byt
     assert record_mac(key.key, json.loads(line)) == entry["mac"]
     mac = entry["mac"].encode()
     assert line == canonical(dict(entry), without="mac")[:-1] + b',"mac":"' + mac + b'"}\n'
+
+
+_JSON_LEAVES = (st.none() | st.booleans() | st.integers()
+                | st.floats(allow_nan=False, allow_infinity=False)
+                | st.floats(min_value=-1e-3, max_value=1e-3) | st.text())
+_JSON = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(), inner, max_size=4), max_leaves=24)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.dictionaries(st.text(), _JSON, max_size=8))
+def test_canonical_bytes_are_the_json_dumps_form_for_any_json(entry: dict[str, Any]) -> None:
+    """Old logs must keep verifying: the fast encoder may never change a canonical byte
+    (small floats, huge integers, control characters, astral keys included)."""
+    try:
+        expected = json.dumps(entry, sort_keys=True, separators=(",", ":"),
+                              ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: neither encoder writes it
+        with pytest.raises(UnicodeEncodeError):
+            canonical(entry, without="mac")
+        return
+    assert canonical(entry, without="mac") == expected
+
+
+def test_canonical_bytes_of_the_floats_and_integers_orjson_writes_differently() -> None:
+    entry = {"small": 7e-05, "tiny": -1.5e-300, "big": 2**64 + 1, "neg": -(2**70),
+             "edge": 1e-4, "huge": 1e16, "ms": 5.522, "digits": 6.7551124758991575e-09}
+    assert canonical(entry, without="mac") == (
+        b'{"big":18446744073709551617,"digits":6.7551124758991575e-09,"edge":0.0001,'
+        b'"huge":1e+16,"ms":5.522,"neg":-1180591620717411303424,"small":7e-05,'
+        b'"tiny":-1.5e-300}')

@@ -93,3 +93,4 @@ def test_sealed_bytes_are_the_json_dumps_canonical_form(tmp_path: Path) -> None:
     assert canonical(body, without="mac") == expected
     assert sealed["mac"] == hmac.new(b"\x02" * 32, expected, hashlib.sha256).hexdigest()
     assert record_mac(b"\x02" * 32, json.loads(sealed.line)) == sealed["mac"]
+
