@@ -38,7 +38,8 @@ from extproc.messages import (
 )
 
 __all__ = ["JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE", "MTLS_ATTRIBUTE",
-           "PEER_URI_SAN_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE",
+           "PEER_URI_SAN_ATTRIBUTE", "RESPONSE_CODE_DETAILS_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE",
+           "SOURCE_ADDRESS_ATTRIBUTE",
            "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context", "decode", "encode",
            "struct_scalars"]
 
@@ -47,6 +48,9 @@ ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"
 SOURCE_ADDRESS_ATTRIBUTE: Final = "source.address"
 """The downstream peer (ip:port) Envoy accepted the connection from: the audit's
 `source_address` (docs/decisions/0081-audit-source-address.md)."""
+RESPONSE_CODE_DETAILS_ATTRIBUTE: Final = "response.code_details"
+"""Why the response headers are what they are: `via_upstream` when the provider sent them,
+else Envoy's own reply (a refused connection, a reset, a timeout, a TLS failure)."""
 _ATTRIBUTES_KEY: Final = "envoy.filters.http.ext_proc"
 MTLS_ATTRIBUTE: Final = "connection.mtls"
 PEER_URI_SAN_ATTRIBUTE: Final = "connection.uri_san_peer_certificate"
@@ -93,7 +97,9 @@ def decode(request: pb.ProcessingRequest) -> Inbound:
         return Body(Phase.REQUEST_BODY, body.body, body.end_of_stream)
     if kind == "response_headers":
         message = request.response_headers
-        return Headers(Phase.RESPONSE_HEADERS, _headers(message), message.end_of_stream)
+        return Headers(Phase.RESPONSE_HEADERS, _headers(message), message.end_of_stream,
+                       code_details=_string_attribute(request,
+                                                      RESPONSE_CODE_DETAILS_ATTRIBUTE))
     if kind == "response_body":
         body = request.response_body
         return Body(Phase.RESPONSE_BODY, body.body, body.end_of_stream)

@@ -71,6 +71,7 @@ from extproc.attempt_build import AUTH_HEADER
 from extproc.config import FailoverSettings, GatewayConfig, Provider
 from extproc.envoy import (
     METADATA_NAMESPACE,
+    RESPONSE_CODE_DETAILS_ATTRIBUTE,
     ROUTE_METADATA_ATTRIBUTE,
     SOURCE_ADDRESS_ATTRIBUTE,
     STAGE_HEADER,
@@ -378,6 +379,8 @@ def _ext_proc_filter(ports: EnvoyPorts) -> dict[str, Any]:
             # with the request headers (docs/decisions/0060-route-metadata-to-the-service.md).
             # source.address: the client's peer address for the audit record (0081).
             "request_attributes": [ROUTE_METADATA_ATTRIBUTE, SOURCE_ADDRESS_ATTRIBUTE],
+            # Tells the provider's answer from Envoy's own reply after routing (0140).
+            "response_attributes": [RESPONSE_CODE_DETAILS_ATTRIBUTE],
         },
     }
 

@@ -451,6 +451,10 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry, *,
     processor.usage = usage_from_fields(entry.usage, processor.dialect) if entry.usage else None
     processor.upstream_status = entry.upstream_status if entry.upstream_answered else None
     processor.status = entry.status or None
+    if not entry.upstream_answered and not entry.downstream_cut and entry.status >= 500:
+        # Envoy's own reply (a refused connection, a reset, a timeout): as on the full
+        # path, the provider failed and sent nothing (decision 0140).
+        processor.error = ErrorCode.PROVIDER_ERROR
     # Complete: usage arrived, or an error answer (nothing to bill). Anything else - a
     # stream without its usage, a client gone, an answer cut - counts as aborted, and an
     # aborted request with a hold is charged the whole hold (`_real_cost`).

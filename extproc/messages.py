@@ -61,6 +61,9 @@ class Headers:
     """Claims of a JWT Envoy's jwt_authn verified (forwarded dynamic metadata), if any."""
     source_address: str | None = None
     """The downstream peer `ip:port` Envoy saw (request headers only; see envoy.py)."""
+    code_details: str | None = None
+    """Envoy's `response.code_details` (response headers only; see envoy.py):
+    `via_upstream` when the provider answered."""
 
 
 @dataclass(slots=True)

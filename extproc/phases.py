@@ -121,6 +121,8 @@ _CLIENT_ONLY_HEADERS: Final = frozenset({
     "accept-encoding",
 })
 _JSON: Final = ("content-type", "application/json")
+_VIA_UPSTREAM: Final = "via_upstream"
+"""Envoy's `response.code_details` of an answer the provider sent."""
 _MAX_TOKENS_SANITY_BOUND: Final = 1_000_000
 """No model produces more; larger values are hostile or broken input."""
 _SHOWN_MODEL_CHARS: Final = 64
@@ -557,6 +559,9 @@ class RequestProcessor:
                 self.fast_path = True
                 return Continue()
             return Continue(set_headers=[(_REQUEST_ID_HEADER, self.request_id)])
+        if (self._flight is None and message.code_details is not None
+                and message.code_details != _VIA_UPSTREAM):
+            return self._envoys_own_reply()
         self._upstream_headers = headers
         if self._flight is not None:
             first_elsewhere = note_remote_attempt(self._flight, self._config, headers, status)
@@ -663,6 +668,18 @@ class RequestProcessor:
                 self._runtime.keys.release(self._selected)
                 self._selected = None
             self.credential = credential_named(answered.credential)
+
+    def _envoys_own_reply(self) -> Continue:
+        """Envoy answered itself after routing (a refused connection, a reset before the
+        answer, a timeout, a TLS failure: its `response.code_details`): the provider sent
+        nothing. Its local reply (local_reply_config's JSON in the client's dialect) goes
+        to the client as it is, as on the fast path; the record has no upstream status,
+        the deployment a failure without answer, the key no verdict (decision 0140)."""
+        self.upstream_status = None
+        self.error = ErrorCode.PROVIDER_ERROR
+        self._complete = True
+        self._report_deployment(None)
+        return Continue(set_headers=self._tag_headers())
 
     def _report_deployment(self, status: int | None, *,
                            latency_s: float | None = None) -> None:

@@ -33,12 +33,16 @@ __all__ = ["USAGE_NAMESPACE", "AccessLogReceiver", "entry_of"]
 log = logging.getLogger("extproc.usage_log")
 
 USAGE_NAMESPACE: Final = "asc.usage"
-_CUT_FLAGS: Final = ("downstream_connection_termination", "downstream_remote_reset",
-                     "upstream_remote_reset", "upstream_connection_termination",
-                     "stream_idle_timeout", "downstream_protocol_error",
+_CLIENT_GONE_FLAGS: Final = ("downstream_connection_termination", "downstream_remote_reset",
+                             "downstream_protocol_error")
+"""Response flags that mean the client's side ended before the response did."""
+_CUT_FLAGS: Final = (*_CLIENT_GONE_FLAGS, "upstream_remote_reset",
+                     "upstream_connection_termination", "stream_idle_timeout",
                      "upstream_request_timeout", "local_reset", "duration_timeout",
                      "upstream_max_stream_duration_reached")
-"""Response flags that mean the answer did not reach its end."""
+"""Response flags that mean the answer did not reach its end. Before the provider sent a
+byte, only the client's leaving cuts anything: otherwise the client got Envoy's own
+reply (a reset, a timeout) whole, as the full path sees it (decision 0140)."""
 
 
 RETRY_AFTER: Final = "retry-after"
@@ -71,9 +75,10 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
         if value is not None and value.HasField("number_value"):
             provider_status = int(value.number_value)
     flags = common.response_flags
-    # A message with no flag set serializes to nothing: most entries skip the ten reads.
-    cut = flags.ByteSize() != 0 and any(getattr(flags, name) for name in _CUT_FLAGS)
     answered = common.HasField("time_to_first_upstream_rx_byte")
+    # A message with no flag set serializes to nothing: most entries skip the ten reads.
+    cut = flags.ByteSize() != 0 and any(
+        getattr(flags, name) for name in (_CUT_FLAGS if answered else _CLIENT_GONE_FLAGS))
     return LogEntry(
         asc=asc,
         usage=usage,

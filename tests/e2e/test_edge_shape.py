@@ -236,18 +236,21 @@ def test_edge_refuses_a_provider_certificate_from_another_ca(edge: Edge) -> None
 
     response = _chat(port)
 
-    # Envoy's 503 (no TLS connection) reaches the service, which answers it as a
-    # provider failure in the client's dialect.
-    assert response.status_code == 502
+    # Envoy's own 503 (no TLS connection; the provider sent nothing) reaches the client
+    # as local_reply_config made it, in the client's dialect (decision 0140).
+    assert response.status_code == 503
     assert response.headers["content-type"] == "application/json"
-    assert response.json() == {"error": {
-        "message": "The provider failed with status 503.", "type": "upstream_error",
-        "param": None, "code": "provider_error"}}
     assert edge.emulator.requests() == []
     assert provider_log(edge) == []
     assert wait_for(lambda: json_lines(envoy))
     [line] = json_lines(envoy)
     assert (line["flags"], line["upstream_cluster"]) == ("UF", "emu_eu")
+    assert line["details"].startswith(
+        "upstream_reset_before_response_started{remote_connection_failure"), line["details"]
+    assert "CERTIFICATE_VERIFY_FAILED" in line["details"]
+    assert response.json() == {"error": {
+        "message": "The gateway or the provider is unavailable.", "type": "gateway_error",
+        "param": None, "code": line["details"]}}
     stats = envoy_admin(edge.stack.admin_socket("edge-other-ca"), "GET",
                         "/stats?filter=^cluster\\.emu_eu\\.ssl\\.fail_verify_error$").text
     assert stats.strip() == "cluster.emu_eu.ssl.fail_verify_error: 1"

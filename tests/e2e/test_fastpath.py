@@ -452,9 +452,13 @@ def test_envoys_own_reply_on_the_fast_path_is_not_sent_to_the_door(
     response = gateway.chat(chat_body(max_tokens=8))
 
     assert response.status_code == 503
-    assert response.json()["error"]["message"] == "The gateway or the provider is unavailable."
+    assert response.json() == {"error": {
+        "message": "The gateway or the provider is unavailable.", "type": "gateway_error",
+        "param": None, "code": "upstream_reset_before_response_started{connection_termination}"}}
+    # The same answer and record as on the full path (decision 0140).
     assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
-                      status=503, upstream_status=None)
+                      status=503, upstream_status=None, error="provider_error",
+                      aborted=False)
 
 
 def _extproc_connections(gateway: Gateway) -> int:

@@ -284,12 +284,19 @@ def test_provider_rate_limit_passes_through_with_retry_after(
 def test_provider_connection_reset_is_a_json_gateway_error(
     gateway: Gateway, emulator_clean: Emulator
 ) -> None:
+    """The provider sent nothing: Envoy's own 503 reaches the client as local_reply_config
+    made it (as on the fast path), and the record has no upstream status (decision 0140);
+    before, it read "The provider failed with status 503." and recorded a 503 answer."""
     emulator_clean.queue_fault(reset=True)
     response = gateway.chat(chat_body())
 
-    assert response.status_code == 502
-    assert response.json() == openai_error(
-        "The provider failed with status 503.", "upstream_error", "provider_error")
+    assert response.status_code == 503
+    assert response.json() == {"error": {
+        "message": "The gateway or the provider is unavailable.", "type": "gateway_error",
+        "param": None, "code": "upstream_reset_before_response_started{connection_termination}"}}
+    assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
+                      status=503, upstream_status=None, error="provider_error",
+                      aborted=False)
 
 
 def test_streaming_passes_chunks_and_records_usage(

@@ -101,7 +101,7 @@ FAULTS = {
     "stream-cut": {"reset_after_chunks": 2},
     "stream-ended-early": {"end_after_chunks": 2},
 }
-PROVIDER_FAILED = {"reset": 503, "500": 500, "503-html": 503}
+PROVIDER_FAILED = {"500": 500, "503-html": 503}
 RESULTS: dict[str, str] = {}
 
 
@@ -127,7 +127,16 @@ def test_provider_fault_gets_a_clean_answer_one_record_and_the_right_charge(
     assert charged == (record["charged_micro_usd"] or 0)
     assert len(fleet.emulator.requests()) == 1  # one attempt: no fallback in this zone
 
-    if fault in PROVIDER_FAILED:
+    if fault == "reset":
+        # The provider sent nothing: Envoy's own 503, in the client's dialect, and a
+        # record without an upstream status (decision 0140).
+        assert outcome.status == 503
+        error = dialect_error(path, outcome)
+        assert error["message"] == "The gateway or the provider is unavailable."
+        assert error["type"] == ("overloaded_error" if path == MESSAGES else "gateway_error")
+        assert (record["upstream_status"], record["error"]) == (None, "provider_error")
+        assert charged == 0
+    elif fault in PROVIDER_FAILED:
         assert outcome.status == 502
         error = dialect_error(path, outcome)
         assert error["message"] == f"The provider failed with status {PROVIDER_FAILED[fault]}."

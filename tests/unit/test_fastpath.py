@@ -189,13 +189,19 @@ def test_an_entry_keeps_the_usage_counts_and_the_scalar_metadata() -> None:
 
 @pytest.mark.parametrize("flag", [None, "no_healthy_upstream", "response_from_cache_filter",
                                   *_CUT_FLAGS])
-def test_an_answer_is_cut_only_by_the_flags_that_end_it(flag: str | None) -> None:
-    raw = _entry({"request_id": "x", "fast": True}, {})
+@pytest.mark.parametrize("answered", [True, False])
+def test_an_answer_is_cut_only_by_the_flags_that_end_it(flag: str | None,
+                                                        answered: bool) -> None:
+    """Before the provider's first byte, only the client's leaving cuts the answer: a
+    reset or a timeout then gave the client Envoy's own reply, whole (decision 0140)."""
+    raw = _entry({"request_id": "x", "fast": True}, {}, status=503, answered=answered)
     if flag is not None:
         setattr(raw.common_properties.response_flags, flag, True)
     entry = entry_of(raw)
     assert entry is not None
-    assert entry.downstream_cut is (flag in _CUT_FLAGS)
+    client_gone = flag in ("downstream_connection_termination", "downstream_remote_reset",
+                           "downstream_protocol_error")
+    assert entry.downstream_cut is (client_gone or (answered and flag in _CUT_FLAGS))
 
 
 async def test_the_record_is_written_once_by_the_same_finish(
