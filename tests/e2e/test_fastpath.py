@@ -455,10 +455,11 @@ def test_envoys_own_reply_on_the_fast_path_is_not_sent_to_the_door(
     assert response.json() == {"error": {
         "message": "The gateway or the provider is unavailable.", "type": "gateway_error",
         "param": None, "code": "upstream_reset_before_response_started{connection_termination}"}}
-    # The same answer and record as on the full path (decision 0140).
+    # The same answer and record as on the full path (decision 0140): the provider sent
+    # nothing, so nothing is charged (the whole hold was, before).
     assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
                       status=503, upstream_status=None, error="provider_error",
-                      aborted=False)
+                      aborted=False, charged_micro_usd=0)
 
 
 def _extproc_connections(gateway: Gateway) -> int:
