@@ -364,7 +364,9 @@ async def _serve_worker(options: ServeOptions, runtime: Runtime, *, supervised: 
     kek = (kek_from_settings(runtime.config.secrets.kek)
            if runtime.config.secrets.kek is not None else None)
     try:
-        audit = await open_writer(runtime.config, kek=kek, redis=runtime.redis)
+        # The redis sink writes to the current config's Redis (a reload may move it).
+        audit = await open_writer(runtime.config, kek=kek, redis=None if runtime.redis is None
+                                  else lambda: holder.current.redis or runtime.redis)
     except (OSError, ValueError, LookupError, KekError) as exc:
         # No request is served that could not be recorded.
         log_event(log, logging.ERROR, "cannot start: audit log unavailable",

@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -144,13 +144,15 @@ class RedisStreamAuditSink:
 
     name = "redis"
 
-    def __init__(self, client: Any, stream: str, maxlen: int) -> None:
+    def __init__(self, client: Callable[[], Any], stream: str, maxlen: int) -> None:
+        """`client` gives the Redis client to write to now: the current config's, so a
+        reload that moves `redis` moves the stream with it."""
         self._client = client
         self._stream = stream
         self._maxlen = maxlen
 
     async def write(self, entries: Sequence[dict[str, Any]]) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._client().pipeline(transaction=True) as pipe:
             for entry in entries:
                 pipe.xadd(self._stream, {"e": entry_line(entry)[:-1]},
                           maxlen=self._maxlen, approximate=True)

@@ -315,8 +315,9 @@ async def _chain_key(settings: AuditSettings, directory: Path,
 
 
 async def open_writer(config: GatewayConfig, *, kek: KekBackend | None = None,
-                      redis: Any = None) -> AuditWriter:
-    """The process's writer for `config.audit`: keys loaded (or made), task started."""
+                      redis: Callable[[], Any] | None = None) -> AuditWriter:
+    """The process's writer for `config.audit`: keys loaded (or made), task started.
+    `redis` gives the Redis client of the current config (the redis sink's)."""
     settings = config.audit
     directory = audit_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,13 @@ def _gateway_clients(redis_port: int) -> int:
         return len(client.client_list()) - 1
 
 
+def _audit_stream_ids(redis_port: int) -> list[str]:
+    """Request ids of the records in the audit stream (`asc:audit`) of this redis-server."""
+    with redis.Redis(port=redis_port) as client:
+        entries = [json.loads(fields[b"e"]) for _, fields in client.xrange("asc:audit")]
+    return [e["request_id"] for e in entries if e["type"] == "record"]
+
+
 def test_a_reload_to_another_redis_closes_the_old_connections(stack: Stack) -> None:
     _, old_port = stack.start_redis()
     _, new_port = stack.start_redis()
@@ -148,20 +155,30 @@ def test_a_reload_to_another_redis_closes_the_old_connections(stack: Stack) -> N
             doc["redis"] = {"url": f"redis://127.0.0.1:{port}/0"}
             doc["tenants"]["acme"]["budgets"] = [
                 {"scope": "tenant", "window": "month", "limit_usd": 100}]
+            doc.setdefault("audit", {})["sinks"] = ["jsonl", "redis"]
             return doc
         return document
 
     gateway = start_gateway(stack, stack.workdir / "config", document=on(old_port))
-    assert gateway.chat(chat_body()).status_code == 200
+    first = gateway.chat(chat_body())
+    assert first.status_code == 200
     assert _gateway_clients(old_port) > 0
+    assert wait_for(lambda: _audit_stream_ids(old_port) == [
+        first.headers["x-asc-request-id"]])
 
     write_config(gateway.config_path.parent, on(new_port)(gateway.emulator.port))
     assert wait_for(lambda: _reloads(gateway, "success") == 1)
     spent_before = month_counter(old_port)
-    assert gateway.chat(chat_body()).status_code == 200
+    second = gateway.chat(chat_body())
+    assert second.status_code == 200
     assert month_counter(old_port) == spent_before
     # The new Redis holds the budget from now on: the same request, the same charge.
     assert wait_for(lambda: month_counter(new_port) == spent_before)
+    # And the audit stream: the record of the request after the reload is there, not in
+    # the old one (before, the redis sink kept the start-up client).
+    assert wait_for(lambda: _audit_stream_ids(new_port) == [
+        second.headers["x-asc-request-id"]])
+    assert _audit_stream_ids(old_port) == [first.headers["x-asc-request-id"]]
     # The old client, its ledger connections and the key listener's: closed after the
     # drain period (2 s here); before, they stayed open for the life of the process.
     assert wait_for(lambda: _gateway_clients(old_port) == 0)
