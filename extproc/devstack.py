@@ -48,12 +48,22 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports `free_port` gave this process: a stack asks for several before its processes
+bind them, and the kernel may offer a port again as soon as the probe socket closes."""
+
+
 def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on loopback that was free a moment ago, never one this process was
+    given before."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOOPBACK, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this process was not given before")
 
 
 def free_port_pair() -> int:
@@ -61,7 +71,8 @@ def free_port_pair() -> int:
     service's gRPC port and its fast door, `extproc serve`)."""
     for _ in range(100):
         port = free_port()
-        if port < 65535 and _port_is_free(port + 1):
+        if port < 65535 and port + 1 not in _HANDED_OUT and _port_is_free(port + 1):
+            _HANDED_OUT.add(port + 1)
             return port
     raise RuntimeError("no two adjacent free loopback ports")
 

@@ -125,3 +125,10 @@ def test_a_killed_make_run_leaves_no_process_behind(tmp_path: Path) -> None:
         for pid in started:  # what a failed test would otherwise leave running
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_free_port_never_gives_a_port_twice() -> None:
+    """A stack asks for several ports before its processes bind them; the kernel may offer
+    a closed probe's port again at once."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == 300
