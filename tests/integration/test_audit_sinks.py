@@ -154,8 +154,9 @@ async def test_redis_down_is_counted_and_buffered_records_land_once_it_is_back(
         settings = AuditSettings(dir=tmp_path / "audit", sinks=("redis",), queue_size=100,
                                  batch_records=10, on_failure="buffer", buffer_records=100)
         (tmp_path / "audit").mkdir()
-        writer = await make_writer(tmp_path / "audit", settings,
-                                   lambda _w: RedisStreamAuditSink(lambda: client, "asc:audit", 1000))
+        writer = await make_writer(
+            tmp_path / "audit", settings,
+            lambda _w: RedisStreamAuditSink(lambda: client, "asc:audit", 1000))
         failures = metric("asc_audit_sink_failures_total", sink="redis")
         writer.start()
         for n in range(3):
