@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import ACME_KEY, CHAT, GLOBEX_KEY, Emulator, Gateway, chat_body
+from tests.polling import wait_for
 
 
 def openai_error(
@@ -123,9 +124,10 @@ def test_unknown_long_model_name_is_a_404_capped_in_answer_and_log(
     assert response.json() == _expected(
         path, f"The model '{name[:64]}...' does not exist.", "model_not_found", "model")
     assert emulator_clean.requests() == []
-    log = gateway.extproc.log_text()
-    assert name[:64] + "..." in log
-    assert name[:65] not in log
+    # The request's log line is written when its stream ends, which may be after the
+    # client has the answer: poll for it.
+    assert wait_for(lambda: name[:64] + "..." in gateway.extproc.log_text())
+    assert name[:65] not in gateway.extproc.log_text()
 
 
 LEAKY_STREAM_ERROR = ("Overloaded for organization org-AbCd1234xyz, key sk-live-abcdefgh1234: "
