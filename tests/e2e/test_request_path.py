@@ -6,6 +6,7 @@ import json
 import re
 import time
 
+import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -288,15 +289,20 @@ def test_provider_connection_reset_is_a_json_gateway_error(
     made it (as on the fast path), and the record has no upstream status (decision 0140);
     before, it read "The provider failed with status 503." and recorded a 503 answer."""
     emulator_clean.queue_fault(reset=True)
-    response = gateway.chat(chat_body())
+    assert_envoys_reset_reply(gateway, gateway.chat(chat_body()))
 
+
+def assert_envoys_reset_reply(gateway: Gateway, response: httpx.Response,
+                              **record: object) -> None:
+    """A reset before the answer, on either path: Envoy's 503 as local_reply_config made
+    it, and a record without an upstream status."""
     assert response.status_code == 503
     assert response.json() == {"error": {
         "message": "The gateway or the provider is unavailable.", "type": "gateway_error",
         "param": None, "code": "upstream_reset_before_response_started{connection_termination}"}}
     assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
                       status=503, upstream_status=None, error="provider_error",
-                      aborted=False)
+                      aborted=False, **record)
 
 
 def test_streaming_passes_chunks_and_records_usage(
