@@ -75,9 +75,10 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -q -p no:cacheprovider tests/unit
 
+# --durations: the slowest tests, to keep the whole `make test` within its 15 minutes.
 integration: install redis-server kubectl
-	$(BIN)/pytest -q -p no:cacheprovider -m "not soak" tests/integration tests/e2e tests/docs \
-		tests/deploy tests/reliability
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15 -m "not soak" tests/integration \
+		tests/e2e tests/docs tests/deploy tests/reliability
 
 # The reliability suite's longer runs (docs/reliability.md): a 30 s rotation drill,
 # Envoy at trace, more fuzzing. Each prints its FIGURE lines.

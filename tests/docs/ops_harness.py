@@ -18,12 +18,18 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from extproc.devstack import free_port
+
+_WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execvp(sys.argv[1], sys.argv[1:])")
+"""Runs its arguments with SIGINT at its default (an ignored signal stays ignored across
+exec, and bash cannot reset one it was started with)."""
 
 __all__ = ["REPO", "Checkout", "RunningStack", "sh_blocks"]
 
@@ -139,7 +145,10 @@ class Checkout:
 
     def start(self, command: str, *, timeout: float = 90) -> RunningStack:
         """Start a `make run ...` and return once it prints that the stack is up."""
-        popen = subprocess.Popen(["bash", "-c", self.adapt(command)], cwd=self.root,
+        # As from a terminal: Ctrl-C at its default. A suite started in the background
+        # (`make test &`) inherits SIGINT ignored, and make then never sees the Ctrl-C.
+        popen = subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGINT, "bash", "-c",
+                                  self.adapt(command)], cwd=self.root,
                                  env=self.env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
         stack = RunningStack(popen)
