@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from extproc.audit.chain import Chain, HmacKey, SigningKey, canonical, load_public_keys
@@ -297,11 +297,13 @@ _JSON = st.recursive(_JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
 
 @settings(max_examples=600, deadline=None)
 @given(st.dictionaries(st.text(), _JSON, max_size=8))
+@example({"mac": "ab", "seq": 1})
 def test_canonical_bytes_are_the_json_dumps_form_for_any_json(entry: dict[str, Any]) -> None:
     """Old logs must keep verifying: the fast encoder may never change a canonical byte
     (small floats, huge integers, control characters, astral keys included)."""
+    body = {k: v for k, v in entry.items() if k != "mac"}
     try:
-        expected = json.dumps(entry, sort_keys=True, separators=(",", ":"),
+        expected = json.dumps(body, sort_keys=True, separators=(",", ":"),
                               ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: neither encoder writes it
         with pytest.raises(UnicodeEncodeError):
