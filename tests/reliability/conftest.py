@@ -233,11 +233,12 @@ def ledger(redis_port: int, tenant: str = "acme") -> dict[str, tuple[int, int]]:
 
 
 def tenant_month(redis_port: int, tenant: str = "acme") -> tuple[int, int]:
-    """(spent, held) of `tenant`'s monthly tenant-scope counter; (0, 0) before any."""
-    for key, value in ledger(redis_port, tenant).items():
-        if f":b:tenant:{tenant}:m" in key:
-            return value
-    return 0, 0
+    """(spent, held) of `tenant`'s monthly tenant-scope counters, summed over the months
+    seen (a run may cross a month's end: a charge after it lands in the new month's
+    counter); (0, 0) before any."""
+    months = [value for key, value in ledger(redis_port, tenant).items()
+              if f":b:tenant:{tenant}:m" in key]
+    return sum(spent for spent, _ in months), sum(held for _, held in months)
 
 
 def settled(redis_port: int, tenant: str = "acme", timeout: float = 20) -> bool:
