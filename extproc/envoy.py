@@ -38,10 +38,9 @@ from extproc.messages import (
 )
 
 __all__ = ["JWT_NAMESPACE", "JWT_PAYLOAD_KEY", "METADATA_NAMESPACE", "MTLS_ATTRIBUTE",
-           "PEER_URI_SAN_ATTRIBUTE", "RESPONSE_CODE_DETAILS_ATTRIBUTE", "ROUTE_METADATA_ATTRIBUTE",
-           "SOURCE_ADDRESS_ATTRIBUTE",
-           "STAGE_HEADER", "STAGE_UPSTREAM", "attempt_context", "decode", "encode",
-           "struct_scalars"]
+           "PEER_URI_SAN_ATTRIBUTE", "RESPONSE_CODE_DETAILS_ATTRIBUTE",
+           "ROUTE_METADATA_ATTRIBUTE", "SOURCE_ADDRESS_ATTRIBUTE", "STAGE_HEADER",
+           "STAGE_UPSTREAM", "attempt_context", "decode", "encode", "struct_scalars"]
 
 METADATA_NAMESPACE: Final = "asc"
 ROUTE_METADATA_ATTRIBUTE: Final = "xds.route_metadata"

@@ -73,7 +73,6 @@ _CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
 """The canonical form: `json.dumps(..., sort_keys=True, separators=(",", ":"),
 ensure_ascii=False)` in UTF-8. Every MAC and signature since the first log covers these
 bytes, so they never change (old logs must verify)."""
-_DIGITS: Final = frozenset(b"0123456789")
 
 
 def _small_float(text: bytes) -> bool:
@@ -85,8 +84,8 @@ def _small_float(text: bytes) -> bool:
     if b"0.0000" in text:
         return True
     at = text.find(b"e-")
-    while at > 0:
-        if text[at - 1] in _DIGITS and text[at + 2:at + 3].isdigit():
+    while at != -1:
+        if text[at - 1:at].isdigit() and text[at + 2:at + 3].isdigit():
             return True
         at = text.find(b"e-", at + 2)
     return False
