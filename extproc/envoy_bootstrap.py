@@ -116,6 +116,8 @@ __all__ = [
 ]
 
 EXTPROC_CLUSTER: Final = "asc_extproc"
+GATEWAY_TIMEOUT_CODE: Final = "gateway_timeout"
+"""The `code` of Envoy's own 504 (the service never answers 504 itself: no ErrorCode)."""
 ADMIN_SOCKET_MODE: Final = 0o600
 _HCM: Final = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
@@ -259,8 +261,8 @@ def _local_reply_config() -> dict[str, Any]:
             "body_format_override": _anthropic_error_format("%LOCAL_REPLY_BODY%", "api_error"),
         }, *(
             {"filter": _status_filter(status),
-             "body_format_override": _openai_error_format(message)}
-            for status, message in _ENVOY_ERROR_MESSAGES
+             "body_format_override": _openai_error_format(message, code)}
+            for status, message, code in _ENVOY_ERROR_MESSAGES
         )],
         "body_format": _openai_error_format("%LOCAL_REPLY_BODY%"),
     }
@@ -319,24 +321,31 @@ def _anthropic_error_format(message: str, kind: str) -> dict[str, Any]:
     return {"json_format": {"type": "error", "error": {"type": kind, "message": message}}}
 
 
-def _openai_error_format(message: str) -> dict[str, Any]:
+def _openai_error_format(message: str,
+                         code: str = "%RESPONSE_CODE_DETAILS%") -> dict[str, Any]:
     return {"json_format": {"error": {
         "message": message,
         "type": "gateway_error",
         "param": None,
-        "code": "%RESPONSE_CODE_DETAILS%",
+        "code": code,
     }}}
 
 
 _ENVOY_ERROR_MESSAGES: Final = (
-    # Envoy's own bodies are empty or terse for these; say what happened instead.
-    (500, "The gateway could not process the request."),
-    (503, "The gateway or the provider is unavailable."),
-    (504, "The gateway timed out."),
+    # Envoy's own bodies are empty or terse for these; say what happened instead. Its
+    # response details for a 5xx describe the gateway's insides (the ext_proc gRPC
+    # status, a reset reason, the TLS library's verify error), so the client gets a fixed
+    # code; the details stay in the access log's `details` (decision 0141). A 4xx keeps
+    # them as its code: they name what was wrong with the request (a JWT's fault).
+    (500, "The gateway could not process the request.", ErrorCode.INTERNAL.value),
+    (502, "The provider connection failed.", ErrorCode.PROVIDER_ERROR.value),
+    (503, "The gateway or the provider is unavailable.", ErrorCode.UNAVAILABLE.value),
+    (504, "The gateway timed out.", GATEWAY_TIMEOUT_CODE),
 )
 _ENVOY_ERRORS_ANTHROPIC: Final = (
     # The same messages with Anthropic's error types (extproc/errors.py uses the same).
     (500, "The gateway could not process the request.", "api_error"),
+    (502, "The provider connection failed.", "api_error"),
     (503, "The gateway or the provider is unavailable.", "overloaded_error"),
     (504, "The gateway timed out.", "api_error"),
     (413, "%LOCAL_REPLY_BODY%", "request_too_large"),

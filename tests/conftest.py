@@ -176,6 +176,12 @@ def envoy_admin(socket_path: Path, method: str, path: str) -> httpx.Response:
         return client.request(method, path)
 
 
+def json_lines(process: ManagedProcess) -> list[dict[str, Any]]:
+    """Access log lines (JSON objects) among a process's output (Envoy's stdout log)."""
+    return [json.loads(line) for line in process.log_text().splitlines()
+            if line.startswith("{")]
+
+
 def chat_body(model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "Hello there"}], **extra}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from extproc.devstack import Stack
-from tests.conftest import CANARIES
+from tests.conftest import CANARIES, Gateway
 from tests.polling import wait_for
 
 
@@ -27,7 +27,7 @@ class HasStack(Protocol):
     @property
     def stack(self) -> Stack: ...
 
-__all__ = ["assert_one_record", "audit_dir", "records", "records_for"]
+__all__ = ["access_log_line", "assert_one_record", "audit_dir", "records", "records_for"]
 
 
 def audit_dir(gateway: HasStack) -> Path:
@@ -73,3 +73,17 @@ def assert_one_record(gateway: HasStack, request_id: str, **expected: Any) -> di
     text = json.dumps(record)
     assert not [canary for canary in CANARIES if canary in text]
     return record
+
+
+def access_log_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
+    """The Envoy access log line of one request (the gateway's request id)."""
+    found: list[dict[str, Any]] = []
+
+    def seen() -> bool:
+        gateway.admin("POST", "/reopen_logs")
+        found[:] = [json.loads(raw) for raw in gateway.envoy.log_text().splitlines()
+                    if raw.startswith("{") and request_id in raw]
+        return bool(found)
+
+    assert wait_for(seen, timeout=10), f"no Envoy access log line for {request_id}"
+    return found[0]

@@ -28,8 +28,7 @@ from tests.conftest import (
     start_gateway,
     write_config,
 )
-from tests.e2e.audit_check import assert_one_record, audit_dir, records
-from tests.polling import wait_for
+from tests.e2e.audit_check import access_log_line, assert_one_record, audit_dir, records
 
 pytestmark = pytest.mark.e2e
 
@@ -40,19 +39,6 @@ SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "schema"
 def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "extproc", "audit", *args],
                           capture_output=True, text=True, timeout=60, check=False)
-
-
-def access_log_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
-    found: list[dict[str, Any]] = []
-
-    def seen() -> bool:
-        gateway.admin("POST", "/reopen_logs")
-        found[:] = [json.loads(raw) for raw in gateway.envoy.log_text().splitlines()
-                    if raw.startswith("{") and request_id in raw]
-        return bool(found)
-
-    assert wait_for(seen, timeout=10), f"no Envoy access log line for {request_id}"
-    return found[0]
 
 
 def test_envoy_access_log_and_audit_record_share_request_id_and_tenant(

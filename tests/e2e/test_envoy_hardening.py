@@ -17,8 +17,18 @@ import h2.events
 import pytest
 
 from extproc.devstack import Stack
-from tests.conftest import ACME_KEY, CHAT, FAST, GLOBEX_KEY, Gateway, chat_body, start_gateway
+from tests.conftest import (
+    ACME_KEY,
+    CHAT,
+    FAST,
+    GLOBEX_KEY,
+    Gateway,
+    chat_body,
+    json_lines,
+    start_gateway,
+)
 from tests.e2e.test_budgets import budget_config, month_counter
+from tests.polling import wait_for
 
 
 @dataclass
@@ -130,24 +140,32 @@ def _without_trailers(bootstrap: dict[str, Any]) -> None:
     mode["request_trailer_mode"] = "SKIP"
 
 
-@pytest.mark.parametrize(("weaken", "status", "details"), [
+@pytest.mark.parametrize(("weaken", "status", "code", "details"), [
     # The headers reply clears the route cache: Envoy routes again without the client's
-    # header and finds no cluster.
-    pytest.param(_without_trailers, 503, "cluster_not_found", id="route-cache-cleared-only"),
+    # header and finds no cluster (its reason is in the access log, decision 0141).
+    pytest.param(_without_trailers, 503, "gateway_unavailable", "cluster_not_found",
+                 id="route-cache-cleared-only"),
     # Trailers reach the service, which refuses a request it never saw a body of.
-    pytest.param(_without_internal_only_header, 400, "invalid_request",
+    pytest.param(_without_internal_only_header, 400, "invalid_request", None,
                  id="trailers-answered"),
 ])
 def test_each_safeguard_alone_keeps_the_client_from_choosing_the_cluster(
-        stack: Stack, weaken: Callable[[dict[str, Any]], None], status: int,
-        details: str) -> None:
+        stack: Stack, weaken: Callable[[dict[str, Any]], None], status: int, code: str,
+        details: str | None) -> None:
     gateway = start_gateway(stack, stack.workdir / "config", edit_bootstrap=weaken)
     reply = h2c_request(gateway.listen_port,
                         _request_headers(gateway.listen_port, ("x-asc-cluster", "emu_eu")),
                         trailers=[("x-client-trailer", "1")])
 
-    assert (reply.status, json.loads(reply.body)["error"]["code"]) == (status, details)
+    assert (reply.status, json.loads(reply.body)["error"]["code"]) == (status, code)
     assert gateway.emulator.requests() == []
+    if details is not None:
+
+        def logged() -> bool:
+            gateway.admin("POST", "/reopen_logs")
+            return [line["details"] for line in json_lines(gateway.envoy)] == [details]
+
+        assert wait_for(logged)
 
 
 # -- item 8: Envoy admin only on a 0600 Unix socket -----------------------------------

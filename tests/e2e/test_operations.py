@@ -20,7 +20,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.config import load_config
-from extproc.devstack import Stack, envoy_binary, free_port
+from extproc.devstack import ManagedProcess, Stack, envoy_binary, free_port
 from extproc.envoy_bootstrap import EnvoyPorts, render_yaml
 from tests.conftest import (
     ACME_KEY,
@@ -29,6 +29,7 @@ from tests.conftest import (
     Gateway,
     chat_body,
     gateway_config,
+    json_lines,
     start_gateway,
     write_config,
 )
@@ -45,28 +46,36 @@ def _post(base_url: str, key: str = ACME_KEY, timeout: float = 15) -> httpx.Resp
 
 
 def _envoy_with_extproc_at(stack: Stack, emulator_port: int, extproc_port: int,
-                           message_timeout_ms: int = 2000) -> str:
+                           message_timeout_ms: int = 2000) -> tuple[str, ManagedProcess]:
     config_path = write_config(stack.workdir / "config", gateway_config(emulator_port))
     listen_port, admin_socket = free_port(), stack.admin_socket()
     ports = EnvoyPorts(listen_port=listen_port, admin_socket=str(admin_socket),
                        extproc_port=extproc_port, message_timeout_ms=message_timeout_ms)
-    stack.start_envoy(render_yaml(load_config(config_path), ports), listen_port=listen_port,
-                      admin_socket=admin_socket)
-    return f"http://127.0.0.1:{listen_port}"
+    envoy = stack.start_envoy(render_yaml(load_config(config_path), ports),
+                              listen_port=listen_port, admin_socket=admin_socket)
+    return f"http://127.0.0.1:{listen_port}", envoy
+
+
+def _details(envoy: ManagedProcess) -> str:
+    """Envoy's response details of the one request its access log has (decision 0141:
+    they are the operator's, never in the client's answer)."""
+    assert wait_for(lambda: json_lines(envoy))
+    [line] = json_lines(envoy)
+    return str(line["details"])
 
 
 def test_extproc_down_fails_closed_with_json(stack: Stack) -> None:
     _, emulator_port = stack.start_emulator(["provider-key"])
-    base_url = _envoy_with_extproc_at(stack, emulator_port, free_port())
+    base_url, envoy = _envoy_with_extproc_at(stack, emulator_port, free_port())
 
     response = _post(base_url)
 
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert error["message"] == "The gateway could not process the request."
-    assert error["type"] == "gateway_error"
-    assert error["code"].startswith("ext_proc_error_gRPC_error_14")
+    assert response.json() == {"error": {
+        "message": "The gateway could not process the request.", "type": "gateway_error",
+        "param": None, "code": "internal_error"}}
+    assert _details(envoy).startswith("ext_proc_error_gRPC_error_14")
     recorded = httpx.get(f"http://127.0.0.1:{emulator_port}/_emulator/requests").json()
     assert recorded["requests"] == []
 
@@ -97,15 +106,18 @@ def silent_extproc() -> Iterator[int]:
 
 def test_slow_extproc_times_out_with_json_504(stack: Stack, silent_extproc: int) -> None:
     _, emulator_port = stack.start_emulator(["provider-key"])
-    base_url = _envoy_with_extproc_at(stack, emulator_port, silent_extproc,
-                                      message_timeout_ms=300)
+    base_url, envoy = _envoy_with_extproc_at(stack, emulator_port, silent_extproc,
+                                             message_timeout_ms=300)
 
     started = time.monotonic()
     response = _post(base_url)
     elapsed = time.monotonic() - started
 
     assert response.status_code == 504
-    assert response.json()["error"]["message"] == "The gateway timed out."
+    assert response.json() == {"error": {"message": "The gateway timed out.",
+                                         "type": "gateway_error", "param": None,
+                                         "code": "gateway_timeout"}}
+    assert _details(envoy).startswith("ext_proc_error")
     assert elapsed < 5  # message_timeout is 0.3 s; the route timeout (300 s) must not apply
     recorded = httpx.get(f"http://127.0.0.1:{emulator_port}/_emulator/requests").json()
     assert recorded["requests"] == []

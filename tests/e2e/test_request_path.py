@@ -22,7 +22,7 @@ from tests.conftest import (
     Gateway,
     chat_body,
 )
-from tests.e2e.audit_check import assert_one_record
+from tests.e2e.audit_check import access_log_line, assert_one_record
 
 EMULATOR_REPLY = "Hello from the emulator."
 
@@ -299,7 +299,10 @@ def assert_envoys_reset_reply(gateway: Gateway, response: httpx.Response,
     assert response.status_code == 503
     assert response.json() == {"error": {
         "message": "The gateway or the provider is unavailable.", "type": "gateway_error",
-        "param": None, "code": "upstream_reset_before_response_started{connection_termination}"}}
+        "param": None, "code": "gateway_unavailable"}}
+    # The reset is the operator's to read, not the client's (decision 0141).
+    assert access_log_line(gateway, response.headers["x-asc-request-id"])["details"] == (
+        "upstream_reset_before_response_started{connection_termination}")
     assert_one_record(gateway, response.headers["x-asc-request-id"], tenant="acme",
                       status=503, upstream_status=None, error="provider_error",
                       aborted=False, **record)

@@ -180,9 +180,8 @@ def test_fails_closed_when_the_socket_is_gone(stack: Stack) -> None:
         "message": "The gateway could not process the request.",
         "type": "gateway_error",
         "param": None,
-        "code": response.json()["error"]["code"],
+        "code": "internal_error",
     }}
-    assert response.json()["error"]["code"].startswith("ext_proc_error_gRPC_error_14")
     assert sidecar.emulator.requests() == []
 
 

@@ -268,15 +268,24 @@ def test_local_replies_are_openai_json(demo: dict[str, Any]) -> None:
     assert local_reply["body_format"] == {"json_format": {"error": {
         "message": "%LOCAL_REPLY_BODY%", "type": "gateway_error", "param": None,
         "code": "%RESPONSE_CODE_DETAILS%"}}}
-    statuses = [m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
-                for m in local_reply["mappers"][2:] if "status_code_filter" in m["filter"]]
-    assert statuses == [500, 503, 504]
+    # A 5xx of Envoy's gets a fixed message and code: its details stay in the access log
+    # (decision 0141).
+    fixed = {m["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]:
+             m["body_format_override"]["json_format"]["error"]
+             for m in local_reply["mappers"][2:] if "status_code_filter" in m["filter"]}
+    assert fixed == {status: {"message": message, "type": "gateway_error", "param": None,
+                              "code": code} for status, message, code in (
+        (500, "The gateway could not process the request.", "internal_error"),
+        (502, "The provider connection failed.", "provider_error"),
+        (503, "The gateway or the provider is unavailable.", "gateway_unavailable"),
+        (504, "The gateway timed out.", "gateway_timeout"))}
+    assert "%RESPONSE_CODE_DETAILS%" not in str(local_reply["mappers"])
 
 
 def test_local_replies_on_the_messages_door_are_anthropic_json(demo: dict[str, Any]) -> None:
     """Decision 0131: the door from the service's metadata, else from the client's path."""
     mappers = hcm(demo)["local_reply_config"]["mappers"]
-    door = mappers[6]["filter"]
+    door = mappers[7]["filter"]
     assert door == {"or_filter": {"filters": [
         {"metadata_filter": {"matcher": {
             "filter": "asc", "path": [{"key": "dialect"}],
@@ -291,14 +300,15 @@ def test_local_replies_on_the_messages_door_are_anthropic_json(demo: dict[str, A
                                           "string_match": {"prefix": "/v1/messages"}}}},
         ]}},
     ]}}
-    assert mappers[6]["body_format_override"] == {"json_format": {"type": "error", "error": {
+    assert mappers[7]["body_format_override"] == {"json_format": {"type": "error", "error": {
         "type": "api_error", "message": "%LOCAL_REPLY_BODY%"}}}
     per_status = {m["filter"]["and_filter"]["filters"][1]["status_code_filter"]["comparison"][
         "value"]["default_value"]: m["body_format_override"]["json_format"]["error"]
-        for m in mappers[2:6]}
-    assert all(m["filter"]["and_filter"]["filters"][0] == door for m in mappers[2:6])
+        for m in mappers[2:7]}
+    assert all(m["filter"]["and_filter"]["filters"][0] == door for m in mappers[2:7])
     assert per_status == {
         500: {"type": "api_error", "message": "The gateway could not process the request."},
+        502: {"type": "api_error", "message": "The provider connection failed."},
         503: {"type": "overloaded_error",
               "message": "The gateway or the provider is unavailable."},
         504: {"type": "api_error", "message": "The gateway timed out."},
