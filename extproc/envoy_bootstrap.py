@@ -939,17 +939,25 @@ function envoy_on_response(handle)
   local found = {}
   local tail = ""
   local skipping = false
+  -- A line the chunk's end cut (an event split by the network): kept back until the
+  -- chunk that ends it, so an error mark in it is seen with its event's start. A client
+  -- cannot read half a line; an unended last line is dropped, as an SSE client drops it.
+  local held = ""
   -- Only a provider's event stream has in-stream errors (an Envoy local reply is JSON
   -- with a content-length).
   local events = string.find(headers:get("content-type") or "", "text/event-stream", 1, true)
   for chunk in handle:bodyChunks() do
     local bytes = chunk:getBytes(0, chunk:length())
+    local changed = false
     if skipping then
       -- The rest of an error event already replaced: never the client's.
       local stop = string.find(bytes, "\\n\\n", 1, true)
       skipping = stop == nil
       bytes = skipping and "" or string.sub(bytes, stop + 2)
-      chunk:setBytes(bytes)
+      changed = true
+    end
+    if held ~= "" then
+      bytes, held, changed = held .. bytes, "", true
     end
     local text = tail .. bytes
     -- Every name ends in one of MARKS: a chunk without any (most of a stream) is not
@@ -994,11 +1002,19 @@ function envoy_on_response(handle)
         at = error_mark(text, stop + 1)
       end
       pieces[#pieces + 1] = string.sub(text, next)
-      bytes = table.concat(pieces)
-      chunk:setBytes(bytes)
-      text = tail .. bytes
+      bytes, changed = table.concat(pieces), true
     end
-    tail = string.sub(text, -160)
+    if events and string.byte(bytes, -1) ~= 10 then  -- ends inside a line
+      local cut = string.find(bytes, "\\n[^\\n]*$")
+      local keep = cut and #bytes - cut or #bytes
+      if keep > 0 and keep <= %(hold_max)d then
+        held, bytes, changed = string.sub(bytes, -keep), string.sub(bytes, 1, -keep - 1), true
+      end
+    end
+    if changed then
+      chunk:setBytes(bytes)
+    end
+    tail = string.sub(tail .. bytes, -160)
   end
   -- Objects taken before the chunks yielded are out of scope now (measured): ask again.
   local after = handle:streamInfo():dynamicMetadata()
@@ -1019,6 +1035,9 @@ def _usage_marks() -> list[str]:
     return sorted({"_" + name.rsplit("_", 1)[1] + '"' for name in USAGE_FIELDS})
 
 
+_HELD_LINE_MAX_BYTES: Final = 65_536
+"""The longest cut line of a fast-path event stream the Lua filter keeps back until its
+end (a longer one passes as it comes, as before decision 0142)."""
 _DOOR_UNREACHABLE: Final = "The provider failed."
 """A fast answer's provider error when the door could not map it (Envoy's Lua filter)."""
 
@@ -1036,6 +1055,7 @@ def fast_path_lua_usage_filter(timeout_ms: int = 2000) -> dict[str, Any]:
         "fallback_openai": f"[==[{fallback[Dialect.OPENAI]}]==]",
         "fallback_anthropic": f"[==[{fallback[Dialect.ANTHROPIC]}]==]",
         "stream_message": STREAM_ERROR_FALLBACK,
+        "hold_max": _HELD_LINE_MAX_BYTES,
         "door": FAST_DOOR_CLUSTER, "error_path": DOOR_ERROR_PATH,
         "status_header": DOOR_STATUS_HEADER, "dialect_header": DOOR_DIALECT_HEADER,
         "answer_ns": ANSWER_NAMESPACE, "timeout_ms": timeout_ms,

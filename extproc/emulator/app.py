@@ -172,6 +172,9 @@ class Fault:
     stream_error_split: int | None = None
     """The error event goes out in two writes, split after this many bytes, 50 ms apart
     (a proxy then sees it in two chunks)."""
+    stream_error_id: bool = False
+    """The OpenAI-shaped error event has an `id` before its `error` (as OpenAI-compatible
+    servers that put the error in a chunk send it)."""
 
     @property
     def is_empty(self) -> bool:
@@ -206,6 +209,7 @@ class Fault:
             "message": self.message,
             "stream_error": self.stream_error,
             "stream_error_split": self.stream_error_split,
+            "stream_error_id": self.stream_error_id,
         }
 
 
@@ -272,6 +276,7 @@ class CallContext:
     reset_after_chunks: int | None = None
     stream_error: str | None = None
     stream_error_split: int | None = None
+    stream_error_id: bool = False
     end_after_chunks: int | None = None
     events_sent: int = 0
 
@@ -309,7 +314,8 @@ class CallContext:
             await resp.write_eof()
             return False
         if self.stream_error is not None:
-            event = _stream_error_event(self.request.path, self.stream_error)
+            event = _stream_error_event(self.request.path, self.stream_error,
+                                        with_id=self.stream_error_id)
             split = self.stream_error_split
             if split is not None and 0 < split < len(event):
                 await resp.write(event[:split])
@@ -407,15 +413,16 @@ _SHAPES_KEY: Final = web.AppKey("emulator_shapes", tuple[ProviderShape, ...])
 _SPLIT_PAUSE_S: Final = 0.05
 
 
-def _stream_error_event(path: str, message: str) -> bytes:
+def _stream_error_event(path: str, message: str, *, with_id: bool = False) -> bytes:
     """An in-stream error event in the format of the path's provider."""
     if path.startswith(gemini_shape.PATH_PREFIX):
         return gemini_shape.stream_error_event(message)
     if path == _ANTHROPIC_PATH:
         data = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
         return b"event: error\ndata: " + json.dumps(data).encode() + b"\n\n"
-    error = {"error": {"message": message, "type": "server_error", "param": None,
-                       "code": None}}
+    error: dict[str, Any] = {"id": "chatcmpl-emulator"} if with_id else {}
+    error["error"] = {"message": message, "type": "server_error", "param": None,
+                      "code": None}
     return b"data: " + json.dumps(error).encode() + b"\n\n"
 
 
@@ -601,6 +608,7 @@ def _wrap(
             end_after_chunks=fault.end_after_chunks,
             stream_error=fault.stream_error,
             stream_error_split=fault.stream_error_split,
+            stream_error_id=fault.stream_error_id,
         )
         response = await handler(request, ctx)
         if fault.pad_bytes and isinstance(response, web.Response) and response.body:
@@ -692,7 +700,7 @@ async def _get_faults(request: web.Request) -> web.Response:
 _FAULT_FIELDS: Final = frozenset(
     {"status", "html", "delay_ms", "reset", "reset_after_chunks", "end_after_chunks",
      "retry_after", "count",
-     "pad_bytes", "message", "stream_error", "stream_error_split"}
+     "pad_bytes", "message", "stream_error", "stream_error_split", "stream_error_id"}
 )
 _MAX_FAULT_MESSAGE: Final = 16 * 1024 * 1024
 
@@ -743,6 +751,7 @@ def _parse_fault(body: Mapping[str, Any]) -> QueuedFault:
         message=message,
         stream_error=stream_error,
         stream_error_split=_opt_int(body, "stream_error_split", 1, 1_000_000),
+        stream_error_id=_opt_bool(body, "stream_error_id"),
     )
     if fault.is_empty:
         raise ValueError(

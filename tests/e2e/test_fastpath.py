@@ -393,24 +393,30 @@ _ANTHROPIC_HEAD = ('event: error\ndata: {"type": "error", "error": '
 # The full path shows the provider's message scrubbed (test_providers); Envoy's Lua filter
 # cannot wait for the door inside a stream, so the fast path puts a fixed message in its
 # place and keeps the provider's type (decision 0138).
-@pytest.mark.parametrize(("door", "split", "error"), [
-    ("openai", None, {"message": FIXED, "type": "server_error"}),
-    ("anthropic", None, {"message": FIXED, "type": "overloaded_error"}),
+@pytest.mark.parametrize(("door", "split", "error", "with_id"), [
+    ("openai", None, {"message": FIXED, "type": "server_error"}, False),
+    ("anthropic", None, {"message": FIXED, "type": "overloaded_error"}, False),
     # The error event in two chunks, cut inside its message: the first part is replaced,
     # and the rest of the event is dropped (OpenAI's type comes after the message).
-    ("openai", len(_OPENAI_HEAD) + 5, {"message": FIXED}),
-    ("anthropic", len(_ANTHROPIC_HEAD) + 5, {"message": FIXED, "type": "overloaded_error"}),
+    ("openai", len(_OPENAI_HEAD) + 5, {"message": FIXED}, False),
+    ("anthropic", len(_ANTHROPIC_HEAD) + 5, {"message": FIXED, "type": "overloaded_error"},
+     False),
     # Anthropic's `event: error` line alone in the first chunk.
-    ("anthropic", len("event: error\n"), {"message": FIXED}),
-    # Split inside the `"error"` key: the start already passed on (`data: {"err`) is the
-    # start of the replacement, which goes on from there (one valid event).
-    ("openai", len('data: {"err'), {"message": FIXED, "type": "server_error"}),
+    ("anthropic", len("event: error\n"), {"message": FIXED}, False),
+    # Split inside the `"error"` key: Envoy keeps the cut line back until its end comes,
+    # and the whole event is replaced.
+    ("openai", len('data: {"err'), {"message": FIXED, "type": "server_error"}, False),
+    # The same after another field: the start passed on would not have been the start of
+    # the replacement, and the client got a broken event before it (decision 0142).
+    ("openai", len('data: {"id": "chatcmpl-emulator", "err'),
+     {"message": FIXED, "type": "server_error"}, True),
 ])
 def test_an_in_stream_error_on_the_fast_path_never_shows_the_providers_message(
         fast: tuple[Gateway, int], door: str, split: int | None,
-        error: dict[str, str]) -> None:
+        error: dict[str, str], with_id: bool) -> None:
     gateway, _ = fast
-    gateway.emulator.queue_fault(stream_error=LEAKY_STREAM_ERROR, stream_error_split=split)
+    gateway.emulator.queue_fault(stream_error=LEAKY_STREAM_ERROR, stream_error_split=split,
+                                 stream_error_id=with_id)
     chunks_before = phase_count(gateway, "response_body")
     fast_before = door_checks(gateway, "fast")
 

@@ -643,6 +643,7 @@ async def test_control_fault_count(client: TestClient[web.Request, web.Applicati
             "message": None,
             "stream_error": None,
             "stream_error_split": None,
+            "stream_error_id": False,
             "remaining": 2,
         }
     ]
