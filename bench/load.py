@@ -19,12 +19,13 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
-import aiohttp
+import httptools
 from cpu import children_rusage_seconds
 
 __all__ = ["LOOPBACK", "OPEN_LOOP_CONNECTIONS", "OpenLoopResult", "WrkResult",
@@ -184,51 +185,182 @@ class OpenLoopResult:
                                                         self.failed)) if n)
 
 
-async def _open_loop(url: str, *, rate: int, duration_s: int, body: bytes,
-                     headers: Mapping[str, str]) -> OpenLoopResult:
-    loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(limit=OPEN_LOOP_CONNECTIONS)
-    timeout = aiohttp.ClientTimeout(total=OPEN_LOOP_TIMEOUT_S)
-    latencies: list[float] = []
-    counts = {"non_2xx": 0, "failed": 0}
-    last_end = 0.0
+class _Connection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection of the open-loop client: one request at a time,
+    its response read with httptools (no per-request objects beyond the parser's
+    callbacks, so the client takes little of the cores it shares with the target)."""
 
-    async def one(session: aiohttp.ClientSession, scheduled: float) -> None:
-        nonlocal last_end
+    def __init__(self, client: _OpenLoopClient) -> None:
+        self._client = client
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.scheduled: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._keep_alive = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, scheduled: float) -> None:
+        assert self.transport is not None
+        self.scheduled = scheduled
+        self._timer = self._client.loop.call_later(OPEN_LOOP_TIMEOUT_S, self._timed_out)
+        self.transport.write(self._client.request)
+
+    def data_received(self, data: bytes) -> None:
         try:
-            async with session.post(url, data=body, headers=dict(headers)) as response:
-                await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            counts["failed"] += 1
-            return
-        end = loop.time()
-        last_end = max(last_end, end)
-        latencies.append((end - scheduled) * 1000)
-        if not 200 <= status < 300:
-            counts["non_2xx"] += 1
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail()
 
+    def on_message_complete(self) -> None:
+        scheduled, self.scheduled = self.scheduled, None
+        if self._timer is not None:
+            self._timer.cancel()
+        if scheduled is None:
+            return
+        self._keep_alive = self._parser.should_keep_alive()
+        self._client.answered(self, scheduled, self._parser.get_status_code())
+
+    def _timed_out(self) -> None:
+        self._fail()
+
+    def _fail(self) -> None:
+        scheduled, self.scheduled = self.scheduled, None
+        if self.transport is not None:
+            self.transport.close()
+        if scheduled is not None:
+            self._client.failed(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._keep_alive = False
+        self._fail()
+        self._client.closed(self)
+
+    @property
+    def reusable(self) -> bool:
+        return self._keep_alive and self.transport is not None and \
+            not self.transport.is_closing()
+
+
+class _OpenLoopClient:
+    """Schedules request i at start + i/rate on an idle connection (a new one while fewer
+    than OPEN_LOOP_CONNECTIONS are open, else the next that frees up)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, port: int, request: bytes) -> None:
+        self.loop = loop
+        self.port = port
+        self.request = request
+        self.latencies: list[float] = []
+        self.non_2xx = 0
+        self.failures = 0
+        self.last_end = 0.0
+        self._idle: list[_Connection] = []
+        self._queued: deque[float] = deque()
+        self._open = 0
+        self._pending = 0
+        self._done: asyncio.Future[None] | None = None
+        """Set by `drain`: resolved when the last request is answered or failed."""
+        self._connecting: set[asyncio.Task[None]] = set()
+
+    def start(self, scheduled: float) -> None:
+        self._pending += 1
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.reusable:
+                connection.send(scheduled)
+                return
+        if self._open < OPEN_LOOP_CONNECTIONS:
+            self._open += 1
+            task = self.loop.create_task(self._connect(scheduled))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+        else:
+            self._queued.append(scheduled)
+
+    async def _connect(self, scheduled: float) -> None:
+        try:
+            _, connection = await self.loop.create_connection(
+                lambda: _Connection(self), LOOPBACK, self.port)
+        except OSError:
+            self._open -= 1
+            self.failures += 1
+            self._one_done()
+            return
+        connection.send(scheduled)
+
+    def answered(self, connection: _Connection, scheduled: float, status: int) -> None:
+        end = self.loop.time()
+        self.last_end = max(self.last_end, end)
+        self.latencies.append((end - scheduled) * 1000)
+        if not 200 <= status < 300:
+            self.non_2xx += 1
+        self._free(connection)
+        self._one_done()
+
+    def failed(self, connection: _Connection) -> None:
+        self.failures += 1
+        self._one_done()
+
+    def closed(self, connection: _Connection) -> None:
+        self._open -= 1
+        if self._queued:  # a queued request gets a new connection in its place
+            self._pending -= 1
+            self.start(self._queued.popleft())
+
+    def _free(self, connection: _Connection) -> None:
+        if not connection.reusable:
+            return  # connection_lost will count it closed
+        if self._queued:
+            connection.send(self._queued.popleft())
+        else:
+            self._idle.append(connection)
+
+    def _one_done(self) -> None:
+        self._pending -= 1
+        if self._pending == 0 and self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait for every request started (each ends within OPEN_LOOP_TIMEOUT_S)."""
+        if self._pending:
+            self._done = self.loop.create_future()
+            await self._done
+        for connection in self._idle:
+            if connection.transport is not None:
+                connection.transport.close()
+
+
+async def _open_loop(port: int, *, rate: int, duration_s: int,
+                     request: bytes) -> OpenLoopResult:
+    loop = asyncio.get_running_loop()
+    client = _OpenLoopClient(loop, port, request)
     total = rate * duration_s
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        start = loop.time() + 0.05
-        tasks = []
-        for index in range(total):
-            scheduled = start + index / rate
-            delay = scheduled - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, scheduled)))
-        await asyncio.gather(*tasks)
-    return OpenLoopResult(float(rate), max(last_end - start, 1e-9), tuple(latencies),
-                          counts["non_2xx"], counts["failed"], total)
+    start = loop.time() + 0.05
+    for index in range(total):
+        scheduled = start + index / rate
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        client.start(scheduled)
+    await client.drain()
+    return OpenLoopResult(float(rate), max(client.last_end - start, 1e-9),
+                          tuple(client.latencies), client.non_2xx, client.failures, total)
 
 
 def run_open_loop(port: int, *, rate: int, duration_s: int, key: str, path: str, body: str,
                   headers: Mapping[str, str] | None = None) -> OpenLoopResult:
     """`rate` requests/s for `duration_s` against 127.0.0.1:port, each started on its
-    schedule whatever the others are doing (aiohttp, HTTP/1.1 keep-alive)."""
-    sent = {"Content-Type": "application/json", **(headers or {})}
+    schedule whatever the others are doing (HTTP/1.1 keep-alive, the request's bytes built
+    once)."""
+    sent = {"Host": f"{LOOPBACK}:{port}", "Content-Type": "application/json",
+            **(headers or {})}
     if key:
         sent["Authorization"] = f"Bearer {key}"
-    return asyncio.run(_open_loop(f"http://{LOOPBACK}:{port}{path}", rate=rate,
-                                  duration_s=duration_s, body=body.encode(), headers=sent))
+    data = body.encode()
+    sent["Content-Length"] = str(len(data))
+    head = "".join(f"{name}: {value}\r\n" for name, value in sent.items())
+    request = f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + data
+    return asyncio.run(_open_loop(port, rate=rate, duration_s=duration_s, request=request))

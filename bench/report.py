@@ -611,7 +611,8 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
             "",
             f"{args.open_loop:,} requests/s asked (bench/load.py: request i starts at "
             f"start + i/rate on a free keep-alive connection, up to {OPEN_LOOP_CONNECTIONS}; "
-            f"aiohttp, HTTP/1.1), {args.duration} s per target after {args.warmup} s "
+            f"HTTP/1.1 over asyncio with httptools, the request's bytes built once), "
+            f"{args.duration} s per target after {args.warmup} s "
             "warm-up. Latency is from each request's *scheduled* start to its last byte, so "
             "a server that falls behind shows its queue (no coordinated omission); "
             "percentiles are nearest-rank. *achieved* = responses / (last response - first "
