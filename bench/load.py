@@ -156,7 +156,8 @@ class OpenLoopResult:
     latencies_ms: tuple[float, ...]
     non_2xx: int
     failed: int
-    """Requests that got no response (connection error or the 5 s timeout)."""
+    """Requests that got no response: a connection error, or none within 5 s of the
+    scheduled start (also when they waited that long for a free connection)."""
     scheduled: int
 
     @property
@@ -204,7 +205,9 @@ class _Connection(asyncio.Protocol):
     def send(self, scheduled: float) -> None:
         assert self.transport is not None
         self.scheduled = scheduled
-        self._timer = self._client.loop.call_later(OPEN_LOOP_TIMEOUT_S, self._timed_out)
+        # As a client's total timeout: from the request's scheduled start.
+        self._timer = self._client.loop.call_at(scheduled + OPEN_LOOP_TIMEOUT_S,
+                                                self._timed_out)
         self.transport.write(self._client.request)
 
     def data_received(self, data: bytes) -> None:
@@ -267,6 +270,10 @@ class _OpenLoopClient:
 
     def start(self, scheduled: float) -> None:
         self._pending += 1
+        if self._expired(scheduled):
+            self.failures += 1
+            self._one_done()
+            return
         while self._idle:
             connection = self._idle.pop()
             if connection.reusable:
@@ -313,10 +320,17 @@ class _OpenLoopClient:
     def _free(self, connection: _Connection) -> None:
         if not connection.reusable:
             return  # connection_lost will count it closed
-        if self._queued:
-            connection.send(self._queued.popleft())
-        else:
-            self._idle.append(connection)
+        while self._queued:
+            scheduled = self._queued.popleft()
+            if not self._expired(scheduled):
+                connection.send(scheduled)
+                return
+            self.failures += 1  # waited for a connection past its timeout
+            self._one_done()
+        self._idle.append(connection)
+
+    def _expired(self, scheduled: float) -> bool:
+        return self.loop.time() - scheduled >= OPEN_LOOP_TIMEOUT_S
 
     def _one_done(self) -> None:
         self._pending -= 1
