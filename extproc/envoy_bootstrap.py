@@ -1013,8 +1013,9 @@ function envoy_on_response(handle)
     end
     if changed then
       chunk:setBytes(bytes)
+      text = tail .. bytes
     end
-    tail = string.sub(tail .. bytes, -160)
+    tail = string.sub(text, -160)
   end
   -- Objects taken before the chunks yielded are out of scope now (measured): ask again.
   local after = handle:streamInfo():dynamicMetadata()
