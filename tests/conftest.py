@@ -22,6 +22,7 @@ from extproc.devstack import ManagedProcess, Stack, free_port
 from extproc.emulator.app import key_fingerprint
 from extproc.envoy_bootstrap import EnvoyPorts, bootstrap_yaml, render_bootstrap
 from extproc.secrets import Secret
+from tests.polling import wait_for
 
 PEPPER = "test-pepper-" + secrets.token_hex(8)
 # Canary secrets: every one of them is grepped for in logs, metrics and error bodies.
@@ -169,6 +170,11 @@ class Gateway:
         """A call to Envoy's admin, over its Unix socket."""
         return envoy_admin(self.admin_socket, method, path)
 
+    def access_log(self) -> list[dict[str, Any]]:
+        """Envoy's access log lines so far (`reopen_logs` flushes what it buffered)."""
+        self.admin("POST", "/reopen_logs")
+        return json_lines(self.envoy)
+
 
 def envoy_admin(socket_path: Path, method: str, path: str) -> httpx.Response:
     transport = httpx.HTTPTransport(uds=str(socket_path))
@@ -180,6 +186,14 @@ def json_lines(process: ManagedProcess) -> list[dict[str, Any]]:
     """Access log lines (JSON objects) among a process's output (Envoy's stdout log)."""
     return [json.loads(line) for line in process.log_text().splitlines()
             if line.startswith("{")]
+
+
+def only_json_line(process: ManagedProcess) -> dict[str, Any]:
+    """The one access log line of a process that served one request (polled: Envoy
+    writes it once the answer is done)."""
+    assert wait_for(lambda: json_lines(process)), "no access log line"
+    [line] = json_lines(process)
+    return line
 
 
 def chat_body(model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:

@@ -80,9 +80,7 @@ def access_log_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
     found: list[dict[str, Any]] = []
 
     def seen() -> bool:
-        gateway.admin("POST", "/reopen_logs")
-        found[:] = [json.loads(raw) for raw in gateway.envoy.log_text().splitlines()
-                    if raw.startswith("{") and request_id in raw]
+        found[:] = [line for line in gateway.access_log() if request_id in line.values()]
         return bool(found)
 
     assert wait_for(seen, timeout=10), f"no Envoy access log line for {request_id}"

@@ -35,6 +35,7 @@ from tests.conftest import (
     envoy_admin,
     gateway_config,
     json_lines,
+    only_json_line,
     provider_env,
     write_config,
 )
@@ -236,8 +237,7 @@ def test_edge_refuses_a_provider_certificate_from_another_ca(edge: Edge) -> None
     assert response.headers["content-type"] == "application/json"
     assert edge.emulator.requests() == []
     assert provider_log(edge) == []
-    assert wait_for(lambda: json_lines(envoy))
-    [line] = json_lines(envoy)
+    line = only_json_line(envoy)
     assert (line["flags"], line["upstream_cluster"]) == ("UF", "emu_eu")
     assert line["details"].startswith(
         "upstream_reset_before_response_started{remote_connection_failure"), line["details"]

@@ -24,7 +24,6 @@ from tests.conftest import (
     GLOBEX_KEY,
     Gateway,
     chat_body,
-    json_lines,
     start_gateway,
 )
 from tests.e2e.test_budgets import budget_config, month_counter
@@ -161,11 +160,8 @@ def test_each_safeguard_alone_keeps_the_client_from_choosing_the_cluster(
     assert gateway.emulator.requests() == []
     if details is not None:
 
-        def logged() -> bool:
-            gateway.admin("POST", "/reopen_logs")
-            return [line["details"] for line in json_lines(gateway.envoy)] == [details]
-
-        assert wait_for(logged)
+        assert wait_for(lambda: [line["details"] for line in gateway.access_log()] == [
+            details])
 
 
 # -- item 8: Envoy admin only on a 0600 Unix socket -----------------------------------

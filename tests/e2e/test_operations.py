@@ -29,7 +29,7 @@ from tests.conftest import (
     Gateway,
     chat_body,
     gateway_config,
-    json_lines,
+    only_json_line,
     start_gateway,
     write_config,
 )
@@ -59,9 +59,7 @@ def _envoy_with_extproc_at(stack: Stack, emulator_port: int, extproc_port: int,
 def _details(envoy: ManagedProcess) -> str:
     """Envoy's response details of the one request its access log has (decision 0141:
     they are the operator's, never in the client's answer)."""
-    assert wait_for(lambda: json_lines(envoy))
-    [line] = json_lines(envoy)
-    return str(line["details"])
+    return str(only_json_line(envoy)["details"])
 
 
 def test_extproc_down_fails_closed_with_json(stack: Stack) -> None:

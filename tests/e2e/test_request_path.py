@@ -357,17 +357,10 @@ def test_request_log_and_envoy_access_log_share_the_request_id(
     assert line["credential"] == "emu-eu-1@1"
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 4)
 
-    gateway.admin("POST", "/reopen_logs")
-    for _ in range(100):
-        access = [json.loads(raw) for raw in gateway.envoy.log_text().splitlines()
-                  if raw.startswith("{") and request_id in raw]
-        if access:
-            break
-        time.sleep(0.1)
-    assert access, "Envoy access log has no line with the request id"
-    assert access[0]["tenant"] == "acme"
-    assert access[0]["provider"] == "emu-eu"
-    assert access[0]["status"] == 200
+    access = access_log_line(gateway, request_id)
+    assert access["tenant"] == "acme"
+    assert access["provider"] == "emu-eu"
+    assert access["status"] == 200
 
 
 def metric_value(text: str, sample_name: str, **labels: str) -> float:
