@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
+import threading
+import time
 from pathlib import Path
+from types import TracebackType
 from typing import Final
 
-__all__ = ["CLK_TCK", "all_process_cpu", "children_rusage_seconds", "machine_busy_seconds",
-           "process_cpu_seconds", "process_tree", "tree_cpu_seconds"]
+__all__ = ["CLK_TCK", "SpeedProbe", "all_process_cpu", "calibration_ms",
+           "children_rusage_seconds", "machine_busy_seconds", "process_cpu_seconds",
+           "process_tree", "tree_cpu_seconds"]
 
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
@@ -106,3 +111,48 @@ def children_rusage_seconds() -> float:
     """CPU of this script's reaped children: the delta around one wrk run is wrk's CPU."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+_CALIBRATION_LOOPS: Final = 20_000
+PROBE_INTERVAL_S: Final = 0.5
+
+
+def calibration_ms() -> float:
+    """CPU milliseconds (this thread's own) of a fixed piece of pure-Python work: about
+    1 ms on the bench VMs at their fastest. The same work took 1.8x as long there from one
+    minute to the next with nothing else running (2026-12-01, AMD EPYC VM): the host, not
+    the bench, sets that pace, and every process's CPU per request moves with it."""
+    started = time.thread_time()
+    total = 0
+    for i in range(_CALIBRATION_LOOPS):
+        total += i * i % 7
+    return (time.thread_time() - started) * 1000
+
+
+class SpeedProbe:
+    """The machine's pace over a measured run: `calibration_ms` every 0.5 s in a thread of
+    this process (about 0.3 % of a core), median over the run. Only around closed-loop
+    runs, where this process just waits for wrk (an open-loop client shares its GIL)."""
+
+    def __init__(self, interval_s: float = PROBE_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="speed-probe", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.samples.append(calibration_ms())
+
+    def __enter__(self) -> SpeedProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def median_ms(self) -> float | None:
+        """The run's pace (None for a run shorter than one interval)."""
+        return statistics.median(self.samples) if self.samples else None

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from cpu import all_process_cpu, machine_busy_seconds, process_tree
+from cpu import SpeedProbe, all_process_cpu, machine_busy_seconds, process_tree
 from ledger import (
     ROUND_TRIP_COMMANDS,
     budget_reservations,
@@ -23,7 +23,8 @@ from ledger import (
 from load import OpenLoopResult, WrkResult, run_open_loop, run_wrk
 from stack import BUDGET_TENANT, BUDGETS, DIRECT, GATEWAY, BenchStack, Target
 
-__all__ = ["Level", "OpenRun", "Run", "measure", "measure_open_loop"]
+__all__ = ["Level", "OpenRun", "Run", "measure", "measure_open_loop", "median_open_run",
+           "median_run", "rotated"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,8 @@ class Run:
     """Budget reservations held by extproc over the run (its /metrics), budgets target."""
     unavailable: float | None = None
     """Reservations refused 503 because the ledger was unavailable (Redis up all along)."""
+    calibration_ms: float | None = None
+    """The machine's pace over the run (`cpu.SpeedProbe`): higher is slower."""
 
     @property
     def round_trips(self) -> int:
@@ -96,9 +99,10 @@ def measure(bench: BenchStack, target: str, *, concurrency: int, threads: int,
     others_before = all_process_cpu()
     before = spec.cpu_snapshot()
     machine_before, wall_start = machine_busy_seconds(), time.monotonic()
-    result, wrk_cpu = run_wrk(spec.port, concurrency=concurrency, threads=threads,
-                              duration_s=duration_s, key=spec.key, path=spec.path,
-                              body=spec.body, headers=spec.headers)
+    with SpeedProbe() as probe:
+        result, wrk_cpu = run_wrk(spec.port, concurrency=concurrency, threads=threads,
+                                  duration_s=duration_s, key=spec.key, path=spec.path,
+                                  body=spec.body, headers=spec.headers)
     machine_after, wall_end = machine_busy_seconds(), time.monotonic()
     after = spec.cpu_snapshot()
     others_after = all_process_cpu()
@@ -121,7 +125,8 @@ def measure(bench: BenchStack, target: str, *, concurrency: int, threads: int,
     cpu["wrk"] = wrk_cpu
     return Run(target, concurrency, result, cpu, (machine_after - machine_before) / wall,
                tuple((name, cores) for name, cores in others[:3] if cores >= 0.01),
-               redis_calls=redis_calls, reservations=held, unavailable=unavailable)
+               redis_calls=redis_calls, reservations=held, unavailable=unavailable,
+               calibration_ms=probe.median_ms())
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,3 +221,26 @@ def _own_cpu_seconds() -> float:
     """This process' CPU: the open-loop client runs in it."""
     times = os.times()
     return times.user + times.system
+
+
+def rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """The targets in round `round_index`'s order: each round starts one target later, so
+    a slow or fast minute of the host (see `cpu.calibration_ms`) falls on every target in
+    turn rather than always on the same neighbours."""
+    if not names:
+        return []
+    shift = round_index % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
+def median_run(runs: Sequence[Run]) -> Run:
+    """The round with the median rps (the lower middle one of an even count): a whole run,
+    so its latency, CPU and Redis counts stay those of one measurement."""
+    ordered = sorted(runs, key=lambda run: run.wrk.rps)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def median_open_run(runs: Sequence[OpenRun]) -> OpenRun:
+    """The open-loop round with the median p99 (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda run: run.result.percentile(99))
+    return ordered[(len(ordered) - 1) // 2]

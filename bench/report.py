@@ -249,6 +249,43 @@ def probe_table(probes: Sequence[Probe]) -> list[str]:
     return rows
 
 
+def _cells(values: Sequence[float | None], digits: int = 0) -> str:
+    return " / ".join(_fmt(value, digits) for value in values)
+
+
+def rounds_section(levels: Sequence[Level],
+                   rounds: Mapping[tuple[int, str], Sequence[Run]]) -> list[str]:
+    """Every round of every closed-loop target, with the host's pace during it."""
+    if not any(len(runs) > 1 for runs in rounds.values()):
+        return []
+    rows = ["| c | target | reported | rps | extproc µs/req | envoy µs/req | peer µs/req "
+            "| pace ms |", "|---:|---|---:|---|---|---|---|---|"]
+    for lv in levels:
+        for name, chosen in lv.by_target.items():
+            runs = rounds.get((lv.concurrency, name), ())
+            if not runs:
+                continue
+            rows.append(
+                f"| {lv.concurrency} | {name} | round {runs.index(chosen) + 1} "
+                f"| {_cells([r.wrk.rps for r in runs])} "
+                f"| {_cells([r.cpu_us_per_request('extproc') for r in runs])} "
+                f"| {_cells([r.cpu_us_per_request('envoy') for r in runs])} "
+                f"| {_cells([r.cpu_us_per_request('peer') for r in runs])} "
+                f"| {_cells([r.calibration_ms for r in runs], 2)} |")
+    return [
+        "### Rounds",
+        "",
+        "Every target ran once per round, each round in a rotated order; the tables above "
+        "report the round with the median rps (the open loop: the median p99). *pace* is "
+        "the host's speed during the run: the CPU milliseconds a fixed piece of Python work "
+        "took (bench/cpu.py `calibration_ms`, sampled every 0.5 s, median), higher is "
+        "slower. Every process's CPU per request moves with it.",
+        "",
+        *rows,
+        "",
+    ]
+
+
 def cpu_table(levels: Sequence[Level]) -> list[str]:
     header = " | ".join(COMPONENTS)
     rows = [
@@ -512,7 +549,8 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
                extproc_processes: int, complete: bool, probes: Sequence[Probe] = (),
                ledger_errors: Mapping[str, int] | None = None,
                open_runs: Sequence[OpenRun] = (), skipped: Mapping[str, str] | None = None,
-               notes: Mapping[str, str] | None = None, chart: str | None = None) -> str:
+               notes: Mapping[str, str] | None = None, chart: str | None = None,
+               rounds: Mapping[tuple[int, str], Sequence[Run]] | None = None) -> str:
     with_budgets = any(lv.budgets for lv in levels)
     budget_sections: list[str] = []
     if with_budgets:
@@ -557,7 +595,9 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
     out = [
         RUN_MARKER,
         f"## Run {started:%Y-%m-%d %H:%M:%S} UTC — workers={args.workers}, "
-        f"{args.duration} s per level" + ("" if complete else " — INCOMPLETE (run failed)"),
+        f"{args.duration} s per level" + (f", median of {args.rounds} rounds"
+                                          if getattr(args, "rounds", 1) > 1 else "")
+        + ("" if complete else " — INCOMPLETE (run failed)"),
         "",
         f"Command: `{command}`",
         "",
@@ -623,6 +663,7 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
             *open_loop_table(open_runs),
             "",
         ] if open_runs else []),
+        *rounds_section(levels, rounds or {}),
         "### Direct vs gateway (same-dialect path)",
         "",
         *main_table(levels),

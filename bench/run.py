@@ -19,6 +19,11 @@ fast 503 (`fail_closed`) while the tenant without budgets still gets 200
 (bench/ledger.py). The report (bench/report.py) goes on top of `bench/RESULTS.md`, with
 a PNG chart in bench/results/.
 
+Each target is measured `--rounds` times (default 3), round after round, each round in
+a rotated order, and the round with the median rps is reported (the median p99 for the
+open loop): this VM's pace drifts by up to 1.8x within a minute (bench/cpu.py), which
+made single back-to-back runs of the same code differ by 20 to 40 %.
+
     .venv/bin/python bench/run.py --duration 10
     .venv/bin/python bench/run.py --quick            # 2 s per level, smoke check
     .venv/bin/python bench/run.py --no-peers         # direct and gateway rows only
@@ -37,7 +42,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -66,6 +71,9 @@ from measure import (  # noqa: E402
     Run,
     measure,
     measure_open_loop,
+    median_open_run,
+    median_run,
+    rotated,
 )
 from peers import start_litellm, start_portkey  # noqa: E402
 from report import (  # noqa: E402
@@ -155,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out LiteLLM and Portkey")
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md",
                         help="results file (default bench/RESULTS.md)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measured runs per target, in rotated order; the median is "
+                             "reported (default 3; --quick: 1)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke check: 2 s per level")
     parser.add_argument("--keep-workdir", action="store_true",
@@ -181,7 +192,8 @@ def _display_command(argv: Sequence[str]) -> str:
 
 def _valid(args: argparse.Namespace) -> bool:
     return (args.duration >= 1 and args.workers >= 1 and args.threads >= 1
-            and args.warmup >= 0 and 0 <= args.fail_closed_requests <= 10_000
+            and args.warmup >= 0 and 1 <= args.rounds <= 20
+            and 0 <= args.fail_closed_requests <= 10_000
             and 1 <= args.redis_timeout_ms <= 10_000 and 0 <= args.open_loop <= 20_000)
 
 
@@ -190,8 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(raw_argv)
     if args.quick:
         args.duration = 2
+        args.rounds = 1
     if not _valid(args):
         print("bench: --duration, --workers and --threads must be >= 1, --warmup >= 0, "
+              "--rounds 1..20, "
               "--fail-closed-requests 0..10000, --redis-timeout-ms 1..10000, "
               "--open-loop 0..20000", file=sys.stderr)
         return 2
@@ -203,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="asc-bench-"))
     stack = Stack(workdir)
     levels: list[Level] = []
+    rounds: dict[tuple[int, str], list[Run]] = defaultdict(list)
     open_runs: list[OpenRun] = []
     probes: list[Probe] = []
     ledger_errors: Counter[str] = Counter()
@@ -230,31 +245,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise
                 bench.drop(name, f"smoke request failed: {exc}")
         skipped, notes = bench.skipped, {n: t.note for n, t in bench.targets.items()}
-        for concurrency in args.concurrency:
-            runs: dict[str, Run] = {}
-            for target in bench.targets:
-                print(f"bench: c={concurrency} {target} ({args.duration} s)...", flush=True)
-                run = measure(bench, target, concurrency=concurrency, threads=args.threads,
-                              duration_s=args.duration, warmup_s=args.warmup)
-                w = run.wrk
-                print(f"  {w.rps:,.0f} rps  p50 {w.p50_ms:.2f} ms  p99 {w.p99_ms:.2f} ms"
-                      f"  requests {w.requests:,}"
-                      + (f"  ERRORS: {w.error_text()}" if w.error_text() else ""), flush=True)
-                runs[target] = run
-            levels.append(Level(concurrency, runs))
-            if bench.extproc_log is not None:
-                ledger_errors = ledger_unavailable_reasons(bench.extproc_log)
+        names = list(bench.targets)
+        for round_index in range(args.rounds):
+            for concurrency in args.concurrency:
+                for target in rotated(names, round_index):
+                    print(f"bench: round {round_index + 1}/{args.rounds} c={concurrency} "
+                          f"{target} ({args.duration} s)...", flush=True)
+                    run = measure(bench, target, concurrency=concurrency,
+                                  threads=args.threads, duration_s=args.duration,
+                                  warmup_s=args.warmup)
+                    w = run.wrk
+                    print(f"  {w.rps:,.0f} rps  p50 {w.p50_ms:.2f} ms  p99 {w.p99_ms:.2f} ms"
+                          f"  requests {w.requests:,}  pace {_pace(run.calibration_ms)}"
+                          + (f"  ERRORS: {w.error_text()}" if w.error_text() else ""),
+                          flush=True)
+                    rounds[concurrency, target].append(run)
+        levels = [Level(concurrency, {name: median_run(rounds[concurrency, name])
+                                      for name in names})
+                  for concurrency in args.concurrency]
+        if bench.extproc_log is not None:
+            ledger_errors = ledger_unavailable_reasons(bench.extproc_log)
         if args.open_loop:
-            for target in bench.targets:
-                print(f"bench: open loop {args.open_loop} rps {target} ({args.duration} s)...",
-                      flush=True)
-                open_run = measure_open_loop(bench, target, rate=args.open_loop,
-                                             duration_s=args.duration, warmup_s=args.warmup)
-                r = open_run.result
-                print(f"  {r.achieved_rps:,.0f} rps  p50 {r.percentile(50):.2f} ms  p99 "
-                      f"{r.percentile(99):.2f} ms  p99.9 {r.percentile(99.9):.2f} ms"
-                      + (f"  ERRORS: {r.error_text()}" if r.error_text() else ""), flush=True)
-                open_runs.append(open_run)
+            open_rounds: dict[str, list[OpenRun]] = defaultdict(list)
+            for round_index in range(args.rounds):
+                for target in rotated(names, round_index):
+                    print(f"bench: round {round_index + 1}/{args.rounds} open loop "
+                          f"{args.open_loop} rps {target} ({args.duration} s)...", flush=True)
+                    open_run = measure_open_loop(bench, target, rate=args.open_loop,
+                                                 duration_s=args.duration,
+                                                 warmup_s=args.warmup)
+                    r = open_run.result
+                    print(f"  {r.achieved_rps:,.0f} rps  p50 {r.percentile(50):.2f} ms  p99 "
+                          f"{r.percentile(99):.2f} ms  p99.9 {r.percentile(99.9):.2f} ms"
+                          + (f"  ERRORS: {r.error_text()}" if r.error_text() else ""),
+                          flush=True)
+                    open_rounds[target].append(open_run)
+            open_runs = [median_open_run(open_rounds[name]) for name in names]
         if budgets and args.fail_closed_requests:
             print(f"bench: Redis-down check ({args.fail_closed_requests} sequential requests "
                   "per row)...", flush=True)
@@ -281,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = render_run(levels=levels, info=info, command=command, started=started,
                           args=args, ncpu=ncpu, extproc_processes=extproc_processes,
                           complete=ok, probes=probes, ledger_errors=ledger_errors,
+                          rounds=rounds,
                           open_runs=open_runs, skipped=skipped, notes=notes, chart=chart)
         write_results(args.output, text)
         print_summary(levels, probes, open_runs)
@@ -299,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               or any(not pr.ok for pr in probes)
               or any(run.result.error_text() for run in open_runs if not is_peer(run.target)))
     return 0 if ok and not errors else 1
+
+
+def _pace(calibration_ms: float | None) -> str:
+    return "n/a" if calibration_ms is None else f"{calibration_ms:.2f} ms"
 
 
 if __name__ == "__main__":

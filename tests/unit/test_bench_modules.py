@@ -8,16 +8,25 @@ ratios to a peer use the peer's best variant.
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+from cpu import SpeedProbe  # noqa: E402
 from load import OpenLoopResult, parse_wrk_output, run_open_loop  # noqa: E402
-from measure import Level, Run  # noqa: E402
-from report import is_peer, ratios_table, targets_table, write_results  # noqa: E402
+from measure import Level, Run, median_run, rotated  # noqa: E402
+from report import (  # noqa: E402
+    is_peer,
+    ratios_table,
+    rounds_section,
+    targets_table,
+    write_results,
+)
 from stack import (  # noqa: E402
     BODY,
     CHAT_PATH,
@@ -38,9 +47,10 @@ WRK_OUT = ("Running 2s test\nBENCH_RESULT requests=300 duration_us=2000000 bytes
            "p999_us=9000 mean_us=1700.5 max_us=12000\nNon-2xx or 3xx responses: 3\n")
 
 
-def _run(target: str, requests: int, cpu: dict[str, float]) -> Run:
+def _run(target: str, requests: int, cpu: dict[str, float],
+         calibration_ms: float | None = None) -> Run:
     wrk = parse_wrk_output(WRK_OUT.replace("requests=300", f"requests={requests}"), 0)
-    return Run(target, 16, wrk, cpu, 1.0)
+    return Run(target, 16, wrk, cpu, 1.0, calibration_ms=calibration_ms)
 
 
 def test_write_results_puts_the_run_on_top_and_keeps_everything_below(tmp_path: Path) -> None:
@@ -127,3 +137,32 @@ def test_fastpath_row_is_switched_on_or_says_why_not(tmp_path: Path) -> None:
     else:
         assert (fast, reason) == (None, "the gateway config has no `fast_path` setting yet "
                                          "(issue 14 item 1 not merged)")
+
+
+def test_rounds_rotate_and_the_median_round_is_reported_whole() -> None:
+    names = [DIRECT, GATEWAY, "portkey"]
+    slow, median, fast = (_run(GATEWAY, n, {"extproc": 0.3, "envoy": 0.1}, pace)
+                          for n, pace in ((400, 1.5), (600, 1.0), (800, 0.9)))
+    level = Level(16, {GATEWAY: median_run([fast, slow, median])})
+
+    rows = rounds_section([level], {(16, GATEWAY): [fast, slow, median]})
+
+    assert [rotated(names, index) for index in range(4)] == [
+        [DIRECT, GATEWAY, "portkey"], [GATEWAY, "portkey", DIRECT],
+        ["portkey", DIRECT, GATEWAY], [DIRECT, GATEWAY, "portkey"]]
+    assert median_run([fast, slow]) is slow  # the lower middle of an even count
+    # rps 200 / 300 / 400 (2 s runs); extproc 0.3 s over 800 / 400 / 600 requests.
+    assert rows[6] == ("| 16 | gateway | round 3 | 400 / 200 / 300 | 375 / 750 / 500 "
+                       "| 125 / 250 / 167 | n/a / n/a / n/a | 0.90 / 1.50 / 1.00 |")
+    assert rounds_section([level], {(16, GATEWAY): [median]}) == []  # one round: no table
+
+
+def test_speed_probe_samples_the_pace_while_a_run_waits() -> None:
+    with SpeedProbe(interval_s=0.01) as probe:
+        deadline = time.monotonic() + 10
+        while len(probe.samples) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    assert len(probe.samples) >= 3
+    assert probe.median_ms() == statistics.median(probe.samples)
+    assert all(sample > 0 for sample in probe.samples)
