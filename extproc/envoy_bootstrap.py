@@ -96,6 +96,7 @@ from extproc.fastpath import (
 from extproc.listen import worker_socket_paths
 from extproc.phases import CLUSTER_HEADER
 from extproc.translate.base import MESSAGES_PATH, Backend
+from extproc.translate.headers import ACCOUNT_HEADERS, ACCOUNT_PREFIXES
 from extproc.translate.provider_errors import STREAM_ERROR_FALLBACK
 from extproc.usage_log import RETRY_AFTER
 
@@ -847,17 +848,16 @@ names (OpenAI and Anthropic shapes); `extproc.fastpath` turns them into a `Usage
 
 _LUA_FAST_ANSWER: Final = """
 -- The fast path's answer, in Envoy (docs/decisions/0122, 0124): on a request the fast
--- door let through (metadata asc.fast), remove the provider's account headers (the
--- door's x-asc-* headers are put on after this, by ext_authz), and read
--- the usage of the answer (JSON or SSE) chunk by chunk as it passes: nothing is held
--- back, nothing goes to ext_proc, any size works. A count split across two chunks is
--- found in the overlap kept from the previous one; the last value of a name wins
--- (Anthropic's final message_delta carries the cumulative output_tokens). A JSON string
--- cannot hold an unescaped quote, so a name in quotes followed by a colon and digits is a
--- key of the answer, never text the model wrote. Every other request returns at once.
+-- door let through (metadata asc.fast), read the usage of the answer (JSON or SSE) chunk
+-- by chunk as it passes: nothing is held back, nothing goes to ext_proc, any size works.
+-- (The provider's account headers are gone already: asc.fast_answer_headers, decision
+-- 0143.) A count split across two chunks is found in the overlap kept from the previous
+-- one; the last value of a name wins (Anthropic's final message_delta carries the
+-- cumulative output_tokens). A JSON string cannot hold an unescaped quote, so a name in
+-- quotes followed by a colon and digits is a key of the answer, never text the model
+-- wrote. Every other request returns at once.
 local NAMES = {%(names)s}
 local MARKS = {%(marks)s}
-local ACCOUNT = {%(account)s}
 local FALLBACK = {openai = %(fallback_openai)s, anthropic = %(fallback_anthropic)s}
 -- An in-stream error (decision 0138). Its first mark past `seen` (the overlap already
 -- looked at): an "error" key, or an `event: error` line, where the event starts.
@@ -901,16 +901,6 @@ function envoy_on_response(handle)
     return
   end
   local headers = handle:headers()
-  local drop = {}
-  for name, _ in pairs(headers) do
-    if ACCOUNT[name] or string.find(name, "^x%%-ratelimit%%-")
-        or string.find(name, "^anthropic%%-ratelimit%%-") then
-      drop[#drop + 1] = name
-    end
-  end
-  for _, name in ipairs(drop) do
-    headers:remove(name)
-  end
   local dialect = asc["dialect"] == "anthropic" and "anthropic" or "openai"
   local status = tonumber(headers:get(":status")) or 0
   if status >= 400 and headers:get("x-envoy-upstream-service-time") ~= nil then
@@ -961,13 +951,24 @@ function envoy_on_response(handle)
     end
     local text = tail .. bytes
     -- Every name ends in one of MARKS: a chunk without any (most of a stream) is not
-    -- scanned (the overlap kept from the previous chunk still catches a split name).
+    -- scanned (the overlap kept from the previous chunk still catches a split name), and
+    -- no name starts more than its own length before the first mark.
+    -- Each name is looked for as a plain string, from just before the first mark (a
+    -- pattern over the whole text cost Envoy 3 times as many instructions, decision 0143).
+    local first = nil
     for _, mark in ipairs(MARKS) do
-      if string.find(text, mark, 1, true) then
-        for name, value in string.gmatch(text, '"([a-z_]+)"%%s*:%%s*(%%d+)') do
-          if NAMES[name] then found[name] = value end
+      local at = string.find(text, mark, 1, true)
+      if at ~= nil and (first == nil or at < first) then first = at end
+    end
+    if first ~= nil then
+      local from = math.max(1, first - %(name_reach)d)
+      for name, quoted in pairs(NAMES) do
+        local _, e = string.find(text, quoted, from, true)
+        while e ~= nil do
+          local value = string.match(text, '^%%s*:%%s*(%%d+)', e + 1)
+          if value ~= nil then found[name] = value end
+          _, e = string.find(text, quoted, e + 1, true)
         end
-        break
       end
     end
     -- In-stream errors: each from its event's start to its end, replaced (error_event);
@@ -1024,11 +1025,6 @@ function envoy_on_response(handle)
   end
 end
 """
-_ACCOUNT_HEADERS: Final = ("openai-organization", "openai-project",
-                           "anthropic-organization-id")
-"""Provider response headers that describe its account (with the x-ratelimit-* and
-anthropic-ratelimit-* families); as `translate.headers.provider_account_headers`."""
-
 
 def _usage_marks() -> list[str]:
     """What every usage name ends with, closing quote included (`_tokens"`): the Lua
@@ -1049,9 +1045,9 @@ def fast_path_lua_usage_filter(timeout_ms: int = 2000) -> dict[str, Any]:
     fallback = {dialect: error_body(GatewayError(ErrorCode.PROVIDER_ERROR, _DOOR_UNREACHABLE),
                                     dialect).decode() for dialect in Dialect}
     source = _LUA_FAST_ANSWER % {
-        "names": ", ".join(f"{name} = true" for name in USAGE_FIELDS),
+        "names": ", ".join(f"{name} = '\"{name}\"'" for name in USAGE_FIELDS),
         "marks": ", ".join(f"'{mark}'" for mark in _usage_marks()),
-        "account": ", ".join(f'["{name}"] = true' for name in _ACCOUNT_HEADERS),
+        "name_reach": max(len(name) for name in USAGE_FIELDS) + 2,
         "usage_ns": FAST_USAGE_NAMESPACE,
         "fallback_openai": f"[==[{fallback[Dialect.OPENAI]}]==]",
         "fallback_anthropic": f"[==[{fallback[Dialect.ANTHROPIC]}]==]",
@@ -1093,6 +1089,8 @@ _EXT_AUTHZ: Final = "type.googleapis.com/envoy.extensions.filters.http.ext_authz
 _HEADER_MUTATION: Final = (
     "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation")
 ORIGINAL_PATH_HEADER: Final = "x-envoy-original-path"
+_HEADER_MUTATION_PER_ROUTE: Final = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute")
 _HEADER_TO_METADATA: Final = (
     "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config")
 _EXT_PROC_PER_ROUTE: Final = (
@@ -1239,8 +1237,33 @@ def _fast_routes(config: GatewayConfig, route_action: dict[str, Any]) -> list[di
         "typed_per_filter_config": {
             "asc.ext_proc": {"@type": _EXT_PROC_PER_ROUTE, "disabled": True},
             FAST_METADATA_FILTER: fast_metadata_rules(),
+            FAST_ANSWER_HEADERS_FILTER: _fast_answer_header_removals(),
         },
     } for cluster, path in targets]
+
+
+FAST_ANSWER_HEADERS_FILTER: Final = "asc.fast_answer_headers"
+
+
+def fast_answer_headers_filter() -> dict[str, Any]:
+    """Envoy's header_mutation filter, with no mutations of its own: they are the fast
+    routes' (`_fast_answer_header_removals`). Placed after the fast answer's Lua filter,
+    so the provider's response reaches it first (decision 0143)."""
+    return {"name": FAST_ANSWER_HEADERS_FILTER,
+            "typed_config": {"@type": _HEADER_MUTATION, "mutations": {}}}
+
+
+def _fast_answer_header_removals() -> dict[str, Any]:
+    """A fast answer's provider account headers (`translate.headers.ACCOUNT_HEADERS` and
+    the `ACCOUNT_PREFIXES` families) removed before the client gets it, as ext_proc removes
+    them on the full path. The gateway's own `x-ratelimit-*` budget headers are put on
+    later, by the fast door's ext_authz filter (earlier in the chain, so later on the
+    response)."""
+    removals: list[dict[str, Any]] = [{"remove": name} for name in sorted(ACCOUNT_HEADERS)]
+    removals += [{"remove_on_match": {"key_matcher": {"prefix": prefix}}}
+                 for prefix in ACCOUNT_PREFIXES]
+    return {"@type": _HEADER_MUTATION_PER_ROUTE,
+            "mutations": {"response_mutations": removals}}
 
 
 _LUA_ROUTE_METADATA: Final = """
@@ -1290,6 +1313,7 @@ def _with_fast_path(config: GatewayConfig, ports: EnvoyPorts, hcm: dict[str, Any
                            fast_door_filter(config, ports),
                            fast_metadata_filter(), ext_proc_filter,
                            fast_path_lua_usage_filter(ports.message_timeout_ms),
+                           fast_answer_headers_filter(),
                            *filters[at + 1:]]
     hcm["access_log"] = [*hcm["access_log"], _fast_path_access_log(config)]
     router = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.router")

@@ -27,6 +27,8 @@ from typing import Final
 from extproc.translate.types import Backend
 
 __all__ = [
+    "ACCOUNT_HEADERS",
+    "ACCOUNT_PREFIXES",
     "FORWARDED_REQUEST_HEADERS",
     "provider_account_headers",
     "unforwarded_request_headers",
@@ -49,9 +51,12 @@ _ENVOY_OWNED: Final = frozenset({
     # docs/decisions/0040-request-header-allow-list.md.
     "x-forwarded-proto", "x-request-id",
 })
-_ACCOUNT_HEADERS: Final = frozenset({
+ACCOUNT_HEADERS: Final = frozenset({
     "openai-organization", "openai-project", "anthropic-organization-id"})
-_ACCOUNT_PREFIXES: Final = ("x-ratelimit-", "anthropic-ratelimit-")
+"""Provider response headers that describe its account, with the `ACCOUNT_PREFIXES`
+families: never the client's (ext_proc removes them on the full path, Envoy's
+`asc.fast_answer_headers` filter on the fast one)."""
+ACCOUNT_PREFIXES: Final = ("x-ratelimit-", "anthropic-ratelimit-")
 
 
 def unforwarded_request_headers(names: Iterable[str], backend: Backend,
@@ -66,4 +71,4 @@ def unforwarded_request_headers(names: Iterable[str], backend: Backend,
 def provider_account_headers(names: Iterable[str]) -> list[str]:
     """The provider response headers (lower-case `names`) that describe its account."""
     return [name for name in names
-            if name in _ACCOUNT_HEADERS or name.startswith(_ACCOUNT_PREFIXES)]
+            if name in ACCOUNT_HEADERS or name.startswith(ACCOUNT_PREFIXES)]

@@ -335,6 +335,11 @@ def test_anthropic_door_to_anthropic_is_one_message_plain_and_streamed(
     assert plain.headers["x-asc-provider"] == "emu-claude"
     assert streamed.status_code == 200
     assert "event: message_stop" in streamed.text
+    # The emulator names its account (anthropic-organization-id, anthropic-ratelimit-*):
+    # Envoy's asc.fast_answer_headers removes it from both answers (decision 0143).
+    for answer in (plain, streamed):
+        assert [name for name in answer.headers
+                if name.startswith("anthropic-")] == []
     assert {p: phase_count(gateway, p) for p in before} == before
     for upstream in gateway.emulator.requests():
         assert upstream["path"] == "/v1/messages"
