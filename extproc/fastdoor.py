@@ -47,6 +47,8 @@ from extproc.fastpath import (
     DOOR_STATUS_HEADER,
     FAST_METADATA,
     META_PREFIX,
+    RECORD_KEY,
+    RECORD_KEYS,
     ROUTE_METADATA_HEADER,
     MetaKind,
 )
@@ -215,10 +217,15 @@ def _full(remove: list[str]) -> bytes:
 
 
 def _fast(reply: Continue) -> bytes:
-    # Only what header_to_metadata is rendered to take, as `x-asc-meta-<key>` headers.
+    # Only what header_to_metadata is rendered to take, as `x-asc-meta-<key>` headers; the
+    # rest of what the access log must bring back, packed in one (decision 0144).
+    metadata = reply.metadata or {}
     meta_headers = [(_META_HEADERS[key], _BOOL[bool(value)] if key in _BOOL_KEYS
                      else str(value))
-                    for key, value in (reply.metadata or {}).items() if key in _META_HEADERS]
+                    for key, value in metadata.items() if key in _META_HEADERS]
+    record = {key: value for key, value in metadata.items() if key in RECORD_KEYS}
+    if record:
+        meta_headers.append((_META_HEADERS[RECORD_KEY], orjson.dumps(record).decode()))
     ours = {DOOR_PATH_HEADER, *(name for name, _ in meta_headers)}
     headers = [(DOOR_PATH_HEADER if name == ":path" else name, value)
                for name, value in reply.set_headers]

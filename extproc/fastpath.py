@@ -66,7 +66,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ANSWER_NAMESPACE", "DOOR_DIALECT_HEADER", "DOOR_ERROR_PATH", "DOOR_HEALTH_PATH",
            "DOOR_PATH_HEADER", "DOOR_STATUS_HEADER", "FAST_BACKEND_PATHS", "FAST_MARK",
-           "FAST_METADATA", "META_PREFIX", "ROUTE_METADATA_HEADER", "BodyFields", "LogEntry",
+           "FAST_METADATA", "META_PREFIX", "RECORD_KEY", "RECORD_KEYS", "ROUTE_METADATA_HEADER",
+           "BodyFields", "LogEntry",
            "MetaKind", "complete_from_log", "take"]
 
 log = logging.getLogger("extproc.fastpath")
@@ -105,17 +106,23 @@ class MetaKind(enum.Enum):
 
 FAST_METADATA: Final[dict[str, MetaKind]] = {
     **{key: MetaKind.STRING for key in (
-        "request_id", "dialect", "tenant", "key_id", "model", "provider", "region",
-        "upstream_model", "credential", "endpoint", "subject", "source", "team",
-        "route_reason", "hold", "key_scope")},
-    "estimated_input_tokens": MetaKind.NUMBER,
+        "request_id", "dialect", "tenant", "model", "provider", "region", "credential")},
     FAST_MARK: MetaKind.BOOL,
-    "stream": MetaKind.BOOL,
-    "extension_headers": MetaKind.BOOL,
+    "record": MetaKind.STRING,
 }
 """The `asc` metadata of a fast request, and its type: the fast door sends each as an
 `x-asc-meta-<key>` header, and the rendered header_to_metadata filter takes exactly these
-(extproc.fastdoor, envoy_bootstrap)."""
+(extproc.fastdoor, envoy_bootstrap). Only what Envoy itself reads has a key of its own
+(its access log, the local-reply mappers, the Lua filter, the access-log filter); the rest
+`complete_from_log` needs travels as one JSON object under `record` (`RECORD_KEYS`):
+every key costs Envoy a header_to_metadata rule and a field of every access-log entry
+(decision 0144)."""
+RECORD_KEY: Final = "record"
+RECORD_KEYS: Final = frozenset({
+    "key_id", "upstream_model", "endpoint", "subject", "source", "team", "route_reason",
+    "hold", "key_scope", "estimated_input_tokens", "stream", "extension_headers"})
+"""The reply's metadata that goes into the packed `record` (extproc.fastdoor), and that
+`usage_log` unpacks into `LogEntry.asc` again."""
 _SAME_DIALECT: Final[dict[Dialect, frozenset[Backend]]] = {
     Dialect.OPENAI: frozenset({Backend.OPENAI, Backend.OPENAI_COMPATIBLE}),
     Dialect.ANTHROPIC: frozenset({Backend.ANTHROPIC}),
@@ -444,7 +451,8 @@ async def complete_from_log(runtime: Runtime, entry: LogEntry, *,
         processor.credential = ResolvedCredential(key_id, int(version), Secret(""))
     processor.streaming = asc.get("stream") is True
     estimate = asc.get("estimated_input_tokens")
-    processor.estimated_input_tokens = int(estimate) if isinstance(estimate, float) else 0
+    processor.estimated_input_tokens = (int(estimate) if isinstance(estimate, (int, float))
+                                        and not isinstance(estimate, bool) else 0)
     hold = asc.get("hold")
     if isinstance(hold, str):
         processor.hold = _hold_from_text(hold, processor.request_id)

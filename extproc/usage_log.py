@@ -20,12 +20,20 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import grpc
+import orjson
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from extproc.audit.writer import AuditWriter
 from extproc.envoy import METADATA_NAMESPACE, struct_scalars
-from extproc.fastpath import ANSWER_NAMESPACE, FAST_MARK, LogEntry, complete_from_log
+from extproc.fastpath import (
+    ANSWER_NAMESPACE,
+    FAST_MARK,
+    RECORD_KEY,
+    RECORD_KEYS,
+    LogEntry,
+    complete_from_log,
+)
 from extproc.runtime import RuntimeHolder
 
 __all__ = ["USAGE_NAMESPACE", "AccessLogReceiver", "entry_of"]
@@ -49,6 +57,20 @@ RETRY_AFTER: Final = "retry-after"
 """The one answer header the rendered access log sends (a 429's cool-down for the key)."""
 
 
+def _record_fields(text: str) -> dict[str, object]:
+    """The reply's packed metadata (`fastpath.RECORD_KEYS`, decision 0144): its known
+    keys with plain values, as `struct_scalars` gives them; nothing from a malformed one
+    (the request is then settled and recorded with what the other keys say)."""
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {key: value for key, value in document.items()
+            if key in RECORD_KEYS and isinstance(value, (str, int, float, bool))}
+
+
 def _seconds(duration: Any) -> float:
     return float(duration.seconds) + float(duration.nanos) / 1e9
 
@@ -62,6 +84,9 @@ def entry_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> LogEntry | None:
     asc = struct_scalars(metadata[METADATA_NAMESPACE])
     if asc.get(FAST_MARK) is not True or not isinstance(asc.get("request_id"), str):
         return None
+    record = asc.pop(RECORD_KEY, None)
+    if isinstance(record, str):
+        asc = {**_record_fields(record), **asc}
     usage: dict[str, float] = {}
     if USAGE_NAMESPACE in metadata:
         counts = metadata[USAGE_NAMESPACE].fields

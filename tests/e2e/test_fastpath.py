@@ -524,6 +524,7 @@ FORGED = {
     "x-asc-meta-fast": "IAE=", "x-asc-meta-tenant": "globex",
     "x-asc-meta-hold": '{"mode":"redis","local":0,"day":"","tag":"{t:globex}","groups":[]}',
     "x-asc-meta-credential": "forged@9", "x-asc-meta-bogus": "1",
+    "x-asc-meta-record": '{"key_id":"globex-1","hold":"{}","team":"forged"}',
 }
 
 

@@ -57,7 +57,12 @@ async def test_a_fast_answer_sets_the_key_and_the_metadata_and_removes_the_rest(
     assert set(removed) == {"x-api-key", "x-asc-meta-bogus"}
     assert fields["x-asc-meta-tenant"] == "acme"
     assert fields["x-asc-meta-credential"] == "cred-us@1"
-    assert "x-asc-meta-hold" not in fields  # acme has no budget here
+    # What only the service reads back travels packed in one header (decision 0144).
+    record = json.loads(fields["x-asc-meta-record"])
+    assert {key: record[key] for key in ("key_id", "endpoint", "source", "stream")} == {
+        "key_id": "acme-1", "endpoint": "chat", "source": "virtual_key", "stream": False}
+    assert "hold" not in record  # acme has no budget here
+    assert not {"x-asc-meta-key_id", "x-asc-meta-hold", "x-asc-meta-stream"} & set(fields)
     fast = struct_pb2.Value()
     fast.ParseFromString(base64.b64decode(fields["x-asc-meta-fast"]))
     assert fast.bool_value is True

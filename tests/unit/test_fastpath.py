@@ -4,6 +4,7 @@ Envoy behaviour is in tests/e2e/test_fastpath*.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -163,6 +164,23 @@ def test_entries_of_other_requests_are_ignored() -> None:
     assert entry.first_byte_s == pytest.approx(0.003)
 
 
+def test_the_packed_record_is_unpacked_and_never_overrides_envoys_own_keys() -> None:
+    packed = json.dumps({"key_id": "acme-1", "estimated_input_tokens": 24, "stream": True,
+                         "tenant": "globex", "bogus": "x", "team": {"nested": 1}})
+
+    entry = entry_of(_entry({"request_id": "r1", "fast": True, "tenant": "acme",
+                             "record": packed}, {}))
+    broken = entry_of(_entry({"request_id": "r2", "fast": True, "record": "{not json"}, {}))
+
+    assert entry is not None
+    # Only the record's own keys, with plain values; the `tenant` Envoy logged wins.
+    assert dict(entry.asc) == {"request_id": "r1", "fast": True, "tenant": "acme",
+                               "key_id": "acme-1", "estimated_input_tokens": 24,
+                               "stream": True}
+    assert broken is not None
+    assert dict(broken.asc) == {"request_id": "r2", "fast": True}
+
+
 def test_a_mapped_error_keeps_the_providers_status_for_health_and_the_record() -> None:
     raw = _entry({"request_id": "x", "fast": True}, {}, status=502)
     raw.common_properties.metadata.filter_metadata["asc.answer"].update(
@@ -240,7 +258,7 @@ def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
 
     assert [f["name"] for f in hcm(fast)["http_filters"]] == [
         "asc", "asc.fast_door", "asc.fast_metadata", "asc.ext_proc",
-        "envoy.filters.http.lua", "envoy.filters.http.router"]
+        "envoy.filters.http.lua", "asc.fast_answer_headers", "envoy.filters.http.router"]
     assert [f["name"] for f in hcm(plain)["http_filters"]] == [
         "asc.ext_proc", "envoy.filters.http.router"]
     filters = {f["name"]: f["typed_config"] for f in hcm(fast)["http_filters"]}
@@ -257,6 +275,21 @@ def test_render_adds_the_fast_path_pieces_only_when_enabled() -> None:
         "metadata_namespace": "asc", "key": "fast", "type": "PROTOBUF_VALUE",
         "encode": "BASE64"}} in rules
     assert all(rule["remove"] for rule in rules)
+    # One rule per key Envoy reads itself, and one for the packed rest (decision 0144).
+    assert [rule["header"] for rule in rules] == [
+        "x-asc-meta-request_id", "x-asc-meta-dialect", "x-asc-meta-tenant", "x-asc-meta-model",
+        "x-asc-meta-provider", "x-asc-meta-region", "x-asc-meta-credential",
+        "x-asc-meta-fast", "x-asc-meta-record"]
+    # The provider's account headers leave a fast answer natively (decision 0143): the
+    # filter has no mutations of its own, the fast routes carry them.
+    assert filters["asc.fast_answer_headers"]["mutations"] == {}
+    removals = routes[0]["typed_per_filter_config"]["asc.fast_answer_headers"]["mutations"][
+        "response_mutations"]
+    assert removals == [
+        {"remove": "anthropic-organization-id"}, {"remove": "openai-organization"},
+        {"remove": "openai-project"},
+        {"remove_on_match": {"key_matcher": {"prefix": "x-ratelimit-"}}},
+        {"remove_on_match": {"key_matcher": {"prefix": "anthropic-ratelimit-"}}}]
     # ext_proc is switched off on the fast routes only; the last route is the full path's.
     assert [r["typed_per_filter_config"]["asc.ext_proc"]["disabled"] for r in routes[:-1]] \
         == [True] * (len(routes) - 1)
