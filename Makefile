@@ -21,7 +21,7 @@ BAO_PORT ?= 8200
 BAO_DIR ?= var/openbao
 
 .PHONY: install run openbao test lint typecheck unit integration soak test-fast-path bench bench-peers \
-	redis-server wrk node kubectl clean
+	redis-server wrk valgrind node kubectl clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ redis-server:
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+valgrind:
+	@command -v callgrind_control >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; }
 
 STACK_FLAGS = --config $(CONFIG) --workdir $(WORKDIR) --listen-port $(LISTEN_PORT) \
 	--extproc-port $(EXTPROC_PORT) --metrics-port $(METRICS_PORT) --demo-model $(DEMO_MODEL) \
@@ -126,8 +130,9 @@ bench-peers: node $(LITELLM_VENV)/.installed bench/node_modules/.installed
 # BENCH_ARGS: flags for bench/run.py, e.g. BENCH_ARGS="--duration 5" or "--no-peers".
 BENCH_ARGS ?=
 
-bench: install redis-server wrk $(BENCH_STAMP) bench-peers
+bench: install redis-server wrk valgrind $(BENCH_STAMP) bench-peers
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/envoy_instructions.py
 	$(BIN)/python bench/streaming.py
 	$(BIN)/python bench/keys.py
 	$(BIN)/python bench/failover.py

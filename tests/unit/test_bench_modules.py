@@ -13,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from cpu import SpeedProbe  # noqa: E402
+from envoy_instructions import callgrind_total  # noqa: E402
 from load import OpenLoopResult, parse_wrk_output, run_open_loop  # noqa: E402
 from measure import Level, Run, median_run, rotated  # noqa: E402
 from report import (  # noqa: E402
@@ -166,3 +169,12 @@ def test_speed_probe_samples_the_pace_while_a_run_waits() -> None:
     assert len(probe.samples) >= 3
     assert probe.median_ms() == statistics.median(probe.samples)
     assert all(sample > 0 for sample in probe.samples)
+
+
+def test_the_callgrind_dump_total_is_read_exactly() -> None:
+    dump = ("version: 1\ncreator: callgrind-3.19.0\npid: 42\ncmd: envoy -c x.yaml\n"
+            "events: Ir\nfn=(1) main\n0 12\nsummary: 167599200\ntotals: 167599200\n")
+
+    assert callgrind_total(dump) == 167_599_200
+    with pytest.raises(ValueError, match="no totals line"):
+        callgrind_total("events: Ir\nfn=(1) main\n0 12\n")
