@@ -26,9 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -62,6 +61,9 @@ from extproc.runtime import Runtime, RuntimeHolder, close_replaced, kek_from_set
 from extproc.secrets import SecretUnavailable
 from extproc.upstream import AttemptProcessor
 from extproc.usage_log import AccessLogReceiver
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["ExternalProcessorService", "RestartBackoff", "ServeOptions", "build_runtime", "serve"]
 
@@ -322,6 +324,8 @@ async def _probe_deployments(holder: RuntimeHolder) -> None:
             if not any(d.probe for m in runtime.config.models.values() for d in m.deployments):
                 continue
             if session is None:
+                import aiohttp  # only with probes configured (deployment_health.probe_once)
+
                 session = aiohttp.ClientSession()
             await prober.tick(runtime.config, runtime.health, session)
     finally:
