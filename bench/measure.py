@@ -24,7 +24,7 @@ from load import OpenLoopResult, WrkResult, run_open_loop, run_wrk
 from stack import BUDGET_TENANT, BUDGETS, DIRECT, GATEWAY, BenchStack, Target
 
 __all__ = ["Level", "OpenRun", "Run", "measure", "measure_open_loop", "median_open_run",
-           "median_run", "rotated"]
+           "median_run", "rotated", "wait_until_quiet"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,27 @@ class Run:
         return self.machine_cores_busy - sum(self.cpu_s.values()) / max(self.wrk.duration_s, 1e-9)
 
 
+QUIET_CORES: Final = 0.3
+"""Busy cores below which the machine counts as quiet before a measured run."""
+QUIET_WINDOW_S: Final = 0.5
+QUIET_MAX_S: Final = 60.0
+
+
+def wait_until_quiet(*, max_s: float = QUIET_MAX_S) -> float:
+    """Poll the whole machine's busy cores over short windows until they drop below
+    `QUIET_CORES`, for at most `max_s`; returns the last window's busy cores. A peer that
+    was driven past its capacity (LiteLLM at c=64 or 500 rps) goes on working through its
+    backlog after its run; with the rounds' rotated order the next target would be
+    measured on top of that."""
+    deadline = time.monotonic() + max_s
+    while True:
+        busy_before, started = machine_busy_seconds(), time.monotonic()
+        time.sleep(QUIET_WINDOW_S)  # the window the busy cores are measured over
+        cores = (machine_busy_seconds() - busy_before) / (time.monotonic() - started)
+        if cores < QUIET_CORES or time.monotonic() >= deadline:
+            return cores
+
+
 SETTLE_PAUSE_S: Final = 0.3
 """Pause after a wrk run before reading redis' counters: settles run in extproc's finish(),
 a moment after the client got its response."""
@@ -83,6 +104,7 @@ a moment after the client got its response."""
 def measure(bench: BenchStack, target: str, *, concurrency: int, threads: int,
             duration_s: int, warmup_s: int) -> Run:
     spec = bench.targets[target]
+    wait_until_quiet()
     if warmup_s > 0:
         run_wrk(spec.port, concurrency=concurrency, threads=threads, duration_s=warmup_s,
                 key=spec.key, path=spec.path, body=spec.body, headers=spec.headers)
@@ -204,6 +226,7 @@ class OpenRun:
 def measure_open_loop(bench: BenchStack, target: str, *, rate: int, duration_s: int,
                       warmup_s: int) -> OpenRun:
     spec: Target = bench.targets[target]
+    wait_until_quiet()
     if warmup_s > 0:
         run_open_loop(spec.port, rate=rate, duration_s=warmup_s, key=spec.key,
                       path=spec.path, body=spec.body, headers=spec.headers)
