@@ -596,7 +596,7 @@ def render_run(*, levels: Sequence[Level], info: Mapping[str, str], command: str
         RUN_MARKER,
         f"## Run {started:%Y-%m-%d %H:%M:%S} UTC — workers={args.workers}, "
         f"{args.duration} s per level" + (f", median of {args.rounds} rounds"
-                                          if getattr(args, "rounds", 1) > 1 else "")
+                                          if args.rounds > 1 else "")
         + ("" if complete else " — INCOMPLETE (run failed)"),
         "",
         f"Command: `{command}`",

@@ -104,20 +104,20 @@ class MetaKind(enum.Enum):
     BOOL = "BOOL"
 
 
+RECORD_KEY: Final = "record"
 FAST_METADATA: Final[dict[str, MetaKind]] = {
     **{key: MetaKind.STRING for key in (
         "request_id", "dialect", "tenant", "model", "provider", "region", "credential")},
     FAST_MARK: MetaKind.BOOL,
-    "record": MetaKind.STRING,
+    RECORD_KEY: MetaKind.STRING,
 }
 """The `asc` metadata of a fast request, and its type: the fast door sends each as an
 `x-asc-meta-<key>` header, and the rendered header_to_metadata filter takes exactly these
 (extproc.fastdoor, envoy_bootstrap). Only what Envoy itself reads has a key of its own
 (its access log, the local-reply mappers, the Lua filter, the access-log filter); the rest
-`complete_from_log` needs travels as one JSON object under `record` (`RECORD_KEYS`):
+`complete_from_log` needs travels as one JSON object under `RECORD_KEY` (`RECORD_KEYS`):
 every key costs Envoy a header_to_metadata rule and a field of every access-log entry
 (decision 0144)."""
-RECORD_KEY: Final = "record"
 RECORD_KEYS: Final = frozenset({
     "key_id", "upstream_model", "endpoint", "subject", "source", "team", "route_reason",
     "hold", "key_scope", "estimated_input_tokens", "stream", "extension_headers"})
